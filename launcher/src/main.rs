@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("launcher: not built yet (issue 6)");
+    std::process::exit(2);
+}

@@ -1,0 +1,8 @@
+//! The GRPO learner. One rank pulls completion groups tagged with its own
+//! client tag from rollout endpoints, scores them with reward functions, turns
+//! rewards into group-normalized advantages, computes the policy-gradient loss
+//! over micro-batches, all-reduces gradients with the other ranks, steps the
+//! optimizer, and (rank 0) pushes new weights to the rollout servers.
+//!
+//! Modules are named after the words of the GRPO papers: `advantages`,
+//! `loss`, `kl`, `rewards`, `collective`, `checkpoint`...

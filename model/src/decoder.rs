@@ -1,0 +1,647 @@
+//! The causal decoder LM (Qwen2, Llama, Qwen3) with Hugging Face tensor names.
+//!
+//! Two forward paths share every weight and every formula:
+//! - [`CausalLM::forward`] / [`CausalLM::completion_logprobs`]: full sequences,
+//!   differentiable with respect to every parameter (built only from candle ops
+//!   that have a backward), for the learner;
+//! - [`CausalLM::forward_cached`]: appends tokens of many sequences to a
+//!   [`KvCache`] in one batched forward (prefill and decode alike), for the
+//!   rollout server. It may use candle's fused kernels (rms_norm, softmax,
+//!   rope), which have no backward but agree with the differentiable ops to
+//!   ~1e-6.
+//!
+//! Positions count only real tokens (`cumsum(attention_mask) - 1`), so a
+//! left-padded sequence gets the same log-probs as the sequence alone.
+
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_nn::Linear;
+
+use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::logprobs::{self, TokenLogProbs};
+use crate::weights::Weights;
+
+/// Added to the attention scores of masked keys. Large and finite: `-inf`
+/// turns a fully masked row (a padding query) into NaN.
+const MASKED: f32 = -1e9;
+
+/// Upper bound on elements of one chunk of logits in the log-prob path
+/// (16M f32 = 64 MiB): real vocabularies are 150k wide.
+const LOGITS_CHUNK_ELEMENTS: usize = 1 << 24;
+
+#[derive(Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
+        // As transformers: the variance in (at least) f32, then back to the
+        // input dtype.
+        let dtype = x.dtype();
+        let xf = logprobs::upcast(x)?;
+        let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// cos / sin of every position, `[max_position_embeddings, head_dim / 2]`, f32.
+#[derive(Clone)]
+struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTables {
+    fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+                match &cfg.rope_scaling {
+                    Some(s) => llama3_scale(f, s),
+                    None => f,
+                }
+            })
+            .map(|f| f as f32)
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let positions: Vec<f32> = (0..n).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (n, 1), device)?;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        // f32 products, as transformers computes them.
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        Ok(RotaryTables {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    /// cos and sin at `positions` (u32 `[B, T]`), as `[B, T, head_dim / 2]` in `dtype`.
+    fn at(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let flat = positions.flatten_all()?;
+        let half = self.cos.dim(1)?;
+        let pick = |table: &Tensor| -> Result<Tensor> {
+            Ok(table
+                .index_select(&flat, 0)?
+                .reshape((b, t, half))?
+                .to_dtype(dtype)?)
+        };
+        Ok((pick(&self.cos)?, pick(&self.sin)?))
+    }
+}
+
+/// Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, and the
+/// band between interpolated (transformers' `_compute_llama3_parameters`).
+fn llama3_scale(inv_freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old_len = s.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old_len / s.low_freq_factor;
+    let high_freq_wavelen = old_len / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+    if wavelen < high_freq_wavelen {
+        inv_freq
+    } else if wavelen > low_freq_wavelen {
+        inv_freq / s.factor
+    } else {
+        let smooth =
+            (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    }
+}
+
+/// Rotary embedding, transformers' `rotate_half` convention.
+/// `x`: `[B, heads, T, d]`; `cos`, `sin`: `[B, T, d/2]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let cos = cos.unsqueeze(1)?;
+    let sin = sin.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+}
+
+/// `[B, kv_heads, T, d]` -> `[B, kv_heads * n_rep, T, d]` (grouped-query attention).
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, t, d))?
+        .reshape((b, kvh * n_rep, t, d))?)
+}
+
+fn linear(weights: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = weights
+        .require(&format!("{prefix}.weight"), &[out, inp])?
+        .clone();
+    let b = if bias {
+        Some(weights.require(&format!("{prefix}.bias"), &[out])?.clone())
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+fn norm(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+    Ok(RmsNorm {
+        weight: weights.require(name, &[size])?.clone(),
+        eps,
+    })
+}
+
+#[derive(Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Queries `[B, heads, T, d]`, keys and values `[B, kv_heads, T, d]`, with
+    /// q/k norms and rotary embedding applied.
+    fn qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        fused: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let shape = |heads| (b, t, heads, self.head_dim);
+        let mut q = self.q_proj.forward(x)?.reshape(shape(self.num_heads))?;
+        let mut k = self.k_proj.forward(x)?.reshape(shape(self.num_kv_heads))?;
+        let v = self.v_proj.forward(x)?.reshape(shape(self.num_kv_heads))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q, fused)?;
+            k = kn.forward(&k, fused)?;
+        }
+        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin, fused)?;
+        let k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin, fused)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Scaled dot-product attention with an additive mask `[B, 1, Tq, Tk]` (f32),
+    /// then the output projection. Returns `[B, Tq, hidden]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: &Tensor,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let (b, _, tq, _) = q.dims4()?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = logprobs::upcast(&(q.matmul(&k.t()?)? * scale)?)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let probs = if fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let out = probs.to_dtype(q.dtype())?.matmul(&v)?; // [B, heads, Tq, d]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, tq, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        Ok(self
+            .down_proj
+            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+#[derive(Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &ModelConfig, w: &Weights, l: usize) -> Result<Self> {
+        let p = format!("model.layers.{l}");
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let q = cfg.num_attention_heads * d;
+        let kv = cfg.num_key_value_heads * d;
+        let eps = cfg.rms_norm_eps;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(norm(w, &format!("{p}.self_attn.q_norm.weight"), d, eps)?),
+                Some(norm(w, &format!("{p}.self_attn.k_norm.weight"), d, eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        let i = cfg.intermediate_size;
+        Ok(DecoderLayer {
+            input_layernorm: norm(w, &format!("{p}.input_layernorm.weight"), h, eps)?,
+            self_attn: Attention {
+                q_proj: linear(w, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias)?,
+                k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias)?,
+                v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias)?,
+                o_proj: linear(w, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias)?,
+                q_norm,
+                k_norm,
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: d,
+            },
+            post_attention_layernorm: norm(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                eps,
+            )?,
+            mlp: Mlp {
+                gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias)?,
+                up_proj: linear(w, &format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias)?,
+                down_proj: linear(w, &format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias)?,
+            },
+        })
+    }
+
+    /// The feed-forward half, after attention produced `attn_out`.
+    fn finish(&self, residual: &Tensor, attn_out: Tensor, fused: bool) -> Result<Tensor> {
+        let x = (residual + attn_out)?;
+        let h = self.post_attention_layernorm.forward(&x, fused)?;
+        Ok((x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// Which logits [`CausalLM::forward_cached`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// The last appended token of each sequence: `[N, V]`.
+    Last,
+    /// Every appended token: `[N, T, V]`, right-padded to the longest
+    /// (for prompt log-probs, `echo` with `logprobs`).
+    All,
+}
+
+/// A causal decoder LM. Cloning shares the weights.
+#[derive(Clone)]
+pub struct CausalLM {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryTables,
+    device: Device,
+    dtype: DType,
+}
+
+impl CausalLM {
+    /// Builds the model from `weights` (shapes checked against `cfg`; a missing
+    /// or misshapen tensor is an error naming it). Device and dtype are those of
+    /// the weights; extra tensors (e.g. a redundant `lm_head.weight` next to
+    /// tied embeddings) are ignored.
+    pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = weights
+            .require("model.embed_tokens.weight", &[v, h])?
+            .clone();
+        let device = embed_tokens.device().clone();
+        let dtype = embed_tokens.dtype();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::load(cfg, weights, l))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            weights.require("lm_head.weight", &[v, h])?.clone()
+        };
+        for (name, t) in weights.iter() {
+            if t.dtype() != dtype || !t.device().same_device(&device) {
+                return Err(ModelError::Invalid(format!(
+                    "tensor `{name}` is {:?} on {:?}, the embeddings are {dtype:?} on {device:?}",
+                    t.dtype(),
+                    t.device()
+                )));
+            }
+        }
+        Ok(CausalLM {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: norm(weights, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            lm_head: Linear::new(lm_head, None),
+            rope: RotaryTables::new(cfg, &device)?,
+            device,
+            dtype,
+        })
+    }
+
+    /// Loads a Hugging Face model folder.
+    pub fn from_dir(dir: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let weights = Weights::load(dir, device, dtype)?;
+        Self::new(&cfg, &weights)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.flatten_all()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    fn check_ids(&self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
+        let v = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.into_iter().find(|&id| id >= v) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is out of range for a vocabulary of {v}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final hidden states (after the last norm), `[B, T, hidden]`, differentiable.
+    /// `input_ids`: u32 `[B, T]`; `attention_mask`: `[B, T]` of 0/1 (any dtype),
+    /// left or right padding.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if attention_mask.dims2()? != (b, t) {
+            return Err(ModelError::Invalid(format!(
+                "attention_mask has shape {:?}, input_ids {:?}",
+                attention_mask.dims(),
+                input_ids.dims()
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        self.check_ids(ids.flatten_all()?.to_vec1::<u32>()?)?;
+        let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
+
+        // Positions count real tokens only (cumsum(mask) - 1); padding gets 0.
+        let mut positions = Vec::with_capacity(b * t);
+        for row in &mask {
+            let mut seen = 0u32;
+            for &m in row {
+                if m > 0.0 {
+                    positions.push(seen);
+                    seen += 1;
+                } else {
+                    positions.push(0);
+                }
+            }
+        }
+        let max_pos = self.cfg.max_position_embeddings as u32;
+        if let Some(&p) = positions.iter().find(|&&p| p >= max_pos) {
+            return Err(ModelError::Invalid(format!(
+                "sequence of {} tokens exceeds max_position_embeddings ({max_pos})",
+                p + 1
+            )));
+        }
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
+        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
+
+        // Causal mask plus key padding, [B, 1, T, T].
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { MASKED }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), &self.device)?;
+        let pad: Vec<f32> = mask
+            .iter()
+            .flat_map(|row| row.iter().map(|&m| if m > 0.0 { 0.0 } else { MASKED }))
+            .collect();
+        let pad = Tensor::from_vec(pad, (b, 1, 1, t), &self.device)?;
+        let attn_mask = causal.broadcast_add(&pad)?;
+
+        let mut x = self.embed(&ids)?;
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward(&x, false)?;
+            let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, false)?;
+            let attn = layer.self_attn.attend(&q, k, v, &attn_mask, false)?;
+            x = layer.finish(&x, attn, false)?;
+        }
+        self.norm.forward(&x, false)
+    }
+
+    /// Logits `[.., V]` of hidden states `[.., hidden]`, in f32 (f64 for an
+    /// f64 model).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        logprobs::upcast(&self.lm_head.forward(hidden)?)
+    }
+
+    /// Full-sequence logits `[B, T, V]` (f32), differentiable.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(input_ids, attention_mask)?)
+    }
+
+    /// Log-probs (and optionally entropies) of the last `logits_to_keep` tokens
+    /// of each row given everything before them: `[B, K]`, differentiable.
+    /// Logits are divided by `temperature` first, as TRL does. The `[B, K, V]`
+    /// logits are never materialised at once: they are computed in chunks of
+    /// positions, each reduced to `[B, chunk]` before the next.
+    pub fn completion_logprobs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        logits_to_keep: usize,
+        temperature: f64,
+        with_entropy: bool,
+    ) -> Result<TokenLogProbs> {
+        let (b, t) = input_ids.dims2()?;
+        if logits_to_keep == 0 || logits_to_keep >= t {
+            return Err(ModelError::Invalid(format!(
+                "logits_to_keep must be in 1..{t} for sequences of {t} tokens, got {logits_to_keep}"
+            )));
+        }
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        // Position p predicts token p + 1.
+        let hidden = hidden.narrow(1, t - logits_to_keep - 1, logits_to_keep)?;
+        let targets =
+            input_ids
+                .to_dtype(DType::U32)?
+                .narrow(1, t - logits_to_keep, logits_to_keep)?;
+        let chunk = (LOGITS_CHUNK_ELEMENTS / (b * self.cfg.vocab_size).max(1)).max(1);
+        let mut lps = Vec::new();
+        let mut ents = Vec::new();
+        let mut start = 0;
+        while start < logits_to_keep {
+            let len = chunk.min(logits_to_keep - start);
+            let logits = self.logits(&hidden.narrow(1, start, len)?)?;
+            let tgt = targets.narrow(1, start, len)?;
+            lps.push(logprobs::selective_log_softmax(&logits, &tgt, temperature)?);
+            if with_entropy {
+                ents.push(logprobs::entropy(&logits, temperature)?);
+            }
+            start += len;
+        }
+        Ok(TokenLogProbs {
+            logprobs: Tensor::cat(&lps, 1)?,
+            entropy: if with_entropy {
+                Some(Tensor::cat(&ents, 1)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Appends `entries[i].1` to the sequence in cache slot `entries[i].0` and
+    /// returns logits (f32) for the appended tokens, all sequences in one
+    /// batched forward. Prefill (many tokens) and decode (one token) alike; a
+    /// sequence can join or leave the batch between calls.
+    pub fn forward_cached(
+        &self,
+        cache: &mut KvCache,
+        entries: &[(usize, &[u32])],
+        wanted: LogitsWanted,
+    ) -> Result<Tensor> {
+        if entries.is_empty() {
+            return Err(ModelError::Invalid(
+                "forward_cached with no sequences".into(),
+            ));
+        }
+        let b = entries.len();
+        let t = entries
+            .iter()
+            .map(|(_, toks)| toks.len())
+            .max()
+            .unwrap_or(0);
+        if t == 0 || entries.iter().any(|(_, toks)| toks.is_empty()) {
+            return Err(ModelError::Invalid(
+                "forward_cached with an empty token list".into(),
+            ));
+        }
+        self.check_ids(entries.iter().flat_map(|(_, toks)| toks.iter().copied()))?;
+        let starts: Vec<usize> = entries
+            .iter()
+            .map(|&(slot, toks)| cache.reserve(slot, toks.len()))
+            .collect::<Result<_>>()?;
+        let max_pos = self.cfg.max_position_embeddings;
+        if let Some(((_, toks), s)) = entries
+            .iter()
+            .zip(&starts)
+            .find(|((_, toks), s)| *s + toks.len() > max_pos)
+        {
+            return Err(ModelError::Invalid(format!(
+                "sequence of {} tokens exceeds max_position_embeddings ({max_pos})",
+                s + toks.len()
+            )));
+        }
+        // Keys: each slot's positions 0..start+len, gathered to a common length.
+        let tk = entries
+            .iter()
+            .zip(&starts)
+            .map(|((_, toks), s)| s + toks.len())
+            .max()
+            .unwrap_or(0);
+
+        // Right-padded ids and positions [B, T]; padding repeats a valid id.
+        let mut ids = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t * tk);
+        for ((_, toks), &s) in entries.iter().zip(&starts) {
+            for i in 0..t {
+                let real = i < toks.len();
+                ids.push(if real { toks[i] } else { toks[0] });
+                positions.push((s + i.min(toks.len() - 1)) as u32);
+                for j in 0..tk {
+                    let allowed = if real { j <= s + i } else { j == 0 };
+                    mask.push(if allowed { 0.0 } else { MASKED });
+                }
+            }
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, t, tk), &self.device)?;
+        let (cos, sin) = self.rope.at(&positions, self.dtype)?;
+        let gather = cache.gather_index(entries.iter().map(|(slot, _)| *slot), tk)?;
+
+        let mut x = self.embed(&ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x, true)?;
+            let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, true)?;
+            for (bi, ((slot, toks), &s)) in entries.iter().zip(&starts).enumerate() {
+                cache.write(l, *slot, s, &k.get(bi)?, &v.get(bi)?, toks.len())?;
+            }
+            let (k_all, v_all) = cache.gather(l, &gather, b, tk)?;
+            let attn = layer.self_attn.attend(&q, k_all, v_all, &mask, true)?;
+            x = layer.finish(&x, attn, true)?;
+        }
+        for ((slot, toks), &s) in entries.iter().zip(&starts) {
+            cache.commit(*slot, s + toks.len());
+        }
+        match wanted {
+            LogitsWanted::Last => {
+                let last: Vec<u32> = entries
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, (_, toks))| (bi * t + toks.len() - 1) as u32)
+                    .collect();
+                let last = Tensor::from_vec(last, b, &self.device)?;
+                let h = x
+                    .reshape((b * t, self.cfg.hidden_size))?
+                    .index_select(&last, 0)?;
+                self.logits(&self.norm.forward(&h, true)?)
+            }
+            LogitsWanted::All => self.logits(&self.norm.forward(&x, true)?),
+        }
+    }
+}
+
+/// Trainable parameters: one candle [`Var`] per tensor, and the [`Weights`]
+/// view of them from which a differentiable [`CausalLM`] is built. Updating a
+/// `Var` in place (`Var::set`, as optimizers do) updates the model.
+pub fn trainable(weights: &Weights) -> Result<(Vec<(String, Var)>, Weights)> {
+    let mut vars = Vec::with_capacity(weights.len());
+    let mut view = std::collections::BTreeMap::new();
+    for (name, t) in weights.iter() {
+        let var = Var::from_tensor(t)?;
+        view.insert(name.clone(), var.as_tensor().clone());
+        vars.push((name.clone(), var));
+    }
+    Ok((vars, Weights::new(view)))
+}

@@ -1,0 +1,36 @@
+//! Tandem's one decoder LM, shared by the rollout server (generation) and the
+//! learners (training) so that their log-probs agree by construction.
+//!
+//! - [`config`]: `config.json` of a Hugging Face folder (Qwen2, Llama, Qwen3);
+//! - [`weights`]: named tensors with Hugging Face names, memory-mapped
+//!   safetensors in (single file or sharded), safetensors out;
+//! - [`decoder`]: the causal LM: a differentiable full-sequence forward for
+//!   training and a KV-cached batched forward for generation;
+//! - [`kv_cache`]: slot-based KV cache that sequences join and leave between
+//!   decode steps (continuous batching);
+//! - [`logprobs`]: log-probs of given tokens and entropy, computed in chunks;
+//! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
+//! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
+//! - [`pretrained`]: whole model folders in and out;
+//! - [`presets`]: the embedded tiny/small models with a character tokenizer.
+//!
+//! Device and dtype are parameters everywhere (`candle_core::Device`,
+//! `DType`): CPU f32 is the default, CUDA bf16 a switch.
+
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod kv_cache;
+pub mod logprobs;
+// pub mod presets; (enabled once tokenizer.rs lands)
+// pub mod pretrained;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{Architecture, ModelConfig};
+pub use decoder::CausalLM;
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use weights::Weights;

@@ -1,0 +1,81 @@
+//! Whole Hugging Face model folders out: config.json, model.safetensors,
+//! generation_config.json, tokenizer.json and tokenizer_config.json, loadable
+//! by `transformers.AutoModelForCausalLM.from_pretrained` and vLLM as they are,
+//! and by Tandem bit-for-bit.
+
+use std::path::Path;
+
+use candle_core::DType;
+use serde_json::{Map, Value, json};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, Weights};
+
+/// transformers' name for a dtype in config.json.
+pub fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// Writes a model folder into `dir` (created if missing). The config's dtype
+/// field is set to the dtype the weights are saved in.
+pub fn save_pretrained(
+    dir: &Path,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let dtype = weights
+        .iter()
+        .next()
+        .map(|(_, t)| t.dtype())
+        .unwrap_or(DType::F32);
+    let mut raw = cfg.raw.clone();
+    let name = Value::from(torch_dtype_name(dtype));
+    if raw.contains_key("dtype") {
+        raw.insert("dtype".into(), name);
+    } else {
+        raw.insert("torch_dtype".into(), name);
+    }
+    write_json(&dir.join("config.json"), &Value::Object(raw))?;
+    // A previous sharded save in the same folder would shadow the new file.
+    let index = dir.join(SAFETENSORS_INDEX_FILE);
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| ModelError::io(&index, e))?;
+    }
+    weights.save(&dir.join(SAFETENSORS_FILE))?;
+    write_json(&dir.join("generation_config.json"), &generation_config(cfg))?;
+    tokenizer.save(dir)
+}
+
+fn generation_config(cfg: &ModelConfig) -> Value {
+    let mut g = Map::new();
+    if let Some(bos) = cfg.bos_token_id {
+        g.insert("bos_token_id".into(), json!(bos));
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            g.insert("eos_token_id".into(), json!(one));
+        }
+        many => {
+            g.insert("eos_token_id".into(), json!(many));
+        }
+    }
+    Value::Object(g)
+}
+
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+}

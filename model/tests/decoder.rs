@@ -1,0 +1,423 @@
+//! The decoder against itself: KV-cached decoding against the full forward,
+//! padding invariance, gradients against finite differences, save/load
+//! round-trips and errors on bad folders.
+
+use std::path::Path;
+
+use model::decoder::{LogitsWanted, trainable};
+use model::weights::Weights;
+use model::{CausalLM, DType, Device, KvCache, ModelConfig, ModelError, Tensor};
+use serde_json::json;
+
+fn config(arch: &str) -> ModelConfig {
+    let mut raw = json!({
+        "architectures": [arch],
+        "vocab_size": 37,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.2,
+        "tie_word_embeddings": arch == "Qwen2ForCausalLM",
+        "eos_token_id": 1,
+    });
+    if arch == "Qwen3ForCausalLM" {
+        raw["head_dim"] = json!(12);
+    }
+    if arch == "LlamaForCausalLM" {
+        raw["rope_theta"] = json!(500000.0);
+        raw["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8});
+    }
+    ModelConfig::from_map(raw.as_object().unwrap().clone(), Path::new("test")).unwrap()
+}
+
+const ARCHS: [&str; 3] = ["Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"];
+
+/// Random weights with non-trivial norms and biases, so that no term hides.
+fn random_model(arch: &str, seed: u64, dtype: DType) -> (ModelConfig, Weights) {
+    let cfg = config(arch);
+    let mut w = Weights::random(&cfg, seed, &Device::Cpu, DType::F32).unwrap();
+    let names: Vec<String> = w.names().cloned().collect();
+    for name in &names {
+        if name.ends_with("norm.weight") || name.ends_with(".bias") {
+            let t = w.get(name).unwrap().clone();
+            let noise = Tensor::randn(0f32, 0.3, t.shape(), &Device::Cpu).unwrap();
+            let base = if name.ends_with(".bias") { 0.0 } else { 1.0 };
+            w.insert(name.clone(), (noise + base).unwrap());
+        }
+    }
+    (cfg, w.to_dtype(dtype).unwrap())
+}
+
+fn ids(rows: &[Vec<u32>]) -> Tensor {
+    let t = rows[0].len();
+    Tensor::from_vec(rows.concat(), (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn kv_cached_decoding_matches_the_full_forward_at_every_position() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 1, DType::F32);
+        let lm = CausalLM::new(&cfg, &w).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![3, 5, 7, 11, 13, 17, 19, 23, 29, 31],
+            vec![2, 4, 6, 8, 10, 12],
+            vec![36, 1, 0, 9, 9, 9, 9, 20],
+        ];
+        // Reference: each sequence alone, full forward.
+        let full: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| {
+                let x = ids(std::slice::from_ref(s));
+                let m = Tensor::ones(x.shape(), DType::U32, &Device::Cpu).unwrap();
+                lm.forward(&x, &m).unwrap().squeeze(0).unwrap()
+            })
+            .collect();
+        // Cached: prefill different prompt lengths together, then decode one
+        // token at a time; sequences leave when done, a new one joins midway.
+        let mut cache = KvCache::new(&cfg, 4, 32, &Device::Cpu, DType::F32).unwrap();
+        let slots: Vec<usize> = (0..2).map(|_| cache.allocate().unwrap()).collect();
+        let prompt = [3usize, 2];
+        let entries: Vec<(usize, &[u32])> = vec![
+            (slots[0], &seqs[0][..prompt[0]]),
+            (slots[1], &seqs[1][..prompt[1]]),
+        ];
+        let all = lm
+            .forward_cached(&mut cache, &entries, LogitsWanted::All)
+            .unwrap();
+        for (b, p) in prompt.iter().enumerate() {
+            for pos in 0..*p {
+                let got = all.get(b).unwrap().get(pos).unwrap();
+                let want = full[b].get(pos).unwrap();
+                assert!(max_abs_diff(&got, &want) < 1e-4, "{arch} prefill pos {pos}");
+            }
+        }
+        let mut running: Vec<(usize, usize, usize)> = vec![(0, slots[0], 3), (1, slots[1], 2)];
+        let mut step = 0;
+        while !running.is_empty() {
+            if step == 2 {
+                let slot = cache.allocate().unwrap();
+                let l = lm
+                    .forward_cached(&mut cache, &[(slot, &seqs[2][..4])], LogitsWanted::Last)
+                    .unwrap();
+                assert!(max_abs_diff(&l.get(0).unwrap(), &full[2].get(3).unwrap()) < 1e-4);
+                running.push((2, slot, 4));
+            }
+            let entries: Vec<(usize, &[u32])> = running
+                .iter()
+                .map(|&(s, slot, pos)| (slot, &seqs[s][pos..pos + 1]))
+                .collect();
+            let logits = lm
+                .forward_cached(&mut cache, &entries, LogitsWanted::Last)
+                .unwrap();
+            for (b, &(s, _, pos)) in running.iter().enumerate() {
+                let d = max_abs_diff(&logits.get(b).unwrap(), &full[s].get(pos).unwrap());
+                assert!(d < 1e-4, "{arch} seq {s} pos {pos}: {d}");
+            }
+            for r in running.iter_mut() {
+                r.2 += 1;
+            }
+            running.retain(|&(s, slot, pos)| {
+                let done = pos == seqs[s].len();
+                if done {
+                    cache.release(slot);
+                }
+                !done
+            });
+            step += 1;
+        }
+        assert_eq!(cache.num_free(), 4);
+    }
+}
+
+#[test]
+fn n_samples_share_a_copied_prefill() {
+    let (cfg, w) = random_model("Qwen2ForCausalLM", 2, DType::F32);
+    let lm = CausalLM::new(&cfg, &w).unwrap();
+    let mut cache = KvCache::new(&cfg, 3, 16, &Device::Cpu, DType::F32).unwrap();
+    let a = cache.allocate().unwrap();
+    lm.forward_cached(&mut cache, &[(a, &[4, 5, 6])], LogitsWanted::Last)
+        .unwrap();
+    let b = cache.allocate().unwrap();
+    cache.copy_prefix(a, b, 3).unwrap();
+    let out = lm
+        .forward_cached(&mut cache, &[(a, &[7]), (b, &[8])], LogitsWanted::Last)
+        .unwrap();
+    let m = Tensor::ones((1, 4), DType::U32, &Device::Cpu).unwrap();
+    let want_a = lm
+        .forward(&ids(&[vec![4, 5, 6, 7]]), &m)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(3)
+        .unwrap();
+    let want_b = lm
+        .forward(&ids(&[vec![4, 5, 6, 8]]), &m)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(3)
+        .unwrap();
+    assert!(max_abs_diff(&out.get(0).unwrap(), &want_a) < 1e-4);
+    assert!(max_abs_diff(&out.get(1).unwrap(), &want_b) < 1e-4);
+}
+
+#[test]
+fn padded_batches_give_each_sequence_its_own_log_probs() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 3, DType::F32);
+        let lm = CausalLM::new(&cfg, &w).unwrap();
+        let a = vec![5u32, 6, 7, 8, 9, 10, 11];
+        let b = vec![12u32, 13, 14, 15];
+        let alone = |s: &Vec<u32>| {
+            let x = ids(std::slice::from_ref(s));
+            let m = Tensor::ones(x.shape(), DType::U32, &Device::Cpu).unwrap();
+            lm.completion_logprobs(&x, &m, s.len() - 1, 0.8, true)
+                .unwrap()
+        };
+        let (la, lb) = (alone(&a), alone(&b));
+        // Left padding: b's tokens sit at the right end.
+        let x = ids(&[a.clone(), [vec![0, 0, 0], b.clone()].concat()]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 0, 1, 1, 1, 1]]);
+        let batch = lm.completion_logprobs(&x, &m, 6, 0.8, true).unwrap();
+        let got_a = batch.logprobs.get(0).unwrap();
+        let got_b = batch.logprobs.get(1).unwrap().narrow(0, 3, 3).unwrap();
+        assert!(
+            max_abs_diff(&got_a, &la.logprobs.get(0).unwrap()) < 1e-5,
+            "{arch} left a"
+        );
+        assert!(
+            max_abs_diff(&got_b, &lb.logprobs.get(0).unwrap()) < 1e-5,
+            "{arch} left b"
+        );
+        let ent_b = batch
+            .entropy
+            .as_ref()
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .narrow(0, 3, 3)
+            .unwrap();
+        assert!(max_abs_diff(&ent_b, &lb.entropy.unwrap().get(0).unwrap()) < 1e-5);
+        // Right padding: logits of the real positions are unchanged.
+        let x = ids(&[a.clone(), [b.clone(), vec![0, 0, 0]].concat()]);
+        let m = ids(&[vec![1; 7], vec![1, 1, 1, 1, 0, 0, 0]]);
+        let logits = lm.forward(&x, &m).unwrap();
+        let alone_b = lm
+            .forward(
+                &ids(std::slice::from_ref(&b)),
+                &Tensor::ones((1, 4), DType::U32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let d = max_abs_diff(
+            &logits.get(1).unwrap().narrow(0, 0, 4).unwrap(),
+            &alone_b.get(0).unwrap(),
+        );
+        assert!(d < 1e-5, "{arch} right padding {d}");
+        assert!(
+            logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite())
+        );
+    }
+}
+
+#[test]
+fn gradients_of_log_probs_match_finite_differences() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 4, DType::F64);
+        let (vars, view) = trainable(&w).unwrap();
+        let lm = CausalLM::new(&cfg, &view).unwrap();
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let objective = |lm: &CausalLM| -> Tensor {
+            let lp = lm.completion_logprobs(&x, &m, 4, 0.9, true).unwrap();
+            // Log-probs and entropy both carry gradients to the loss.
+            (lp.logprobs.sum_all().unwrap()
+                + (lp.entropy.unwrap().sum_all().unwrap() * 0.3).unwrap())
+            .unwrap()
+        };
+        let grads = objective(&lm).backward().unwrap();
+        let mut checked = 0;
+        for (name, var) in &vars {
+            // One element of every tensor kind: embeddings, projections, biases, norms.
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+            let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let orig = var.as_tensor().copy().unwrap();
+            let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+            let k = (name.len() * 7919) % flat.len();
+            let eps = 1e-5;
+            let eval_at = |delta: f64| -> f64 {
+                let mut p = flat.clone();
+                p[k] += delta;
+                var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective(&lm).to_scalar::<f64>().unwrap()
+            };
+            let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+            var.set(&orig).unwrap();
+            let tol = 1e-5 * (1.0 + fd.abs());
+            assert!(
+                (fd - flat_g[k]).abs() < tol,
+                "{arch} {name}[{k}]: autograd {} vs fd {fd}",
+                flat_g[k]
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, cfg.tensor_shapes().len());
+    }
+}
+
+fn write_folder(dir: &Path, arch: &str) -> (ModelConfig, Weights) {
+    let (cfg, w) = random_model(arch, 5, DType::F32);
+    std::fs::write(dir.join("config.json"), cfg.to_json_string()).unwrap();
+    w.save(&dir.join("model.safetensors")).unwrap();
+    (cfg, w)
+}
+
+#[test]
+fn bad_folders_give_errors_that_name_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, "LlamaForCausalLM");
+    assert!(CausalLM::from_dir(d, &Device::Cpu, DType::F32).is_ok());
+
+    // Unknown architecture.
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        text.replace("LlamaForCausalLM", "MambaForCausalLM"),
+    )
+    .unwrap();
+    let e = ModelConfig::from_dir(d).unwrap_err().to_string();
+    assert!(
+        e.contains("MambaForCausalLM") && e.contains("config.json"),
+        "{e}"
+    );
+
+    // Unsupported field value.
+    std::fs::write(
+        d.join("config.json"),
+        text.replace("\"llama3\"", "\"yarn\""),
+    )
+    .unwrap();
+    let e = ModelConfig::from_dir(d).unwrap_err().to_string();
+    assert!(e.contains("rope_type") && e.contains("yarn"), "{e}");
+    std::fs::write(d.join("config.json"), &text).unwrap();
+
+    // Shape mismatch: the config says a wider MLP than the weights hold.
+    std::fs::write(
+        d.join("config.json"),
+        text.replace("\"intermediate_size\": 48", "\"intermediate_size\": 50"),
+    )
+    .unwrap();
+    let e = CausalLM::from_dir(d, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[50, 32]"),
+        "{e}"
+    );
+    std::fs::write(d.join("config.json"), &text).unwrap();
+
+    // Missing tensor.
+    let w = Weights::load(d, &Device::Cpu, DType::F32).unwrap();
+    let mut kept = std::collections::BTreeMap::new();
+    for (n, t) in w
+        .iter()
+        .filter(|(n, _)| !n.contains("layers.1.self_attn.k_proj"))
+    {
+        kept.insert(n.clone(), t.clone());
+    }
+    Weights::new(kept)
+        .save(&d.join("model.safetensors"))
+        .unwrap();
+    let e = CausalLM::from_dir(d, &Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.self_attn.k_proj.weight") && e.contains("model.safetensors"),
+        "{e}"
+    );
+
+    // Corrupt weight file.
+    std::fs::write(
+        d.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
+    )
+    .unwrap();
+    let e = Weights::load(d, &Device::Cpu, DType::F32).unwrap_err();
+    assert!(matches!(e, ModelError::WeightFile { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+
+    // Missing weight file, and a shard the index names but that is absent.
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = Weights::load(d, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = Weights::load(d, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+
+    // Missing config.
+    let empty = tempfile::tempdir().unwrap();
+    let e = ModelConfig::from_dir(empty.path()).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn out_of_range_inputs_are_errors_not_panics() {
+    let (cfg, w) = random_model("Qwen2ForCausalLM", 6, DType::F32);
+    let lm = CausalLM::new(&cfg, &w).unwrap();
+    let x = ids(&[vec![1, 2, 99]]);
+    let m = Tensor::ones((1, 3), DType::U32, &Device::Cpu).unwrap();
+    assert!(lm.forward(&x, &m).unwrap_err().to_string().contains("99"));
+    let mut cache = KvCache::new(&cfg, 1, 4, &Device::Cpu, DType::F32).unwrap();
+    let s = cache.allocate().unwrap();
+    let e = lm
+        .forward_cached(&mut cache, &[(s, &[1, 2, 3, 4, 5])], LogitsWanted::Last)
+        .unwrap_err();
+    assert!(e.to_string().contains("KV cache"), "{e}");
+    assert_eq!(
+        cache.len(s),
+        Some(0),
+        "a refused step leaves the cache as it was"
+    );
+    assert!(
+        lm.forward_cached(&mut cache, &[(0, &[])], LogitsWanted::Last)
+            .is_err()
+    );
+}
