@@ -6,3 +6,12 @@
 //!
 //! Modules are named after the words of the GRPO papers: `advantages`,
 //! `loss`, `kl`, `rewards`, `collective`, `checkpoint`...
+
+pub mod accumulation;
+pub mod advantages;
+pub mod batch;
+pub mod grpo_config;
+pub mod grpo_error;
+pub mod kl;
+pub mod loss;
+pub mod metrics;

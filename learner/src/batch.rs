@@ -1,0 +1,180 @@
+//! Prompt + completion token ids (as the rollout server returned them, never
+//! re-tokenized) padded into the tensors of one training batch.
+//!
+//! Layout, as TRL's `GRPOTrainer` builds it (`prompt_ids` left-padded,
+//! `completion_ids` right-padded, concatenated): with `P` the longest prompt
+//! and `K` the completion width, row `i` of `input_ids` is
+//!
+//! ```text
+//! [pad .. pad | prompt_i | completion_i | pad .. pad]
+//!  <- P - p_i ->          <---------- K ----------->
+//! ```
+//!
+//! so every completion token sits in the last `K` columns and the model only
+//! needs logits for those (TRL's `logits_to_keep = K`): the log-prob of
+//! `input_ids[:, T-K+j]` comes from the logits at position `T-K+j-1`.
+
+use candle_core::{Device, Tensor};
+use model::CausalLM;
+use model::logprobs::TokenLogProbs;
+
+use crate::grpo_error::{GrpoError, Result};
+
+/// The label of a position that is not trained on (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The token ids of one prompt and one of its completions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SequenceTokens {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+}
+
+/// One padded batch. `B` rows, `T = P + K` columns.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// `[B, T]` u32: left-padded prompt then right-padded completion.
+    pub input_ids: Tensor,
+    /// `[B, T]` u32: 1 on prompt and completion tokens, 0 on padding.
+    pub attention_mask: Tensor,
+    /// `[B, T]` u32: position of each token counted from the row's first real
+    /// token (0 on left padding), as Hugging Face derives it from the mask.
+    pub position_ids: Tensor,
+    /// `[B, T]` i64, already shifted for next-token prediction:
+    /// `labels[:, t] = input_ids[:, t+1]` where `t+1` is a completion token,
+    /// [`IGNORE_INDEX`] elsewhere (prompt, padding, last column).
+    pub labels: Tensor,
+    /// `[B, K]` u32: the completion tokens (right-padded with `pad_token_id`),
+    /// the targets whose log-probs the loss needs.
+    pub completion_ids: Tensor,
+    /// `[B, K]` f32: 1 on completion tokens, 0 on padding. Aligned with the
+    /// `[B, K]` log-prob tensors that the losses take.
+    pub response_mask: Tensor,
+    /// `K`: the number of trailing columns holding completion tokens.
+    pub logits_to_keep: usize,
+    /// `P`: the width of the prompt block.
+    pub prompt_width: usize,
+    pub prompt_lengths: Vec<usize>,
+    pub completion_lengths: Vec<usize>,
+}
+
+impl PaddedBatch {
+    /// Number of rows `B`.
+    pub fn batch_size(&self) -> usize {
+        self.prompt_lengths.len()
+    }
+
+    /// Total columns `T = P + K`.
+    pub fn seq_len(&self) -> usize {
+        self.prompt_width + self.logits_to_keep
+    }
+
+    /// Number of completion tokens in the batch (the sum of the response mask).
+    pub fn num_completion_tokens(&self) -> usize {
+        self.completion_lengths.iter().sum()
+    }
+
+    /// `[B, K]` log-probs (and entropies) of the completion tokens under
+    /// `model`, with the sampling `temperature` applied to the logits as TRL
+    /// does; only the last `K` positions are projected to the vocabulary.
+    /// Differentiable w.r.t. the model's variables.
+    pub fn completion_logprobs(
+        &self,
+        model: &CausalLM,
+        temperature: f64,
+        with_entropy: bool,
+    ) -> Result<TokenLogProbs> {
+        Ok(model.completion_logprobs(
+            &self.input_ids,
+            &self.attention_mask,
+            self.logits_to_keep,
+            temperature,
+            with_entropy,
+        )?)
+    }
+}
+
+/// Pads a batch. `completion_width`: the `K` to pad completions to (e.g. the
+/// recipe's `max_completion_length`, to keep shapes fixed); `None` pads to the
+/// longest completion of the batch (at least 1 column).
+///
+/// Errors: an empty batch, an empty prompt (the first completion token needs a
+/// token to be predicted from), or a completion longer than `completion_width`.
+pub fn pad_batch(
+    sequences: &[SequenceTokens],
+    pad_token_id: u32,
+    completion_width: Option<usize>,
+    device: &Device,
+) -> Result<PaddedBatch> {
+    if sequences.is_empty() {
+        return Err(GrpoError::Invalid("pad_batch: the batch is empty".into()));
+    }
+    if let Some(i) = sequences.iter().position(|s| s.prompt_ids.is_empty()) {
+        return Err(GrpoError::Invalid(format!(
+            "pad_batch: sequence {i} has an empty prompt; a completion token needs at least one token before it"
+        )));
+    }
+    let longest = sequences
+        .iter()
+        .map(|s| s.completion_ids.len())
+        .max()
+        .unwrap_or(0);
+    let k = match completion_width {
+        Some(w) => {
+            if let Some(i) = sequences.iter().position(|s| s.completion_ids.len() > w) {
+                return Err(GrpoError::Invalid(format!(
+                    "pad_batch: sequence {i} has {} completion tokens, more than the completion width {w}",
+                    sequences[i].completion_ids.len()
+                )));
+            }
+            w.max(1)
+        }
+        None => longest.max(1),
+    };
+    let p = sequences
+        .iter()
+        .map(|s| s.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
+    let t = p + k;
+    let b = sequences.len();
+
+    let mut input_ids = vec![pad_token_id; b * t];
+    let mut attention = vec![0u32; b * t];
+    let mut positions = vec![0u32; b * t];
+    let mut labels = vec![IGNORE_INDEX; b * t];
+    let mut completion_ids = vec![pad_token_id; b * k];
+    let mut response_mask = vec![0f32; b * k];
+    for (i, s) in sequences.iter().enumerate() {
+        let row = i * t;
+        let start = p - s.prompt_ids.len();
+        for (j, &id) in s.prompt_ids.iter().enumerate() {
+            input_ids[row + start + j] = id;
+            attention[row + start + j] = 1;
+        }
+        for (j, &id) in s.completion_ids.iter().enumerate() {
+            input_ids[row + p + j] = id;
+            attention[row + p + j] = 1;
+            completion_ids[i * k + j] = id;
+            response_mask[i * k + j] = 1.0;
+            // The logits at column p+j-1 predict the token at column p+j.
+            labels[row + p + j - 1] = i64::from(id);
+        }
+        let real = s.prompt_ids.len() + s.completion_ids.len();
+        for j in 0..real {
+            positions[row + start + j] = j as u32;
+        }
+    }
+    Ok(PaddedBatch {
+        input_ids: Tensor::from_vec(input_ids, (b, t), device)?,
+        attention_mask: Tensor::from_vec(attention, (b, t), device)?,
+        position_ids: Tensor::from_vec(positions, (b, t), device)?,
+        labels: Tensor::from_vec(labels, (b, t), device)?,
+        completion_ids: Tensor::from_vec(completion_ids, (b, k), device)?,
+        response_mask: Tensor::from_vec(response_mask, (b, k), device)?,
+        logits_to_keep: k,
+        prompt_width: p,
+        prompt_lengths: sequences.iter().map(|s| s.prompt_ids.len()).collect(),
+        completion_lengths: sequences.iter().map(|s| s.completion_ids.len()).collect(),
+    })
+}

@@ -1,0 +1,391 @@
+//! Every knob of the GRPO numerics (advantages, policy loss, aggregation, KL,
+//! entropy bonus) in one plain struct, with the names of TRL's `GRPOConfig`
+//! where TRL has the knob, and verl's names otherwise. The recipe parser embeds
+//! it as it is; [`GrpoConfig::default`] is the one place the defaults live.
+
+use serde::{Deserialize, Serialize};
+
+use crate::grpo_error::{GrpoError, Result};
+
+/// How per-token losses are reduced to the scalar that is differentiated
+/// (TRL `GRPOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Mean over each sequence's tokens, then mean over sequences (the GRPO paper).
+    Grpo,
+    /// Mean over all completion tokens of the rank's batch.
+    Bnpo,
+    /// Sum over tokens divided by `num_sequences x max_completion_length` (Dr. GRPO).
+    DrGrpo,
+    /// Mean over all completion tokens of the global batch: the token count is
+    /// summed across gradient-accumulation micro-batches and across ranks (DAPO).
+    Dapo,
+}
+
+/// The policy-gradient term (names of Stanford CS336's GRPO assignment, which
+/// the issue uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyLoss {
+    /// `-reward * log pi` (REINFORCE on the raw reward, no baseline).
+    NoBaseline,
+    /// `-advantage * log pi` (REINFORCE with the group baseline).
+    ReinforceWithBaseline,
+    /// PPO-style clipped surrogate `-min(r A, clip(r, 1-eps, 1+eps_high) A)`.
+    GrpoClip,
+}
+
+/// TRL `GRPOConfig.importance_sampling_level`: one ratio per token (GRPO) or
+/// one per sequence, the geometric mean of its token ratios (GSPO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSamplingLevel {
+    Token,
+    Sequence,
+}
+
+/// TRL `GRPOConfig.scale_rewards`: what the centred rewards are divided by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// The group's (unbiased) standard deviation.
+    Group,
+    /// The whole batch's (unbiased) standard deviation.
+    Batch,
+    /// Nothing (Dr. GRPO).
+    None,
+}
+
+/// The baseline subtracted from each reward (verl `adv_estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageEstimator {
+    /// Group mean (GRPO).
+    Grpo,
+    /// Mean of the other `G-1` rewards of the group (RLOO, leave-one-out).
+    Rloo,
+}
+
+/// Estimator of KL(pi_theta || pi_ref) per token (verl `kl_loss_type`,
+/// J. Schulman, "Approximating KL divergence", 2020).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// `log pi - log pi_ref`.
+    K1,
+    /// `0.5 (log pi - log pi_ref)^2`.
+    K2,
+    /// `exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1` (TRL's, the default).
+    K3,
+}
+
+/// TRL `GRPOConfig.vllm_importance_sampling_mode`: how the ratio between the
+/// learner's (old) log-probs and the rollout server's log-probs is capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VllmImportanceSamplingMode {
+    /// Per-token ratio, clamped to at most the cap (TIS).
+    TokenTruncate,
+    /// Per-token ratio, set to 0 where it exceeds the cap (MIS).
+    TokenMask,
+    /// Per-sequence ratio (product over tokens), clamped to the cap.
+    SequenceTruncate,
+    /// Per-sequence ratio, set to 0 where it exceeds the cap.
+    SequenceMask,
+}
+
+impl VllmImportanceSamplingMode {
+    pub fn is_sequence_level(self) -> bool {
+        matches!(self, Self::SequenceTruncate | Self::SequenceMask)
+    }
+}
+
+/// How `beta` evolves: fixed, or the adaptive controller of Ziegler et al.
+/// 2019 (verl `algorithm.kl_ctrl.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlCtrlType {
+    Fixed,
+    Adaptive,
+}
+
+/// The GRPO numerics configuration. Field names follow TRL's `GRPOConfig`
+/// (`loss_type`, `scale_rewards`, `epsilon`, `epsilon_high`, `delta`, `beta`,
+/// `importance_sampling_level`, `vllm_importance_sampling_*`), verl
+/// (`adv_estimator`, `entropy_coef`, `kl_ctrl_type`, `target_kl`,
+/// `kl_horizon`) or CS336 (`policy_loss`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// Aggregation of per-token losses.
+    pub loss_type: LossType,
+    /// Policy-gradient term.
+    pub policy_loss: PolicyLoss,
+    /// Baseline of the advantage.
+    pub adv_estimator: AdvantageEstimator,
+    /// Divisor of the centred rewards.
+    pub scale_rewards: ScaleRewards,
+    /// Added to the standard deviation before dividing (TRL hard-codes 1e-4).
+    pub scale_rewards_epsilon: f64,
+    /// Lower clip: the ratio is clipped to `[1 - epsilon, 1 + epsilon_high]`.
+    pub epsilon: f64,
+    /// Upper clip ("clip-higher", DAPO); `None` means `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// Two-sided clipping (TRL `delta`): the unclipped ratio is capped at `delta`.
+    pub delta: Option<f64>,
+    /// Token (GRPO) or sequence (GSPO) importance ratio.
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// The log-ratio is clamped to `[-max_log_ratio, max_log_ratio]` before
+    /// `exp` so that the ratio never overflows (verl clamps at 20).
+    pub max_log_ratio: f64,
+    /// KL coefficient (the initial one when the controller is adaptive).
+    pub beta: f64,
+    /// KL estimator.
+    pub kl_estimator: KlEstimator,
+    /// Fixed or adaptive `beta`.
+    pub kl_ctrl_type: KlCtrlType,
+    /// Adaptive controller: the KL it steers towards.
+    pub target_kl: f64,
+    /// Adaptive controller: horizon (in samples) of the multiplicative update.
+    pub kl_horizon: f64,
+    /// Entropy bonus: `entropy_coef * entropy` is subtracted from the loss.
+    pub entropy_coef: f64,
+    /// Correct for the mismatch between the rollout server's log-probs and the
+    /// learner's (TRL `vllm_importance_sampling_correction`).
+    pub vllm_importance_sampling_correction: bool,
+    /// Token or sequence, truncate or mask.
+    pub vllm_importance_sampling_mode: VllmImportanceSamplingMode,
+    /// Cap `C` of the correction ratio.
+    pub vllm_importance_sampling_cap: f64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            loss_type: LossType::Dapo,
+            policy_loss: PolicyLoss::GrpoClip,
+            adv_estimator: AdvantageEstimator::Grpo,
+            scale_rewards: ScaleRewards::Group,
+            scale_rewards_epsilon: 1e-4,
+            epsilon: 0.2,
+            epsilon_high: None,
+            delta: None,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            max_log_ratio: 20.0,
+            beta: 0.0,
+            kl_estimator: KlEstimator::K3,
+            kl_ctrl_type: KlCtrlType::Fixed,
+            target_kl: 0.1,
+            kl_horizon: 10000.0,
+            entropy_coef: 0.0,
+            vllm_importance_sampling_correction: true,
+            vllm_importance_sampling_mode: VllmImportanceSamplingMode::SequenceMask,
+            vllm_importance_sampling_cap: 3.0,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// The upper clip width: `epsilon_high`, or `epsilon` when unset.
+    pub fn epsilon_high(&self) -> f64 {
+        self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    /// Rejects values that make no sense, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, message: String| {
+            Err(GrpoError::Config {
+                field: field.to_string(),
+                message,
+            })
+        };
+        let finite_nonneg = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite_nonneg(self.epsilon) || self.epsilon >= 1.0 {
+            return bad(
+                "epsilon",
+                format!("must be in [0, 1), got {}", self.epsilon),
+            );
+        }
+        if let Some(e) = self.epsilon_high
+            && !finite_nonneg(e)
+        {
+            return bad("epsilon_high", format!("must be >= 0, got {e}"));
+        }
+        if let Some(d) = self.delta
+            && !(d.is_finite() && d > 1.0 + self.epsilon_high())
+        {
+            return bad(
+                "delta",
+                format!(
+                    "must be > 1 + epsilon_high ({}), got {d}",
+                    1.0 + self.epsilon_high()
+                ),
+            );
+        }
+        if !(self.max_log_ratio.is_finite() && self.max_log_ratio > 0.0) {
+            return bad(
+                "max_log_ratio",
+                format!("must be > 0, got {}", self.max_log_ratio),
+            );
+        }
+        if !finite_nonneg(self.scale_rewards_epsilon) {
+            return bad(
+                "scale_rewards_epsilon",
+                format!("must be >= 0, got {}", self.scale_rewards_epsilon),
+            );
+        }
+        if !finite_nonneg(self.beta) {
+            return bad("beta", format!("must be >= 0, got {}", self.beta));
+        }
+        if !self.entropy_coef.is_finite() {
+            return bad(
+                "entropy_coef",
+                format!("must be finite, got {}", self.entropy_coef),
+            );
+        }
+        if self.kl_ctrl_type == KlCtrlType::Adaptive {
+            if !(self.target_kl.is_finite() && self.target_kl > 0.0) {
+                return bad("target_kl", format!("must be > 0, got {}", self.target_kl));
+            }
+            if !(self.kl_horizon.is_finite() && self.kl_horizon > 0.0) {
+                return bad(
+                    "kl_horizon",
+                    format!("must be > 0, got {}", self.kl_horizon),
+                );
+            }
+            if self.beta == 0.0 {
+                return bad(
+                    "beta",
+                    "the adaptive KL controller multiplies beta, so it must start > 0".into(),
+                );
+            }
+        }
+        if !(self.vllm_importance_sampling_cap.is_finite()
+            && self.vllm_importance_sampling_cap > 0.0)
+        {
+            return bad(
+                "vllm_importance_sampling_cap",
+                format!("must be > 0, got {}", self.vllm_importance_sampling_cap),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_validates() {
+        let cfg = GrpoConfig::default();
+        cfg.validate().unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: GrpoConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        // An empty object is the default: every field has one.
+        let empty: GrpoConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, cfg);
+        assert_eq!(cfg.epsilon_high(), cfg.epsilon);
+    }
+
+    #[test]
+    fn trl_names_parse_and_unknown_fields_are_rejected() {
+        let cfg: GrpoConfig = serde_json::from_str(
+            r#"{"loss_type": "dr_grpo", "scale_rewards": "batch", "importance_sampling_level": "sequence",
+                "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0, "kl_estimator": "k1",
+                "vllm_importance_sampling_mode": "token_truncate", "policy_loss": "reinforce_with_baseline",
+                "adv_estimator": "rloo", "kl_ctrl_type": "fixed"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.loss_type, LossType::DrGrpo);
+        assert_eq!(
+            cfg.importance_sampling_level,
+            ImportanceSamplingLevel::Sequence
+        );
+        assert_eq!(cfg.epsilon_high(), 4e-4);
+        let err = serde_json::from_str::<GrpoConfig>(r#"{"epsilon_hi": 0.3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("epsilon_hi"), "{err}");
+        assert!(serde_json::from_str::<GrpoConfig>(r#"{"loss_type": "ppo"}"#).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = |cfg: GrpoConfig, field: &str| {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        };
+        bad(
+            GrpoConfig {
+                epsilon: 1.5,
+                ..Default::default()
+            },
+            "epsilon",
+        );
+        bad(
+            GrpoConfig {
+                epsilon_high: Some(-0.1),
+                ..Default::default()
+            },
+            "epsilon_high",
+        );
+        bad(
+            GrpoConfig {
+                delta: Some(1.1),
+                ..Default::default()
+            },
+            "delta",
+        );
+        bad(
+            GrpoConfig {
+                beta: -1.0,
+                ..Default::default()
+            },
+            "beta",
+        );
+        bad(
+            GrpoConfig {
+                max_log_ratio: 0.0,
+                ..Default::default()
+            },
+            "max_log_ratio",
+        );
+        bad(
+            GrpoConfig {
+                vllm_importance_sampling_cap: f64::NAN,
+                ..Default::default()
+            },
+            "vllm_importance_sampling_cap",
+        );
+        let adaptive = GrpoConfig {
+            kl_ctrl_type: KlCtrlType::Adaptive,
+            beta: 0.1,
+            ..Default::default()
+        };
+        adaptive.validate().unwrap();
+        bad(
+            GrpoConfig {
+                beta: 0.0,
+                ..adaptive.clone()
+            },
+            "beta",
+        );
+        bad(
+            GrpoConfig {
+                target_kl: 0.0,
+                ..adaptive.clone()
+            },
+            "target_kl",
+        );
+        bad(
+            GrpoConfig {
+                kl_horizon: -1.0,
+                ..adaptive
+            },
+            "kl_horizon",
+        );
+    }
+}

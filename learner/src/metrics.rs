@@ -1,0 +1,177 @@
+//! Per-step loss metrics. [`LossMetrics`] holds sums and counts, so that the
+//! metrics of gradient-accumulation micro-batches (and of ranks) merge
+//! exactly; [`LossMetrics::summary`] turns them into the means users log
+//! (TRL's `kl`, `entropy`, `clip_ratio/low_mean`, `clip_ratio/high_mean`,
+//! `clip_ratio/region_mean`, `sampling/importance_sampling_ratio/*`, ...).
+
+use serde::{Deserialize, Serialize};
+
+/// Additive statistics of one or more micro-batches.
+///
+/// The loss parts are the micro-batch's contributions already divided by the
+/// global normalisers, so summing them over the micro-batches of a step (and
+/// over ranks) gives the loss of the whole batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossMetrics {
+    /// `pg_loss + kl_loss + entropy_loss`.
+    pub loss: f64,
+    /// Policy-gradient part (after the rollout importance-sampling correction).
+    pub pg_loss: f64,
+    /// `beta * KL` part.
+    pub kl_loss: f64,
+    /// `-entropy_coef * entropy` part.
+    pub entropy_loss: f64,
+    /// Completion tokens (sum of the response mask).
+    pub num_tokens: f64,
+    /// Sequences (rows), empty ones included.
+    pub num_sequences: f64,
+    /// Sum over completion tokens of the per-token KL estimate to the
+    /// reference (0 when there is no reference).
+    pub kl_sum: f64,
+    /// Whether `kl_sum` was measured (a reference was given).
+    pub has_kl: bool,
+    /// Sum over completion tokens of the entropy (0 when none was given).
+    pub entropy_sum: f64,
+    pub has_entropy: bool,
+    /// Sum over completion tokens of `old_logprob - logprob` (verl `ppo_kl`).
+    pub approx_kl_sum: f64,
+    /// Ratio below `1 - epsilon` with a negative advantage (token level:
+    /// tokens; sequence level: sequences).
+    pub clip_low_count: f64,
+    /// Ratio above `1 + epsilon_high` with a positive advantage.
+    pub clip_high_count: f64,
+    /// The denominator of the clip fractions and of the ratio mean: tokens
+    /// (token level) or sequences (sequence level), as TRL.
+    pub ratio_count: f64,
+    pub ratio_sum: f64,
+    pub ratio_min: Option<f64>,
+    pub ratio_max: Option<f64>,
+    /// Rollout importance-sampling correction ratio (after cap), when on.
+    pub is_ratio_sum: f64,
+    pub is_ratio_count: f64,
+    pub is_ratio_min: Option<f64>,
+    pub is_ratio_max: Option<f64>,
+    /// `|old_logprob - rollout_logprob|` over completion tokens.
+    pub sampling_logp_diff_sum: f64,
+    pub sampling_logp_diff_max: Option<f64>,
+}
+
+fn merge_min(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn merge_max(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den > 0.0 { num / den } else { 0.0 }
+}
+
+impl LossMetrics {
+    /// Adds the statistics of another micro-batch (or rank).
+    pub fn merge(&mut self, o: &LossMetrics) {
+        self.loss += o.loss;
+        self.pg_loss += o.pg_loss;
+        self.kl_loss += o.kl_loss;
+        self.entropy_loss += o.entropy_loss;
+        self.num_tokens += o.num_tokens;
+        self.num_sequences += o.num_sequences;
+        self.kl_sum += o.kl_sum;
+        self.has_kl |= o.has_kl;
+        self.entropy_sum += o.entropy_sum;
+        self.has_entropy |= o.has_entropy;
+        self.approx_kl_sum += o.approx_kl_sum;
+        self.clip_low_count += o.clip_low_count;
+        self.clip_high_count += o.clip_high_count;
+        self.ratio_count += o.ratio_count;
+        self.ratio_sum += o.ratio_sum;
+        self.ratio_min = merge_min(self.ratio_min, o.ratio_min);
+        self.ratio_max = merge_max(self.ratio_max, o.ratio_max);
+        self.is_ratio_sum += o.is_ratio_sum;
+        self.is_ratio_count += o.is_ratio_count;
+        self.is_ratio_min = merge_min(self.is_ratio_min, o.is_ratio_min);
+        self.is_ratio_max = merge_max(self.is_ratio_max, o.is_ratio_max);
+        self.sampling_logp_diff_sum += o.sampling_logp_diff_sum;
+        self.sampling_logp_diff_max =
+            merge_max(self.sampling_logp_diff_max, o.sampling_logp_diff_max);
+    }
+
+    pub(crate) fn add_is_ratio(&mut self, r: f64) {
+        self.is_ratio_sum += r;
+        self.is_ratio_count += 1.0;
+        self.is_ratio_min = merge_min(self.is_ratio_min, Some(r));
+        self.is_ratio_max = merge_max(self.is_ratio_max, Some(r));
+    }
+
+    /// The means users log. Means over nothing are 0, never NaN.
+    pub fn summary(&self) -> StepMetrics {
+        StepMetrics {
+            loss: self.loss,
+            pg_loss: self.pg_loss,
+            kl_loss: self.kl_loss,
+            entropy_loss: self.entropy_loss,
+            kl: self.has_kl.then(|| ratio(self.kl_sum, self.num_tokens)),
+            entropy: self
+                .has_entropy
+                .then(|| ratio(self.entropy_sum, self.num_tokens)),
+            approx_kl: ratio(self.approx_kl_sum, self.num_tokens),
+            clip_ratio_low: ratio(self.clip_low_count, self.ratio_count),
+            clip_ratio_high: ratio(self.clip_high_count, self.ratio_count),
+            clip_ratio_region: ratio(self.clip_low_count + self.clip_high_count, self.ratio_count),
+            ratio_mean: ratio(self.ratio_sum, self.ratio_count),
+            ratio_min: self.ratio_min.unwrap_or(0.0),
+            ratio_max: self.ratio_max.unwrap_or(0.0),
+            importance_sampling_ratio_mean: (self.is_ratio_count > 0.0)
+                .then(|| self.is_ratio_sum / self.is_ratio_count),
+            importance_sampling_ratio_min: self.is_ratio_min,
+            importance_sampling_ratio_max: self.is_ratio_max,
+            sampling_logp_difference_mean: (self.is_ratio_count > 0.0)
+                .then(|| ratio(self.sampling_logp_diff_sum, self.num_tokens)),
+            sampling_logp_difference_max: self.sampling_logp_diff_max,
+            num_tokens: self.num_tokens,
+            num_sequences: self.num_sequences,
+        }
+    }
+}
+
+/// Metrics of one step, ready to log. `None`: not measured this step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub loss: f64,
+    pub pg_loss: f64,
+    pub kl_loss: f64,
+    pub entropy_loss: f64,
+    /// Mean per-token KL estimate to the reference (TRL `kl`).
+    pub kl: Option<f64>,
+    /// Mean per-token entropy (TRL `entropy`).
+    pub entropy: Option<f64>,
+    /// Mean of `old_logprob - logprob` (verl `ppo_kl`).
+    pub approx_kl: f64,
+    /// TRL `clip_ratio/low_mean`.
+    pub clip_ratio_low: f64,
+    /// TRL `clip_ratio/high_mean`.
+    pub clip_ratio_high: f64,
+    /// TRL `clip_ratio/region_mean`.
+    pub clip_ratio_region: f64,
+    pub ratio_mean: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    /// TRL `sampling/importance_sampling_ratio/{mean,min,max}`.
+    pub importance_sampling_ratio_mean: Option<f64>,
+    pub importance_sampling_ratio_min: Option<f64>,
+    pub importance_sampling_ratio_max: Option<f64>,
+    /// TRL `sampling/sampling_logp_difference/{mean,max}`.
+    pub sampling_logp_difference_mean: Option<f64>,
+    pub sampling_logp_difference_max: Option<f64>,
+    pub num_tokens: f64,
+    pub num_sequences: f64,
+}
