@@ -1,1 +1,54 @@
-fn main() {}
+//! `learner`: the GRPO learner's command line. Thin: parse flags, call the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use model::presets::{self, Preset};
+
+#[derive(Parser)]
+#[command(name = "learner", version, about = "Tandem's GRPO learner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a randomly initialised Qwen2-architecture model folder (Hugging
+    /// Face format, character-level tokenizer, ChatML chat template).
+    InitModel {
+        /// `tiny` (~0.4M parameters) or `small` (~21M).
+        #[arg(long, default_value = "tiny")]
+        preset: Preset,
+        /// Folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights: the same seed gives the same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::InitModel { preset, out, seed } => {
+            let cfg = presets::init_model(preset, &out, seed)
+                .with_context(|| format!("writing the {preset:?} model to {}", out.display()))?;
+            println!(
+                "wrote {} ({} parameters, vocabulary {}) to {}",
+                cfg.architecture.hf_name(),
+                cfg.num_parameters(),
+                cfg.vocab_size,
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}

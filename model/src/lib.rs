@@ -22,8 +22,8 @@ pub mod decoder;
 pub mod error;
 pub mod kv_cache;
 pub mod logprobs;
-// pub mod presets; (enabled once tokenizer.rs lands)
-// pub mod pretrained;
+pub mod presets;
+pub mod pretrained;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

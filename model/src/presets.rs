@@ -45,7 +45,7 @@ impl std::str::FromStr for Preset {
 
 /// The character tokenizer every preset uses.
 pub fn tokenizer() -> Result<Tokenizer> {
-    Tokenizer::char_level(CHARACTERS, &[PAD_TOKEN, IM_START, IM_END, UNK_TOKEN])
+    crate::tokenizer::char_level(CHARACTERS, &[PAD_TOKEN, IM_START, IM_END, UNK_TOKEN])
 }
 
 /// The preset's config.json, for a tokenizer of `vocab_size` tokens whose

@@ -174,6 +174,14 @@ impl Weights {
                 message: e.to_string(),
             }
         })?;
+        // The serializer creates the file owner-only; a model folder is shared
+        // (rollout servers, other users of a cluster), as transformers writes it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| ModelError::io(&tmp, e))?;
+        }
         std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
     }
 }

@@ -421,3 +421,58 @@ fn out_of_range_inputs_are_errors_not_panics() {
             .is_err()
     );
 }
+#[test]
+fn a_saved_folder_loads_back_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = model::presets::init_model(model::presets::Preset::Tiny, dir.path(), 7).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(dir.path().join(f).exists(), "{f} missing");
+    }
+    let w = Weights::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let again = tempfile::tempdir().unwrap();
+    let tok = model::tokenizer::Tokenizer::from_dir(dir.path()).unwrap();
+    let cfg2 = ModelConfig::from_dir(dir.path()).unwrap();
+    assert_eq!(cfg, cfg2);
+    model::pretrained::save_pretrained(again.path(), &cfg2, &w, &tok).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let a = std::fs::read(dir.path().join(f)).unwrap();
+        let b = std::fs::read(again.path().join(f)).unwrap();
+        assert!(a == b, "{f} differs after a load/save round trip");
+    }
+    // Same seed, same bytes; another seed, other weights.
+    let same = tempfile::tempdir().unwrap();
+    model::presets::init_model(model::presets::Preset::Tiny, same.path(), 7).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    model::presets::init_model(model::presets::Preset::Tiny, other.path(), 8).unwrap();
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(bytes(dir.path()), bytes(same.path()));
+    assert_ne!(bytes(dir.path()), bytes(other.path()));
+    assert!(
+        cfg.num_parameters() < 1_000_000,
+        "tiny has {} parameters",
+        cfg.num_parameters()
+    );
+}
+
+#[test]
+fn preset_sizes() {
+    use model::presets::{Preset, config};
+    assert!(config(Preset::Tiny, 100, 1, 0).unwrap().num_parameters() < 600_000);
+    let small = config(Preset::Small, 100, 1, 0).unwrap().num_parameters();
+    assert!(
+        (15_000_000..25_000_000).contains(&small),
+        "small has {small}"
+    );
+}
