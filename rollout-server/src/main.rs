@@ -1,4 +1,15 @@
-fn main() {
-    eprintln!("rollout-server: not built yet (issue 4)");
-    std::process::exit(2);
+//! `rollout-server --model DIR [...]`: see `rollout_server::cli::Args`.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    rollout_server::cli::run(rollout_server::cli::Args::parse()).await
 }

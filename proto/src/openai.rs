@@ -1,0 +1,380 @@
+//! The OpenAI/vLLM-compatible JSON of the rollout server's HTTP API, with the
+//! RL extensions (`client_tag`, `return_token_ids`, `metadata`).
+//!
+//! Requests are *loose*: every sampling field is optional and ranges are not
+//! checked here (the server's validation turns a request into a trusted one,
+//! and names the field that was wrong). Unknown fields are ignored, as vLLM
+//! does. Responses follow vLLM's shapes field for field; the RL extensions
+//! are left out of the JSON when they were not asked for.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Header that carries a client tag when the body does not.
+pub const CLIENT_TAG_HEADER: &str = "x-vllm-client-tag";
+
+// ---------------------------------------------------------------------------
+// Requests
+
+/// `prompt` of `/v1/completions`: text, a batch of texts, token ids, or a
+/// batch of token-id lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// Fields that `/v1/completions` and `/v1/chat/completions` share.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingFields {
+    pub n: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<Stop>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    pub include_stop_str_in_output: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    pub seed: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub return_tokens_as_token_ids: Option<bool>,
+    pub return_token_ids: Option<bool>,
+    /// RL extension: echoed as `metadata.client_tag` (the header
+    /// `X-VLLM-Client-Tag` is the other way to send it).
+    pub client_tag: Option<String>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// Number of top log-probs per token (0 = only the sampled token's).
+    #[serde(default)]
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Messages as sent (`content` a string or a list of parts), handed to
+    /// the chat template.
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+
+/// RL extension on responses, choices and stream chunks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// The request's `client_tag`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tag: Option<String>,
+    /// The oldest weight version that produced any of the tokens (the
+    /// server's version at the time when nothing was generated yet).
+    pub weight_version: u64,
+    /// Every weight version that produced tokens, ascending (more than one
+    /// when new weights were swapped in mid-generation).
+    #[serde(default)]
+    pub weight_versions: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub total_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// `logprobs` of a completions choice.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionLogprobs {
+    pub text_offset: Vec<usize>,
+    /// `None` for the first prompt token when `echo` is on.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub tokens: Vec<String>,
+    /// The top-k tokens plus the sampled one, per position.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    /// "stop", "length" or "abort"; `None` on stream chunks before the end.
+    pub finish_reason: Option<String>,
+    /// The stop string or stop token id that ended the choice (`None` for
+    /// EOS or length).
+    pub stop_reason: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// A non-streaming completions response, and (with `object:
+/// "text_completion"` too, as vLLM) each stream chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobToken {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Option<Vec<ChatLogprobToken>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessageOut {
+    pub role: String,
+    pub content: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Vec<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+    pub stop_reason: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// `delta` of a chat stream chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+// ---------------------------------------------------------------------------
+// Models, version, errors
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+    pub root: String,
+    pub parent: Option<String>,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    /// The weight version currently served.
+    pub weight_version: u64,
+}
+
+/// The body of every error: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub error: ErrorInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub message: String,
+    /// vLLM's error class name, e.g. "BadRequestError".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    /// The HTTP status.
+    pub code: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_forms_parse() {
+        let p = |s: &str| serde_json::from_str::<Prompt>(s).unwrap();
+        assert_eq!(p(r#""hi""#), Prompt::Text("hi".into()));
+        assert_eq!(
+            p(r#"["a","b"]"#),
+            Prompt::Texts(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(p("[1,2]"), Prompt::Tokens(vec![1, 2]));
+        assert_eq!(
+            p("[[1],[2,3]]"),
+            Prompt::TokenBatches(vec![vec![1], vec![2, 3]])
+        );
+        assert!(serde_json::from_str::<Prompt>("3").is_err());
+    }
+
+    #[test]
+    fn completion_request_takes_flattened_sampling_fields_and_ignores_unknown() {
+        let r: CompletionRequest = serde_json::from_str(
+            r#"{"model":"m","prompt":"x","n":2,"stop":"\n","logprobs":3,"whatever":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.sampling.n, Some(2));
+        assert_eq!(r.logprobs, Some(3));
+        assert_eq!(r.sampling.stop, Some(Stop::One("\n".into())));
+        assert!(serde_json::from_str::<CompletionRequest>(r#"{"prompt":"x","n":"two"}"#).is_err());
+    }
+
+    #[test]
+    fn error_serializes_as_vllm() {
+        let e = ErrorResponse {
+            error: ErrorInfo {
+                message: "m".into(),
+                kind: "BadRequestError".into(),
+                param: None,
+                code: 400,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"error":{"message":"m","type":"BadRequestError","param":null,"code":400}}"#
+        );
+    }
+}

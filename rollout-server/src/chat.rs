@@ -1,0 +1,274 @@
+//! `POST /v1/chat/completions`: messages rendered with the model's chat
+//! template, then the same path as completions (engine -> text updates ->
+//! SSE chunks or one collected response), in chat shapes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use proto::openai::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatLogprobToken, ChatLogprobs, ChatMessageOut, TopLogprob,
+    Usage,
+};
+
+use crate::completions::{finite, metadata, text_options};
+use crate::error::ApiError;
+use crate::server::{SharedState, header_client_tag, response_id, sse, unix_now};
+use crate::text::{self, ChoiceUpdate, FinishInfo, TokenOut, Update};
+use crate::validation::{ValidRequest, parse_json};
+
+pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, body: Bytes) -> Response {
+    match run(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(state: SharedState, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse_json(&body)?;
+    let valid = state.validator.chat(req, header_client_tag(&headers))?;
+    let streams = state.engine.submit(valid.engine_requests())?;
+    let updates = text::updates(
+        streams,
+        valid.n,
+        state.tokenizer.clone(),
+        text_options(&valid),
+    );
+    let fmt = Formatter {
+        state: state.clone(),
+        id: response_id("chatcmpl"),
+        created: unix_now(),
+        valid: Arc::new(valid),
+    };
+    if fmt.valid.stream {
+        Ok(sse(stream_chunks(fmt, updates)))
+    } else {
+        Ok(Json(collect(fmt, updates).await?).into_response())
+    }
+}
+
+struct Formatter {
+    state: SharedState,
+    id: String,
+    created: u64,
+    valid: Arc<ValidRequest>,
+}
+
+#[derive(Default)]
+struct Acc {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<ChatLogprobToken>,
+    finish: Option<FinishInfo>,
+    versions: BTreeSet<u64>,
+}
+
+impl Formatter {
+    fn token_str(&self, id: u32) -> String {
+        if self.valid.return_tokens_as_token_ids {
+            format!("token_id:{id}")
+        } else {
+            self.state
+                .tokenizer
+                .decode(&[id], false)
+                .unwrap_or_default()
+        }
+    }
+
+    fn logprob_entry(&self, t: &TokenOut) -> ChatLogprobToken {
+        let token = self.token_str(t.id);
+        ChatLogprobToken {
+            bytes: Some(token.as_bytes().to_vec()),
+            logprob: finite(t.logprob),
+            top_logprobs: t
+                .top
+                .iter()
+                .map(|&(id, lp)| {
+                    let token = self.token_str(id);
+                    TopLogprob {
+                        bytes: Some(token.as_bytes().to_vec()),
+                        token,
+                        logprob: finite(lp),
+                    }
+                })
+                .collect(),
+            token,
+        }
+    }
+
+    /// Applies an update; returns its log-prob entries.
+    fn apply(&self, acc: &mut Acc, u: &ChoiceUpdate) -> Vec<ChatLogprobToken> {
+        acc.text.push_str(&u.text);
+        acc.token_ids.extend(u.tokens.iter().map(|t| t.id));
+        acc.versions.insert(u.weight_version);
+        if u.finish.is_some() {
+            acc.finish = u.finish.clone();
+        }
+        if self.valid.logprobs.is_none() {
+            return Vec::new();
+        }
+        let entries: Vec<ChatLogprobToken> =
+            u.tokens.iter().map(|t| self.logprob_entry(t)).collect();
+        acc.logprobs.extend(entries.iter().cloned());
+        entries
+    }
+
+    fn usage(&self, accs: &[Acc]) -> Usage {
+        let prompt_tokens: usize = self.valid.prompts.iter().map(|p| p.ids.len()).sum();
+        let completion_tokens: usize = accs.iter().map(|a| a.token_ids.len()).sum();
+        Usage {
+            prompt_tokens: prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            total_tokens: (prompt_tokens + completion_tokens) as u64,
+        }
+    }
+
+    fn prompt_ids(&self) -> Option<Vec<u32>> {
+        self.valid
+            .return_token_ids
+            .then(|| self.valid.prompts[0].ids.clone())
+    }
+
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.state.served_model_name.clone(),
+            choices,
+            usage,
+            prompt_token_ids: None,
+            metadata: None,
+        }
+    }
+}
+
+async fn collect(
+    fmt: Formatter,
+    updates: impl Stream<Item = Result<Update, ApiError>>,
+) -> Result<ChatCompletionResponse, ApiError> {
+    let mut accs: Vec<Acc> = (0..fmt.valid.n).map(|_| Acc::default()).collect();
+    let mut updates = std::pin::pin!(updates);
+    while let Some(u) = updates.next().await {
+        if let Update::Choice(u) = u? {
+            fmt.apply(&mut accs[u.index], &u);
+        }
+    }
+    let current = fmt.state.engine.weight_version();
+    let tag = &fmt.valid.client_tag;
+    let all: BTreeSet<u64> = accs
+        .iter()
+        .flat_map(|a| a.versions.iter().copied())
+        .collect();
+    let usage = fmt.usage(&accs);
+    let with_logprobs = fmt.valid.logprobs.is_some();
+    let choices = accs
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| ChatChoice {
+            index,
+            message: ChatMessageOut {
+                role: "assistant".into(),
+                content: Some(a.text),
+                tool_calls: Vec::new(),
+            },
+            logprobs: with_logprobs.then_some(ChatLogprobs {
+                content: Some(a.logprobs),
+            }),
+            finish_reason: a.finish.as_ref().map(|f| f.reason.to_string()),
+            stop_reason: a.finish.and_then(|f| f.stop_reason),
+            token_ids: fmt.valid.return_token_ids.then_some(a.token_ids),
+            metadata: Some(metadata(tag, &a.versions, current)),
+        })
+        .collect();
+    Ok(ChatCompletionResponse {
+        id: fmt.id.clone(),
+        object: "chat.completion".into(),
+        created: fmt.created,
+        model: fmt.state.served_model_name.clone(),
+        choices,
+        usage: Some(usage),
+        prompt_token_ids: fmt.prompt_ids(),
+        metadata: Some(metadata(tag, &all, current)),
+    })
+}
+
+fn stream_chunks(
+    fmt: Formatter,
+    updates: impl Stream<Item = Result<Update, ApiError>> + Send + 'static,
+) -> impl Stream<Item = Result<ChatCompletionChunk, ApiError>> + Send + 'static {
+    async_stream::stream! {
+        let n = fmt.valid.n;
+        let tag = fmt.valid.client_tag.clone();
+        let current = fmt.state.engine.weight_version();
+        // First chunk of every choice: the role, as OpenAI and vLLM send it.
+        let first_md = metadata(&tag, &BTreeSet::new(), current);
+        let mut first = fmt.chunk(
+            (0..n)
+                .map(|index| ChatChunkChoice {
+                    index,
+                    delta: ChatDelta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                    stop_reason: None,
+                    token_ids: None,
+                    metadata: Some(first_md.clone()),
+                })
+                .collect(),
+            None,
+        );
+        first.prompt_token_ids = fmt.prompt_ids();
+        first.metadata = Some(first_md);
+        yield Ok(first);
+
+        let mut accs: Vec<Acc> = (0..n).map(|_| Acc::default()).collect();
+        let mut updates = std::pin::pin!(updates);
+        while let Some(u) = updates.next().await {
+            let u = match u {
+                Ok(Update::Choice(u)) => u,
+                Ok(Update::PromptLogprobs { .. }) => continue,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let entries = fmt.apply(&mut accs[u.index], &u);
+            let md = metadata(&tag, &BTreeSet::from([u.weight_version]), u.weight_version);
+            let choice = ChatChunkChoice {
+                index: u.index,
+                delta: ChatDelta {
+                    role: None,
+                    content: Some(u.text.clone()),
+                },
+                logprobs: fmt.valid.logprobs.is_some().then_some(ChatLogprobs {
+                    content: Some(entries),
+                }),
+                finish_reason: u.finish.as_ref().map(|f| f.reason.to_string()),
+                stop_reason: u.finish.as_ref().and_then(|f| f.stop_reason.clone()),
+                token_ids: fmt
+                    .valid
+                    .return_token_ids
+                    .then(|| u.tokens.iter().map(|t| t.id).collect()),
+                metadata: Some(md.clone()),
+            };
+            let mut chunk = fmt.chunk(vec![choice], None);
+            chunk.metadata = Some(md);
+            yield Ok(chunk);
+        }
+        if fmt.valid.include_usage {
+            let all: BTreeSet<u64> = accs.iter().flat_map(|a| a.versions.iter().copied()).collect();
+            let mut chunk = fmt.chunk(Vec::new(), Some(fmt.usage(&accs)));
+            chunk.metadata = Some(metadata(&tag, &all, fmt.state.engine.weight_version()));
+            yield Ok(chunk);
+        }
+    }
+}

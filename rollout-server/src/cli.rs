@@ -1,0 +1,237 @@
+//! The command line (vLLM's flag names where vLLM has one) and [`run`], which
+//! loads the model, starts the engine, and serves HTTP and gRPC until
+//! SIGINT/SIGTERM.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Parser;
+use model::sampling::LogprobsMode;
+use model::tokenizer::Tokenizer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::engine::{self, EngineConfig};
+use crate::metrics::Metrics;
+use crate::server::{AppState, router, unix_now};
+use crate::validation::Validator;
+use crate::weight_sync;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "rollout-server",
+    version,
+    about = "OpenAI/vLLM-compatible generation server with continuous batching and gRPC weight sync"
+)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Name clients use in `model` (default: the `--model` argument as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port; 0 picks a free one (the bound ports are printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// gRPC weight-sync port; 0 picks a free one.
+    #[arg(long, default_value_t = 50051)]
+    pub grpc_port: u16,
+    /// Clients of `/v1/*` must send `Authorization: Bearer KEY`.
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Weight pushes must send `authorization: Bearer TOKEN`.
+    #[arg(long, env = "TANDEM_WEIGHT_SYNC_TOKEN", hide_env_values = true)]
+    pub weight_sync_token: Option<String>,
+    /// `cpu` (f32) or `cuda` / `cuda:N` (bf16; needs a CUDA build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Longest prompt + completion (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Sequences decoded together at most (KV-cache slots).
+    #[arg(long, default_value_t = 128)]
+    pub max_num_seqs: usize,
+    /// Prompts waiting for admission at most; more get 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Seeds the sampling of requests that bring no seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Which log-probs responses report: of the raw logits, or after
+    /// penalties, temperature and top-k/top-p/min-p.
+    #[arg(long, default_value = "raw_logprobs")]
+    pub logprobs_mode: LogprobsMode,
+}
+
+fn device_and_dtype(spec: &str) -> anyhow::Result<(Device, DType)> {
+    match spec {
+        "cpu" => Ok((Device::Cpu, DType::F32)),
+        "cuda" => Ok((Device::new_cuda(0)?, DType::BF16)),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok((Device::new_cuda(i)?, DType::BF16)),
+            _ => bail!("--device must be cpu, cuda or cuda:N, got {s:?}"),
+        },
+    }
+}
+
+/// Resolves once SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Loads the model, starts the engine, serves until SIGINT/SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let server = bind(args).await?;
+    // One parseable line on stdout for scripts and tests.
+    println!(
+        "listening http={} grpc={}",
+        server.http_addr, server.grpc_addr
+    );
+    server.serve(shutdown_signal()).await
+}
+
+/// A server with its model loaded, its engine running and its ports bound,
+/// not yet serving.
+pub struct BoundServer {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub engine: engine::EngineHandle,
+    http: TcpListener,
+    grpc: TcpListener,
+    state: Arc<AppState>,
+    weight_sync_token: Option<String>,
+}
+
+/// Loads the model, starts the engine and binds both ports.
+pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
+    let (device, dtype) = device_and_dtype(&args.device)?;
+    let cfg = model::ModelConfig::from_dir(&args.model)
+        .with_context(|| format!("loading the model config from {}", args.model.display()))?;
+    let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
+    let tokenizer = Arc::new(
+        Tokenizer::from_dir(&args.model)
+            .with_context(|| format!("loading the tokenizer from {}", args.model.display()))?,
+    );
+    // As vLLM: the `--model` argument as given, unless a name is set.
+    let served_model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.model.display().to_string());
+    let metrics = Arc::new(Metrics::new());
+    let config = EngineConfig {
+        max_model_len,
+        max_num_seqs: args.max_num_seqs,
+        max_queue: args.max_queue,
+        seed: args.seed,
+        logprobs_mode: args.logprobs_mode,
+        ..EngineConfig::default()
+    };
+    let kv_bytes = model::KvCache::bytes_per_slot(&cfg, max_model_len, dtype) * args.max_num_seqs;
+    tracing::info!(
+        model = %args.model.display(),
+        served_model_name,
+        max_model_len,
+        max_num_seqs = args.max_num_seqs,
+        kv_cache_mib = kv_bytes >> 20,
+        "loading"
+    );
+    let engine = engine::start_from_dir(&args.model, &device, dtype, config, metrics.clone())
+        .with_context(|| format!("starting the engine on {}", args.model.display()))?;
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        tokenizer: tokenizer.clone(),
+        validator: Validator {
+            tokenizer,
+            served_model_name: served_model_name.clone(),
+            max_model_len,
+            vocab_size: cfg.vocab_size,
+            max_num_seqs: args.max_num_seqs,
+        },
+        metrics,
+        served_model_name,
+        max_model_len,
+        api_key: args.api_key.clone(),
+        started: unix_now(),
+    });
+    let http = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
+    let grpc = TcpListener::bind((args.host.as_str(), args.grpc_port))
+        .await
+        .with_context(|| format!("binding gRPC on {}:{}", args.host, args.grpc_port))?;
+    let http_addr = http.local_addr()?;
+    let grpc_addr = grpc.local_addr()?;
+    tracing::info!(%http_addr, %grpc_addr, "listening");
+    Ok(BoundServer {
+        http_addr,
+        grpc_addr,
+        engine,
+        http,
+        grpc,
+        state,
+        weight_sync_token: args.weight_sync_token,
+    })
+}
+
+impl BoundServer {
+    /// Serves HTTP and gRPC until `shutdown` resolves, then closes both
+    /// (open streams get a few seconds).
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let http_task = tokio::spawn(
+            axum::serve(self.http, router(self.state))
+                .with_graceful_shutdown(wait_stop(stop_rx.clone()))
+                .into_future(),
+        );
+        let sink: Arc<dyn weight_sync::WeightSink> = Arc::new(self.engine.clone());
+        let grpc_task = tokio::spawn(weight_sync::serve(
+            self.grpc,
+            sink,
+            self.weight_sync_token,
+            wait_stop(stop_rx.clone()),
+        ));
+
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        // Open SSE streams would hold a graceful shutdown forever: give them a moment.
+        let grace = std::time::Duration::from_secs(5);
+        match tokio::time::timeout(grace, http_task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
+            Err(_) => tracing::warn!("HTTP connections still open after {grace:?}; closing"),
+            _ => {}
+        }
+        match tokio::time::timeout(grace, grpc_task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e}"),
+            Err(_) => tracing::warn!("gRPC connections still open after {grace:?}; closing"),
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,513 @@
+//! Continuous batching. Each [`Scheduler::step`]:
+//! 1. drops what nobody waits for any more (a closed event channel: the
+//!    client went away; a cancelled sample: the text layer saw a stop string)
+//!    and frees its cache slots;
+//! 2. admits waiting prompts in arrival order while cache slots,
+//!    `max_num_seqs` and the prefill token budget allow, and prefills them in
+//!    one batched forward; the `n` samples of a prompt share that prefill
+//!    (the prompt's cache rows are copied to each sample's slot) and draw
+//!    their first tokens from its logits;
+//! 3. runs one decode step for every running sequence in one batched
+//!    forward, samples, sends the tokens, retires finished sequences and
+//!    frees their slots at once.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use model::ModelConfig;
+use model::decoder::LogitsWanted;
+use model::sampling::{SampledToken, Sampler};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{
+    CancelFlags, EngineConfig, EngineEvent, EngineState, Finish, GenerateRequest, PromptLogprob,
+    Submission,
+};
+use crate::metrics::Metrics;
+
+struct Sequence {
+    sample: usize,
+    slot: usize,
+    sampler: Sampler,
+    output: Vec<u32>,
+    /// The last sampled token, not yet in the cache.
+    pending: u32,
+    last_token_at: Instant,
+}
+
+/// The running samples of one prompt.
+struct Group {
+    request: GenerateRequest,
+    events: UnboundedSender<EngineEvent>,
+    cancel: CancelFlags,
+    arrived: Instant,
+    seqs: Vec<Sequence>,
+}
+
+pub(crate) struct Scheduler {
+    config: EngineConfig,
+    eos: Vec<u32>,
+    waiting: VecDeque<Submission>,
+    waiting_seqs: usize,
+    running: Vec<Group>,
+    running_seqs: usize,
+    /// Requests without a seed get `derive_seed(config.seed, counter)`.
+    seed_counter: u64,
+}
+
+/// splitmix64: well-spread seeds from a base seed and a counter.
+fn derive_seed(base: u64, counter: u64) -> u64 {
+    let mut z = base ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// log-softmax of `row` at `token`, and the `k` best entries (highest first,
+/// lower id first on ties).
+pub(crate) fn logprob_and_top(row: &[f32], token: u32, k: usize) -> PromptLogprob {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + row
+        .iter()
+        .map(|&x| ((x - m) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32;
+    let logprob = row
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |x| x - lse);
+    let mut top_logprobs = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let by_value = |a: &u32, b: &u32| {
+            row[*b as usize]
+                .total_cmp(&row[*a as usize])
+                .then_with(|| a.cmp(b))
+        };
+        let k = k.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_value);
+        }
+        idx.truncate(k);
+        idx.sort_unstable_by(by_value);
+        top_logprobs = idx
+            .into_iter()
+            .map(|i| (i, row[i as usize] - lse))
+            .collect();
+    }
+    PromptLogprob {
+        logprob,
+        top_logprobs,
+    }
+}
+
+fn rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+}
+
+impl Scheduler {
+    pub fn new(config: EngineConfig, cfg: &ModelConfig) -> Self {
+        Scheduler {
+            config,
+            eos: cfg.eos_token_ids.clone(),
+            waiting: VecDeque::new(),
+            waiting_seqs: 0,
+            running: Vec::new(),
+            running_seqs: 0,
+            seed_counter: 0,
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn enqueue(&mut self, sub: Submission, metrics: &Metrics) {
+        self.waiting_seqs += sub.request.n;
+        self.waiting.push_back(sub);
+        metrics.num_requests_waiting.set(self.waiting_seqs as i64);
+    }
+
+    pub fn step(&mut self, state: &mut EngineState) {
+        self.reap(state);
+        self.admit(state);
+        self.decode(state);
+        state
+            .metrics
+            .num_requests_running
+            .set(self.running_seqs as i64);
+        state
+            .metrics
+            .num_requests_waiting
+            .set(self.waiting_seqs as i64);
+    }
+
+    /// Frees the slots of sequences nobody waits for.
+    fn reap(&mut self, state: &mut EngineState) {
+        let mut freed = 0;
+        for g in &mut self.running {
+            let gone = g.events.is_closed();
+            g.seqs.retain(|s| {
+                let keep = !gone && !g.cancel.is_cancelled(s.sample);
+                if !keep {
+                    state.cache.release(s.slot);
+                    // A cancelled sample saw its stop string; a closed
+                    // channel is a client that went away.
+                    let reason = if gone { "abort" } else { "stop" };
+                    state.metrics.record_finish(reason, g.arrived);
+                    freed += 1;
+                }
+                keep
+            });
+        }
+        self.running_seqs -= freed;
+        self.running.retain(|g| !g.seqs.is_empty());
+        let before = self.waiting.len();
+        let mut dropped_seqs = 0;
+        self.waiting.retain(|s| {
+            let keep = !s.events.is_closed();
+            if !keep {
+                dropped_seqs += s.request.n;
+            }
+            keep
+        });
+        if self.waiting.len() != before {
+            self.waiting_seqs -= dropped_seqs;
+        }
+    }
+
+    /// Takes waiting prompts that fit, prefills them, samples their first
+    /// tokens.
+    fn admit(&mut self, state: &mut EngineState) {
+        let mut batch: Vec<(Submission, Vec<usize>)> = Vec::new();
+        let mut seqs = 0;
+        let mut longest = 0;
+        while let Some(front) = self.waiting.front() {
+            let n = front.request.n;
+            let len = front.request.prompt.len();
+            let fits_batch = self.running_seqs + seqs + n <= self.config.max_num_seqs
+                && state.cache.num_free() >= n;
+            let fits_budget = batch.is_empty()
+                || longest.max(len) * (batch.len() + 1) <= self.config.max_prefill_tokens;
+            if !fits_batch || !fits_budget {
+                break;
+            }
+            let Some(sub) = self.waiting.pop_front() else {
+                break;
+            };
+            self.waiting_seqs -= n;
+            let slots: Vec<usize> = (0..n).filter_map(|_| state.cache.allocate()).collect();
+            if slots.len() < n {
+                // Cannot happen (num_free was checked); fail the request, not the engine.
+                for s in slots {
+                    state.cache.release(s);
+                }
+                let _ = sub
+                    .events
+                    .send(EngineEvent::Error("no free KV-cache slot".into()));
+                continue;
+            }
+            seqs += n;
+            longest = longest.max(len);
+            state.metrics.prompt_tokens.inc_by(len as u64);
+            batch.push((sub, slots));
+        }
+        if batch.is_empty() {
+            return;
+        }
+
+        // Prompts whose token log-probs are wanted need every position's
+        // logits; the rest share one batched forward that keeps the last.
+        let (with_prompt_lp, plain): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(s, _)| s.request.prompt_logprobs.is_some());
+        if !plain.is_empty() {
+            let entries: Vec<(usize, &[u32])> = plain
+                .iter()
+                .map(|(s, slots)| (slots[0], s.request.prompt.as_slice()))
+                .collect();
+            let result = state
+                .lm
+                .forward_cached(&mut state.cache, &entries, LogitsWanted::Last)
+                .map_err(|e| e.to_string())
+                .and_then(|t| rows(&t).map_err(|e| e.to_string()));
+            match result {
+                Ok(rows) => {
+                    for ((sub, slots), row) in plain.into_iter().zip(rows) {
+                        self.start_group(state, sub, slots, &row, None);
+                    }
+                }
+                Err(e) => {
+                    for (sub, slots) in plain {
+                        self.fail_admission(state, sub, slots, &e);
+                    }
+                }
+            }
+        }
+        for (sub, slots) in with_prompt_lp {
+            let prompt = sub.request.prompt.clone();
+            let result = state
+                .lm
+                .forward_cached(&mut state.cache, &[(slots[0], &prompt)], LogitsWanted::All)
+                .and_then(|t| Ok(t.squeeze(0)?))
+                .map_err(|e| e.to_string())
+                .and_then(|t| rows(&t).map_err(|e| e.to_string()));
+            match result {
+                Ok(all) => {
+                    let k = sub.request.prompt_logprobs.unwrap_or(0);
+                    let mut lps = Vec::with_capacity(prompt.len());
+                    lps.push(None);
+                    for i in 1..prompt.len() {
+                        lps.push(Some(logprob_and_top(&all[i - 1], prompt[i], k)));
+                    }
+                    let last = all.get(prompt.len() - 1).cloned().unwrap_or_default();
+                    self.start_group(state, sub, slots, &last, Some(lps));
+                }
+                Err(e) => self.fail_admission(state, sub, slots, &e),
+            }
+        }
+    }
+
+    fn fail_admission(
+        &mut self,
+        state: &mut EngineState,
+        sub: Submission,
+        slots: Vec<usize>,
+        error: &str,
+    ) {
+        tracing::error!("prefill failed: {error}");
+        for s in slots {
+            state.cache.release(s);
+        }
+        let _ = sub
+            .events
+            .send(EngineEvent::Error(format!("prefill failed: {error}")));
+    }
+
+    /// Shares the prefill with the other samples, draws every sample's first
+    /// token from `row`, and puts the group in the running batch.
+    fn start_group(
+        &mut self,
+        state: &mut EngineState,
+        sub: Submission,
+        slots: Vec<usize>,
+        row: &[f32],
+        prompt_logprobs: Option<Vec<Option<PromptLogprob>>>,
+    ) {
+        let Submission {
+            request,
+            events,
+            cancel,
+            arrived,
+            permit,
+        } = sub;
+        drop(permit);
+        let len = request.prompt.len();
+        for &slot in &slots[1..] {
+            if let Err(e) = state.cache.copy_prefix(slots[0], slot, len) {
+                for &s in &slots {
+                    state.cache.release(s);
+                }
+                let _ = events.send(EngineEvent::Error(format!("prefill failed: {e}")));
+                return;
+            }
+        }
+        if let Some(lps) = prompt_logprobs {
+            let _ = events.send(EngineEvent::PromptLogprobs(lps));
+        }
+        let seed = request.seed.unwrap_or_else(|| {
+            self.seed_counter += 1;
+            derive_seed(self.config.seed, self.seed_counter)
+        });
+        let now = Instant::now();
+        let mut group = Group {
+            request,
+            events,
+            cancel,
+            arrived,
+            seqs: Vec::with_capacity(slots.len()),
+        };
+        let version = state.version.load(std::sync::atomic::Ordering::SeqCst);
+        for (j, slot) in slots.into_iter().enumerate() {
+            let sampler = Sampler::new(
+                group.request.params.clone(),
+                seed.wrapping_add(j as u64),
+                self.config.logprobs_mode,
+            );
+            group.seqs.push(Sequence {
+                sample: j,
+                slot,
+                sampler,
+                output: Vec::new(),
+                pending: 0,
+                last_token_at: arrived,
+            });
+        }
+        self.running_seqs += group.seqs.len();
+        let mut finished = Vec::new();
+        for i in 0..group.seqs.len() {
+            match self.sample_and_send(&mut group, i, row, version, now, state) {
+                Ok(true) => finished.push(i),
+                Ok(false) => {}
+                Err(e) => {
+                    self.fail_group(state, &mut group, &e);
+                    return;
+                }
+            }
+        }
+        self.retire(state, &mut group, &finished);
+        if !group.seqs.is_empty() {
+            self.running.push(group);
+        }
+    }
+
+    /// One batched forward over every running sequence's pending token.
+    fn decode(&mut self, state: &mut EngineState) {
+        if self.running.is_empty() {
+            return;
+        }
+        let result = {
+            let entries: Vec<(usize, &[u32])> = self
+                .running
+                .iter()
+                .flat_map(|g| g.seqs.iter())
+                .map(|s| (s.slot, std::slice::from_ref(&s.pending)))
+                .collect();
+            state
+                .lm
+                .forward_cached(&mut state.cache, &entries, LogitsWanted::Last)
+                .map_err(|e| e.to_string())
+                .and_then(|t| rows(&t).map_err(|e| e.to_string()))
+        };
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!("decode step failed: {e}");
+                let mut groups = std::mem::take(&mut self.running);
+                for g in &mut groups {
+                    self.fail_group(state, g, &format!("decode step failed: {e}"));
+                }
+                return;
+            }
+        };
+        let version = state.version.load(std::sync::atomic::Ordering::SeqCst);
+        let now = Instant::now();
+        let mut rows = rows.into_iter();
+        let mut groups = std::mem::take(&mut self.running);
+        for g in &mut groups {
+            let group_rows: Vec<Vec<f32>> = rows.by_ref().take(g.seqs.len()).collect();
+            let mut finished = Vec::new();
+            let mut failed = None;
+            for (i, row) in group_rows.iter().enumerate() {
+                match self.sample_and_send(g, i, row, version, now, state) {
+                    Ok(true) => finished.push(i),
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => self.fail_group(state, g, &e),
+                None => self.retire(state, g, &finished),
+            }
+        }
+        groups.retain(|g| !g.seqs.is_empty());
+        self.running = groups;
+    }
+
+    /// Samples sequence `i` of `g` from `row`, sends the token; true when the
+    /// sequence has finished.
+    fn sample_and_send(
+        &self,
+        g: &mut Group,
+        i: usize,
+        row: &[f32],
+        version: u64,
+        now: Instant,
+        state: &EngineState,
+    ) -> Result<bool, String> {
+        let prompt = &g.request.prompt;
+        let seq = &mut g.seqs[i];
+        let token: SampledToken = seq
+            .sampler
+            .sample(row, prompt, &seq.output)
+            .map_err(|e| e.to_string())?;
+        let id = token.token;
+        seq.output.push(id);
+        let m = &state.metrics;
+        m.generation_tokens.inc();
+        let since = now.duration_since(seq.last_token_at).as_secs_f64();
+        if seq.output.len() == 1 {
+            m.time_to_first_token.observe(since);
+        } else {
+            m.inter_token_latency.observe(since);
+        }
+        seq.last_token_at = now;
+        let finish = if !g.request.ignore_eos && self.eos.contains(&id) {
+            Some(Finish::Eos)
+        } else if g.request.stop_token_ids.contains(&id) {
+            Some(Finish::StopToken(id))
+        } else if seq.output.len() >= g.request.max_tokens
+            || prompt.len() + seq.output.len() >= self.config.max_model_len
+        {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        seq.pending = id;
+        let _ = g.events.send(EngineEvent::Token {
+            sample: seq.sample,
+            token,
+            weight_version: version,
+            finish,
+        });
+        if let Some(f) = finish {
+            let reason = match f {
+                Finish::Length => "length",
+                Finish::Eos | Finish::StopToken(_) => "stop",
+            };
+            m.record_finish(reason, g.arrived);
+        }
+        Ok(finish.is_some())
+    }
+
+    /// Removes the finished sequences (indexes into `g.seqs`) and frees their slots.
+    fn retire(&mut self, state: &mut EngineState, g: &mut Group, finished: &[usize]) {
+        for &i in finished.iter().rev() {
+            let seq = g.seqs.remove(i);
+            state.cache.release(seq.slot);
+            self.running_seqs -= 1;
+        }
+    }
+
+    fn fail_group(&mut self, state: &mut EngineState, g: &mut Group, error: &str) {
+        for seq in g.seqs.drain(..) {
+            state.cache.release(seq.slot);
+            self.running_seqs -= 1;
+        }
+        let _ = g.events.send(EngineEvent::Error(error.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_entries_are_sorted_and_normalised() {
+        let row = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = logprob_and_top(&row, 2, 3);
+        let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln() as f32;
+        assert!((lp.logprob - (2.0 - lse)).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top_logprobs.iter().map(|x| x.0).collect();
+        assert_eq!(ids, [1, 3, 2]);
+    }
+
+    #[test]
+    fn derived_seeds_differ() {
+        assert_ne!(derive_seed(0, 1), derive_seed(0, 2));
+        assert_eq!(derive_seed(5, 1), derive_seed(5, 1));
+    }
+}

@@ -1,0 +1,417 @@
+//! Turns a loose OpenAI/vLLM request into a [`ValidRequest`] once: prompts
+//! tokenized (chat messages rendered with the model's chat template first),
+//! every sampling field range-checked, defaults filled in. Everything after
+//! this module trusts its input. Errors name the field (`param`).
+
+use std::sync::Arc;
+
+use model::sampling::SamplingParams;
+use model::tokenizer::Tokenizer;
+use proto::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields};
+use serde_json::Value;
+
+use crate::engine::GenerateRequest;
+use crate::error::ApiError;
+
+/// vLLM's default `--max-logprobs`.
+pub const MAX_LOGPROBS: usize = 20;
+/// `max_tokens` of a completions request that gives none (OpenAI's default).
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// What validation needs to know about the served model.
+pub struct Validator {
+    pub tokenizer: Arc<Tokenizer>,
+    pub served_model_name: String,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub max_num_seqs: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidPrompt {
+    pub ids: Vec<u32>,
+    /// The prompt's text (decoded when it came as ids), for `echo`.
+    pub text: String,
+}
+
+/// A request every later layer can trust.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompts: Vec<ValidPrompt>,
+    pub n: usize,
+    /// Per prompt (chat's default depends on the prompt's length).
+    pub max_tokens: Vec<usize>,
+    pub params: SamplingParams,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+    /// Top log-probs per token (`Some(0)`: only the sampled token's).
+    pub logprobs: Option<usize>,
+    pub echo: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub return_tokens_as_token_ids: bool,
+    pub return_token_ids: bool,
+    pub client_tag: Option<String>,
+}
+
+impl ValidRequest {
+    /// One engine request per prompt.
+    pub fn engine_requests(&self) -> Vec<GenerateRequest> {
+        self.prompts
+            .iter()
+            .zip(&self.max_tokens)
+            .map(|(p, &max_tokens)| GenerateRequest {
+                prompt: p.ids.clone(),
+                n: self.n,
+                params: self.params.clone(),
+                seed: self.seed,
+                max_tokens,
+                stop_token_ids: self.stop_token_ids.clone(),
+                ignore_eos: self.ignore_eos,
+                prompt_logprobs: if self.echo { self.logprobs } else { None },
+            })
+            .collect()
+    }
+}
+
+fn bad(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::bad_request(message, Some(param))
+}
+
+/// Parses a JSON body; malformed JSON and wrong types are 400s that say where.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::bad_request(format!("{what}: {e}"), None)
+    })
+}
+
+impl Validator {
+    /// 404 unless `model` is absent or the served name.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.served_model_name => Err(ApiError::ModelNotFound(m.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn completion(
+        &self,
+        req: CompletionRequest,
+        header_tag: Option<String>,
+    ) -> Result<ValidRequest, ApiError> {
+        self.check_model(req.model.as_deref())?;
+        let add_special = req.add_special_tokens.unwrap_or(true);
+        let prompts = match req.prompt {
+            Prompt::Text(t) => vec![self.encode(t, add_special)?],
+            Prompt::Texts(ts) => ts
+                .into_iter()
+                .map(|t| self.encode(t, add_special))
+                .collect::<Result<_, _>>()?,
+            Prompt::Tokens(ids) => vec![self.token_prompt(ids)?],
+            Prompt::TokenBatches(b) => b
+                .into_iter()
+                .map(|ids| self.token_prompt(ids))
+                .collect::<Result<_, _>>()?,
+        };
+        if prompts.is_empty() {
+            return Err(bad("prompt must not be empty", "prompt"));
+        }
+        let logprobs = match req.logprobs {
+            None => None,
+            Some(k) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(bad(
+                    format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    "logprobs",
+                ));
+            }
+        };
+        let echo = req.echo.unwrap_or(false);
+        let mut v = self.sampling(req.sampling, logprobs, header_tag)?;
+        let max_tokens = v.max_tokens_requested.unwrap_or(DEFAULT_MAX_TOKENS);
+        v.valid.max_tokens = prompts
+            .iter()
+            .map(|p| self.check_context(p.ids.len(), max_tokens, "prompt"))
+            .collect::<Result<_, _>>()?;
+        v.valid.prompts = prompts;
+        v.valid.echo = echo;
+        Ok(v.valid)
+    }
+
+    pub fn chat(
+        &self,
+        req: ChatCompletionRequest,
+        header_tag: Option<String>,
+    ) -> Result<ValidRequest, ApiError> {
+        self.check_model(req.model.as_deref())?;
+        let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(bad(
+                    "top_logprobs requires logprobs to be true",
+                    "top_logprobs",
+                ));
+            }
+            (true, None) => Some(0),
+            (true, Some(k)) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            (true, Some(k)) => {
+                return Err(bad(
+                    format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    "top_logprobs",
+                ));
+            }
+        };
+        let prompt = self.render_chat(&req)?;
+        let mut sampling = req.sampling;
+        if req.max_completion_tokens.is_some() {
+            sampling.max_tokens = req.max_completion_tokens;
+        }
+        let mut v = self.sampling(sampling, logprobs, header_tag)?;
+        let len = prompt.ids.len();
+        let max_tokens = match v.max_tokens_requested {
+            Some(m) => m,
+            None if len < self.max_model_len => self.max_model_len - len,
+            None => 1,
+        };
+        v.valid.max_tokens = vec![self.check_context(len, max_tokens, "messages")?];
+        v.valid.prompts = vec![prompt];
+        Ok(v.valid)
+    }
+
+    fn render_chat(&self, req: &ChatCompletionRequest) -> Result<ValidPrompt, ApiError> {
+        if req.messages.is_empty() {
+            return Err(bad("messages must not be empty", "messages"));
+        }
+        let messages: Vec<Value> = req
+            .messages
+            .iter()
+            .map(normalize_message)
+            .collect::<Result<_, _>>()?;
+        let continue_final = req.continue_final_message.unwrap_or(false);
+        let add_generation_prompt = req.add_generation_prompt.unwrap_or(!continue_final);
+        if continue_final && add_generation_prompt {
+            return Err(bad(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            ));
+        }
+        let mut text = self
+            .tokenizer
+            .apply_chat_template_json(
+                &Value::Array(messages.clone()),
+                add_generation_prompt,
+                req.tools.as_ref(),
+                req.chat_template_kwargs.as_ref(),
+            )
+            .map_err(|e| bad(e.to_string(), "messages"))?;
+        if continue_final {
+            // Cut what the template adds after the final message's content.
+            let last = messages
+                .last()
+                .and_then(|m| m.get("content"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if let Some(pos) = text.rfind(last) {
+                text.truncate(pos + last.len());
+            }
+        }
+        let add_special = req.add_special_tokens.unwrap_or(false);
+        let ids = self
+            .tokenizer
+            .encode(&text, add_special)
+            .map_err(|e| bad(e.to_string(), "messages"))?;
+        if ids.is_empty() {
+            return Err(bad("the rendered chat prompt is empty", "messages"));
+        }
+        Ok(ValidPrompt { ids, text })
+    }
+
+    fn encode(&self, text: String, add_special: bool) -> Result<ValidPrompt, ApiError> {
+        let ids = self
+            .tokenizer
+            .encode(&text, add_special)
+            .map_err(|e| bad(e.to_string(), "prompt"))?;
+        if ids.is_empty() {
+            return Err(bad("prompt must not be empty", "prompt"));
+        }
+        Ok(ValidPrompt { ids, text })
+    }
+
+    fn token_prompt(&self, ids: Vec<u32>) -> Result<ValidPrompt, ApiError> {
+        if ids.is_empty() {
+            return Err(bad("prompt must not be empty", "prompt"));
+        }
+        if let Some(bad_id) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(bad(
+                format!(
+                    "token id {bad_id} is out of vocabulary (vocab_size {})",
+                    self.vocab_size
+                ),
+                "prompt",
+            ));
+        }
+        let text = self.tokenizer.decode(&ids, false).unwrap_or_default();
+        Ok(ValidPrompt { ids, text })
+    }
+
+    /// `max_tokens` if prompt + max_tokens fits the context, else vLLM's error.
+    fn check_context(
+        &self,
+        prompt_len: usize,
+        max_tokens: usize,
+        what: &str,
+    ) -> Result<usize, ApiError> {
+        if prompt_len + max_tokens > self.max_model_len {
+            return Err(bad(
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested \
+                     {} tokens ({prompt_len} in the {what}, {max_tokens} in the completion). \
+                     Please reduce the length of the {what} or completion.",
+                    self.max_model_len,
+                    prompt_len + max_tokens
+                ),
+                "max_tokens",
+            ));
+        }
+        Ok(max_tokens)
+    }
+
+    fn sampling(
+        &self,
+        f: SamplingFields,
+        logprobs: Option<usize>,
+        header_tag: Option<String>,
+    ) -> Result<PartialValid, ApiError> {
+        let n = match f.n {
+            None => 1,
+            Some(n) if n >= 1 && n as usize <= self.max_num_seqs => n as usize,
+            Some(n) => {
+                return Err(bad(
+                    format!(
+                        "n must be between 1 and {} (--max-num-seqs), got {n}",
+                        self.max_num_seqs
+                    ),
+                    "n",
+                ));
+            }
+        };
+        let max_tokens_requested = match f.max_tokens {
+            None => None,
+            Some(m) if m >= 1 => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            Some(m) => {
+                return Err(bad(
+                    format!("max_tokens must be at least 1, got {m}"),
+                    "max_tokens",
+                ));
+            }
+        };
+        let top_k = match f.top_k {
+            None => 0,
+            Some(k) => {
+                i32::try_from(k).map_err(|_| bad(format!("top_k is out of range: {k}"), "top_k"))?
+            }
+        };
+        let d = SamplingParams::default();
+        let params = SamplingParams {
+            temperature: f.temperature.unwrap_or(d.temperature),
+            top_p: f.top_p.unwrap_or(d.top_p),
+            top_k,
+            min_p: f.min_p.unwrap_or(d.min_p),
+            repetition_penalty: f.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+            seed: f.seed.map(|s| s as u64),
+            logprobs,
+        };
+        params.validate().map_err(|e| {
+            let msg = e.to_string();
+            let param = msg.split_whitespace().next().unwrap_or("").to_string();
+            ApiError::BadRequest {
+                message: msg,
+                param: Some(param),
+            }
+        })?;
+        let stop = f.stop.map(|s| s.into_vec()).unwrap_or_default();
+        if stop.iter().any(String::is_empty) {
+            return Err(bad("stop strings must not be empty", "stop"));
+        }
+        let stop_token_ids = f.stop_token_ids.unwrap_or_default();
+        let stream = f.stream.unwrap_or(false);
+        let include_usage = stream
+            && f.stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        let client_tag = f.client_tag.or(header_tag);
+        Ok(PartialValid {
+            max_tokens_requested,
+            valid: ValidRequest {
+                prompts: Vec::new(),
+                n,
+                max_tokens: Vec::new(),
+                seed: params.seed,
+                params,
+                stop,
+                stop_token_ids,
+                ignore_eos: f.ignore_eos.unwrap_or(false),
+                include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+                skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+                logprobs,
+                echo: false,
+                stream,
+                include_usage,
+                return_tokens_as_token_ids: f.return_tokens_as_token_ids.unwrap_or(false),
+                return_token_ids: f.return_token_ids.unwrap_or(false),
+                client_tag,
+            },
+        })
+    }
+}
+
+struct PartialValid {
+    max_tokens_requested: Option<usize>,
+    valid: ValidRequest,
+}
+
+/// A message for the chat template: an object with a string `role`, and
+/// `content` as a string (a list of text parts is joined, as vLLM does).
+fn normalize_message(m: &Value) -> Result<Value, ApiError> {
+    let Value::Object(obj) = m else {
+        return Err(bad("each message must be an object", "messages"));
+    };
+    if !obj.get("role").is_some_and(Value::is_string) {
+        return Err(bad("each message needs a string `role`", "messages"));
+    }
+    let mut obj = obj.clone();
+    match obj.get("content") {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.clone()),
+                    _ => {
+                        return Err(bad("only text content parts are supported", "messages"));
+                    }
+                }
+            }
+            obj.insert("content".into(), Value::String(texts.join("\n")));
+        }
+        Some(_) => {
+            return Err(bad(
+                "message content must be a string or a list of text parts",
+                "messages",
+            ));
+        }
+    }
+    Ok(Value::Object(obj))
+}

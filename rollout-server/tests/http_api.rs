@@ -1,0 +1,667 @@
+//! The OpenAI/vLLM HTTP API of the real binary on the tiny model: shapes,
+//! RL extensions, determinism, stop conditions and error statuses.
+
+mod common;
+
+use common::{Server, assert_error};
+use serde_json::{Value, json};
+
+fn text(v: &Value, i: usize) -> String {
+    v["choices"][i]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn completion_basic_shape_and_usage() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "1+1=", "max_tokens": 5, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert!(r["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(r["model"], "tiny");
+    let c = &r["choices"][0];
+    assert_eq!(c["index"], 0);
+    assert_eq!(c["finish_reason"], "length");
+    assert!(c["stop_reason"].is_null());
+    assert!(c["logprobs"].is_null());
+    assert_eq!(r["usage"]["completion_tokens"], 5);
+    assert_eq!(r["usage"]["prompt_tokens"], 4);
+    assert_eq!(r["usage"]["total_tokens"], 9);
+    assert_eq!(r["metadata"]["weight_version"], 0);
+    assert_eq!(c["metadata"]["weight_version"], 0);
+    // Default max_tokens is 16; no model field is fine.
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 16);
+}
+
+#[tokio::test]
+async fn n_samples_and_prompt_batches_index_as_prompt_times_n_plus_j() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": ["ab", "cde"], "n": 3, "max_tokens": 4, "seed": 7,
+                    "return_token_ids": true, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let plen = c["prompt_token_ids"].as_array().unwrap().len();
+        assert_eq!(plen, if i < 3 { 2 } else { 3 });
+        assert_eq!(c["token_ids"].as_array().unwrap().len(), 4);
+    }
+    assert_eq!(r["usage"]["prompt_tokens"], 5);
+    assert_eq!(r["usage"]["completion_tokens"], 24);
+    // The n samples of one prompt differ (seed + j), token-id prompts work too.
+    let ids: Vec<&Value> = choices[..3].iter().map(|c| &c["token_ids"]).collect();
+    assert!(ids[0] != ids[1] || ids[1] != ids[2], "{ids:?}");
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": [[5, 6, 7], [8]], "n": 2, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn logprobs_shapes_completions_and_chat() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "hello", "max_tokens": 6, "logprobs": 3, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 6);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets.len(), 6);
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!((3..=4).contains(&top.len()), "{top:?}");
+        let tok = tokens[i].as_str().unwrap();
+        let own = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(own <= 0.0);
+        assert_eq!(
+            top[tok].as_f64().unwrap(),
+            own,
+            "sampled token is in top_logprobs"
+        );
+    }
+    // logprobs = 0: the sampled token's only.
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "hi", "max_tokens": 2, "logprobs": 0}),
+        )
+        .await;
+    assert!(r["choices"][0]["logprobs"]["token_logprobs"][0].is_number());
+
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                    "logprobs": true, "top_logprobs": 2, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5);
+    for e in content {
+        assert!(e["token"].is_string());
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            e["token"].as_str().unwrap()
+        );
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn chat_completion_shape() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "2+2?"}]}],
+                    "max_completion_tokens": 4, "n": 2, "return_token_ids": true,
+                    "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    let c = &r["choices"][1];
+    assert_eq!(c["index"], 1);
+    assert_eq!(c["message"]["role"], "assistant");
+    assert!(c["message"]["content"].is_string());
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(c["token_ids"].as_array().unwrap().len(), 4);
+    let prompt_ids = r["prompt_token_ids"].as_array().unwrap();
+    assert_eq!(
+        prompt_ids.len() as u64,
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn streaming_completions_end_with_usage_and_done_and_match_non_streaming() {
+    let s = Server::start(&[]).await;
+    let body = json!({"prompt": "abc", "max_tokens": 8, "n": 2, "seed": 3, "ignore_eos": true,
+                      "stream": true, "stream_options": {"include_usage": true},
+                      "client_tag": "rank-1", "return_token_ids": true});
+    let events = s.post_stream("/v1/completions", &body, &[]).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 16);
+    let mut texts = [String::new(), String::new()];
+    let mut ids: [Vec<Value>; 2] = [vec![], vec![]];
+    let mut finished = 0;
+    for c in &chunks {
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["metadata"]["client_tag"], "rank-1");
+        for ch in c["choices"].as_array().unwrap() {
+            assert_eq!(ch["metadata"]["client_tag"], "rank-1");
+            let i = ch["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(ch["text"].as_str().unwrap());
+            ids[i].extend(ch["token_ids"].as_array().unwrap().iter().cloned());
+            if !ch["finish_reason"].is_null() {
+                finished += 1;
+            }
+        }
+    }
+    assert_eq!(finished, 2);
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    plain.as_object_mut().unwrap().remove("stream_options");
+    let (st, r) = s.post("/v1/completions", &plain).await;
+    assert_eq!(st, 200, "{r}");
+    for i in 0..2 {
+        assert_eq!(texts[i], text(&r, i));
+        assert_eq!(Value::Array(ids[i].clone()), r["choices"][i]["token_ids"]);
+    }
+}
+
+#[tokio::test]
+async fn streaming_chat_with_header_client_tag() {
+    let s = Server::start(&[]).await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                      "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true});
+    let events = s
+        .post_stream(
+            "/v1/chat/completions",
+            &body,
+            &[("X-VLLM-Client-Tag", "rank-7")],
+        )
+        .await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut content = String::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["metadata"]["client_tag"], "rank-7", "{c}");
+        for ch in c["choices"].as_array().unwrap() {
+            assert_eq!(ch["metadata"]["client_tag"], "rank-7");
+            content.push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    plain["seed"] = json!(1);
+    let mut streamed = plain.clone();
+    streamed["stream"] = json!(true);
+    let (_, r) = s.post("/v1/chat/completions", &plain).await;
+    let events = s.post_stream("/v1/chat/completions", &streamed, &[]).await;
+    let mut again = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            again.push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(
+        again,
+        r["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn client_tag_from_field_and_header_on_response_and_choices() {
+    let s = Server::start(&[]).await;
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "x", "n": 2, "max_tokens": 2, "client_tag": "rank-0"}),
+        )
+        .await;
+    assert_eq!(r["metadata"]["client_tag"], "rank-0");
+    for c in r["choices"].as_array().unwrap() {
+        assert_eq!(c["metadata"]["client_tag"], "rank-0");
+    }
+    let resp = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("X-VLLM-Client-Tag", "rank-3")
+        .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let r: Value = resp.json().await.unwrap();
+    assert_eq!(r["metadata"]["client_tag"], "rank-3");
+    assert_eq!(r["choices"][0]["metadata"]["client_tag"], "rank-3");
+    // No tag: no client_tag key, but the weight version is there.
+    let (_, r) = s
+        .post("/v1/completions", &json!({"prompt": "x", "max_tokens": 1}))
+        .await;
+    assert!(r["metadata"].get("client_tag").is_none());
+    assert_eq!(r["metadata"]["weight_versions"], json!([0]));
+}
+
+#[tokio::test]
+async fn same_seed_same_completion_and_greedy_is_deterministic() {
+    let s = Server::start(&[]).await;
+    let body = json!({"prompt": "abc", "max_tokens": 12, "seed": 1234, "temperature": 1.0,
+                      "ignore_eos": true});
+    let (_, a) = s.post("/v1/completions", &body).await;
+    let (_, b) = s.post("/v1/completions", &body).await;
+    assert_eq!(text(&a, 0), text(&b, 0));
+    let mut other = body.clone();
+    other["seed"] = json!(99);
+    let (_, c) = s.post("/v1/completions", &other).await;
+    assert_ne!(
+        text(&a, 0),
+        text(&c, 0),
+        "different seeds, same 12 random tokens"
+    );
+    // Seeded results do not depend on what else is in the batch.
+    let mut handles = Vec::new();
+    let s = std::sync::Arc::new(s);
+    for i in 0..6 {
+        let s = s.clone();
+        let body = if i == 0 {
+            body.clone()
+        } else {
+            json!({"prompt": "zzz", "max_tokens": 12, "ignore_eos": true})
+        };
+        handles.push(tokio::spawn(async move {
+            s.post("/v1/completions", &body).await
+        }));
+    }
+    let (_, d) = handles.remove(0).await.unwrap();
+    assert_eq!(text(&a, 0), text(&d, 0));
+    for h in handles {
+        h.await.unwrap();
+    }
+
+    let greedy = json!({"prompt": "abc", "max_tokens": 12, "temperature": 0, "n": 3,
+                        "ignore_eos": true});
+    let (_, g1) = s.post("/v1/completions", &greedy).await;
+    let (_, g2) = s.post("/v1/completions", &greedy).await;
+    for i in 0..3 {
+        assert_eq!(text(&g1, i), text(&g1, 0));
+        assert_eq!(text(&g2, i), text(&g1, 0));
+    }
+}
+
+#[tokio::test]
+async fn echo_prepends_prompt_and_its_logprobs() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abcd", "max_tokens": 3, "echo": true, "logprobs": 1,
+                    "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let t = text(&r, 0);
+    assert!(t.starts_with("abcd"), "{t}");
+    let lp = &r["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 4 + 3);
+    assert!(lp["token_logprobs"][0].is_null());
+    assert!(lp["top_logprobs"][0].is_null());
+    assert!(lp["token_logprobs"][1].is_number());
+    assert_eq!(lp["text_offset"][0], 0);
+    assert_eq!(lp["text_offset"][4], 4);
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abcd", "max_tokens": 3, "echo": true}),
+        )
+        .await;
+    assert!(text(&r, 0).starts_with("abcd"));
+}
+
+#[tokio::test]
+async fn stop_strings_and_stop_token_ids_end_a_choice() {
+    let s = Server::start(&[]).await;
+    // Seeded sampling (the random tiny model repeats one token greedily).
+    let base = json!({"prompt": "hello", "max_tokens": 24, "seed": 42, "ignore_eos": true,
+                      "return_token_ids": true});
+    let (_, r) = s.post("/v1/completions", &base).await;
+    let full = text(&r, 0);
+    let ids = r["choices"][0]["token_ids"].as_array().unwrap().clone();
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    // A stop string taken from the output itself.
+    let stop: String = chars[3..5].iter().collect();
+    let cut = full.find(&stop).unwrap();
+    let mut body = base.clone();
+    body["stop"] = json!([stop.clone(), "never-appears"]);
+    let (_, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(text(&r, 0), full[..cut]);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r["choices"][0]["stop_reason"], json!(stop));
+    // Streaming gives the same cut text.
+    body["stream"] = json!(true);
+    let events = s.post_stream("/v1/completions", &body, &[]).await;
+    let mut streamed = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        streamed.push_str(c["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(streamed, full[..cut]);
+    // include_stop_str_in_output keeps it.
+    let mut body = base.clone();
+    body["stop"] = json!(stop.clone());
+    body["include_stop_str_in_output"] = json!(true);
+    let (_, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(text(&r, 0), full[..cut + stop.len()]);
+
+    // A stop token id: the completion ends with (and includes) it.
+    let stop_id = ids[4].as_u64().unwrap();
+    let first = ids
+        .iter()
+        .position(|x| x.as_u64() == Some(stop_id))
+        .unwrap();
+    let mut body = base.clone();
+    body["stop_token_ids"] = json!([stop_id]);
+    let (_, r) = s.post("/v1/completions", &body).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["stop_reason"], json!(stop_id));
+    assert_eq!(c["token_ids"].as_array().unwrap().len(), first + 1);
+}
+
+#[tokio::test]
+async fn error_statuses_are_vllm_error_objects() {
+    let s = Server::start(&[]).await;
+    let (st, b) = s.post_raw("/v1/completions", "{\"prompt\": \"x\",").await;
+    assert_error(st, &b, 400);
+    let (st, b) = s.post_raw("/v1/chat/completions", "not json").await;
+    assert_error(st, &b, 400);
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": "many"}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    let (st, b) = s.post("/v1/completions", &json!({"prompt": 12})).await;
+    assert_error(st, &b, 400);
+    let (st, b) = s.post("/v1/completions", &json!({"max_tokens": 3})).await;
+    assert_error(st, &b, 400);
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "x", "temperature": -1}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "temperature");
+    for (field, value) in [
+        ("top_p", json!(1.5)),
+        ("n", json!(0)),
+        ("max_tokens", json!(0)),
+        ("logprobs", json!(50)),
+        ("presence_penalty", json!(3)),
+        ("top_k", json!(-5)),
+    ] {
+        let mut body = json!({"prompt": "x"});
+        body[field] = value;
+        let (st, b) = s.post("/v1/completions", &body).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], field, "{b}");
+    }
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": [100000], "max_tokens": 1}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abc", "max_tokens": 1000}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context length"),
+        "{b}"
+    );
+    let (st, b) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context length")
+    );
+    let (st, b) = s
+        .post("/v1/completions", &json!({"model": "gpt-9", "prompt": "x"}))
+        .await;
+    assert_error(st, &b, 404);
+    assert_eq!(b["error"]["message"], "The model `gpt-9` does not exist.");
+    let (st, b) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_error(st, &b, 404);
+    let (st, b) = s
+        .post("/v1/chat/completions", &json!({"messages": []}))
+        .await;
+    assert_error(st, &b, 400);
+    // The server is fine after all that.
+    let (st, _) = s
+        .post("/v1/completions", &json!({"prompt": "x", "max_tokens": 1}))
+        .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn api_key_guards_v1_only() {
+    let s = Server::start(&["--api-key", "sekret"]).await;
+    let (st, b) = s
+        .post("/v1/completions", &json!({"prompt": "x", "max_tokens": 1}))
+        .await;
+    assert_error(st, &b, 401);
+    let r = s.client.get(s.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = s
+        .client
+        .get(s.url("/v1/models"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .bearer_auth("sekret")
+        .json(&json!({"prompt": "x", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    for open in ["/health", "/metrics", "/version"] {
+        let r = s.client.get(s.url(open)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn models_version_health_and_metrics() {
+    let s = Server::start(&[]).await;
+    let m: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(m["data"][0]["max_model_len"], 256);
+    let v: Value = s
+        .client
+        .get(s.url("/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["version"].is_string());
+    assert_eq!(v["weight_version"], 0);
+    let (st, _) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abc", "max_tokens": 3, "n": 2, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "tandem:num_requests_running",
+        "tandem:num_requests_waiting",
+        "tandem:prompt_tokens_total 3",
+        "tandem:generation_tokens_total 6",
+        "tandem:request_success_total{finished_reason=\"length\"} 2",
+        "tandem:time_to_first_token_seconds_bucket",
+        "tandem:inter_token_latency_seconds_count 4",
+        "tandem:e2e_request_latency_seconds_count 2",
+        "tandem:weight_version 0",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_and_frees_the_batch() {
+    let s = Server::start(&["--max-num-seqs", "4"]).await;
+    // A long streaming request, dropped after its first chunk.
+    let resp = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "a", "n": 4, "max_tokens": 250, "ignore_eos": true,
+                      "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    use futures::StreamExt;
+    let _ = stream.next().await;
+    drop(stream);
+    // Its 4 slots come back: a new request with n=4 (the whole batch) runs.
+    let started = std::time::Instant::now();
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "b", "n": 4, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(started.elapsed().as_secs() < 60);
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly() {
+    let mut s = Server::start(&[]).await;
+    let (st, _) = s
+        .post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}))
+        .await;
+    assert_eq!(st, 200);
+    let status = s
+        .terminate(20)
+        .expect("server still running 20 s after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -1,0 +1,110 @@
+"""The official `openai` client against a running rollout server.
+
+Run by rollout-server/tests/python_client.rs, which starts the server and sets
+TANDEM_BASE_URL (http://host:port/v1), TANDEM_API_KEY and TANDEM_MODEL.
+Standalone: python tests/python/test_openai_client.py after exporting those.
+Exits non-zero on the first failed check.
+"""
+
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"ok: {what}")
+
+
+def completions_with_n_and_logprobs(client, model):
+    r = client.completions.create(
+        model=model,
+        prompt=["1+1=", "2+2="],
+        n=3,
+        max_tokens=5,
+        logprobs=2,
+        seed=1,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "client_tag": "rank-0"},
+    )
+    check(r.object == "text_completion", "completions object")
+    check(len(r.choices) == 6, "2 prompts x n=3 give 6 choices")
+    check([c.index for c in r.choices] == list(range(6)), "choice index = prompt_index * n + j")
+    for c in r.choices:
+        lp = c.logprobs
+        check(len(lp.tokens) == 5 and len(lp.token_logprobs) == 5, "5 tokens with log-probs")
+        check(len(lp.text_offset) == 5, "text offsets")
+        check(all(2 <= len(t) <= 3 for t in lp.top_logprobs), "top-2 plus the sampled token")
+        check(all(x <= 0 for x in lp.token_logprobs), "log-probs are <= 0")
+        extra = c.model_extra or {}
+        check(len(extra.get("token_ids", [])) == 5, "token_ids with return_token_ids")
+        check(extra.get("metadata", {}).get("client_tag") == "rank-0", "client_tag echoed")
+    check(r.usage.completion_tokens == 30, "usage counts every choice")
+
+
+def chat_streaming(client, model):
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    content, roles, usage = "", [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.role:
+                roles.append(ch.delta.role)
+            content += ch.delta.content or ""
+    check(roles == ["assistant"], "first chunk carries the role")
+    check(usage is not None and usage.completion_tokens == 6, "final usage chunk")
+    check(isinstance(content, str), "streamed content")
+
+
+def error_case(client, model):
+    try:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, "unknown model is 404")
+        check("does not exist" in str(e), "404 message")
+    else:
+        raise AssertionError("unknown model was accepted")
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=1, temperature=-1)
+    except openai.BadRequestError as e:
+        check(e.status_code == 400, "out-of-range temperature is 400")
+    else:
+        raise AssertionError("temperature -1 was accepted")
+    bad_key = OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+    try:
+        bad_key.models.list()
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401, "wrong API key is 401")
+    else:
+        raise AssertionError("wrong API key was accepted")
+
+
+def main():
+    base_url = os.environ["TANDEM_BASE_URL"]
+    api_key = os.environ.get("TANDEM_API_KEY", "EMPTY")
+    model = os.environ["TANDEM_MODEL"]
+    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+    models = client.models.list()
+    check([m.id for m in models.data] == [model], "models list")
+    completions_with_n_and_logprobs(client, model)
+    chat_streaming(client, model)
+    error_case(client, model)
+    print(f"python openai {openai.__version__}: all checks passed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssertionError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
