@@ -1027,14 +1027,51 @@ fn strftime(format: &str, unix_secs: i64) -> String {
 // ---------------------------------------------------------------------------
 // Character-level tokenizer
 
+/// Qwen2's pre-tokenizer regex (`PRETOKENIZE_REGEX` of transformers'
+/// `tokenization_qwen2.py`). The Rust `tokenizers` (fancy-regex) and the
+/// Python one (Oniguruma) both parse it; with no merges its split points do
+/// not change any id, only the pieces the byte-level model sees.
+const QWEN2_PRETOKENIZE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-2's byte-to-unicode map (`bytes_to_unicode`) for ASCII bytes: the
+/// printable ones `!`..=`~` are themselves, the others (`\0`..=` ` and DEL)
+/// are shifted to U+0100.. in byte order (`' '` -> `Ġ`, `'\n'` -> `Ċ`).
+fn byte_level_ascii(b: u8) -> char {
+    debug_assert!(b.is_ascii());
+    let code = match b {
+        b'!'..=b'~' => u32::from(b),
+        0..=b' ' => 0x100 + u32::from(b),
+        _ => 0x100 + 33, // DEL, the 34th non-printable byte
+    };
+    char::from_u32(code).expect("U+0021..=U+0121 are chars")
+}
+
 /// Builds the character-level tokenizer of Tandem's embedded models: ids
 /// `0..` are `special_tokens` in order, then one id per character of `chars`
-/// in order. It is a Hugging Face `tokenizer.json` (WordLevel model, a Split
-/// pre-tokenizer isolating every character, a Fuse decoder) that
-/// `transformers.AutoTokenizer` loads, plus a `tokenizer_config.json` with a
-/// ChatML template. `eos_token` is `<|im_end|>` and `pad_token`
-/// `<|endoftext|>` when present (Qwen2.5-Instruct's choice), `unk_token`
-/// `<unk>` when present. Same inputs, same bytes.
+/// in order, plus a `tokenizer_config.json` with a ChatML template.
+/// `eos_token` is `<|im_end|>` and `pad_token` `<|endoftext|>` when present
+/// (Qwen2.5-Instruct's choice), `unk_token` `<unk>` when present. Same inputs,
+/// same bytes.
+///
+/// `chars` must be ASCII. The `tokenizer.json` is written in the shape that
+/// transformers' `Qwen2Tokenizer` rebuilds, because transformers 5's
+/// `AutoTokenizer` ignores tokenizer.json for `model_type: qwen2` (it is in
+/// `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`) and re-creates a byte-level
+/// BPE from its vocabulary alone: an NFC normalizer, Qwen's Split regex then
+/// a ByteLevel pre-tokenizer (no prefix space, no regex), a BPE model with no
+/// merges and no unk token, a ByteLevel decoder. Vocabulary keys are therefore
+/// spelled byte-level (`' '` is `Ġ`, `'\n'` is `Ċ`; printable ASCII is
+/// unchanged) and every character is one byte, so one id, the same ids as the
+/// earlier WordLevel form of this tokenizer (the embedded weights keep their
+/// meaning). Tandem, tokenizer.json in transformers and `AutoTokenizer` then
+/// encode every text alike.
+///
+/// Characters outside the vocabulary are DROPPED, as `Qwen2Tokenizer` drops
+/// them (its BPE has `unk_token=None`), rather than mapped to `<unk>` (which
+/// the WordLevel form did): a model folder must give the same ids in Tandem as
+/// in transformers and vLLM, or training and serving would see different
+/// prompts for the same text. `<unk>`, when listed, stays a special token (its
+/// id is unchanged) but encoding never produces it.
 pub fn char_level(chars: &str, special_tokens: &[&str]) -> Result<Tokenizer> {
     let mut seen: HashSet<&str> = HashSet::new();
     let mut vocab = Map::new();
@@ -1068,15 +1105,20 @@ pub fn char_level(chars: &str, special_tokens: &[&str]) -> Result<Tokenizer> {
             }),
         );
     }
-    let mut buf = [0u8; 4];
     for (next, c) in (special_tokens.len()..).zip(chars.chars()) {
-        let s: &str = c.encode_utf8(&mut buf);
-        if vocab.contains_key(s) {
+        if !c.is_ascii() {
+            return Err(ModelError::Tokenizer(format!(
+                "char_level: character {c:?} is not ASCII (a byte-level vocabulary without \
+                 merges holds single bytes only)"
+            )));
+        }
+        let key = byte_level_ascii(c as u8).to_string();
+        if vocab.contains_key(&key) {
             return Err(ModelError::Tokenizer(format!(
                 "char_level: character {c:?} is repeated or is a special token"
             )));
         }
-        vocab.insert(s.to_owned(), json!(next));
+        vocab.insert(key, json!(next));
     }
     let has = |t: &str| special_tokens.contains(&t);
     let eos = ["<|im_end|>", "<|endoftext|>"].into_iter().find(|t| has(t));
@@ -1086,26 +1128,51 @@ pub fn char_level(chars: &str, special_tokens: &[&str]) -> Result<Tokenizer> {
         eos
     };
     let unk = has("<unk>").then_some("<unk>");
+    // Field for field what `Qwen2Tokenizer(vocab=..., merges=[])` serializes
+    // (`backend_tokenizer.to_str()`), except its no-op TemplateProcessing
+    // post-processor.
     let tokenizer_json = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        // `[\s\S]` rather than `(?s:.)`: Python's tokenizers uses Oniguruma
-        // (Ruby syntax), where `(?s)` is not dotall.
+        "normalizer": {"type": "NFC"},
         "pre_tokenizer": {
-            "type": "Split",
-            "pattern": {"Regex": "[\\s\\S]"},
-            "behavior": "Isolated",
-            "invert": false,
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": QWEN2_PRETOKENIZE_REGEX},
+                    "behavior": "Isolated",
+                    "invert": false,
+                },
+                {
+                    "type": "ByteLevel",
+                    "add_prefix_space": false,
+                    "trim_offsets": true,
+                    "use_regex": false,
+                },
+            ],
         },
         "post_processor": null,
-        "decoder": {"type": "Fuse"},
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": true,
+            "trim_offsets": true,
+            "use_regex": true,
+        },
         "model": {
-            "type": "WordLevel",
+            "type": "BPE",
+            "dropout": null,
+            // Unknown characters are dropped, as in Qwen2Tokenizer (see above).
+            "unk_token": null,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
             "vocab": vocab,
-            "unk_token": unk.unwrap_or("<unk>"),
+            "merges": [],
         },
     });
     let additional: Vec<&str> = special_tokens
@@ -1156,6 +1223,26 @@ mod tests {
         assert_eq!(t.unk_token_id(), Some(3));
         assert_eq!(t.bos_token_id(), None);
 
+        // Character i of CHARS is id SPECIALS.len() + i, whatever its
+        // byte-level spelling (the ids of the earlier WordLevel form).
+        for (i, c) in CHARS.chars().enumerate() {
+            let want = u32::try_from(SPECIALS.len() + i).unwrap();
+            assert_eq!(t.encode(&c.to_string(), true).unwrap(), [want], "{c:?}");
+            assert_eq!(t.decode(&[want], false).unwrap(), c.to_string());
+        }
+        assert_eq!(
+            t.token_to_id("\u{120}"),
+            t.encode(" ", false).unwrap().first().copied()
+        );
+        assert_eq!(
+            t.token_to_id("\u{10a}"),
+            t.encode("\n", false).unwrap().first().copied()
+        );
+        assert_eq!(t.token_to_id(" "), None);
+        let ids = t.encode(CHARS, false).unwrap();
+        assert_eq!(ids.len(), CHARS.len());
+        assert_eq!(t.decode(&ids, false).unwrap(), CHARS);
+
         let text = "<|im_start|>user\n12 + 3 = 15, isn't it?<|im_end|>\n";
         let ids = t.encode(text, true).unwrap();
         assert_eq!(ids[0], 1);
@@ -1166,13 +1253,15 @@ mod tests {
             t.decode(&ids, true).unwrap(),
             "user\n12 + 3 = 15, isn't it?\n"
         );
-        // Spaces are tokens of their own, newlines too (`\n\n` is two ids).
+        // Spaces are tokens of their own, newlines too (`\n\n` is two ids),
+        // whatever pieces Qwen's regex cuts.
         assert_eq!(t.encode("a  b\n\n", false).unwrap().len(), 6);
-        // Unknown characters map to <unk>.
-        assert_eq!(
-            t.encode("a€", false).unwrap(),
-            vec![t.token_to_id("a").unwrap(), 3]
-        );
+        assert_eq!(t.encode("  \n \n\n  x", false).unwrap().len(), 9);
+        // Unknown characters are dropped, as transformers' Qwen2Tokenizer
+        // drops them; <unk> is never produced.
+        let a = t.token_to_id("a").unwrap();
+        assert_eq!(t.encode("a€", false).unwrap(), vec![a]);
+        assert_eq!(t.encode("é☃\u{301}", false).unwrap(), Vec::<u32>::new());
     }
 
     #[test]
@@ -1183,23 +1272,62 @@ mod tests {
         assert_eq!(a.config(), b.config());
         assert!(char_level("aa", &[]).is_err());
         assert!(char_level("a", &["x", "x"]).is_err());
-        // Without <unk> an unknown character is an error, not a panic.
+        assert!(char_level("a", &["a"]).is_err());
+        // One byte per character: no multi-byte characters.
+        let err = char_level("aé", &[]).unwrap_err().to_string();
+        assert!(err.contains("not ASCII"), "{err}");
+        // Without <unk> too, an unknown character is dropped, not an error.
         let t = char_level("ab", &["<|endoftext|>"]).unwrap();
-        assert!(t.encode("abc", false).is_err());
+        assert_eq!(t.encode("abc", false).unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn char_level_has_qwen2_tokenizer_shape() {
+        // The fields transformers' Qwen2Tokenizer rebuilds (see char_level).
+        let json: Json = serde_json::from_str(char_tok().tokenizer_json()).unwrap();
+        assert_eq!(json["normalizer"], json!({"type": "NFC"}));
+        let pre = &json["pre_tokenizer"]["pretokenizers"];
+        assert_eq!(pre[0]["type"], "Split");
+        assert_eq!(pre[0]["pattern"]["Regex"], QWEN2_PRETOKENIZE_REGEX);
+        assert_eq!(pre[0]["behavior"], "Isolated");
+        assert_eq!(pre[1]["type"], "ByteLevel");
+        assert_eq!(pre[1]["add_prefix_space"], false);
+        assert_eq!(pre[1]["use_regex"], false);
+        assert_eq!(json["decoder"]["type"], "ByteLevel");
+        let model = &json["model"];
+        assert_eq!(model["type"], "BPE");
+        assert_eq!(model["merges"], json!([]));
+        assert_eq!(model["unk_token"], Json::Null);
+        assert_eq!(model["vocab"]["\u{120}"], json!(SPECIALS.len() + 17));
+        assert_eq!(model["vocab"]["\u{10a}"], json!(SPECIALS.len() + 18));
+        // Every ASCII byte has its GPT-2 byte-level character.
+        assert_eq!(byte_level_ascii(b'!'), '!');
+        assert_eq!(byte_level_ascii(b'~'), '~');
+        assert_eq!(byte_level_ascii(0), '\u{100}');
+        assert_eq!(byte_level_ascii(b'\t'), '\u{109}');
+        assert_eq!(byte_level_ascii(b'\r'), '\u{10d}');
+        assert_eq!(byte_level_ascii(0x7f), '\u{121}');
+        let all: String = (0u8..128).map(char::from).collect();
+        let t = char_level(&all, &[]).unwrap();
+        let ids = t.encode(&all, false).unwrap();
+        assert_eq!(ids, (0..128).collect::<Vec<u32>>());
+        assert_eq!(t.decode(&ids, false).unwrap(), all);
     }
 
     #[test]
     fn decode_stream_yields_deltas() {
         let t = char_tok();
-        let text = "<|im_start|>ab c<|im_end|>";
+        let text = "<|im_start|>ab c\n\nd<|im_end|>";
         let ids = t.encode(text, false).unwrap();
         let mut stream = t.decode_stream(false);
         let deltas: Vec<String> = ids.iter().map(|&id| stream.step(&t, id).unwrap()).collect();
         assert_eq!(deltas.concat(), text);
         assert_eq!(deltas[1], "a");
+        assert_eq!(deltas[3], " ");
+        assert_eq!(deltas[5], "\n");
         let mut stream = t.decode_stream(true);
         let text: String = ids.iter().map(|&id| stream.step(&t, id).unwrap()).collect();
-        assert_eq!(text, "ab c");
+        assert_eq!(text, "ab c\n\nd");
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl BoundServer {
     /// (open streams get a few seconds).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let model_name = self.state.served_model_name.clone();
         let wait_stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -211,10 +212,15 @@ impl BoundServer {
                 .into_future(),
         );
         let sink: Arc<dyn weight_sync::WeightSink> = Arc::new(self.engine.clone());
-        let grpc_task = tokio::spawn(weight_sync::serve(
+        let grpc_config = weight_sync::WeightSyncConfig {
+            token: self.weight_sync_token,
+            model_name,
+            ..Default::default()
+        };
+        let grpc_task = tokio::spawn(weight_sync::serve_with(
             self.grpc,
             sink,
-            self.weight_sync_token,
+            grpc_config,
             wait_stop(stop_rx.clone()),
         ));
 
