@@ -10,8 +10,11 @@
 pub mod accumulation;
 pub mod advantages;
 pub mod batch;
+pub mod data;
 pub mod grpo_config;
 pub mod grpo_error;
 pub mod kl;
 pub mod loss;
 pub mod metrics;
+pub mod recipe;
+pub mod run_dir;

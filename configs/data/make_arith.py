@@ -1,0 +1,69 @@
+"""Writes the synthetic arithmetic task that ships with Tandem.
+
+    python3 configs/data/make_arith.py            # the JSONL files (stdlib only)
+    python3 configs/data/make_arith.py --parquet  # also arith_tiny.parquet (needs pyarrow)
+
+Problems are two-digit additions ("12+7"), subtractions with a non-negative
+result ("45-18") and multiplications by one digit ("23*4"); the answer is the
+exact integer as text. The held-out eval file shares no problem with the
+training file. The same script gives the same bytes.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 20240501
+N_TRAIN = 6000
+N_EVAL = 500
+
+
+def universe():
+    problems = []
+    for a in range(100):
+        for b in range(100):
+            problems.append((f"{a}+{b}", a + b, "add"))
+            if b <= a:
+                problems.append((f"{a}-{b}", a - b, "sub"))
+        for b in range(10):
+            problems.append((f"{a}*{b}", a * b, "mul"))
+    return problems
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for question, answer, _ in rows:
+            f.write(json.dumps({"prompt": question, "answer": str(answer)}) + "\n")
+
+
+def write_parquet(path, rows):
+    # Other column names than the JSONL files (a column mapping is needed),
+    # an integer answer column, and two row groups.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "question": pa.array([q for q, _, _ in rows], pa.string()),
+            "solution": pa.array([a for _, a, _ in rows], pa.int64()),
+            "kind": pa.array([k for _, _, k in rows], pa.string()),
+        }
+    )
+    pq.write_table(table, path, compression="snappy", row_group_size=6)
+
+
+def main():
+    problems = universe()
+    random.Random(SEED).shuffle(problems)
+    eval_rows = problems[:N_EVAL]
+    train_rows = problems[N_EVAL : N_EVAL + N_TRAIN]
+    write_jsonl(HERE / "arith_train.jsonl", train_rows)
+    write_jsonl(HERE / "arith_eval.jsonl", eval_rows)
+    if "--parquet" in sys.argv[1:]:
+        write_parquet(HERE / "arith_tiny.parquet", eval_rows[:12])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,901 @@
+//! Training and evaluation data: JSONL and Parquet files (the format Hugging
+//! Face datasets are stored in), a column mapping, prompt building (the
+//! model's chat template or a plain template with `{question}`), mixtures
+//! with weights, shards by rank, an order from the seed, and a cursor that a
+//! checkpoint saves.
+//!
+//! The order is one global stream of draws that depends on the seed only:
+//! draw `g` picks a file with probability proportional to its weight (a hash
+//! of `(seed, g)`), and the `k`-th draw from a file takes row
+//! `perm_e[k mod n]` where `perm_e` is that file's shuffle for epoch
+//! `e = k / n`. Rank `r` of `W` takes draws `g = r, r + W, r + 2W, ...`, so the
+//! ranks share every epoch without overlap, and `W` ranks of batch `B / W` see
+//! the same prompts as one rank of batch `B`. The cursor is the number of
+//! draws handed out and the count per file: restoring it continues with
+//! exactly the same next prompts, even with another world size.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use model::tokenizer::{ChatMessage, Tokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::recipe::{DataFile, DataSection, OnLongPrompt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read data file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: unknown data format: expected a .jsonl or .parquet file")]
+    Format { path: PathBuf },
+    #[error("{path}, {location}: {message}")]
+    Parse {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    #[error(
+        "{path}, {location}: no column {column:?} (columns: {available}); set \
+         data.prompt_column / data.answer_column to the file's names"
+    )]
+    MissingColumn {
+        path: PathBuf,
+        location: String,
+        column: String,
+        available: String,
+    },
+    #[error(
+        "{path} has drifted: expected_hash is {expected} but the file's SHA-256 is {found}; \
+         restore the file, or update expected_hash if the change is intended"
+    )]
+    Drift {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "{path}, {location}: the question has {chars} characters, more than \
+         data.max_prompt_chars = {max} (data.on_long_prompt: reject); raise the limit, \
+         fix the row, or use on_long_prompt: truncate"
+    )]
+    TooLong {
+        path: PathBuf,
+        location: String,
+        chars: usize,
+        max: usize,
+    },
+    #[error("{path} has no rows")]
+    Empty { path: PathBuf },
+    #[error("data.prompt_template: {0}")]
+    Template(String),
+    #[error("{path}, {location}: cannot build the prompt: {message}")]
+    Prompt {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    #[error("data: {0}")]
+    Invalid(String),
+    #[error("cannot restore the data cursor: {0}")]
+    Cursor(String),
+}
+
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------
+// Reading rows.
+// ---------------------------------------------------------------------------
+
+/// Which columns hold the question and the reference answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMapping {
+    pub prompt_column: String,
+    pub answer_column: String,
+}
+
+impl Default for ColumnMapping {
+    fn default() -> Self {
+        ColumnMapping::from_recipe(&DataSection::default())
+    }
+}
+
+impl ColumnMapping {
+    pub fn new(prompt_column: impl Into<String>, answer_column: impl Into<String>) -> Self {
+        ColumnMapping {
+            prompt_column: prompt_column.into(),
+            answer_column: answer_column.into(),
+        }
+    }
+
+    pub fn from_recipe(data: &DataSection) -> Self {
+        ColumnMapping::new(&data.prompt_column, &data.answer_column)
+    }
+}
+
+/// One row as read: the question and the answer, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRow {
+    pub question: String,
+    pub answer: String,
+    /// Where the row is, for messages: `row 3 (line 4)` or `row 3`.
+    pub location: String,
+}
+
+/// Reads every row of a `.jsonl` or `.parquet` file (by extension).
+/// Numbers and booleans become text; a missing or null column is an error
+/// naming the file, the row and the column.
+pub fn read_rows(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
+    match Format::of(path)? {
+        Format::Jsonl => {
+            let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            read_jsonl(path, &bytes, mapping)
+        }
+        Format::Parquet => read_parquet(path, mapping),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Jsonl,
+    Parquet,
+}
+
+impl Format {
+    fn of(path: &Path) -> Result<Format> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("jsonl" | "ndjson") => Ok(Format::Jsonl),
+            Some("parquet") => Ok(Format::Parquet),
+            _ => Err(DataError::Format {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+}
+
+fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError::Parse {
+        path: path.to_path_buf(),
+        location: format!("byte {}", e.valid_up_to()),
+        message: "not UTF-8 text".into(),
+    })?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let location = format!("row {} (line {})", rows.len(), i + 1);
+        let parse_err = |message: String| DataError::Parse {
+            path: path.to_path_buf(),
+            location: location.clone(),
+            message,
+        };
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| parse_err(format!("not JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(parse_err("a JSONL row must be a JSON object".into()));
+        };
+        let get = |column: &str, is_answer: bool| -> Result<String> {
+            let missing = || DataError::MissingColumn {
+                path: path.to_path_buf(),
+                location: location.clone(),
+                column: column.to_string(),
+                available: obj.keys().cloned().collect::<Vec<_>>().join(", "),
+            };
+            match obj.get(column) {
+                None | Some(Value::Null) => Err(missing()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),
+                Some(v) if is_answer => Ok(v.to_string()),
+                Some(_) => Err(parse_err(format!(
+                    "column {column:?} is a list or an object; conversational prompts \
+                     (lists of messages) are not supported: use a text column"
+                ))),
+            }
+        };
+        rows.push(RawRow {
+            question: get(&mapping.prompt_column, false)?,
+            answer: get(&mapping.answer_column, true)?,
+            location: location.clone(),
+        });
+    }
+    Ok(rows)
+}
+
+fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    let file = File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parse_err = |location: String, message: String| DataError::Parse {
+        path: path.to_path_buf(),
+        location,
+        message,
+    };
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| parse_err("footer".into(), format!("not a Parquet file: {e}")))?;
+    let columns: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    for column in [&mapping.prompt_column, &mapping.answer_column] {
+        if !columns.contains(column) {
+            return Err(DataError::MissingColumn {
+                path: path.to_path_buf(),
+                location: "schema".into(),
+                column: column.clone(),
+                available: columns.join(", "),
+            });
+        }
+    }
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| parse_err("schema".into(), e.to_string()))?;
+    let mut rows = Vec::new();
+    for (i, row) in iter.enumerate() {
+        let location = format!("row {i}");
+        let row = row.map_err(|e| parse_err(location.clone(), e.to_string()))?;
+        let mut question = None;
+        let mut answer = None;
+        for (name, field) in row.get_column_iter() {
+            let slot = if *name == mapping.prompt_column {
+                &mut question
+            } else if *name == mapping.answer_column {
+                &mut answer
+            } else {
+                continue;
+            };
+            let text = match field {
+                Field::Null => None,
+                Field::Str(s) => Some(s.clone()),
+                Field::Bytes(b) => Some(String::from_utf8(b.data().to_vec()).map_err(|_| {
+                    parse_err(location.clone(), format!("column {name:?} is not UTF-8"))
+                })?),
+                Field::Bool(_)
+                | Field::Byte(_)
+                | Field::Short(_)
+                | Field::Int(_)
+                | Field::Long(_)
+                | Field::UByte(_)
+                | Field::UShort(_)
+                | Field::UInt(_)
+                | Field::ULong(_)
+                | Field::Float(_)
+                | Field::Double(_) => Some(field.to_string()),
+                other => {
+                    return Err(parse_err(
+                        location.clone(),
+                        format!(
+                            "column {name:?} holds {other}, not text or a number; \
+                             conversational prompts are not supported"
+                        ),
+                    ));
+                }
+            };
+            *slot = text;
+        }
+        let missing = |column: &str| DataError::MissingColumn {
+            path: path.to_path_buf(),
+            location: location.clone(),
+            column: column.to_string(),
+            available: format!("{} (the value is null)", columns.join(", ")),
+        };
+        rows.push(RawRow {
+            question: question.ok_or_else(|| missing(&mapping.prompt_column))?,
+            answer: answer.ok_or_else(|| missing(&mapping.answer_column))?,
+            location,
+        });
+    }
+    Ok(rows)
+}
+
+/// SHA-256 of a file, in lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(sha256_hex(&bytes))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+// ---------------------------------------------------------------------------
+// Prompts.
+// ---------------------------------------------------------------------------
+
+/// How a question becomes the prompt text sent to the rollout server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptTemplate {
+    /// The model's chat template: `[system?, user: question]` with the
+    /// generation prompt.
+    Chat,
+    /// Plain text with `{question}` (and optionally `{system_prompt}`).
+    Text(String),
+}
+
+impl PromptTemplate {
+    /// Reads `data.prompt_template`: `chat`, a template containing
+    /// `{question}`, or the path of a file holding one (its final newline is
+    /// dropped).
+    pub fn from_spec(spec: &str) -> Result<PromptTemplate> {
+        if spec == "chat" {
+            return Ok(PromptTemplate::Chat);
+        }
+        if spec.contains("{question}") {
+            return Ok(PromptTemplate::Text(spec.to_string()));
+        }
+        let text = std::fs::read_to_string(spec).map_err(|e| {
+            DataError::Template(format!(
+                "{spec:?} is neither `chat`, a template containing {{question}}, nor a \
+                 readable file ({e})"
+            ))
+        })?;
+        let text = text
+            .strip_suffix("\r\n")
+            .or_else(|| text.strip_suffix('\n'))
+            .unwrap_or(&text)
+            .to_string();
+        if !text.contains("{question}") {
+            return Err(DataError::Template(format!(
+                "the template file {spec} does not contain {{question}}"
+            )));
+        }
+        Ok(PromptTemplate::Text(text))
+    }
+}
+
+/// The prompt recipe: template, system prompt, length limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptFormat {
+    pub template: PromptTemplate,
+    pub system_prompt: Option<String>,
+    /// Longest question in characters, before the template.
+    pub max_prompt_chars: Option<usize>,
+    pub on_long_prompt: OnLongPrompt,
+}
+
+impl PromptFormat {
+    /// A plain template, no system prompt, no limit.
+    pub fn plain(template: &str) -> Self {
+        PromptFormat {
+            template: PromptTemplate::Text(template.to_string()),
+            system_prompt: None,
+            max_prompt_chars: None,
+            on_long_prompt: OnLongPrompt::Reject,
+        }
+    }
+
+    pub fn from_recipe(data: &DataSection) -> Result<Self> {
+        Ok(PromptFormat {
+            template: PromptTemplate::from_spec(&data.prompt_template)?,
+            system_prompt: data.system_prompt.clone(),
+            max_prompt_chars: data.max_prompt_chars,
+            on_long_prompt: data.on_long_prompt,
+        })
+    }
+
+    /// The prompt text of one row: the question limited to
+    /// `max_prompt_chars`, then templated. `tokenizer` is needed for `chat`.
+    pub fn build(
+        &self,
+        path: &Path,
+        row: &RawRow,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<String> {
+        let mut question = row.question.as_str();
+        if let Some(max) = self.max_prompt_chars {
+            let chars = question.chars().count();
+            if chars > max {
+                match self.on_long_prompt {
+                    OnLongPrompt::Reject => {
+                        return Err(DataError::TooLong {
+                            path: path.to_path_buf(),
+                            location: row.location.clone(),
+                            chars,
+                            max,
+                        });
+                    }
+                    OnLongPrompt::Truncate => {
+                        let end = question
+                            .char_indices()
+                            .nth(max)
+                            .map_or(question.len(), |(i, _)| i);
+                        question = &question[..end];
+                    }
+                }
+            }
+        }
+        match &self.template {
+            PromptTemplate::Text(t) => {
+                let system = self.system_prompt.as_deref().unwrap_or("");
+                let mut text = t.replace("{question}", question);
+                if t.contains("{system_prompt}") {
+                    text = text.replace("{system_prompt}", system);
+                } else if !system.is_empty() {
+                    text = format!("{system}\n{text}");
+                }
+                Ok(text)
+            }
+            PromptTemplate::Chat => {
+                let tokenizer = tokenizer.ok_or_else(|| {
+                    DataError::Template(
+                        "`chat` needs the model's tokenizer (and its chat template)".into(),
+                    )
+                })?;
+                let mut messages = Vec::with_capacity(2);
+                if let Some(s) = &self.system_prompt {
+                    messages.push(ChatMessage::system(s.clone()));
+                }
+                messages.push(ChatMessage::user(question.to_string()));
+                tokenizer
+                    .apply_chat_template(&messages, true)
+                    .map_err(|e| DataError::Prompt {
+                        path: path.to_path_buf(),
+                        location: row.location.clone(),
+                        message: e.to_string(),
+                    })
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Datasets.
+// ---------------------------------------------------------------------------
+
+/// One prompt ready for the rollout server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    /// The text sent as the prompt (template applied).
+    pub prompt_text: String,
+    /// The question as read (after truncation, before the template).
+    pub question: String,
+    /// The reference answer, for the reward functions.
+    pub answer: String,
+    pub source_file: PathBuf,
+    /// 0-based row in `source_file` (blank JSONL lines not counted).
+    pub row: usize,
+}
+
+/// What the manifest records of each data file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFingerprint {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub rows: usize,
+    pub weight: f64,
+}
+
+/// A loaded data file: its fingerprint and every example, in file order.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub fingerprint: FileFingerprint,
+    pub examples: Vec<Example>,
+}
+
+impl Dataset {
+    /// Reads the file, checks `expected_hash`, and builds every prompt (so a
+    /// bad row stops the run before it starts).
+    pub fn load(
+        file: &DataFile,
+        mapping: &ColumnMapping,
+        format: &PromptFormat,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Dataset> {
+        let path = &file.path;
+        let kind = Format::of(path)?;
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let sha256 = sha256_hex(&bytes);
+        if let Some(expected) = &file.expected_hash
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(DataError::Drift {
+                path: path.clone(),
+                expected: expected.to_ascii_lowercase(),
+                found: sha256,
+            });
+        }
+        let rows = match kind {
+            Format::Jsonl => read_jsonl(path, &bytes, mapping)?,
+            Format::Parquet => read_parquet(path, mapping)?,
+        };
+        if rows.is_empty() {
+            return Err(DataError::Empty { path: path.clone() });
+        }
+        let mut examples = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let prompt_text = format.build(path, row, tokenizer)?;
+            let question = match format.max_prompt_chars {
+                Some(max) => row.question.chars().take(max).collect(),
+                None => row.question.clone(),
+            };
+            examples.push(Example {
+                prompt_text,
+                question,
+                answer: row.answer.clone(),
+                source_file: path.clone(),
+                row: i,
+            });
+        }
+        Ok(Dataset {
+            fingerprint: FileFingerprint {
+                path: path.clone(),
+                sha256,
+                bytes: bytes.len() as u64,
+                rows: examples.len(),
+                weight: file.weight,
+            },
+            examples,
+        })
+    }
+
+    /// Loads each file of a list.
+    pub fn load_all(
+        files: &[DataFile],
+        mapping: &ColumnMapping,
+        format: &PromptFormat,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Vec<Dataset>> {
+        files
+            .iter()
+            .map(|f| Dataset::load(f, mapping, format, tokenizer))
+            .collect()
+    }
+}
+
+/// The evaluation set of a recipe: `data.eval_files` in file order (no
+/// shuffle), the first `eval.max_examples` if set, with their fingerprints.
+pub fn load_eval_examples(
+    data: &DataSection,
+    max_examples: Option<usize>,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
+    let mapping = ColumnMapping::from_recipe(data);
+    let format = PromptFormat::from_recipe(data)?;
+    let sets = Dataset::load_all(&data.eval_files, &mapping, &format, tokenizer)?;
+    let fingerprints = sets.iter().map(|d| d.fingerprint.clone()).collect();
+    let mut examples: Vec<Example> = sets.into_iter().flat_map(|d| d.examples).collect();
+    if let Some(max) = max_examples {
+        examples.truncate(max);
+    }
+    Ok((examples, fingerprints))
+}
+
+/// Rank `rank`'s share of a list: items `rank, rank + W, ...`.
+pub fn shard<T: Clone>(items: &[T], rank: usize, world_size: usize) -> Vec<T> {
+    items
+        .iter()
+        .skip(rank)
+        .step_by(world_size.max(1))
+        .cloned()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The order: mixture, epochs, shards, cursor.
+// ---------------------------------------------------------------------------
+
+/// Where a [`PromptSource`] is in its stream; saved in checkpoints. The
+/// same for every rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataCursor {
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Draws of the global stream handed out to all ranks.
+    pub position: u64,
+    /// Draws taken from each file so far, in mixture order.
+    pub file_draws: Vec<u64>,
+    /// SHA-256 of each file, in mixture order.
+    pub files: Vec<String>,
+    pub weights: Vec<f64>,
+}
+
+/// The training prompts of one rank.
+#[derive(Debug, Clone)]
+pub struct PromptSource {
+    datasets: Vec<Dataset>,
+    /// Cumulative normalized weights; the last is 1.
+    cumulative: Vec<f64>,
+    seed: u64,
+    shuffle: bool,
+    rank: usize,
+    world_size: usize,
+    position: u64,
+    file_draws: Vec<u64>,
+    /// Per file: the epoch whose permutation is cached, and the permutation.
+    perms: Vec<Option<(u64, Vec<u32>)>>,
+}
+
+const STREAM_PICK: u64 = 0x7069_636b; // "pick"
+const STREAM_SHUFFLE: u64 = 0x7368_7566; // "shuf"
+
+impl PromptSource {
+    /// A mixture of loaded datasets; rank `rank` of `world_size`.
+    pub fn new(
+        datasets: Vec<Dataset>,
+        seed: u64,
+        shuffle: bool,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<PromptSource> {
+        if datasets.is_empty() {
+            return Err(DataError::Invalid("no training files".into()));
+        }
+        if world_size == 0 || rank >= world_size {
+            return Err(DataError::Invalid(format!(
+                "rank {rank} is not in a world of {world_size}"
+            )));
+        }
+        let total: f64 = datasets.iter().map(|d| d.fingerprint.weight).sum();
+        if datasets
+            .iter()
+            .any(|d| !(d.fingerprint.weight.is_finite() && d.fingerprint.weight > 0.0))
+            || !total.is_finite()
+        {
+            return Err(DataError::Invalid(
+                "every file's weight must be finite and > 0".into(),
+            ));
+        }
+        let mut acc = 0.0;
+        let mut cumulative: Vec<f64> = datasets
+            .iter()
+            .map(|d| {
+                acc += d.fingerprint.weight / total;
+                acc
+            })
+            .collect();
+        if let Some(last) = cumulative.last_mut() {
+            *last = 1.0;
+        }
+        let n = datasets.len();
+        Ok(PromptSource {
+            datasets,
+            cumulative,
+            seed,
+            shuffle,
+            rank,
+            world_size,
+            position: 0,
+            file_draws: vec![0; n],
+            perms: vec![None; n],
+        })
+    }
+
+    /// Loads `data.train_files` and builds the source: order from `seed`.
+    pub fn from_recipe(
+        data: &DataSection,
+        seed: u64,
+        rank: usize,
+        world_size: usize,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<PromptSource> {
+        let mapping = ColumnMapping::from_recipe(data);
+        let format = PromptFormat::from_recipe(data)?;
+        let sets = Dataset::load_all(&data.train_files, &mapping, &format, tokenizer)?;
+        PromptSource::new(sets, seed, data.shuffle, rank, world_size)
+    }
+
+    pub fn datasets(&self) -> &[Dataset] {
+        &self.datasets
+    }
+
+    pub fn fingerprints(&self) -> Vec<FileFingerprint> {
+        self.datasets
+            .iter()
+            .map(|d| d.fingerprint.clone())
+            .collect()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// The next `n` prompts of this rank. Every rank must take the same
+    /// number per step (the ranks advance the global stream together).
+    pub fn next_batch(&mut self, n: usize) -> Vec<Example> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut mine = None;
+            for j in 0..self.world_size {
+                let g = self.position + j as u64;
+                let f = self.pick(g);
+                let k = self.file_draws[f];
+                self.file_draws[f] += 1;
+                if j == self.rank {
+                    mine = Some((f, k));
+                }
+            }
+            self.position += self.world_size as u64;
+            if let Some((f, k)) = mine {
+                let row = self.row_of(f, k);
+                out.push(self.datasets[f].examples[row].clone());
+            }
+        }
+        out
+    }
+
+    /// The draws handed out per file so far (global stream), for logs.
+    pub fn file_draws(&self) -> &[u64] {
+        &self.file_draws
+    }
+
+    pub fn cursor(&self) -> DataCursor {
+        DataCursor {
+            seed: self.seed,
+            shuffle: self.shuffle,
+            position: self.position,
+            file_draws: self.file_draws.clone(),
+            files: self
+                .datasets
+                .iter()
+                .map(|d| d.fingerprint.sha256.clone())
+                .collect(),
+            weights: self.datasets.iter().map(|d| d.fingerprint.weight).collect(),
+        }
+    }
+
+    /// Continues from a saved cursor: the next prompts are those the saved
+    /// source would have given. The files, weights, seed and shuffle must be
+    /// those of the checkpoint; the world size may differ.
+    pub fn restore(&mut self, cursor: &DataCursor) -> Result<()> {
+        let files: Vec<&str> = self
+            .datasets
+            .iter()
+            .map(|d| d.fingerprint.sha256.as_str())
+            .collect();
+        if cursor.files.len() != files.len() || cursor.files.iter().zip(&files).any(|(a, b)| a != b)
+        {
+            return Err(DataError::Cursor(format!(
+                "the training files changed since the checkpoint (SHA-256 then: [{}], now: [{}])",
+                cursor.files.join(", "),
+                files.join(", ")
+            )));
+        }
+        let weights: Vec<f64> = self.datasets.iter().map(|d| d.fingerprint.weight).collect();
+        if cursor.weights != weights {
+            return Err(DataError::Cursor(format!(
+                "the mixture weights changed since the checkpoint ({:?} then, {:?} now)",
+                cursor.weights, weights
+            )));
+        }
+        if cursor.seed != self.seed || cursor.shuffle != self.shuffle {
+            return Err(DataError::Cursor(format!(
+                "seed / shuffle changed since the checkpoint ({} / {} then, {} / {} now)",
+                cursor.seed, cursor.shuffle, self.seed, self.shuffle
+            )));
+        }
+        if cursor.file_draws.iter().sum::<u64>() != cursor.position {
+            return Err(DataError::Cursor(format!(
+                "inconsistent cursor: {} draws in all but {:?} per file",
+                cursor.position, cursor.file_draws
+            )));
+        }
+        self.position = cursor.position;
+        self.file_draws = cursor.file_draws.clone();
+        Ok(())
+    }
+
+    /// The file of global draw `g`.
+    fn pick(&self, g: u64) -> usize {
+        if self.cumulative.len() == 1 {
+            return 0;
+        }
+        let u = unit_f64(hash3(self.seed, STREAM_PICK, g));
+        self.cumulative
+            .iter()
+            .position(|&c| u < c)
+            .unwrap_or(self.cumulative.len() - 1)
+    }
+
+    /// The row of the `k`-th draw from file `f`.
+    fn row_of(&mut self, f: usize, k: u64) -> usize {
+        let n = self.datasets[f].examples.len() as u64;
+        let (epoch, i) = (k / n, (k % n) as usize);
+        if !self.shuffle {
+            return i;
+        }
+        let cached = matches!(&self.perms[f], Some((e, _)) if *e == epoch);
+        if !cached {
+            let perm = permutation(
+                n as usize,
+                hash3(self.seed, STREAM_SHUFFLE ^ f as u64, epoch),
+            );
+            self.perms[f] = Some((epoch, perm));
+        }
+        match &self.perms[f] {
+            Some((_, perm)) => perm[i] as usize,
+            None => i,
+        }
+    }
+}
+
+/// SplitMix64: a fixed, versionless mixing function, so that the data order
+/// never changes with a dependency's version.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn hash3(a: u64, b: u64, c: u64) -> u64 {
+    splitmix64(splitmix64(splitmix64(a) ^ b) ^ c)
+}
+
+/// Uniform in [0, 1) from the top 53 bits.
+fn unit_f64(x: u64) -> f64 {
+    (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Fisher-Yates shuffle of `0..n` from a SplitMix64 stream.
+fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    let mut state = seed;
+    for i in (1..n).rev() {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let r = splitmix64(state);
+        let j = ((r as u128 * (i as u128 + 1)) >> 64) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_permutation_and_depends_on_the_seed() {
+        let a = permutation(100, 1);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<u32>>());
+        assert_ne!(a, permutation(100, 2));
+        assert_eq!(a, permutation(100, 1));
+        assert!(permutation(0, 1).is_empty());
+    }
+
+    #[test]
+    fn unit_is_in_range() {
+        for i in 0..1000 {
+            let u = unit_f64(hash3(7, 8, i));
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+}

@@ -1,0 +1,1560 @@
+//! Recipes: the YAML file that says what a run does. Strict: an unknown key is
+//! an error naming its full path and the closest valid one, a value of the
+//! wrong type is an error naming the key, the expected type and the value.
+//! Every default is written once, in the one `impl Default` of its section,
+//! and [`Recipe::resolved_yaml`] shows them all.
+//!
+//! Names follow TRL's `GRPOConfig` where TRL has the knob (`learning_rate`,
+//! `num_generations`, `max_completion_length`, `beta`, `epsilon`...). The GRPO
+//! numerics ([`GrpoConfig`]) sit flat in `train`, as they do in TRL.
+//!
+//! Loading: YAML -> JSON value -> `section.key=value` overrides (each value
+//! read as a YAML scalar or flow list) -> every key path checked against the
+//! schema, which is `Recipe::default()` serialized -> deserialized ->
+//! [`Recipe::validate`] checks the rules between fields.
+//!
+//! Relative paths (model folder, data files, output folder) are relative to
+//! the working directory, as in TRL and open-r1.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::grpo_config::GrpoConfig;
+
+/// The recipe format this learner reads.
+pub const RECIPE_VERSION: u32 = 1;
+
+/// The embedded default recipe (`configs/demo.yaml`).
+pub const DEMO_YAML: &str = include_str!("../../configs/demo.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{source_name} is not valid YAML: {message}")]
+    Yaml {
+        source_name: String,
+        message: String,
+    },
+    #[error(
+        "{source_name} is a recipe of version {found}; this learner reads version \
+         {RECIPE_VERSION} recipes (set `version: {RECIPE_VERSION}` and check the keys)"
+    )]
+    Version { source_name: String, found: String },
+    #[error("unknown key {key} in {source_name}; {hint}")]
+    UnknownKey {
+        key: String,
+        source_name: String,
+        hint: String,
+    },
+    #[error("wrong type for {key} in {source_name}: {message}")]
+    WrongType {
+        key: String,
+        source_name: String,
+        message: String,
+    },
+    #[error("bad override {text:?}: {message} (expected section.key=value)")]
+    BadOverride { text: String, message: String },
+    #[error("invalid recipe: {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("cannot write the resolved recipe: {0}")]
+    Serialize(String),
+}
+
+pub type Result<T, E = RecipeError> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------
+// The schema: one struct per section, one `impl Default` each.
+// ---------------------------------------------------------------------------
+
+/// A whole recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// Format version; only [`RECIPE_VERSION`] is read.
+    pub version: u32,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub rollout: RolloutSection,
+    pub reward: RewardSection,
+    pub train: TrainSection,
+    pub eval: EvalSection,
+    pub checkpoint: CheckpointSection,
+    pub log: LogSection,
+    pub topology: TopologySection,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Recipe {
+            version: RECIPE_VERSION,
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            rollout: RolloutSection::default(),
+            reward: RewardSection::default(),
+            train: TrainSection::default(),
+            eval: EvalSection::default(),
+            checkpoint: CheckpointSection::default(),
+            log: LogSection::default(),
+            topology: TopologySection::default(),
+        }
+    }
+}
+
+/// The embedded models of the `model` crate, made on first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelPreset {
+    Tiny,
+    Small,
+}
+
+impl From<ModelPreset> for model::presets::Preset {
+    fn from(p: ModelPreset) -> Self {
+        match p {
+            ModelPreset::Tiny => model::presets::Preset::Tiny,
+            ModelPreset::Small => model::presets::Preset::Small,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// The policy model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    pub path: Option<PathBuf>,
+    /// Or an embedded model (`tiny`, `small`) made on first use.
+    pub preset: Option<ModelPreset>,
+    /// Seed of a preset's random initial weights.
+    pub init_seed: u64,
+    /// Training dtype: `f32` (CPU), `bf16` or `f16` (CUDA).
+    pub dtype: Dtype,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: None,
+            preset: None,
+            init_seed: 0,
+            dtype: Dtype::F32,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// One data file of a mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataFile {
+    /// A `.jsonl` or `.parquet` file.
+    pub path: PathBuf,
+    /// Relative sampling weight within the mixture.
+    pub weight: f64,
+    /// SHA-256 (hex) the file must have; the run stops when it has drifted.
+    pub expected_hash: Option<String>,
+}
+
+impl Default for DataFile {
+    fn default() -> Self {
+        DataFile {
+            path: PathBuf::new(),
+            weight: 1.0,
+            expected_hash: None,
+        }
+    }
+}
+
+impl DataFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DataFile {
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What to do with a question longer than `max_prompt_chars`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLongPrompt {
+    /// Keep its first `max_prompt_chars` characters.
+    Truncate,
+    /// Stop with an error naming the file and the row.
+    Reject,
+}
+
+/// Prompts and answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training mixture. In YAML a file is `{path, weight, expected_hash}` or
+    /// just its path.
+    pub train_files: Vec<DataFile>,
+    /// Held-out files for evaluation.
+    pub eval_files: Vec<DataFile>,
+    /// Column holding the question.
+    pub prompt_column: String,
+    /// Column holding the reference answer.
+    pub answer_column: String,
+    /// A system message (chat template), or text put before the prompt
+    /// (plain template: at `{system_prompt}`, else on its own line first).
+    pub system_prompt: Option<String>,
+    /// `chat` (the model's chat template), a template containing
+    /// `{question}`, or the path of a file holding such a template.
+    pub prompt_template: String,
+    /// Longest question, in characters (before the template).
+    pub max_prompt_chars: Option<usize>,
+    pub on_long_prompt: OnLongPrompt,
+    /// Reshuffle each file every epoch (from `train.seed`); file order otherwise.
+    pub shuffle: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train_files: Vec::new(),
+            eval_files: Vec::new(),
+            prompt_column: "prompt".into(),
+            answer_column: "answer".into(),
+            system_prompt: None,
+            prompt_template: "chat".into(),
+            max_prompt_chars: None,
+            on_long_prompt: OnLongPrompt::Reject,
+            shuffle: true,
+        }
+    }
+}
+
+/// Whether a group's echoed `client_tag` must be the rank's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTagEcho {
+    /// Drop (and count) groups whose echoed tag is missing or foreign.
+    Require,
+    /// Stock vLLM echoes nothing: accept every group.
+    Ignore,
+}
+
+/// Generation: the endpoints and the sampling knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSection {
+    /// Base URLs of OpenAI-compatible servers (`http://host:8000`); empty:
+    /// the launcher starts and names them.
+    pub endpoints: Vec<String>,
+    /// Bearer key of the endpoints (vLLM `--api-key`).
+    pub api_key: Option<String>,
+    /// `model` field of requests; none: the first of `/v1/models`.
+    pub model: Option<String>,
+    /// `/v1/chat/completions` instead of `/v1/completions`.
+    pub use_chat: bool,
+    /// Completions per prompt (the group size G).
+    pub num_generations: usize,
+    /// Longest prompt in tokens (left-truncated, as TRL); none: no limit.
+    pub max_prompt_length: Option<usize>,
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: f64,
+    /// Tag sent with each request; none: `rank-R`.
+    pub client_tag: Option<String>,
+    pub client_tag_echo: ClientTagEcho,
+    /// 0: on-policy; 1: the next step's completions are generated while this
+    /// step trains.
+    pub async_lag: u32,
+    /// Deadline of one generation request.
+    pub request_timeout_s: f64,
+    /// Retries (with backoff) on connection errors and 5xx.
+    pub max_retries: u32,
+    /// gRPC WeightSync addresses (`http://host:50051`); empty: the launcher's.
+    pub weight_sync_endpoints: Vec<String>,
+    /// Bearer token of the WeightSync service.
+    pub weight_sync_token: Option<String>,
+    /// Deadline of one weight push.
+    pub weight_sync_timeout_s: f64,
+}
+
+impl Default for RolloutSection {
+    fn default() -> Self {
+        RolloutSection {
+            endpoints: Vec::new(),
+            api_key: None,
+            model: None,
+            use_chat: false,
+            num_generations: 8,
+            max_prompt_length: Some(512),
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            client_tag: None,
+            client_tag_echo: ClientTagEcho::Require,
+            async_lag: 0,
+            request_timeout_s: 600.0,
+            max_retries: 3,
+            weight_sync_endpoints: Vec::new(),
+            weight_sync_token: None,
+            weight_sync_timeout_s: 120.0,
+        }
+    }
+}
+
+/// One reward function: a registry name, a weight, and its own parameters
+/// (checked by the reward registry, not here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RewardFunction {
+    pub name: String,
+    pub weight: f64,
+    #[serde(flatten)]
+    pub params: Map<String, Value>,
+}
+
+impl Default for RewardFunction {
+    fn default() -> Self {
+        RewardFunction {
+            name: String::new(),
+            weight: 1.0,
+            params: Map::new(),
+        }
+    }
+}
+
+/// (Its one default, no function, is derived.)
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    /// The total reward is the weighted sum; each is logged on its own.
+    pub functions: Vec<RewardFunction>,
+}
+
+/// TRL / transformers `lr_scheduler_type`; warmup applies to each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Optimization. The GRPO numerics ([`GrpoConfig`]: `loss_type`, `beta`,
+/// `epsilon`...) sit flat here, as in TRL's `GRPOConfig`.
+///
+/// serde cannot combine `flatten` with `deny_unknown_fields`, so this struct
+/// has no `deny_unknown_fields`: the recipe loader checks every key against
+/// the schema before deserializing, which rejects unknown keys here too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSection {
+    pub learning_rate: f64,
+    pub lr_scheduler_type: LrSchedulerType,
+    /// Warmup as a fraction of `max_steps` (used when `warmup_steps` is 0).
+    pub warmup_ratio: f64,
+    pub warmup_steps: u64,
+    /// Optimizer steps of the run.
+    pub max_steps: u64,
+    /// Completions per rank per micro-batch, as TRL; a multiple of
+    /// `rollout.num_generations` so that groups are never split.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer passes over each generated batch (TRL's mu).
+    pub num_iterations: usize,
+    /// Global gradient-norm clip; 0: none.
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Seeds data order, sampling seeds and initialization.
+    pub seed: u64,
+    /// NaN guard: the run stops after this many non-finite steps in a row.
+    pub max_nonfinite_steps: u32,
+    #[serde(flatten)]
+    pub loss: GrpoConfig,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            learning_rate: 1e-6,
+            lr_scheduler_type: LrSchedulerType::Linear,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            max_steps: 1000,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_iterations: 1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            seed: 42,
+            max_nonfinite_steps: 3,
+            loss: GrpoConfig::default(),
+        }
+    }
+}
+
+impl TrainSection {
+    /// Warmup in steps: `warmup_steps`, or `ceil(warmup_ratio * max_steps)`.
+    pub fn warmup_steps(&self) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * self.max_steps as f64).ceil() as u64
+        }
+    }
+}
+
+/// Validation on the held-out files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Validate every N optimizer steps; 0: never.
+    pub eval_steps: u64,
+    /// Samples per question (the k of pass@k and mean@k).
+    pub num_samples: usize,
+    /// Evaluate on the first N questions only; none: all.
+    pub max_examples: Option<usize>,
+    /// 0: greedy.
+    pub temperature: f64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            eval_steps: 0,
+            num_samples: 1,
+            max_examples: None,
+            temperature: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Checkpoint every N optimizer steps; 0: never.
+    pub save_steps: u64,
+    /// Keep the newest N checkpoints; none: all.
+    pub save_total_limit: Option<usize>,
+    /// The run folder.
+    pub output_dir: PathBuf,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            save_steps: 100,
+            save_total_limit: None,
+            output_dir: PathBuf::from("runs/tandem"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Progress {
+    /// A bar on a terminal, plain lines otherwise.
+    Auto,
+    Bar,
+    Plain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Write a train_log line (and a progress line) every N steps.
+    pub logging_steps: u64,
+    pub progress: Progress,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            logging_steps: 1,
+            progress: Progress::Auto,
+        }
+    }
+}
+
+/// How the launcher places processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologySection {
+    pub nodes: usize,
+    /// 0: CPU only.
+    pub gpus_per_node: usize,
+    /// Data-parallel replicas inside each rollout server (vLLM's name).
+    pub dp: usize,
+    /// Tensor-parallel degree of each rollout replica (vLLM's name).
+    pub tp: usize,
+    /// Learner processes (the world size of the gradient all-reduce).
+    pub learner_ranks: usize,
+    /// Rollout servers the launcher starts; 0: only `rollout.endpoints`.
+    pub rollout_servers: usize,
+}
+
+impl Default for TopologySection {
+    fn default() -> Self {
+        TopologySection {
+            nodes: 1,
+            gpus_per_node: 0,
+            dp: 1,
+            tp: 1,
+            learner_ranks: 1,
+            rollout_servers: 1,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+// ---------------------------------------------------------------------------
+
+impl Recipe {
+    /// Reads a recipe file and applies `section.key=value` overrides.
+    pub fn load<S: AsRef<str>>(path: &Path, overrides: &[S]) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Recipe::from_yaml_str(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The embedded default recipe (`configs/demo.yaml`) with overrides.
+    pub fn demo<S: AsRef<str>>(overrides: &[S]) -> Result<Recipe> {
+        Recipe::from_yaml_str(DEMO_YAML, "demo.yaml", overrides)
+    }
+
+    /// Parses recipe text; `source_name` is how errors name it.
+    pub fn from_yaml_str<S: AsRef<str>>(
+        text: &str,
+        source_name: &str,
+        overrides: &[S],
+    ) -> Result<Recipe> {
+        let raw: Value = serde_saphyr::from_str(text).map_err(|e| RecipeError::Yaml {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+        Recipe::from_value(raw, source_name, overrides)
+    }
+
+    /// Builds a recipe from an already parsed document (YAML or JSON).
+    pub fn from_value<S: AsRef<str>>(
+        mut raw: Value,
+        source_name: &str,
+        overrides: &[S],
+    ) -> Result<Recipe> {
+        if raw.is_null() {
+            raw = Value::Object(Map::new());
+        }
+        if !raw.is_object() {
+            return Err(RecipeError::WrongType {
+                key: "(top level)".into(),
+                source_name: source_name.into(),
+                message: format!(
+                    "expected a mapping of sections (model, data, rollout, ...), got {}",
+                    short(&raw)
+                ),
+            });
+        }
+        let schema = Schema::recipe();
+        check_version(&raw, source_name)?;
+        normalize(&mut raw);
+        check_keys(&raw, &schema, &mut Vec::new(), &schema, source_name)?;
+
+        let mut overridden: Vec<(Vec<Seg>, String)> = Vec::new();
+        for text in overrides {
+            let text = text.as_ref();
+            let (path, value) = parse_override(text)?;
+            let source = format!("override {text}");
+            check_path(&path, &schema, &source)?;
+            set_path(&mut raw, &path, value).map_err(|message| RecipeError::BadOverride {
+                text: text.to_string(),
+                message,
+            })?;
+            overridden.push((path, source));
+        }
+        check_version(&raw, overridden_source(&overridden, "version", source_name))?;
+        normalize(&mut raw);
+        // An override may set a whole object or list: check below it too.
+        check_keys(&raw, &schema, &mut Vec::new(), &schema, source_name).map_err(|e| match e {
+            RecipeError::UnknownKey { key, hint, .. } => RecipeError::UnknownKey {
+                source_name: overridden
+                    .iter()
+                    .rev()
+                    .find(|(p, _)| key.starts_with(&path_string(p)))
+                    .map_or(source_name, |(_, s)| s.as_str())
+                    .to_string(),
+                key,
+                hint,
+            },
+            other => other,
+        })?;
+
+        let recipe = deserialize(&raw, &schema, source_name, &overridden)?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// Rules between fields, and ranges serde cannot express. Errors name
+    /// the key.
+    pub fn validate(&self) -> Result<()> {
+        /// `Err(Invalid)` naming `key` unless `ok`.
+        fn ensure(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                Err(RecipeError::Invalid {
+                    key: key.to_string(),
+                    message: message(),
+                })
+            }
+        }
+        let pos = |x: f64| x.is_finite() && x > 0.0;
+        let nonneg = |x: f64| x.is_finite() && x >= 0.0;
+
+        ensure(self.version == RECIPE_VERSION, "version", || {
+            format!(
+                "only version {RECIPE_VERSION} is read, got {}",
+                self.version
+            )
+        })?;
+
+        let m = &self.model;
+        ensure(m.path.is_some() || m.preset.is_some(), "model", || {
+            "set model.path (a Hugging Face folder) or model.preset (tiny | small)".into()
+        })?;
+        ensure(m.path.is_none() || m.preset.is_none(), "model", || {
+            "model.path and model.preset are both set; keep one".into()
+        })?;
+        ensure(valid_device(&m.device), "model.device", || {
+            format!("expected cpu, cuda or cuda:N, got {:?}", m.device)
+        })?;
+
+        let d = &self.data;
+        ensure(!d.train_files.is_empty(), "data.train_files", || {
+            "no training data: list at least one .jsonl or .parquet file".into()
+        })?;
+        for (list, files) in [
+            ("train_files", &d.train_files),
+            ("eval_files", &d.eval_files),
+        ] {
+            for (i, f) in files.iter().enumerate() {
+                let key = |field: &str| format!("data.{list}[{i}].{field}");
+                ensure(!f.path.as_os_str().is_empty(), &key("path"), || {
+                    "is empty".into()
+                })?;
+                ensure(pos(f.weight), &key("weight"), || {
+                    format!("must be > 0, got {}", f.weight)
+                })?;
+                let hex64 = |h: &String| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit());
+                ensure(
+                    f.expected_hash.as_ref().is_none_or(hex64),
+                    &key("expected_hash"),
+                    || {
+                        format!(
+                            "must be a SHA-256 in hex (64 characters), got {:?}",
+                            f.expected_hash
+                        )
+                    },
+                )?;
+            }
+        }
+        ensure(!d.prompt_column.is_empty(), "data.prompt_column", || {
+            "is empty".into()
+        })?;
+        ensure(!d.answer_column.is_empty(), "data.answer_column", || {
+            "is empty".into()
+        })?;
+        ensure(
+            !d.prompt_template.is_empty(),
+            "data.prompt_template",
+            || "is empty: use `chat`, a template containing {question}, or a file".into(),
+        )?;
+        ensure(
+            d.max_prompt_chars != Some(0),
+            "data.max_prompt_chars",
+            || "must be > 0 (or null)".into(),
+        )?;
+
+        let r = &self.rollout;
+        for (key, urls) in [
+            ("rollout.endpoints", &r.endpoints),
+            ("rollout.weight_sync_endpoints", &r.weight_sync_endpoints),
+        ] {
+            for u in urls {
+                ensure(
+                    u.starts_with("http://") || u.starts_with("https://"),
+                    key,
+                    || format!("expected http://host:port URLs, got {u:?}"),
+                )?;
+            }
+        }
+        ensure(r.num_generations >= 2, "rollout.num_generations", || {
+            format!(
+                "GRPO compares completions within a group: must be >= 2, got {}",
+                r.num_generations
+            )
+        })?;
+        ensure(
+            r.max_completion_length >= 1,
+            "rollout.max_completion_length",
+            || "must be >= 1".into(),
+        )?;
+        ensure(
+            r.max_prompt_length != Some(0),
+            "rollout.max_prompt_length",
+            || "must be >= 1 (or null)".into(),
+        )?;
+        ensure(nonneg(r.temperature), "rollout.temperature", || {
+            format!("must be >= 0, got {}", r.temperature)
+        })?;
+        ensure(r.top_p > 0.0 && r.top_p <= 1.0, "rollout.top_p", || {
+            format!("must be in (0, 1], got {}", r.top_p)
+        })?;
+        ensure(
+            r.min_p.is_none_or(|p| (0.0..=1.0).contains(&p)),
+            "rollout.min_p",
+            || format!("must be in [0, 1], got {:?}", r.min_p),
+        )?;
+        ensure(
+            pos(r.repetition_penalty),
+            "rollout.repetition_penalty",
+            || format!("must be > 0, got {}", r.repetition_penalty),
+        )?;
+        ensure(r.async_lag <= 1, "rollout.async_lag", || {
+            format!("must be 0 or 1, got {}", r.async_lag)
+        })?;
+        ensure(
+            pos(r.request_timeout_s),
+            "rollout.request_timeout_s",
+            || format!("must be > 0, got {}", r.request_timeout_s),
+        )?;
+        ensure(
+            pos(r.weight_sync_timeout_s),
+            "rollout.weight_sync_timeout_s",
+            || format!("must be > 0, got {}", r.weight_sync_timeout_s),
+        )?;
+        ensure(
+            r.client_tag.as_deref() != Some(""),
+            "rollout.client_tag",
+            || "is empty (use null for rank-R)".into(),
+        )?;
+
+        ensure(
+            !self.reward.functions.is_empty(),
+            "reward.functions",
+            || "no reward function: list at least one, e.g. [{name: exact_match}]".into(),
+        )?;
+        for (i, f) in self.reward.functions.iter().enumerate() {
+            ensure(
+                !f.name.is_empty(),
+                &format!("reward.functions[{i}].name"),
+                || "is missing".into(),
+            )?;
+            ensure(
+                f.weight.is_finite(),
+                &format!("reward.functions[{i}].weight"),
+                || format!("must be finite, got {}", f.weight),
+            )?;
+        }
+
+        let t = &self.train;
+        ensure(nonneg(t.learning_rate), "train.learning_rate", || {
+            format!("must be >= 0, got {}", t.learning_rate)
+        })?;
+        ensure(
+            (0.0..=1.0).contains(&t.warmup_ratio),
+            "train.warmup_ratio",
+            || format!("must be in [0, 1], got {}", t.warmup_ratio),
+        )?;
+        ensure(t.max_steps >= 1, "train.max_steps", || {
+            "must be >= 1".into()
+        })?;
+        ensure(
+            t.per_device_train_batch_size > 0
+                && t.per_device_train_batch_size
+                    .is_multiple_of(r.num_generations),
+            "train.per_device_train_batch_size",
+            || {
+                format!(
+                    "must be a positive multiple of rollout.num_generations ({}) so that no \
+                     group is split, got {}",
+                    r.num_generations, t.per_device_train_batch_size
+                )
+            },
+        )?;
+        ensure(
+            t.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            || "must be >= 1".into(),
+        )?;
+        ensure(t.num_iterations >= 1, "train.num_iterations", || {
+            "must be >= 1".into()
+        })?;
+        ensure(nonneg(t.max_grad_norm), "train.max_grad_norm", || {
+            format!("must be >= 0 (0: no clipping), got {}", t.max_grad_norm)
+        })?;
+        ensure(nonneg(t.weight_decay), "train.weight_decay", || {
+            format!("must be >= 0, got {}", t.weight_decay)
+        })?;
+        for (key, b) in [
+            ("train.adam_beta1", t.adam_beta1),
+            ("train.adam_beta2", t.adam_beta2),
+        ] {
+            ensure((0.0..1.0).contains(&b), key, || {
+                format!("must be in [0, 1), got {b}")
+            })?;
+        }
+        ensure(pos(t.adam_epsilon), "train.adam_epsilon", || {
+            format!("must be > 0, got {}", t.adam_epsilon)
+        })?;
+        ensure(
+            t.max_nonfinite_steps >= 1,
+            "train.max_nonfinite_steps",
+            || "must be >= 1".into(),
+        )?;
+        t.loss.validate().map_err(|e| match e {
+            crate::grpo_error::GrpoError::Config { field, message } => RecipeError::Invalid {
+                key: format!("train.{field}"),
+                message,
+            },
+            other => RecipeError::Invalid {
+                key: "train".into(),
+                message: other.to_string(),
+            },
+        })?;
+
+        let e = &self.eval;
+        ensure(
+            e.eval_steps == 0 || !d.eval_files.is_empty(),
+            "eval.eval_steps",
+            || "validation is on but data.eval_files is empty".into(),
+        )?;
+        ensure(e.num_samples >= 1, "eval.num_samples", || {
+            "must be >= 1".into()
+        })?;
+        ensure(nonneg(e.temperature), "eval.temperature", || {
+            format!("must be >= 0, got {}", e.temperature)
+        })?;
+        ensure(
+            e.num_samples == 1 || e.temperature > 0.0,
+            "eval.temperature",
+            || {
+                format!(
+                    "is 0 (greedy) with eval.num_samples = {}: the samples would all be the \
+                 same; set a temperature > 0",
+                    e.num_samples
+                )
+            },
+        )?;
+
+        let c = &self.checkpoint;
+        ensure(
+            c.save_total_limit != Some(0),
+            "checkpoint.save_total_limit",
+            || "must be >= 1 (or null to keep all)".into(),
+        )?;
+        ensure(
+            !c.output_dir.as_os_str().is_empty(),
+            "checkpoint.output_dir",
+            || "is empty".into(),
+        )?;
+        ensure(self.log.logging_steps >= 1, "log.logging_steps", || {
+            "must be >= 1".into()
+        })?;
+
+        let tp = &self.topology;
+        for (key, v) in [
+            ("topology.nodes", tp.nodes),
+            ("topology.dp", tp.dp),
+            ("topology.tp", tp.tp),
+            ("topology.learner_ranks", tp.learner_ranks),
+        ] {
+            ensure(v >= 1, key, || "must be >= 1".into())?;
+        }
+        ensure(
+            tp.rollout_servers > 0 || !r.endpoints.is_empty(),
+            "topology.rollout_servers",
+            || "is 0 and rollout.endpoints is empty: nothing would generate completions".into(),
+        )
+    }
+
+    /// Prompts per rank per optimizer step.
+    pub fn prompts_per_rank_per_step(&self) -> usize {
+        self.completions_per_rank_per_step() / self.rollout.num_generations.max(1)
+    }
+
+    /// Completions per rank per optimizer step (all micro-batches).
+    pub fn completions_per_rank_per_step(&self) -> usize {
+        self.train.per_device_train_batch_size * self.train.gradient_accumulation_steps
+    }
+
+    /// The fully resolved recipe, every default included, as JSON.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_else(|e| {
+            // Only non-string map keys fail, and a Recipe has none.
+            unreachable!("a Recipe always serializes to JSON: {e}")
+        })
+    }
+
+    /// [`Self::to_json`] with secrets (API keys, tokens, passwords) replaced
+    /// by `"<redacted>"`: what goes into manifests and logs.
+    pub fn to_json_redacted(&self) -> Value {
+        let mut v = self.to_json();
+        redact(&mut v);
+        v
+    }
+
+    /// The fully resolved recipe as YAML (for `--dry-run`); loads back to
+    /// the same recipe.
+    pub fn resolved_yaml(&self) -> Result<String> {
+        let header = "# Resolved Tandem recipe: every key, defaults included.\n".to_string();
+        let body =
+            serde_saphyr::to_string(self).map_err(|e| RecipeError::Serialize(e.to_string()))?;
+        Ok(header + &body)
+    }
+
+    /// Every valid key path (`train.learning_rate`, `data.train_files[].path`...).
+    pub fn known_keys() -> Vec<String> {
+        let mut out = Vec::new();
+        Schema::recipe().collect_paths(String::new(), &mut out);
+        out
+    }
+}
+
+fn valid_device(d: &str) -> bool {
+    d == "cpu"
+        || d == "cuda"
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                let secret = ["key", "token", "secret", "password"]
+                    .iter()
+                    .any(|s| k.ends_with(s));
+                if secret && !val.is_null() {
+                    *val = Value::String("<redacted>".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        let head: String = s.chars().take(77).collect();
+        format!("{head}...")
+    } else {
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Key paths and the schema.
+// ---------------------------------------------------------------------------
+
+/// One step of a key path: a mapping key or a list index.
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+struct PathDisplay<'a>(&'a [Seg]);
+
+impl fmt::Display for PathDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn path_string(p: &[Seg]) -> String {
+    PathDisplay(p).to_string()
+}
+
+/// The shape of the recipe, derived from `Recipe::default()` serialized.
+#[derive(Debug, Clone)]
+enum Schema {
+    /// A scalar, an optional value or a list of scalars: serde checks its type.
+    Leaf,
+    /// Known keys; `open` also accepts any other key (reward parameters).
+    Object {
+        fields: Vec<(String, Schema)>,
+        open: bool,
+    },
+    /// A list of objects.
+    List(Box<Schema>),
+}
+
+impl Schema {
+    fn from_default(v: &Value) -> Schema {
+        match v {
+            Value::Object(m) => Schema::Object {
+                fields: m
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Schema::from_default(v)))
+                    .collect(),
+                open: false,
+            },
+            _ => Schema::Leaf,
+        }
+    }
+
+    fn recipe() -> Schema {
+        let mut s = Schema::from_default(&Recipe::default().to_json());
+        // Lists of objects are empty by default: give them their item's shape.
+        let file = Schema::from_default(&default_json::<DataFile>());
+        s.replace(
+            &["data", "train_files"],
+            Schema::List(Box::new(file.clone())),
+        );
+        s.replace(&["data", "eval_files"], Schema::List(Box::new(file)));
+        let mut reward = Schema::from_default(&default_json::<RewardFunction>());
+        if let Schema::Object { open, .. } = &mut reward {
+            *open = true;
+        }
+        s.replace(&["reward", "functions"], Schema::List(Box::new(reward)));
+        s
+    }
+
+    fn replace(&mut self, path: &[&str], new: Schema) {
+        let Some((first, rest)) = path.split_first() else {
+            *self = new;
+            return;
+        };
+        if let Schema::Object { fields, .. } = self
+            && let Some((_, child)) = fields.iter_mut().find(|(k, _)| k == first)
+        {
+            child.replace(rest, new);
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<&Schema> {
+        match self {
+            Schema::Object { fields, .. } => fields.iter().find(|(k, _)| k == key).map(|(_, s)| s),
+            _ => None,
+        }
+    }
+
+    fn collect_paths(&self, prefix: String, out: &mut Vec<String>) {
+        match self {
+            Schema::Leaf => out.push(prefix),
+            Schema::Object { fields, .. } => {
+                for (k, s) in fields {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    s.collect_paths(p, out);
+                }
+            }
+            Schema::List(item) => item.collect_paths(format!("{prefix}[]"), out),
+        }
+    }
+}
+
+fn default_json<T: Default + Serialize>() -> Value {
+    serde_json::to_value(T::default()).unwrap_or(Value::Null)
+}
+
+fn unknown_key(
+    root: &Schema,
+    siblings: &[(String, Schema)],
+    path: &[Seg],
+    source_name: &str,
+) -> RecipeError {
+    let key = path_string(path);
+    let (parent, name) = match path.split_last() {
+        Some((Seg::Key(k), parent)) => (parent, k.as_str()),
+        _ => (path, ""),
+    };
+    let parent_str = path_string(parent);
+    let join = |k: &str| {
+        if parent_str.is_empty() {
+            k.to_string()
+        } else {
+            format!("{parent_str}.{k}")
+        }
+    };
+    // 1. The same key in another section (`train.temperature`, or
+    //    `learning_rate` at the top level).
+    let mut all = Vec::new();
+    root.collect_paths(String::new(), &mut all);
+    let elsewhere = all.iter().find(|p| {
+        p.rsplit(['.', ']']).next() == Some(name) && !p.starts_with(&format!("{parent_str}."))
+    });
+    // 2. A close sibling (`train.learning_rat`).
+    let sibling = siblings
+        .iter()
+        .map(|(k, _)| (strsim::jaro_winkler(name, k), k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| join(k));
+    // 3. A close key anywhere.
+    let anywhere = || {
+        all.iter()
+            .map(|p| {
+                let last = p.rsplit(['.', ']']).next().unwrap_or(p);
+                (strsim::jaro_winkler(name, last), p)
+            })
+            .filter(|(score, _)| *score >= 0.9)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, p)| p.replace("[]", "[0]"))
+    };
+    let suggestion = elsewhere
+        .map(|p| p.replace("[]", "[0]"))
+        .or(sibling)
+        .or_else(anywhere);
+    let hint = match suggestion {
+        Some(s) => format!("did you mean {s}?"),
+        None => {
+            let names: Vec<&str> = siblings.iter().map(|(k, _)| k.as_str()).collect();
+            let scope = if parent_str.is_empty() {
+                "top-level keys".to_string()
+            } else {
+                format!("keys of {parent_str}")
+            };
+            format!("valid {scope}: {}", names.join(", "))
+        }
+    };
+    RecipeError::UnknownKey {
+        key,
+        source_name: source_name.to_string(),
+        hint,
+    }
+}
+
+/// Every key of `v` must exist in `schema`; recurses into objects and lists
+/// of objects. Type mismatches are left to [`deserialize`].
+fn check_keys(
+    v: &Value,
+    schema: &Schema,
+    path: &mut Vec<Seg>,
+    root: &Schema,
+    source_name: &str,
+) -> Result<()> {
+    match (schema, v) {
+        (Schema::Object { fields, open }, Value::Object(map)) => {
+            for (k, child) in map {
+                path.push(Seg::Key(k.clone()));
+                match fields.iter().find(|(name, _)| name == k) {
+                    Some((_, s)) => check_keys(child, s, path, root, source_name)?,
+                    None if *open => {}
+                    None => return Err(unknown_key(root, fields, path, source_name)),
+                }
+                path.pop();
+            }
+        }
+        (Schema::List(item), Value::Array(items)) => {
+            for (i, child) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                check_keys(child, item, path, root, source_name)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The key path of an override must exist in the schema.
+fn check_path(path: &[Seg], root: &Schema, source_name: &str) -> Result<()> {
+    let mut schema = root;
+    for (i, seg) in path.iter().enumerate() {
+        match (seg, schema) {
+            (Seg::Key(k), Schema::Object { fields, open }) => match schema.field(k) {
+                Some(s) => schema = s,
+                None if *open => return Ok(()),
+                None => return Err(unknown_key(root, fields, &path[..=i], source_name)),
+            },
+            (Seg::Index(_), Schema::List(item)) => schema = item,
+            _ => {
+                return Err(RecipeError::UnknownKey {
+                    key: path_string(&path[..=i]),
+                    source_name: source_name.to_string(),
+                    hint: format!("{} has no sub-keys", path_string(&path[..i])),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_version(raw: &Value, source_name: &str) -> Result<()> {
+    match raw.get("version") {
+        None => Ok(()),
+        Some(v) if v.as_u64() == Some(RECIPE_VERSION as u64) => Ok(()),
+        Some(v) => Err(RecipeError::Version {
+            source_name: source_name.to_string(),
+            found: short(v),
+        }),
+    }
+}
+
+/// Shorthands: a file given as a plain path (or a single file instead of a
+/// list), and an empty section (`eval:` with nothing under it).
+fn normalize(raw: &mut Value) {
+    let Value::Object(top) = raw else { return };
+    top.retain(|_, v| !v.is_null());
+    if let Some(Value::Object(data)) = top.get_mut("data") {
+        for key in ["train_files", "eval_files"] {
+            let Some(files) = data.get_mut(key) else {
+                continue;
+            };
+            if files.is_string() || files.is_object() {
+                *files = Value::Array(vec![files.take()]);
+            }
+            if let Value::Array(items) = files {
+                for item in items {
+                    if let Value::String(p) = item {
+                        *item = serde_json::json!({ "path": p });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses `section.key=value`; the value is read as YAML (`3`, `1e-3`,
+/// `true`, `null`, `[a, b]`), and as a plain string when it is not YAML.
+fn parse_override(text: &str) -> Result<(Vec<Seg>, Value)> {
+    let bad = |message: &str| RecipeError::BadOverride {
+        text: text.to_string(),
+        message: message.to_string(),
+    };
+    let (key, value) = text.split_once('=').ok_or_else(|| bad("no `=`"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(bad("empty key"));
+    }
+    let mut path = Vec::new();
+    for part in key.split('.') {
+        let (name, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if name.is_empty() {
+            return Err(bad("empty key segment"));
+        }
+        path.push(Seg::Key(name.to_string()));
+        while !rest.is_empty() {
+            let close = rest
+                .find(']')
+                .ok_or_else(|| bad("unclosed `[` in the key"))?;
+            let index: usize = rest[1..close].parse().map_err(|_| {
+                bad("a list index must be a number, as in data.train_files[0].weight")
+            })?;
+            path.push(Seg::Index(index));
+            rest = &rest[close + 1..];
+            if !rest.is_empty() && !rest.starts_with('[') {
+                return Err(bad("unexpected text after `]`"));
+            }
+        }
+    }
+    let value = if value.trim().is_empty() {
+        Value::String(String::new())
+    } else {
+        // Lists and mappings only in flow style (`[a, b]`, `{k: v}`): text
+        // such as `Answer: {question}` or `- x` stays a string.
+        let flow = value.trim_start().starts_with(['[', '{']);
+        match serde_saphyr::from_str::<Value>(value) {
+            Ok(v) if flow || !(v.is_array() || v.is_object()) => v,
+            _ => Value::String(value.to_string()),
+        }
+    };
+    Ok((path, value))
+}
+
+/// Sets `value` at `path`, creating mappings and list items (as `{}`) on the
+/// way; a list index may be at most the list's length (append).
+fn set_path(root: &mut Value, path: &[Seg], value: Value) -> std::result::Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        *root = value;
+        return Ok(());
+    };
+    let mut cur = root;
+    for (i, seg) in parents.iter().enumerate() {
+        let next_is_index = matches!(path[i + 1], Seg::Index(_));
+        let empty = || {
+            if next_is_index {
+                Value::Array(Vec::new())
+            } else {
+                Value::Object(Map::new())
+            }
+        };
+        cur = match seg {
+            Seg::Key(k) => {
+                if !cur.is_object() {
+                    *cur = Value::Object(Map::new());
+                }
+                let Value::Object(map) = cur else {
+                    unreachable!()
+                };
+                let slot = map.entry(k.clone()).or_insert_with(empty);
+                if slot.is_null() || (next_is_index && !slot.is_array()) {
+                    *slot = empty();
+                }
+                slot
+            }
+            Seg::Index(n) => {
+                let Value::Array(items) = cur else {
+                    return Err(format!("{} is not a list", path_string(&path[..i])));
+                };
+                if *n > items.len() {
+                    return Err(format!(
+                        "{} has {} items: index {n} would leave a gap",
+                        path_string(&path[..i]),
+                        items.len()
+                    ));
+                }
+                if *n == items.len() {
+                    items.push(Value::Object(Map::new()));
+                }
+                &mut items[*n]
+            }
+        };
+    }
+    match last {
+        Seg::Key(k) => {
+            if !cur.is_object() {
+                *cur = Value::Object(Map::new());
+            }
+            if let Value::Object(map) = cur {
+                map.insert(k.clone(), value);
+            }
+        }
+        Seg::Index(n) => {
+            let Value::Array(items) = cur else {
+                return Err(format!("{} is not a list", path_string(parents)));
+            };
+            if *n > items.len() {
+                return Err(format!(
+                    "{} has {} items: index {n} would leave a gap",
+                    path_string(parents),
+                    items.len()
+                ));
+            }
+            if *n == items.len() {
+                items.push(value);
+            } else {
+                items[*n] = value;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn overridden_source<'a>(
+    overridden: &'a [(Vec<Seg>, String)],
+    key: &str,
+    file: &'a str,
+) -> &'a str {
+    overridden
+        .iter()
+        .rev()
+        .find(|(p, _)| p.first() == Some(&Seg::Key(key.to_string())) && p.len() == 1)
+        .map(|(_, s)| s.as_str())
+        .unwrap_or(file)
+}
+
+/// The leaves of `v` under `schema`: the values serde converts on its own.
+fn leaves<'v>(
+    v: &'v Value,
+    schema: &Schema,
+    path: &mut Vec<Seg>,
+    out: &mut Vec<(Vec<Seg>, &'v Value)>,
+) {
+    match (schema, v) {
+        (Schema::Object { fields, .. }, Value::Object(map)) => {
+            for (k, child) in map {
+                path.push(Seg::Key(k.clone()));
+                // An open object's extra keys are opaque parameters.
+                if let Some((_, s)) = fields.iter().find(|(name, _)| name == k) {
+                    leaves(child, s, path, out);
+                }
+                path.pop();
+            }
+        }
+        (Schema::List(item), Value::Array(items)) => {
+            for (i, child) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                leaves(child, item, path, out);
+                path.pop();
+            }
+        }
+        _ => out.push((path.clone(), v)),
+    }
+}
+
+/// Deserializes the checked document; on failure, finds the key at fault by
+/// trying each leaf alone on top of the defaults.
+fn deserialize(
+    raw: &Value,
+    schema: &Schema,
+    source_name: &str,
+    overridden: &[(Vec<Seg>, String)],
+) -> Result<Recipe> {
+    let whole = match serde_json::from_value::<Recipe>(raw.clone()) {
+        Ok(r) => return Ok(r),
+        Err(e) => e,
+    };
+    let base = Recipe::default().to_json();
+    let mut all = Vec::new();
+    leaves(raw, schema, &mut Vec::new(), &mut all);
+    for (path, value) in all {
+        let mut probe = base.clone();
+        if set_path(&mut probe, &path, value.clone()).is_err() {
+            continue;
+        }
+        if let Err(e) = serde_json::from_value::<Recipe>(probe) {
+            let source = overridden
+                .iter()
+                .rev()
+                .find(|(p, _)| path.starts_with(p))
+                .map(|(_, s)| s.as_str())
+                .unwrap_or(source_name);
+            return Err(RecipeError::WrongType {
+                key: path_string(&path),
+                source_name: source.to_string(),
+                message: describe(&e.to_string(), value),
+            });
+        }
+    }
+    Err(RecipeError::WrongType {
+        key: "(recipe)".into(),
+        source_name: source_name.to_string(),
+        message: clean_serde_message(&whole.to_string()),
+    })
+}
+
+/// A serde error as "expected T, got V".
+fn describe(serde_message: &str, value: &Value) -> String {
+    let m = clean_serde_message(serde_message);
+    let got = short(value);
+    let expected = if let Some(rest) = m.strip_prefix("invalid type: ") {
+        rest.split_once(", expected ").map(|(_, e)| e.to_string())
+    } else if let Some(rest) = m.strip_prefix("unknown variant ") {
+        rest.split_once(", expected ").map(|(_, e)| e.to_string())
+    } else {
+        None
+    };
+    match expected {
+        Some(e) => {
+            let e = match e.as_str() {
+                "f64" | "f32" => "a number".to_string(),
+                "u64" | "u32" | "u16" | "u8" | "usize" => "a whole number >= 0".to_string(),
+                "a sequence" => "a list".to_string(),
+                s if s.starts_with("struct ") => "a mapping".to_string(),
+                s => s.to_string(),
+            };
+            format!("expected {e}, got {got}")
+        }
+        None => format!("{m} (got {got})"),
+    }
+}
+
+/// serde_json appends " at line 0 column 0" to errors from a `Value`.
+fn clean_serde_message(m: &str) -> String {
+    m.trim_end_matches(" at line 0 column 0").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_lists_flattened_grpo_keys_and_list_items() {
+        let keys = Recipe::known_keys();
+        for k in [
+            "version",
+            "train.learning_rate",
+            "train.beta",
+            "train.epsilon_high",
+            "train.loss_type",
+            "data.train_files[].expected_hash",
+            "reward.functions[].weight",
+            "rollout.top_k",
+            "topology.rollout_servers",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn override_parsing() {
+        let (p, v) = parse_override("data.train_files[1].weight=2.5").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                Seg::Key("data".into()),
+                Seg::Key("train_files".into()),
+                Seg::Index(1),
+                Seg::Key("weight".into())
+            ]
+        );
+        assert_eq!(v, serde_json::json!(2.5));
+        assert_eq!(
+            parse_override("a.b=1e-3").unwrap().1,
+            serde_json::json!(1e-3)
+        );
+        assert_eq!(
+            parse_override("a.b=true").unwrap().1,
+            serde_json::json!(true)
+        );
+        assert_eq!(
+            parse_override("a.b=[http://x:1, http://y:2]").unwrap().1,
+            serde_json::json!(["http://x:1", "http://y:2"])
+        );
+        assert_eq!(
+            parse_override("a.b=Answer: {question}").unwrap().1,
+            serde_json::json!("Answer: {question}")
+        );
+        assert!(parse_override("nokey").is_err());
+        assert!(parse_override("a[x]=1").is_err());
+    }
+}

@@ -1,0 +1,437 @@
+//! The data loader: JSONL and Parquet, column mapping, prompts, mixtures,
+//! shards, the cursor, fingerprints.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use learner::data::{
+    ColumnMapping, DataCursor, DataError, Dataset, Example, PromptFormat, PromptSource,
+    PromptTemplate, load_eval_examples, read_rows, sha256_file,
+};
+use learner::recipe::{DataFile, OnLongPrompt, Recipe};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn write_jsonl(dir: &Path, name: &str, rows: usize, tag: &str) -> PathBuf {
+    let path = dir.join(name);
+    let text: String = (0..rows)
+        .map(|i| format!("{{\"prompt\": \"{tag}{i}\", \"answer\": \"{i}\"}}\n"))
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn load(path: &Path, weight: f64) -> Dataset {
+    let file = DataFile {
+        weight,
+        ..DataFile::new(path)
+    };
+    Dataset::load(
+        &file,
+        &ColumnMapping::default(),
+        &PromptFormat::plain("{question}="),
+        None,
+    )
+    .unwrap()
+}
+
+fn keys(examples: &[Example]) -> Vec<(PathBuf, usize)> {
+    examples
+        .iter()
+        .map(|e| (e.source_file.clone(), e.row))
+        .collect()
+}
+
+#[test]
+fn jsonl_with_a_column_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qa.jsonl");
+    std::fs::write(
+        &path,
+        "{\"question\": \"12+7\", \"solution\": 19, \"extra\": [1]}\n\n\
+         {\"question\": \"3*4\", \"solution\": \"12\"}\n",
+    )
+    .unwrap();
+    let rows = read_rows(&path, &ColumnMapping::new("question", "solution")).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].question.as_str(), rows[0].answer.as_str()),
+        ("12+7", "19")
+    );
+    assert_eq!(
+        (rows[1].question.as_str(), rows[1].answer.as_str()),
+        ("3*4", "12")
+    );
+
+    let set = Dataset::load(
+        &DataFile::new(&path),
+        &ColumnMapping::new("question", "solution"),
+        &PromptFormat::plain("Q: {question}\nA:"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(set.examples[1].prompt_text, "Q: 3*4\nA:");
+    assert_eq!(set.examples[1].row, 1);
+    assert_eq!(set.fingerprint.rows, 2);
+    assert_eq!(set.fingerprint.sha256, sha256_file(&path).unwrap());
+}
+
+#[test]
+fn parquet_with_a_column_mapping() {
+    let path = repo().join("configs/data/arith_tiny.parquet");
+    let mapping = ColumnMapping::new("question", "solution");
+    let rows = read_rows(&path, &mapping).unwrap();
+    // 12 rows in two row groups, an int64 answer column.
+    assert_eq!(rows.len(), 12);
+    assert_eq!(
+        (rows[0].question.as_str(), rows[0].answer.as_str()),
+        ("45+31", "76")
+    );
+    assert_eq!(
+        (rows[1].question.as_str(), rows[1].answer.as_str()),
+        ("64-56", "8")
+    );
+    for r in &rows {
+        let q = &r.question;
+        let (a, op, b) = if let Some((a, b)) = q.split_once('+') {
+            (a, '+', b)
+        } else if let Some((a, b)) = q.split_once('-') {
+            (a, '-', b)
+        } else {
+            let (a, b) = q.split_once('*').unwrap();
+            (a, '*', b)
+        };
+        let (a, b): (i64, i64) = (a.parse().unwrap(), b.parse().unwrap());
+        let want = match op {
+            '+' => a + b,
+            '-' => a - b,
+            _ => a * b,
+        };
+        assert_eq!(r.answer, want.to_string(), "{q}");
+    }
+    // The same rows as the first 12 of the eval JSONL file.
+    let jsonl = read_rows(
+        &repo().join("configs/data/arith_eval.jsonl"),
+        &ColumnMapping::default(),
+    )
+    .unwrap();
+    for (p, j) in rows.iter().zip(&jsonl) {
+        assert_eq!((&p.question, &p.answer), (&j.question, &j.answer));
+    }
+
+    // A column the file does not have.
+    let e = read_rows(&path, &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("arith_tiny.parquet") && e.contains("\"prompt\""),
+        "{e}"
+    );
+    assert!(e.contains("question, solution, kind"), "{e}");
+}
+
+#[test]
+fn a_missing_column_names_file_row_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holes.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"1+1\", \"answer\": \"2\"}\n{\"prompt\": \"2+2\"}\n",
+    )
+    .unwrap();
+    let e = read_rows(&path, &ColumnMapping::default()).unwrap_err();
+    assert!(matches!(e, DataError::MissingColumn { .. }));
+    let e = e.to_string();
+    assert!(e.contains("holes.jsonl"), "{e}");
+    assert!(e.contains("row 1 (line 2)"), "{e}");
+    assert!(e.contains("no column \"answer\""), "{e}");
+
+    std::fs::write(&path, "{\"prompt\": null, \"answer\": \"2\"}\n").unwrap();
+    let e = read_rows(&path, &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 0") && e.contains("\"prompt\""), "{e}");
+
+    std::fs::write(&path, "not json\n").unwrap();
+    let e = read_rows(&path, &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 1") && e.contains("not JSON"), "{e}");
+
+    let e = read_rows(&dir.path().join("x.csv"), &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(".jsonl or .parquet"), "{e}");
+}
+
+#[test]
+fn mixture_draws_follow_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 10, "a");
+    let b = write_jsonl(dir.path(), "b.jsonl", 30, "b");
+    let mut src = PromptSource::new(vec![load(&a, 3.0), load(&b, 1.0)], 7, true, 0, 1).unwrap();
+    let n = 20_000;
+    let batch = src.next_batch(n);
+    let from_a = batch.iter().filter(|e| e.source_file == a).count();
+    let frac = from_a as f64 / n as f64;
+    assert!((frac - 0.75).abs() < 0.015, "{frac}");
+    // Every row of each file is used, epoch after epoch.
+    let rows_a: HashSet<usize> = batch
+        .iter()
+        .filter(|e| e.source_file == a)
+        .map(|e| e.row)
+        .collect();
+    assert_eq!(rows_a.len(), 10);
+    assert_eq!(src.file_draws().iter().sum::<u64>(), n as u64);
+
+    // The seed decides the order; the same seed, the same order.
+    let mut again = PromptSource::new(vec![load(&a, 3.0), load(&b, 1.0)], 7, true, 0, 1).unwrap();
+    assert_eq!(keys(&again.next_batch(100)), keys(&batch[..100]));
+    let mut other = PromptSource::new(vec![load(&a, 3.0), load(&b, 1.0)], 8, true, 0, 1).unwrap();
+    assert_ne!(keys(&other.next_batch(100)), keys(&batch[..100]));
+}
+
+#[test]
+fn each_epoch_is_a_reshuffled_permutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 50, "a");
+    let mut src = PromptSource::new(vec![load(&a, 1.0)], 1, true, 0, 1).unwrap();
+    let e1: Vec<usize> = src.next_batch(50).iter().map(|e| e.row).collect();
+    let e2: Vec<usize> = src.next_batch(50).iter().map(|e| e.row).collect();
+    let all: HashSet<usize> = (0..50).collect();
+    assert_eq!(e1.iter().copied().collect::<HashSet<_>>(), all);
+    assert_eq!(e2.iter().copied().collect::<HashSet<_>>(), all);
+    assert_ne!(e1, e2);
+    assert_ne!(e1, (0..50).collect::<Vec<_>>());
+
+    // Without shuffle: file order.
+    let mut plain = PromptSource::new(vec![load(&a, 1.0)], 1, false, 0, 1).unwrap();
+    let rows: Vec<usize> = plain.next_batch(53).iter().map(|e| e.row).collect();
+    assert_eq!(&rows[..50], &(0..50).collect::<Vec<_>>()[..]);
+    assert_eq!(&rows[50..], &[0, 1, 2]);
+}
+
+#[test]
+fn shards_are_disjoint_and_cover_every_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 60, "a");
+    let world = 3;
+    for epoch in 0..2 {
+        let mut seen = HashSet::new();
+        for rank in 0..world {
+            let mut src = PromptSource::new(vec![load(&a, 1.0)], 5, true, rank, world).unwrap();
+            if epoch == 1 {
+                src.next_batch(20);
+            }
+            for e in src.next_batch(20) {
+                assert!(
+                    seen.insert(e.row),
+                    "row {} given twice in epoch {epoch}",
+                    e.row
+                );
+            }
+        }
+        assert_eq!(seen.len(), 60);
+    }
+}
+
+#[test]
+fn two_ranks_see_the_prompts_of_one_rank_with_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 13, "a");
+    let b = write_jsonl(dir.path(), "b.jsonl", 7, "b");
+    let sets = || vec![load(&a, 2.0), load(&b, 1.0)];
+    let mut one = PromptSource::new(sets(), 3, true, 0, 1).unwrap();
+    let mut r0 = PromptSource::new(sets(), 3, true, 0, 2).unwrap();
+    let mut r1 = PromptSource::new(sets(), 3, true, 1, 2).unwrap();
+    for _step in 0..5 {
+        let mut global = keys(&one.next_batch(8));
+        let mut split = keys(&r0.next_batch(4));
+        split.extend(keys(&r1.next_batch(4)));
+        global.sort();
+        split.sort();
+        assert_eq!(global, split);
+    }
+}
+
+#[test]
+fn a_restored_cursor_gives_the_same_next_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 9, "a");
+    let b = write_jsonl(dir.path(), "b.jsonl", 4, "b");
+    let sets = || vec![load(&a, 1.0), load(&b, 1.0)];
+    let mut src = PromptSource::new(sets(), 11, true, 1, 2).unwrap();
+    for _ in 0..3 {
+        src.next_batch(7);
+    }
+    let cursor = src.cursor();
+    let json = serde_json::to_string(&cursor).unwrap();
+    let expected = src.next_batch(25);
+
+    let mut resumed = PromptSource::new(sets(), 11, true, 1, 2).unwrap();
+    let cursor: DataCursor = serde_json::from_str(&json).unwrap();
+    resumed.restore(&cursor).unwrap();
+    assert_eq!(resumed.next_batch(25), expected);
+
+    // The cursor is the same on every rank: rank 0 continues its own share.
+    let mut r0 = PromptSource::new(sets(), 11, true, 0, 2).unwrap();
+    let mut r0_fresh = PromptSource::new(sets(), 11, true, 0, 2).unwrap();
+    r0_fresh.next_batch(21);
+    r0.restore(&cursor).unwrap();
+    assert_eq!(r0.next_batch(5), r0_fresh.next_batch(5));
+
+    // Another data file: refused.
+    let c = write_jsonl(dir.path(), "c.jsonl", 4, "c");
+    let mut changed =
+        PromptSource::new(vec![load(&a, 1.0), load(&c, 1.0)], 11, true, 1, 2).unwrap();
+    let e = changed.restore(&cursor).unwrap_err().to_string();
+    assert!(e.contains("training files changed"), "{e}");
+    let mut reseeded = PromptSource::new(sets(), 12, true, 1, 2).unwrap();
+    assert!(reseeded.restore(&cursor).is_err());
+}
+
+#[test]
+fn hash_drift_stops_with_both_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "a.jsonl", 5, "a");
+    let good = sha256_file(&a).unwrap();
+    assert_eq!(good.len(), 64);
+    let file = DataFile {
+        expected_hash: Some(good.to_uppercase()),
+        ..DataFile::new(&a)
+    };
+    let fmt = PromptFormat::plain("{question}");
+    Dataset::load(&file, &ColumnMapping::default(), &fmt, None).unwrap();
+
+    std::fs::write(&a, "{\"prompt\": \"changed\", \"answer\": \"1\"}\n").unwrap();
+    let now = sha256_file(&a).unwrap();
+    let e = Dataset::load(&file, &ColumnMapping::default(), &fmt, None).unwrap_err();
+    assert!(matches!(e, DataError::Drift { .. }));
+    let e = e.to_string();
+    assert!(
+        e.contains(&good) && e.contains(&now) && e.contains("a.jsonl"),
+        "{e}"
+    );
+}
+
+#[test]
+fn long_prompts_are_truncated_or_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"1+2\", \"answer\": \"3\"}\n{\"prompt\": \"12+75\", \"answer\": \"87\"}\n",
+    )
+    .unwrap();
+    let mut fmt = PromptFormat::plain("{question}=");
+    fmt.max_prompt_chars = Some(3);
+    fmt.on_long_prompt = OnLongPrompt::Reject;
+    let e = Dataset::load(&DataFile::new(&path), &ColumnMapping::default(), &fmt, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("long.jsonl") && e.contains("row 1 (line 2)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("5 characters") && e.contains("max_prompt_chars = 3"),
+        "{e}"
+    );
+
+    fmt.on_long_prompt = OnLongPrompt::Truncate;
+    let set = Dataset::load(&DataFile::new(&path), &ColumnMapping::default(), &fmt, None).unwrap();
+    assert_eq!(set.examples[0].prompt_text, "1+2=");
+    assert_eq!(set.examples[1].prompt_text, "12+=");
+    assert_eq!(set.examples[1].question, "12+");
+}
+
+#[test]
+fn prompts_from_chat_template_system_prompt_and_template_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_jsonl(dir.path(), "a.jsonl", 1, "7+");
+    let row = &read_rows(&path, &ColumnMapping::default()).unwrap()[0];
+    let tok = model::presets::tokenizer().unwrap();
+
+    let chat = PromptFormat {
+        template: PromptTemplate::Chat,
+        system_prompt: Some("Add.".into()),
+        max_prompt_chars: None,
+        on_long_prompt: OnLongPrompt::Reject,
+    };
+    let text = chat.build(&path, row, Some(&tok)).unwrap();
+    assert!(text.contains("Add."), "{text}");
+    assert!(text.contains("7+0"), "{text}");
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    assert!(chat.build(&path, row, None).is_err());
+
+    let mut plain = PromptFormat::plain("{system_prompt}|{question}=");
+    plain.system_prompt = Some("S".into());
+    assert_eq!(plain.build(&path, row, None).unwrap(), "S|7+0=");
+    let mut plain = PromptFormat::plain("{question}=");
+    plain.system_prompt = Some("S".into());
+    assert_eq!(plain.build(&path, row, None).unwrap(), "S\n7+0=");
+
+    let r1 = repo().join("configs/r1_zero_prompt.txt");
+    let t = PromptTemplate::from_spec(r1.to_str().unwrap()).unwrap();
+    let fmt = PromptFormat {
+        template: t,
+        ..PromptFormat::plain("")
+    };
+    let text = fmt.build(&path, row, None).unwrap();
+    assert!(
+        text.starts_with("A conversation between User and Assistant."),
+        "{text}"
+    );
+    assert!(text.ends_with("User: 7+0\nAssistant: <think>"), "{text:?}");
+    // Every character is in the tiny model's vocabulary.
+    let ids = tok.encode(&text, false).unwrap();
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+
+    assert_eq!(
+        PromptTemplate::from_spec("chat").unwrap(),
+        PromptTemplate::Chat
+    );
+    let e = PromptTemplate::from_spec("no/such/template.txt")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prompt_template") && e.contains("{question}"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_demo_recipe_data_loads() {
+    let mut recipe = Recipe::demo(&[] as &[&str]).unwrap();
+    for f in recipe
+        .data
+        .train_files
+        .iter_mut()
+        .chain(recipe.data.eval_files.iter_mut())
+    {
+        f.path = repo().join(&f.path);
+    }
+    let mut src = PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None).unwrap();
+    let fp = src.fingerprints();
+    assert_eq!(fp[0].rows, 6000);
+    assert_eq!(
+        Some(&fp[0].sha256),
+        recipe.data.train_files[0].expected_hash.as_ref()
+    );
+    let batch = src.next_batch(recipe.prompts_per_rank_per_step());
+    assert_eq!(batch.len(), 4);
+    assert!(batch.iter().all(|e| e.prompt_text.ends_with('=')));
+
+    let (eval, efp) = load_eval_examples(&recipe.data, recipe.eval.max_examples, None).unwrap();
+    assert_eq!(eval.len(), 100);
+    assert_eq!(efp[0].rows, 500);
+    // Held out: no training question is an eval question.
+    let train: HashSet<String> = src.datasets()[0]
+        .examples
+        .iter()
+        .map(|e| e.question.clone())
+        .collect();
+    assert!(eval.iter().all(|e| !train.contains(&e.question)));
+}

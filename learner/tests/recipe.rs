@@ -1,0 +1,322 @@
+//! The recipe parser: unknown keys with a suggestion, wrong types, overrides,
+//! versions, the shipped recipes, and the resolved output.
+
+use std::path::{Path, PathBuf};
+
+use learner::grpo_config::LossType;
+use learner::recipe::{
+    ClientTagEcho, DataFile, LrSchedulerType, ModelPreset, OnLongPrompt, Recipe, RecipeError,
+};
+
+const NO_OVERRIDES: &[&str] = &[];
+
+fn configs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+/// A small valid recipe.
+const BASE: &str = r#"
+version: 1
+model:
+  preset: tiny
+data:
+  train_files: [train.jsonl]
+reward:
+  functions:
+    - name: exact_match
+train:
+  learning_rate: 1.0e-3
+  per_device_train_batch_size: 16
+"#;
+
+fn err(text: &str, overrides: &[&str]) -> String {
+    match Recipe::from_yaml_str(text, "demo.yaml", overrides) {
+        Ok(r) => panic!("expected an error, got {r:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_key_names_the_path_and_the_closest_key() {
+    let text = BASE.replace("learning_rate:", "learning_rat:");
+    let e = err(&text, NO_OVERRIDES);
+    assert_eq!(
+        e,
+        "unknown key train.learning_rat in demo.yaml; did you mean train.learning_rate?"
+    );
+
+    // A key of another section.
+    let text = format!("{BASE}  temperature: 0.7\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("unknown key train.temperature"), "{e}");
+    assert!(e.contains("did you mean rollout.temperature?"), "{e}");
+
+    // A flattened GRPO knob with a typo: serde alone would not see it.
+    let text = format!("{BASE}  epsilon_hihg: 0.28\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("did you mean train.epsilon_high?"), "{e}");
+
+    // A key outside its section.
+    let text = format!("{BASE}max_steps: 3\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("did you mean train.max_steps?"), "{e}");
+
+    // A misspelled section.
+    let text = format!("{BASE}evl:\n  eval_steps: 3\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("unknown key evl") && e.contains("did you mean eval?"),
+        "{e}"
+    );
+
+    // Inside a list of files.
+    let text = BASE.replace("[train.jsonl]", "[{pth: train.jsonl}]");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("data.train_files[0].pth") && e.contains("data.train_files[0].path"),
+        "{e}"
+    );
+
+    // Nothing close: the valid keys are listed.
+    let text = format!("{BASE}  zzzz: 1\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("valid keys of train:") && e.contains("learning_rate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key_the_expected_type_and_the_value() {
+    let text = BASE.replace("learning_rate: 1.0e-3", "learning_rate: fast");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("wrong type for train.learning_rate in demo.yaml"),
+        "{e}"
+    );
+    assert!(e.contains("expected a number, got \"fast\""), "{e}");
+    assert!(e.contains("\"fast\""), "{e}");
+
+    let text = format!("{BASE}  lr_scheduler_type: cosin\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("train.lr_scheduler_type"), "{e}");
+    assert!(e.contains("cosine"), "{e}");
+
+    let text = format!("{BASE}rollout:\n  num_generations: 8.5\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("rollout.num_generations") && e.contains("8.5"),
+        "{e}"
+    );
+
+    let text = BASE.replace("[train.jsonl]", "[{path: a.jsonl, weight: heavy}]");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("data.train_files[0].weight"), "{e}");
+
+    // A section that is not a mapping.
+    let text = format!("{BASE}eval: 3\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("wrong type for eval"), "{e}");
+}
+
+#[test]
+fn overrides_set_nested_keys_and_parse_yaml_scalars() {
+    let r = Recipe::from_yaml_str(
+        BASE,
+        "demo.yaml",
+        &[
+            "train.learning_rate=3e-4",
+            "train.loss_type=dr_grpo",
+            "train.lr_scheduler_type=cosine",
+            "rollout.endpoints=[http://a:8000, http://b:8000]",
+            "rollout.client_tag_echo=ignore",
+            "rollout.top_k=50",
+            "data.train_files[0].weight=2",
+            "data.train_files[1]=other.parquet",
+            "data.prompt_template=Q: {question} A:",
+            "data.on_long_prompt=truncate",
+            "eval.max_examples=null",
+            "model.init_seed=7",
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.train.learning_rate, 3e-4);
+    assert_eq!(r.train.loss.loss_type, LossType::DrGrpo);
+    assert_eq!(r.train.lr_scheduler_type, LrSchedulerType::Cosine);
+    assert_eq!(r.rollout.endpoints, ["http://a:8000", "http://b:8000"]);
+    assert_eq!(r.rollout.client_tag_echo, ClientTagEcho::Ignore);
+    assert_eq!(r.rollout.top_k, Some(50));
+    assert_eq!(r.data.train_files[0].weight, 2.0);
+    assert_eq!(r.data.train_files[1], DataFile::new("other.parquet"));
+    assert_eq!(r.data.prompt_template, "Q: {question} A:");
+    assert_eq!(r.data.on_long_prompt, OnLongPrompt::Truncate);
+    assert_eq!(r.model.init_seed, 7);
+
+    // `1e-3` is a number in YAML 1.2 (PyYAML would read a string).
+    let r = Recipe::from_yaml_str(&BASE.replace("1.0e-3", "1e-3"), "x", NO_OVERRIDES).unwrap();
+    assert_eq!(r.train.learning_rate, 1e-3);
+
+    // An override creates a section the file does not have.
+    let r = Recipe::from_yaml_str(BASE, "x", &["checkpoint.save_steps=5"]).unwrap();
+    assert_eq!(r.checkpoint.save_steps, 5);
+}
+
+#[test]
+fn override_of_an_unknown_key_or_with_a_wrong_type_is_an_error() {
+    let e = err(BASE, &["train.learning_rat=1e-3"]);
+    assert!(e.contains("unknown key train.learning_rat"), "{e}");
+    assert!(e.contains("override train.learning_rat=1e-3"), "{e}");
+    assert!(e.contains("did you mean train.learning_rate?"), "{e}");
+
+    let e = err(BASE, &["train.max_steps=many"]);
+    assert!(e.contains("wrong type for train.max_steps"), "{e}");
+    assert!(e.contains("override train.max_steps=many"), "{e}");
+
+    let e = err(BASE, &["train.learning_rate"]);
+    assert!(e.contains("bad override"), "{e}");
+    let e = err(BASE, &["train.learning_rate.x=1"]);
+    assert!(e.contains("has no sub-keys"), "{e}");
+    let e = err(BASE, &["data.train_files=[{pth: a.jsonl}]"]);
+    assert!(
+        e.contains("data.train_files[0].pth in override data.train_files="),
+        "{e}"
+    );
+    let e = err(BASE, &["data.train_files[5].weight=1"]);
+    assert!(e.contains("gap"), "{e}");
+}
+
+#[test]
+fn other_versions_are_refused() {
+    let text = BASE.replace("version: 1", "version: 2");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("version 2") && e.contains("reads version 1"),
+        "{e}"
+    );
+    // Before the unknown keys a newer format would have.
+    let text = format!("{text}new_section: {{}}\n");
+    assert!(matches!(
+        Recipe::from_yaml_str(&text, "x", NO_OVERRIDES),
+        Err(RecipeError::Version { .. })
+    ));
+    let e = err(BASE, &["version=3"]);
+    assert!(e.contains("override version=3"), "{e}");
+    // No version: the current one.
+    let text = BASE.replace("version: 1\n", "");
+    assert_eq!(
+        Recipe::from_yaml_str(&text, "x", NO_OVERRIDES)
+            .unwrap()
+            .version,
+        1
+    );
+}
+
+#[test]
+fn validation_names_the_key() {
+    let e = err(BASE, &["train.per_device_train_batch_size=12"]);
+    assert!(
+        e.contains("train.per_device_train_batch_size") && e.contains("num_generations"),
+        "{e}"
+    );
+    let e = err(BASE, &["rollout.async_lag=2"]);
+    assert!(e.contains("rollout.async_lag"), "{e}");
+    let e = err(BASE, &["train.epsilon=-0.1"]);
+    assert!(e.contains("train.epsilon"), "{e}");
+    let e = err(BASE, &["model.path=/models/x"]);
+    assert!(e.contains("both set"), "{e}");
+    let e = err(BASE, &["eval.eval_steps=10"]);
+    assert!(e.contains("eval_files"), "{e}");
+    let e = err(BASE, &["data.train_files[0].expected_hash=abc"]);
+    assert!(e.contains("expected_hash"), "{e}");
+    let e = err(BASE, &["reward.functions=[]"]);
+    assert!(e.contains("reward.functions"), "{e}");
+    let e = err(BASE, &["model.device=gpu"]);
+    assert!(e.contains("model.device"), "{e}");
+}
+
+#[test]
+fn yaml_errors_name_the_file() {
+    let e = err("train: [unclosed\n", NO_OVERRIDES);
+    assert!(e.contains("demo.yaml is not valid YAML"), "{e}");
+    let e = err("- a\n- b\n", NO_OVERRIDES);
+    assert!(e.contains("mapping of sections"), "{e}");
+}
+
+#[test]
+fn the_shipped_recipes_load_and_validate() {
+    let demo = Recipe::demo(NO_OVERRIDES).unwrap();
+    assert_eq!(demo.model.preset, Some(ModelPreset::Tiny));
+    assert_eq!(demo.rollout.num_generations, 8);
+    assert_eq!(demo.topology.learner_ranks, 2);
+    assert!(demo.eval.eval_steps > 0 && !demo.data.eval_files.is_empty());
+    assert_eq!(demo.prompts_per_rank_per_step(), 4);
+    // The embedded text is the file.
+    let from_file = Recipe::load(&configs().join("demo.yaml"), NO_OVERRIDES).unwrap();
+    assert_eq!(from_file, demo);
+    // Its data files exist relative to the repository root.
+    for f in demo.data.train_files.iter().chain(&demo.data.eval_files) {
+        let p = configs().join("..").join(&f.path);
+        assert!(p.is_file(), "{} is missing", p.display());
+    }
+
+    let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();
+    assert_eq!(ext.rollout.client_tag_echo, ClientTagEcho::Ignore);
+    assert_eq!(ext.reward.functions.len(), 2);
+    assert_eq!(
+        ext.reward.functions[1].params["pattern"],
+        serde_json::json!("^.*</think> <answer>.*</answer>$")
+    );
+}
+
+#[test]
+fn resolved_output_round_trips_with_every_default() {
+    let r = Recipe::from_yaml_str(
+        BASE,
+        "x",
+        &["rollout.api_key=secret", "train.epsilon_high=0.28"],
+    )
+    .unwrap();
+    let yaml = r.resolved_yaml().unwrap();
+    for key in [
+        "adam_beta2:",
+        "max_nonfinite_steps:",
+        "vllm_importance_sampling_cap:",
+        "rollout_servers:",
+    ] {
+        assert!(yaml.contains(key), "{key} missing from\n{yaml}");
+    }
+    let back = Recipe::from_yaml_str(&yaml, "resolved.yaml", NO_OVERRIDES).unwrap();
+    assert_eq!(back, r);
+
+    let json = r.to_json();
+    assert!(json["train"]["beta"].is_number());
+    assert!(json["model"]["path"].is_null());
+    let back = Recipe::from_value(json, "resolved.json", NO_OVERRIDES).unwrap();
+    assert_eq!(back, r);
+
+    let red = r.to_json_redacted();
+    assert_eq!(red["rollout"]["api_key"], "<redacted>");
+    assert!(red["rollout"]["weight_sync_token"].is_null());
+    assert!(!red.to_string().contains("secret"));
+}
+
+#[test]
+fn known_keys_cover_every_section() {
+    let keys = Recipe::known_keys();
+    for section in [
+        "model",
+        "data",
+        "rollout",
+        "reward",
+        "train",
+        "eval",
+        "checkpoint",
+        "log",
+        "topology",
+    ] {
+        assert!(
+            keys.iter().any(|k| k.starts_with(&format!("{section}."))),
+            "{section}"
+        );
+    }
+}
