@@ -10,11 +10,14 @@
 pub mod accumulation;
 pub mod advantages;
 pub mod batch;
+pub mod collective;
 pub mod data;
 pub mod grpo_config;
 pub mod grpo_error;
 pub mod kl;
 pub mod loss;
 pub mod metrics;
+pub mod optim;
 pub mod recipe;
+pub mod rewards;
 pub mod run_dir;

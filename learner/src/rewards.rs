@@ -1,0 +1,948 @@
+//! Reward functions: a registry built from the recipe's `reward.functions`
+//! list, each entry `{name, weight, label?, ...params}`, that scores a batch
+//! of completions. Every function's values are returned (and logged) on
+//! their own, next to the weighted total.
+//!
+//! | name             | value per completion                                            |
+//! |------------------|-----------------------------------------------------------------|
+//! | `exact_match`    | 1 if the extracted answer equals the reference, else 0           |
+//! | `format`         | 1 if the regex matches, else 0                                   |
+//! | `length_penalty` | DAPO's soft overlong penalty in [-1, 0], or linear in [-1, 0]     |
+//! | `blocklist`      | `gate`: 1 clean / 0 blocked, and a blocked completion's total is 0; `penalty`: 0 clean / `penalty` blocked |
+//! | `remote`         | whatever the user's HTTP server returns                          |
+//!
+//! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
+//! `gate` is the product of the `blocklist` gates (1 when there are none).
+//!
+//! Parameters are checked strictly: an unknown or mistyped parameter is an
+//! error naming the function and the parameter. A function that fails while
+//! scoring is an error naming it, never a silent zero.
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What went wrong while building or running a reward function.
+#[derive(Debug, thiserror::Error)]
+pub enum RewardError {
+    #[error("reward function #{index} (`{function}`): {message}")]
+    Config {
+        index: usize,
+        function: String,
+        message: String,
+    },
+    #[error("reward function `{function}` failed: {message}")]
+    Score { function: String, message: String },
+}
+
+pub type Result<T, E = RewardError> = std::result::Result<T, E>;
+
+/// One completion to score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardInput {
+    pub prompt: String,
+    pub completion_text: String,
+    /// The dataset's reference answer, when it has one.
+    pub answer: Option<String>,
+    /// Number of completion tokens (for `length_penalty` in tokens).
+    pub completion_tokens: Option<usize>,
+}
+
+impl RewardInput {
+    pub fn new(
+        prompt: impl Into<String>,
+        completion_text: impl Into<String>,
+        answer: Option<String>,
+    ) -> Self {
+        RewardInput {
+            prompt: prompt.into(),
+            completion_text: completion_text.into(),
+            answer,
+            completion_tokens: None,
+        }
+    }
+
+    pub fn with_completion_tokens(mut self, n: usize) -> Self {
+        self.completion_tokens = Some(n);
+        self
+    }
+}
+
+/// The values of one function over a batch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionScores {
+    /// The logged name: the entry's `label`, or its `name`.
+    pub label: String,
+    pub weight: f64,
+    pub values: Vec<f64>,
+}
+
+/// The scores of a batch: per function (in recipe order) and the total.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RewardScores {
+    pub per_function: Vec<FunctionScores>,
+    pub total: Vec<f64>,
+}
+
+impl RewardScores {
+    /// `(label, mean, population std)` per function, for the train log.
+    pub fn summary(&self) -> Vec<(String, f64, f64)> {
+        self.per_function
+            .iter()
+            .map(|f| {
+                let n = f.values.len().max(1) as f64;
+                let mean = f.values.iter().sum::<f64>() / n;
+                let var = f.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                (f.label.clone(), mean, var.sqrt())
+            })
+            .collect()
+    }
+}
+
+/// The recipe's reward functions, ready to score.
+#[derive(Debug)]
+pub struct RewardRegistry {
+    functions: Vec<RewardFunction>,
+}
+
+#[derive(Debug)]
+struct RewardFunction {
+    label: String,
+    weight: f64,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    ExactMatch(ExactMatch),
+    Format(Format),
+    LengthPenalty(LengthPenalty),
+    Blocklist(Blocklist),
+    Remote(Remote),
+}
+
+/// Names of the built-in functions.
+pub const FUNCTION_NAMES: &[&str] = &[
+    "exact_match",
+    "format",
+    "length_penalty",
+    "blocklist",
+    "remote",
+];
+
+impl RewardRegistry {
+    /// Builds the registry from the recipe's entries (JSON objects with
+    /// `name`, optional `weight` (default 1.0), optional `label` (the logged
+    /// name, default `name`; needed when one function is used twice), and
+    /// the function's parameters).
+    pub fn from_configs(configs: &[Value]) -> Result<Self> {
+        if configs.is_empty() {
+            return Err(RewardError::Config {
+                index: 0,
+                function: String::new(),
+                message: "no reward functions configured".into(),
+            });
+        }
+        let mut functions = Vec::with_capacity(configs.len());
+        let mut labels = HashSet::new();
+        for (index, config) in configs.iter().enumerate() {
+            let f = RewardFunction::from_config(index, config)?;
+            if !labels.insert(f.label.clone()) {
+                return Err(RewardError::Config {
+                    index,
+                    function: f.label.clone(),
+                    message: format!(
+                        "another function is already logged as `{}`; give one of them a distinct `label`",
+                        f.label
+                    ),
+                });
+            }
+            functions.push(f);
+        }
+        Ok(RewardRegistry { functions })
+    }
+
+    /// The logged names, in recipe order.
+    pub fn labels(&self) -> Vec<&str> {
+        self.functions.iter().map(|f| f.label.as_str()).collect()
+    }
+
+    /// Scores a batch with every function (in recipe order; a remote function
+    /// is awaited before the next one starts).
+    pub async fn score(&self, batch: &[RewardInput]) -> Result<RewardScores> {
+        let mut per_function = Vec::with_capacity(self.functions.len());
+        let mut weighted = vec![0.0; batch.len()];
+        let mut gate = vec![1.0; batch.len()];
+        for f in &self.functions {
+            let values = f.score(batch).await?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(f.fail(format!(
+                    "value {} for completion {i} is not finite",
+                    values[i]
+                )));
+            }
+            if f.is_gate() {
+                for (g, v) in gate.iter_mut().zip(&values) {
+                    *g *= v;
+                }
+            } else {
+                for (t, v) in weighted.iter_mut().zip(&values) {
+                    *t += f.weight * v;
+                }
+            }
+            per_function.push(FunctionScores {
+                label: f.label.clone(),
+                weight: f.weight,
+                values,
+            });
+        }
+        let total = weighted.iter().zip(&gate).map(|(w, g)| w * g).collect();
+        Ok(RewardScores {
+            per_function,
+            total,
+        })
+    }
+}
+
+/// Deserializes `params` into `T` (which denies unknown fields), naming the
+/// function in the error.
+fn params<T: DeserializeOwned>(
+    index: usize,
+    label: &str,
+    params: serde_json::Map<String, Value>,
+) -> Result<T> {
+    serde_json::from_value(Value::Object(params)).map_err(|e| RewardError::Config {
+        index,
+        function: label.to_string(),
+        message: format!("parameters: {e}"),
+    })
+}
+
+impl RewardFunction {
+    fn from_config(index: usize, config: &Value) -> Result<Self> {
+        let cfg_err = |function: &str, message: String| RewardError::Config {
+            index,
+            function: function.to_string(),
+            message,
+        };
+        let Some(object) = config.as_object() else {
+            return Err(cfg_err(
+                "?",
+                format!("expected an object with `name`, got {config}"),
+            ));
+        };
+        let mut rest = object.clone();
+        let name = match rest.remove("name") {
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                return Err(cfg_err(
+                    "?",
+                    format!("`name` must be a string, got {other}"),
+                ));
+            }
+            None => {
+                return Err(cfg_err(
+                    "?",
+                    format!("missing `name` (one of {FUNCTION_NAMES:?})"),
+                ));
+            }
+        };
+        let weight = match rest.remove("weight") {
+            None => 1.0,
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+            Some(other) => {
+                return Err(cfg_err(
+                    &name,
+                    format!("`weight` must be a number, got {other}"),
+                ));
+            }
+        };
+        if !weight.is_finite() {
+            return Err(cfg_err(&name, "`weight` must be finite".into()));
+        }
+        let label = match rest.remove("label") {
+            None => name.clone(),
+            Some(Value::String(s)) if !s.is_empty() => s,
+            Some(other) => {
+                return Err(cfg_err(
+                    &name,
+                    format!("`label` must be a non-empty string, got {other}"),
+                ));
+            }
+        };
+        let kind = match name.as_str() {
+            "exact_match" => Kind::ExactMatch(params(index, &label, rest)?),
+            "format" => Kind::Format(
+                Format::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            ),
+            "length_penalty" => Kind::LengthPenalty(
+                LengthPenalty::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            ),
+            "blocklist" => Kind::Blocklist(
+                Blocklist::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            ),
+            "remote" => Kind::Remote(
+                Remote::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            ),
+            other => {
+                return Err(cfg_err(
+                    other,
+                    format!("unknown reward function `{other}`; known: {FUNCTION_NAMES:?}"),
+                ));
+            }
+        };
+        if matches!(&kind, Kind::Blocklist(b) if b.mode == BlocklistMode::Gate) && weight != 1.0 {
+            return Err(cfg_err(
+                &label,
+                "a `blocklist` in `gate` mode multiplies the total and takes no `weight`; \
+                 use `mode: penalty` for a weighted penalty"
+                    .into(),
+            ));
+        }
+        Ok(RewardFunction {
+            label,
+            weight,
+            kind,
+        })
+    }
+
+    fn is_gate(&self) -> bool {
+        matches!(&self.kind, Kind::Blocklist(b) if b.mode == BlocklistMode::Gate)
+    }
+
+    fn fail(&self, message: String) -> RewardError {
+        RewardError::Score {
+            function: self.label.clone(),
+            message,
+        }
+    }
+
+    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>> {
+        match &self.kind {
+            Kind::ExactMatch(f) => batch
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    f.score(x)
+                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
+                })
+                .collect(),
+            Kind::Format(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
+            Kind::LengthPenalty(f) => batch
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    f.score(x)
+                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
+                })
+                .collect(),
+            Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
+            Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- exact_match
+
+/// Where `exact_match` looks for the completion's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Extract {
+    /// The last `<answer>...</answer>`.
+    AnswerTag,
+    /// The last `\boxed{...}` (balanced braces).
+    Boxed,
+    /// The last number in the text (`-1,234.5`, `3/4`): for models that answer
+    /// bare arithmetic without tags, like the demo's tiny model.
+    LastNumber,
+    /// `<answer>` tag, else `\boxed{}`.
+    #[default]
+    Any,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExactMatch {
+    #[serde(default)]
+    extract: Extract,
+}
+
+impl ExactMatch {
+    fn score(&self, x: &RewardInput) -> Result<f64, String> {
+        let Some(reference) = &x.answer else {
+            return Err("no reference answer (map the dataset's answer column)".into());
+        };
+        let Some(predicted) = extract_answer(&x.completion_text, self.extract) else {
+            return Ok(0.0);
+        };
+        Ok(if answers_match(predicted, reference_answer(reference)) {
+            1.0
+        } else {
+            0.0
+        })
+    }
+}
+
+/// The answer inside a reference: the text after the last `####` when there
+/// is one (GSM8K's solutions), else the whole reference.
+pub fn reference_answer(reference: &str) -> &str {
+    match reference.rfind("####") {
+        Some(i) => &reference[i + 4..],
+        None => reference,
+    }
+}
+
+/// The completion's final answer, per `extract`.
+pub fn extract_answer(text: &str, extract: Extract) -> Option<&str> {
+    match extract {
+        Extract::AnswerTag => last_answer_tag(text),
+        Extract::Boxed => last_boxed(text),
+        Extract::LastNumber => last_number(text),
+        Extract::Any => last_answer_tag(text).or_else(|| last_boxed(text)),
+    }
+}
+
+fn last_answer_tag(text: &str) -> Option<&str> {
+    let close = text.rfind("</answer>")?;
+    let open = text[..close].rfind("<answer>")?;
+    Some(&text[open + "<answer>".len()..close])
+}
+
+fn last_boxed(text: &str) -> Option<&str> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let mut depth = 1usize;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None // unbalanced: a truncated completion has no answer
+}
+
+static LAST_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+")
+        .unwrap_or_else(|e| unreachable!("{e}"))
+});
+
+fn last_number(text: &str) -> Option<&str> {
+    LAST_NUMBER.find_iter(text).last().map(|m| m.as_str())
+}
+
+static PLAIN_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$").unwrap_or_else(|e| unreachable!("{e}"))
+});
+static THOUSANDS: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d*)?$").unwrap_or_else(|e| unreachable!("{e}"))
+});
+static FRACTION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(-?\d+)/(\d+)$").unwrap_or_else(|e| unreachable!("{e}")));
+
+/// A normalised answer: a number in canonical decimal form, a fraction, or
+/// text with whitespace collapsed.
+#[derive(Debug, PartialEq)]
+enum Normalized {
+    Decimal(String),
+    Fraction(f64),
+    Text(String),
+}
+
+/// Normalises an answer: trims, drops a wrapping `$...$` and a trailing
+/// period; for numbers removes spaces, a leading `+`, thousands commas,
+/// trailing zeros of the fraction and a trailing `.` (`+1,000.50` ->
+/// `1000.5`, `2.0` -> `2`, `-0` -> `0`).
+fn normalize(answer: &str) -> Normalized {
+    let mut s = answer.trim();
+    if let Some(inner) = s.strip_prefix('$').and_then(|t| t.strip_suffix('$')) {
+        s = inner.trim();
+    }
+    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut n = compact.strip_prefix('+').unwrap_or(&compact).to_string();
+    if n.ends_with('.') && n.len() > 1 {
+        n.pop();
+    }
+    if THOUSANDS.is_match(&n) {
+        n.retain(|c| c != ',');
+    }
+    if PLAIN_NUMBER.is_match(&n) {
+        return Normalized::Decimal(canonical_decimal(&n));
+    }
+    if let Some(c) = FRACTION.captures(&n)
+        && let (Ok(a), Ok(b)) = (c[1].parse::<f64>(), c[2].parse::<f64>())
+        && b != 0.0
+    {
+        return Normalized::Fraction(a / b);
+    }
+    Normalized::Text(s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// `-007.500` -> `-7.5`; `.5` -> `0.5`; `-0.0` -> `0`.
+fn canonical_decimal(n: &str) -> String {
+    let (neg, digits) = match n.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, n),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let body = if frac.is_empty() {
+        int.to_string()
+    } else {
+        format!("{int}.{frac}")
+    };
+    if neg && body != "0" {
+        format!("-{body}")
+    } else {
+        body
+    }
+}
+
+/// Whether a predicted answer equals the reference after [`normalize`]-ing
+/// both: decimals compare as canonical strings (exact, any length); a
+/// fraction compares by value with a decimal or another fraction (`1/2` ==
+/// `0.5`); text compares exactly.
+pub fn answers_match(predicted: &str, reference: &str) -> bool {
+    let value = |n: &Normalized| match n {
+        Normalized::Decimal(d) => d.parse::<f64>().ok(),
+        Normalized::Fraction(f) => Some(*f),
+        Normalized::Text(_) => None,
+    };
+    let (p, r) = (normalize(predicted), normalize(reference));
+    match (&p, &r) {
+        (Normalized::Decimal(a), Normalized::Decimal(b)) => a == b,
+        (Normalized::Text(a), Normalized::Text(b)) => a == b,
+        _ => match (value(&p), value(&r)) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0),
+            _ => false,
+        },
+    }
+}
+
+// ---------------------------------------------------------------- format
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormatParams {
+    /// Rust `regex` syntax; `(?s)` lets `.` match newlines (Python's re.DOTALL).
+    pattern: String,
+    /// The whole completion must match (`^(?:pattern)$`), not just a part.
+    #[serde(default)]
+    full_match: bool,
+}
+
+#[derive(Debug)]
+struct Format {
+    regex: Regex,
+}
+
+impl Format {
+    fn new(p: FormatParams) -> Result<Self, String> {
+        let source = if p.full_match {
+            format!("^(?:{})$", p.pattern)
+        } else {
+            p.pattern.clone()
+        };
+        let regex = Regex::new(&source)
+            .map_err(|e| format!("`pattern` {:?} is not a valid regex: {e}", p.pattern))?;
+        Ok(Format { regex })
+    }
+
+    fn score(&self, completion: &str) -> f64 {
+        if self.regex.is_match(completion) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+// ---------------------------------------------------------------- length_penalty
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LengthMode {
+    /// DAPO's soft overlong punishment: with `L` the length, `M` =
+    /// `max_length` and `C` = `cache_length`: 0 when `L <= M - C`,
+    /// `(M - C - L) / C` when `M - C < L <= M`, -1 when `L > M`.
+    #[default]
+    Overlong,
+    /// `-min(L, M) / M`.
+    Linear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LengthUnit {
+    /// `RewardInput::completion_tokens` (required).
+    #[default]
+    Tokens,
+    /// Unicode scalar values of the completion text.
+    Chars,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LengthPenaltyParams {
+    #[serde(default)]
+    mode: LengthMode,
+    max_length: usize,
+    #[serde(default)]
+    cache_length: Option<usize>,
+    #[serde(default)]
+    unit: LengthUnit,
+}
+
+#[derive(Debug)]
+struct LengthPenalty {
+    mode: LengthMode,
+    max_length: f64,
+    cache_length: f64,
+    unit: LengthUnit,
+}
+
+impl LengthPenalty {
+    fn new(p: LengthPenaltyParams) -> Result<Self, String> {
+        if p.max_length == 0 {
+            return Err("`max_length` must be positive".into());
+        }
+        let cache_length = match (p.mode, p.cache_length) {
+            (LengthMode::Overlong, None) => {
+                return Err("`overlong` mode needs `cache_length`".into());
+            }
+            (LengthMode::Overlong, Some(c)) if c == 0 || c > p.max_length => {
+                return Err(format!(
+                    "`cache_length` must be in 1..=max_length ({}), got {c}",
+                    p.max_length
+                ));
+            }
+            (LengthMode::Overlong, Some(c)) => c as f64,
+            (LengthMode::Linear, Some(_)) => {
+                return Err("`cache_length` only applies to `overlong` mode".into());
+            }
+            (LengthMode::Linear, None) => 0.0,
+        };
+        Ok(LengthPenalty {
+            mode: p.mode,
+            max_length: p.max_length as f64,
+            cache_length,
+            unit: p.unit,
+        })
+    }
+
+    fn score(&self, x: &RewardInput) -> Result<f64, String> {
+        let len = match self.unit {
+            LengthUnit::Tokens => x
+                .completion_tokens
+                .ok_or("no completion token count (set `unit: chars` to measure characters)")?
+                as f64,
+            LengthUnit::Chars => x.completion_text.chars().count() as f64,
+        };
+        let (m, c) = (self.max_length, self.cache_length);
+        Ok(match self.mode {
+            LengthMode::Overlong if len <= m - c => 0.0,
+            LengthMode::Overlong if len <= m => (m - c - len) / c,
+            LengthMode::Overlong => -1.0,
+            LengthMode::Linear => -len.min(m) / m,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- blocklist
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum BlocklistMode {
+    /// Value 1 when clean, 0 when blocked; multiplies the total, so a blocked
+    /// completion's total reward is 0 (note: 0 can still beat a clean
+    /// completion whose total is negative; use `penalty` then).
+    #[default]
+    Gate,
+    /// Value 0 when clean, `penalty` when blocked; added with `weight`.
+    Penalty,
+}
+
+fn default_penalty() -> f64 {
+    -1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlocklistParams {
+    substrings: Vec<String>,
+    #[serde(default)]
+    case_sensitive: Option<bool>,
+    #[serde(default)]
+    mode: BlocklistMode,
+    #[serde(default)]
+    penalty: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Blocklist {
+    /// Lower-cased when not case-sensitive.
+    substrings: Vec<String>,
+    case_sensitive: bool,
+    mode: BlocklistMode,
+    penalty: f64,
+}
+
+impl Blocklist {
+    fn new(p: BlocklistParams) -> Result<Self, String> {
+        if p.substrings.is_empty() || p.substrings.iter().any(String::is_empty) {
+            return Err("`substrings` must be a non-empty list of non-empty strings".into());
+        }
+        if p.mode == BlocklistMode::Gate && p.penalty.is_some() {
+            return Err("`penalty` only applies to `mode: penalty`".into());
+        }
+        let penalty = p.penalty.unwrap_or_else(default_penalty);
+        if !penalty.is_finite() {
+            return Err("`penalty` must be finite".into());
+        }
+        let case_sensitive = p.case_sensitive.unwrap_or(true);
+        let substrings = if case_sensitive {
+            p.substrings
+        } else {
+            p.substrings.iter().map(|s| s.to_lowercase()).collect()
+        };
+        Ok(Blocklist {
+            substrings,
+            case_sensitive,
+            mode: p.mode,
+            penalty,
+        })
+    }
+
+    fn blocked(&self, completion: &str) -> bool {
+        if self.case_sensitive {
+            self.substrings
+                .iter()
+                .any(|s| completion.contains(s.as_str()))
+        } else {
+            let lower = completion.to_lowercase();
+            self.substrings.iter().any(|s| lower.contains(s.as_str()))
+        }
+    }
+
+    fn score(&self, completion: &str) -> f64 {
+        match (self.mode, self.blocked(completion)) {
+            (BlocklistMode::Gate, blocked) => {
+                if blocked {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
+            (BlocklistMode::Penalty, true) => self.penalty,
+            (BlocklistMode::Penalty, false) => 0.0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- remote
+
+fn default_timeout_s() -> f64 {
+    30.0
+}
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_backoff_s() -> f64 {
+    0.5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoteParams {
+    url: String,
+    #[serde(default = "default_timeout_s")]
+    timeout_s: f64,
+    #[serde(default = "default_max_retries")]
+    max_retries: u32,
+    /// First retry delay; doubles per retry, at most 10 s.
+    #[serde(default = "default_backoff_s")]
+    backoff_s: f64,
+}
+
+/// The JSON body POSTed to a remote reward server: one entry per completion,
+/// like the arguments of a TRL reward function (`prompts`, `completions`,
+/// and the dataset's `answer` column; `null` where a row has none).
+#[derive(Debug, Serialize)]
+pub struct RemoteRequest<'a> {
+    pub prompts: Vec<&'a str>,
+    pub completions: Vec<&'a str>,
+    pub answers: Vec<Option<&'a str>>,
+}
+
+/// The expected response: one finite number per completion, in order.
+#[derive(Debug, Deserialize)]
+pub struct RemoteResponse {
+    pub rewards: Vec<Value>,
+}
+
+#[derive(Debug)]
+struct Remote {
+    url: String,
+    timeout: Duration,
+    max_retries: u32,
+    backoff: Duration,
+    client: reqwest::Client,
+}
+
+impl Remote {
+    fn new(p: RemoteParams) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&p.url).map_err(|e| format!("`url` {:?}: {e}", p.url))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "`url` {:?}: only http:// is supported (this build has no TLS)",
+                p.url
+            ));
+        }
+        if !(p.timeout_s.is_finite() && p.timeout_s > 0.0) {
+            return Err(format!("`timeout_s` must be positive, got {}", p.timeout_s));
+        }
+        if !(p.backoff_s.is_finite() && p.backoff_s >= 0.0) {
+            return Err(format!(
+                "`backoff_s` must be non-negative, got {}",
+                p.backoff_s
+            ));
+        }
+        let client = reqwest::Client::builder()
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Remote {
+            url: p.url,
+            timeout: Duration::from_secs_f64(p.timeout_s),
+            max_retries: p.max_retries,
+            backoff: Duration::from_secs_f64(p.backoff_s),
+            client,
+        })
+    }
+
+    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let body = RemoteRequest {
+            prompts: batch.iter().map(|x| x.prompt.as_str()).collect(),
+            completions: batch.iter().map(|x| x.completion_text.as_str()).collect(),
+            answers: batch.iter().map(|x| x.answer.as_deref()).collect(),
+        };
+        let mut attempt = 0;
+        loop {
+            match self.attempt(&body).await {
+                Ok(bytes) => return parse_rewards(&bytes, batch.len()),
+                Err(Attempt::Fatal(m)) => return Err(format!("POST {}: {m}", self.url)),
+                Err(Attempt::Retryable(m)) if attempt >= self.max_retries => {
+                    return Err(format!(
+                        "POST {}: {m} (gave up after {} attempt(s))",
+                        self.url,
+                        attempt + 1
+                    ));
+                }
+                Err(Attempt::Retryable(m)) => {
+                    let delay = self
+                        .backoff
+                        .saturating_mul(1 << attempt.min(16))
+                        .min(Duration::from_secs(10));
+                    tracing::warn!(url = %self.url, attempt, "remote reward: {m}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, body: &RemoteRequest<'_>) -> Result<Vec<u8>, Attempt> {
+        let response = self
+            .client
+            .post(&self.url)
+            .timeout(self.timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| classify(&e, self.timeout))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| classify(&e, self.timeout))?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let snippet: String = text.chars().take(300).collect();
+        let message = format!("HTTP {status}: {snippet}");
+        if status.is_server_error() || status.as_u16() == 429 {
+            Err(Attempt::Retryable(message))
+        } else {
+            Err(Attempt::Fatal(message))
+        }
+    }
+}
+
+enum Attempt {
+    Retryable(String),
+    Fatal(String),
+}
+
+fn classify(e: &reqwest::Error, timeout: Duration) -> Attempt {
+    if e.is_timeout() {
+        Attempt::Retryable(format!("no response within {timeout:?}"))
+    } else if e.is_connect() || e.is_request() || e.is_body() {
+        Attempt::Retryable(format!("connection failed: {e}"))
+    } else {
+        Attempt::Fatal(e.to_string())
+    }
+}
+
+fn parse_rewards(bytes: &[u8], expected: usize) -> Result<Vec<f64>, String> {
+    let response: RemoteResponse = serde_json::from_slice(bytes).map_err(|e| {
+        let snippet: String = String::from_utf8_lossy(bytes).chars().take(300).collect();
+        format!("the response is not {{\"rewards\": [numbers]}}: {e}; body: {snippet}")
+    })?;
+    if response.rewards.len() != expected {
+        return Err(format!(
+            "returned {} rewards for {expected} completions",
+            response.rewards.len()
+        ));
+    }
+    response
+        .rewards
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_f64() {
+            Some(x) if x.is_finite() => Ok(x),
+            _ => Err(format!("reward {i} is {v}, not a finite number")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_decimals() {
+        for (a, b) in [
+            ("007.500", "7.5"),
+            ("-0.0", "0"),
+            (".5", "0.5"),
+            ("12", "12"),
+            ("-3.", "-3"),
+        ] {
+            assert_eq!(canonical_decimal(a), b, "{a}");
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Reward functions on hand-made completions; `remote` against a real HTTP
+//! server (axum) on 127.0.0.1.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use learner::rewards::{
+    Extract, RewardError, RewardInput, RewardRegistry, answers_match, extract_answer,
+};
+use serde_json::{Value, json};
+
+fn input(completion: &str, answer: Option<&str>) -> RewardInput {
+    RewardInput::new("Q", completion, answer.map(str::to_string))
+}
+
+fn registry(configs: Value) -> RewardRegistry {
+    match configs {
+        Value::Array(v) => RewardRegistry::from_configs(&v).unwrap(),
+        other => RewardRegistry::from_configs(&[other]).unwrap(),
+    }
+}
+
+fn config_error(config: Value) -> String {
+    RewardRegistry::from_configs(&[config])
+        .unwrap_err()
+        .to_string()
+}
+
+async fn values(config: Value, batch: &[RewardInput]) -> Vec<f64> {
+    let scores = registry(config).score(batch).await.unwrap();
+    scores.per_function[0].values.clone()
+}
+
+#[tokio::test]
+async fn exact_match_extracts_and_normalises() {
+    let cases: &[(&str, &str, f64)] = &[
+        ("<think>2+2</think><answer>4</answer>", "4", 1.0),
+        ("<answer>3</answer> then <answer> 4 </answer>", "4", 1.0), // last tag
+        ("<answer>5</answer>", "4", 0.0),
+        ("so \\boxed{1,234} done", "1234", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0), // balanced braces
+        ("\\boxed{+7.0}", "7", 1.0),
+        ("\\boxed{7.50}", "7.5", 1.0),
+        ("\\boxed{1/2}", "0.5", 1.0),
+        ("\\boxed{-0}", "0", 1.0),
+        ("\\boxed{1 000}", "1000", 1.0),
+        ("\\boxed{12", "12", 0.0),     // truncated: no answer
+        ("the answer is 4", "4", 0.0), // `any` does not take bare numbers
+        ("<answer>$42$</answer>", "42", 1.0),
+        ("<answer>New  York</answer>", "New York", 1.0),
+        ("<answer>72</answer>", "She pays 8 * 9 = 72.\n#### 72", 1.0), // GSM8K reference
+    ];
+    let batch: Vec<_> = cases.iter().map(|(c, a, _)| input(c, Some(a))).collect();
+    let got = values(json!({"name": "exact_match"}), &batch).await;
+    for ((c, a, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, *want, "completion {c:?} vs answer {a:?}");
+    }
+
+    let bare = [
+        input("3 + 4 = 7", Some("7")),
+        input("-12.", Some("-12")),
+        input("none", Some("1")),
+    ];
+    let got = values(
+        json!({"name": "exact_match", "extract": "last_number"}),
+        &bare,
+    )
+    .await;
+    assert_eq!(got, vec![1.0, 1.0, 0.0]);
+
+    let tagged = [input("<answer>1</answer> \\boxed{2}", Some("2"))];
+    assert_eq!(
+        values(json!({"name": "exact_match", "extract": "boxed"}), &tagged).await,
+        vec![1.0]
+    );
+    assert_eq!(
+        values(
+            json!({"name": "exact_match", "extract": "answer_tag"}),
+            &tagged
+        )
+        .await,
+        vec![0.0]
+    );
+}
+
+#[test]
+fn answer_helpers() {
+    assert_eq!(
+        extract_answer("a \\boxed{x{y}z} b", Extract::Boxed),
+        Some("x{y}z")
+    );
+    assert_eq!(
+        extract_answer("1, then 2,500.5 apples", Extract::LastNumber),
+        Some("2,500.5")
+    );
+    assert!(answers_match("1,000,000", "1000000"));
+    assert!(answers_match("0.25", "1/4"));
+    assert!(!answers_match("1/3", "0.33"));
+    assert!(!answers_match("12", "1.2"));
+    assert!(answers_match(
+        "123456789012345678901",
+        "123456789012345678901.0"
+    ));
+    assert!(!answers_match(
+        "123456789012345678901",
+        "123456789012345678902"
+    ));
+}
+
+#[tokio::test]
+async fn exact_match_without_a_reference_is_an_error() {
+    let err = registry(json!({"name": "exact_match"}))
+        .score(&[input("<answer>1</answer>", None)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RewardError::Score { function, .. } if function == "exact_match"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("completion 0"), "{err}");
+}
+
+#[tokio::test]
+async fn format_regex() {
+    let batch = [
+        input("<think>a\nb</think><answer>1</answer>", None),
+        input("<answer>1</answer>", None),
+        input("x <think>a</think><answer>1</answer>", None),
+    ];
+    let pattern = r"(?s)<think>.*?</think>\s*<answer>.*?</answer>";
+    let search = values(json!({"name": "format", "pattern": pattern}), &batch).await;
+    assert_eq!(search, vec![1.0, 0.0, 1.0]);
+    let full = values(
+        json!({"name": "format", "pattern": pattern, "full_match": true}),
+        &batch,
+    )
+    .await;
+    assert_eq!(full, vec![1.0, 0.0, 0.0]);
+
+    let err = config_error(json!({"name": "format", "pattern": "(<think>"}));
+    assert!(
+        err.contains("`format`") && err.contains("(<think>") && err.contains("regex"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn length_penalty_overlong_and_linear() {
+    // DAPO: max 10, cache 4 -> free up to 6, then (6 - L)/4, -1 beyond 10.
+    let batch: Vec<_> = [0, 6, 7, 8, 10, 11]
+        .iter()
+        .map(|&n| input("", None).with_completion_tokens(n))
+        .collect();
+    let cfg = json!({"name": "length_penalty", "max_length": 10, "cache_length": 4});
+    assert_eq!(
+        values(cfg, &batch).await,
+        vec![0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    );
+
+    let chars = [input("abcde", None), input("abcdefghijklmnop", None)];
+    let cfg =
+        json!({"name": "length_penalty", "mode": "linear", "max_length": 10, "unit": "chars"});
+    assert_eq!(values(cfg, &chars).await, vec![-0.5, -1.0]);
+
+    let err = registry(json!({"name": "length_penalty", "max_length": 10, "cache_length": 4}))
+        .score(&[input("abc", None)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("length_penalty") && err.contains("token count"),
+        "{err}"
+    );
+    let err = config_error(json!({"name": "length_penalty", "max_length": 10, "cache_length": 11}));
+    assert!(err.contains("cache_length"), "{err}");
+}
+
+#[tokio::test]
+async fn blocklist_gate_and_penalty_compose_with_the_total() {
+    let batch = [
+        input("<answer>4</answer>", Some("4")),
+        input("<answer>4</answer> As an AI", Some("4")),
+        input("<answer>5</answer> as an ai", Some("4")),
+    ];
+    // Gate (default): blocked completions get a total of 0.
+    let reg = registry(json!([
+        {"name": "exact_match", "weight": 2.0},
+        {"name": "format", "pattern": "<answer>", "weight": 0.5},
+        {"name": "blocklist", "substrings": ["As an AI"]},
+    ]));
+    let s = reg.score(&batch).await.unwrap();
+    assert_eq!(s.per_function[2].values, vec![1.0, 0.0, 1.0]);
+    assert_eq!(s.total, vec![2.5, 0.0, 0.5]);
+    assert_eq!(reg.labels(), vec!["exact_match", "format", "blocklist"]);
+
+    // Penalty, case-insensitive: adds weight x penalty.
+    let reg = registry(json!([
+        {"name": "exact_match"},
+        {"name": "blocklist", "substrings": ["AS AN AI"], "case_sensitive": false,
+         "mode": "penalty", "penalty": -2.0, "weight": 0.5},
+    ]));
+    let s = reg.score(&batch).await.unwrap();
+    assert_eq!(s.per_function[1].values, vec![0.0, -2.0, -2.0]);
+    assert_eq!(s.total, vec![1.0, 0.0, -1.0]);
+    let summary = s.summary();
+    assert_eq!(summary[0].0, "exact_match");
+    assert!((summary[0].1 - 2.0 / 3.0).abs() < 1e-12);
+
+    let err = config_error(json!({"name": "blocklist", "substrings": ["x"], "weight": 3.0}));
+    assert!(err.contains("gate"), "{err}");
+}
+
+#[test]
+fn configs_are_strict() {
+    let err = config_error(json!({"name": "exact_match", "extrac": "boxed"}));
+    assert!(
+        err.contains("exact_match") && err.contains("extrac"),
+        "{err}"
+    );
+    let err = config_error(json!({"name": "exact_match", "extract": "tag"}));
+    assert!(err.contains("exact_match") && err.contains("tag"), "{err}");
+    let err = config_error(json!({"name": "blocklist", "substrings": "x"}));
+    assert!(
+        err.contains("blocklist") && err.contains("invalid type"),
+        "{err}"
+    );
+    let err = config_error(json!({"name": "remote", "url": "http://x", "retries": 3}));
+    assert!(err.contains("remote") && err.contains("retries"), "{err}");
+    let err = config_error(json!({"name": "exact", "weight": 1}));
+    assert!(err.contains("unknown reward function `exact`"), "{err}");
+    let err = config_error(json!({"name": "format", "pattern": "x", "weight": "1"}));
+    assert!(err.contains("weight"), "{err}");
+    let err = RewardRegistry::from_configs(&[
+        json!({"name": "format", "pattern": "a"}),
+        json!({"name": "format", "pattern": "b"}),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("label"), "{err}");
+    let ok = RewardRegistry::from_configs(&[
+        json!({"name": "format", "pattern": "a"}),
+        json!({"name": "format", "pattern": "b", "label": "format_b"}),
+    ])
+    .unwrap();
+    assert_eq!(ok.labels(), vec!["format", "format_b"]);
+}
+
+// ---------------------------------------------------------------- remote
+
+#[derive(Clone, Default)]
+struct Server {
+    flaky_calls: Arc<AtomicUsize>,
+    slow_calls: Arc<AtomicUsize>,
+}
+
+/// Reward = number of characters of the completion, +100 when it equals the answer.
+fn rewards_for(body: &Value) -> Vec<Value> {
+    let completions = body["completions"].as_array().cloned().unwrap_or_default();
+    let answers = body["answers"].as_array().cloned().unwrap_or_default();
+    completions
+        .iter()
+        .zip(&answers)
+        .map(|(c, a)| {
+            let c = c.as_str().unwrap_or("");
+            let bonus = if a.as_str() == Some(c) { 100.0 } else { 0.0 };
+            json!(c.chars().count() as f64 + bonus)
+        })
+        .collect()
+}
+
+async fn ok(Json(body): Json<Value>) -> Json<Value> {
+    assert_eq!(
+        body["prompts"].as_array().map(Vec::len),
+        body["completions"].as_array().map(Vec::len)
+    );
+    Json(json!({"rewards": rewards_for(&body)}))
+}
+
+async fn flaky(State(s): State<Server>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if s.flaky_calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "warming up"})),
+        );
+    }
+    (StatusCode::OK, Json(json!({"rewards": rewards_for(&body)})))
+}
+
+async fn slow(State(s): State<Server>) -> Json<Value> {
+    s.slow_calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    Json(json!({"rewards": [1.0]}))
+}
+
+async fn wrong_length(Json(body): Json<Value>) -> Json<Value> {
+    let mut r = rewards_for(&body);
+    r.pop();
+    Json(json!({"rewards": r}))
+}
+
+async fn not_numbers() -> Json<Value> {
+    Json(json!({"rewards": [1.0, null]}))
+}
+
+async fn bad_request() -> (StatusCode, &'static str) {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing field `solutions`",
+    )
+}
+
+async fn start_server() -> (String, Server) {
+    let state = Server::default();
+    let app = Router::new()
+        .route("/ok", post(ok))
+        .route("/flaky", post(flaky))
+        .route("/slow", post(slow))
+        .route("/wrong_length", post(wrong_length))
+        .route("/not_numbers", post(not_numbers))
+        .route("/bad_request", post(bad_request))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), state)
+}
+
+fn remote(url: String, extra: Value) -> Value {
+    let mut cfg = json!({"name": "remote", "url": url, "timeout_s": 0.5, "max_retries": 2, "backoff_s": 0.05});
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    cfg
+}
+
+fn two() -> Vec<RewardInput> {
+    vec![input("abc", Some("abc")), input("hello", None)]
+}
+
+#[tokio::test]
+async fn remote_scores_a_batch() {
+    let (base, _) = start_server().await;
+    let reg = registry(json!([
+        remote(format!("{base}/ok"), json!({"weight": 0.5, "label": "python"})),
+        {"name": "format", "pattern": "^h"},
+    ]));
+    let s = reg.score(&two()).await.unwrap();
+    assert_eq!(s.per_function[0].label, "python");
+    assert_eq!(s.per_function[0].values, vec![103.0, 5.0]);
+    assert_eq!(s.total, vec![51.5, 3.5]);
+}
+
+#[tokio::test]
+async fn remote_retries_a_500_then_succeeds() {
+    let (base, server) = start_server().await;
+    let v = values(remote(format!("{base}/flaky"), json!({})), &two()).await;
+    assert_eq!(v, vec![103.0, 5.0]);
+    assert_eq!(server.flaky_calls.load(Ordering::SeqCst), 2);
+}
+
+async fn remote_error(url: String, extra: Value) -> String {
+    let err = registry(remote(url, extra))
+        .score(&two())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RewardError::Score { function, .. } if function == "remote"),
+        "{err}"
+    );
+    err.to_string()
+}
+
+#[tokio::test]
+async fn remote_timeout_after_retries_is_an_error() {
+    let (base, server) = start_server().await;
+    let started = Instant::now();
+    let err = remote_error(
+        format!("{base}/slow"),
+        json!({"timeout_s": 0.3, "max_retries": 1}),
+    )
+    .await;
+    assert!(
+        err.contains("no response within") && err.contains("2 attempt"),
+        "{err}"
+    );
+    assert_eq!(server.slow_calls.load(Ordering::SeqCst), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn remote_wrong_answers_are_errors() {
+    let (base, _) = start_server().await;
+    let err = remote_error(format!("{base}/wrong_length"), json!({})).await;
+    assert!(
+        err.contains("returned 1 rewards for 2 completions"),
+        "{err}"
+    );
+    let err = remote_error(format!("{base}/not_numbers"), json!({})).await;
+    assert!(err.contains("reward 1 is null"), "{err}");
+    let err = remote_error(format!("{base}/bad_request"), json!({})).await;
+    assert!(
+        err.contains("422") && err.contains("solutions") && !err.contains("attempt"),
+        "{err}"
+    );
+    let err = remote_error(format!("{base}/missing_route"), json!({})).await;
+    assert!(err.contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn remote_unreachable_server_is_an_error_after_retries() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let err = remote_error(
+        format!("http://127.0.0.1:{port}/score"),
+        json!({"max_retries": 1}),
+    )
+    .await;
+    assert!(
+        err.contains("connection failed") && err.contains("2 attempt"),
+        "{err}"
+    );
+}
