@@ -32,7 +32,8 @@ pub enum DeviceArg {
                   rollout-server and learner binaries; default: the launcher's own folder), \
                   TANDEM_NODE_ADDRS (addresses of the job's nodes when their names do not \
                   resolve: one address for all, or a comma list in node order, or \
-                  name=addr pairs)."
+                  name=addr pairs). `launcher report RUN_DIR` writes RUN_DIR/report.md and \
+                  its SVG curves from the run's logs (done at the end of every run)."
 )]
 pub struct Args {
     /// The recipe (YAML).
@@ -155,4 +156,29 @@ fn print_dry_run(job: &Job) -> anyhow::Result<()> {
     out.push_str(&serde_json::to_string_pretty(&job.plan_json())?);
     println!("{out}");
     Ok(())
+}
+
+/// `launcher report RUN_DIR`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "launcher report",
+    about = "Writes RUN_DIR/report.md (recipe, summary table with bootstrap confidence \
+             intervals) and SVG curves of reward, eval pass@k, KL and step time"
+)]
+pub struct ReportArgs {
+    /// The run folder (holds manifest.json, train_log.jsonl, eval_log.jsonl).
+    pub run_dir: PathBuf,
+}
+
+/// Runs `launcher report`; the value is the process exit code.
+pub fn run_report(args: ReportArgs) -> anyhow::Result<i32> {
+    let paths = crate::report::write_report(&args.run_dir)?;
+    for note in &paths.notes {
+        eprintln!("launcher: report: note: {note}");
+    }
+    println!("{}", paths.report.display());
+    for svg in &paths.svgs {
+        println!("{}", svg.display());
+    }
+    Ok(0)
 }

@@ -6,11 +6,13 @@
 //! - [`job`]: what the plan is made from (recipe, flags, Slurm, GPUs, ports);
 //! - [`slurm`], [`devices`]: what Slurm and the machine say;
 //! - [`supervise`]: start, watch, pass signals on, stop everything together;
+//! - [`report`]: the run folder's report.md and SVG curves;
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod devices;
 pub mod job;
 pub mod plan;
+pub mod report;
 pub mod slurm;
 pub mod supervise;
