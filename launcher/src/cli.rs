@@ -128,10 +128,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // long as the launcher, so their parent-death signal fires only when the
     // launcher itself dies.
     let code = runtime.block_on(supervise::supervise(&job.plan, &options))?;
+    if job.runs_learners_here() && job.plan.out.join("train_log.jsonl").exists() {
+        // The report is written after failed runs too: it shows how far they got.
+        match crate::report::write_report(&job.plan.out) {
+            Ok(paths) => eprintln!("launcher: report: {}", paths.report.display()),
+            Err(e) => eprintln!("launcher: could not write the report: {e:#}"),
+        }
+    }
     if code == 0 && job.runs_learners_here() {
         eprintln!(
-            "launcher: done. Run folder: {} (checkpoints in {}, logs in {})",
+            "launcher: done. Run folder: {} (report {}, checkpoints in {}, logs in {})",
             job.plan.out.display(),
+            job.plan.out.join("report.md").display(),
             job.plan.out.join("checkpoints").display(),
             job.plan.out.join("logs").display()
         );

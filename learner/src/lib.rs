@@ -10,8 +10,10 @@
 pub mod accumulation;
 pub mod advantages;
 pub mod batch;
+pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod eval;
 pub mod grpo_config;
 pub mod grpo_error;
 pub mod kl;
@@ -20,4 +22,6 @@ pub mod metrics;
 pub mod optim;
 pub mod recipe;
 pub mod rewards;
+pub mod rollout;
 pub mod run_dir;
+pub mod train;

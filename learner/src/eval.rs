@@ -1,0 +1,185 @@
+//! Validation: pass@k and mean@k over held-out questions, through any
+//! OpenAI-compatible endpoint (Tandem's rollout server or a stock vLLM).
+//!
+//! Each question gets `k` samples (one request with `n = k`). The reward
+//! functions decide what a pass is: when the registry has a function logged
+//! as `exact_match`, a sample passes when that function gives 1 (the other
+//! functions, e.g. a small format bonus, do not make a wrong answer pass);
+//! otherwise a sample passes when its total reward is > 0.
+//!
+//! - `pass@k` is the unbiased estimator of Chen et al. (2021),
+//!   `1 - C(n - c, k) / C(n, k)` averaged over questions, with `n` samples of
+//!   which `c` pass, reported for every power of two `k <= n` and for `k = n`;
+//! - `mean@k` is the mean pass rate over all `n` samples of all questions
+//!   (an estimate of pass@1 with `n` replicates);
+//! - `reward_mean` is the mean total reward, and each function's mean.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::data::Example;
+use crate::rewards::{RewardInput, RewardRegistry};
+use crate::rollout::{GroupOutcome, RolloutClient};
+
+/// The result of one validation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalResult {
+    /// Samples per question.
+    pub num_samples: usize,
+    /// Questions evaluated (dropped groups excluded).
+    pub num_questions: usize,
+    pub dropped_groups: usize,
+    /// `pass@k` for k = 1, 2, 4, ... and k = n.
+    pub pass_at_k: BTreeMap<String, f64>,
+    /// `mean@n`: the mean pass rate over every sample.
+    pub mean_at_k: f64,
+    pub reward_mean: f64,
+    pub reward_per_function: BTreeMap<String, f64>,
+    /// How a pass was decided: `exact_match == 1` or `total_reward > 0`.
+    pub pass_rule: String,
+    pub seconds: f64,
+}
+
+/// `1 - C(n - c, k) / C(n, k)`, computed as a product (numerically stable).
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if k == 0 || k > n {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    // C(n-c, k) / C(n, k) = prod_{i = n-c+1}^{n} (1 - k / i)
+    let mut prod = 1.0;
+    for i in (n - c + 1)..=n {
+        prod *= 1.0 - k as f64 / i as f64;
+    }
+    1.0 - prod
+}
+
+/// The k values reported for `n` samples: powers of two below `n`, and `n`.
+pub fn reported_ks(n: usize) -> Vec<usize> {
+    let mut ks = Vec::new();
+    let mut k = 1;
+    while k < n {
+        ks.push(k);
+        k *= 2;
+    }
+    if n > 0 {
+        ks.push(n);
+    }
+    ks
+}
+
+/// Seeds of the eval requests: a hash of the seed and the question's place,
+/// so that two evaluations of the same weights sample the same.
+pub fn eval_seed(seed: u64, example: &Example) -> u64 {
+    let key = format!(
+        "eval|{seed}|{}|{}",
+        example.source_file.display(),
+        example.row
+    );
+    crate::train::hash_u64(key.as_bytes())
+}
+
+/// Samples `client.settings().num_generations` completions per example and
+/// scores them.
+pub async fn evaluate(
+    client: &RolloutClient,
+    rewards: &RewardRegistry,
+    examples: &[Example],
+    seed: u64,
+) -> anyhow::Result<EvalResult> {
+    let started = std::time::Instant::now();
+    let n = client.settings().num_generations;
+    let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
+    let seeds: Vec<u64> = examples.iter().map(|e| eval_seed(seed, e)).collect();
+    let outcomes = client.generate(&prompts, &seeds).await?;
+    let mut inputs = Vec::new();
+    let mut dropped = 0;
+    for (example, outcome) in examples.iter().zip(&outcomes) {
+        match outcome {
+            GroupOutcome::Kept(group) => {
+                for c in &group.completions {
+                    inputs.push(
+                        RewardInput::new(
+                            example.prompt_text.clone(),
+                            c.text.clone(),
+                            Some(example.answer.clone()),
+                        )
+                        .with_completion_tokens(c.completion_ids.len()),
+                    );
+                }
+            }
+            GroupOutcome::Dropped { .. } => dropped += 1,
+        }
+    }
+    let num_questions = inputs.len() / n.max(1);
+    if num_questions == 0 {
+        anyhow::bail!(
+            "eval: no question got completions ({} examples, {dropped} groups dropped)",
+            examples.len()
+        );
+    }
+    let scores = rewards.score(&inputs).await?;
+    let exact = scores
+        .per_function
+        .iter()
+        .find(|f| f.label == "exact_match");
+    let (pass_rule, passes): (&str, Vec<bool>) = match exact {
+        Some(f) => (
+            "exact_match == 1",
+            f.values.iter().map(|v| *v >= 1.0).collect(),
+        ),
+        None => (
+            "total_reward > 0",
+            scores.total.iter().map(|v| *v > 0.0).collect(),
+        ),
+    };
+    let mut pass_at = BTreeMap::new();
+    for k in reported_ks(n) {
+        let mean = passes
+            .chunks(n)
+            .map(|g| pass_at_k(n, g.iter().filter(|p| **p).count(), k))
+            .sum::<f64>()
+            / num_questions as f64;
+        pass_at.insert(format!("pass@{k}"), mean);
+    }
+    let total = passes.len().max(1) as f64;
+    let mean_at_k = passes.iter().filter(|p| **p).count() as f64 / total;
+    let reward_mean = scores.total.iter().sum::<f64>() / total;
+    let reward_per_function = scores
+        .summary()
+        .into_iter()
+        .map(|(label, mean, _)| (label, mean))
+        .collect();
+    Ok(EvalResult {
+        num_samples: n,
+        num_questions,
+        dropped_groups: dropped,
+        pass_at_k: pass_at,
+        mean_at_k,
+        reward_mean,
+        reward_per_function,
+        pass_rule: pass_rule.into(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_matches_the_closed_form() {
+        // n = 4, c = 1: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6.
+        assert!((pass_at_k(4, 1, 1) - 0.25).abs() < 1e-12);
+        assert!((pass_at_k(4, 1, 2) - 0.5).abs() < 1e-12);
+        assert_eq!(pass_at_k(4, 0, 4), 0.0);
+        assert_eq!(pass_at_k(4, 1, 4), 1.0);
+        assert_eq!(pass_at_k(4, 4, 1), 1.0);
+        assert_eq!(reported_ks(4), vec![1, 2, 4]);
+        assert_eq!(reported_ks(6), vec![1, 2, 4, 6]);
+        assert_eq!(reported_ks(1), vec![1]);
+    }
+}

@@ -1,0 +1,374 @@
+//! Completion groups from OpenAI-compatible endpoints: Tandem's rollout
+//! server or an external vLLM.
+//!
+//! One request per prompt asks for `n = num_generations` completions with
+//! token ids and log-probs, tagged with the rank's `client_tag` (JSON field and
+//! `X-VLLM-Client-Tag` header). Requests go to the endpoint with the fewest
+//! outstanding requests, are retried with exponential backoff on connection
+//! errors and 5xx/429, and fail after a deadline. A group whose echoed tag is
+//! not this rank's is dropped and counted (`client_tag_echo: require`); stock
+//! vLLM does not echo tags, hence `ignore`. A server that returns no token ids
+//! (an older vLLM) gets its text re-tokenized, with one warning.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use model::tokenizer::Tokenizer;
+use proto::openai::{CompletionRequest, CompletionResponse, Prompt, SamplingFields};
+use serde::{Deserialize, Serialize};
+
+pub use crate::recipe::ClientTagEcho;
+
+#[derive(Debug, Clone)]
+pub struct RolloutSettings {
+    pub endpoints: Vec<String>,
+    pub api_key: Option<String>,
+    pub model: Option<String>,
+    pub num_generations: usize,
+    pub max_completion_length: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: f32,
+    pub client_tag: String,
+    pub client_tag_echo: ClientTagEcho,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// One sampled completion, in token ids, with the log-probs the server
+/// sampled it with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub completion_ids: Vec<u32>,
+    pub text: String,
+    /// Log-prob of each completion token under the server's sampling
+    /// distribution (empty when the server returned none).
+    pub logprobs: Vec<f32>,
+    pub finish_reason: Option<String>,
+    pub weight_version: u64,
+}
+
+/// The `n` completions of one prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub prompt_ids: Vec<u32>,
+    pub completions: Vec<Completion>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("rollout request to {endpoint} failed after {attempts} attempt(s): {message}")]
+    Request {
+        endpoint: String,
+        attempts: u32,
+        message: String,
+    },
+    #[error("rollout endpoint {endpoint} refused the request ({status}): {message}")]
+    Refused {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error("rollout response from {endpoint} is malformed: {message}")]
+    Malformed { endpoint: String, message: String },
+    #[error("no rollout endpoints configured: set rollout.endpoints")]
+    NoEndpoints,
+}
+
+struct Endpoint {
+    base: String,
+    outstanding: AtomicUsize,
+}
+
+/// Counts a step's rollouts report in the train log.
+#[derive(Debug, Default)]
+pub struct RolloutCounters {
+    pub dropped_groups: AtomicUsize,
+    pub retries: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct RolloutClient {
+    http: reqwest::Client,
+    endpoints: Arc<Vec<Endpoint>>,
+    settings: Arc<RolloutSettings>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    warned_retokenize: Arc<AtomicBool>,
+    pub counters: Arc<RolloutCounters>,
+}
+
+/// The outcome of one prompt's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GroupOutcome {
+    Kept(Group),
+    /// The echoed client tag was not ours: the group belongs to another rank.
+    Dropped {
+        echoed: Option<String>,
+    },
+}
+
+impl RolloutClient {
+    /// `tokenizer` re-tokenizes the text of servers that return no token ids;
+    /// without one such completions have empty token ids (fine for eval,
+    /// not for training).
+    pub fn new(
+        settings: RolloutSettings,
+        tokenizer: Option<Arc<Tokenizer>>,
+    ) -> Result<Self, RolloutError> {
+        if settings.endpoints.is_empty() {
+            return Err(RolloutError::NoEndpoints);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| RolloutError::Request {
+                endpoint: settings.endpoints.join(","),
+                attempts: 0,
+                message: e.to_string(),
+            })?;
+        let endpoints = settings
+            .endpoints
+            .iter()
+            .map(|e| Endpoint {
+                base: e.trim_end_matches('/').trim_end_matches("/v1").to_string(),
+                outstanding: AtomicUsize::new(0),
+            })
+            .collect();
+        Ok(RolloutClient {
+            http,
+            endpoints: Arc::new(endpoints),
+            settings: Arc::new(settings),
+            tokenizer,
+            warned_retokenize: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new(RolloutCounters::default()),
+        })
+    }
+
+    pub fn settings(&self) -> &RolloutSettings {
+        &self.settings
+    }
+
+    /// Generates one group per prompt, all requests in flight at once. Groups
+    /// come back in prompt order; dropped ones are `GroupOutcome::Dropped`.
+    /// `seeds[i]` seeds prompt i's request, so that the same prompt at the
+    /// same step gets the same completions whichever rank asks.
+    pub async fn generate(
+        &self,
+        prompts: &[String],
+        seeds: &[u64],
+    ) -> Result<Vec<GroupOutcome>, RolloutError> {
+        let futures = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(p, &seed)| self.generate_group(p.clone(), seed));
+        futures::future::try_join_all(futures).await
+    }
+
+    fn pick_endpoint(&self) -> &Endpoint {
+        // Least outstanding requests; ties to the first.
+        self.endpoints
+            .iter()
+            .min_by_key(|e| e.outstanding.load(Ordering::Relaxed))
+            .unwrap_or(&self.endpoints[0])
+    }
+
+    async fn generate_group(
+        &self,
+        prompt: String,
+        seed: u64,
+    ) -> Result<GroupOutcome, RolloutError> {
+        let s = &self.settings;
+        let request = CompletionRequest {
+            model: s.model.clone(),
+            prompt: Prompt::Text(prompt.clone()),
+            logprobs: Some(0),
+            echo: None,
+            add_special_tokens: Some(false),
+            sampling: SamplingFields {
+                n: Some(s.num_generations as i64),
+                max_tokens: Some(s.max_completion_length as i64),
+                temperature: Some(s.temperature),
+                top_p: Some(s.top_p),
+                top_k: s.top_k,
+                min_p: s.min_p,
+                repetition_penalty: Some(s.repetition_penalty),
+                seed: Some((seed & (i64::MAX as u64)) as i64),
+                return_token_ids: Some(true),
+                client_tag: Some(s.client_tag.clone()),
+                ..Default::default()
+            },
+        };
+        let started = Instant::now();
+        let deadline = s.request_timeout;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let endpoint = self.pick_endpoint();
+            endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+            let result = self.post(&endpoint.base, &request).await;
+            endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(resp) => return self.to_group(&endpoint.base, &prompt, resp),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(message)) => {
+                    let backoff = Duration::from_millis(100u64 << attempt.min(6));
+                    if attempt > s.max_retries || started.elapsed() + backoff > deadline {
+                        return Err(RolloutError::Request {
+                            endpoint: endpoint.base.clone(),
+                            attempts: attempt,
+                            message,
+                        });
+                    }
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(endpoint = %endpoint.base, attempt, "rollout request failed, retrying: {message}");
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn post(
+        &self,
+        base: &str,
+        request: &CompletionRequest,
+    ) -> Result<CompletionResponse, Attempt> {
+        let url = format!("{base}/v1/completions");
+        let mut req = self
+            .http
+            .post(&url)
+            .header("X-VLLM-Client-Tag", &self.settings.client_tag)
+            .json(request);
+        if let Some(key) = &self.settings.api_key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(Attempt::Retry(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        if !status.is_success() {
+            return Err(Attempt::Fatal(RolloutError::Refused {
+                endpoint: base.to_string(),
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }));
+        }
+        serde_json::from_slice(&body).map_err(|e| {
+            Attempt::Fatal(RolloutError::Malformed {
+                endpoint: base.to_string(),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    fn to_group(
+        &self,
+        endpoint: &str,
+        prompt: &str,
+        resp: CompletionResponse,
+    ) -> Result<GroupOutcome, RolloutError> {
+        let malformed = |message: String| RolloutError::Malformed {
+            endpoint: endpoint.to_string(),
+            message,
+        };
+        let s = &self.settings;
+        if s.client_tag_echo == ClientTagEcho::Require {
+            let ours = |m: &Option<proto::openai::Metadata>| {
+                m.as_ref().and_then(|m| m.client_tag.as_deref()) == Some(s.client_tag.as_str())
+            };
+            if !ours(&resp.metadata) || !resp.choices.iter().all(|c| ours(&c.metadata)) {
+                self.counters.dropped_groups.fetch_add(1, Ordering::Relaxed);
+                let echoed = resp.metadata.as_ref().and_then(|m| m.client_tag.clone());
+                tracing::warn!(?echoed, ours = %s.client_tag, "dropping a group with a foreign client tag");
+                return Ok(GroupOutcome::Dropped { echoed });
+            }
+        }
+        if resp.choices.len() != s.num_generations {
+            return Err(malformed(format!(
+                "{} choices for n = {}",
+                resp.choices.len(),
+                s.num_generations
+            )));
+        }
+        let mut choices = resp.choices;
+        choices.sort_by_key(|c| c.index);
+        let prompt_ids = match choices.first().and_then(|c| c.prompt_token_ids.clone()) {
+            Some(ids) => ids,
+            None => self.retokenize(prompt)?,
+        };
+        let response_version = resp
+            .metadata
+            .as_ref()
+            .map(|m| m.weight_version)
+            .unwrap_or(0);
+        let mut completions = Vec::with_capacity(choices.len());
+        for c in choices {
+            let completion_ids = match c.token_ids {
+                Some(ids) => ids,
+                None => self.retokenize(&c.text)?,
+            };
+            let logprobs: Vec<f32> = match &c.logprobs {
+                Some(lp) => lp.token_logprobs.iter().map(|l| l.unwrap_or(0.0)).collect(),
+                None => Vec::new(),
+            };
+            if !logprobs.is_empty() && logprobs.len() != completion_ids.len() {
+                return Err(malformed(format!(
+                    "{} log-probs for {} completion tokens",
+                    logprobs.len(),
+                    completion_ids.len()
+                )));
+            }
+            completions.push(Completion {
+                completion_ids,
+                text: c.text,
+                logprobs,
+                finish_reason: c.finish_reason,
+                weight_version: c
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.weight_version)
+                    .unwrap_or(response_version),
+            });
+        }
+        Ok(GroupOutcome::Kept(Group {
+            prompt_ids,
+            completions,
+        }))
+    }
+
+    fn retokenize(&self, text: &str) -> Result<Vec<u32>, RolloutError> {
+        if !self.warned_retokenize.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the rollout server returned no token ids (an older vLLM?): re-tokenizing text, \
+                 which may not reproduce the sampled tokens exactly"
+            );
+        }
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(Vec::new());
+        };
+        tokenizer
+            .encode(text, false)
+            .map_err(|e| RolloutError::Malformed {
+                endpoint: "tokenizer".into(),
+                message: e.to_string(),
+            })
+    }
+}
+
+enum Attempt {
+    Retry(String),
+    Fatal(RolloutError),
+}

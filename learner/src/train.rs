@@ -1,0 +1,1116 @@
+//! The GRPO loop: `learner train`. One process per rank; rank and world from
+//! torchrun's variables (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`).
+//!
+//! One step on rank r of W (DESIGN.md, "One GRPO step"):
+//! 1. the next prompts of its shard ([`PromptSource`], strided: W ranks x B
+//!    prompts are the same prompts as 1 rank x W·B); each request is seeded
+//!    by a hash of (train.seed, step, file, row), so a prompt gets the same
+//!    completions whichever rank asks for it;
+//! 2. generate (or take the batch prefetched during the previous step with
+//!    `async_lag: 1`); groups with a foreign echoed tag are dropped, counted
+//!    and logged;
+//! 3. score; the rewards are all-gathered (a zero-padded global vector
+//!    summed over ranks, in the global strided order) so the advantages are
+//!    computed on the global batch, bit-identically on every rank;
+//! 4. pad; policy log-probs (with the sampling temperature), old log-probs
+//!    when `num_iterations > 1`, reference log-probs when `beta > 0`, the
+//!    server's log-probs for the importance-sampling correction;
+//! 5. `num_iterations` passes of micro-batches with gradient accumulation,
+//!    global normalisers, gradient all-reduce (sum), NaN/inf guard, clip,
+//!    AdamW;
+//! 6. rank 0 pushes the weights to every WeightSync endpoint, then a barrier;
+//! 7. logs (train_log.jsonl on rank 0; every rank > 0 writes its weights'
+//!    hash to `ranks/rank_R.jsonl`); checkpoint every `save_steps` and at
+//!    the end; eval every `eval_steps` and at the start and end (rank 0).
+//!
+//! The loop is synchronous; a tokio runtime runs the HTTP/gRPC calls (and,
+//! with `async_lag: 1`, the next step's generation in the background while
+//! this step trains). The prefetched batch is awaited before the weight push,
+//! so it is generated entirely by the previous weights (exactly one step
+//! off-policy, and reproducible).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use model::tokenizer::Tokenizer;
+use model::{CausalLM, ModelConfig, Weights};
+use proto::weight_sync::{Client as WeightSyncClient, TensorBytes, WireDType};
+use serde_json::{Value, json};
+
+use crate::accumulation::accumulate_gradients;
+use crate::advantages::compute_advantages;
+use crate::batch::{SequenceTokens, pad_batch};
+use crate::checkpoint::{PrefetchedBatch, TrainerState, save_checkpoint};
+use crate::collective::{Collective, SingleRank, TcpRing, TcpRingConfig};
+use crate::data::{Example, PromptSource, load_eval_examples};
+use crate::eval::evaluate;
+use crate::grpo_error::GrpoError;
+use crate::kl::KlController;
+use crate::loss::{LossInputs, Normalizers, micro_batch_ranges};
+use crate::metrics::LossMetrics;
+use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
+use crate::recipe::{Dtype, LrSchedulerType, Recipe};
+use crate::rewards::{RewardInput, RewardRegistry};
+use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
+use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
+
+/// First 8 bytes (little-endian) of SHA-256.
+pub fn hash_u64(bytes: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// The sampling seed of `example` at `step`: the same on every rank.
+pub fn request_seed(seed: u64, step: u64, example: &Example) -> u64 {
+    let key = format!(
+        "train|{seed}|{step}|{}|{}",
+        example.source_file.display(),
+        example.row
+    );
+    hash_u64(key.as_bytes())
+}
+
+/// SHA-256 over every parameter's name, shape and bytes, in name order.
+pub fn weights_hash(vars: &[(String, Var)]) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, var) in vars {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}", var.dims()).as_bytes());
+        h.update(tensor_bytes(var.as_tensor())?.1);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Little-endian bytes of a tensor in its own dtype (F32, BF16 or F16).
+fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, Vec<u8>)> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => (
+            WireDType::F32,
+            flat.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            WireDType::BF16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            WireDType::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        other => bail!("cannot push a {other:?} tensor"),
+    })
+}
+
+fn device_of(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::new_cuda(i)?),
+            _ => bail!("model.device must be cpu, cuda or cuda:N, got {s:?}"),
+        },
+    }
+}
+
+fn dtype_of(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+    }
+}
+
+/// The starting model folder: `model.path`, or `model.preset` written (once,
+/// atomically) to `<output_dir>/initial_model` — a rollout server started on
+/// that folder serves the same weights.
+pub fn initial_model_dir(recipe: &Recipe) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &recipe.model.path {
+        return Ok(p.clone());
+    }
+    let Some(preset) = recipe.model.preset else {
+        bail!("set model.path or model.preset");
+    };
+    let dir = recipe.checkpoint.output_dir.join("initial_model");
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&recipe.checkpoint.output_dir)?;
+    let tmp = recipe
+        .checkpoint
+        .output_dir
+        .join(format!(".tmp-initial_model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    model::presets::init_model(preset.into(), &tmp, recipe.model.init_seed)
+        .with_context(|| format!("writing the {preset:?} preset to {}", tmp.display()))?;
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another rank wrote the same bytes first.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(dir)
+}
+
+/// The HTTP settings of the recipe's rollouts for this rank.
+pub fn rollout_settings(recipe: &Recipe, rank: usize) -> RolloutSettings {
+    let r = &recipe.rollout;
+    RolloutSettings {
+        endpoints: r.endpoints.clone(),
+        api_key: r.api_key.clone(),
+        model: r.model.clone(),
+        num_generations: r.num_generations,
+        max_completion_length: r.max_completion_length,
+        temperature: r.temperature as f32,
+        top_p: r.top_p as f32,
+        top_k: r.top_k.map(i64::from),
+        min_p: r.min_p.map(|p| p as f32),
+        repetition_penalty: r.repetition_penalty as f32,
+        client_tag: r
+            .client_tag
+            .clone()
+            .unwrap_or_else(|| format!("rank-{rank}")),
+        client_tag_echo: r.client_tag_echo,
+        request_timeout: Duration::from_secs_f64(r.request_timeout_s),
+        max_retries: r.max_retries,
+    }
+}
+
+fn optimizer_config(recipe: &Recipe) -> OptimizerConfig {
+    let t = &recipe.train;
+    OptimizerConfig {
+        learning_rate: t.learning_rate,
+        adam_beta1: t.adam_beta1,
+        adam_beta2: t.adam_beta2,
+        adam_epsilon: t.adam_epsilon,
+        weight_decay: t.weight_decay,
+        lr_scheduler_type: match t.lr_scheduler_type {
+            LrSchedulerType::Constant => crate::optim::LrSchedulerType::Constant,
+            LrSchedulerType::Linear => crate::optim::LrSchedulerType::Linear,
+            LrSchedulerType::Cosine => crate::optim::LrSchedulerType::Cosine,
+        },
+        warmup_steps: t.warmup_steps as usize,
+        warmup_ratio: t.warmup_ratio,
+        max_grad_norm: t.max_grad_norm,
+    }
+}
+
+/// Sums `values` over ranks (f64).
+fn all_sum(c: &dyn Collective, values: &mut [f64]) -> anyhow::Result<()> {
+    c.all_reduce_sum_f64(values)?;
+    Ok(())
+}
+
+/// Every rank's `values` (same length everywhere), indexed by rank: a
+/// zero-padded buffer summed over ranks. `x + 0.0 == x`, so exact.
+fn all_gather_f64(c: &dyn Collective, values: &[f64]) -> anyhow::Result<Vec<Vec<f64>>> {
+    let (w, n) = (c.world_size(), values.len());
+    let mut buf = vec![0.0; w * n];
+    buf[c.rank() * n..(c.rank() + 1) * n].copy_from_slice(values);
+    all_sum(c, &mut buf)?;
+    Ok(buf.chunks(n.max(1)).map(<[f64]>::to_vec).take(w).collect())
+}
+
+/// Every rank's bytes, indexed by rank (one broadcast per rank).
+fn all_gather_bytes(c: &dyn Collective, mine: Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::with_capacity(c.world_size());
+    for root in 0..c.world_size() {
+        let mut data = if root == c.rank() {
+            mine.clone()
+        } else {
+            Vec::new()
+        };
+        c.broadcast(&mut data, root)?;
+        out.push(data);
+    }
+    Ok(out)
+}
+
+/// The loss metrics of the whole global batch: sums summed over ranks,
+/// minima and maxima over ranks.
+fn reduce_metrics(c: &dyn Collective, m: &LossMetrics) -> anyhow::Result<LossMetrics> {
+    if c.world_size() == 1 {
+        return Ok(m.clone());
+    }
+    let mut sums = [
+        m.loss,
+        m.pg_loss,
+        m.kl_loss,
+        m.entropy_loss,
+        m.num_tokens,
+        m.num_sequences,
+        m.kl_sum,
+        f64::from(u8::from(m.has_kl)),
+        m.entropy_sum,
+        f64::from(u8::from(m.has_entropy)),
+        m.approx_kl_sum,
+        m.clip_low_count,
+        m.clip_high_count,
+        m.ratio_count,
+        m.ratio_sum,
+        m.is_ratio_sum,
+        m.is_ratio_count,
+        m.sampling_logp_diff_sum,
+    ];
+    all_sum(c, &mut sums)?;
+    let opt = |x: Option<f64>| x.unwrap_or(f64::NAN);
+    let extremes = all_gather_f64(
+        c,
+        &[
+            opt(m.ratio_min),
+            opt(m.ratio_max),
+            opt(m.is_ratio_min),
+            opt(m.is_ratio_max),
+            opt(m.sampling_logp_diff_max),
+        ],
+    )?;
+    let pick = |i: usize, min: bool| -> Option<f64> {
+        extremes
+            .iter()
+            .map(|r| r[i])
+            .filter(|v| !v.is_nan())
+            .reduce(|a, b| if min { a.min(b) } else { a.max(b) })
+    };
+    Ok(LossMetrics {
+        loss: sums[0],
+        pg_loss: sums[1],
+        kl_loss: sums[2],
+        entropy_loss: sums[3],
+        num_tokens: sums[4],
+        num_sequences: sums[5],
+        kl_sum: sums[6],
+        has_kl: sums[7] > 0.0,
+        entropy_sum: sums[8],
+        has_entropy: sums[9] > 0.0,
+        approx_kl_sum: sums[10],
+        clip_low_count: sums[11],
+        clip_high_count: sums[12],
+        ratio_count: sums[13],
+        ratio_sum: sums[14],
+        ratio_min: pick(0, true),
+        ratio_max: pick(1, false),
+        is_ratio_sum: sums[15],
+        is_ratio_count: sums[16],
+        is_ratio_min: pick(2, true),
+        is_ratio_max: pick(3, false),
+        sampling_logp_diff_sum: sums[17],
+        sampling_logp_diff_max: pick(4, false),
+    })
+}
+
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    if x.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = x.len() as f64;
+    let m = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / n;
+    (m, var.sqrt())
+}
+
+/// One micro-batch, ready for the loss.
+struct MicroBatch {
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    logits_to_keep: usize,
+    advantages: Tensor,
+    rollout_logprobs: Option<Tensor>,
+    old_logprobs: Option<Tensor>,
+    ref_logprobs: Option<Tensor>,
+}
+
+/// A row of the local batch: one completion of a kept group.
+struct Row<'a> {
+    prompt_ids: &'a [u32],
+    completion_ids: &'a [u32],
+    logprobs: &'a [f32],
+    advantage: f64,
+}
+
+fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::Result<MicroBatch> {
+    let seqs: Vec<SequenceTokens> = rows
+        .iter()
+        .map(|r| SequenceTokens {
+            prompt_ids: r.prompt_ids.to_vec(),
+            completion_ids: r.completion_ids.to_vec(),
+        })
+        .collect();
+    let padded = pad_batch(&seqs, pad_id, None, device)?;
+    let k = padded.logits_to_keep;
+    let has_lp = rows
+        .iter()
+        .all(|r| r.logprobs.len() == r.completion_ids.len());
+    let rollout_logprobs = if has_lp {
+        let mut lp = vec![0f32; rows.len() * k];
+        for (i, r) in rows.iter().enumerate() {
+            lp[i * k..i * k + r.logprobs.len()].copy_from_slice(r.logprobs);
+        }
+        Some(Tensor::from_vec(lp, (rows.len(), k), device)?)
+    } else {
+        None
+    };
+    let adv: Vec<f32> = rows.iter().map(|r| r.advantage as f32).collect();
+    Ok(MicroBatch {
+        input_ids: padded.input_ids,
+        attention_mask: padded.attention_mask,
+        response_mask: padded.response_mask,
+        logits_to_keep: k,
+        advantages: Tensor::from_vec(adv, rows.len(), device)?,
+        rollout_logprobs,
+        old_logprobs: None,
+        ref_logprobs: None,
+    })
+}
+
+/// The parsed `learner train` request.
+pub struct TrainArgs {
+    pub recipe: Recipe,
+    pub resume_from: Option<PathBuf>,
+}
+
+/// Pushes weights to every WeightSync endpoint.
+struct WeightPusher {
+    clients: Vec<(String, WeightSyncClient)>,
+    deadline: Duration,
+}
+
+impl WeightPusher {
+    async fn connect(recipe: &Recipe) -> anyhow::Result<WeightPusher> {
+        let r = &recipe.rollout;
+        let deadline = Duration::from_secs_f64(r.weight_sync_timeout_s);
+        let mut clients = Vec::new();
+        for e in &r.weight_sync_endpoints {
+            let c = WeightSyncClient::connect(e, r.weight_sync_token.as_deref(), deadline)
+                .await
+                .with_context(|| format!("connecting to the WeightSync service at {e}"))?;
+            clients.push((e.clone(), c));
+        }
+        Ok(WeightPusher { clients, deadline })
+    }
+
+    /// The largest version the servers report.
+    async fn server_version(&self) -> anyhow::Result<u64> {
+        let mut v = 0;
+        for (e, c) in &self.clients {
+            let info = c
+                .version(self.deadline)
+                .await
+                .with_context(|| format!("GetVersion at {e}"))?;
+            v = v.max(info.version);
+        }
+        Ok(v)
+    }
+
+    async fn push(&self, tensors: &[TensorBytes], version: u64) -> anyhow::Result<()> {
+        let pushes = self.clients.iter().map(|(e, c)| async move {
+            c.push(tensors.iter().cloned(), version, self.deadline)
+                .await
+                .with_context(|| format!("pushing weights version {version} to {e}"))
+        });
+        futures::future::try_join_all(pushes).await?;
+        Ok(())
+    }
+}
+
+fn push_tensors(vars: &[(String, Var)]) -> anyhow::Result<Vec<TensorBytes>> {
+    vars.iter()
+        .map(|(name, var)| {
+            let (dtype, bytes) = tensor_bytes(var.as_tensor())?;
+            Ok(TensorBytes::new(
+                name.clone(),
+                dtype,
+                var.dims().to_vec(),
+                bytes,
+            ))
+        })
+        .collect()
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e6
+}
+
+/// Runs `learner train`.
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let recipe = args.recipe;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let ring = TcpRingConfig::from_env()?;
+    let collective: Box<dyn Collective> = if ring.world_size > 1 {
+        Box::new(TcpRing::connect(&ring)?)
+    } else {
+        Box::new(SingleRank)
+    };
+    let c: &dyn Collective = collective.as_ref();
+    let (rank, world) = (c.rank(), c.world_size());
+    let t = &recipe.train;
+    let out = recipe.checkpoint.output_dir.clone();
+    if recipe.rollout.endpoints.is_empty() {
+        bail!("rollout.endpoints is empty: name the rollout servers (the launcher fills it in)");
+    }
+
+    // ---- resume state
+    let resume = match &args.resume_from {
+        Some(p) => {
+            let (step, dir) = resolve_resume(p)?;
+            let state = TrainerState::load(&dir)?;
+            Some((step, dir, state))
+        }
+        None => None,
+    };
+
+    // ---- model
+    let device = device_of(&recipe.model.device)?;
+    let dtype = dtype_of(recipe.model.dtype);
+    let initial_dir = initial_model_dir(&recipe)?;
+    let model_dir = resume
+        .as_ref()
+        .map_or(initial_dir.clone(), |(_, d, _)| d.clone());
+    let cfg = ModelConfig::from_dir(&model_dir)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let pad_id = cfg
+        .raw
+        .get("pad_token_id")
+        .and_then(Value::as_u64)
+        .map(|v| v as u32)
+        .or(tokenizer.pad_token_id())
+        .or(tokenizer.eos_token_id())
+        .unwrap_or(0);
+    let weights = Weights::load(&model_dir, &device, dtype)?;
+    let (vars, view) = model::decoder::trainable(&weights)?;
+    let policy = CausalLM::new(&cfg, &view)?;
+    let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let loss_cfg = t.loss.clone();
+    loss_cfg.validate()?;
+    let reference = if loss_cfg.beta > 0.0 {
+        let w = Weights::load(&initial_dir, &device, dtype)?;
+        Some(CausalLM::new(&ModelConfig::from_dir(&initial_dir)?, &w)?)
+    } else {
+        None
+    };
+
+    // ---- data, rewards, rollouts, optimizer
+    let mut source =
+        PromptSource::from_recipe(&recipe.data, t.seed, rank, world, Some(&tokenizer))?;
+    let reward_configs: Vec<Value> = recipe
+        .reward
+        .functions
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    let rewards = RewardRegistry::from_configs(&reward_configs)?;
+    let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
+    let tokenizer = Arc::new(tokenizer);
+    let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?;
+    let ocfg = optimizer_config(&recipe);
+    let mut optimizer = AdamW::new(vars.clone(), ocfg.adamw())?;
+    let schedule = LrSchedule::new(&ocfg, t.max_steps as usize)?;
+    let mut kl = KlController::from_config(&loss_cfg);
+    let mut streak = 0u32;
+    let mut start_step = 0u64;
+    let mut weight_version = 0u64;
+    let mut prefetched: Option<PrefetchedBatch> = None;
+    if let Some((step, dir, state)) = &resume {
+        optimizer.load(dir)?;
+        source.restore(&state.data_cursor)?;
+        kl = state.kl_controller.clone();
+        streak = state.nonfinite_streak;
+        start_step = *step;
+        weight_version = state.weight_version;
+        if recipe.rollout.async_lag == 1 {
+            prefetched = state.prefetched.get(rank).cloned().flatten();
+            if state.world_size != world {
+                bail!(
+                    "the checkpoint was written by {} ranks with async_lag 1; resume with the same number",
+                    state.world_size
+                );
+            }
+        }
+    }
+
+    // ---- run folder (rank 0), pusher
+    let run = if rank == 0 {
+        let manifest_exists = out.join("manifest.json").exists();
+        Some(if manifest_exists && resume.is_some() {
+            RunDir::resume(&out, start_step)?
+        } else {
+            let topology = RunTopology {
+                rank,
+                world_size: world,
+                endpoints: recipe.rollout.endpoints.clone(),
+                weight_sync_endpoints: recipe.rollout.weight_sync_endpoints.clone(),
+            };
+            RunDir::create(
+                &out,
+                &Manifest::collect(&recipe, source.fingerprints(), topology),
+            )?
+        })
+    } else {
+        None
+    };
+    let rank_log = if rank > 0 {
+        let dir = out.join("ranks");
+        std::fs::create_dir_all(&dir)?;
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("rank_{rank}.jsonl")))?,
+        )
+    } else {
+        None
+    };
+    let pusher = if rank == 0 {
+        Some(rt.block_on(WeightPusher::connect(&recipe))?)
+    } else {
+        None
+    };
+    if let Some(run) = &run {
+        run.event(
+            if resume.is_some() { "resume" } else { "start" },
+            json!({
+                "step": start_step,
+                "world_size": world,
+                "backend": c.backend(),
+                "model": model_dir,
+                "parameters": cfg.num_parameters(),
+                "resume_from": resume.as_ref().map(|(_, d, _)| d.clone()),
+            }),
+        )?;
+        if recipe.rollout.weight_sync_endpoints.is_empty() {
+            let msg = "rollout.weight_sync_endpoints is empty: new weights are not pushed, \
+                       generation stays on the starting weights (external endpoint mode)";
+            tracing::warn!("{msg}");
+            run.warn(msg)?;
+        }
+    }
+
+    // ---- resume: the servers get the checkpoint's weights first
+    if let (Some(pusher), Some((step, _, _))) = (&pusher, &resume)
+        && !pusher.clients.is_empty()
+    {
+        let server = rt.block_on(pusher.server_version())?;
+        let version = if server >= weight_version {
+            let v = server + 1;
+            if let Some(run) = &run {
+                run.event(
+                    "weight_version_bumped",
+                    json!({"step": step, "checkpoint_version": weight_version,
+                           "server_version": server, "pushed_version": v}),
+                )?;
+            }
+            v
+        } else {
+            weight_version
+        };
+        rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+        weight_version = version;
+    }
+    c.barrier()?;
+
+    // ---- eval setup
+    let eval_examples =
+        if rank == 0 && recipe.eval.eval_steps > 0 && !recipe.data.eval_files.is_empty() {
+            Some(load_eval_examples(&recipe.data, recipe.eval.max_examples, Some(&tokenizer))?.0)
+        } else {
+            None
+        };
+    let eval_client = if eval_examples.is_some() {
+        let mut s = rollout_settings(&recipe, rank);
+        s.num_generations = recipe.eval.num_samples.max(1);
+        s.temperature = recipe.eval.temperature as f32;
+        Some(RolloutClient::new(s, Some(tokenizer.clone()))?)
+    } else {
+        None
+    };
+    let run_eval = |step: u64, weight_version: u64| -> anyhow::Result<()> {
+        let (Some(examples), Some(ec), Some(run)) = (&eval_examples, &eval_client, &run) else {
+            return Ok(());
+        };
+        let result = rt.block_on(evaluate(ec, &rewards, examples, t.seed))?;
+        let mut line = serde_json::to_value(&result)?;
+        if let Value::Object(m) = &mut line {
+            m.insert("step".into(), json!(step));
+            m.insert("weight_version".into(), json!(weight_version));
+        }
+        run.log_eval(&line)?;
+        run.event("eval", json!({"step": step, "mean_at_k": result.mean_at_k}))?;
+        tracing::info!(step, pass = ?result.pass_at_k, "eval");
+        Ok(())
+    };
+    if resume.is_none() {
+        run_eval(0, weight_version)?;
+    }
+
+    // ---- the loop
+    let prompts_per_rank = recipe.prompts_per_rank_per_step();
+    let g = recipe.rollout.num_generations;
+    let temperature = if recipe.rollout.temperature > 0.0 {
+        recipe.rollout.temperature
+    } else {
+        1.0
+    };
+    let ga = t.gradient_accumulation_steps.max(1);
+    let max_completion = recipe.rollout.max_completion_length;
+    let num_functions = labels.len();
+    let run_started = Instant::now();
+    for step in start_step + 1..=t.max_steps {
+        let step_started = Instant::now();
+        // 1-2. prompts and completions
+        let t_gen = Instant::now();
+        let (examples, outcomes) = match prefetched.take() {
+            Some(b) if b.step == step => (b.examples, b.outcomes),
+            _ => {
+                let examples = source.next_batch(prompts_per_rank);
+                let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
+                let seeds: Vec<u64> = examples
+                    .iter()
+                    .map(|e| request_seed(t.seed, step, e))
+                    .collect();
+                let outcomes = rt.block_on(client.generate(&prompts, &seeds))?;
+                (examples, outcomes)
+            }
+        };
+        let generate_s = t_gen.elapsed();
+        // Also after the last step: the final checkpoint then holds the next
+        // batch, and a run extended with --resume-from stays exact.
+        let pending = if recipe.rollout.async_lag == 1 {
+            let next = source.next_batch(prompts_per_rank);
+            let prompts: Vec<String> = next.iter().map(|e| e.prompt_text.clone()).collect();
+            let seeds: Vec<u64> = next
+                .iter()
+                .map(|e| request_seed(t.seed, step + 1, e))
+                .collect();
+            let cl = client.clone();
+            let handle = rt.spawn(async move { cl.generate(&prompts, &seeds).await });
+            Some((next, handle))
+        } else {
+            None
+        };
+
+        // 3. rewards, gathered over ranks in the global order
+        let t_score = Instant::now();
+        let mut inputs = Vec::new();
+        let mut kept_local = vec![0.0; prompts_per_rank];
+        for (i, (ex, o)) in examples.iter().zip(&outcomes).enumerate() {
+            if let GroupOutcome::Kept(group) = o {
+                if group.completions.len() != g {
+                    bail!(
+                        "a group has {} completions, expected {g}",
+                        group.completions.len()
+                    );
+                }
+                kept_local[i] = 1.0;
+                for comp in &group.completions {
+                    inputs.push(
+                        RewardInput::new(
+                            ex.prompt_text.clone(),
+                            comp.text.clone(),
+                            Some(ex.answer.clone()),
+                        )
+                        .with_completion_tokens(comp.completion_ids.len()),
+                    );
+                }
+            }
+        }
+        let scores = if inputs.is_empty() {
+            None
+        } else {
+            Some(rt.block_on(rewards.score(&inputs))?)
+        };
+        // Per prompt slot: kept flag, then G x (total, f_1..f_F).
+        let width = 1 + g * (1 + num_functions);
+        let mut local = vec![0.0; prompts_per_rank * width];
+        let mut k = 0;
+        for (i, kept) in kept_local.iter().enumerate() {
+            if *kept == 0.0 {
+                continue;
+            }
+            let base = i * width;
+            local[base] = 1.0;
+            for j in 0..g {
+                let s = scores.as_ref().map_or(0.0, |s| s.total[k]);
+                local[base + 1 + j * (1 + num_functions)] = s;
+                for f in 0..num_functions {
+                    local[base + 2 + j * (1 + num_functions) + f] =
+                        scores.as_ref().map_or(0.0, |s| s.per_function[f].values[k]);
+                }
+                k += 1;
+            }
+        }
+        let gathered = all_gather_f64(c, &local)?;
+        // Global prompt index gi = i * W + r.
+        let mut totals = Vec::new();
+        let mut per_fn: Vec<Vec<f64>> = vec![Vec::new(); num_functions];
+        let mut my_offsets = Vec::new(); // (local i, offset in totals)
+        let mut kept_global = 0usize;
+        for i in 0..prompts_per_rank {
+            for (r, rank_values) in gathered.iter().enumerate() {
+                let slot = &rank_values[i * width..(i + 1) * width];
+                if slot[0] == 0.0 {
+                    continue;
+                }
+                if r == rank {
+                    my_offsets.push((i, totals.len()));
+                }
+                kept_global += 1;
+                for j in 0..g {
+                    let b = 1 + j * (1 + num_functions);
+                    totals.push(slot[b]);
+                    for (f, v) in per_fn.iter_mut().enumerate() {
+                        v.push(slot[b + 1 + f]);
+                    }
+                }
+            }
+        }
+        let dropped_global = world * prompts_per_rank - kept_global;
+        if kept_global == 0 {
+            bail!(
+                "step {step}: every group was dropped ({dropped_global} groups; foreign client tags?)"
+            );
+        }
+        let adv = compute_advantages(&totals, g, &loss_cfg)?;
+        let score_s = t_score.elapsed();
+
+        // 4. local rows and micro-batches
+        let t_fb = Instant::now();
+        let mut rows = Vec::new();
+        for &(i, off) in &my_offsets {
+            let GroupOutcome::Kept(group) = &outcomes[i] else {
+                continue;
+            };
+            for (j, comp) in group.completions.iter().enumerate() {
+                rows.push(Row {
+                    prompt_ids: &group.prompt_ids,
+                    completion_ids: &comp.completion_ids,
+                    logprobs: &comp.logprobs,
+                    advantage: adv.advantages[off + j],
+                });
+            }
+        }
+        let mut local_tokens = [0.0f64; 2];
+        for r in &rows {
+            local_tokens[0] += r.prompt_ids.len() as f64;
+            local_tokens[1] += r.completion_ids.len() as f64;
+        }
+        let mut mbs = Vec::new();
+        for range in micro_batch_ranges(rows.len(), ga) {
+            if range.is_empty() {
+                continue;
+            }
+            mbs.push(build_micro_batch(&rows[range], pad_id, &device)?);
+        }
+        if loss_cfg.vllm_importance_sampling_correction
+            && mbs.iter().any(|m| m.rollout_logprobs.is_none())
+        {
+            bail!(
+                "the rollout server returned no log-probs, which the importance-sampling \
+                 correction needs (train.vllm_importance_sampling_correction)"
+            );
+        }
+        let beta = kl.value();
+        for mb in &mut mbs {
+            if t.num_iterations > 1 {
+                let lp = policy.completion_logprobs(
+                    &mb.input_ids,
+                    &mb.attention_mask,
+                    mb.logits_to_keep,
+                    temperature,
+                    false,
+                )?;
+                mb.old_logprobs = Some(lp.logprobs.detach());
+            }
+            if let Some(reference) = &reference
+                && beta > 0.0
+            {
+                let lp = reference.completion_logprobs(
+                    &mb.input_ids,
+                    &mb.attention_mask,
+                    mb.logits_to_keep,
+                    temperature,
+                    false,
+                )?;
+                mb.ref_logprobs = Some(lp.logprobs.detach());
+            }
+        }
+        let masks: Vec<&Tensor> = mbs.iter().map(|m| &m.response_mask).collect();
+        let norm = Normalizers::for_micro_batches(&masks, max_completion, world, |x| {
+            let mut b = x;
+            c.all_reduce_sum_f64(&mut b)
+                .map_err(|e| GrpoError::Invalid(e.to_string()))?;
+            Ok(b)
+        })?;
+        // Padding, old and reference log-probs, then every pass's loss.
+        let mut forward_backward = t_fb.elapsed();
+        let mut allreduce = Duration::ZERO;
+        let mut optimizer_s = Duration::ZERO;
+        let mut metrics = LossMetrics::default();
+        let mut grad_norm = 0.0;
+        let mut skipped = false;
+        let lr = schedule.lr_at((step - 1) as usize);
+        for _pass in 0..t.num_iterations.max(1) {
+            let t0 = Instant::now();
+            let (store, m) = if mbs.is_empty() {
+                (
+                    candle_core::backprop::GradStore::default(),
+                    LossMetrics::default(),
+                )
+            } else {
+                accumulate_gradients(&loss_cfg, beta, &norm, &var_list, mbs.len(), |i| {
+                    let mb = &mbs[i];
+                    let lp = policy.completion_logprobs(
+                        &mb.input_ids,
+                        &mb.attention_mask,
+                        mb.logits_to_keep,
+                        temperature,
+                        true,
+                    )?;
+                    let mut inputs = LossInputs::new(
+                        lp.logprobs,
+                        mb.response_mask.clone(),
+                        mb.advantages.clone(),
+                    );
+                    inputs.entropy = lp.entropy;
+                    inputs.old_logprobs = mb.old_logprobs.clone();
+                    inputs.ref_logprobs = mb.ref_logprobs.clone();
+                    inputs.rollout_logprobs = mb.rollout_logprobs.clone();
+                    Ok(inputs)
+                })?
+            };
+            let mut grads = Vec::with_capacity(vars.len());
+            for (g, (_, v)) in optimizer.gradients(&store).into_iter().zip(&vars) {
+                grads.push(match g {
+                    Some(g) => g,
+                    None => v.as_tensor().zeros_like()?,
+                });
+            }
+            forward_backward += t0.elapsed();
+            let t1 = Instant::now();
+            let mut grads = crate::collective::all_reduce_tensors(c, &grads)?;
+            metrics = reduce_metrics(c, &m)?;
+            allreduce += t1.elapsed();
+            let t2 = Instant::now();
+            grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            if !metrics.loss.is_finite() || !grad_norm.is_finite() {
+                skipped = true;
+                streak += 1;
+                let msg = format!(
+                    "step {step}: non-finite loss ({}) or gradient norm ({grad_norm}); \
+                     optimizer step skipped ({streak} in a row, limit {})",
+                    metrics.loss, t.max_nonfinite_steps
+                );
+                tracing::warn!("{msg}");
+                if let Some(run) = &run {
+                    run.event(
+                        "warn",
+                        json!({"step": step, "message": msg, "kind": "nonfinite"}),
+                    )?;
+                }
+                if streak >= t.max_nonfinite_steps.max(1) {
+                    bail!(
+                        "{} non-finite steps in a row (train.max_nonfinite_steps): stopping at step {step}",
+                        streak
+                    );
+                }
+                break;
+            }
+            streak = 0;
+            optimizer.step(&grads, lr)?;
+            optimizer_s += t2.elapsed();
+        }
+        let summary = metrics.summary();
+        if let Some(k) = summary.kl
+            && !skipped
+        {
+            kl.update(k, kept_global * g)?;
+        }
+
+        // 5b. the prefetched batch is complete before the weights change
+        if let Some((next, handle)) = pending {
+            let outcomes = rt.block_on(handle)??;
+            prefetched = Some(PrefetchedBatch {
+                step: step + 1,
+                examples: next,
+                outcomes,
+            });
+        }
+
+        // 6. weight push
+        let t_push = Instant::now();
+        c.barrier()?;
+        if let Some(pusher) = &pusher
+            && !skipped
+            && !pusher.clients.is_empty()
+        {
+            let version = step.max(weight_version + 1);
+            rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+            weight_version = version;
+        }
+        let mut wv = [weight_version as f64];
+        all_sum(c, &mut wv)?; // also the barrier after the push
+        if rank > 0 {
+            weight_version = wv[0] as u64;
+        }
+        let weight_sync_s = t_push.elapsed();
+
+        // 7. logs
+        let hash = if world > 1 || step == t.max_steps {
+            Some(weights_hash(&vars)?)
+        } else {
+            None
+        };
+        let mut tokens = local_tokens;
+        all_sum(c, &mut tokens)?;
+        if let Some(f) = &rank_log {
+            use std::io::Write;
+            let line = json!({"step": step, "rank": rank, "weights_hash": hash});
+            let mut f = f;
+            writeln!(f, "{line}")?;
+        }
+        let total_s = step_started.elapsed();
+        let versions: Vec<u64> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                GroupOutcome::Kept(g) => Some(g.completions.iter().map(|c| c.weight_version)),
+                GroupOutcome::Dropped { .. } => None,
+            })
+            .flatten()
+            .collect();
+        if let Some(run) = &run
+            && (step % recipe.log.logging_steps.max(1) == 0 || step == t.max_steps)
+        {
+            let (rm, rs) = mean_std(&totals);
+            let mut fns = serde_json::Map::new();
+            for (label, v) in labels.iter().zip(&per_fn) {
+                let (m, s) = mean_std(v);
+                fns.insert(label.clone(), json!({"mean": m, "std": s}));
+            }
+            let mut line = json!({
+                "step": step,
+                "reward": rm,
+                "reward_std": rs,
+                "rewards": fns,
+                "advantages": adv.stats,
+                "frac_reward_zero_std": adv.stats.frac_reward_zero_std,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "beta": beta,
+                "skipped": skipped,
+                "nonfinite_streak": streak,
+                "tokens": {"prompt": tokens[0], "completion": tokens[1]},
+                "kept_groups": kept_global,
+                "dropped_groups": dropped_global,
+                "retries": client.counters.retries.load(std::sync::atomic::Ordering::Relaxed),
+                "generated_by_version": {
+                    "min": versions.iter().min(), "max": versions.iter().max()
+                },
+                "weight_version": weight_version,
+                "weights_hash": hash,
+                "timings": {
+                    "generate": secs(generate_s),
+                    "score": secs(score_s),
+                    "forward_backward": secs(forward_backward),
+                    "allreduce": secs(allreduce),
+                    "optimizer": secs(optimizer_s),
+                    "weight_sync": secs(weight_sync_s),
+                    "total": secs(total_s),
+                },
+                "tokens_per_s": (tokens[0] + tokens[1]) / total_s.as_secs_f64().max(1e-9),
+                "elapsed_s": secs(run_started.elapsed()),
+            });
+            if let (Value::Object(m), Value::Object(s)) =
+                (&mut line, serde_json::to_value(&summary)?)
+            {
+                for (k, v) in s {
+                    m.entry(k).or_insert(v);
+                }
+            }
+            run.log_train(&line)?;
+            eprintln!(
+                "step {step}/{} reward {rm:.4} loss {:.5} grad_norm {grad_norm:.4} lr {lr:.3e} \
+                 dropped {dropped_global} {:.2}s",
+                t.max_steps,
+                summary.loss,
+                total_s.as_secs_f64()
+            );
+        }
+
+        // 8. checkpoint (rank 0 writes; every rank's prefetched batch goes in)
+        let save = (recipe.checkpoint.save_steps > 0 && step % recipe.checkpoint.save_steps == 0)
+            || step == t.max_steps;
+        if save {
+            let prefetched_all: Vec<Option<PrefetchedBatch>> = if recipe.rollout.async_lag == 1 {
+                let mine = serde_json::to_vec(&prefetched)?;
+                all_gather_bytes(c, mine)?
+                    .iter()
+                    .map(|b| serde_json::from_slice(b))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            if let Some(run) = &run {
+                let state = TrainerState::new(
+                    step,
+                    weight_version,
+                    source.cursor(),
+                    kl.clone(),
+                    streak,
+                    prefetched_all,
+                    &recipe,
+                    world,
+                );
+                let w: BTreeMap<String, Tensor> = vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect();
+                let dir = save_checkpoint(
+                    run.path(),
+                    &cfg,
+                    &Weights::new(w),
+                    &tokenizer,
+                    &optimizer,
+                    &state,
+                    recipe.checkpoint.save_total_limit,
+                )?;
+                run.event("checkpoint", json!({"step": step, "path": dir}))?;
+            }
+        }
+
+        // 9. eval
+        if recipe.eval.eval_steps > 0 && (step % recipe.eval.eval_steps == 0 || step == t.max_steps)
+        {
+            run_eval(step, weight_version)?;
+        }
+    }
+    c.barrier()?;
+    if let Some(run) = &run {
+        run.event(
+            "end",
+            json!({"step": t.max_steps, "elapsed_s": secs(run_started.elapsed())}),
+        )?;
+    }
+    Ok(())
+}
+
+/// Where `learner train` without `--config` writes: the recipe's
+/// `checkpoint.output_dir`. Exposed for the CLI's messages.
+pub fn output_dir(recipe: &Recipe) -> &Path {
+    &recipe.checkpoint.output_dir
+}

@@ -1,0 +1,464 @@
+//! `learner train` and `learner eval` end to end: real rollout-server
+//! processes on loopback, the tiny preset model, real learner processes
+//! (one, or two over the TCP ring).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use serde_json::Value;
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = Server::start(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &recipe,
+        &[
+            "eval.eval_steps=2".into(),
+            "checkpoint.save_total_limit=1".into(),
+        ],
+    );
+
+    assert!(out.join("manifest.json").exists());
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["recipe"]["train"]["max_steps"], 3);
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        assert!(f(l, "loss").is_finite());
+        assert!(f(l, "grad_norm") >= 0.0);
+        assert!(l["rewards"]["exact_match"]["mean"].is_number());
+        assert!(l["rewards"]["format"]["mean"].is_number());
+        assert!(l["timings"]["generate"].is_number());
+        assert!(l["timings"]["weight_sync"].is_number());
+        assert_eq!(l["weight_version"], i as u64 + 1);
+        // The server's log-probs agree with the learner's (IS ratio ~ 1).
+        assert!(
+            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+            "{l}"
+        );
+    }
+    assert!(lines.iter().any(|l| f(l, "grad_norm") > 0.0));
+    // Step 2's completions came from the weights of step 1.
+    assert_eq!(lines[1]["generated_by_version"]["min"], 1);
+    assert_eq!(server.weight_version(), 3);
+    // save_steps 2 + final, keep 1.
+    let ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, vec!["step_000003".to_string()]);
+    let ck = out.join("checkpoints/step_000003");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "trainer_state.json",
+    ] {
+        assert!(ck.join(file).exists(), "{file} missing");
+    }
+    // Eval at the start, step 2 and the end.
+    let evals = read_jsonl(&out.join("eval_log.jsonl"));
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![0, 2, 3]);
+    assert!(evals[0]["pass_at_k"]["pass@2"].is_number());
+    let events: Vec<String> = read_jsonl(&out.join("run_log.jsonl"))
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for e in ["start", "checkpoint", "eval", "end"] {
+        assert!(events.iter().any(|x| x == e), "{e} missing from {events:?}");
+    }
+
+    // `learner eval` against the same server, by hand.
+    let eval_out = tmp.path().join("eval");
+    let out = std::process::Command::new(learner_bin())
+        .args(["eval", "--endpoint", &server.base, "--tasks"])
+        .arg(repo_root().join("configs/data/arith_eval.jsonl"))
+        .args(["--samples", "2", "--max-examples", "3", "--max-tokens", "8"])
+        .arg("--out")
+        .arg(&eval_out)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["num_questions"], 3);
+    assert_eq!(line["pass_rule"], "exact_match == 1");
+    assert_eq!(read_jsonl(&eval_out.join("eval_log.jsonl")).len(), 1);
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_the_same_global_batch() {
+    two_ranks_vs_one(&[]);
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_async_lag_1() {
+    two_ranks_vs_one(&["rollout.async_lag=1"]);
+}
+
+fn two_ranks_vs_one(extra: &[&str]) {
+    // Sums over 1 or 2 ranks (and the server's log-probs, batched
+    // differently) agree to float rounding; AdamW divides by sqrt(v), which
+    // can turn a rounding difference in a near-zero gradient element into
+    // up to ~lr x 1% of a step. A small learning rate keeps that under the
+    // 1e-5 weight tolerance.
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.push("train.learning_rate=1.0e-4".into());
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+
+    // One rank, 8 prompts x 4 completions per step.
+    let server1 = Server::start(&model);
+    let out1 = tmp.path().join("one");
+    let r1 = recipe(tmp.path(), &model, &server1, &out1);
+    let mut o1 = extra.clone();
+    o1.push("train.per_device_train_batch_size=32".into());
+    train(&r1, &o1);
+
+    // Two ranks, 4 prompts x 4 completions each.
+    let server2 = Server::start(&model);
+    let out2 = tmp.path().join("two");
+    let r2 = recipe(tmp.path(), &model, &server2, &out2);
+    let port = free_port().to_string();
+    let env = |rank: &str| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+    };
+    let mut overrides = extra.clone();
+    overrides.push("train.per_device_train_batch_size=16".into());
+    let rank0 = Learner::spawn(&r2, &overrides, &env("0"));
+    let rank1 = Learner::spawn(&r2, &overrides, &env("1"));
+    let (o0, o1) = (rank0.wait(120), rank1.wait(120));
+    for (r, o) in [(0, &o0), (1, &o1)] {
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    let a = read_jsonl(&out1.join("train_log.jsonl"));
+    let b = read_jsonl(&out2.join("train_log.jsonl"));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["kept_groups"], 8);
+        assert_eq!(y["kept_groups"], 8);
+        assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
+        for key in [
+            "reward",
+            "reward_std",
+            "loss",
+            "pg_loss",
+            "grad_norm",
+            "entropy",
+        ] {
+            let (u, v) = (f(x, key), f(y, key));
+            assert!(
+                (u - v).abs() <= 1e-5,
+                "step {}: {key} {u} (1 rank) vs {v} (2 ranks)",
+                x["step"]
+            );
+        }
+    }
+    // Both ranks hold the same weights after every step.
+    let hashes1 = read_jsonl(&out2.join("ranks/rank_1.jsonl"));
+    assert_eq!(hashes1.len(), 3);
+    for (l0, l1) in b.iter().zip(&hashes1) {
+        assert!(l0["weights_hash"].is_string());
+        assert_eq!(
+            l0["weights_hash"], l1["weights_hash"],
+            "step {}",
+            l0["step"]
+        );
+    }
+    // And the same weights as the 1-rank run.
+    let w1 = load_weights(&out1.join("checkpoints/step_000003"));
+    let w2 = load_weights(&out2.join("checkpoints/step_000003"));
+    let d = max_abs_diff(&w1, &w2);
+    assert!(d <= 1e-5, "final weights differ by {d}");
+    assert_eq!(server1.weight_version(), 3);
+    assert_eq!(server2.weight_version(), 3);
+}
+
+fn resume_case(extra: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    // The server's log-probs may differ in their last bits with its batch
+    // composition (continuous batching); without the importance-sampling
+    // correction the learner's numbers depend only on token ids, so resume
+    // must be bit-exact.
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.push("train.vllm_importance_sampling_correction=false".into());
+    let with = |more: &[&str]| -> Vec<String> {
+        let mut v = extra.clone();
+        v.extend(more.iter().map(|s| s.to_string()));
+        v
+    };
+
+    // Uninterrupted: 4 steps.
+    let s = Server::start(&model);
+    let full = tmp.path().join("full");
+    train(
+        &recipe(tmp.path(), &model, &s, &full),
+        &with(&["train.max_steps=4"]),
+    );
+    drop(s);
+
+    // Stopped after the checkpoint of step 2, then resumed (fresh server).
+    let s = Server::start(&model);
+    let part = tmp.path().join("part");
+    let r = recipe(tmp.path(), &model, &s, &part);
+    train(&r, &with(&["train.max_steps=2"]));
+    drop(s);
+    let s = Server::start(&model);
+    let r = recipe(tmp.path(), &model, &s, &part);
+    let mut resume = with(&["train.max_steps=4"]);
+    resume.push("--resume-from".into());
+    resume.push(part.display().to_string());
+    train(&r, &resume);
+    assert_eq!(s.weight_version(), 4);
+
+    let a = read_jsonl(&full.join("train_log.jsonl"));
+    let b = read_jsonl(&part.join("train_log.jsonl"));
+    assert_eq!(a.len(), 4);
+    assert_eq!(b.len(), 4, "{b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        // Same completions: same rewards and token counts, bit for bit.
+        for key in [
+            "reward",
+            "rewards",
+            "tokens",
+            "weight_version",
+            "generated_by_version",
+            "loss",
+            "pg_loss",
+            "grad_norm",
+            "entropy",
+        ] {
+            assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
+        }
+
+        assert_eq!(x["tokens"], y["tokens"]);
+    }
+    let events = read_jsonl(&part.join("run_log.jsonl"));
+    assert!(events.iter().any(|e| e["event"] == "resume"));
+    // Same final weights.
+    let d = max_abs_diff(
+        &load_weights(&full.join("checkpoints/step_000004")),
+        &load_weights(&part.join("checkpoints/step_000004")),
+    );
+    assert_eq!(d, 0.0, "final weights differ by {d}");
+}
+
+#[test]
+fn resume_continues_exactly() {
+    resume_case(&[]);
+}
+
+#[test]
+fn resume_continues_exactly_with_async_lag_1() {
+    resume_case(&["rollout.async_lag=1"]);
+}
+
+#[test]
+fn external_endpoint_mode_without_tags_or_weight_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = Server::start(&model);
+    let out = tmp.path().join("ext");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            "rollout.client_tag_echo=ignore".into(),
+            "rollout.weight_sync_endpoints=[]".into(),
+            "train.max_steps=2".into(),
+        ],
+    );
+    assert_eq!(read_jsonl(&out.join("train_log.jsonl")).len(), 2);
+    assert_eq!(server.weight_version(), 0, "nothing may be pushed");
+    let warns: Vec<Value> = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .filter(|e| e["event"] == "warn")
+        .collect();
+    assert!(
+        warns
+            .iter()
+            .any(|w| w["message"].as_str().unwrap().contains("not pushed"))
+    );
+}
+
+/// A proxy in front of the server that rewrites the echoed client tag of
+/// every other response (as if another rank's group came back).
+fn start_tag_rewriting_proxy(upstream: String) -> (String, std::thread::JoinHandle<()>) {
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::routing::post;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let count = Arc::new(AtomicUsize::new(0));
+            let state = (upstream, count, reqwest::Client::new());
+            let app = axum::Router::new()
+                .route(
+                    "/v1/completions",
+                    post(
+                        |State((up, count, http)): State<(
+                            String,
+                            Arc<AtomicUsize>,
+                            reqwest::Client,
+                        )>,
+                         body: Bytes| async move {
+                            let resp = http
+                                .post(format!("{up}/v1/completions"))
+                                .header("content-type", "application/json")
+                                .body(body)
+                                .send()
+                                .await
+                                .unwrap();
+                            let mut v: Value = resp.json().await.unwrap();
+                            if count.fetch_add(1, Ordering::SeqCst) % 2 == 1 {
+                                v["metadata"]["client_tag"] = "rank-9".into();
+                                if let Some(choices) = v["choices"].as_array_mut() {
+                                    for c in choices {
+                                        c["metadata"]["client_tag"] = "rank-9".into();
+                                    }
+                                }
+                            }
+                            axum::Json(v)
+                        },
+                    ),
+                )
+                .with_state(state);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    let addr = rx.recv().unwrap();
+    (format!("http://{addr}"), handle)
+}
+
+#[test]
+fn groups_with_a_foreign_client_tag_are_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = Server::start(&model);
+    let (proxy, _proxy_thread) = start_tag_rewriting_proxy(server.base.clone());
+    let out = tmp.path().join("tags");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            format!("rollout.endpoints=[{proxy}]"),
+            "train.max_steps=2".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        // 4 prompts per step, every other response re-tagged.
+        assert_eq!(l["dropped_groups"], 2, "{l}");
+        assert_eq!(l["kept_groups"], 2, "{l}");
+    }
+}
+
+#[test]
+fn the_nan_guard_skips_steps_then_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = Server::start(&model);
+    let out = tmp.path().join("nan");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    // lr 1e30: step 1 blows the weights up; every later loss is NaN. The
+    // server keeps the sane starting weights (no push), so it still generates.
+    let o = Learner::spawn(
+        &r,
+        &[
+            "train.learning_rate=1.0e30".into(),
+            "train.max_grad_norm=0".into(),
+            "rollout.weight_sync_endpoints=[]".into(),
+            "train.max_nonfinite_steps=2".into(),
+            "train.max_steps=6".into(),
+        ],
+        &[],
+    )
+    .wait(120);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("non-finite steps in a row"), "{stderr}");
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    // A step with a gradient blows the weights up; the next is skipped and
+    // logged (loss null: not finite); the one after stops the run.
+    let last = lines.last().unwrap();
+    assert_eq!(last["skipped"], true, "{lines:?}");
+    assert!(last["loss"].is_null(), "{last}");
+    assert_eq!(lines.iter().filter(|l| l["skipped"] == true).count(), 1);
+    assert!(lines.len() < 6);
+    let warns = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .filter(|e| e["event"] == "warn" && e["kind"] == "nonfinite")
+        .count();
+    assert_eq!(warns, 2);
+}
+
+#[test]
+fn a_short_grpo_run_raises_the_mean_reward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = Server::start(&model);
+    let out = tmp.path().join("learn");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    // Reward: the completion starts with a digit (reachable by a random
+    // model ~10% of the time at first).
+    train(
+        &r,
+        &[
+            "reward.functions=[{name: format, pattern: \"^[0-9]\"}]".into(),
+            "train.max_steps=20".into(),
+            "train.learning_rate=5.0e-3".into(),
+            "checkpoint.save_steps=0".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 20);
+    let mean = |ls: &[Value]| ls.iter().map(|l| f(l, "reward")).sum::<f64>() / ls.len() as f64;
+    let (first, last) = (mean(&lines[..3]), mean(&lines[17..]));
+    eprintln!("mean reward: first 3 steps {first:.3}, last 3 steps {last:.3}");
+    assert!(
+        last > first + 0.2,
+        "mean reward {first:.3} (first 3 steps) -> {last:.3} (last 3)"
+    );
+}
