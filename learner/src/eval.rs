@@ -15,12 +15,16 @@
 //! - `reward_mean` is the mean total reward, and each function's mean.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::data::Example;
+use crate::recipe::{ClientTagEcho, Recipe};
 use crate::rewards::{RewardInput, RewardRegistry};
-use crate::rollout::{GroupOutcome, RolloutClient};
+use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 
 /// The result of one validation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -182,4 +186,129 @@ mod tests {
         assert_eq!(reported_ks(6), vec![1, 2, 4, 6]);
         assert_eq!(reported_ks(1), vec![1]);
     }
+}
+
+/// `learner eval`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Base URL (`http://host:8000`).
+    #[arg(long)]
+    pub endpoint: String,
+    /// Questions: JSONL or Parquet with the recipe's column mapping
+    /// (default `prompt` and `answer`).
+    #[arg(long)]
+    pub tasks: PathBuf,
+    /// Samples per question (the k of pass@k).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Folder to append eval_log.jsonl to (printed to stdout either way).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Recipe for the reward functions, prompt template, sampling and
+    /// tokenizer (model.path); default: exact_match, template `{question}`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `model` field of the requests (vLLM's --served-model-name).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Evaluate the first N questions only.
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+    /// Sampling temperature (default: the recipe's eval.temperature).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Accept responses without an echoed client tag (stock vLLM).
+    #[arg(long)]
+    pub ignore_client_tag: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Runs `learner eval`: pass@k and mean@k of the model behind `endpoint` on
+/// `tasks`; returns the JSON line (also appended to `out/eval_log.jsonl`).
+pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
+    let EvalArgs {
+        endpoint,
+        tasks,
+        samples,
+        out,
+        api_key,
+        config,
+        model,
+        max_examples,
+        temperature,
+        max_tokens,
+        ignore_client_tag,
+        seed,
+    } = args;
+    let mut recipe = match &config {
+        Some(path) => Recipe::load(path, &[] as &[&str])?,
+        None => Recipe::from_yaml_str(
+            "model: {preset: tiny}\n\
+             data: {train_files: [unused.jsonl], prompt_template: \"{question}\"}\n\
+             rollout: {endpoints: [http://127.0.0.1:8000]}\n\
+             reward: {functions: [{name: exact_match}]}\n",
+            "(eval defaults)",
+            &[] as &[&str],
+        )?,
+    };
+    recipe.data.eval_files = vec![crate::recipe::DataFile::new(tasks)];
+    let tokenizer = match &recipe.model.path {
+        Some(p) => Some(Arc::new(model::tokenizer::Tokenizer::from_dir(p)?)),
+        None => None,
+    };
+    let (examples, _) =
+        crate::data::load_eval_examples(&recipe.data, max_examples, tokenizer.as_deref())?;
+    let settings = RolloutSettings {
+        endpoints: vec![endpoint],
+        api_key,
+        model: model.or(recipe.rollout.model.clone()),
+        num_generations: samples.max(1),
+        max_completion_length: max_tokens,
+        temperature: temperature.unwrap_or(recipe.eval.temperature) as f32,
+        top_p: recipe.rollout.top_p as f32,
+        top_k: recipe.rollout.top_k.map(i64::from),
+        min_p: recipe.rollout.min_p.map(|p| p as f32),
+        repetition_penalty: recipe.rollout.repetition_penalty as f32,
+        client_tag: recipe
+            .rollout
+            .client_tag
+            .clone()
+            .unwrap_or_else(|| "eval".into()),
+        client_tag_echo: if ignore_client_tag {
+            ClientTagEcho::Ignore
+        } else {
+            recipe.rollout.client_tag_echo
+        },
+        request_timeout: Duration::from_secs_f64(recipe.rollout.request_timeout_s),
+        max_retries: recipe.rollout.max_retries,
+    };
+    let client = RolloutClient::new(settings, tokenizer)?;
+    let functions: Vec<serde_json::Value> = recipe
+        .reward
+        .functions
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()?;
+    let rewards = RewardRegistry::from_configs(&functions)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(evaluate(&client, &rewards, &examples, seed))?;
+    let line = serde_json::to_string(&result)?;
+    if let Some(out) = out {
+        use std::io::Write;
+        std::fs::create_dir_all(&out)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out.join("eval_log.jsonl"))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(line)
 }
