@@ -10,21 +10,12 @@
 //! root or the cluster cannot start it says so loudly and passes, except
 //! under CI=true, where it fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const LAUNCHER: &str = env!("CARGO_BIN_EXE_launcher");
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -61,8 +52,8 @@ fn submit_and_wait(
     limit: Duration,
 ) -> (String, String) {
     let mut cmd = Command::new("sbatch");
-    cmd.current_dir(workspace())
-        .env("TANDEM_BIN_DIR", bin_dir())
+    cmd.current_dir(e2e::repo_root())
+        .env("TANDEM_BIN_DIR", e2e::bin_dir())
         .arg("--parsable")
         .args(sbatch_flags)
         .arg("ops/slurm/train.sbatch")
@@ -102,13 +93,6 @@ fn submit_and_wait(
     }
 }
 
-fn bin_dir() -> PathBuf {
-    Path::new(LAUNCHER)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -123,14 +107,14 @@ fn train_sbatch_on_a_two_node_local_cluster() {
         );
     }
     for b in ["rollout-server", "learner"] {
-        if !bin_dir().join(b).is_file() {
+        if !e2e::bin_dir().join(b).is_file() {
             return skip(&format!(
                 "{} is not built next to the launcher (cargo build -p {b}, or cargo test --workspace)",
-                bin_dir().join(b).display()
+                e2e::bin_dir().join(b).display()
             ));
         }
     }
-    let start = workspace().join("ops/local-slurm/start.sh");
+    let start = e2e::repo_root().join("ops/local-slurm/start.sh");
     let started = match run(&mut Command::new(&start)) {
         Ok(text) => !text.contains("already running"),
         Err(e) => return skip(&format!("the local cluster did not start: {e}")),
@@ -206,7 +190,7 @@ fn train_sbatch_on_a_two_node_local_cluster() {
 
     // 2. A few real steps.
     let learner_help =
-        run(Command::new(bin_dir().join("learner")).arg("--help")).unwrap_or_default();
+        run(Command::new(e2e::bin_dir().join("learner")).arg("--help")).unwrap_or_default();
     let has_train = learner_help
         .lines()
         .any(|l| l.trim_start().starts_with("train"));
@@ -291,7 +275,7 @@ fn train_sbatch_on_a_two_node_local_cluster() {
     }
     if started {
         let _ = run(&mut Command::new(
-            workspace().join("ops/local-slurm/stop.sh"),
+            e2e::repo_root().join("ops/local-slurm/stop.sh"),
         ));
     }
 }

@@ -16,20 +16,13 @@ use std::time::{Duration, Instant};
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_launcher");
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
 /// The real rollout server, when a workspace build put it next to the launcher
 /// (TANDEM_TEST_STAND_IN_SERVER=1 forces the stand-in).
 fn real_rollout_server() -> Option<PathBuf> {
     if std::env::var_os("TANDEM_TEST_STAND_IN_SERVER").is_some() {
         return None;
     }
-    let path = Path::new(LAUNCHER).parent()?.join("rollout-server");
+    let path = e2e::bin_dir().join("rollout-server");
     path.is_file().then_some(path)
 }
 
@@ -66,12 +59,6 @@ fn health_responder() -> u16 {
     port
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 struct Setup {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -90,10 +77,12 @@ fn setup(rollout_server_script: Option<&str>) -> Setup {
     let out = dir.path().join("run");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&out).unwrap();
-    let model = dir.path().join("model");
     let mut args = vec![
         "--config".to_string(),
-        workspace().join("configs/demo.yaml").display().to_string(),
+        e2e::repo_root()
+            .join("configs/demo.yaml")
+            .display()
+            .to_string(),
         "--device".into(),
         "cpu".into(),
         "--out".into(),
@@ -103,11 +92,10 @@ fn setup(rollout_server_script: Option<&str>) -> Setup {
         "--health-timeout".into(),
         "120".into(),
     ];
-    let real = match (rollout_server_script, real_rollout_server()) {
+    let (real, model) = match (rollout_server_script, real_rollout_server()) {
         (None, Some(server)) => {
             std::os::unix::fs::symlink(&server, bin.join("rollout-server")).unwrap();
-            model::presets::init_model(model::presets::Preset::Tiny, &model, 0).unwrap();
-            true
+            (true, e2e::tiny_model())
         }
         (script, _) => {
             if script.is_none() {
@@ -119,6 +107,7 @@ fn setup(rollout_server_script: Option<&str>) -> Setup {
             let body = script
                 .unwrap_or("#!/bin/sh\necho stand-in rollout server \"$@\"\nexec sleep 600\n");
             write_script(&bin.join("rollout-server"), body);
+            let model = dir.path().join("model");
             std::fs::create_dir_all(&model).unwrap();
             // Only its heads are read (for the --tp checks).
             std::fs::write(
@@ -128,12 +117,12 @@ fn setup(rollout_server_script: Option<&str>) -> Setup {
             .unwrap();
             // A server that is meant to die never answers /health.
             let port = if script.is_some_and(|s| s.contains("exit 3")) {
-                closed_port()
+                e2e::free_port()
             } else {
                 health_responder()
             };
             args.extend(["--port".into(), port.to_string()]);
-            false
+            (false, model)
         }
     };
     write_script(

@@ -2,24 +2,17 @@
 //! sockets; rendezvous on a free port. Also one test with real processes
 //! (this test binary re-executed as ranks).
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use e2e::free_port;
 use learner::collective::{
     Collective, CollectiveError, SingleRank, TcpRing, TcpRingConfig, all_reduce_tensors,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 fn config(port: u16, rank: usize, w: usize, timeout: Duration) -> TcpRingConfig {
     TcpRingConfig::new("127.0.0.1", port, rank, w)

@@ -419,10 +419,7 @@ async fn remote_wrong_answers_are_errors() {
 
 #[tokio::test]
 async fn remote_unreachable_server_is_an_error_after_retries() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
+    let port = e2e::free_port();
     let err = remote_error(
         format!("http://127.0.0.1:{port}/score"),
         json!({"max_retries": 1}),

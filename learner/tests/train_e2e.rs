@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
+use e2e::{free_port, read_jsonl, repo_root, tiny_model};
 use serde_json::Value;
 
 fn f(v: &Value, key: &str) -> f64 {
@@ -20,7 +21,7 @@ fn f(v: &Value, key: &str) -> f64 {
 fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    let server = Server::start(&model);
+    let server = rollout_server(&model);
     let out = tmp.path().join("run");
     let recipe = recipe(tmp.path(), &model, &server, &out);
     train(
@@ -89,7 +90,7 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
     // `learner eval` against the same server, by hand.
     let eval_out = tmp.path().join("eval");
     let out = std::process::Command::new(learner_bin())
-        .args(["eval", "--endpoint", &server.base, "--tasks"])
+        .args(["eval", "--endpoint", &server.url(""), "--tasks"])
         .arg(repo_root().join("configs/data/arith_eval.jsonl"))
         .args(["--samples", "2", "--max-examples", "3", "--max-tokens", "8"])
         .arg("--out")
@@ -129,7 +130,7 @@ fn two_ranks_vs_one(extra: &[&str]) {
     let model = tiny_model();
 
     // One rank, 8 prompts x 4 completions per step.
-    let server1 = Server::start(&model);
+    let server1 = rollout_server(&model);
     let out1 = tmp.path().join("one");
     let r1 = recipe(tmp.path(), &model, &server1, &out1);
     let mut o1 = extra.clone();
@@ -137,7 +138,7 @@ fn two_ranks_vs_one(extra: &[&str]) {
     train(&r1, &o1);
 
     // Two ranks, 4 prompts x 4 completions each.
-    let server2 = Server::start(&model);
+    let server2 = rollout_server(&model);
     let out2 = tmp.path().join("two");
     let r2 = recipe(tmp.path(), &model, &server2, &out2);
     let port = free_port().to_string();
@@ -222,7 +223,7 @@ fn resume_case(extra: &[&str]) {
     };
 
     // Uninterrupted: 4 steps.
-    let s = Server::start(&model);
+    let s = rollout_server(&model);
     let full = tmp.path().join("full");
     train(
         &recipe(tmp.path(), &model, &s, &full),
@@ -231,12 +232,12 @@ fn resume_case(extra: &[&str]) {
     drop(s);
 
     // Stopped after the checkpoint of step 2, then resumed (fresh server).
-    let s = Server::start(&model);
+    let s = rollout_server(&model);
     let part = tmp.path().join("part");
     let r = recipe(tmp.path(), &model, &s, &part);
     train(&r, &with(&["train.max_steps=2"]));
     drop(s);
-    let s = Server::start(&model);
+    let s = rollout_server(&model);
     let r = recipe(tmp.path(), &model, &s, &part);
     let mut resume = with(&["train.max_steps=4"]);
     resume.push("--resume-from".into());
@@ -290,7 +291,7 @@ fn resume_continues_exactly_with_async_lag_1() {
 fn external_endpoint_mode_without_tags_or_weight_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    let server = Server::start(&model);
+    let server = rollout_server(&model);
     let out = tmp.path().join("ext");
     let r = recipe(tmp.path(), &model, &server, &out);
     train(
@@ -375,8 +376,8 @@ fn start_tag_rewriting_proxy(upstream: String) -> (String, std::thread::JoinHand
 fn groups_with_a_foreign_client_tag_are_dropped_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    let server = Server::start(&model);
-    let (proxy, _proxy_thread) = start_tag_rewriting_proxy(server.base.clone());
+    let server = rollout_server(&model);
+    let (proxy, _proxy_thread) = start_tag_rewriting_proxy(server.url(""));
     let out = tmp.path().join("tags");
     let r = recipe(tmp.path(), &model, &server, &out);
     train(
@@ -399,7 +400,7 @@ fn groups_with_a_foreign_client_tag_are_dropped_and_counted() {
 fn the_nan_guard_skips_steps_then_stops() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    let server = Server::start(&model);
+    let server = rollout_server(&model);
     let out = tmp.path().join("nan");
     let r = recipe(tmp.path(), &model, &server, &out);
     // lr 1e30: step 1 blows the weights up; every later loss is NaN. The
@@ -438,7 +439,7 @@ fn the_nan_guard_skips_steps_then_stops() {
 fn a_short_grpo_run_raises_the_mean_reward() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    let server = Server::start(&model);
+    let server = rollout_server(&model);
     let out = tmp.path().join("learn");
     let r = recipe(tmp.path(), &model, &server, &out);
     // Reward: the completion starts with a digit (reachable by a random

@@ -6,7 +6,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Server, tiny_model};
+use common::Server;
+use e2e::tiny_model;
 use model::CausalLM;
 use serde_json::{Value, json};
 

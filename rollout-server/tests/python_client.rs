@@ -11,16 +11,9 @@ use std::process::Command;
 
 use common::Server;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 #[tokio::test]
 async fn openai_python_client_talks_to_the_server() {
-    let root = repo_root();
+    let root = e2e::repo_root();
     let venv = std::env::var_os("TANDEM_PYENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/pyenv"));

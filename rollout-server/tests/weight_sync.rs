@@ -685,8 +685,9 @@ async fn a_message_over_4_mib_is_accepted() {
 /// the original weights back restores the original completions exactly.
 #[tokio::test]
 async fn binary_swaps_pushed_weights_between_requests() {
-    let dir = common::tiny_model();
+    let dir = e2e::tiny_model();
     let server = common::Server::start(&["--weight-sync-token", "tok"]).await;
+    let grpc = server.grpc_url();
     let greedy = || async {
         let body = serde_json::json!({
             "model": "tiny",
@@ -721,15 +722,13 @@ async fn binary_swaps_pushed_weights_between_requests() {
             .map(|(n, t)| (n.clone(), (t * 25.0).unwrap()))
             .collect(),
     );
-    let info = get_version(&server.grpc, Some("tok"), DEADLINE)
-        .await
-        .unwrap();
+    let info = get_version(&grpc, Some("tok"), DEADLINE).await.unwrap();
     assert_eq!((info.version, info.num_tensors), (0, initial.len() as u64));
 
     // Refused pushes: no token, and a stream cut before its commit.
-    let result = push_weights(&server.grpc, all_tensor_bytes(&new), 1, None, DEADLINE).await;
+    let result = push_weights(&grpc, all_tensor_bytes(&new), 1, None, DEADLINE).await;
     assert_code(result, Code::Unauthenticated, "token");
-    let mut raw = Client::connect(&server.grpc, Some("tok"), DEADLINE)
+    let mut raw = Client::connect(&grpc, Some("tok"), DEADLINE)
         .await
         .unwrap()
         .raw();
@@ -741,32 +740,18 @@ async fn binary_swaps_pushed_weights_between_requests() {
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert_eq!(greedy().await, (original.clone(), 0));
 
-    let result = push_weights(
-        &server.grpc,
-        all_tensor_bytes(&new),
-        1,
-        Some("tok"),
-        DEADLINE,
-    )
-    .await
-    .unwrap();
+    let result = push_weights(&grpc, all_tensor_bytes(&new), 1, Some("tok"), DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(result.tensors_updated, initial.len() as u64);
     let (pushed, v1) = greedy().await;
     assert_eq!(v1, 1);
     assert_ne!(pushed, original, "new weights, same greedy completion");
 
-    push_weights(
-        &server.grpc,
-        all_tensor_bytes(&initial),
-        2,
-        Some("tok"),
-        DEADLINE,
-    )
-    .await
-    .unwrap();
-    assert_eq!(greedy().await, (original, 2));
-    let info = get_version(&server.grpc, Some("tok"), DEADLINE)
+    push_weights(&grpc, all_tensor_bytes(&initial), 2, Some("tok"), DEADLINE)
         .await
         .unwrap();
+    assert_eq!(greedy().await, (original, 2));
+    let info = get_version(&grpc, Some("tok"), DEADLINE).await.unwrap();
     assert_eq!(info.version, 2);
 }

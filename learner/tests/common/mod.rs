@@ -1,178 +1,37 @@
-//! End-to-end helpers: the tiny preset model on disk, the real
-//! `rollout-server` binary on free loopback ports, `learner train`
-//! processes, all killed by PID when dropped.
+//! Learner end-to-end helpers: the test recipe, `learner train` processes
+//! killed by PID when dropped, and weight comparisons. The rollout server,
+//! the tiny model and ports come from [`e2e`].
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
-
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The tiny preset (seed 0), written once per test binary run and shared.
-pub fn tiny_model() -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("learner-e2e-models");
-    let dir = root.join("tiny-seed0");
-    if dir.join("config.json").exists() {
-        return dir;
-    }
-    std::fs::create_dir_all(&root).unwrap();
-    let tmp = root.join(format!("tiny-seed0.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    model::presets::init_model(model::presets::Preset::Tiny, &tmp, 0).unwrap();
-    if std::fs::rename(&tmp, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    dir
-}
+use e2e::RolloutServer;
 
 pub fn learner_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_learner"))
 }
 
-/// `rollout-server` next to the learner binary; built once if missing.
-pub fn rollout_server_bin() -> PathBuf {
-    let bin = learner_bin().with_file_name("rollout-server");
-    if !bin.exists() {
-        eprintln!("rollout-server is not built: running `cargo build -p rollout-server` once");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "rollout-server"])
-            .current_dir(repo_root())
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build -p rollout-server failed");
-    }
-    assert!(bin.exists(), "no rollout-server at {}", bin.display());
-    bin
-}
-
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A running rollout server; killed (by PID) when dropped.
-pub struct Server {
-    child: Child,
-    pub base: String,
-    pub grpc: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    pub fn start(model: &Path) -> Server {
-        let mut child = Command::new(rollout_server_bin())
-            .arg("--model")
-            .arg(model)
-            .args([
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--logprobs-mode",
-                "processed_logprobs",
-                "--max-model-len",
-                "256",
-                "--max-num-seqs",
-                "32",
-            ])
-            .env_remove("TANDEM_API_KEY")
-            .env_remove("TANDEM_WEIGHT_SYNC_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start rollout-server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("listening ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("rollout-server printed no `listening` line within 60 s");
-            }
-        };
-        let field = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .unwrap()
-                .to_string()
-        };
-        let server = Server {
-            child,
-            base: format!("http://{}", field("http=")),
-            grpc: format!("http://{}", field("grpc=")),
-        };
-        let client = reqwest::Client::new();
-        let health = format!("{}/health", server.base);
-        rt().block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if client
-                    .get(&health)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-                {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "server never became healthy");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        server
-    }
-
-    /// The server's weight version (gRPC GetVersion).
-    pub fn weight_version(&self) -> u64 {
-        rt().block_on(proto::weight_sync::get_version(
-            &self.grpc,
-            None,
-            Duration::from_secs(10),
-        ))
-        .unwrap()
-        .version
-    }
-}
-
-/// A free loopback port (bound then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The real rollout server on `model`, as the learner wants it: processed
+/// logprobs, room for a whole batch.
+pub fn rollout_server(model: &Path) -> RolloutServer {
+    RolloutServer::start(
+        model,
+        &[
+            "--logprobs-mode",
+            "processed_logprobs",
+            "--max-num-seqs",
+            "32",
+        ],
+    )
 }
 
 /// The test recipe: tiny model, the shipped arithmetic task, small sizes.
 /// `extra` is appended YAML-free as `section.key=value` overrides.
-pub fn recipe(dir: &Path, model: &Path, server: &Server, out: &Path) -> PathBuf {
-    let root = repo_root();
+pub fn recipe(dir: &Path, model: &Path, server: &RolloutServer, out: &Path) -> PathBuf {
+    let root = e2e::repo_root();
     let text = format!(
         r#"version: 1
 model: {{path: "{model}"}}
@@ -214,8 +73,8 @@ checkpoint:
         model = model.display(),
         train = root.join("configs/data/arith_train.jsonl").display(),
         eval = root.join("configs/data/arith_eval.jsonl").display(),
-        base = server.base,
-        grpc = server.grpc,
+        base = server.url(""),
+        grpc = server.grpc_url(),
         out = out.display(),
     );
     let path = dir.join(format!(
@@ -291,15 +150,6 @@ pub fn train(recipe: &Path, overrides: &[String]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-pub fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Every tensor of a model.safetensors as f32 values, by name.
