@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -112,6 +112,53 @@ fn signal_group(pgid: i32, sig: i32) -> bool {
     unsafe { libc::kill(-pgid, sig) == 0 }
 }
 
+/// Echoes rank 0's per-step progress lines (`sft ...`, `step ...`,
+/// `eval ...`) from its log to the launcher's stderr, by reading what was
+/// appended since the last look.
+struct ProgressEcho {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+/// The learner's progress lines (learner/src/train.rs prints them).
+pub fn is_progress_line(line: &str) -> bool {
+    ["sft ", "step ", "eval step "]
+        .iter()
+        .any(|p| line.starts_with(p))
+}
+
+impl ProgressEcho {
+    /// From the log's current end: an appended-to log's old runs are not shown.
+    fn new(path: &Path) -> ProgressEcho {
+        ProgressEcho {
+            path: path.to_path_buf(),
+            offset: std::fs::metadata(path).map_or(0, |m| m.len()),
+            partial: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self) {
+        let Ok(mut f) = File::open(&self.path) else {
+            return;
+        };
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(self.offset)).is_err() || f.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end();
+            if is_progress_line(line) {
+                eprintln!("launcher: rank 0: {line}");
+            }
+        }
+    }
+}
+
 struct Proc {
     name: String,
     role: Role,
@@ -139,6 +186,7 @@ struct Supervisor<'a> {
     procs: Vec<Proc>,
     tx: mpsc::UnboundedSender<Exit>,
     rx: mpsc::UnboundedReceiver<Exit>,
+    progress: Option<ProgressEcho>,
 }
 
 /// Runs this node's part of the plan to the end; the value is the exit code
@@ -160,8 +208,10 @@ pub async fn supervise(plan: &Plan, opts: &SupervisorOptions) -> anyhow::Result<
         procs: Vec::new(),
         tx,
         rx,
+        progress: None,
     };
     let outcome = sup.run(&mut sigint, &mut sigterm).await;
+    sup.echo_progress();
     let (code, stop_signal, line) = match &outcome {
         Outcome::Done => (0, libc::SIGTERM, "0".to_string()),
         Outcome::Failed(why) => {
@@ -218,6 +268,7 @@ impl Supervisor<'_> {
         loop {
             tokio::select! {
                 Some((i, status)) = self.rx.recv() => {
+                    self.echo_progress();
                     if let Some(outcome) = self.on_exit(i, status) {
                         return outcome;
                     }
@@ -235,11 +286,18 @@ impl Supervisor<'_> {
                 _ = sigint.recv() => return Outcome::Signalled(libc::SIGINT),
                 _ = sigterm.recv() => return Outcome::Signalled(libc::SIGTERM),
                 _ = tick.tick() => {
+                    self.echo_progress();
                     if let Some(outcome) = self.other_nodes(&learner_nodes, !learners_here) {
                         return outcome;
                     }
                 }
             }
+        }
+    }
+
+    fn echo_progress(&mut self) {
+        if let Some(echo) = &mut self.progress {
+            echo.poll();
         }
     }
 
@@ -312,6 +370,9 @@ impl Supervisor<'_> {
             .append(true)
             .open(&p.log)
             .with_context(|| format!("opening {}", p.log.display()))?;
+        if p.role == Role::Learner && p.env.get("RANK").map(String::as_str) == Some("0") {
+            self.progress = Some(ProgressEcho::new(&p.log));
+        }
         let mut words: Vec<String> = p.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         words.push(program.display().to_string());
         words.extend(p.args.iter().cloned());
@@ -536,6 +597,29 @@ mod tests {
             describe_exit(&Ok(ExitStatus::from_raw(libc::SIGKILL))),
             "killed by signal 9 (SIGKILL)"
         );
+    }
+
+    #[test]
+    fn progress_lines() {
+        assert!(is_progress_line("step 3/40 reward 0.5000 loss 0.1"));
+        assert!(is_progress_line("sft 10/300 loss 1.2"));
+        assert!(is_progress_line("eval step 0: pass@1 0.120"));
+        assert!(!is_progress_line(
+            "2025-01-01T00:00:00Z  INFO learner: eval step=0"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.log");
+        let old = "step 1/2 old run\n";
+        std::fs::write(&path, old).unwrap();
+        let mut echo = ProgressEcho::new(&path);
+        assert_eq!(echo.offset, old.len() as u64);
+        let mut f = File::options().append(true).open(&path).unwrap();
+        write!(f, "step 1/2 x\nstep 2/").unwrap();
+        echo.poll();
+        assert_eq!(echo.partial, b"step 2/");
+        writeln!(f, "2 y").unwrap();
+        echo.poll();
+        assert!(echo.partial.is_empty());
     }
 
     #[test]

@@ -211,6 +211,7 @@ fn train_sbatch_on_a_two_node_local_cluster() {
             "--grace-period",
             "5",
             "train.max_steps=3",
+            "train.sft_warmup_steps=0",
             "checkpoint.save_steps=2",
             "eval.eval_steps=0",
         ],

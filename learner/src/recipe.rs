@@ -392,6 +392,17 @@ pub struct TrainSection {
     pub seed: u64,
     /// NaN guard: the run stops after this many non-finite steps in a row.
     pub max_nonfinite_steps: u32,
+    /// Supervised warm-up on the task's format before GRPO: this many
+    /// cross-entropy steps on `prompt + answer + EOS` pairs of the training
+    /// data (gradients all-reduced), at the start of a fresh run, before the
+    /// first eval. Logged to train_log with `phase: "sft"` (and `sft_step`,
+    /// no `step`). 0: none.
+    pub sft_warmup_steps: u64,
+    /// Constant learning rate of the warm-up (its own AdamW, dropped after
+    /// it); none: `learning_rate`.
+    pub sft_learning_rate: Option<f64>,
+    /// Pairs per rank per warm-up step; none: `per_device_train_batch_size`.
+    pub sft_batch_size: Option<usize>,
     #[serde(flatten)]
     pub loss: GrpoConfig,
 }
@@ -414,6 +425,9 @@ impl Default for TrainSection {
             adam_epsilon: 1e-8,
             seed: 42,
             max_nonfinite_steps: 3,
+            sft_warmup_steps: 0,
+            sft_learning_rate: None,
+            sft_batch_size: None,
             loss: GrpoConfig::default(),
         }
     }
@@ -732,6 +746,14 @@ impl Recipe {
             "rollout.max_prompt_length",
             || "must be >= 1 (or null)".into(),
         )?;
+        // Not silently ignored: the learner renders the chat template itself.
+        ensure(!r.use_chat, "rollout.use_chat", || {
+            "requests to /v1/chat/completions are not implemented yet; set \
+             data.prompt_template: chat instead (the learner renders the model's chat \
+             template and sends the result to /v1/completions, which is equivalent for \
+             Tandem's rollout server)"
+                .into()
+        })?;
         ensure(nonneg(r.temperature), "rollout.temperature", || {
             format!("must be >= 0, got {}", r.temperature)
         })?;
@@ -789,6 +811,16 @@ impl Recipe {
         ensure(nonneg(t.learning_rate), "train.learning_rate", || {
             format!("must be >= 0, got {}", t.learning_rate)
         })?;
+        ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
+            "must be >= 1 (or null: train.per_device_train_batch_size)".into()
+        })?;
+        if let Some(lr) = t.sft_learning_rate {
+            ensure(
+                lr.is_finite() && lr > 0.0,
+                "train.sft_learning_rate",
+                || format!("must be > 0 (or null: train.learning_rate), got {lr}"),
+            )?;
+        }
         ensure(
             (0.0..=1.0).contains(&t.warmup_ratio),
             "train.warmup_ratio",

@@ -88,6 +88,8 @@ struct Endpoint {
 pub struct RolloutCounters {
     pub dropped_groups: AtomicUsize,
     pub retries: AtomicUsize,
+    /// Prompts cut to `max_prompt_length` tokens.
+    pub truncated_prompts: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -96,7 +98,11 @@ pub struct RolloutClient {
     endpoints: Arc<Vec<Endpoint>>,
     settings: Arc<RolloutSettings>,
     tokenizer: Option<Arc<Tokenizer>>,
+    /// Prompts longer than this many tokens keep their last ones (TRL's
+    /// `max_prompt_length`); needs the tokenizer.
+    max_prompt_length: Option<usize>,
     warned_retokenize: Arc<AtomicBool>,
+    warned_truncate: Arc<AtomicBool>,
     pub counters: Arc<RolloutCounters>,
 }
 
@@ -142,9 +148,48 @@ impl RolloutClient {
             endpoints: Arc::new(endpoints),
             settings: Arc::new(settings),
             tokenizer,
+            max_prompt_length: None,
             warned_retokenize: Arc::new(AtomicBool::new(false)),
+            warned_truncate: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(RolloutCounters::default()),
         })
+    }
+
+    /// Cuts prompts to their last `max` tokens, as TRL's `max_prompt_length`
+    /// does. Without a tokenizer the server sees the text as it is.
+    pub fn with_max_prompt_length(mut self, max: Option<usize>) -> Self {
+        self.max_prompt_length = max;
+        self
+    }
+
+    /// The prompt as the request carries it: token ids when the learner has
+    /// the tokenizer (so the server scores exactly the ids the learner will
+    /// train on, cut to `max_prompt_length`), the text otherwise.
+    fn request_prompt(&self, prompt: &str) -> Result<Prompt, RolloutError> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(Prompt::Text(prompt.to_string()));
+        };
+        let mut ids = tokenizer
+            .encode(prompt, false)
+            .map_err(|e| RolloutError::Malformed {
+                endpoint: "tokenizer".into(),
+                message: e.to_string(),
+            })?;
+        if let Some(max) = self.max_prompt_length.filter(|&m| ids.len() > m) {
+            self.counters
+                .truncated_prompts
+                .fetch_add(1, Ordering::Relaxed);
+            if !self.warned_truncate.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    tokens = ids.len(),
+                    max,
+                    "prompt longer than rollout.max_prompt_length: keeping its last tokens \
+                     (counted as truncated_prompts)"
+                );
+            }
+            ids.drain(..ids.len() - max);
+        }
+        Ok(Prompt::Tokens(ids))
     }
 
     pub fn settings(&self) -> &RolloutSettings {
@@ -183,7 +228,7 @@ impl RolloutClient {
         let s = &self.settings;
         let request = CompletionRequest {
             model: s.model.clone(),
-            prompt: Prompt::Text(prompt.clone()),
+            prompt: self.request_prompt(&prompt)?,
             logprobs: Some(0),
             echo: None,
             add_special_tokens: Some(false),

@@ -445,6 +445,117 @@ fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e6
 }
 
+/// `train.sft_warmup_steps` cross-entropy steps on `prompt + answer + EOS`
+/// pairs from `source` (`train.sft_batch_size` per rank, each rank its
+/// shard, gradients all-reduced, clipped, a constant rate on an AdamW of its
+/// own), then rank 0 pushes the weights.
+/// Returns the weight version the servers now hold.
+#[allow(clippy::too_many_arguments)]
+fn sft_warmup(
+    recipe: &Recipe,
+    c: &dyn Collective,
+    policy: &CausalLM,
+    vars: &[(String, Var)],
+    tokenizer: &Tokenizer,
+    source: &mut PromptSource,
+    (pad_id, eos): (u32, Option<u32>),
+    device: &Device,
+    run: Option<&RunDir>,
+    pusher: Option<&WeightPusher>,
+    rt: &tokio::runtime::Runtime,
+    mut weight_version: u64,
+) -> anyhow::Result<u64> {
+    let t = &recipe.train;
+    let Some(eos) = eos else {
+        bail!("train.sft_warmup_steps needs an EOS token (eos_token_id in config.json)");
+    };
+    let mut ocfg = optimizer_config(recipe);
+    ocfg.learning_rate = t.sft_learning_rate.unwrap_or(t.learning_rate);
+    let lr = ocfg.learning_rate;
+    let batch_size = t.sft_batch_size.unwrap_or(t.per_device_train_batch_size);
+    let mut optimizer = AdamW::new(vars.to_vec(), ocfg.adamw())?;
+    let started = Instant::now();
+    for s in 1..=t.sft_warmup_steps {
+        let step_started = Instant::now();
+        let examples = source.next_batch(batch_size);
+        let mut seqs = Vec::with_capacity(examples.len());
+        for e in &examples {
+            let mut completion_ids = tokenizer.encode(&e.answer, false)?;
+            completion_ids.push(eos);
+            seqs.push(SequenceTokens {
+                prompt_ids: tokenizer.encode(&e.prompt_text, false)?,
+                completion_ids,
+            });
+        }
+        let batch = pad_batch(&seqs, pad_id, None, device)?;
+        // Mean token cross-entropy over the global batch.
+        let mut sums = [batch.num_completion_tokens() as f64, 0.0];
+        all_sum(c, &mut sums[..1])?;
+        let lp = batch.completion_logprobs(policy, 1.0, false)?;
+        let mask = batch.response_mask.to_dtype(lp.logprobs.dtype())?;
+        let nll = (lp.logprobs * mask)?.sum_all()?.neg()?;
+        let loss = nll.affine(1.0 / sums[0].max(1.0), 0.0)?;
+        let store = loss.backward()?;
+        let mut grads = Vec::with_capacity(vars.len());
+        for (g, (_, v)) in optimizer.gradients(&store).into_iter().zip(vars) {
+            grads.push(match g {
+                Some(g) => g,
+                None => v.as_tensor().zeros_like()?,
+            });
+        }
+        let mut grads = crate::collective::all_reduce_tensors(c, &grads)?;
+        sums[1] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        all_sum(c, &mut sums[1..])?;
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            bail!("supervised warm-up step {s}: non-finite gradient norm ({grad_norm})");
+        }
+        optimizer.step(&grads, lr)?;
+        if let Some(run) = run
+            && (s % recipe.log.logging_steps.max(1) == 0 || s == t.sft_warmup_steps)
+        {
+            let total_s = step_started.elapsed();
+            run.log_train(&json!({
+                "phase": "sft",
+                "sft_step": s,
+                "loss": sums[1],
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens": {"completion": sums[0]},
+                "timings": {"total": secs(total_s)},
+                "elapsed_s": secs(started.elapsed()),
+            }))?;
+            eprintln!(
+                "sft {s}/{} loss {:.4} grad_norm {grad_norm:.4} lr {lr:.3e} {:.2}s",
+                t.sft_warmup_steps,
+                sums[1],
+                total_s.as_secs_f64()
+            );
+        }
+    }
+    c.barrier()?;
+    if let Some(pusher) = pusher
+        && !pusher.clients.is_empty()
+    {
+        weight_version += 1;
+        rt.block_on(pusher.push(&push_tensors(vars)?, weight_version))?;
+    }
+    let mut wv = [if c.rank() == 0 {
+        weight_version as f64
+    } else {
+        0.0
+    }];
+    all_sum(c, &mut wv)?; // rank 0's version; also the barrier after the push
+    if let Some(run) = run {
+        run.event(
+            "sft_warmup",
+            json!({"steps": t.sft_warmup_steps, "learning_rate": lr,
+                   "weight_version": wv[0] as u64, "elapsed_s": secs(started.elapsed())}),
+        )?;
+    }
+    Ok(wv[0] as u64)
+}
+
 /// Runs `learner train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let recipe = args.recipe;
@@ -518,7 +629,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let rewards = RewardRegistry::from_configs(&reward_configs)?;
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     let tokenizer = Arc::new(tokenizer);
-    let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?;
+    let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
+        .with_max_prompt_length(recipe.rollout.max_prompt_length);
     let ocfg = optimizer_config(&recipe);
     let mut optimizer = AdamW::new(vars.clone(), ocfg.adamw())?;
     let schedule = LrSchedule::new(&ocfg, t.max_steps as usize)?;
@@ -622,8 +734,47 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         };
         rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
         weight_version = version;
+    } else if let Some(pusher) = pusher.as_ref().filter(|p| !p.clients.is_empty()) {
+        // A fresh run: a server past version 0 holds other weights (an earlier
+        // run's), so it gets ours first; pushes then count on from its version.
+        let server = rt.block_on(pusher.server_version())?;
+        if server > 0 {
+            let version = server + 1;
+            rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+            if let Some(run) = &run {
+                run.event(
+                    "initial_weights_pushed",
+                    json!({"server_version": server, "pushed_version": version}),
+                )?;
+            }
+            weight_version = version;
+        }
     }
     c.barrier()?;
+
+    // ---- supervised warm-up (fresh runs only; a checkpoint holds its result)
+    if resume.is_none() && t.sft_warmup_steps > 0 {
+        weight_version = sft_warmup(
+            &recipe,
+            c,
+            &policy,
+            &vars,
+            &tokenizer,
+            &mut source,
+            (
+                pad_id,
+                cfg.eos_token_ids
+                    .first()
+                    .copied()
+                    .or(tokenizer.eos_token_id()),
+            ),
+            &device,
+            run.as_ref(),
+            pusher.as_ref(),
+            &rt,
+            weight_version,
+        )?;
+    }
 
     // ---- eval setup
     let eval_examples =
@@ -636,7 +787,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let mut s = rollout_settings(&recipe, rank);
         s.num_generations = recipe.eval.num_samples.max(1);
         s.temperature = recipe.eval.temperature as f32;
-        Some(RolloutClient::new(s, Some(tokenizer.clone()))?)
+        Some(
+            RolloutClient::new(s, Some(tokenizer.clone()))?
+                .with_max_prompt_length(recipe.rollout.max_prompt_length),
+        )
     } else {
         None
     };
@@ -653,6 +807,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         run.log_eval(&line)?;
         run.event("eval", json!({"step": step, "mean_at_k": result.mean_at_k}))?;
         tracing::info!(step, pass = ?result.pass_at_k, "eval");
+        eprintln!(
+            "eval step {step}: pass@1 {:.3} ({} questions x {} samples, {:.1}s)",
+            result.pass_at_k.get("pass@1").copied().unwrap_or(f64::NAN),
+            result.num_questions,
+            result.num_samples,
+            result.seconds
+        );
         Ok(())
     };
     if resume.is_none() {

@@ -421,11 +421,11 @@ fn the_demo_recipe_data_loads() {
         recipe.data.train_files[0].expected_hash.as_ref()
     );
     let batch = src.next_batch(recipe.prompts_per_rank_per_step());
-    assert_eq!(batch.len(), 4);
+    assert_eq!(batch.len(), 8);
     assert!(batch.iter().all(|e| e.prompt_text.ends_with('=')));
 
     let (eval, efp) = load_eval_examples(&recipe.data, recipe.eval.max_examples, None).unwrap();
-    assert_eq!(eval.len(), 100);
+    assert_eq!(eval.len(), 500);
     assert_eq!(efp[0].rows, 500);
     // Held out: no training question is an eval question.
     let train: HashSet<String> = src.datasets()[0]

@@ -249,7 +249,7 @@ fn the_shipped_recipes_load_and_validate() {
     assert_eq!(demo.rollout.num_generations, 8);
     assert_eq!(demo.topology.learner_ranks, 2);
     assert!(demo.eval.eval_steps > 0 && !demo.data.eval_files.is_empty());
-    assert_eq!(demo.prompts_per_rank_per_step(), 4);
+    assert_eq!(demo.prompts_per_rank_per_step(), 8);
     // The embedded text is the file.
     let from_file = Recipe::load(&configs().join("demo.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(from_file, demo);

@@ -315,6 +315,70 @@ fn external_endpoint_mode_without_tags_or_weight_sync() {
     );
 }
 
+#[test]
+fn long_prompts_are_cut_to_max_prompt_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let prompt_tokens = |name: &str, overrides: &[&str]| -> (f64, f64) {
+        let out = tmp.path().join(name);
+        let r = recipe(tmp.path(), &model, &server, &out);
+        let mut o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        o.push("train.max_steps=1".into());
+        train(&r, &o);
+        let line = read_jsonl(&out.join("train_log.jsonl")).pop().unwrap();
+        (
+            line["tokens"]["prompt"].as_f64().unwrap(),
+            line["num_sequences"].as_f64().unwrap(),
+        )
+    };
+    let (full, n) = prompt_tokens("full", &[]);
+    let (cut, n_cut) = prompt_tokens("cut", &["rollout.max_prompt_length=3"]);
+    assert_eq!(n, n_cut);
+    assert!(
+        full > 3.0 * n,
+        "the test prompts must be longer than 3 tokens"
+    );
+    assert_eq!(cut, 3.0 * n, "every prompt keeps exactly its last 3 tokens");
+    // The second run met a server that the first had moved past version 0:
+    // it pushed its own starting weights before generating.
+    let events = read_jsonl(&tmp.path().join("cut/run_log.jsonl"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "initial_weights_pushed"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn use_chat_is_refused_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = tmp.path().join("chat");
+    let fake = tmp.path().join("r.yaml");
+    std::fs::write(
+        &fake,
+        format!(
+            "version: 1\nmodel: {{path: {}}}\ndata: {{train_files: [{}]}}\n\
+             rollout: {{endpoints: [http://127.0.0.1:9], use_chat: true}}\n\
+             checkpoint: {{output_dir: {}}}\n",
+            model.display(),
+            repo_root().join("configs/data/arith_train.jsonl").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(learner_bin())
+        .args(["train", "--config"])
+        .arg(&fake)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rollout.use_chat"), "{err}");
+}
+
 /// A proxy in front of the server that rewrites the echoed client tag of
 /// every other response (as if another rank's group came back).
 fn start_tag_rewriting_proxy(upstream: String) -> (String, std::thread::JoinHandle<()>) {

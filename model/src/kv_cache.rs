@@ -102,8 +102,11 @@ impl KvCache {
             )));
         }
         for cache in self.k.iter().chain(self.v.iter()) {
-            // A narrow along dim 0 shares storage with the cache: copy it out first.
-            let src = cache.narrow(0, from * self.max_len, len)?.copy()?;
+            // A narrow along dim 0 shares storage with the cache: copy it out
+            // first, only its rows (`copy` would clone the whole cache).
+            let src = cache
+                .narrow(0, from * self.max_len, len)?
+                .force_contiguous()?;
             cache.slice_set(&src, 0, to * self.max_len)?;
         }
         self.lens[to] = Some(len);
