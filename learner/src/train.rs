@@ -1126,7 +1126,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
             weight_version = version;
         }
-        let mut wv = [weight_version as f64];
+        // Rank 0's version reaches every rank: the others add nothing.
+        let mut wv = [if rank == 0 {
+            weight_version as f64
+        } else {
+            0.0
+        }];
         all_sum(c, &mut wv)?; // also the barrier after the push
         if rank > 0 {
             weight_version = wv[0] as u64;
@@ -1143,7 +1148,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         all_sum(c, &mut tokens)?;
         if let Some(f) = &rank_log {
             use std::io::Write;
-            let line = json!({"step": step, "rank": rank, "weights_hash": hash});
+            let line = json!({"step": step, "rank": rank, "weights_hash": hash,
+                             "weight_version": weight_version});
             let mut f = f;
             writeln!(f, "{line}")?;
         }

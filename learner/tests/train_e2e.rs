@@ -197,6 +197,12 @@ fn two_ranks_vs_one(extra: &[&str]) {
             "step {}",
             l0["step"]
         );
+        // ... and know which version the servers have.
+        assert_eq!(
+            l0["weight_version"], l1["weight_version"],
+            "step {}",
+            l0["step"]
+        );
     }
     // And the same weights as the 1-rank run.
     let w1 = load_weights(&out1.join("checkpoints/step_000003"));
