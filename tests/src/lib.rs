@@ -290,9 +290,9 @@ mod tests {
     }
 
     #[test]
-    fn free_ports_are_free_and_jsonl_is_read() {
-        let port = free_port();
-        TcpListener::bind(("127.0.0.1", port)).unwrap();
+    fn jsonl_is_read_skipping_blank_lines() {
+        // (Whether a port from free_port() is still free when bound cannot be
+        // asserted: a test running beside this one may take it meanwhile.)
         let dir = std::env::temp_dir().join(format!("e2e-jsonl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("log.jsonl");
