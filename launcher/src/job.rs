@@ -395,6 +395,14 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,
         DeviceArg::Auto if visible.ids.is_empty() => Device::Cpu,
+        DeviceArg::Auto if !model::device::CUDA_BUILD => {
+            notes.push(format!(
+                "{} GPU(s) visible, but this is a CPU build: running on the CPU (rebuild with \
+                 `cargo build --release --features cuda` to use them)",
+                visible.ids.len()
+            ));
+            Device::Cpu
+        }
         DeviceArg::Auto => Device::Cuda,
     };
     let mut gpu_ids = visible.ids.clone();
@@ -494,7 +502,11 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         _ => None,
     };
 
-    let mut rollout_server_args = Vec::new();
+    // The servers generate in the learners' dtype, so their log-probs agree.
+    let mut rollout_server_args = vec![
+        "--dtype".to_string(),
+        model::device::DTypeSpec::from(recipe.model.dtype).to_string(),
+    ];
     if let Some(k) = &recipe.rollout.weight_sync_token {
         rollout_server_args.extend(["--weight-sync-token".to_string(), k.clone()]);
     }

@@ -96,6 +96,10 @@ pub struct Heads {
     pub key_value: usize,
 }
 
+/// `--gpu-memory-utilization` of a rollout server that shares its GPU with
+/// a learner (TRL's `vllm_gpu_memory_utilization` default in colocate mode).
+pub const COLOCATED_GPU_MEMORY_UTILIZATION: f64 = 0.3;
+
 /// Everything the plan is made from.
 #[derive(Debug, Clone)]
 pub struct PlanInput {
@@ -416,6 +420,7 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
         vec![0]
     };
     let mut notes = Vec::new();
+    let mut colocated = false;
 
     // Who goes where: per learner node, the GPU slots (or process count).
     let server_slots = input.dp * input.tp;
@@ -441,15 +446,25 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
                     ));
                 }
                 g
+            } else if server_slots > g {
+                return Err(PlanError::NotEnoughGpus(format!(
+                    "dp {} x tp {} = {server_slots} GPUs for rollout servers, but this node has \
+                     {g}: lower --dp or --tp, add GPUs, or use several nodes (--nodes 2 puts \
+                     the rollout servers on their own node)",
+                    input.dp, input.tp
+                )));
+            } else if server_slots == g {
+                // TRL's colocate mode: no GPU is left over, so each learner
+                // shares a server's GPU and the server keeps to a fraction
+                // of its memory.
+                colocated = true;
+                notes.push(format!(
+                    "colocated: the rollout server(s) and learner(s) share {g} GPU(s); each \
+                     server uses --gpu-memory-utilization {COLOCATED_GPU_MEMORY_UTILIZATION} \
+                     unless the recipe's rollout_server_args set it"
+                ));
+                g
             } else {
-                if server_slots >= g {
-                    return Err(PlanError::NotEnoughGpus(format!(
-                        "dp {} x tp {} = {server_slots} GPUs for rollout servers leaves no GPU \
-                         for learners on a node with {g}: lower --dp or --tp, add GPUs, or use \
-                         several nodes (--nodes 2 puts the rollout servers on their own node)",
-                        input.dp, input.tp
-                    )));
-                }
                 g - server_slots
             };
             let available = free_per_learner_node * learner_node_list.len();
@@ -595,6 +610,14 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
             "--device".into(),
             input.device.as_str().into(),
         ];
+        let set_by_recipe = input
+            .rollout_server_args
+            .iter()
+            .any(|a| a.starts_with("--gpu-memory-utilization"));
+        if colocated && !set_by_recipe {
+            args.push("--gpu-memory-utilization".into());
+            args.push(COLOCATED_GPU_MEMORY_UTILIZATION.to_string());
+        }
         args.extend(input.rollout_server_args.iter().cloned());
         let name = format!("rollout-{r}");
         processes.push(ProcessPlan {
@@ -614,8 +637,9 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
 
     let mut rank = 0;
     for (&node, &count) in learner_node_list.iter().zip(&per_node_learners) {
-        // On one node the learners take the GPUs after the servers'.
-        let first_gpu = if multi { 0 } else { server_slots };
+        // On one node the learners take the GPUs after the servers' (the
+        // same ones when colocated).
+        let first_gpu = if multi || colocated { 0 } else { server_slots };
         for local_rank in 0..count {
             let mut env = BTreeMap::from([
                 ("RANK".to_string(), rank.to_string()),
@@ -631,6 +655,10 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
             };
             if input.device == Device::Cuda {
                 env.insert("CUDA_VISIBLE_DEVICES".into(), gpus.join(","));
+                // NCCL connects peers inside the (watched) communicator init
+                // instead of lazily inside a collective, where a dead peer
+                // could block the call itself.
+                env.insert("NCCL_RUNTIME_CONNECT".into(), "0".into());
             }
             let mut args = vec![
                 "train".to_string(),
@@ -794,6 +822,7 @@ mod tests {
         assert_eq!(l1.env["LOCAL_RANK"], "1");
         assert_eq!(l1.env["WORLD_SIZE"], "3");
         assert_eq!(l1.env["CUDA_VISIBLE_DEVICES"], "2");
+        assert_eq!(l1.env["NCCL_RUNTIME_CONNECT"], "0");
         assert_eq!(l1.env["MASTER_PORT"], "29500");
         assert!(l1.args.contains(&"rollout.client_tag=rank-1".to_string()));
         assert!(
@@ -976,11 +1005,60 @@ mod tests {
     }
 
     #[test]
+    fn one_gpu_colocates_the_server_and_the_learner() {
+        let p = plan(&input(Device::Cuda, 1, 1, 1, 1));
+        assert_eq!(
+            roles(&p),
+            vec![
+                (0, s(&["0"]), "rollout-0".to_string()),
+                (0, s(&["0"]), "learner-rank0".to_string()),
+            ]
+        );
+        assert_eq!(p.learner_ranks, 1);
+        let server = &p.processes[0];
+        assert!(
+            server
+                .args
+                .windows(2)
+                .any(|w| w == ["--gpu-memory-utilization", "0.3"]),
+            "{:?}",
+            server.args
+        );
+        assert!(
+            p.notes.iter().any(|n| n.contains("colocated")),
+            "{:?}",
+            p.notes
+        );
+        // The recipe's own value wins.
+        let mut i = input(Device::Cuda, 1, 2, 2, 1);
+        i.rollout_server_args = s(&["--gpu-memory-utilization=0.5"]);
+        let p = plan(&i);
+        assert_eq!(p.learner_ranks, 2);
+        assert_eq!(p.processes[2].name, "learner-rank0");
+        assert_eq!(p.processes[2].gpus, s(&["0"]));
+        assert_eq!(p.processes[3].gpus, s(&["1"]));
+        let args = &p.processes[0].args;
+        assert!(
+            !args.iter().any(|a| a == "--gpu-memory-utilization"),
+            "{args:?}"
+        );
+        assert!(args.iter().any(|a| a == "--gpu-memory-utilization=0.5"));
+        // With a GPU to spare nothing is shared.
+        let p = plan(&input(Device::Cuda, 1, 2, 1, 1));
+        assert!(
+            !p.processes[0]
+                .args
+                .iter()
+                .any(|a| a.contains("utilization"))
+        );
+    }
+
+    #[test]
     fn refuses_too_few_gpus() {
-        let e = Plan::new(&input(Device::Cuda, 1, 1, 1, 1)).unwrap_err();
+        let e = Plan::new(&input(Device::Cuda, 1, 1, 2, 1)).unwrap_err();
         assert!(matches!(e, PlanError::NotEnoughGpus(_)), "{e}");
         assert!(e.to_string().contains("lower --dp or --tp"), "{e}");
-        let e = Plan::new(&input(Device::Cuda, 1, 4, 2, 2)).unwrap_err();
+        let e = Plan::new(&input(Device::Cuda, 1, 4, 3, 2)).unwrap_err();
         assert!(matches!(e, PlanError::NotEnoughGpus(_)), "{e}");
         let e = Plan::new(&input(Device::Cuda, 2, 2, 3, 1)).unwrap_err();
         assert!(e.to_string().contains("rollout node"), "{e}");

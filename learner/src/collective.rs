@@ -1,13 +1,15 @@
 //! Collectives between learner ranks: the [`Collective`] trait (`all_reduce_sum`,
-//! `broadcast`, `barrier`) and its CPU backend, [`TcpRing`].
+//! `broadcast`, `barrier`) and its CPU backend, [`TcpRing`]. [`connect`] picks
+//! the backend for a rank's device.
 //!
 //! Rendezvous follows torchrun: `MASTER_ADDR`/`MASTER_PORT`, `RANK`,
 //! `WORLD_SIZE`. Rank 0 listens at the master port; every other rank connects
 //! to it and reports the address of its own ring listener (bound to port 0);
 //! rank 0 sends everyone the table; each rank then connects to its successor
-//! and accepts its predecessor. The NCCL backend (CUDA issue) implements the
-//! same trait and overrides [`Collective::all_reduce_tensors`] to reduce
-//! device buffers in place.
+//! and accepts its predecessor. The NCCL backend (`crate::nccl`, feature
+//! `cuda`) implements the same trait on GPUs: it uses this rendezvous only to
+//! hand out the NCCL unique id, and overrides
+//! [`Collective::all_reduce_tensors`] to reduce buckets of device buffers.
 //!
 //! [`TcpRing`] uses blocking `std::net` sockets with timeouts: the training
 //! loop calls it from a blocking thread (`tokio::task::spawn_blocking`) or
@@ -65,6 +67,10 @@ pub enum CollectiveError {
     },
     #[error("rank {rank}: the ring is broken by an earlier error ({first}); restart the ranks")]
     Broken { rank: usize, first: String },
+    /// A failed NCCL operation; the communicator is aborted, and later
+    /// calls return [`CollectiveError::Broken`].
+    #[error("rank {rank}: {message}; the NCCL communicator is aborted: restart the ranks")]
+    Nccl { rank: usize, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -94,6 +100,25 @@ pub trait Collective: Send + Sync {
     fn all_reduce_tensors(&self, tensors: &[Tensor], bucket_bytes: usize) -> Result<Vec<Tensor>> {
         host_all_reduce_tensors(self, tensors, bucket_bytes)
     }
+}
+
+/// The collective of this rank on `device`: NCCL on a CUDA device (feature
+/// `cuda`), the TCP ring otherwise, and [`SingleRank`] for a run of one rank
+/// (one process needs no communicator).
+pub fn connect(
+    config: &TcpRingConfig,
+    device: &candle_core::Device,
+) -> Result<Box<dyn Collective>> {
+    if config.world_size == 1 && config.rank == 0 {
+        return Ok(Box::new(SingleRank));
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Ok(Box::new(crate::nccl::Nccl::connect(config, device)?));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(Box::new(TcpRing::connect(config)?))
 }
 
 /// Sums gradient tensors over all ranks in buckets of [`DEFAULT_BUCKET_BYTES`]:
@@ -1153,6 +1178,18 @@ mod tests {
                 assert_eq!(covered, n);
             }
         }
+    }
+
+    #[test]
+    fn connect_one_rank_on_cpu_is_single() {
+        let config = TcpRingConfig::new("127.0.0.1", 0, 0, 1);
+        let c = connect(&config, &candle_core::Device::Cpu).expect("connect");
+        assert_eq!((c.backend(), c.rank(), c.world_size()), ("single", 0, 1));
+        let bad = TcpRingConfig::new("127.0.0.1", 0, 1, 1);
+        assert!(matches!(
+            connect(&bad, &candle_core::Device::Cpu),
+            Err(CollectiveError::Config(_))
+        ));
     }
 
     #[test]

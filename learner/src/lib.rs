@@ -19,6 +19,8 @@ pub mod grpo_error;
 pub mod kl;
 pub mod loss;
 pub mod metrics;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod recipe;
 pub mod rewards;

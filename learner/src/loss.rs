@@ -339,7 +339,12 @@ pub fn grpo_loss(
     beta: f64,
 ) -> Result<LossOutput> {
     let logp = &inputs.logprobs;
-    let dtype = logp.dtype();
+    // The loss is reduced in f32 (f64 when given f64) whatever the model's
+    // dtype: bf16 sums over thousands of tokens lose the advantages' signal.
+    let dtype = match logp.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
     let (b, k) = logp.dims2().map_err(|_| GrpoError::Shape {
         name: "logprobs".into(),
         expected: "[B, K]".into(),

@@ -29,6 +29,13 @@ enum Command {
         /// Print the resolved recipe and exit.
         #[arg(long)]
         dry_run: bool,
+        /// `auto`, `cpu`, `cuda` or `cuda:N` (sets `model.device`).
+        #[arg(long)]
+        device: Option<String>,
+        /// `auto` (bf16 on CUDA, f32 on the CPU), `bf16`, `f16` or `f32`
+        /// (sets `model.dtype`).
+        #[arg(long)]
+        dtype: Option<String>,
         /// `section.key=value` overrides.
         overrides: Vec<String>,
     },
@@ -37,7 +44,8 @@ enum Command {
     /// Write a randomly initialised Qwen2-architecture model folder (Hugging
     /// Face format, character-level tokenizer, ChatML chat template).
     InitModel {
-        /// `tiny` (~0.4M parameters) or `small` (~21M).
+        /// `tiny` (~0.4M parameters), `small` (~21M) or `qwen2.5-0.5b`
+        /// (Qwen2.5-0.5B's shape, random weights, bf16).
         #[arg(long, default_value = "tiny")]
         preset: Preset,
         /// Folder to write (created if missing).
@@ -61,8 +69,13 @@ fn main() -> anyhow::Result<()> {
             config,
             resume_from,
             dry_run,
-            overrides,
+            device,
+            dtype,
+            mut overrides,
         } => {
+            // Flags are overrides like any other: the recipe check names them.
+            overrides.extend(device.map(|d| format!("model.device={d}")));
+            overrides.extend(dtype.map(|d| format!("model.dtype={d}")));
             let recipe = match &config {
                 Some(path) => Recipe::load(path, &overrides)?,
                 None => Recipe::demo(&overrides)?,

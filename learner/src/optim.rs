@@ -18,6 +18,13 @@
 //! (eps outside the square root). Which parameters decay: as transformers'
 //! `Trainer.get_decay_parameter_names`, every parameter except biases and
 //! normalisation weights — see [`uses_weight_decay`].
+//!
+//! bf16/f16 parameters get f32 master weights (mixed precision, as
+//! DeepSpeed and torch AMP keep them): the moments and the update are f32,
+//! and the parameter is the master rounded to its dtype. Updating bf16
+//! directly would round away every step smaller than 2^-8 of a weight,
+//! which is most steps at RL learning rates (1e-6). The master is saved with
+//! the moments, so a resumed run continues exactly.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -300,6 +307,16 @@ struct Moments {
     step: u64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// The f32 master of a bf16/f16 parameter.
+    master: Option<Tensor>,
+}
+
+/// The dtype of the moments (and master) of a parameter of dtype `d`.
+fn state_dtype(d: DType) -> DType {
+    match d {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
 }
 
 /// AdamW over named `Var`s with saveable state.
@@ -445,15 +462,21 @@ impl AdamW {
                     ),
                 });
             }
-            let g = g.to_dtype(param.dtype())?.to_device(param.device())?;
+            let sd = state_dtype(param.dtype());
+            let g = g.to_dtype(sd)?.to_device(param.device())?;
             let state = match p.state.take() {
                 Some(s) => s,
                 None => Moments {
                     step: 0,
-                    exp_avg: param.zeros_like()?,
-                    exp_avg_sq: param.zeros_like()?,
+                    exp_avg: param.zeros_like()?.to_dtype(sd)?,
+                    exp_avg_sq: param.zeros_like()?.to_dtype(sd)?,
+                    master: (sd != param.dtype())
+                        .then(|| param.to_dtype(sd))
+                        .transpose()?,
                 },
             };
+            // The weights the update applies to: the master when there is one.
+            let weights = state.master.clone().unwrap_or_else(|| param.clone());
             let step = state.step + 1;
             let exp_avg = (state.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
             let exp_avg_sq =
@@ -465,23 +488,30 @@ impl AdamW {
                 .sqrt()?
                 .affine(1.0 / bias_correction2_sqrt, eps)?;
             let decayed = if p.decay && weight_decay > 0.0 {
-                param.affine(1.0 - lr * weight_decay, 0.0)?
+                weights.affine(1.0 - lr * weight_decay, 0.0)?
             } else {
-                param.clone()
+                weights
             };
             let new = (decayed - (exp_avg.div(&denom)?.affine(step_size, 0.0))?)?;
-            p.var.set(&new)?;
+            let master = if state.master.is_some() {
+                p.var.set(&new.to_dtype(param.dtype())?)?;
+                Some(new)
+            } else {
+                p.var.set(&new)?;
+                None
+            };
             p.state = Some(Moments {
                 step,
                 exp_avg,
                 exp_avg_sq,
+                master,
             });
         }
         Ok(())
     }
 
     /// Writes [`OPTIMIZER_TENSORS_FILE`] (moments, named `<param>.exp_avg`
-    /// and `<param>.exp_avg_sq`) and [`OPTIMIZER_STATE_FILE`] (steps, config)
+    /// and `<param>.exp_avg_sq`, and `<param>.master` for bf16/f16) and [`OPTIMIZER_STATE_FILE`] (steps, config)
     /// into `dir`, each through a temporary file and a rename.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let state_err = |path: &Path, message: String| OptimError::State {
@@ -497,6 +527,9 @@ impl AdamW {
                 Some(s) => {
                     tensors.insert(format!("{}.exp_avg", p.name), s.exp_avg.clone());
                     tensors.insert(format!("{}.exp_avg_sq", p.name), s.exp_avg_sq.clone());
+                    if let Some(m) = &s.master {
+                        tensors.insert(format!("{}.master", p.name), m.clone());
+                    }
                     s.step
                 }
                 None => 0,
@@ -529,7 +562,8 @@ impl AdamW {
     }
 
     /// Loads state written by [`AdamW::save`]. The parameter names must be
-    /// the same; every moment must have its parameter's shape and dtype. The
+    /// the same; every moment must have its parameter's shape, and f32 for a
+    /// bf16/f16 parameter (its dtype otherwise). The
     /// saved hyper-parameters are informative: this optimizer's own are kept
     /// (a resumed recipe may change them on purpose).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
@@ -581,24 +615,27 @@ impl AdamW {
                     message: format!("`{key}` is missing"),
                 })?;
                 let param = p.var.as_tensor();
-                if t.shape() != param.shape() || t.dtype() != param.dtype() {
+                let sd = state_dtype(param.dtype());
+                if t.shape() != param.shape() || t.dtype() != sd {
                     return Err(OptimError::State {
                         path: tensors_path.clone(),
                         message: format!(
-                            "`{key}` is {:?} {:?}, the parameter is {:?} {:?}",
+                            "`{key}` is {:?} {:?}, expected {sd:?} {:?} for a {:?} parameter",
                             t.dtype(),
                             t.dims(),
+                            param.dims(),
                             param.dtype(),
-                            param.dims()
                         ),
                     });
                 }
                 Ok(t.to_device(param.device())?)
             };
+            let low_precision = state_dtype(p.var.dtype()) != p.var.dtype();
             states.push(Some(Moments {
                 step: entry.step,
                 exp_avg: moment("exp_avg")?,
                 exp_avg_sq: moment("exp_avg_sq")?,
+                master: low_precision.then(|| moment("master")).transpose()?,
             }));
         }
         for (p, s) in self.params.iter_mut().zip(states) {

@@ -113,6 +113,9 @@ impl Default for Recipe {
 pub enum ModelPreset {
     Tiny,
     Small,
+    /// Qwen2.5-0.5B's shape, random weights (GPU runs and benchmarks).
+    #[serde(rename = "qwen2.5-0.5b")]
+    Qwen25_0_5B,
 }
 
 impl From<ModelPreset> for model::presets::Preset {
@@ -120,6 +123,7 @@ impl From<ModelPreset> for model::presets::Preset {
         match p {
             ModelPreset::Tiny => model::presets::Preset::Tiny,
             ModelPreset::Small => model::presets::Preset::Small,
+            ModelPreset::Qwen25_0_5B => model::presets::Preset::Qwen25_0_5B,
         }
     }
 }
@@ -127,9 +131,25 @@ impl From<ModelPreset> for model::presets::Preset {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Dtype {
+    /// bf16 on CUDA, f32 on the CPU.
+    Auto,
+    #[serde(alias = "float32")]
     F32,
+    #[serde(alias = "bfloat16")]
     Bf16,
+    #[serde(alias = "float16")]
     F16,
+}
+
+impl From<Dtype> for model::device::DTypeSpec {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::Auto => model::device::DTypeSpec::Auto,
+            Dtype::F32 => model::device::DTypeSpec::F32,
+            Dtype::Bf16 => model::device::DTypeSpec::BF16,
+            Dtype::F16 => model::device::DTypeSpec::F16,
+        }
+    }
 }
 
 /// The policy model.
@@ -142,8 +162,10 @@ pub struct ModelSection {
     pub preset: Option<ModelPreset>,
     /// Seed of a preset's random initial weights.
     pub init_seed: u64,
-    /// Training dtype: `f32` (CPU), `bf16` or `f16` (CUDA).
+    /// Weights and activations: `auto` (bf16 on CUDA, f32 on the CPU),
+    /// `f32`, `bf16` or `f16`. Log-probs and the loss are reduced in f32.
     pub dtype: Dtype,
+    /// `auto` (the first GPU when this build has CUDA and one answers),
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
 }
@@ -154,8 +176,8 @@ impl Default for ModelSection {
             path: None,
             preset: None,
             init_seed: 0,
-            dtype: Dtype::F32,
-            device: "cpu".into(),
+            dtype: Dtype::Auto,
+            device: "auto".into(),
         }
     }
 }
@@ -668,7 +690,7 @@ impl Recipe {
             "model.path and model.preset are both set; keep one".into()
         })?;
         ensure(valid_device(&m.device), "model.device", || {
-            format!("expected cpu, cuda or cuda:N, got {:?}", m.device)
+            format!("expected auto, cpu, cuda or cuda:N, got {:?}", m.device)
         })?;
 
         let d = &self.data;
@@ -982,10 +1004,7 @@ impl Recipe {
 }
 
 fn valid_device(d: &str) -> bool {
-    d == "cpu"
-        || d == "cuda"
-        || d.strip_prefix("cuda:")
-            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    d.parse::<model::device::DeviceSpec>().is_ok()
 }
 
 fn redact(v: &mut Value) {

@@ -45,7 +45,7 @@ use crate::accumulation::accumulate_gradients;
 use crate::advantages::compute_advantages;
 use crate::batch::{SequenceTokens, pad_batch};
 use crate::checkpoint::{PrefetchedBatch, TrainerState, save_checkpoint};
-use crate::collective::{Collective, SingleRank, TcpRing, TcpRingConfig};
+use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
 use crate::eval::evaluate;
 use crate::grpo_error::GrpoError;
@@ -53,7 +53,7 @@ use crate::kl::KlController;
 use crate::loss::{LossInputs, Normalizers, micro_batch_ranges};
 use crate::metrics::LossMetrics;
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
-use crate::recipe::{Dtype, LrSchedulerType, Recipe};
+use crate::recipe::{LrSchedulerType, Recipe};
 use crate::rewards::{RewardInput, RewardRegistry};
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
@@ -91,52 +91,15 @@ pub fn weights_hash(vars: &[(String, Var)]) -> anyhow::Result<String> {
     Ok(format!("{:016x}", h.digest()))
 }
 
-/// Little-endian bytes of a tensor in its own dtype (F32, BF16 or F16).
+/// The wire dtype and raw little-endian bytes of a tensor (F32, BF16 or F16).
 fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, Vec<u8>)> {
-    let flat = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => (
-            WireDType::F32,
-            flat.to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::BF16 => (
-            WireDType::BF16,
-            flat.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            WireDType::F16,
-            flat.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
+    let wire = match t.dtype() {
+        DType::F32 => WireDType::F32,
+        DType::BF16 => WireDType::BF16,
+        DType::F16 => WireDType::F16,
         other => bail!("cannot push a {other:?} tensor"),
-    })
-}
-
-fn device_of(spec: &str) -> anyhow::Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::new_cuda(i)?),
-            _ => bail!("model.device must be cpu, cuda or cuda:N, got {s:?}"),
-        },
-    }
-}
-
-fn dtype_of(d: Dtype) -> DType {
-    match d {
-        Dtype::F32 => DType::F32,
-        Dtype::Bf16 => DType::BF16,
-        Dtype::F16 => DType::F16,
-    }
+    };
+    Ok((wire, model::weights::le_bytes(t)?))
 }
 
 /// The starting model folder: `model.path`, or `model.preset` written (once,
@@ -565,12 +528,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // The device first: a CUDA learner all-reduces over NCCL, a CPU one over TCP.
+    let device: model::device::DeviceSpec = recipe.model.device.parse()?;
+    let device = device.open()?;
     let ring = TcpRingConfig::from_env()?;
-    let collective: Box<dyn Collective> = if ring.world_size > 1 {
-        Box::new(TcpRing::connect(&ring)?)
-    } else {
-        Box::new(SingleRank)
-    };
+    let collective = crate::collective::connect(&ring, &device)?;
     let c: &dyn Collective = collective.as_ref();
     let (rank, world) = (c.rank(), c.world_size());
     let t = &recipe.train;
@@ -590,8 +552,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
 
     // ---- model
-    let device = device_of(&recipe.model.device)?;
-    let dtype = dtype_of(recipe.model.dtype);
+    let dtype = model::device::DTypeSpec::from(recipe.model.dtype).resolve(&device)?;
+    tracing::info!(
+        device = model::device::device_name(&device),
+        dtype = ?dtype,
+        collective = c.backend(),
+        "learner model"
+    );
     let initial_dir = initial_model_dir(&recipe)?;
     let model_dir = resume
         .as_ref()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use e2e::{free_port, read_jsonl, repo_root, tiny_model};
+use e2e::{RolloutServer, free_port, read_jsonl, repo_root, tiny_model};
 use serde_json::Value;
 
 fn f(v: &Value, key: &str) -> f64 {
@@ -532,4 +532,49 @@ fn a_short_grpo_run_raises_the_mean_reward() {
         last > first + 0.2,
         "mean reward {first:.3} (first 3 steps) -> {last:.3} (last 3)"
     );
+}
+
+/// The reduced-precision path on the CPU, the twin of CUDA's bf16 (candle's
+/// CPU matmul has no bf16): server and learner in f16. The learner pushes f16
+/// bytes as they are, its log-probs stay within f16 precision of the
+/// server's, and AdamW keeps f32 masters that the checkpoint saves.
+#[test]
+fn an_f16_run_pushes_f16_weights_and_keeps_f32_masters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = RolloutServer::start(
+        &model,
+        &[
+            "--logprobs-mode",
+            "processed_logprobs",
+            "--max-num-seqs",
+            "32",
+            "--dtype",
+            "float16",
+        ],
+    );
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(&recipe, &["model.dtype=f16".into()]);
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(f(l, "loss").is_finite(), "{l}");
+        let ratio = f(l, "importance_sampling_ratio_mean");
+        assert!((ratio - 1.0).abs() < 2e-2, "{l}");
+    }
+    assert_eq!(server.weight_version(), 3);
+    let ck = out.join("checkpoints/step_000003");
+    let weights =
+        candle_core::safetensors::load(ck.join("model.safetensors"), &model::Device::Cpu).unwrap();
+    assert!(weights.values().all(|t| t.dtype() == model::DType::F16));
+    let state =
+        candle_core::safetensors::load(ck.join("optimizer.safetensors"), &model::Device::Cpu)
+            .unwrap();
+    let masters: Vec<_> = state
+        .iter()
+        .filter(|(k, _)| k.ends_with(".master"))
+        .collect();
+    assert_eq!(masters.len(), weights.len());
+    assert!(masters.iter().all(|(_, t)| t.dtype() == model::DType::F32));
 }

@@ -12,13 +12,15 @@
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;
-//! - [`presets`]: the embedded tiny/small models with a character tokenizer.
+//! - [`presets`]: the embedded tiny/small models with a character tokenizer;
+//! - [`device`]: `--device` / `--dtype` parsing, `auto` resolution, GPU memory.
 //!
 //! Device and dtype are parameters everywhere (`candle_core::Device`,
 //! `DType`): CPU f32 is the default, CUDA bf16 a switch.
 
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod error;
 pub mod kv_cache;
 pub mod logprobs;

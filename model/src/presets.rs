@@ -28,6 +28,10 @@ pub enum Preset {
     Tiny,
     /// ~21M parameters: benchmarks and a step closer to real shapes.
     Small,
+    /// The shape of Qwen2.5-0.5B (494M parameters, 151,936-row embedding),
+    /// randomly initialised: GPU benchmarks and runs at a real model's size
+    /// without a download. Written in bf16.
+    Qwen25_0_5B,
 }
 
 impl std::str::FromStr for Preset {
@@ -36,8 +40,9 @@ impl std::str::FromStr for Preset {
         match s {
             "tiny" => Ok(Preset::Tiny),
             "small" => Ok(Preset::Small),
+            "qwen2.5-0.5b" => Ok(Preset::Qwen25_0_5B),
             other => Err(ModelError::Invalid(format!(
-                "unknown preset {other:?}: expected \"tiny\" or \"small\""
+                "unknown preset {other:?}: expected \"tiny\", \"small\" or \"qwen2.5-0.5b\""
             ))),
         }
     }
@@ -54,6 +59,13 @@ pub fn config(preset: Preset, vocab_size: usize, eos: u32, pad: u32) -> Result<M
     let (hidden, layers, heads, kv_heads, intermediate, max_pos) = match preset {
         Preset::Tiny => (96, 4, 4, 2, 256, 1024),
         Preset::Small => (512, 7, 8, 2, 1536, 2048),
+        Preset::Qwen25_0_5B => (896, 24, 14, 2, 4864, 32768),
+    };
+    // Qwen2.5's embedding has 151,936 rows whatever the tokenizer uses: the
+    // lm_head is a quarter of the model's bytes, so benchmarks keep it.
+    let (vocab_size, rope_theta, torch_dtype) = match preset {
+        Preset::Qwen25_0_5B => (vocab_size.max(151_936), 1_000_000.0, "bfloat16"),
+        _ => (vocab_size, 10_000.0, "float32"),
     };
     let raw = json!({
         "architectures": ["Qwen2ForCausalLM"],
@@ -66,7 +78,7 @@ pub fn config(preset: Preset, vocab_size: usize, eos: u32, pad: u32) -> Result<M
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": max_pos,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
+        "rope_theta": rope_theta,
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "tie_word_embeddings": true,
@@ -78,7 +90,7 @@ pub fn config(preset: Preset, vocab_size: usize, eos: u32, pad: u32) -> Result<M
         "bos_token_id": pad,
         "eos_token_id": eos,
         "pad_token_id": pad,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     });
     let Value::Object(raw): Value = raw else {
         return Err(ModelError::Invalid("preset config is not an object".into()));
@@ -94,7 +106,11 @@ pub fn init_model(preset: Preset, dir: &Path, seed: u64) -> Result<ModelConfig> 
             .ok_or_else(|| ModelError::Tokenizer(format!("preset tokenizer lacks {t}")))
     };
     let cfg = config(preset, tok.vocab_size(), id(IM_END)?, id(PAD_TOKEN)?)?;
-    let weights = Weights::random(&cfg, seed, &Device::Cpu, DType::F32)?;
+    let dtype = match preset {
+        Preset::Qwen25_0_5B => DType::BF16,
+        _ => DType::F32,
+    };
+    let weights = Weights::random(&cfg, seed, &Device::Cpu, dtype)?;
     save_pretrained(dir, &cfg, &weights, &tok)?;
     Ok(cfg)
 }

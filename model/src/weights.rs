@@ -14,6 +14,24 @@ use serde_json::Value;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
+/// A tensor's values as little-endian bytes in its own dtype (f32, bf16 or
+/// f16; what safetensors and the weight-sync wire carry): one device-to-host
+/// copy of the raw values, never a round trip through f32.
+pub fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    const _: () = assert!(cfg!(target_endian = "little"));
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
+        DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(),
+        DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(),
+        other => {
+            return Err(ModelError::Invalid(format!(
+                "raw bytes of a {other:?} tensor: only f32, bf16 and f16 are supported"
+            )));
+        }
+    })
+}
+
 pub const SAFETENSORS_FILE: &str = "model.safetensors";
 pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use anyhow::Context;
 use clap::Parser;
+use model::device::{DTypeSpec, DeviceSpec};
 use model::sampling::LogprobsMode;
 use model::tokenizer::Tokenizer;
 use tokio::net::TcpListener;
@@ -19,7 +19,7 @@ use crate::engine::{self, EngineConfig};
 use crate::metrics::Metrics;
 use crate::server::{AppState, router, unix_now};
 use crate::validation::Validator;
-use crate::weight_sync;
+use crate::{kv_budget, weight_sync};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -48,9 +48,19 @@ pub struct Args {
     /// Weight pushes must send `authorization: Bearer TOKEN`.
     #[arg(long, env = "TANDEM_WEIGHT_SYNC_TOKEN", hide_env_values = true)]
     pub weight_sync_token: Option<String>,
-    /// `cpu` (f32) or `cuda` / `cuda:N` (bf16; needs a CUDA build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// `auto` (the first GPU if this build has CUDA and one answers, else
+    /// the CPU), `cpu`, `cuda` or `cuda:N` (needs a `--features cuda` build).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Weights and activations: `auto` (bfloat16 on CUDA, float32 on the
+    /// CPU), `bfloat16`, `float16` or `float32`. Log-probs are computed in f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeSpec,
+    /// Fraction of the GPU's memory this server may use (vLLM's flag): the
+    /// weights and one step's activations first, the KV cache the rest,
+    /// preallocated at start. Lower it when a learner shares the GPU. CUDA only.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Longest prompt + completion (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -67,17 +77,6 @@ pub struct Args {
     /// penalties, temperature and top-k/top-p/min-p.
     #[arg(long, default_value = "raw_logprobs")]
     pub logprobs_mode: LogprobsMode,
-}
-
-fn device_and_dtype(spec: &str) -> anyhow::Result<(Device, DType)> {
-    match spec {
-        "cpu" => Ok((Device::Cpu, DType::F32)),
-        "cuda" => Ok((Device::new_cuda(0)?, DType::BF16)),
-        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok((Device::new_cuda(i)?, DType::BF16)),
-            _ => bail!("--device must be cpu, cuda or cuda:N, got {s:?}"),
-        },
-    }
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -128,7 +127,9 @@ pub struct BoundServer {
 
 /// Loads the model, starts the engine and binds both ports.
 pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
-    let (device, dtype) = device_and_dtype(&args.device)?;
+    kv_budget::check_utilization(args.gpu_memory_utilization)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.resolve(&device)?;
     let cfg = model::ModelConfig::from_dir(&args.model)
         .with_context(|| format!("loading the model config from {}", args.model.display()))?;
     let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
@@ -142,7 +143,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         .clone()
         .unwrap_or_else(|| args.model.display().to_string());
     let metrics = Arc::new(Metrics::new());
-    let config = EngineConfig {
+    let mut config = EngineConfig {
         max_model_len,
         max_num_seqs: args.max_num_seqs,
         max_queue: args.max_queue,
@@ -150,16 +151,55 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         logprobs_mode: args.logprobs_mode,
         ..EngineConfig::default()
     };
-    let kv_bytes = model::KvCache::bytes_per_slot(&cfg, max_model_len, dtype) * args.max_num_seqs;
     tracing::info!(
         model = %args.model.display(),
         served_model_name,
-        max_model_len,
-        max_num_seqs = args.max_num_seqs,
-        kv_cache_mib = kv_bytes >> 20,
+        device = model::device::device_name(&device),
+        dtype = ?dtype,
         "loading"
     );
-    let engine = engine::start_from_dir(&args.model, &device, dtype, config, metrics.clone())
+    let memory_before = model::device::gpu_memory(&device)?;
+    let weights = model::Weights::load(&args.model, &device, dtype)
+        .with_context(|| format!("loading the weights from {}", args.model.display()))?;
+    let bytes_per_slot = model::KvCache::bytes_per_slot(&cfg, max_model_len, dtype);
+    if let (Some((free_before, total)), Some((free_after, _))) =
+        (memory_before, model::device::gpu_memory(&device)?)
+    {
+        let budget = kv_budget::kv_cache_slots(kv_budget::KvBudgetInput {
+            total,
+            free_after_load: free_after,
+            weights: free_before.saturating_sub(free_after),
+            activations: kv_budget::activation_reserve(
+                &cfg,
+                config.max_prefill_tokens,
+                args.max_num_seqs,
+                max_model_len,
+                dtype,
+            ),
+            utilization: args.gpu_memory_utilization,
+            bytes_per_slot,
+            max_num_seqs: args.max_num_seqs,
+            max_model_len,
+        })?;
+        if budget.slots < args.max_num_seqs {
+            tracing::warn!(
+                "--gpu-memory-utilization {} leaves room for {} sequences of {} tokens, not --max-num-seqs {}: at most {} are decoded together",
+                args.gpu_memory_utilization,
+                budget.slots,
+                max_model_len,
+                args.max_num_seqs,
+                budget.slots
+            );
+        }
+        config.max_num_seqs = budget.slots;
+    }
+    tracing::info!(
+        max_model_len,
+        max_num_seqs = config.max_num_seqs,
+        kv_cache_mib = (bytes_per_slot * config.max_num_seqs) >> 20,
+        "KV cache"
+    );
+    let engine = engine::start(cfg.clone(), weights, config.clone(), metrics.clone())
         .with_context(|| format!("starting the engine on {}", args.model.display()))?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
@@ -169,7 +209,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             served_model_name: served_model_name.clone(),
             max_model_len,
             vocab_size: cfg.vocab_size,
-            max_num_seqs: args.max_num_seqs,
+            max_num_seqs: config.max_num_seqs,
         },
         metrics,
         served_model_name,

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod completions;
 pub mod engine;
 pub mod error;
+pub mod kv_budget;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;

@@ -590,11 +590,15 @@ impl VerifiedPush {
             let build = || -> candle_core::Result<Tensor> {
                 let shape: Vec<usize> = incoming.shape.iter().map(|&d| d as usize).collect();
                 let wire = candle_dtype(incoming.wire);
-                let mut t = Tensor::from_raw_buffer(&incoming.bytes, wire, &shape, &Device::Cpu)?;
+                // Straight from the received bytes into the device's memory
+                // (one host-to-device copy on CUDA); a dtype change, if the
+                // learner's differs, happens there too.
+                let t = Tensor::from_raw_buffer(&incoming.bytes, wire, &shape, device)?;
                 if wire != incoming.model_dtype {
-                    t = t.to_dtype(incoming.model_dtype)?;
+                    t.to_dtype(incoming.model_dtype)
+                } else {
+                    Ok(t)
                 }
-                t.to_device(device)
             };
             let tensor = build()
                 .map_err(|e| Status::internal(format!("tensor {name}: building it failed: {e}")))?;

@@ -78,29 +78,33 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// The tiny preset (seed 0), written once per target folder and shared by
-/// every test binary: into a temporary folder, then renamed into place, so a
-/// concurrent writer never exposes a half-written model.
+/// every test binary.
 pub fn tiny_model() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let target = bin_dir();
-        let root = target.parent().unwrap_or(&target).join("tmp/e2e-models");
-        let dir = root.join("tiny-seed0");
-        if dir.join("config.json").exists() {
-            return dir;
-        }
-        std::fs::create_dir_all(&root).unwrap();
-        let tmp = root.join(format!("tiny-seed0.tmp-{}", std::process::id()));
+    DIR.get_or_init(|| preset_model(Preset::Tiny, "tiny"))
+        .clone()
+}
+
+/// A preset's model folder (seed 0) under `target/tmp/e2e-models/NAME-seed0`,
+/// written once: into a temporary folder, then renamed into place, so a
+/// concurrent writer never exposes a half-written model.
+pub fn preset_model(preset: Preset, name: &str) -> PathBuf {
+    let target = bin_dir();
+    let root = target.parent().unwrap_or(&target).join("tmp/e2e-models");
+    let dir = root.join(format!("{name}-seed0"));
+    if dir.join("config.json").exists() {
+        return dir;
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let tmp = root.join(format!("{name}-seed0.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    init_model(preset, &tmp, 0).unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another test binary won the race.
         let _ = std::fs::remove_dir_all(&tmp);
-        init_model(Preset::Tiny, &tmp, 0).unwrap();
-        if std::fs::rename(&tmp, &dir).is_err() {
-            // Another test binary won the race.
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        assert!(dir.join("config.json").exists(), "{}", dir.display());
-        dir
-    })
-    .clone()
+    }
+    assert!(dir.join("config.json").exists(), "{}", dir.display());
+    dir
 }
 
 /// A free loopback port (bound, then released).
@@ -161,7 +165,7 @@ impl RolloutServer {
     /// Starts the server on `model` with `extra_args`, on ports it picks
     /// itself (`--port 0 --grpc-port 0`, read back from its `listening
     /// http=ADDR grpc=ADDR` line), with small test sizes (`--max-model-len
-    /// 256 --max-num-seqs 16`) unless `extra_args` sets them, no API key or
+    /// 256 --max-num-seqs 16 --device cpu`) unless `extra_args` sets them, no API key or
     /// weight-sync token from the environment, and waits until `/health`
     /// answers.
     pub fn start(model: &Path, extra_args: &[&str]) -> RolloutServer {
@@ -175,7 +179,13 @@ impl RolloutServer {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for (flag, default) in [("--max-model-len", "256"), ("--max-num-seqs", "16")] {
+        // The CPU unless the test asks: a CUDA build on a GPU machine would
+        // otherwise pick the GPU (`--device auto`) and bf16.
+        for (flag, default) in [
+            ("--max-model-len", "256"),
+            ("--max-num-seqs", "16"),
+            ("--device", "cpu"),
+        ] {
             let given = extra_args
                 .iter()
                 .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));

@@ -1,12 +1,15 @@
 //! Weight-sync throughput over loopback, next to a plain in-memory copy of
 //! the same bytes.
 //!
-//! `bench_weight_sync [--preset small|tiny] [--iters N] [--chunk-bytes N]`
+//! `bench_weight_sync [--preset small|tiny|qwen2.5-0.5b] [--iters N]
+//! [--chunk-bytes N] [--device cpu|cuda:N] [--dtype auto|bfloat16|float32]`
 //!
 //! Starts the real `WeightSync` service on 127.0.0.1 in front of a sink that
-//! holds the preset's weights (CPU, f32), and times full pushes through the
-//! real client: chunking, HTTP/2 streaming, checksum, verification, building
-//! the tensors and swapping them in. Prints Markdown rows.
+//! holds the preset's weights on `--device`, and times full pushes through
+//! the real client, from the learner's tensors on the device to the server's
+//! tensors on the device: the device-to-host copy of the raw values, chunking,
+//! HTTP/2 streaming, checksum, verification, the host-to-device copy and the
+//! swap. Prints Markdown rows.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,11 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use model::Weights;
+use model::device::{DTypeSpec, DeviceSpec};
 use model::presets::{self, Preset};
 use proto::weight_sync::{Client, DEFAULT_CHUNK_BYTES, TensorBytes, WireDType};
 use rollout_server::weight_sync::{TensorSpec, WeightSink, serve};
 
 struct Sink {
+    device: Device,
     spec: BTreeMap<String, TensorSpec>,
     state: Mutex<(Weights, u64)>,
 }
@@ -32,6 +37,9 @@ impl WeightSink for Sink {
     fn version(&self) -> u64 {
         self.state.lock().map(|s| s.1).unwrap_or(0)
     }
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
     async fn apply(&self, tensors: Vec<(String, Tensor)>, version: u64) -> Result<(), String> {
         let mut state = self.state.lock().map_err(|e| e.to_string())?;
         for (name, tensor) in tensors {
@@ -42,19 +50,16 @@ impl WeightSink for Sink {
     }
 }
 
+/// The learner's conversion: raw little-endian values, one device-to-host copy.
 fn tensor_bytes(name: &str, t: &Tensor) -> anyhow::Result<TensorBytes> {
-    let data: Vec<u8> = t
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .flat_map(f32::to_le_bytes)
-        .collect();
-    Ok(TensorBytes::new(
-        name,
-        WireDType::F32,
-        t.dims().to_vec(),
-        data,
-    ))
+    let wire = match t.dtype() {
+        DType::F32 => WireDType::F32,
+        DType::BF16 => WireDType::BF16,
+        DType::F16 => WireDType::F16,
+        other => bail!("cannot push {other:?}"),
+    };
+    let data = model::weights::le_bytes(t)?;
+    Ok(TensorBytes::new(name, wire, t.dims().to_vec(), data))
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -72,6 +77,8 @@ async fn main() -> anyhow::Result<()> {
     let mut preset = Preset::Small;
     let mut iters = 5usize;
     let mut chunk_bytes = DEFAULT_CHUNK_BYTES;
+    let mut device = DeviceSpec::Cpu;
+    let mut dtype = DTypeSpec::Auto;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -81,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
             "--preset" => preset = value.parse()?,
             "--iters" => iters = value.parse::<usize>()?.max(1),
             "--chunk-bytes" => chunk_bytes = value.parse()?,
-            other => bail!("unknown flag {other}: expected --preset, --iters or --chunk-bytes"),
+            "--device" => device = value.parse()?,
+            "--dtype" => dtype = value.parse()?,
+            other => bail!(
+                "unknown flag {other}: expected --preset, --iters, --chunk-bytes, --device or --dtype"
+            ),
         }
     }
 
@@ -93,7 +104,9 @@ async fn main() -> anyhow::Result<()> {
         id(presets::IM_END)?,
         id(presets::PAD_TOKEN)?,
     )?;
-    let weights = Weights::random(&cfg, 0, &Device::Cpu, DType::F32)?;
+    let device = device.open()?;
+    let dtype = dtype.resolve(&device)?;
+    let weights = Weights::random(&cfg, 0, &device, dtype)?;
     let spec = weights
         .iter()
         .map(|(n, t)| {
@@ -105,13 +118,16 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let params: usize = weights.iter().map(|(_, t)| t.elem_count()).sum();
-    let pushed: Vec<TensorBytes> = Weights::random(&cfg, 1, &Device::Cpu, DType::F32)?
-        .iter()
-        .map(|(n, t)| tensor_bytes(n, t))
-        .collect::<anyhow::Result<_>>()?;
+    // The learner's side: its tensors on the device.
+    let learner = Weights::random(&cfg, 1, &device, dtype)?;
+    let to_bytes = || -> anyhow::Result<Vec<TensorBytes>> {
+        learner.iter().map(|(n, t)| tensor_bytes(n, t)).collect()
+    };
+    let pushed = to_bytes()?;
     let bytes: usize = pushed.iter().map(|t| t.data.len()).sum();
 
     let sink = Arc::new(Sink {
+        device: device.clone(),
         spec,
         state: Mutex::new((weights, 0)),
     });
@@ -133,12 +149,9 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..iters {
         let start = Instant::now();
         let result = client
-            .push(
-                pushed.iter().cloned(),
-                2 + i as u64,
-                Duration::from_secs(120),
-            )
+            .push(to_bytes()?, 2 + i as u64, Duration::from_secs(120))
             .await?;
+        device.synchronize()?;
         push_s.push(start.elapsed().as_secs_f64());
         anyhow::ensure!(result.bytes == bytes as u64, "short push");
     }
@@ -157,11 +170,12 @@ async fn main() -> anyhow::Result<()> {
     let mb = bytes as f64 / 1e6;
     let (push, copy) = (median(push_s), median(copy_s));
     println!(
-        "| preset | params | bytes (f32) | chunk | weight sync, loopback | in-memory copy | ratio |"
+        "| preset | device | params | bytes | chunk | weight sync, loopback | in-memory copy | ratio |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {preset:?} | {:.1}M | {mb:.1} MB | {} KiB | {:.0} MB/s ({:.0} ms) | {:.0} MB/s ({:.1} ms) | {:.1}x |",
+        "| {preset:?} | {} {dtype:?} | {:.1}M | {mb:.1} MB | {} KiB | {:.0} MB/s ({:.0} ms) | {:.0} MB/s ({:.1} ms) | {:.1}x |",
+        model::device::device_name(&device),
         params as f64 / 1e6,
         chunk_bytes / 1024,
         mb / push,

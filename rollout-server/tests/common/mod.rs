@@ -34,9 +34,14 @@ impl Server {
     /// Starts the server on the tiny model with small test sizes plus `extra`
     /// flags, and waits until `/health` answers.
     pub async fn start(extra: &[&str]) -> Server {
+        Server::start_on(&e2e::tiny_model(), extra).await
+    }
+
+    /// [`Server::start`] on another model folder (still served as `tiny`).
+    pub async fn start_on(model: &std::path::Path, extra: &[&str]) -> Server {
         let args = [&["--served-model-name", "tiny"][..], extra].concat();
         Server {
-            process: RolloutServer::start(&e2e::tiny_model(), &args),
+            process: RolloutServer::start(model, &args),
             model: "tiny".into(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
