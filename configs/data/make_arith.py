@@ -1,7 +1,7 @@
 """Writes the synthetic arithmetic task that ships with Tandem.
 
     python3 configs/data/make_arith.py            # the JSONL files (stdlib only)
-    python3 configs/data/make_arith.py --parquet  # also arith_tiny.parquet (needs pyarrow)
+    python3 configs/data/make_arith.py --parquet  # also the two .parquet files (needs pyarrow)
 
 Problems are two-digit additions ("12+7"), subtractions with a non-negative
 result ("45-18") and multiplications by one digit ("23*4"); the answer is the
@@ -54,6 +54,26 @@ def write_parquet(path, rows):
     pq.write_table(table, path, compression="snappy", row_group_size=6)
 
 
+def write_chat_parquet(path, rows):
+    # TRL's conversational format, as Hugging Face datasets stores it: the
+    # prompt is a list of {"role", "content"} structs.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    prompts = [
+        [{"role": "system", "content": "Answer with the number."}, {"role": "user", "content": q}]
+        for q, _, _ in rows
+    ]
+    table = pa.table(
+        {
+            "prompt": pa.array(prompts, pa.list_(message)),
+            "answer": pa.array([str(a) for _, a, _ in rows], pa.string()),
+        }
+    )
+    pq.write_table(table, path, compression="snappy")
+
+
 def main():
     problems = universe()
     random.Random(SEED).shuffle(problems)
@@ -63,6 +83,7 @@ def main():
     write_jsonl(HERE / "arith_eval.jsonl", eval_rows)
     if "--parquet" in sys.argv[1:]:
         write_parquet(HERE / "arith_tiny.parquet", eval_rows[:12])
+        write_chat_parquet(HERE / "arith_chat_tiny.parquet", eval_rows[:4])
 
 
 if __name__ == "__main__":

@@ -120,10 +120,70 @@ impl ColumnMapping {
 /// One row as read: the question and the answer, as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRow {
+    /// The prompt column's text; for a conversational prompt, the content of
+    /// its last user message.
     pub question: String,
     pub answer: String,
     /// Where the row is, for messages: `row 3 (line 4)` or `row 3`.
     pub location: String,
+    /// A conversational prompt (TRL's format: a list of `{"role",
+    /// "content"}` messages), which goes through the chat template as is.
+    pub messages: Option<Vec<ChatMessage>>,
+}
+
+/// A conversational prompt: `[{"role": ..., "content": ...}, ...]`, where
+/// `content` is text or a list of `{"type": "text", "text": ...}` parts.
+fn parse_messages(column: &str, v: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let bad = |what: String| {
+        format!(
+            "column {column:?} is a list but not a conversation: {what}; a conversational \
+             prompt is a list of {{\"role\": ..., \"content\": ...}} messages (TRL's format)"
+        )
+    };
+    let Value::Array(items) = v else {
+        return Err(bad("not a list".into()));
+    };
+    if items.is_empty() {
+        return Err(bad("the list is empty".into()));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("message {i} has no text `role`")))?;
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(
+                        |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                            _ => Err(bad(format!(
+                                "message {i} has a content part that is not text"
+                            ))),
+                        },
+                    )
+                    .collect::<std::result::Result<Vec<_>, _>>()?
+                    .concat(),
+                _ => return Err(bad(format!("message {i} has no text `content`"))),
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+/// The text a conversational prompt stands for in `Example::question`: its
+/// last user message.
+fn last_user_text(messages: &[ChatMessage]) -> String {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.content.clone())
+        .unwrap_or_default()
 }
 
 /// Reads every row of a `.jsonl` or `.parquet` file (by extension).
@@ -199,15 +259,22 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
                 Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),
                 Some(v) if is_answer => Ok(v.to_string()),
                 Some(_) => Err(parse_err(format!(
-                    "column {column:?} is a list or an object; conversational prompts \
-                     (lists of messages) are not supported: use a text column"
+                    "column {column:?} is an object, not text or a list of messages"
                 ))),
             }
         };
+        let (question, messages) = match obj.get(&mapping.prompt_column) {
+            Some(v @ Value::Array(_)) => {
+                let messages = parse_messages(&mapping.prompt_column, v).map_err(parse_err)?;
+                (last_user_text(&messages), Some(messages))
+            }
+            _ => (get(&mapping.prompt_column, false)?, None),
+        };
         rows.push(RawRow {
-            question: get(&mapping.prompt_column, false)?,
+            question,
             answer: get(&mapping.answer_column, true)?,
             location: location.clone(),
+            messages,
         });
     }
     Ok(rows)
@@ -256,7 +323,15 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         let row = row.map_err(|e| parse_err(location.clone(), e.to_string()))?;
         let mut question = None;
         let mut answer = None;
+        let mut messages = None;
         for (name, field) in row.get_column_iter() {
+            if *name == mapping.prompt_column && matches!(field, Field::ListInternal(_)) {
+                let conversation = parse_messages(name, &field.to_json_value())
+                    .map_err(|m| parse_err(location.clone(), m))?;
+                question = Some(last_user_text(&conversation));
+                messages = Some(conversation);
+                continue;
+            }
             let slot = if *name == mapping.prompt_column {
                 &mut question
             } else if *name == mapping.answer_column {
@@ -285,8 +360,8 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
                     return Err(parse_err(
                         location.clone(),
                         format!(
-                            "column {name:?} holds {other}, not text or a number; \
-                             conversational prompts are not supported"
+                            "column {name:?} holds {other}, not text, a number or a list of \
+                             messages"
                         ),
                     ));
                 }
@@ -303,6 +378,7 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
             question: question.ok_or_else(|| missing(&mapping.prompt_column))?,
             answer: answer.ok_or_else(|| missing(&mapping.answer_column))?,
             location,
+            messages,
         });
     }
     Ok(rows)
@@ -410,6 +486,9 @@ impl PromptFormat {
         row: &RawRow,
         tokenizer: Option<&Tokenizer>,
     ) -> Result<String> {
+        if let Some(messages) = &row.messages {
+            return self.build_conversation(path, row, messages, tokenizer);
+        }
         let mut question = row.question.as_str();
         if let Some(max) = self.max_prompt_chars {
             let chars = question.chars().count();
@@ -464,6 +543,42 @@ impl PromptFormat {
                     })
             }
         }
+    }
+}
+
+impl PromptFormat {
+    /// A conversational row, as TRL does: its messages through the model's
+    /// chat template with the generation prompt (the recipe's system prompt
+    /// first when the conversation has none). `prompt_template` and
+    /// `max_prompt_chars` are for text columns; `rollout.max_prompt_length`
+    /// (tokens) limits both.
+    fn build_conversation(
+        &self,
+        path: &Path,
+        row: &RawRow,
+        messages: &[ChatMessage],
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<String> {
+        let tokenizer = tokenizer.ok_or_else(|| {
+            DataError::Template(
+                "a conversational prompt needs the model's tokenizer (and its chat template)"
+                    .into(),
+            )
+        })?;
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        if let Some(s) = &self.system_prompt
+            && !messages.iter().any(|m| m.role == "system")
+        {
+            all.push(ChatMessage::system(s.clone()));
+        }
+        all.extend(messages.iter().cloned());
+        tokenizer
+            .apply_chat_template(&all, true)
+            .map_err(|e| DataError::Prompt {
+                path: path.to_path_buf(),
+                location: row.location.clone(),
+                message: e.to_string(),
+            })
     }
 }
 

@@ -232,7 +232,9 @@ pub struct DataSection {
     pub train_files: Vec<DataFile>,
     /// Held-out files for evaluation.
     pub eval_files: Vec<DataFile>,
-    /// Column holding the question.
+    /// Column holding the question: text, or a conversation (TRL's format, a
+    /// list of `{"role", "content"}` messages), which goes through the
+    /// model's chat template whatever `prompt_template` says.
     pub prompt_column: String,
     /// Column holding the reference answer.
     pub answer_column: String,
@@ -242,7 +244,8 @@ pub struct DataSection {
     /// `chat` (the model's chat template), a template containing
     /// `{question}`, or the path of a file holding such a template.
     pub prompt_template: String,
-    /// Longest question, in characters (before the template).
+    /// Longest question of a text column, in characters (before the
+    /// template); `rollout.max_prompt_length` limits tokens of any prompt.
     pub max_prompt_chars: Option<usize>,
     pub on_long_prompt: OnLongPrompt,
     /// Reshuffle each file every epoch (from `train.seed`); file order otherwise.

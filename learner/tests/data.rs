@@ -435,3 +435,68 @@ fn the_demo_recipe_data_loads() {
         .collect();
     assert!(eval.iter().all(|e| !train.contains(&e.question)));
 }
+
+/// TRL's conversational format: the prompt column is a list of messages
+/// (JSONL arrays, or Parquet list<struct<role, content>> as Hugging Face
+/// datasets write it), rendered with the model's chat template.
+#[test]
+fn conversational_prompts_go_through_the_chat_template() {
+    let tok = model::presets::tokenizer().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"prompt": [{"role": "user", "content": "12+7"}], "answer": "19"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "3*"}, {"type": "text", "text": "4"}]}], "answer": "12"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let rows = read_rows(&path, &ColumnMapping::default()).unwrap();
+    assert_eq!(rows[0].question, "12+7");
+    assert_eq!(rows[1].question, "3*4");
+    assert_eq!(rows[1].messages.as_ref().map(Vec::len), Some(2));
+
+    // The text template does not apply; the recipe's system prompt is added
+    // only where the conversation has none.
+    let mut format = PromptFormat::plain("{question}=");
+    format.system_prompt = Some("Add.".into());
+    let first = format.build(&path, &rows[0], Some(&tok)).unwrap();
+    assert_eq!(
+        first,
+        "<|im_start|>system\nAdd.<|im_end|>\n<|im_start|>user\n12+7<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let second = format.build(&path, &rows[1], Some(&tok)).unwrap();
+    assert!(
+        second.starts_with("<|im_start|>system\nBe brief.<|im_end|>"),
+        "{second}"
+    );
+    assert!(!second.contains("Add."), "{second}");
+    let e = format.build(&path, &rows[0], None).unwrap_err().to_string();
+    assert!(e.contains("tokenizer"), "{e}");
+
+    // The same shape from Parquet.
+    let parquet = repo().join("configs/data/arith_chat_tiny.parquet");
+    let rows = read_rows(&parquet, &ColumnMapping::default()).unwrap();
+    assert_eq!(rows.len(), 4);
+    let eval = std::fs::read_to_string(repo().join("configs/data/arith_eval.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(eval.lines().next().unwrap()).unwrap();
+    assert_eq!(rows[0].question, first["prompt"].as_str().unwrap());
+    assert_eq!(rows[0].answer, first["answer"].as_str().unwrap());
+    let text = PromptFormat::plain("{question}=")
+        .build(&parquet, &rows[0], Some(&tok))
+        .unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\nAnswer with the number.<|im_end|>"),
+        "{text}"
+    );
+
+    // A list that is not a conversation says what it expected.
+    std::fs::write(&path, "{\"prompt\": [1, 2], \"answer\": \"3\"}\n").unwrap();
+    let e = read_rows(&path, &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"role\"") && e.contains("row 0"), "{e}");
+}
