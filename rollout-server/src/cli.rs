@@ -209,7 +209,6 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             served_model_name: served_model_name.clone(),
             max_model_len,
             vocab_size: cfg.vocab_size,
-            max_num_seqs: config.max_num_seqs,
         },
         metrics,
         served_model_name,

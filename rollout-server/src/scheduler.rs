@@ -6,7 +6,11 @@
 //!    `max_num_seqs` and the prefill token budget allow, and prefills them in
 //!    one batched forward; the `n` samples of a prompt share that prefill
 //!    (the prompt's cache rows are copied to each sample's slot) and draw
-//!    their first tokens from its logits;
+//!    their first tokens from its logits. A prompt waits until all its
+//!    samples fit, unless `n` exceeds `max_num_seqs`: then its samples start
+//!    as slots free up, as vLLM's do, copying the prompt's cache rows from a
+//!    running sample (or prefilling again when none runs), and samples
+//!    started earlier go first;
 //! 3. runs one decode step for every running sequence in one batched
 //!    forward, samples, sends the tokens, retires finished sequences and
 //!    frees their slots at once.
@@ -43,6 +47,24 @@ struct Group {
     cancel: CancelFlags,
     arrived: Instant,
     seqs: Vec<Sequence>,
+    /// Sample `j` is seeded with `seed + j`.
+    seed: u64,
+    /// Samples started so far (`request.n` once all have).
+    started: usize,
+    /// The prefill's logits at the last prompt position, kept while samples
+    /// wait to start: they draw their first token from it.
+    first_row: Vec<f32>,
+}
+
+impl Group {
+    fn pending(&self) -> usize {
+        self.request.n - self.started
+    }
+
+    /// Running samples, or samples still to start.
+    fn is_live(&self) -> bool {
+        !self.seqs.is_empty() || self.pending() > 0
+    }
 }
 
 pub(crate) struct Scheduler {
@@ -147,6 +169,10 @@ impl Scheduler {
         let mut freed = 0;
         for g in &mut self.running {
             let gone = g.events.is_closed();
+            if gone && g.pending() > 0 {
+                self.waiting_seqs -= g.pending();
+                g.started = g.request.n;
+            }
             g.seqs.retain(|s| {
                 let keep = !gone && !g.cancel.is_cancelled(s.sample);
                 if !keep {
@@ -161,7 +187,7 @@ impl Scheduler {
             });
         }
         self.running_seqs -= freed;
-        self.running.retain(|g| !g.seqs.is_empty());
+        self.running.retain(Group::is_live);
         let before = self.waiting.len();
         let mut dropped_seqs = 0;
         self.waiting.retain(|s| {
@@ -179,14 +205,25 @@ impl Scheduler {
     /// Takes waiting prompts that fit, prefills them, samples their first
     /// tokens.
     fn admit(&mut self, state: &mut EngineState) {
+        self.start_pending(state);
         let mut batch: Vec<(Submission, Vec<usize>)> = Vec::new();
         let mut seqs = 0;
         let mut longest = 0;
         while let Some(front) = self.waiting.front() {
-            let n = front.request.n;
+            let free = self
+                .config
+                .max_num_seqs
+                .saturating_sub(self.running_seqs + seqs)
+                .min(state.cache.num_free());
+            // A prompt whose samples can never run together starts with
+            // what is free now; the rest follow (`start_pending`).
+            let n = if front.request.n > self.config.max_num_seqs {
+                front.request.n.min(free.max(1))
+            } else {
+                front.request.n
+            };
             let len = front.request.prompt.len();
-            let fits_batch = self.running_seqs + seqs + n <= self.config.max_num_seqs
-                && state.cache.num_free() >= n;
+            let fits_batch = n <= free;
             let fits_budget = batch.is_empty()
                 || longest.max(len) * (batch.len() + 1) <= self.config.max_prefill_tokens;
             if !fits_batch || !fits_budget {
@@ -320,28 +357,23 @@ impl Scheduler {
             derive_seed(self.config.seed, self.seed_counter)
         });
         let now = Instant::now();
+        let started = slots.len();
         let mut group = Group {
             request,
             events,
             cancel,
             arrived,
             seqs: Vec::with_capacity(slots.len()),
+            seed,
+            started,
+            first_row: Vec::new(),
         };
+        if group.pending() > 0 {
+            group.first_row = row.to_vec();
+        }
         let version = state.version.load(std::sync::atomic::Ordering::SeqCst);
         for (j, slot) in slots.into_iter().enumerate() {
-            let sampler = Sampler::new(
-                group.request.params.clone(),
-                seed.wrapping_add(j as u64),
-                self.config.logprobs_mode,
-            );
-            group.seqs.push(Sequence {
-                sample: j,
-                slot,
-                sampler,
-                output: Vec::new(),
-                pending: 0,
-                last_token_at: arrived,
-            });
+            group.seqs.push(self.sequence(&group, j, slot));
         }
         self.running_seqs += group.seqs.len();
         let mut finished = Vec::new();
@@ -356,9 +388,104 @@ impl Scheduler {
             }
         }
         self.retire(state, &mut group, &finished);
-        if !group.seqs.is_empty() {
+        if group.is_live() {
             self.running.push(group);
         }
+    }
+
+    /// Sample `j` of `g` in `slot`, seeded with `g.seed + j`.
+    fn sequence(&self, g: &Group, j: usize, slot: usize) -> Sequence {
+        Sequence {
+            sample: j,
+            slot,
+            sampler: Sampler::new(
+                g.request.params.clone(),
+                g.seed.wrapping_add(j as u64),
+                self.config.logprobs_mode,
+            ),
+            output: Vec::new(),
+            pending: 0,
+            // Time to first token counts from the request's arrival.
+            last_token_at: g.arrived,
+        }
+    }
+
+    /// Starts samples of running groups that did not all fit when their
+    /// prompt was admitted, as far as slots allow, oldest group first.
+    fn start_pending(&mut self, state: &mut EngineState) {
+        if self.running.iter().all(|g| g.pending() == 0) {
+            return;
+        }
+        let version = state.version.load(std::sync::atomic::Ordering::SeqCst);
+        let mut groups = std::mem::take(&mut self.running);
+        for g in groups.iter_mut().filter(|g| g.pending() > 0) {
+            let free = self
+                .config
+                .max_num_seqs
+                .saturating_sub(self.running_seqs)
+                .min(state.cache.num_free());
+            let k = g.pending().min(free);
+            if k == 0 {
+                break;
+            }
+            let len = g.request.prompt.len();
+            let mut first = None;
+            for _ in 0..k {
+                let Some(slot) = state.cache.allocate() else {
+                    break;
+                };
+                // The prompt's rows: from a running sample, else a new prefill.
+                let copied = match g.seqs.first().map(|s| s.slot) {
+                    Some(src) => state
+                        .cache
+                        .copy_prefix(src, slot, len)
+                        .map_err(|e| e.to_string()),
+                    None => state
+                        .lm
+                        .forward_cached(
+                            &mut state.cache,
+                            &[(slot, &g.request.prompt)],
+                            LogitsWanted::Last,
+                        )
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = copied {
+                    state.cache.release(slot);
+                    self.fail_group(state, g, &format!("prefill failed: {e}"));
+                    break;
+                }
+                let seq = self.sequence(g, g.started, slot);
+                g.seqs.push(seq);
+                g.started += 1;
+                self.waiting_seqs -= 1;
+                self.running_seqs += 1;
+                first.get_or_insert(g.seqs.len() - 1);
+            }
+            let Some(first) = first else { continue };
+            let row = std::mem::take(&mut g.first_row);
+            let mut finished = Vec::new();
+            let mut failed = None;
+            for i in first..g.seqs.len() {
+                match self.sample_and_send(g, i, &row, version, Instant::now(), state) {
+                    Ok(true) => finished.push(i),
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if g.pending() > 0 {
+                g.first_row = row;
+            }
+            match failed {
+                Some(e) => self.fail_group(state, g, &e),
+                None => self.retire(state, g, &finished),
+            }
+        }
+        groups.retain(Group::is_live);
+        self.running = groups;
     }
 
     /// One batched forward over every running sequence's pending token.
@@ -413,7 +540,7 @@ impl Scheduler {
                 None => self.retire(state, g, &finished),
             }
         }
-        groups.retain(|g| !g.seqs.is_empty());
+        groups.retain(Group::is_live);
         self.running = groups;
     }
 
@@ -487,6 +614,8 @@ impl Scheduler {
             state.cache.release(seq.slot);
             self.running_seqs -= 1;
         }
+        self.waiting_seqs -= g.pending();
+        g.started = g.request.n;
         let _ = g.events.send(EngineEvent::Error(error.to_string()));
     }
 }

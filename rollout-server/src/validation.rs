@@ -17,6 +17,8 @@ use crate::error::ApiError;
 pub const MAX_LOGPROBS: usize = 20;
 /// `max_tokens` of a completions request that gives none (OpenAI's default).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
+/// Most samples per prompt (`n`).
+pub const MAX_N: i64 = 4096;
 
 /// What validation needs to know about the served model.
 pub struct Validator {
@@ -24,7 +26,6 @@ pub struct Validator {
     pub served_model_name: String,
     pub max_model_len: usize,
     pub vocab_size: usize,
-    pub max_num_seqs: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -291,15 +292,14 @@ impl Validator {
         logprobs: Option<usize>,
         header_tag: Option<String>,
     ) -> Result<PartialValid, ApiError> {
+        // More samples than --max-num-seqs run in turns, as in vLLM; the
+        // bound only keeps one request from holding the engine for ever.
         let n = match f.n {
             None => 1,
-            Some(n) if n >= 1 && n as usize <= self.max_num_seqs => n as usize,
+            Some(n) if (1..=MAX_N).contains(&n) => n as usize,
             Some(n) => {
                 return Err(bad(
-                    format!(
-                        "n must be between 1 and {} (--max-num-seqs), got {n}",
-                        self.max_num_seqs
-                    ),
+                    format!("n must be between 1 and {MAX_N}, got {n}"),
                     "n",
                 ));
             }

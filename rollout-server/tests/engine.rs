@@ -157,3 +157,80 @@ async fn queue_full_is_refused_at_once() {
         assert_eq!(collect(s).await.len(), 4);
     }
 }
+
+/// Every sample's tokens, by sample index, until each has finished.
+async fn collect_samples(mut s: GenerationStream, n: usize) -> Vec<Vec<u32>> {
+    let mut out = vec![Vec::new(); n];
+    let mut done = 0;
+    while done < n {
+        match s.events.recv().await {
+            Some(EngineEvent::Token {
+                sample,
+                token,
+                finish,
+                ..
+            }) => {
+                out[sample].push(token.token);
+                if finish.is_some() {
+                    done += 1;
+                }
+            }
+            Some(EngineEvent::Error(e)) => panic!("{e}"),
+            Some(EngineEvent::PromptLogprobs(_)) => {}
+            None => panic!("the stream ended with {done} of {n} samples finished"),
+        }
+    }
+    out
+}
+
+/// More samples than --max-num-seqs run in turns (vLLM queues them too):
+/// with 3 slots, or 1 (each later sample prefills the prompt again, since no
+/// sample of its prompt is left running to copy it from), 10 seeded samples
+/// of different lengths give the tokens that 16 slots give, sample by
+/// sample, and a second prompt still gets through.
+#[tokio::test]
+async fn more_samples_than_max_num_seqs_run_in_turns() {
+    let cfg = config(Preset::Tiny, 100, 1, 0).unwrap();
+    let sampled = |max_tokens| GenerateRequest {
+        n: 10,
+        params: SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::default()
+        },
+        seed: Some(42),
+        ..greedy(vec![3, 1, 4, 1, 5], max_tokens)
+    };
+    let mut results = Vec::new();
+    for max_num_seqs in [16, 3, 1] {
+        let w = Weights::random(&cfg, 0, &Device::Cpu, DType::F32).unwrap();
+        let engine = engine::start(
+            cfg.clone(),
+            w,
+            EngineConfig {
+                max_model_len: 64,
+                max_num_seqs,
+                ..EngineConfig::default()
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        // Stop at token 7 too, so samples end at different steps and free
+        // their slots at different times.
+        let mut request = sampled(20);
+        request.stop_token_ids = vec![7];
+        let mut streams = engine
+            .submit(vec![request, greedy(vec![2, 2], 5)])
+            .unwrap()
+            .into_iter();
+        let many = collect_samples(streams.next().unwrap(), 10).await;
+        let other = collect(streams.next().unwrap()).await;
+        assert_eq!(other.len(), 5);
+        assert!(many.iter().all(|s| !s.is_empty() && s.len() <= 20));
+        results.push(many);
+        assert!(engine.is_alive());
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0], results[2]);
+    // The samples differ from one another (each has its own seed).
+    assert!(results[0].iter().any(|s| s != &results[0][0]));
+}

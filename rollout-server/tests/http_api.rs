@@ -456,6 +456,7 @@ async fn error_statuses_are_vllm_error_objects() {
     for (field, value) in [
         ("top_p", json!(1.5)),
         ("n", json!(0)),
+        ("n", json!(5000)),
         ("max_tokens", json!(0)),
         ("logprobs", json!(50)),
         ("presence_penalty", json!(3)),
@@ -651,6 +652,22 @@ async fn client_disconnect_cancels_and_frees_the_batch() {
         .await
         .unwrap();
     assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
+    // More samples than --max-num-seqs run in turns, as in vLLM.
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "c", "n": 9, "max_tokens": 3, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 9);
+    let mut indices: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    indices.sort();
+    assert_eq!(indices, (0..9).collect::<Vec<u64>>());
 }
 
 #[tokio::test]
