@@ -112,10 +112,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     job.check_startable()?;
+    let bin_dir = supervise::bin_dir()?;
+    supervise::build_siblings_under_cargo(&bin_dir)?;
     job.make_model_if_missing()?;
     let options = SupervisorOptions {
         node: job.node_rank,
-        bin_dir: supervise::bin_dir()?,
+        bin_dir,
         health_timeout: Duration::from_secs(args.health_timeout),
         grace: Duration::from_secs(args.grace_period),
         job_dir: job.job_dir(),

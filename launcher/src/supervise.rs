@@ -60,6 +60,45 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         .context("the launcher's executable has no folder")
 }
 
+/// Under `cargo run` (`CARGO` and `CARGO_MANIFEST_DIR` set, no
+/// `TANDEM_BIN_DIR`), builds the rollout server and the learner in the
+/// launcher's own profile first: `cargo run -p launcher` builds only the
+/// launcher, and must not start missing or stale siblings. Cargo makes this a
+/// no-op when they are up to date.
+pub fn build_siblings_under_cargo(bin_dir: &Path) -> anyhow::Result<()> {
+    if std::env::var_os(BIN_DIR_VAR).is_some() {
+        return Ok(());
+    }
+    let (Some(cargo), Some(manifest_dir)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        return Ok(());
+    };
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(manifest_dir)
+        .args(["build", "-p", "rollout-server", "-p", "learner"]);
+    match bin_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(profile) => {
+            cmd.args(["--profile", profile]);
+        }
+        None => return Ok(()),
+    }
+    if model::device::CUDA_BUILD {
+        cmd.args(["--features", "cuda"]);
+    }
+    eprintln!("launcher: building the rollout server and the learner (cargo build)");
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the rollout server and the learner failed ({status})");
+    }
+    Ok(())
+}
+
 /// How a process ended, in words.
 pub fn describe_exit(status: &io::Result<ExitStatus>) -> String {
     match status {

@@ -45,35 +45,49 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// The workspace binary `name` (whose package has the same name) next to the
-/// running test binary. `cargo test -p X` builds only X's binaries, so a
-/// missing one is built once, with `cargo build -p NAME` in the same profile.
+/// running test binary. `cargo test -p X` builds only X's binaries, so under
+/// cargo (`CARGO` set) each one is built once per test process with `cargo
+/// build -p NAME` in the same profile and features: a no-op when it is up
+/// to date, and never a stale binary from an older tree. Without cargo (test
+/// executables carried to another machine) the binary must be there.
 pub fn workspace_bin(name: &str) -> PathBuf {
     static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let dir = bin_dir();
     let bin = dir.join(name);
     // One build at a time in this process; cargo's own lock covers the rest.
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !bin.exists() && built.insert(name.to_string()) {
+    if let Some(cargo) = std::env::var_os("CARGO")
+        && built.insert(name.to_string())
+    {
         let profile = dir
             .file_name()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let profile_args: Vec<&str> = match profile.as_str() {
-            "debug" => vec![],
-            "release" => vec!["--release"],
-            other => vec!["--profile", other],
-        };
-        eprintln!("{name} is not built: running `cargo build -p {name}` once");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+        let mut args = vec!["build", "--quiet", "-p", name];
+        match profile.as_str() {
+            "debug" => {}
+            "release" => args.push("--release"),
+            other => args.extend(["--profile", other]),
+        }
+        if model::device::CUDA_BUILD {
+            args.extend(["--features", "cuda"]);
+        }
         let status = Command::new(cargo)
-            .args(["build", "-p", name])
-            .args(&profile_args)
+            .args(&args)
             .current_dir(repo_root())
             .status()
-            .unwrap_or_else(|e| panic!("cargo build -p {name}: {e}"));
-        assert!(status.success(), "cargo build -p {name} failed: {status}");
+            .unwrap_or_else(|e| panic!("cargo {}: {e}", args.join(" ")));
+        assert!(
+            status.success(),
+            "cargo {} failed: {status}",
+            args.join(" ")
+        );
     }
-    assert!(bin.exists(), "no {name} at {}", bin.display());
+    assert!(
+        bin.exists(),
+        "no {name} at {}: build it first",
+        bin.display()
+    );
     bin
 }
 
