@@ -535,6 +535,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         resume_from,
         rollout_server_args,
         learner_overrides,
+        cpus_per_node: cpus_per_node(),
     };
     let plan = Plan::new(&input)?;
     Ok(Job {
@@ -544,6 +545,20 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         model_to_make,
         notes,
     })
+}
+
+/// Cores of this node for the learners' compute threads: Slurm's allocation
+/// when under Slurm, else the machine's; 0 (leave thread counts alone) when
+/// the user set `RAYON_NUM_THREADS` themselves.
+fn cpus_per_node() -> usize {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return 0;
+    }
+    std::env::var("SLURM_CPUS_ON_NODE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(0, |n| n.get()))
 }
 
 #[cfg(test)]

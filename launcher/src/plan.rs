@@ -134,6 +134,9 @@ pub struct PlanInput {
     /// Overrides the launcher adds for every learner after the user's
     /// (e.g. the model folder it made for a preset).
     pub learner_overrides: Vec<String>,
+    /// CPU cores of a node, to split between the learner ranks of a CPU plan
+    /// (`RAYON_NUM_THREADS`); 0 leaves the thread counts alone.
+    pub cpus_per_node: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -653,6 +656,14 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
                 Device::Cuda => vec![input.gpu_ids[first_gpu + local_rank].clone()],
                 Device::Cpu => Vec::new(),
             };
+            if input.device == Device::Cpu && input.cpus_per_node > 0 {
+                // The ranks of a node train at the same time: each gets its
+                // share of the cores, since more compute threads than cores
+                // slow every rank down (the rollout server keeps all: it
+                // runs while the learners wait for it).
+                let threads = (input.cpus_per_node / count).max(1);
+                env.insert("RAYON_NUM_THREADS".into(), threads.to_string());
+            }
             if input.device == Device::Cuda {
                 env.insert("CUDA_VISIBLE_DEVICES".into(), gpus.join(","));
                 // NCCL connects peers inside the (watched) communicator init
@@ -781,6 +792,7 @@ mod tests {
             resume_from: None,
             rollout_server_args: vec![],
             learner_overrides: vec![],
+            cpus_per_node: 0,
         }
     }
 
@@ -978,6 +990,22 @@ mod tests {
         // GPUs in the input are ignored on CPU.
         let p2 = plan(&input(Device::Cpu, 1, 4, 1, 1));
         assert_eq!(p2.learner_ranks, 2);
+        // Unknown cores: thread counts are left alone.
+        assert!(
+            p.processes
+                .iter()
+                .all(|p| !p.env.contains_key("RAYON_NUM_THREADS"))
+        );
+        // The learners of a node split its cores; the server keeps them all.
+        for (cpus, want) in [(2, "1"), (16, "8"), (1, "1")] {
+            let mut i = input(Device::Cpu, 1, 0, 1, 1);
+            i.cpus_per_node = cpus;
+            let p = plan(&i);
+            assert!(!p.processes[0].env.contains_key("RAYON_NUM_THREADS"));
+            for l in &p.processes[1..] {
+                assert_eq!(l.env["RAYON_NUM_THREADS"], want, "{cpus} cpus");
+            }
+        }
     }
 
     #[test]
