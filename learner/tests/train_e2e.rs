@@ -578,3 +578,37 @@ fn an_f16_run_pushes_f16_weights_and_keeps_f32_masters() {
     assert_eq!(masters.len(), weights.len());
     assert!(masters.iter().all(|(_, t)| t.dtype() == model::DType::F32));
 }
+
+/// The KL term (beta > 0), several optimizer passes per batch
+/// (num_iterations, TRL's mu) and gradient accumulation, end to end.
+#[test]
+fn kl_num_iterations_and_gradient_accumulation_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &recipe,
+        &[
+            "train.beta=0.04".into(),
+            "train.num_iterations=2".into(),
+            "train.gradient_accumulation_steps=2".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert!(f(l, "loss").is_finite(), "{l}");
+        assert_eq!(l["beta"], 0.04, "{l}");
+        // The logged pass is the second: the first already moved the policy
+        // away from the one that produced the batch.
+        assert!(f(l, "approx_kl") > 0.0, "{l}");
+        assert_eq!(l["weight_version"], i as u64 + 1);
+        // After the first step the policy has left the reference model.
+        if i > 0 {
+            assert!(f(l, "kl") > 0.0, "{l}");
+        }
+    }
+    assert_eq!(server.weight_version(), 3);
+}
