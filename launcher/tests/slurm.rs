@@ -4,7 +4,10 @@
 //!   1. `--dry-run` through srun on both nodes: each node's launcher writes
 //!      its plan; both must agree, node 0 runs the learners, node 1 the
 //!      rollout server;
-//!   2. a run of a few steps, then the run folder is checked.
+//!   2. a run of a few steps, then the run folder is checked;
+//!   3. `scontrol requeue` of a running job after its first checkpoint: the
+//!      same job id restarts, resumes from the checkpoint (`--auto-resume`)
+//!      and ends with one train_log line per step.
 //!
 //! Needs root (it installs slurm-wlm and writes /etc/slurm). When it is not
 //! root or the cluster cannot start it says so loudly and passes, except
@@ -51,6 +54,13 @@ fn submit_and_wait(
     launcher_args: &[&str],
     limit: Duration,
 ) -> (String, String) {
+    let job = submit(sbatch_flags, launcher_args);
+    let state = wait_for(&job, limit);
+    (job, state)
+}
+
+/// `sbatch ops/slurm/train.sbatch` with the given flags; the job id.
+fn submit(sbatch_flags: &[&str], launcher_args: &[&str]) -> String {
     let mut cmd = Command::new("sbatch");
     cmd.current_dir(e2e::repo_root())
         .env("TANDEM_BIN_DIR", e2e::bin_dir())
@@ -64,6 +74,12 @@ fn submit_and_wait(
         !job.is_empty() && job.chars().all(|c| c.is_ascii_digit()),
         "sbatch said {out:?}"
     );
+    job
+}
+
+/// Waits (bounded) for `job` to end; its final state.
+fn wait_for(job: &str, limit: Duration) -> String {
+    let job = job.to_string();
     let deadline = Instant::now() + limit;
     loop {
         let info =
@@ -83,7 +99,7 @@ fn submit_and_wait(
         ]
         .contains(&state.as_str())
         {
-            return (job, state);
+            return state;
         }
         if Instant::now() > deadline {
             let _ = run(Command::new("scancel").arg(&job));
@@ -262,6 +278,13 @@ fn train_sbatch_on_a_two_node_local_cluster() {
             "node 1 marker {m1:?}"
         );
     }
+    // 3. A requeued job (preemption, a failed node) resumes from its latest
+    //    checkpoint under the same job id and run folder, and ends where an
+    //    uninterrupted run would.
+    if has_train {
+        requeued_job_resumes(&d);
+    }
+
     // Nothing the job started is left running.
     for node in 0..2 {
         let pids = read_json(&markers.join(format!("node-{node}.pids.json")));
@@ -279,4 +302,89 @@ fn train_sbatch_on_a_two_node_local_cluster() {
             e2e::repo_root().join("ops/local-slurm/stop.sh"),
         ));
     }
+}
+
+fn requeued_job_resumes(d: &str) {
+    let steps = 40;
+    let job = submit(
+        &[
+            "--nodes=2",
+            "--gpus-per-node=2",
+            "--requeue",
+            &format!("--output={d}/requeue-%j.out"),
+        ],
+        &[
+            "--config",
+            "configs/demo.yaml",
+            "--device",
+            "cpu",
+            "--out",
+            &format!("{d}/requeue-%j"),
+            "--grace-period",
+            "5",
+            &format!("train.max_steps={steps}"),
+            "train.sft_warmup_steps=0",
+            "checkpoint.save_steps=4",
+            "eval.eval_steps=0",
+        ],
+    );
+    let run_dir = Path::new(d).join(format!("requeue-{job}"));
+    let output = || std::fs::read_to_string(format!("{d}/requeue-{job}.out")).unwrap_or_default();
+    // Requeue once the first checkpoint is there.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !run_dir.join("checkpoints/step_000004").is_dir() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint after 300 s:
+{}",
+            output()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    run(Command::new("scontrol").args(["requeue", &job])).unwrap_or_else(|e| panic!("{e}"));
+    // Slurm holds a requeued job back (BeginTime, about two minutes) once it
+    // is pending again: release it then.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info =
+            run(Command::new("scontrol").args(["show", "job", &job, "-o"])).unwrap_or_default();
+        if info.contains("JobState=PENDING") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the requeued job never became pending:\n{info}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    run(Command::new("scontrol").args(["update", &format!("JobId={job}"), "StartTime=now"]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let state = wait_for(&job, Duration::from_secs(900));
+    let output = output();
+    assert_eq!(state, "COMPLETED", "job {job}:\n{output}");
+    assert!(output.contains("(restart 1)"), "{output}");
+    let events: Vec<Value> = std::fs::read_to_string(run_dir.join("run_log.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let resumed = events
+        .iter()
+        .find(|e| e["event"] == "resume")
+        .unwrap_or_else(|| panic!("no resume event in run_log.jsonl:\n{output}"));
+    assert!(resumed["step"].as_u64().unwrap_or(0) >= 4, "{resumed}");
+    // One line per step, in order: the lines after the checkpoint that the
+    // first attempt wrote were dropped on resume.
+    let steps_logged: Vec<u64> = std::fs::read_to_string(run_dir.join("train_log.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(steps_logged, (1..=steps).collect::<Vec<u64>>(), "{output}");
+    assert!(
+        run_dir
+            .join(format!("checkpoints/step_{steps:06}"))
+            .is_dir()
+    );
 }
