@@ -937,91 +937,19 @@ fn python_float(f: f64) -> String {
 /// `strftime_now(fmt)`: the current UTC time formatted like Python's strftime
 /// (the directives chat templates use).
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    strftime(&format, secs)
+    strftime(&format, chrono::Utc::now())
 }
 
-fn strftime(format: &str, unix_secs: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    let days = unix_secs.div_euclid(86_400);
-    let secs = unix_secs.rem_euclid(86_400);
-    let (h, mi, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    const CUM: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let yday = CUM[(m - 1) as usize] + d + i64::from(leap && m > 2);
-    let wday = (days + 4).rem_euclid(7) as usize;
-    let month = MONTHS[(m - 1) as usize];
-
-    let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let _ = match chars.next() {
-            Some('Y') => write!(out, "{y}"),
-            Some('y') => write!(out, "{:02}", y.rem_euclid(100)),
-            Some('m') => write!(out, "{m:02}"),
-            Some('d') => write!(out, "{d:02}"),
-            Some('-') => match chars.next() {
-                Some('d') => write!(out, "{d}"),
-                Some('m') => write!(out, "{m}"),
-                Some(other) => write!(out, "%-{other}"),
-                None => write!(out, "%-"),
-            },
-            Some('e') => write!(out, "{d:>2}"),
-            Some('H') => write!(out, "{h:02}"),
-            Some('I') => write!(out, "{:02}", if h % 12 == 0 { 12 } else { h % 12 }),
-            Some('p') => write!(out, "{}", if h < 12 { "AM" } else { "PM" }),
-            Some('M') => write!(out, "{mi:02}"),
-            Some('S') => write!(out, "{s:02}"),
-            Some('j') => write!(out, "{yday:03}"),
-            Some('b') | Some('h') => write!(out, "{}", &month[..3]),
-            Some('B') => write!(out, "{month}"),
-            Some('a') => write!(out, "{}", &DAYS[wday][..3]),
-            Some('A') => write!(out, "{}", DAYS[wday]),
-            Some('%') => write!(out, "%"),
-            Some(other) => write!(out, "%{other}"),
-            None => write!(out, "%"),
-        };
+/// `format` with chrono's strftime, which takes Python's directives (and
+/// glibc's `%-d`). A format with a directive chrono does not know comes back
+/// as written rather than failing the template.
+fn strftime(format: &str, t: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::format::{Item, StrftimeItems};
+    let items: Vec<Item<'_>> = StrftimeItems::new(format).collect();
+    if items.contains(&Item::Error) {
+        return format.to_string();
     }
-    out
+    t.format_with_items(items.into_iter()).to_string()
 }
 
 // ---------------------------------------------------------------------------
@@ -1535,14 +1463,16 @@ mod tests {
     #[test]
     fn strftime_matches_python() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        let t = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;
+        let at = |secs| chrono::DateTime::from_timestamp(secs, 0).unwrap();
+        let t = at(1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9);
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(
             strftime("%Y-%m-%d %H:%M:%S %A %j %%", t),
             "2024-07-26 13:05:09 Friday 208 %"
         );
         assert_eq!(strftime("%B %-d, %y %I%p", t), "July 26, 24 01PM");
-        assert_eq!(strftime("%d", 0), "01");
+        assert_eq!(strftime("%d", at(0)), "01");
+        assert_eq!(strftime("%Q %Y", t), "%Q %Y");
         let out = render("{{ strftime_now('%Y') }}", json!([]), false).unwrap();
         assert_eq!(out.len(), 4);
     }
