@@ -507,6 +507,9 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         "--dtype".to_string(),
         model::device::DTypeSpec::from(recipe.model.dtype).to_string(),
     ];
+    if let Some(u) = recipe.rollout.gpu_memory_utilization {
+        rollout_server_args.extend(["--gpu-memory-utilization".to_string(), u.to_string()]);
+    }
     if let Some(k) = &recipe.rollout.weight_sync_token {
         rollout_server_args.extend(["--weight-sync-token".to_string(), k.clone()]);
     }
@@ -665,6 +668,40 @@ mod tests {
             assert_eq!(recipe.checkpoint.output_dir, out.path());
             assert_eq!(recipe.topology.learner_ranks, 2);
         }
+    }
+
+    #[test]
+    fn rollout_servers_get_the_recipes_dtype_and_memory_share() {
+        use clap::Parser;
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
+        let out = tempfile::tempdir().unwrap();
+        let args = |extra: &str| {
+            Args::parse_from([
+                "launcher",
+                "--config",
+                config,
+                "--device",
+                "cpu",
+                "--out",
+                &out.path().display().to_string(),
+                extra,
+            ])
+        };
+        let job = prepare(&args("rollout.gpu_memory_utilization=0.5")).unwrap();
+        let server = &job.plan.processes[0];
+        assert_eq!(server.role, Role::RolloutServer);
+        let has = |pair: [&str; 2]| server.args.windows(2).any(|w| w == pair);
+        assert!(has(["--dtype", "float32"]), "{:?}", server.args);
+        assert!(
+            has(["--gpu-memory-utilization", "0.5"]),
+            "{:?}",
+            server.args
+        );
+        let e = prepare(&args("rollout.gpu_memory_utilization=1.5"))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("rollout.gpu_memory_utilization"), "{e}");
     }
 
     #[test]

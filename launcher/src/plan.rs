@@ -464,7 +464,7 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
                 notes.push(format!(
                     "colocated: the rollout server(s) and learner(s) share {g} GPU(s); each \
                      server uses --gpu-memory-utilization {COLOCATED_GPU_MEMORY_UTILIZATION} \
-                     unless the recipe's rollout_server_args set it"
+                     unless rollout.gpu_memory_utilization sets it"
                 ));
                 g
             } else {

@@ -317,6 +317,10 @@ pub struct RolloutSection {
     pub weight_sync_token: Option<String>,
     /// Deadline of one weight push.
     pub weight_sync_timeout_s: f64,
+    /// `--gpu-memory-utilization` of the rollout servers the launcher starts
+    /// (TRL's `vllm_gpu_memory_utilization`); none: 0.9 alone on a GPU, 0.3
+    /// when sharing one with a learner.
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 impl Default for RolloutSection {
@@ -342,6 +346,7 @@ impl Default for RolloutSection {
             weight_sync_endpoints: Vec::new(),
             weight_sync_token: None,
             weight_sync_timeout_s: 120.0,
+            gpu_memory_utilization: None,
         }
     }
 }
@@ -770,6 +775,11 @@ impl Recipe {
             r.max_prompt_length != Some(0),
             "rollout.max_prompt_length",
             || "must be >= 1 (or null)".into(),
+        )?;
+        ensure(
+            r.gpu_memory_utilization.is_none_or(|u| u > 0.0 && u <= 1.0),
+            "rollout.gpu_memory_utilization",
+            || "must be in (0, 1] (or null)".into(),
         )?;
         // Not silently ignored: the learner renders the chat template itself.
         ensure(!r.use_chat, "rollout.use_chat", || {
