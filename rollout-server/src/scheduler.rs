@@ -584,12 +584,8 @@ impl Scheduler {
             None
         };
         seq.pending = id;
-        let _ = g.events.send(EngineEvent::Token {
-            sample: seq.sample,
-            token,
-            weight_version: version,
-            finish,
-        });
+        // Counted before the client hears of it: a /metrics read after the
+        // response already shows the finished request.
         if let Some(f) = finish {
             let reason = match f {
                 Finish::Length => "length",
@@ -597,6 +593,12 @@ impl Scheduler {
             };
             m.record_finish(reason, g.arrived);
         }
+        let _ = g.events.send(EngineEvent::Token {
+            sample: seq.sample,
+            token,
+            weight_version: version,
+            finish,
+        });
         Ok(finish.is_some())
     }
 
