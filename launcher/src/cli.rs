@@ -90,6 +90,10 @@ pub struct Args {
     /// requeued Slurm job needs).
     #[arg(long)]
     pub auto_resume: bool,
+    /// Resume even where the recipe differs from the checkpoint's in keys
+    /// that change training; without it the learners refuse and name them.
+    #[arg(long)]
+    pub allow_recipe_change: bool,
     /// `section.key=value` recipe overrides.
     #[arg(value_name = "section.key=value")]
     pub overrides: Vec<String>,

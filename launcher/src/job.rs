@@ -536,6 +536,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         out,
         overrides: args.overrides.clone(),
         resume_from,
+        allow_recipe_change: args.allow_recipe_change,
         rollout_server_args,
         learner_overrides,
         cpus_per_node: cpus_per_node(),

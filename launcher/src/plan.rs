@@ -129,6 +129,8 @@ pub struct PlanInput {
     pub overrides: Vec<String>,
     /// `--resume-from` for each learner.
     pub resume_from: Option<PathBuf>,
+    /// `--allow-recipe-change` for each learner (with `resume_from`).
+    pub allow_recipe_change: bool,
     /// Extra flags for every rollout server (from the recipe).
     pub rollout_server_args: Vec<String>,
     /// Overrides the launcher adds for every learner after the user's
@@ -700,6 +702,9 @@ fn make(input: &PlanInput) -> Result<Plan, PlanError> {
             if let Some(dir) = &input.resume_from {
                 args.push("--resume-from".into());
                 args.push(dir.display().to_string());
+                if input.allow_recipe_change {
+                    args.push("--allow-recipe-change".into());
+                }
             }
             let ports = if rank == 0 {
                 BTreeMap::from([("master".to_string(), input.ports.master)])
@@ -790,6 +795,7 @@ mod tests {
             out: "runs/x".into(),
             overrides: vec!["train.max_steps=3".into()],
             resume_from: None,
+            allow_recipe_change: false,
             rollout_server_args: vec![],
             learner_overrides: vec![],
             cpus_per_node: 0,
@@ -1167,6 +1173,14 @@ mod tests {
         let p = plan(&i);
         let l0 = &p.processes[0];
         assert_eq!(&l0.args[l0.args.len() - 2..], ["--resume-from", "runs/x"]);
+        i.allow_recipe_change = true;
+        let allowed = plan(&i);
+        let l0 = &allowed.processes[0];
+        assert_eq!(
+            &l0.args[l0.args.len() - 3..],
+            ["--resume-from", "runs/x", "--allow-recipe-change"]
+        );
+        let l0 = &p.processes[0];
         assert_eq!(l0.ports["master"], 29500);
         let t = p.table();
         assert!(t.contains("NODE"), "{t}");

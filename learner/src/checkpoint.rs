@@ -4,7 +4,7 @@
 //! (`optimizer.safetensors` + `optimizer.json`) and `trainer_state.json`
 //! (step, weight version, data cursor, KL controller, NaN-guard streak, the
 //! prefetched rollout batch of each rank when `async_lag` is 1, and the
-//! recipe's fingerprint). Written into a temporary folder and renamed
+//! recipe that wrote it). Written into a temporary folder and renamed
 //! ([`crate::run_dir::CheckpointDir::begin`] / `commit`), so a crash never
 //! leaves a half checkpoint that resume would pick.
 //!
@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use model::tokenizer::Tokenizer;
 use model::{ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::data::{DataCursor, Example};
 use crate::kl::KlController;
@@ -59,6 +60,11 @@ pub struct TrainerState {
     /// SHA-256 of the resolved recipe (secrets redacted) that wrote it.
     pub recipe_fingerprint: String,
     pub world_size: usize,
+    /// The resolved recipe (secrets redacted) that wrote it, so that a
+    /// resume can name what changed ([`recipe_changes`]). Absent in
+    /// checkpoints written before it was recorded.
+    #[serde(default)]
+    pub recipe: Option<Value>,
 }
 
 impl TrainerState {
@@ -84,6 +90,7 @@ impl TrainerState {
             prefetched,
             recipe_fingerprint: recipe_fingerprint(recipe),
             world_size,
+            recipe: Some(recipe.to_json_redacted()),
         }
     }
 
@@ -133,4 +140,259 @@ pub fn save_checkpoint(
         checkpoints.prune(keep.max(1))?;
     }
     Ok(dir)
+}
+
+/// One recipe key whose value differs between the checkpoint's recipe and
+/// the resuming one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecipeChange {
+    /// Dotted path, as in overrides: `train.learning_rate`,
+    /// `reward.functions[0].weight`.
+    pub key: String,
+    /// `null` where the key is absent.
+    pub before: Value,
+    pub after: Value,
+    /// Whether the resumed run would then train differently from the run
+    /// the checkpoint came from (see [`changes_training`]).
+    pub changes_training: bool,
+}
+
+impl std::fmt::Display for RecipeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} -> {}", self.key, self.before, self.after)
+    }
+}
+
+/// Every key whose value differs between `saved` (the checkpoint's recipe)
+/// and `recipe` (the resuming one), both as [`Recipe::to_json_redacted`]
+/// writes them, in key order.
+pub fn recipe_changes(saved: &Value, recipe: &Recipe) -> Vec<RecipeChange> {
+    let mut out = Vec::new();
+    diff_values(String::new(), saved, &recipe.to_json_redacted(), &mut out);
+    for c in &mut out {
+        c.changes_training = changes_training(&c.key, recipe);
+    }
+    out
+}
+
+fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let sub = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                let null = Value::Null;
+                diff_values(
+                    sub,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        // Same length: element by element, so that one changed reward
+        // weight is named as such; otherwise the list as a whole.
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                diff_values(format!("{key}[{i}]"), p, q, out);
+            }
+        }
+        _ if a != b => out.push(RecipeChange {
+            key,
+            before: a.clone(),
+            after: b.clone(),
+            changes_training: true,
+        }),
+        _ => {}
+    }
+}
+
+/// Keys that say where the run's processes are and how it is observed, not
+/// what it learns: the launcher rewrites the endpoints on every start, and a
+/// resumed run may be checkpointed, evaluated and logged differently, or on
+/// another machine, and still continue as if it had never stopped. The
+/// warm-up keys act only before step 0, which a resumed run never repeats.
+const NO_TRAINING_EFFECT: &[&str] = &[
+    "model.device",
+    "rollout.endpoints",
+    "rollout.api_key",
+    "rollout.model",
+    "rollout.client_tag",
+    "rollout.client_tag_echo",
+    "rollout.request_timeout_s",
+    "rollout.max_retries",
+    "rollout.weight_sync_endpoints",
+    "rollout.weight_sync_token",
+    "rollout.weight_sync_timeout_s",
+    "rollout.gpu_memory_utilization",
+    "train.sft_warmup_steps",
+    "train.sft_learning_rate",
+    "train.sft_batch_size",
+    "train.max_nonfinite_steps",
+    "eval",
+    "checkpoint",
+    "log",
+    "topology.nodes",
+    "topology.gpus_per_node",
+    "topology.tp",
+    "topology.rollout_servers",
+];
+
+/// Whether a different value of `key` makes a resumed run (with `recipe`)
+/// train differently from the run its checkpoint came from.
+pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
+    let under = |p: &str| {
+        key == p
+            || key
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    };
+    if NO_TRAINING_EFFECT.iter().any(|p| under(p)) {
+        return false;
+    }
+    let t = &recipe.train;
+    match key {
+        // Extending a run is the usual reason to resume with another
+        // max_steps; it changes the steps already planned only through a
+        // learning-rate schedule that is a function of it.
+        "train.max_steps" => {
+            let decays = matches!(
+                t.lr_scheduler_type,
+                crate::recipe::LrSchedulerType::Linear | crate::recipe::LrSchedulerType::Cosine
+            );
+            decays || (t.warmup_steps == 0 && t.warmup_ratio > 0.0)
+        }
+        // The starting weights come from the checkpoint; the model keys
+        // only build the KL reference.
+        "model.path" | "model.preset" | "model.init_seed" => t.loss.beta > 0.0,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo(overrides: &[&str]) -> Recipe {
+        Recipe::demo(overrides).expect("demo recipe")
+    }
+
+    fn changes(before: &[&str], after: &[&str]) -> Vec<(String, bool)> {
+        let saved = demo(before).to_json_redacted();
+        recipe_changes(&saved, &demo(after))
+            .into_iter()
+            .map(|c| (c.key, c.changes_training))
+            .collect()
+    }
+
+    #[test]
+    fn the_same_recipe_has_no_changes() {
+        assert!(changes(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn a_changed_learning_rate_is_named_with_both_values() {
+        let saved = demo(&[]).to_json_redacted();
+        let c = recipe_changes(&saved, &demo(&["train.learning_rate=0.001"]));
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].key, "train.learning_rate");
+        assert!(c[0].changes_training);
+        assert_eq!(c[0].after, serde_json::json!(0.001));
+        assert_eq!(
+            c[0].to_string(),
+            format!("train.learning_rate: {} -> 0.001", c[0].before)
+        );
+    }
+
+    #[test]
+    fn where_and_how_the_run_is_observed_does_not_change_training() {
+        let c = changes(
+            &[],
+            &[
+                "rollout.endpoints=[\"http://10.0.0.9:8001\"]",
+                "checkpoint.save_steps=7",
+                "eval.eval_steps=3",
+                "log.logging_steps=5",
+                "model.device=cpu",
+                "train.sft_warmup_steps=3",
+            ],
+        );
+        assert!(!c.is_empty());
+        assert!(c.iter().all(|(_, t)| !t), "{c:?}");
+    }
+
+    #[test]
+    fn list_elements_are_named_by_index() {
+        let c = changes(&[], &["reward.functions[0].weight=2.0"]);
+        assert_eq!(c, [("reward.functions[0].weight".to_string(), true)]);
+    }
+
+    #[test]
+    fn max_steps_changes_training_only_through_a_decaying_schedule() {
+        // The demo decays (cosine): the remaining steps' rates would move.
+        let c = changes(&[], &["train.max_steps=5000"]);
+        assert_eq!(c, [("train.max_steps".to_string(), true)]);
+        let constant = ["train.lr_scheduler_type=constant", "train.warmup_ratio=0"];
+        let mut longer = constant.to_vec();
+        longer.push("train.max_steps=5000");
+        assert_eq!(
+            changes(&constant, &longer),
+            [("train.max_steps".to_string(), false)]
+        );
+        // A warmup given as a ratio of max_steps moves with it.
+        let ratio = [
+            "train.lr_scheduler_type=constant",
+            "train.warmup_steps=0",
+            "train.warmup_ratio=0.1",
+        ];
+        let mut longer = ratio.to_vec();
+        longer.push("train.max_steps=5000");
+        assert_eq!(
+            changes(&ratio, &longer),
+            [("train.max_steps".to_string(), true)]
+        );
+    }
+
+    #[test]
+    fn the_model_keys_matter_only_for_the_kl_reference() {
+        let c = changes(&[], &["model.init_seed=9"]);
+        assert_eq!(c, [("model.init_seed".to_string(), false)]);
+        let c = changes(
+            &["train.beta=0.04"],
+            &["train.beta=0.04", "model.init_seed=9"],
+        );
+        assert_eq!(c, [("model.init_seed".to_string(), true)]);
+    }
+
+    #[test]
+    fn trainer_state_without_a_recipe_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TrainerState::new(
+            3,
+            3,
+            DataCursor {
+                seed: 0,
+                shuffle: true,
+                position: 48,
+                file_draws: vec![48],
+                files: vec!["ab".into()],
+                weights: vec![1.0],
+            },
+            KlController::from_config(&demo(&[]).train.loss),
+            0,
+            Vec::new(),
+            &demo(&[]),
+            1,
+        );
+        let mut v = serde_json::to_value(&state).unwrap();
+        v.as_object_mut().unwrap().remove("recipe");
+        std::fs::write(dir.path().join(TRAINER_STATE_FILE), v.to_string()).unwrap();
+        let loaded = TrainerState::load(dir.path()).unwrap();
+        assert_eq!(loaded.recipe, None);
+        assert_eq!(loaded.step, 3);
+    }
 }

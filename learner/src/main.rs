@@ -26,6 +26,12 @@ enum Command {
         /// checkpoint).
         #[arg(long)]
         resume_from: Option<PathBuf>,
+        /// Resume even where the recipe differs from the checkpoint's in
+        /// keys that change training (the learning rate, the data, the
+        /// rewards...); without it such a resume is refused and the keys
+        /// are named. The changes are recorded in run_log.jsonl.
+        #[arg(long, requires = "resume_from")]
+        allow_recipe_change: bool,
         /// Print the resolved recipe and exit.
         #[arg(long)]
         dry_run: bool,
@@ -68,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train {
             config,
             resume_from,
+            allow_recipe_change,
             dry_run,
             device,
             dtype,
@@ -87,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             learner::train::train(learner::train::TrainArgs {
                 recipe,
                 resume_from,
+                allow_recipe_change,
             })?;
         }
         Command::Eval(args) => {

@@ -342,10 +342,49 @@ fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::
     })
 }
 
+/// Compares the resuming recipe with the one that wrote the checkpoint
+/// `dir`: a change that makes training differ is refused, naming each key,
+/// unless `allow`. Returns those changes (empty when nothing that matters
+/// changed).
+fn check_resumed_recipe(
+    dir: &Path,
+    state: &TrainerState,
+    recipe: &Recipe,
+    allow: bool,
+) -> anyhow::Result<Vec<crate::checkpoint::RecipeChange>> {
+    let Some(saved) = &state.recipe else {
+        tracing::warn!(
+            checkpoint = %dir.display(),
+            "the checkpoint does not record its recipe; changes to it cannot be checked"
+        );
+        return Ok(Vec::new());
+    };
+    let changes: Vec<_> = crate::checkpoint::recipe_changes(saved, recipe)
+        .into_iter()
+        .filter(|c| c.changes_training)
+        .collect();
+    if !changes.is_empty() && !allow {
+        let list: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
+        bail!(
+            "the recipe differs from the one that wrote {} in keys that change training, \
+             so the run would not continue as if it had never stopped:\n{}\n\
+             Resume with the checkpoint's values (its recipe is under \"recipe\" in {}), \
+             or pass --allow-recipe-change to continue with the new ones.",
+            dir.display(),
+            list.join("\n"),
+            dir.join(crate::checkpoint::TRAINER_STATE_FILE).display()
+        );
+    }
+    Ok(changes)
+}
+
 /// The parsed `learner train` request.
 pub struct TrainArgs {
     pub recipe: Recipe,
     pub resume_from: Option<PathBuf>,
+    /// Resume even where the recipe changes training (see
+    /// [`crate::checkpoint::changes_training`]).
+    pub allow_recipe_change: bool,
 }
 
 /// Pushes weights to every WeightSync endpoint.
@@ -550,6 +589,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let recipe_changes = match &resume {
+        Some((_, dir, state)) => {
+            check_resumed_recipe(dir, state, &recipe, args.allow_recipe_change)?
+        }
+        None => Vec::new(),
+    };
 
     // ---- model
     let dtype = model::device::DTypeSpec::from(recipe.model.dtype).resolve(&device)?;
@@ -675,6 +720,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "resume_from": resume.as_ref().map(|(_, d, _)| d.clone()),
             }),
         )?;
+        if !recipe_changes.is_empty() {
+            let list: Vec<String> = recipe_changes.iter().map(|c| c.to_string()).collect();
+            run.event(
+                "recipe_changed",
+                json!({"step": start_step, "changes": recipe_changes}),
+            )?;
+            run.warn(&format!(
+                "resumed with a recipe that changes training (--allow-recipe-change): {}",
+                list.join(", ")
+            ))?;
+        }
         if recipe.rollout.weight_sync_endpoints.is_empty() {
             let msg = "rollout.weight_sync_endpoints is empty: new weights are not pushed, \
                        generation stays on the starting weights (external endpoint mode)";

@@ -294,6 +294,51 @@ fn resume_continues_exactly_with_async_lag_1() {
 }
 
 #[test]
+fn a_resume_that_changes_training_is_refused_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let s = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &s, &out);
+    train(&r, &["train.max_steps=1".into()]);
+    let resume = |more: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = more.iter().map(|s| s.to_string()).collect();
+        v.extend(["--resume-from".into(), out.display().to_string()]);
+        v
+    };
+    let changed = ["train.max_steps=2", "train.learning_rate=0.5"];
+
+    // Refused before anything is written, naming the key and the way out.
+    let log_before = std::fs::read(out.join("train_log.jsonl")).unwrap();
+    let o = Learner::spawn(&r, &resume(&changed), &[]).wait(120);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("train.learning_rate"), "{err}");
+    assert!(err.contains("--allow-recipe-change"), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("train_log.jsonl")).unwrap(),
+        log_before
+    );
+    assert!(!out.join("checkpoints/step_000002").exists());
+
+    // Allowed: it continues, and the run log says what changed. Extending
+    // max_steps under a constant rate is no change to training.
+    let mut allowed = resume(&changed);
+    allowed.push("--allow-recipe-change".into());
+    train(&r, &allowed);
+    assert!(out.join("checkpoints/step_000002").exists());
+    let events = read_jsonl(&out.join("run_log.jsonl"));
+    let e = events
+        .iter()
+        .find(|e| e["event"] == "recipe_changed")
+        .unwrap_or_else(|| panic!("no recipe_changed event: {events:?}"));
+    let changes = e["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["key"], "train.learning_rate");
+    assert_eq!(changes[0]["after"], 0.5);
+}
+
+#[test]
 fn external_endpoint_mode_without_tags_or_weight_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
