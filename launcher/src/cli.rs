@@ -125,6 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         health_timeout: Duration::from_secs(args.health_timeout),
         grace: Duration::from_secs(args.grace_period),
         job_dir: job.job_dir(),
+        progress: job.progress,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

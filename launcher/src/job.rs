@@ -36,6 +36,8 @@ pub struct Job {
     pub model_to_make: Option<(model::presets::Preset, u64, PathBuf)>,
     /// Things the launcher decided that the user may want to know.
     pub notes: Vec<String>,
+    /// How rank 0's progress is shown (`log.progress`).
+    pub progress: learner::recipe::Progress,
 }
 
 impl Job {
@@ -548,6 +550,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         key,
         model_to_make,
         notes,
+        progress: recipe.log.progress,
     })
 }
 

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod devices;
 pub mod job;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod slurm;
 pub mod supervise;

@@ -28,6 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::plan::{Plan, ProcessPlan, Role, shell_words};
+use crate::progress::ProgressView;
 
 /// Overrides where the launcher looks for `rollout-server` and `learner`.
 pub const BIN_DIR_VAR: &str = "TANDEM_BIN_DIR";
@@ -47,6 +48,8 @@ pub struct SupervisorOptions {
     pub grace: Duration,
     /// PIDs and node exit markers.
     pub job_dir: PathBuf,
+    /// How rank 0's progress is shown (`log.progress`).
+    pub progress: learner::recipe::Progress,
 }
 
 /// `TANDEM_BIN_DIR`, else the folder of the launcher's own executable.
@@ -151,9 +154,8 @@ fn signal_group(pgid: i32, sig: i32) -> bool {
     unsafe { libc::kill(-pgid, sig) == 0 }
 }
 
-/// Echoes rank 0's per-step progress lines (`sft ...`, `step ...`,
-/// `eval ...`) from its log to the launcher's stderr, by reading what was
-/// appended since the last look.
+/// Follows rank 0's log: reads what was appended since the last look and
+/// hands each whole line to the [`ProgressView`].
 struct ProgressEcho {
     path: PathBuf,
     offset: u64,
@@ -162,9 +164,7 @@ struct ProgressEcho {
 
 /// The learner's progress lines (learner/src/train.rs prints them).
 pub fn is_progress_line(line: &str) -> bool {
-    ["sft ", "step ", "eval step "]
-        .iter()
-        .any(|p| line.starts_with(p))
+    crate::progress::parse(line).is_some()
 }
 
 impl ProgressEcho {
@@ -177,7 +177,7 @@ impl ProgressEcho {
         }
     }
 
-    fn poll(&mut self) {
+    fn poll(&mut self, view: &mut ProgressView) {
         let Ok(mut f) = File::open(&self.path) else {
             return;
         };
@@ -189,11 +189,7 @@ impl ProgressEcho {
         self.partial.extend_from_slice(&buf);
         while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end();
-            if is_progress_line(line) {
-                eprintln!("launcher: rank 0: {line}");
-            }
+            view.line(String::from_utf8_lossy(&line).trim_end());
         }
     }
 }
@@ -226,6 +222,7 @@ struct Supervisor<'a> {
     tx: mpsc::UnboundedSender<Exit>,
     rx: mpsc::UnboundedReceiver<Exit>,
     progress: Option<ProgressEcho>,
+    view: ProgressView,
 }
 
 /// Runs this node's part of the plan to the end; the value is the exit code
@@ -248,9 +245,11 @@ pub async fn supervise(plan: &Plan, opts: &SupervisorOptions) -> anyhow::Result<
         tx,
         rx,
         progress: None,
+        view: ProgressView::new(opts.progress),
     };
     let outcome = sup.run(&mut sigint, &mut sigterm).await;
     sup.echo_progress();
+    sup.view.finish();
     let (code, stop_signal, line) = match &outcome {
         Outcome::Done => (0, libc::SIGTERM, "0".to_string()),
         Outcome::Failed(why) => {
@@ -318,7 +317,7 @@ impl Supervisor<'_> {
                             .filter(|p| p.role == Role::Learner)
                             .all(|p| matches!(&p.status, Some(Ok(s)) if s.success()))
                     {
-                        eprintln!("launcher: every learner on this node exited 0");
+                        self.view.say("launcher: every learner on this node exited 0");
                         return Outcome::Done;
                     }
                 }
@@ -336,7 +335,7 @@ impl Supervisor<'_> {
 
     fn echo_progress(&mut self) {
         if let Some(echo) = &mut self.progress {
-            echo.poll();
+            echo.poll(&mut self.view);
         }
     }
 
@@ -347,7 +346,8 @@ impl Supervisor<'_> {
         let what = describe_exit(&status);
         p.status = Some(status);
         if p.role == Role::Learner && ok {
-            eprintln!("launcher: {} (pid {}) finished", p.name, p.pid);
+            let message = format!("launcher: {} (pid {}) finished", p.name, p.pid);
+            self.view.say(&message);
             return None;
         }
         let when = if p.role == Role::RolloutServer && ok {
@@ -387,7 +387,7 @@ impl Supervisor<'_> {
             }
         }
         if wait_for_learners && done == learner_nodes.len() {
-            eprintln!("launcher: every learner node finished");
+            self.view.say("launcher: every learner node finished");
             return Some(Outcome::Done);
         }
         None
@@ -653,12 +653,21 @@ mod tests {
         let mut echo = ProgressEcho::new(&path);
         assert_eq!(echo.offset, old.len() as u64);
         let mut f = File::options().append(true).open(&path).unwrap();
+        let mut view = ProgressView::bar_to(indicatif::ProgressDrawTarget::hidden);
         write!(f, "step 1/2 x\nstep 2/").unwrap();
-        echo.poll();
+        echo.poll(&mut view);
         assert_eq!(echo.partial, b"step 2/");
+        assert_eq!(
+            view.bar_state(),
+            Some(("step".into(), 1, Some(2), "x".into()))
+        );
         writeln!(f, "2 y").unwrap();
-        echo.poll();
+        echo.poll(&mut view);
         assert!(echo.partial.is_empty());
+        assert_eq!(
+            view.bar_state(),
+            Some(("step".into(), 2, Some(2), "y".into()))
+        );
     }
 
     #[test]

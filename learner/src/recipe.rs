@@ -520,12 +520,16 @@ impl Default for CheckpointSection {
     }
 }
 
+/// How the launcher shows rank 0's progress on its stderr (`learner train`
+/// itself always prints lines, which the launcher reads from its log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Progress {
-    /// A bar on a terminal, plain lines otherwise.
+    /// A bar when stderr is a terminal, lines otherwise.
     Auto,
+    /// A bar even when stderr does not look like a terminal.
     Bar,
+    /// One `launcher: rank 0: step ...` line per logged step.
     Plain,
 }
 
