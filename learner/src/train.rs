@@ -93,12 +93,7 @@ pub fn weights_hash(vars: &[(String, Var)]) -> anyhow::Result<String> {
 
 /// The wire dtype and raw little-endian bytes of a tensor (F32, BF16 or F16).
 fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, Vec<u8>)> {
-    let wire = match t.dtype() {
-        DType::F32 => WireDType::F32,
-        DType::BF16 => WireDType::BF16,
-        DType::F16 => WireDType::F16,
-        other => bail!("cannot push a {other:?} tensor"),
-    };
+    let wire = WireDType::try_from(t.dtype()).map_err(anyhow::Error::msg)?;
     Ok((wire, model::weights::le_bytes(t)?))
 }
 

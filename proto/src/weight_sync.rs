@@ -96,6 +96,34 @@ impl FromStr for WireDType {
     }
 }
 
+/// candle's dtype of the same name; any other is refused, naming it.
+#[cfg(feature = "candle")]
+impl TryFrom<candle_core::DType> for WireDType {
+    type Error = String;
+    fn try_from(dtype: candle_core::DType) -> Result<Self, String> {
+        use candle_core::DType;
+        match dtype {
+            DType::F32 => Ok(WireDType::F32),
+            DType::BF16 => Ok(WireDType::BF16),
+            DType::F16 => Ok(WireDType::F16),
+            other => Err(format!(
+                "a {other:?} tensor cannot travel: weights go as F32, BF16 or F16"
+            )),
+        }
+    }
+}
+
+#[cfg(feature = "candle")]
+impl From<WireDType> for candle_core::DType {
+    fn from(dtype: WireDType) -> Self {
+        match dtype {
+            WireDType::F32 => candle_core::DType::F32,
+            WireDType::BF16 => candle_core::DType::BF16,
+            WireDType::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// Byte size of a tensor of `shape` in `dtype`, or `None` on overflow.
 pub fn tensor_byte_len(shape: &[u64], dtype: WireDType) -> Option<u64> {
     shape
@@ -432,6 +460,18 @@ pub async fn get_version(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "candle")]
+    #[test]
+    fn wire_dtypes_map_to_candles_and_back() {
+        for w in WireDType::ALL {
+            let d = candle_core::DType::from(w);
+            assert_eq!(WireDType::try_from(d), Ok(w));
+            assert_eq!(d.size_in_bytes(), w.size_in_bytes());
+        }
+        let err = WireDType::try_from(candle_core::DType::U32).unwrap_err();
+        assert!(err.contains("U32"), "{err}");
+    }
 
     #[test]
     fn chunks_cover_the_tensor_in_order() {

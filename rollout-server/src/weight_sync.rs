@@ -291,7 +291,9 @@ impl WeightSync for WeightSyncService {
         let mut dtypes = spec.values().map(|s| s.dtype);
         let first = dtypes.next();
         let dtype = match first {
-            Some(d) if dtypes.all(|o| o == d) => wire_dtype(d).map_or("other", WireDType::as_str),
+            Some(d) if dtypes.all(|o| o == d) => {
+                WireDType::try_from(d).map_or("other", WireDType::as_str)
+            }
             Some(_) => "mixed",
             None => "",
         };
@@ -336,23 +338,6 @@ impl Interceptor for BearerAuth {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn wire_dtype(dtype: DType) -> Option<WireDType> {
-    match dtype {
-        DType::F32 => Some(WireDType::F32),
-        DType::BF16 => Some(WireDType::BF16),
-        DType::F16 => Some(WireDType::F16),
-        _ => None,
-    }
-}
-
-fn candle_dtype(dtype: WireDType) -> DType {
-    match dtype {
-        WireDType::F32 => DType::F32,
-        WireDType::BF16 => DType::BF16,
-        WireDType::F16 => DType::F16,
-    }
 }
 
 /// Disjoint received byte ranges one tensor may have before it is refused
@@ -497,7 +482,7 @@ impl<'a> Push<'a> {
                 self.spec.keys().next().map_or("", String::as_str)
             )));
         };
-        let Some(model_wire) = wire_dtype(spec.dtype) else {
+        let Ok(model_wire) = WireDType::try_from(spec.dtype) else {
             return Err(Status::failed_precondition(format!(
                 "tensor {name}: the model holds it in {:?}, which weight sync cannot write",
                 spec.dtype
@@ -589,7 +574,7 @@ impl VerifiedPush {
         for (name, incoming) in self.tensors {
             let build = || -> candle_core::Result<Tensor> {
                 let shape: Vec<usize> = incoming.shape.iter().map(|&d| d as usize).collect();
-                let wire = candle_dtype(incoming.wire);
+                let wire = DType::from(incoming.wire);
                 // Straight from the received bytes into the device's memory
                 // (one host-to-device copy on CUDA); a dtype change, if the
                 // learner's differs, happens there too.

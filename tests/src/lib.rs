@@ -99,26 +99,42 @@ pub fn tiny_model() -> PathBuf {
         .clone()
 }
 
-/// A preset's model folder (seed 0) under `target/tmp/e2e-models/NAME-seed0`,
-/// written once: into a temporary folder, then renamed into place, so a
-/// concurrent writer never exposes a half-written model.
+/// A preset's model folder (seed 0) under
+/// `target/tmp/e2e-models/NAME-seed0-<fingerprint of its files>`. The preset
+/// is generated each time (into a temporary folder) and its fingerprint
+/// names the folder, so a changed preset never reuses a stale one; the
+/// first writer renames its folder into place, so a concurrent writer never
+/// exposes a half-written model.
 pub fn preset_model(preset: Preset, name: &str) -> PathBuf {
     let target = bin_dir();
     let root = target.parent().unwrap_or(&target).join("tmp/e2e-models");
-    let dir = root.join(format!("{name}-seed0"));
-    if dir.join("config.json").exists() {
-        return dir;
-    }
     std::fs::create_dir_all(&root).unwrap();
     let tmp = root.join(format!("{name}-seed0.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     init_model(preset, &tmp, 0).unwrap();
-    if std::fs::rename(&tmp, &dir).is_err() {
-        // Another test binary won the race.
+    let dir = root.join(format!("{name}-seed0-{:016x}", folder_fingerprint(&tmp)));
+    if dir.join("config.json").exists() || std::fs::rename(&tmp, &dir).is_err() {
+        // Written before, or another test binary won the race.
         let _ = std::fs::remove_dir_all(&tmp);
     }
     assert!(dir.join("config.json").exists(), "{}", dir.display());
     dir
+}
+
+/// A hash of the names and bytes of a folder's files (not recursive).
+fn folder_fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    for f in files {
+        f.file_name().hash(&mut h);
+        std::fs::read(&f).unwrap().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// A free loopback port (bound, then released).

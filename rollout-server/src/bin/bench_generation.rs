@@ -87,10 +87,11 @@ async fn clients(client: &reqwest::Client, url: &str) -> anyhow::Result<(u64, f6
 }
 
 async fn bench(name: &str, preset: Preset) -> anyhow::Result<()> {
+    // Written afresh each time: a folder left by an older build could hold
+    // another version of the preset.
     let dir = std::env::temp_dir().join(format!("tandem-bench-{name}-seed0"));
-    if !dir.join("config.json").exists() {
-        init_model(preset, &dir, 0)?;
-    }
+    let _ = std::fs::remove_dir_all(&dir);
+    init_model(preset, &dir, 0)?;
     let args = Args::parse_from([
         "rollout-server",
         "--model",

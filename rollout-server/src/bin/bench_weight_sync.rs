@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use model::Weights;
 use model::device::{DTypeSpec, DeviceSpec};
 use model::presets::{self, Preset};
@@ -52,12 +52,7 @@ impl WeightSink for Sink {
 
 /// The learner's conversion: raw little-endian values, one device-to-host copy.
 fn tensor_bytes(name: &str, t: &Tensor) -> anyhow::Result<TensorBytes> {
-    let wire = match t.dtype() {
-        DType::F32 => WireDType::F32,
-        DType::BF16 => WireDType::BF16,
-        DType::F16 => WireDType::F16,
-        other => bail!("cannot push {other:?}"),
-    };
+    let wire = WireDType::try_from(t.dtype()).map_err(anyhow::Error::msg)?;
     let data = model::weights::le_bytes(t)?;
     Ok(TensorBytes::new(name, wire, t.dims().to_vec(), data))
 }
