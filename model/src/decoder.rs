@@ -599,14 +599,21 @@ impl CausalLM {
         let mask = Tensor::from_vec(mask, (b, 1, t, tk), &self.device)?;
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
         let gather = cache.gather_index(entries.iter().map(|(slot, _)| *slot), tk)?;
+        let write = cache.write_index(
+            entries
+                .iter()
+                .zip(&starts)
+                .map(|(&(slot, toks), &s)| (slot, s, toks.len())),
+            t,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )?;
 
         let mut x = self.embed(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x, true)?;
             let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, true)?;
-            for (bi, ((slot, toks), &s)) in entries.iter().zip(&starts).enumerate() {
-                cache.write(l, *slot, s, &k.get(bi)?, &v.get(bi)?, toks.len())?;
-            }
+            cache.write(l, &write, &k, &v)?;
             let (k_all, v_all) = cache.gather(l, &gather, b, tk)?;
             let attn = layer.self_attn.attend(&q, k_all, v_all, &mask, true)?;
             x = layer.finish(&x, attn, true)?;

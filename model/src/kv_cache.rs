@@ -12,6 +12,15 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
+/// The rows one step writes: see [`KvCache::write_index`].
+pub(crate) struct WriteIndex {
+    /// Rows of the step's flattened `[B * T]` positions that are real
+    /// tokens; `None` when all are.
+    src: Option<Tensor>,
+    /// The cache row of each, repeated over `[kv_heads, head_dim]`.
+    dst: Tensor,
+}
+
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -130,21 +139,62 @@ impl KvCache {
         Ok(start)
     }
 
-    /// Writes the first `len` positions of `k`, `v` (`[kv_heads, T, d]`) at
-    /// position `start` of `slot` in layer `layer`.
+    /// Where a batched step's new keys and values go, for [`Self::write`]:
+    /// computed once per step (every layer writes the same rows). `entries`
+    /// are (slot, start position, tokens) in batch order; the step's tensors
+    /// hold `t` positions per sequence, right-padded.
+    pub(crate) fn write_index(
+        &self,
+        entries: impl Iterator<Item = (usize, usize, usize)>,
+        t: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<WriteIndex> {
+        let mut src = Vec::new();
+        let mut dst = Vec::new();
+        let mut padded = false;
+        for (bi, (slot, start, len)) in entries.enumerate() {
+            padded |= len < t;
+            for i in 0..len {
+                src.push((bi * t + i) as u32);
+                dst.push((slot * self.max_len + start + i) as u32);
+            }
+        }
+        let rows = dst.len();
+        // scatter_set wants one index per element, laid out contiguously.
+        let dst = Tensor::from_vec(dst, (rows, 1, 1), &self.device)?
+            .broadcast_as((rows, kv_heads, head_dim))?
+            .contiguous()?;
+        // Padding positions are left out, so that they never land in a slot.
+        let src = if padded {
+            Some(Tensor::from_vec(src, rows, &self.device)?)
+        } else {
+            None
+        };
+        Ok(WriteIndex { src, dst })
+    }
+
+    /// Writes the step's keys and values (`[B, kv_heads, T, d]`) of layer
+    /// `layer` into their slots: one scatter for the whole batch (a copy
+    /// per sequence costs more than the attention at large batches).
     pub(crate) fn write(
         &self,
         layer: usize,
-        slot: usize,
-        start: usize,
+        index: &WriteIndex,
         k: &Tensor,
         v: &Tensor,
-        len: usize,
     ) -> Result<()> {
-        let row = slot * self.max_len + start;
         for (cache, new) in [(&self.k[layer], k), (&self.v[layer], v)] {
-            let rows = new.narrow(1, 0, len)?.transpose(0, 1)?.contiguous()?;
-            cache.slice_set(&rows, 0, row)?;
+            let (b, kvh, t, d) = new.dims4()?;
+            let rows = new
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, kvh, d))?;
+            let rows = match &index.src {
+                Some(src) => rows.index_select(src, 0)?,
+                None => rows,
+            };
+            cache.scatter_set(&index.dst, &rows, 0)?;
         }
         Ok(())
     }
