@@ -13,8 +13,7 @@
 //! Positions count only real tokens (`cumsum(attention_mask) - 1`), so a
 //! left-padded sequence gets the same log-probs as the sequence alone.
 
-use candle_core::{D, DType, Device, Module, Tensor, Var};
-use candle_nn::Linear;
+use candle_core::{D, DType, Device, Tensor, Var};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{ModelError, Result};
@@ -143,6 +142,58 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, kvh * n_rep, t, d))?)
 }
 
+/// `y = x W^T + b`, the weight in Hugging Face's `[out, in]` layout.
+///
+/// A model for inference on the CPU also keeps `W^T` contiguous (its weights
+/// are plain tensors, not training variables): gemm multiplies by a
+/// transposed, strided right-hand side several times slower at decode's
+/// row counts (a `[8, 512] x [512, 1536]` product: 3x). Training keeps the
+/// one weight, so gradients reach the variable, and at its row counts the
+/// per-step transpose would cost what it saves. On CUDA cuBLAS takes the
+/// transpose as it is.
+#[derive(Clone)]
+struct Linear {
+    weight: Tensor,
+    weight_t: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight_t = if weight.device().is_cpu() && !weight.is_variable() {
+            Some(weight.t()?.contiguous()?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            weight_t,
+            bias,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One 2-D product over all leading dimensions.
+        let dims = x.dims();
+        let (lead, k) = dims.split_at(dims.len().saturating_sub(1));
+        let rows: usize = lead.iter().product();
+        let x2 = x
+            .contiguous()?
+            .reshape((rows, k.first().copied().unwrap_or(1)))?;
+        let y = match &self.weight_t {
+            Some(wt) => x2.matmul(wt)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(y.dim(1)?);
+        let y = y.reshape(shape)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
 fn linear(weights: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = weights
         .require(&format!("{prefix}.weight"), &[out, inp])?
@@ -152,7 +203,7 @@ fn linear(weights: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Linear::new(w, b)
 }
 
 fn norm(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -226,7 +277,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, tq, self.num_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -240,9 +291,7 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self
-            .down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -362,7 +411,7 @@ impl CausalLM {
             embed_tokens,
             layers,
             norm: norm(weights, "model.norm.weight", h, cfg.rms_norm_eps)?,
-            lm_head: Linear::new(lm_head, None),
+            lm_head: Linear::new(lm_head, None)?,
             rope: RotaryTables::new(cfg, &device)?,
             device,
             dtype,
