@@ -131,17 +131,6 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Ten
     Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
 }
 
-/// `[B, kv_heads, T, d]` -> `[B, kv_heads * n_rep, T, d]` (grouped-query attention).
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kvh, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kvh, n_rep, t, d))?
-        .reshape((b, kvh * n_rep, t, d))?)
-}
-
 /// `y = x W^T + b`, the weight in Hugging Face's `[out, in]` layout.
 ///
 /// A model for inference on the CPU also keeps `W^T` contiguous (its weights
@@ -261,19 +250,28 @@ impl Attention {
         mask: &Tensor,
         fused: bool,
     ) -> Result<Tensor> {
-        let (b, _, tq, _) = q.dims4()?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
+        let (b, heads, tq, d) = q.dims4()?;
+        let (kvh, tk) = (self.num_kv_heads, k.dim(2)?);
+        let n_rep = heads / kvh;
+        // Grouped-query attention without repeating K and V: head
+        // g * n_rep + r reads kv head g, so each group's queries are stacked
+        // as rows of one product with that kv head ([B, kvh, n_rep * Tq, d]),
+        // n_rep times fewer (and larger) products and no copies of K and V.
+        let q = q.contiguous()?.reshape((b, kvh, n_rep * tq, d))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = logprobs::upcast(&(q.matmul(&k.t()?)? * scale)?)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, heads, tq, tk))?;
+        let scores = logprobs::upcast(&scores)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = if fused {
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };
-        let out = probs.to_dtype(q.dtype())?.matmul(&v)?; // [B, heads, Tq, d]
+        let out = probs
+            .to_dtype(q.dtype())?
+            .reshape((b, kvh, n_rep * tq, tk))?
+            .matmul(&v)?
+            .reshape((b, heads, tq, d))?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, tq, self.num_heads * self.head_dim))?;
