@@ -14,6 +14,7 @@
 //! left-padded sequence gets the same log-probs as the sequence alone.
 
 use candle_core::{D, DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{ModelError, Result};
@@ -387,7 +388,10 @@ impl CausalLM {
             .clone();
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
+        // In parallel: on the CPU each layer transposes its weights (see
+        // Linear), which a weight push pays for.
         let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
             .map(|l| DecoderLayer::load(cfg, weights, l))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
