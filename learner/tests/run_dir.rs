@@ -51,7 +51,7 @@ fn manifest_and_logs_are_written() {
 
     let m: Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["recipe"]["train"]["learning_rate"], json!(6e-4));
+    assert_eq!(m["recipe"]["train"]["learning_rate"], json!(1.5e-4));
     assert_eq!(m["recipe"]["rollout"]["api_key"], "<redacted>");
     assert!(!m.to_string().contains("sk-secret"));
     assert_eq!(m["datasets"][0]["rows"], 2);
