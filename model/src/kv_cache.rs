@@ -4,8 +4,9 @@
 //! preallocated once. A sequence takes a free slot when it joins the batch
 //! and gives it back when it leaves; nothing else moves. Per layer, keys and
 //! values are stored as `[num_slots * max_len, kv_heads, head_dim]`, so that
-//! the positions of one sequence are consecutive rows: appending tokens is one
-//! in-place row copy, and a batched step gathers the rows of its sequences.
+//! the positions of one sequence are consecutive rows: a batched step writes
+//! its new rows in place (one scatter per layer) and gathers the rows of its
+//! sequences.
 
 use candle_core::{DType, Device, Tensor};
 
