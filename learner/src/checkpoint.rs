@@ -57,12 +57,11 @@ pub struct TrainerState {
     /// `async_lag: 1`: the batch each rank had generated for the next step,
     /// indexed by rank; empty otherwise.
     pub prefetched: Vec<Option<PrefetchedBatch>>,
-    /// SHA-256 of the resolved recipe (secrets redacted) that wrote it.
-    pub recipe_fingerprint: String,
     pub world_size: usize,
     /// The resolved recipe (secrets redacted) that wrote it, so that a
     /// resume can name what changed ([`recipe_changes`]). Absent in
-    /// checkpoints written before it was recorded.
+    /// checkpoints written before it was recorded (they held only a
+    /// `recipe_fingerprint`, now ignored).
     #[serde(default)]
     pub recipe: Option<Value>,
 }
@@ -88,7 +87,6 @@ impl TrainerState {
             kl_controller,
             nonfinite_streak,
             prefetched,
-            recipe_fingerprint: recipe_fingerprint(recipe),
             world_size,
             recipe: Some(recipe.to_json_redacted()),
         }
@@ -110,12 +108,6 @@ impl TrainerState {
         }
         Ok(state)
     }
-}
-
-/// SHA-256 of the resolved recipe, secrets redacted.
-pub fn recipe_fingerprint(recipe: &Recipe) -> String {
-    let bytes = serde_json::to_vec(&recipe.to_json_redacted()).unwrap_or_default();
-    crate::data::sha256_hex(&bytes)
 }
 
 /// Writes checkpoint `step` of the run at `run_dir` and prunes old ones to
@@ -389,7 +381,10 @@ mod tests {
             1,
         );
         let mut v = serde_json::to_value(&state).unwrap();
-        v.as_object_mut().unwrap().remove("recipe");
+        // As written before the recipe was recorded: a fingerprint instead.
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("recipe");
+        obj.insert("recipe_fingerprint".into(), serde_json::json!("ab12"));
         std::fs::write(dir.path().join(TRAINER_STATE_FILE), v.to_string()).unwrap();
         let loaded = TrainerState::load(dir.path()).unwrap();
         assert_eq!(loaded.recipe, None);
