@@ -7,6 +7,7 @@
 //! all-reduced with a sum.
 
 use candle_core::{Tensor, Var, backprop::GradStore};
+use model::decoder::CheckpointedLogProbs;
 
 use crate::grpo_config::GrpoConfig;
 use crate::grpo_error::{GrpoError, Result};
@@ -33,7 +34,24 @@ impl GradAccumulator {
     /// Back-propagates `loss` (a scalar) and adds the gradients of the
     /// variables to the running sums.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
-        let mut grads = loss.backward()?;
+        self.add(loss.backward()?)
+    }
+
+    /// Back-propagates `loss`, computed on the leaf log-probs (and entropies)
+    /// of `checkpointed`, through the recomputed logits into the model.
+    pub fn backward_checkpointed(
+        &mut self,
+        loss: &Tensor,
+        checkpointed: CheckpointedLogProbs<'_>,
+    ) -> Result<()> {
+        let leaf = loss.backward()?;
+        let d_logprobs = leaf.get(checkpointed.logprobs()).cloned();
+        let d_entropy = checkpointed.entropy().and_then(|e| leaf.get(e)).cloned();
+        drop(leaf);
+        self.add(checkpointed.backward(d_logprobs.as_ref(), d_entropy.as_ref())?)
+    }
+
+    fn add(&mut self, mut grads: GradStore) -> Result<()> {
         for var in &self.vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 let sum = match self.grads.remove(var.as_tensor()) {
@@ -63,12 +81,31 @@ impl GradAccumulator {
     }
 }
 
+/// A micro-batch's loss inputs, as built by running the model.
+pub struct MicroBatchForward<'a> {
+    pub inputs: LossInputs,
+    /// Set when `inputs.logprobs` (and `inputs.entropy`) are the leaf
+    /// variables of checkpointed logits
+    /// ([`model::CausalLM::checkpointed_logprobs`]) rather than tensors in
+    /// the model's autograd graph.
+    pub checkpointed: Option<CheckpointedLogProbs<'a>>,
+}
+
+impl From<LossInputs> for MicroBatchForward<'_> {
+    fn from(inputs: LossInputs) -> Self {
+        MicroBatchForward {
+            inputs,
+            checkpointed: None,
+        }
+    }
+}
+
 /// One accumulation step: for each of `num_micro_batches`, `forward(i)` builds
 /// the micro-batch's inputs (running the model), its loss is divided by the
 /// global normalisers `norm` and back-propagated, and the gradients of `vars`
 /// are summed. Returns the summed gradients and the merged metrics (whose
 /// loss parts are then the whole batch's).
-pub fn accumulate_gradients<F>(
+pub fn accumulate_gradients<'a, F>(
     cfg: &GrpoConfig,
     beta: f64,
     norm: &Normalizers,
@@ -77,7 +114,7 @@ pub fn accumulate_gradients<F>(
     mut forward: F,
 ) -> Result<(GradStore, LossMetrics)>
 where
-    F: FnMut(usize) -> Result<LossInputs>,
+    F: FnMut(usize) -> Result<MicroBatchForward<'a>>,
 {
     if num_micro_batches == 0 {
         return Err(GrpoError::Invalid(
@@ -87,9 +124,16 @@ where
     let mut acc = GradAccumulator::new(vars);
     let mut metrics = LossMetrics::default();
     for i in 0..num_micro_batches {
-        let inputs = forward(i)?;
+        let MicroBatchForward {
+            inputs,
+            checkpointed,
+        } = forward(i)?;
         let out = grpo_loss(cfg, &inputs, norm, beta)?;
-        acc.backward(&out.loss)?;
+        drop(inputs);
+        match checkpointed {
+            Some(ck) => acc.backward_checkpointed(&out.loss, ck)?,
+            None => acc.backward(&out.loss)?,
+        }
         metrics.merge(&out.metrics);
     }
     Ok((acc.into_grads(), metrics))

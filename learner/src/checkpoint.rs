@@ -207,7 +207,8 @@ fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
 /// what it learns: the launcher rewrites the endpoints on every start, and a
 /// resumed run may be checkpointed, evaluated and logged differently, or on
 /// another machine, and still continue as if it had never stopped. The
-/// warm-up keys act only before step 0, which a resumed run never repeats.
+/// warm-up keys act only before step 0, which a resumed run never repeats;
+/// `recompute_logits` trades memory for time, with the same gradients.
 const NO_TRAINING_EFFECT: &[&str] = &[
     "model.device",
     "rollout.endpoints",
@@ -224,6 +225,7 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "train.sft_warmup_steps",
     "train.sft_learning_rate",
     "train.sft_batch_size",
+    "train.recompute_logits",
     "train.max_nonfinite_steps",
     "eval",
     "checkpoint",

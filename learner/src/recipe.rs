@@ -433,6 +433,11 @@ pub struct TrainSection {
     pub sft_learning_rate: Option<f64>,
     /// Pairs per rank per warm-up step; none: `per_device_train_batch_size`.
     pub sft_batch_size: Option<usize>,
+    /// Recompute the vocabulary logits in the backward pass instead of
+    /// keeping them from the forward: a micro-batch's memory then no longer
+    /// grows with the vocabulary (several MB per token at 150k), for one more
+    /// `hidden x vocab` product per token. Same gradients.
+    pub recompute_logits: bool,
     #[serde(flatten)]
     pub loss: GrpoConfig,
 }
@@ -458,6 +463,7 @@ impl Default for TrainSection {
             sft_warmup_steps: 0,
             sft_learning_rate: None,
             sft_batch_size: None,
+            recompute_logits: true,
             loss: GrpoConfig::default(),
         }
     }

@@ -41,7 +41,7 @@ use model::{CausalLM, ModelConfig, Weights};
 use proto::weight_sync::{Client as WeightSyncClient, TensorBytes, WireDType};
 use serde_json::{Value, json};
 
-use crate::accumulation::accumulate_gradients;
+use crate::accumulation::{MicroBatchForward, accumulate_gradients};
 use crate::advantages::compute_advantages;
 use crate::batch::{SequenceTokens, pad_batch};
 use crate::checkpoint::{PrefetchedBatch, TrainerState, save_checkpoint};
@@ -1008,27 +1008,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let beta = kl.value();
         for mb in &mut mbs {
+            // Values only: the checkpointed path drops each chunk's logits
+            // as it goes.
             if t.num_iterations > 1 {
-                let lp = policy.completion_logprobs(
+                let lp = policy.checkpointed_logprobs(
                     &mb.input_ids,
                     &mb.attention_mask,
                     mb.logits_to_keep,
                     temperature,
                     false,
                 )?;
-                mb.old_logprobs = Some(lp.logprobs.detach());
+                mb.old_logprobs = Some(lp.logprobs().detach());
             }
             if let Some(reference) = &reference
                 && beta > 0.0
             {
-                let lp = reference.completion_logprobs(
+                let lp = reference.checkpointed_logprobs(
                     &mb.input_ids,
                     &mb.attention_mask,
                     mb.logits_to_keep,
                     temperature,
                     false,
                 )?;
-                mb.ref_logprobs = Some(lp.logprobs.detach());
+                mb.ref_logprobs = Some(lp.logprobs().detach());
             }
         }
         let masks: Vec<&Tensor> = mbs.iter().map(|m| &m.response_mask).collect();
@@ -1056,13 +1058,25 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             } else {
                 accumulate_gradients(&loss_cfg, beta, &norm, &var_list, mbs.len(), |i| {
                     let mb = &mbs[i];
-                    let lp = policy.completion_logprobs(
-                        &mb.input_ids,
-                        &mb.attention_mask,
-                        mb.logits_to_keep,
-                        temperature,
-                        true,
-                    )?;
+                    let (lp, checkpointed) = if t.recompute_logits {
+                        let ck = policy.checkpointed_logprobs(
+                            &mb.input_ids,
+                            &mb.attention_mask,
+                            mb.logits_to_keep,
+                            temperature,
+                            true,
+                        )?;
+                        (ck.token_logprobs(), Some(ck))
+                    } else {
+                        let lp = policy.completion_logprobs(
+                            &mb.input_ids,
+                            &mb.attention_mask,
+                            mb.logits_to_keep,
+                            temperature,
+                            true,
+                        )?;
+                        (lp, None)
+                    };
                     let mut inputs = LossInputs::new(
                         lp.logprobs,
                         mb.response_mask.clone(),
@@ -1072,7 +1086,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     inputs.old_logprobs = mb.old_logprobs.clone();
                     inputs.ref_logprobs = mb.ref_logprobs.clone();
                     inputs.rollout_logprobs = mb.rollout_logprobs.clone();
-                    Ok(inputs)
+                    Ok(MicroBatchForward {
+                        inputs,
+                        checkpointed,
+                    })
                 })?
             };
             let mut grads = Vec::with_capacity(vars.len());

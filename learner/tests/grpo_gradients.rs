@@ -361,7 +361,7 @@ fn four_micro_batches_accumulate_to_the_full_batch_gradient() {
             &norm,
             std::slice::from_ref(&toy.w),
             4,
-            |i| Ok(toy.forward(ranges[i].clone())),
+            |i| Ok(toy.forward(ranges[i].clone()).into()),
         )
         .unwrap();
         let g_acc = grads.get(toy.w.as_tensor()).unwrap();

@@ -204,7 +204,8 @@ fn loss_inputs(lm: &CausalLM, batch: &PaddedBatch, seed: f64) -> LossInputs {
 
 #[test]
 fn model_gradients_accumulated_over_four_micro_batches_equal_the_full_batch() {
-    let (vars, lm) = tiny_model();
+    let (vars, mut lm) = tiny_model();
+    lm.set_logits_chunk_elements(2 * 2 * VOCAB);
     let seqs = sequences();
     let max_len = 6;
     for (loss_type, level) in [
@@ -232,39 +233,63 @@ fn model_gradients_accumulated_over_four_micro_batches_equal_the_full_batch() {
             .unwrap();
 
         // Four micro-batches of two rows, each padded on its own (different
-        // prompt widths), with the rows' constants taken from the full batch.
-        let mut acc = GradAccumulator::new(&vars);
-        for m in 0..4 {
-            let rows = 2 * m..2 * m + 2;
-            let mb = pad_batch(&seqs[rows.clone()], 0, Some(max_len), &Device::Cpu).unwrap();
-            let out = mb.completion_logprobs(&lm, TEMPERATURE, true).unwrap();
-            let sub = full.narrow_rows(rows).unwrap();
-            let mut inputs =
-                LossInputs::new(out.logprobs, mb.response_mask.clone(), sub.advantages);
-            inputs.old_logprobs = sub.old_logprobs;
-            inputs.ref_logprobs = sub.ref_logprobs;
-            inputs.rollout_logprobs = sub.rollout_logprobs;
-            inputs.entropy = out.entropy;
-            acc.backward(&grpo_loss(&cfg, &inputs, &norm, cfg.beta).unwrap().loss)
-                .unwrap();
+        // prompt widths), with the rows' constants taken from the full batch;
+        // log-probs in the autograd graph, then with the logits recomputed in
+        // the backward (in chunks of two positions).
+        for recompute_logits in [false, true] {
+            let mut acc = GradAccumulator::new(&vars);
+            for m in 0..4 {
+                let rows = 2 * m..2 * m + 2;
+                let mb = pad_batch(&seqs[rows.clone()], 0, Some(max_len), &Device::Cpu).unwrap();
+                let (out, checkpointed) = if recompute_logits {
+                    let ck = lm
+                        .checkpointed_logprobs(
+                            &mb.input_ids,
+                            &mb.attention_mask,
+                            mb.logits_to_keep,
+                            TEMPERATURE,
+                            true,
+                        )
+                        .unwrap();
+                    (ck.token_logprobs(), Some(ck))
+                } else {
+                    (
+                        mb.completion_logprobs(&lm, TEMPERATURE, true).unwrap(),
+                        None,
+                    )
+                };
+                let sub = full.narrow_rows(rows).unwrap();
+                let mut inputs =
+                    LossInputs::new(out.logprobs, mb.response_mask.clone(), sub.advantages);
+                inputs.old_logprobs = sub.old_logprobs;
+                inputs.ref_logprobs = sub.ref_logprobs;
+                inputs.rollout_logprobs = sub.rollout_logprobs;
+                inputs.entropy = out.entropy;
+                let loss = grpo_loss(&cfg, &inputs, &norm, cfg.beta).unwrap().loss;
+                match checkpointed {
+                    Some(ck) => acc.backward_checkpointed(&loss, ck).unwrap(),
+                    None => acc.backward(&loss).unwrap(),
+                }
+            }
+            let mut worst = 0f64;
+            for v in &vars {
+                let a = acc.grad(v).expect("accumulated gradient");
+                let f = g_full.get(v.as_tensor()).expect("full gradient");
+                let d = (a - f)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                worst = worst.max(d.to_scalar::<f64>().unwrap());
+            }
+            assert!(
+                worst < 1e-6,
+                "{loss_type:?}/{level:?} (recompute_logits {recompute_logits}): \
+                 max |acc - full| = {worst:e}"
+            );
         }
-        let mut worst = 0f64;
-        for v in &vars {
-            let a = acc.grad(v).expect("accumulated gradient");
-            let f = g_full.get(v.as_tensor()).expect("full gradient");
-            let d = (a - f)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            worst = worst.max(d.to_scalar::<f64>().unwrap());
-        }
-        assert!(
-            worst < 1e-6,
-            "{loss_type:?}/{level:?}: max |acc - full| = {worst:e}"
-        );
     }
 }

@@ -3,7 +3,8 @@
 //! Two forward paths share every weight and every formula:
 //! - [`CausalLM::forward`] / [`CausalLM::completion_logprobs`]: full sequences,
 //!   differentiable with respect to every parameter (built only from candle ops
-//!   that have a backward), for the learner;
+//!   that have a backward), for the learner; [`CausalLM::checkpointed_logprobs`]
+//!   is the same with the logits recomputed in the backward pass;
 //! - [`CausalLM::forward_cached`]: appends tokens of many sequences to a
 //!   [`KvCache`] in one batched forward (prefill and decode alike), for the
 //!   rollout server. It may use candle's fused kernels (rms_norm, softmax,
@@ -374,6 +375,9 @@ pub struct CausalLM {
     rope: RotaryTables,
     device: Device,
     dtype: DType,
+    /// Upper bound on the elements of one chunk of logits in the log-prob
+    /// paths.
+    logits_chunk_elements: usize,
 }
 
 impl CausalLM {
@@ -417,6 +421,7 @@ impl CausalLM {
             rope: RotaryTables::new(cfg, &device)?,
             device,
             dtype,
+            logits_chunk_elements: LOGITS_CHUNK_ELEMENTS,
         })
     }
 
@@ -433,6 +438,13 @@ impl CausalLM {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Sets the upper bound on the elements (`B x positions x V`) of one
+    /// chunk of logits in the log-prob paths (default 16M); at least one
+    /// position per chunk.
+    pub fn set_logits_chunk_elements(&mut self, elements: usize) {
+        self.logits_chunk_elements = elements;
     }
 
     pub fn dtype(&self) -> DType {
@@ -533,8 +545,10 @@ impl CausalLM {
     /// Log-probs (and optionally entropies) of the last `logits_to_keep` tokens
     /// of each row given everything before them: `[B, K]`, differentiable.
     /// Logits are divided by `temperature` first, as TRL does. The `[B, K, V]`
-    /// logits are never materialised at once: they are computed in chunks of
-    /// positions, each reduced to `[B, chunk]` before the next.
+    /// logits are computed in chunks of positions, each reduced to `[B, chunk]`
+    /// before the next; but every chunk's logits stay in the autograd graph
+    /// until the backward pass. [`Self::checkpointed_logprobs`] gives the same
+    /// values and gradients without keeping them.
     pub fn completion_logprobs(
         &self,
         input_ids: &Tensor,
@@ -543,32 +557,14 @@ impl CausalLM {
         temperature: f64,
         with_entropy: bool,
     ) -> Result<TokenLogProbs> {
-        let (b, t) = input_ids.dims2()?;
-        if logits_to_keep == 0 || logits_to_keep >= t {
-            return Err(ModelError::Invalid(format!(
-                "logits_to_keep must be in 1..{t} for sequences of {t} tokens, got {logits_to_keep}"
-            )));
-        }
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        // Position p predicts token p + 1.
-        let hidden = hidden.narrow(1, t - logits_to_keep - 1, logits_to_keep)?;
-        let targets =
-            input_ids
-                .to_dtype(DType::U32)?
-                .narrow(1, t - logits_to_keep, logits_to_keep)?;
-        let chunk = (LOGITS_CHUNK_ELEMENTS / (b * self.cfg.vocab_size).max(1)).max(1);
+        let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
         let mut lps = Vec::new();
         let mut ents = Vec::new();
-        let mut start = 0;
-        while start < logits_to_keep {
-            let len = chunk.min(logits_to_keep - start);
-            let logits = self.logits(&hidden.narrow(1, start, len)?)?;
-            let tgt = targets.narrow(1, start, len)?;
-            lps.push(logprobs::selective_log_softmax(&logits, &tgt, temperature)?);
-            if with_entropy {
-                ents.push(logprobs::entropy(&logits, temperature)?);
-            }
-            start += len;
+        for range in head.chunks() {
+            let hidden = head.hidden.narrow(1, range.start, range.len())?;
+            let (lp, ent) = head.chunk_logprobs(&hidden, range, with_entropy)?;
+            lps.push(lp);
+            ents.extend(ent);
         }
         Ok(TokenLogProbs {
             logprobs: Tensor::cat(&lps, 1)?,
@@ -577,6 +573,81 @@ impl CausalLM {
             } else {
                 None
             },
+        })
+    }
+
+    /// [`Self::completion_logprobs`] with the vocabulary projection
+    /// checkpointed (recomputed in the backward pass): the forward keeps only
+    /// the final hidden states `[B, K, hidden]` in the graph, not the
+    /// `[B, K, V]` logits and their softmax, which for a 150k vocabulary are
+    /// several MB per token. The price is one more `hidden x V` product per
+    /// token in the backward.
+    ///
+    /// The returned log-probs and entropies are leaf variables: compute the
+    /// loss on them, back-propagate it, and hand their gradients to
+    /// [`CheckpointedLogProbs::backward`], which returns the gradients of the
+    /// model's parameters. For values only (old or reference log-probs),
+    /// read [`CheckpointedLogProbs::logprobs`] and drop it.
+    pub fn checkpointed_logprobs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        logits_to_keep: usize,
+        temperature: f64,
+        with_entropy: bool,
+    ) -> Result<CheckpointedLogProbs<'_>> {
+        let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
+        // Each chunk's graph (logits, softmax) is dropped with its detached
+        // result before the next chunk is computed.
+        let detached = head.hidden.detach();
+        let mut lps = Vec::new();
+        let mut ents = Vec::new();
+        for range in head.chunks() {
+            let hidden = detached.narrow(1, range.start, range.len())?;
+            let (lp, ent) = head.chunk_logprobs(&hidden, range, with_entropy)?;
+            lps.push(lp.detach());
+            ents.extend(ent.map(|e| e.detach()));
+        }
+        let logprobs = Var::from_tensor(&Tensor::cat(&lps, 1)?)?;
+        let entropy = if with_entropy {
+            Some(Var::from_tensor(&Tensor::cat(&ents, 1)?)?)
+        } else {
+            None
+        };
+        Ok(CheckpointedLogProbs {
+            head,
+            logprobs,
+            entropy,
+        })
+    }
+
+    /// The final hidden states that predict the last `logits_to_keep` tokens
+    /// (position p predicts token p + 1), with those tokens as targets.
+    fn completion_head(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        logits_to_keep: usize,
+        temperature: f64,
+    ) -> Result<CompletionHead<'_>> {
+        let (b, t) = input_ids.dims2()?;
+        if logits_to_keep == 0 || logits_to_keep >= t {
+            return Err(ModelError::Invalid(format!(
+                "logits_to_keep must be in 1..{t} for sequences of {t} tokens, got {logits_to_keep}"
+            )));
+        }
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        let hidden = hidden.narrow(1, t - logits_to_keep - 1, logits_to_keep)?;
+        let targets =
+            input_ids
+                .to_dtype(DType::U32)?
+                .narrow(1, t - logits_to_keep, logits_to_keep)?;
+        Ok(CompletionHead {
+            model: self,
+            hidden,
+            targets,
+            temperature,
+            chunk: (self.logits_chunk_elements / (b * self.cfg.vocab_size).max(1)).max(1),
         })
     }
 
@@ -687,6 +758,132 @@ impl CausalLM {
             }
             LogitsWanted::All => self.logits(&self.norm.forward(&x, true)?),
         }
+    }
+}
+
+/// The last hidden states of a completion batch and the tokens they predict.
+struct CompletionHead<'a> {
+    model: &'a CausalLM,
+    /// `[B, K, hidden]`, in the graph of the transformer.
+    hidden: Tensor,
+    /// `[B, K]` u32.
+    targets: Tensor,
+    temperature: f64,
+    /// Positions per chunk of logits.
+    chunk: usize,
+}
+
+impl CompletionHead<'_> {
+    fn chunks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
+        let (k, chunk) = (self.targets.dims()[1], self.chunk);
+        (0..k.div_ceil(chunk)).map(move |i| i * chunk..((i + 1) * chunk).min(k))
+    }
+
+    /// Log-probs (and entropies) of positions `range`, from `hidden` (those
+    /// positions of the head's hidden states or of a copy of them).
+    fn chunk_logprobs(
+        &self,
+        hidden: &Tensor,
+        range: std::ops::Range<usize>,
+        with_entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let logits = self.model.logits(hidden)?;
+        let targets = self.targets.narrow(1, range.start, range.len())?;
+        let lp = logprobs::selective_log_softmax(&logits, &targets, self.temperature)?;
+        let ent = if with_entropy {
+            Some(logprobs::entropy(&logits, self.temperature)?)
+        } else {
+            None
+        };
+        Ok((lp, ent))
+    }
+}
+
+/// Completion log-probs whose logits are recomputed in the backward pass; see
+/// [`CausalLM::checkpointed_logprobs`].
+pub struct CheckpointedLogProbs<'a> {
+    head: CompletionHead<'a>,
+    logprobs: Var,
+    entropy: Option<Var>,
+}
+
+impl CheckpointedLogProbs<'_> {
+    /// `[B, K]` log-probs, a leaf variable.
+    pub fn logprobs(&self) -> &Tensor {
+        self.logprobs.as_tensor()
+    }
+
+    /// `[B, K]` entropies when asked for, a leaf variable.
+    pub fn entropy(&self) -> Option<&Tensor> {
+        self.entropy.as_ref().map(Var::as_tensor)
+    }
+
+    /// Both as [`TokenLogProbs`] (the leaf variables).
+    pub fn token_logprobs(&self) -> TokenLogProbs {
+        TokenLogProbs {
+            logprobs: self.logprobs().clone(),
+            entropy: self.entropy().cloned(),
+        }
+    }
+
+    /// The gradients of the model's parameters for a loss whose gradients
+    /// with respect to [`Self::logprobs`] and [`Self::entropy`] are
+    /// `d_logprobs` and `d_entropy` (`[B, K]`; `None`: the loss does not
+    /// depend on it). Chunk by chunk, the logits are recomputed from a copy of
+    /// the hidden states and back-propagated to it and to the output
+    /// embedding; then the hidden states' gradient goes through the
+    /// transformer in one backward pass.
+    pub fn backward(
+        self,
+        d_logprobs: Option<&Tensor>,
+        d_entropy: Option<&Tensor>,
+    ) -> Result<candle_core::backprop::GradStore> {
+        if d_logprobs.is_none() && d_entropy.is_none() {
+            return Ok(candle_core::backprop::GradStore::default());
+        }
+        let head = &self.head;
+        let lm_head = &head.model.lm_head.weight;
+        let detached = head.hidden.detach();
+        let mut d_hidden = Vec::new();
+        let mut d_lm_head: Option<Tensor> = None;
+        for range in head.chunks() {
+            let hidden = Var::from_tensor(&detached.narrow(1, range.start, range.len())?)?;
+            let (lp, ent) =
+                head.chunk_logprobs(hidden.as_tensor(), range.clone(), d_entropy.is_some())?;
+            let weighted = |x: &Tensor, d: &Tensor| -> Result<Tensor> {
+                let d = d.narrow(1, range.start, range.len())?.to_dtype(x.dtype())?;
+                Ok((x * d.detach())?.sum_all()?)
+            };
+            let mut surrogate = match d_logprobs {
+                Some(d) => weighted(&lp, d)?,
+                None => lp.zeros_like()?.sum_all()?,
+            };
+            if let (Some(ent), Some(d)) = (&ent, d_entropy) {
+                surrogate = (surrogate + weighted(ent, d)?)?;
+            }
+            let mut grads = surrogate.backward()?;
+            d_hidden.push(match grads.remove(hidden.as_tensor()) {
+                Some(g) => g.detach(),
+                None => hidden.as_tensor().zeros_like()?,
+            });
+            if let Some(g) = grads.remove(lm_head) {
+                d_lm_head = Some(match d_lm_head {
+                    Some(sum) => (sum + g)?.detach(),
+                    None => g.detach(),
+                });
+            }
+        }
+        let d_hidden = Tensor::cat(&d_hidden, 1)?;
+        let mut grads = (&head.hidden * d_hidden)?.sum_all()?.backward()?;
+        // With tied embeddings this adds to the input embedding's gradient.
+        if let Some(g) = d_lm_head {
+            let total = match grads.remove(lm_head) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(lm_head, total);
+        }
+        Ok(grads)
     }
 }
 

@@ -34,6 +34,17 @@ pub enum Preset {
     Qwen25_0_5B,
 }
 
+impl Preset {
+    /// The name `FromStr` takes (the recipe's `model.preset`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Qwen25_0_5B => "qwen2.5-0.5b",
+        }
+    }
+}
+
 impl std::str::FromStr for Preset {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {

@@ -292,6 +292,90 @@ fn gradients_of_log_probs_match_finite_differences() {
     }
 }
 
+fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f64>())
+        .unwrap()
+}
+
+/// A loss that is not linear in its inputs, so that the gradients handed to
+/// the checkpointed backward differ per token.
+fn nonlinear_loss(lp: &Tensor, entropy: Option<&Tensor>) -> Tensor {
+    let weights = Tensor::from_vec(
+        (0..lp.elem_count())
+            .map(|i| 0.5 + i as f64 * 0.1)
+            .collect::<Vec<_>>(),
+        lp.shape(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut loss = (lp.exp().unwrap() * &weights).unwrap().sum_all().unwrap();
+    if let Some(ent) = entropy {
+        loss = (loss + (ent.sqr().unwrap() * 0.3).unwrap().sum_all().unwrap()).unwrap();
+    }
+    loss
+}
+
+#[test]
+fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 5, DType::F64);
+        let (vars, view) = trainable(&w).unwrap();
+        let mut lm = CausalLM::new(&cfg, &view).unwrap();
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        for with_entropy in [false, true] {
+            let full = lm
+                .completion_logprobs(&x, &m, 5, 0.9, with_entropy)
+                .unwrap();
+            let expected = nonlinear_loss(&full.logprobs, full.entropy.as_ref())
+                .backward()
+                .unwrap();
+            // Chunks of 1, 2 and all 5 positions (a batch of 2 rows).
+            for positions in [1, 2, 5] {
+                lm.set_logits_chunk_elements(positions * 2 * cfg.vocab_size);
+                let ck = lm
+                    .checkpointed_logprobs(&x, &m, 5, 0.9, with_entropy)
+                    .unwrap();
+                assert!(max_abs_diff_f64(ck.logprobs(), &full.logprobs) < 1e-12);
+                if let (Some(a), Some(b)) = (ck.entropy(), &full.entropy) {
+                    assert!(max_abs_diff_f64(a, b) < 1e-12);
+                }
+                let leaf = nonlinear_loss(ck.logprobs(), ck.entropy())
+                    .backward()
+                    .unwrap();
+                let d_lp = leaf.get(ck.logprobs()).cloned();
+                let d_ent = ck.entropy().and_then(|e| leaf.get(e)).cloned();
+                let got = ck.backward(d_lp.as_ref(), d_ent.as_ref()).unwrap();
+                for (name, var) in &vars {
+                    let (Some(a), Some(b)) =
+                        (got.get(var.as_tensor()), expected.get(var.as_tensor()))
+                    else {
+                        panic!("{arch} {name}: missing gradient");
+                    };
+                    let scale = b
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    let diff = max_abs_diff_f64(a, b);
+                    assert!(
+                        diff <= 1e-10 * (1.0 + scale),
+                        "{arch} {name} (chunks of {positions}, entropy {with_entropy}): \
+                         differs by {diff}"
+                    );
+                }
+            }
+            lm.set_logits_chunk_elements(1 << 24);
+        }
+    }
+}
+
 fn write_folder(dir: &Path, arch: &str) -> (ModelConfig, Weights) {
     let (cfg, w) = random_model(arch, 5, DType::F32);
     std::fs::write(dir.join("config.json"), cfg.to_json_string()).unwrap();

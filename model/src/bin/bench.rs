@@ -1,7 +1,8 @@
 //! Model throughput: forward+backward, prefill and batched decode, for the
 //! embedded presets.
 //! `cargo run --release -p model --bin bench -- [tiny|small|qwen2.5-0.5b]...
-//! [--device cpu|cuda:N] [--dtype auto|bfloat16|float32] [--bandwidth-gbs N]`
+//! [--device cpu|cuda:N] [--dtype auto|bfloat16|float32] [--bandwidth-gbs N]
+//! [--only train|prefill|decode]`
 //! Prints a Markdown table (the README's numbers come from it). With the
 //! GPU's memory bandwidth, decode rows also show the memory-bandwidth bound:
 //! each decode step reads every weight once, so a batch of B makes at most
@@ -33,6 +34,75 @@ fn time<F: FnMut() -> model::Result<()>>(
     Ok(start.elapsed().as_secs_f64() / n as f64)
 }
 
+/// One forward+backward of completion log-probs: the logits kept in the
+/// autograd graph, or recomputed in the backward (the learner's default,
+/// `train.recompute_logits`).
+fn train_step(lm: &CausalLM, ids: &Tensor, mask: &Tensor, recompute: bool) -> model::Result<()> {
+    let k = ids.dim(1)? - 1;
+    if recompute {
+        let ck = lm.checkpointed_logprobs(ids, mask, k, 1.0, false)?;
+        let d = ck.logprobs().ones_like()?;
+        ck.backward(Some(&d), None)?;
+    } else {
+        let lp = lm.completion_logprobs(ids, mask, k, 1.0, false)?;
+        lp.logprobs.sum_all()?.backward()?;
+    }
+    Ok(())
+}
+
+/// Hidden mode `--peak-memory-of PRESET kept|recomputed` (CPU, Linux): one
+/// [`train_step`] of batch 8 x 128; prints how far the peak resident memory
+/// rose above the resident memory before it, in bytes. Run in a process of
+/// its own, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so
+/// that freed buffers leave the resident set and the peak is what was live.
+fn peak_memory_of(preset: Preset, recompute: bool) -> model::Result<()> {
+    let kib = |field: &str| -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let cfg = presets::config(preset, 100, 1, 0)?;
+    let weights = Weights::random(&cfg, 0, &Device::Cpu, DType::F32)?;
+    let (_vars, view) = trainable(&weights)?;
+    let lm = CausalLM::new(&cfg, &view)?;
+    let (b, t) = (8, 128);
+    let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &Device::Cpu)?;
+    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu)?;
+    // Writing 5 resets the peak (VmHWM) to the current resident size.
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| model::ModelError::Invalid(format!("/proc/self/clear_refs: {e}")))?;
+    let before = kib("VmRSS:");
+    train_step(&lm, &ids, &mask, recompute)?;
+    let peak = kib("VmHWM:");
+    let (Some(before), Some(peak)) = (before, peak) else {
+        return Err(model::ModelError::Invalid(
+            "no VmRSS/VmHWM in /proc/self/status".into(),
+        ));
+    };
+    println!("{}", peak.saturating_sub(before) * 1024);
+    Ok(())
+}
+
+/// [`peak_memory_of`] in a child process; `None` where it cannot run.
+fn peak_memory_growth(preset: Preset, recompute: bool) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let name = preset.name();
+    let mode = if recompute { "recomputed" } else { "kept" };
+    let out = std::process::Command::new(exe)
+        .args(["--peak-memory-of", name, mode])
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "peak memory of {name} ({mode}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
 fn random_ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + seed * 104_729) % vocab) as u32)
@@ -42,6 +112,7 @@ fn random_ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
 fn main() -> model::Result<()> {
     let mut presets: Vec<Preset> = Vec::new();
     let (mut device, mut dtype, mut bandwidth_gbs) = (DeviceSpec::Cpu, DTypeSpec::Auto, None);
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -51,6 +122,19 @@ fn main() -> model::Result<()> {
         match arg.as_str() {
             "--device" => device = value()?.parse()?,
             "--dtype" => dtype = value()?.parse()?,
+            "--only" => {
+                let v = value()?;
+                if !["train", "prefill", "decode"].contains(&v.as_str()) {
+                    return Err(model::ModelError::Invalid(format!(
+                        "--only {v}: expected train, prefill or decode"
+                    )));
+                }
+                only = Some(v)
+            }
+            "--peak-memory-of" => {
+                let preset: Preset = value()?.parse()?;
+                return peak_memory_of(preset, value()? == "recomputed");
+            }
             "--bandwidth-gbs" => {
                 let v = value()?;
                 bandwidth_gbs =
@@ -83,45 +167,69 @@ fn main() -> model::Result<()> {
             println!("| {name} | {params} | {what} | {shape} | {tps:.0} | {bound} |");
         };
 
-        // Forward + backward of completion log-probs, batch 8 x 128.
+        let wanted = |measure: &str| only.as_deref().is_none_or(|o| o == measure);
         let (b, t) = (8, 128);
-        let (_vars, view) = trainable(&weights)?;
-        let lm = CausalLM::new(&cfg, &view)?;
-        let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &dev)?;
-        let mask = Tensor::ones((b, t), DType::U32, &dev)?;
-        let s = time(&dev, 3.0, || {
-            let lp = lm.completion_logprobs(&ids, &mask, t - 1, 1.0, false)?;
-            lp.logprobs.sum_all()?.backward()?;
-            Ok(())
-        })?;
-        row(
-            "forward+backward",
-            format!("{b}x{t}"),
-            (b * t) as f64 / s,
-            None,
-        );
+
+        // Forward + backward of completion log-probs, batch 8 x 128: with
+        // the logits kept in the autograd graph, and recomputed in the
+        // backward (the learner's default, train.recompute_logits).
+        if wanted("train") {
+            let (_vars, view) = trainable(&weights)?;
+            let lm = CausalLM::new(&cfg, &view)?;
+            let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &dev)?;
+            let mask = Tensor::ones((b, t), DType::U32, &dev)?;
+            for recompute in [false, true] {
+                let mut step = || train_step(&lm, &ids, &mask, recompute);
+                let peak = if dev.is_cpu() {
+                    peak_memory_growth(preset, recompute)
+                } else {
+                    None
+                };
+                let s = time(&dev, 3.0, &mut step)?;
+                let what = if recompute {
+                    "forward+backward, logits recomputed"
+                } else {
+                    "forward+backward, logits kept"
+                };
+                let what = match peak {
+                    Some(bytes) => {
+                        format!("{what} (peak +{:.0} MiB)", bytes as f64 / (1 << 20) as f64)
+                    }
+                    None => what.to_string(),
+                };
+                row(&what, format!("{b}x{t}"), (b * t) as f64 / s, None);
+            }
+        }
+
+        let lm = CausalLM::new(&cfg, &weights)?;
 
         // Prefill: 8 prompts of 128 tokens in one forward.
-        let lm = CausalLM::new(&cfg, &weights)?;
-        let prompts: Vec<Vec<u32>> = (0..b).map(|i| random_ids(t, cfg.vocab_size, i)).collect();
-        let mut cache = KvCache::new(&cfg, b, t + 1, &dev, dtype)?;
-        let slots: Vec<usize> = (0..b).filter_map(|_| cache.allocate()).collect();
-        let s = time(&dev, 3.0, || {
-            for &slot in &slots {
-                cache.truncate(slot, 0)?;
-            }
-            let entries: Vec<(usize, &[u32])> = slots
-                .iter()
-                .zip(&prompts)
-                .map(|(&s, p)| (s, p.as_slice()))
-                .collect();
-            lm.forward_cached(&mut cache, &entries, LogitsWanted::Last)?;
-            Ok(())
-        })?;
-        row("prefill", format!("{b}x{t}"), (b * t) as f64 / s, None);
+        if wanted("prefill") {
+            let prompts: Vec<Vec<u32>> = (0..b).map(|i| random_ids(t, cfg.vocab_size, i)).collect();
+            let mut cache = KvCache::new(&cfg, b, t + 1, &dev, dtype)?;
+            let slots: Vec<usize> = (0..b).filter_map(|_| cache.allocate()).collect();
+            let s = time(&dev, 3.0, || {
+                for &slot in &slots {
+                    cache.truncate(slot, 0)?;
+                }
+                let entries: Vec<(usize, &[u32])> = slots
+                    .iter()
+                    .zip(&prompts)
+                    .map(|(&s, p)| (s, p.as_slice()))
+                    .collect();
+                lm.forward_cached(&mut cache, &entries, LogitsWanted::Last)?;
+                Ok(())
+            })?;
+            row("prefill", format!("{b}x{t}"), (b * t) as f64 / s, None);
+        }
 
         // Decode: batch B, 16-token prompts, 16 new tokens each (greedy).
-        for batch in [1usize, 8, 64, 256] {
+        let batches: &[usize] = if wanted("decode") {
+            &[1, 8, 64, 256]
+        } else {
+            &[]
+        };
+        for &batch in batches {
             let (prompt_len, new_tokens) = (16, 16);
             let mut cache = KvCache::new(&cfg, batch, prompt_len + new_tokens, &dev, dtype)?;
             let slots: Vec<usize> = (0..batch).filter_map(|_| cache.allocate()).collect();
