@@ -438,6 +438,10 @@ pub struct TrainSection {
     /// grows with the vocabulary (several MB per token at 150k), for one more
     /// `hidden x vocab` product per token. Same gradients.
     pub recompute_logits: bool,
+    /// TRL's `mask_truncated_completions` (DAPO's overlong filtering):
+    /// completions cut at `rollout.max_completion_length` are left out of
+    /// the loss. They still count in their group's advantages.
+    pub mask_truncated_completions: bool,
     #[serde(flatten)]
     pub loss: GrpoConfig,
 }
@@ -464,6 +468,7 @@ impl Default for TrainSection {
             sft_learning_rate: None,
             sft_batch_size: None,
             recompute_logits: true,
+            mask_truncated_completions: false,
             loss: GrpoConfig::default(),
         }
     }

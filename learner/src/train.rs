@@ -300,6 +300,19 @@ struct Row<'a> {
     completion_ids: &'a [u32],
     logprobs: &'a [f32],
     advantage: f64,
+    /// Left out of the loss (`train.mask_truncated_completions` and the
+    /// completion was cut at `max_completion_length`).
+    masked: bool,
+}
+
+/// Whether generation stopped at the length limit rather than at EOS or a
+/// stop string: vLLM's `finish_reason: "length"`, or, from a server that
+/// gives no reason, a completion as long as the limit.
+fn is_truncated(comp: &crate::rollout::Completion, max_completion_length: usize) -> bool {
+    match comp.finish_reason.as_deref() {
+        Some(reason) => reason == "length",
+        None => comp.completion_ids.len() >= max_completion_length,
+    }
 }
 
 fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::Result<MicroBatch> {
@@ -312,6 +325,13 @@ fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::
         .collect();
     let padded = pad_batch(&seqs, pad_id, None, device)?;
     let k = padded.logits_to_keep;
+    let response_mask = if rows.iter().any(|r| r.masked) {
+        let keep: Vec<f32> = rows.iter().map(|r| f32::from(!r.masked)).collect();
+        let keep = Tensor::from_vec(keep, (rows.len(), 1), device)?;
+        padded.response_mask.broadcast_mul(&keep)?
+    } else {
+        padded.response_mask
+    };
     let has_lp = rows
         .iter()
         .all(|r| r.logprobs.len() == r.completion_ids.len());
@@ -328,7 +348,7 @@ fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::
     Ok(MicroBatch {
         input_ids: padded.input_ids,
         attention_mask: padded.attention_mask,
-        response_mask: padded.response_mask,
+        response_mask,
         logits_to_keep: k,
         advantages: Tensor::from_vec(adv, rows.len(), device)?,
         rollout_logprobs,
@@ -973,20 +993,25 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // 4. local rows and micro-batches
         let t_fb = Instant::now();
         let mut rows = Vec::new();
+        let mut num_truncated = 0usize;
         for &(i, off) in &my_offsets {
             let GroupOutcome::Kept(group) = &outcomes[i] else {
                 continue;
             };
             for (j, comp) in group.completions.iter().enumerate() {
+                let truncated = is_truncated(comp, max_completion);
+                num_truncated += usize::from(truncated);
                 rows.push(Row {
                     prompt_ids: &group.prompt_ids,
                     completion_ids: &comp.completion_ids,
                     logprobs: &comp.logprobs,
                     advantage: adv.advantages[off + j],
+                    masked: truncated && t.mask_truncated_completions,
                 });
             }
         }
-        let mut local_tokens = [0.0f64; 2];
+        // Prompt tokens, completion tokens, completions, truncated completions.
+        let mut local_tokens = [0.0, 0.0, rows.len() as f64, num_truncated as f64];
         for r in &rows {
             local_tokens[0] += r.prompt_ids.len() as f64;
             local_tokens[1] += r.completion_ids.len() as f64;
@@ -1219,6 +1244,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "skipped": skipped,
                 "nonfinite_streak": streak,
                 "tokens": {"prompt": tokens[0], "completion": tokens[1]},
+                // TRL's completions/clipped_ratio: the share cut at the limit.
+                "clipped_ratio": tokens[3] / tokens[2].max(1.0),
                 "kept_groups": kept_global,
                 "dropped_groups": dropped_global,
                 "retries": client.counters.retries.load(std::sync::atomic::Ordering::Relaxed),
@@ -1317,4 +1344,49 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// `checkpoint.output_dir`. Exposed for the CLI's messages.
 pub fn output_dir(recipe: &Recipe) -> &Path {
     &recipe.checkpoint.output_dir
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::Completion;
+
+    fn completion(len: usize, finish_reason: Option<&str>) -> Completion {
+        Completion {
+            completion_ids: vec![5; len],
+            text: String::new(),
+            logprobs: vec![-0.5; len],
+            finish_reason: finish_reason.map(str::to_string),
+            weight_version: 0,
+        }
+    }
+
+    #[test]
+    fn truncation_is_finish_reason_length_or_a_full_length_without_reason() {
+        assert!(is_truncated(&completion(3, Some("length")), 8));
+        assert!(!is_truncated(&completion(8, Some("stop")), 8));
+        assert!(is_truncated(&completion(8, None), 8));
+        assert!(!is_truncated(&completion(7, None), 8));
+    }
+
+    #[test]
+    fn masked_rows_leave_the_response_mask() -> anyhow::Result<()> {
+        fn row<'a>(prompt: &'a [u32], completion: &'a [u32], masked: bool) -> Row<'a> {
+            Row {
+                prompt_ids: prompt,
+                completion_ids: completion,
+                logprobs: &[],
+                advantage: 1.0,
+                masked,
+            }
+        }
+        let (prompt, short, long) = ([1u32, 2, 3], [4u32, 5], [6u32, 7, 8]);
+        for (masked, want) in [(false, [1.0, 1.0, 1.0]), (true, [0.0, 0.0, 0.0])] {
+            let rows = [row(&prompt, &short, false), row(&prompt, &long, masked)];
+            let mb = build_micro_batch(&rows, 0, &Device::Cpu)?;
+            let mask: Vec<Vec<f32>> = mb.response_mask.to_vec2()?;
+            assert_eq!(mask, vec![vec![1.0, 1.0, 0.0], want.to_vec()]);
+        }
+        Ok(())
+    }
 }

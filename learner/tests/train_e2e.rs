@@ -657,3 +657,43 @@ fn kl_num_iterations_and_gradient_accumulation_together() {
     }
     assert_eq!(server.weight_version(), 3);
 }
+
+/// TRL's mask_truncated_completions: with one completion token allowed,
+/// nearly every completion the tiny random model writes is cut at the
+/// limit. In a step where all are, none is left in the loss and the weights
+/// get no gradient; without the flag the same completions train.
+#[test]
+fn truncated_completions_are_left_out_of_the_loss_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    for mask in [true, false] {
+        let out = tmp.path().join(format!("run-{mask}"));
+        let recipe = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &recipe,
+            &[
+                "rollout.max_completion_length=1".into(),
+                format!("train.mask_truncated_completions={mask}"),
+            ],
+        );
+        let lines = read_jsonl(&out.join("train_log.jsonl"));
+        assert_eq!(lines.len(), 3);
+        for l in &lines {
+            let clipped = f(l, "clipped_ratio");
+            assert!((0.0..=1.0).contains(&clipped), "{l}");
+            if clipped < 1.0 {
+                continue;
+            }
+            if mask {
+                assert_eq!(f(l, "loss"), 0.0, "{l}");
+                assert_eq!(f(l, "grad_norm"), 0.0, "{l}");
+            }
+        }
+        if !mask {
+            assert!(lines.iter().any(|l| f(l, "grad_norm") > 0.0));
+        }
+        // At least one step was clipped throughout, so the check above ran.
+        assert!(lines.iter().any(|l| f(l, "clipped_ratio") == 1.0));
+    }
+}
