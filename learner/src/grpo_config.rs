@@ -112,7 +112,8 @@ pub enum KlCtrlType {
 
 /// The GRPO numerics configuration. Field names follow TRL's `GRPOConfig`
 /// (`loss_type`, `scale_rewards`, `epsilon`, `epsilon_high`, `delta`, `beta`,
-/// `importance_sampling_level`, `vllm_importance_sampling_*`), verl
+/// `importance_sampling_level`, `vllm_importance_sampling_*`,
+/// `top_entropy_quantile`), verl
 /// (`adv_estimator`, `entropy_coef`, `kl_ctrl_type`, `target_kl`,
 /// `kl_horizon`) or CS336 (`policy_loss`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +159,10 @@ pub struct GrpoConfig {
     pub vllm_importance_sampling_mode: VllmImportanceSamplingMode,
     /// Cap `C` of the correction ratio.
     pub vllm_importance_sampling_cap: f64,
+    /// TRL `top_entropy_quantile` ("Beyond the 80/20 rule", Wang et al.
+    /// 2025): only the tokens whose entropy is in this top fraction carry the
+    /// policy-gradient term; 1.0 keeps every token.
+    pub top_entropy_quantile: f64,
 }
 
 impl Default for GrpoConfig {
@@ -182,6 +187,7 @@ impl Default for GrpoConfig {
             vllm_importance_sampling_correction: true,
             vllm_importance_sampling_mode: VllmImportanceSamplingMode::SequenceMask,
             vllm_importance_sampling_cap: 3.0,
+            top_entropy_quantile: 1.0,
         }
     }
 }
@@ -269,6 +275,15 @@ impl GrpoConfig {
                 format!("must be > 0, got {}", self.vllm_importance_sampling_cap),
             );
         }
+        if !(self.top_entropy_quantile > 0.0 && self.top_entropy_quantile <= 1.0) {
+            return bad(
+                "top_entropy_quantile",
+                format!(
+                    "must be in (0, 1] (1.0: every token), got {}",
+                    self.top_entropy_quantile
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -332,6 +347,15 @@ mod tests {
             },
             "epsilon_high",
         );
+        for q in [0.0, 1.5, f64::NAN] {
+            bad(
+                GrpoConfig {
+                    top_entropy_quantile: q,
+                    ..Default::default()
+                },
+                "top_entropy_quantile",
+            );
+        }
         bad(
             GrpoConfig {
                 delta: Some(1.1),

@@ -11,9 +11,14 @@
 //! pg_t      = -min(coef_1 A, coef_2 A)                 policy_loss = grpo_clip
 //!           = -A logp_t                                policy_loss = reinforce_with_baseline
 //!           = -R logp_t                                policy_loss = no_baseline (R: raw reward)
+//! pg_t     *= 1[H_t >= q_{1-rho}(H)]                   top_entropy_quantile rho < 1
 //! pg_t     *= is_ratio_t                               vllm_importance_sampling_correction
 //! loss_t    = pg_t + beta kl_t - entropy_coef H_t
 //! ```
+//!
+//! `q_{1-rho}(H)` is the `1 - rho` quantile of the entropies of every
+//! completion token of the micro-batch on every rank (TRL
+//! `get_high_entropy_mask`).
 //!
 //! The rollout correction (TRL `_generate_and_score_completions`) is
 //! `is_ratio = exp((old_logp - rollout_logp) m)` per token, or `exp(sum_t ...)`
@@ -73,6 +78,10 @@ pub struct LossInputs {
     pub entropy: Option<Tensor>,
     /// `[B]` raw rewards; needed by `policy_loss = no_baseline`.
     pub rewards: Option<Tensor>,
+    /// `[B, K]` 1 on the tokens that carry the policy-gradient term, 0
+    /// elsewhere ([`high_entropy_mask`]); needed when `top_entropy_quantile <
+    /// 1`.
+    pub entropy_mask: Option<Tensor>,
 }
 
 impl LossInputs {
@@ -86,6 +95,7 @@ impl LossInputs {
             rollout_logprobs: None,
             entropy: None,
             rewards: None,
+            entropy_mask: None,
         }
     }
 
@@ -102,8 +112,38 @@ impl LossInputs {
             rollout_logprobs: o(&self.rollout_logprobs)?,
             entropy: o(&self.entropy)?,
             rewards: o(&self.rewards)?,
+            entropy_mask: o(&self.entropy_mask)?,
         })
     }
+}
+
+/// The entropy at quantile `q` of `values` (the entropies of every completion
+/// token, padding excluded), interpolated linearly between the two nearest
+/// ranks as `torch.quantile` does; `None` when there are none.
+pub fn entropy_quantile(values: &[f32], q: f64) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
+}
+
+/// TRL's `get_high_entropy_mask`: 1 on the completion tokens whose entropy
+/// is at least `threshold`, 0 elsewhere and on padding (`[B, K]`, f32). A
+/// `None` threshold (no tokens anywhere) masks everything.
+pub fn high_entropy_mask(
+    entropy: &Tensor,
+    response_mask: &Tensor,
+    threshold: Option<f64>,
+) -> Result<Tensor> {
+    let keep = response_mask.ne(0.0)?.to_dtype(DType::F32)?;
+    Ok(match threshold {
+        Some(t) => (entropy.to_dtype(DType::F64)?.ge(t)?.to_dtype(DType::F32)? * keep)?,
+        None => keep.zeros_like()?,
+    })
 }
 
 /// Splits `num_rows` rows into `num_micro_batches` contiguous ranges, as even
@@ -358,6 +398,7 @@ pub fn grpo_loss(
         ("ref_logprobs", &inputs.ref_logprobs),
         ("rollout_logprobs", &inputs.rollout_logprobs),
         ("entropy", &inputs.entropy),
+        ("entropy_mask", &inputs.entropy_mask),
     ] {
         if let Some(t) = t {
             check_shape(name, t, &bk)?;
@@ -412,6 +453,20 @@ pub fn grpo_loss(
             logp.broadcast_mul(&r.to_dtype(dtype)?.unsqueeze(1)?)?
                 .neg()?
         }
+    };
+
+    // Only the high-entropy tokens carry the policy gradient (TRL applies
+    // the mask before the rollout correction and the KL term).
+    let pg = if cfg.top_entropy_quantile < 1.0 {
+        let m = inputs.entropy_mask.as_ref().ok_or_else(|| {
+            missing(
+                "`entropy_mask` (the high-entropy tokens)",
+                "top_entropy_quantile < 1",
+            )
+        })?;
+        (pg * m.to_dtype(dtype)?)?
+    } else {
+        pg
     };
 
     // Rollout (vLLM) importance-sampling correction.
@@ -571,6 +626,66 @@ mod tests {
             (8.0, 8.0, 4.0)
         );
         assert_eq!(n.world_size, 2);
+    }
+
+    #[test]
+    fn entropy_quantile_interpolates_as_torch_quantile() {
+        let v = [3.0f32, 1.0, 4.0, 2.0];
+        // torch.quantile(torch.tensor([3., 1., 4., 2.]), q): 1.75, 3.4, 1, 4.
+        for (q, want) in [(0.25, 1.75), (0.8, 3.4), (0.0, 1.0), (1.0, 4.0)] {
+            let got = entropy_quantile(&v, q).unwrap();
+            assert!((got - want).abs() < 1e-12, "q {q}: {got} vs {want}");
+        }
+        assert_eq!(entropy_quantile(&[0.5], 0.8), Some(0.5));
+        assert_eq!(entropy_quantile(&[], 0.8), None);
+    }
+
+    #[test]
+    fn only_high_entropy_tokens_carry_the_policy_gradient() {
+        let dev = Device::Cpu;
+        let entropy = Tensor::new(&[[0.1f32, 0.5, 0.9], [0.7, 0.2, 0.0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &dev).unwrap();
+        let hm = high_entropy_mask(&entropy, &mask, Some(0.5)).unwrap();
+        let got: Vec<Vec<f32>> = hm.to_vec2().unwrap();
+        assert_eq!(got, vec![vec![0.0, 1.0, 1.0], vec![1.0, 0.0, 0.0]]);
+        let none: Vec<Vec<f32>> = high_entropy_mask(&entropy, &mask, None)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(none, vec![vec![0.0; 3]; 2]);
+
+        // On-policy (ratio 1), dapo: loss = sum_t -A_i m_t h_t / num_tokens,
+        // A = [1, -2], high-entropy tokens (0, 1), (0, 2), (1, 0), 5 tokens:
+        // (-1 - 1 + 2) / 5 = 0.
+        let logp = Tensor::new(&[[-0.5f64, -1.5, -1.0], [-0.2, -0.3, -0.4]], &dev).unwrap();
+        let mask = mask.to_dtype(DType::F64).unwrap();
+        let mut inputs =
+            LossInputs::new(logp, mask.clone(), Tensor::new(&[1f64, -2.], &dev).unwrap());
+        let cfg = GrpoConfig {
+            vllm_importance_sampling_correction: false,
+            top_entropy_quantile: 0.5,
+            ..GrpoConfig::default()
+        };
+        let norm = Normalizers::for_batch(&mask, 3).unwrap();
+        let err = grpo_loss(&cfg, &inputs, &norm, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("top_entropy_quantile"), "{err}");
+        inputs.entropy_mask = Some(Tensor::new(&[[0f64, 1., 1.], [1., 0., 0.]], &dev).unwrap());
+        let got = grpo_loss(&cfg, &inputs, &norm, 0.0)
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(got.abs() < 1e-12, "{got}");
+        // Dropping token (1, 0) leaves -2 / 5.
+        inputs.entropy_mask = Some(Tensor::new(&[[0f64, 1., 1.], [0., 0., 0.]], &dev).unwrap());
+        let got = grpo_loss(&cfg, &inputs, &norm, 0.0)
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((got + 0.4).abs() < 1e-12, "{got}");
     }
 
     #[test]

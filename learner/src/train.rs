@@ -50,7 +50,9 @@ use crate::data::{Example, PromptSource, load_eval_examples};
 use crate::eval::evaluate;
 use crate::grpo_error::GrpoError;
 use crate::kl::KlController;
-use crate::loss::{LossInputs, Normalizers, micro_batch_ranges};
+use crate::loss::{
+    LossInputs, Normalizers, entropy_quantile, high_entropy_mask, micro_batch_ranges,
+};
 use crate::metrics::LossMetrics;
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::recipe::{LrSchedulerType, Recipe};
@@ -198,6 +200,36 @@ fn all_gather_bytes(c: &dyn Collective, mine: Vec<u8>) -> anyhow::Result<Vec<Vec
         out.push(data);
     }
     Ok(out)
+}
+
+/// The entropy above which a completion token carries the policy gradient
+/// (`top_entropy_quantile`), over the same micro-batch of every rank, as TRL
+/// gathers it: the `1 - top_entropy_quantile` quantile of every rank's
+/// non-padding entropies. `None` for a rank without this micro-batch (it
+/// still takes part); the result is `None` when no rank has a token.
+fn entropy_threshold(
+    c: &dyn Collective,
+    local: Option<(&Tensor, &Tensor)>,
+    top_entropy_quantile: f64,
+) -> anyhow::Result<Option<f64>> {
+    let mut mine = Vec::new();
+    if let Some((entropy, response_mask)) = local {
+        let e: Vec<Vec<f32>> = entropy.to_dtype(DType::F32)?.to_vec2()?;
+        let m: Vec<Vec<f32>> = response_mask.to_dtype(DType::F32)?.to_vec2()?;
+        for (e_row, m_row) in e.iter().zip(&m) {
+            for (x, keep) in e_row.iter().zip(m_row) {
+                if *keep != 0.0 {
+                    mine.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+    let values: Vec<f32> = all_gather_bytes(c, mine)?
+        .iter()
+        .flat_map(|b| b.chunks_exact(4))
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(entropy_quantile(&values, 1.0 - top_entropy_quantile))
 }
 
 /// The loss metrics of the whole global batch: sums summed over ranks,
@@ -1107,6 +1139,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         mb.response_mask.clone(),
                         mb.advantages.clone(),
                     );
+                    if loss_cfg.top_entropy_quantile < 1.0
+                        && let Some(entropy) = &lp.entropy
+                    {
+                        let threshold = entropy_threshold(
+                            c,
+                            Some((entropy, &mb.response_mask)),
+                            loss_cfg.top_entropy_quantile,
+                        )
+                        .map_err(|e| GrpoError::Invalid(e.to_string()))?;
+                        inputs.entropy_mask =
+                            Some(high_entropy_mask(entropy, &mb.response_mask, threshold)?);
+                    }
                     inputs.entropy = lp.entropy;
                     inputs.old_logprobs = mb.old_logprobs.clone();
                     inputs.ref_logprobs = mb.ref_logprobs.clone();
@@ -1117,6 +1161,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     })
                 })?
             };
+            // Every rank takes part in `ga` threshold gathers per pass, also
+            // when dropped groups left it fewer micro-batches.
+            if loss_cfg.top_entropy_quantile < 1.0 {
+                for _ in mbs.len()..ga {
+                    entropy_threshold(c, None, loss_cfg.top_entropy_quantile)?;
+                }
+            }
             let mut grads = Vec::with_capacity(vars.len());
             for (g, (_, v)) in optimizer.gradients(&store).into_iter().zip(&vars) {
                 grads.push(match g {

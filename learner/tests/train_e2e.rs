@@ -118,6 +118,14 @@ fn two_ranks_equal_one_rank_with_async_lag_1() {
     two_ranks_vs_one(&["rollout.async_lag=1"]);
 }
 
+/// TRL gathers the entropies of every rank's micro-batch for the
+/// top_entropy_quantile threshold: two ranks then pick the tokens one rank
+/// picks.
+#[test]
+fn two_ranks_equal_one_rank_with_top_entropy_quantile() {
+    two_ranks_vs_one(&["train.top_entropy_quantile=0.2"]);
+}
+
 fn two_ranks_vs_one(extra: &[&str]) {
     // Sums over 1 or 2 ranks (and the server's log-probs, batched
     // differently) agree to float rounding; AdamW divides by sqrt(v), which
