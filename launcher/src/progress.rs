@@ -1,7 +1,8 @@
 //! How the launcher shows rank 0's progress on its stderr (`log.progress`):
-//! the learner's `sft ...` / `step ...` / `eval step ...` lines echoed as
-//! they are, or one bar (indicatif) whose message is the latest step line,
-//! with eval lines and the launcher's own messages printed above it.
+//! the learner's `sft ...` / `step ...` / `eval step ...` / `completion
+//! step ...` lines echoed as they are, or one bar (indicatif) whose message is
+//! the latest step line, with eval and completion lines and the launcher's
+//! own messages printed above it.
 
 use std::io::IsTerminal;
 
@@ -19,14 +20,15 @@ pub enum ProgressLine<'a> {
         total: u64,
         rest: &'a str,
     },
-    /// `eval step N: pass@1 ...`
-    Eval,
+    /// `eval step N: pass@1 ...` or `completion step N: ...`
+    /// (log.num_completions_to_print): printed above the bar.
+    Note,
 }
 
 /// Parses a learner log line; `None` for anything that is not progress.
 pub fn parse(line: &str) -> Option<ProgressLine<'_>> {
-    if line.starts_with("eval step ") {
-        return Some(ProgressLine::Eval);
+    if line.starts_with("eval step ") || line.starts_with("completion step ") {
+        return Some(ProgressLine::Note);
     }
     for phase in ["sft", "step"] {
         let Some(after) = line.strip_prefix(phase).and_then(|r| r.strip_prefix(' ')) else {
@@ -80,10 +82,10 @@ impl ProgressView {
         };
         match (self, parsed) {
             (ProgressView::Lines, _)
-            | (ProgressView::Bar { bar: None, .. }, ProgressLine::Eval) => {
+            | (ProgressView::Bar { bar: None, .. }, ProgressLine::Note) => {
                 eprintln!("launcher: rank 0: {line}")
             }
-            (ProgressView::Bar { bar: Some(b), .. }, ProgressLine::Eval) => {
+            (ProgressView::Bar { bar: Some(b), .. }, ProgressLine::Note) => {
                 b.suspend(|| eprintln!("launcher: rank 0: {line}"))
             }
             (
@@ -195,7 +197,11 @@ mod tests {
                 rest: "loss 1.2"
             })
         );
-        assert_eq!(parse("eval step 0: pass@1 0.120"), Some(ProgressLine::Eval));
+        assert_eq!(parse("eval step 0: pass@1 0.120"), Some(ProgressLine::Note));
+        assert_eq!(
+            parse("completion step 3: reward 1.000 advantage +0.700 | \"1+1\" -> \"2\""),
+            Some(ProgressLine::Note)
+        );
         assert_eq!(parse("steps are taken"), None);
         assert_eq!(parse("step x/40"), None);
         assert_eq!(parse("2026-12-06T10:00:00Z INFO step 3/40"), None);

@@ -550,6 +550,12 @@ pub struct LogSection {
     /// Write a train_log line (and a progress line) every N steps.
     pub logging_steps: u64,
     pub progress: Progress,
+    /// TRL's `log_completions`: at each logged step, every rank's prompts,
+    /// completions, rewards and advantages go to completions.jsonl.
+    pub log_completions: bool,
+    /// TRL's `num_completions_to_print`: how many of them rank 0 also
+    /// prints (the launcher shows them); none: all.
+    pub num_completions_to_print: Option<usize>,
 }
 
 impl Default for LogSection {
@@ -557,6 +563,8 @@ impl Default for LogSection {
         LogSection {
             logging_steps: 1,
             progress: Progress::Auto,
+            log_completions: false,
+            num_completions_to_print: None,
         }
     }
 }

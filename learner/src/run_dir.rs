@@ -6,6 +6,7 @@
 //! <out>/run_log.jsonl           events: start, eval, checkpoint, warn...
 //! <out>/train_log.jsonl         one line per step
 //! <out>/eval_log.jsonl          one line per validation
+//! <out>/completions.jsonl       one line per completion (log.log_completions)
 //! <out>/checkpoints/step_000100 complete checkpoints only
 //! ```
 //!
@@ -29,6 +30,7 @@ pub const MANIFEST: &str = "manifest.json";
 pub const RUN_LOG: &str = "run_log.jsonl";
 pub const TRAIN_LOG: &str = "train_log.jsonl";
 pub const EVAL_LOG: &str = "eval_log.jsonl";
+pub const COMPLETIONS_LOG: &str = "completions.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints";
 
 const TMP_PREFIX: &str = ".tmp_";
@@ -300,7 +302,7 @@ impl RunDir {
                 path: out.to_path_buf(),
             });
         }
-        for name in [TRAIN_LOG, EVAL_LOG] {
+        for name in [TRAIN_LOG, EVAL_LOG, COMPLETIONS_LOG] {
             truncate_after_step(&out.join(name), step)?;
         }
         RunDir::open_logs(out)
@@ -361,6 +363,24 @@ impl RunDir {
     /// Appends one step's line to train_log.jsonl, as given.
     pub fn log_train<T: Serialize + ?Sized>(&self, line: &T) -> Result<()> {
         append_line(&self.train_log, &self.root.join(TRAIN_LOG), line)
+    }
+
+    /// Appends one step's completions to completions.jsonl, one line each,
+    /// in one `write` (the file is made on first use).
+    pub fn log_completions<T: Serialize>(&self, lines: &[T]) -> Result<()> {
+        let path = self.root.join(COMPLETIONS_LOG);
+        let mut bytes = Vec::new();
+        for line in lines {
+            serde_json::to_writer(&mut bytes, line)?;
+            bytes.push(b'\n');
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.write_all(&bytes).map_err(io_err(&path))?;
+        file.flush().map_err(io_err(&path))
     }
 
     /// Appends one validation's line to eval_log.jsonl, as given.

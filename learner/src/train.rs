@@ -202,6 +202,17 @@ fn all_gather_bytes(c: &dyn Collective, mine: Vec<u8>) -> anyhow::Result<Vec<Vec
     Ok(out)
 }
 
+/// A text as one printable line (quoted and escaped), cut to 160
+/// characters: the full text is in completions.jsonl.
+fn shortened(text: &str) -> String {
+    const MAX: usize = 160;
+    let quoted = format!("{text:?}");
+    match quoted.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &quoted[..cut]),
+        None => quoted,
+    }
+}
+
 /// The entropy above which a completion token carries the policy gradient
 /// (`top_entropy_quantile`), over the same micro-batch of every rank, as TRL
 /// gathers it: the `1 - top_entropy_quantile` quantile of every rank's
@@ -1021,6 +1032,40 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let adv = compute_advantages(&totals, g, &loss_cfg)?;
         let score_s = t_score.elapsed();
+        let log_step = step % recipe.log.logging_steps.max(1) == 0 || step == t.max_steps;
+        let completion_records: Vec<Value> = if recipe.log.log_completions && log_step {
+            let mut records = Vec::new();
+            for &(i, off) in &my_offsets {
+                let GroupOutcome::Kept(group) = &outcomes[i] else {
+                    continue;
+                };
+                for (j, comp) in group.completions.iter().enumerate() {
+                    let k = off + j;
+                    let fns: serde_json::Map<String, Value> = labels
+                        .iter()
+                        .zip(&per_fn)
+                        .map(|(label, v)| (label.clone(), json!(v[k])))
+                        .collect();
+                    records.push(json!({
+                        "step": step,
+                        "index": k,
+                        "rank": rank,
+                        "prompt": examples[i].prompt_text,
+                        "answer": examples[i].answer,
+                        "completion": comp.text,
+                        "reward": totals[k],
+                        "rewards": fns,
+                        "advantage": adv.advantages[k],
+                        "finish_reason": comp.finish_reason,
+                        "completion_tokens": comp.completion_ids.len(),
+                        "weight_version": comp.weight_version,
+                    }));
+                }
+            }
+            records
+        } else {
+            Vec::new()
+        };
 
         // 4. local rows and micro-batches
         let t_fb = Instant::now();
@@ -1273,8 +1318,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             })
             .flatten()
             .collect();
+        if recipe.log.log_completions && log_step {
+            // Every rank's completions, in the global order of their groups.
+            let mut all: Vec<Value> = Vec::new();
+            for bytes in all_gather_bytes(c, serde_json::to_vec(&completion_records)?)? {
+                all.extend(serde_json::from_slice::<Vec<Value>>(&bytes)?);
+            }
+            all.sort_by_key(|r| r["index"].as_u64());
+            if let Some(run) = &run {
+                run.log_completions(&all)?;
+                let shown = recipe.log.num_completions_to_print.unwrap_or(all.len());
+                for r in all.iter().take(shown) {
+                    eprintln!(
+                        "completion step {step}: reward {:.3} advantage {:+.3} | {} -> {}",
+                        r["reward"].as_f64().unwrap_or(f64::NAN),
+                        r["advantage"].as_f64().unwrap_or(f64::NAN),
+                        shortened(r["prompt"].as_str().unwrap_or_default()),
+                        shortened(r["completion"].as_str().unwrap_or_default()),
+                    );
+                }
+            }
+        }
         if let Some(run) = &run
-            && (step % recipe.log.logging_steps.max(1) == 0 || step == t.max_steps)
+            && log_step
         {
             let (rm, rs) = mean_std(&totals);
             let mut fns = serde_json::Map::new();

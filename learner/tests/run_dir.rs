@@ -115,6 +115,13 @@ fn resume_drops_the_lines_after_the_checkpoint() {
         }
         run.log_eval(&json!({"step": 2})).unwrap();
         run.log_eval(&json!({"step": 4})).unwrap();
+        for step in [2, 4] {
+            let two = [
+                json!({"step": step, "index": 0}),
+                json!({"step": step, "index": 1}),
+            ];
+            run.log_completions(&two).unwrap();
+        }
     }
     // A line cut short by a crash.
     let mut text = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
@@ -130,6 +137,7 @@ fn resume_drops_the_lines_after_the_checkpoint() {
     };
     assert_eq!(steps("train_log.jsonl"), [1, 2, 3]);
     assert_eq!(steps("eval_log.jsonl"), [2]);
+    assert_eq!(steps("completions.jsonl"), [2, 2]);
     run.log_train(&json!({"step": 4})).unwrap();
     assert_eq!(steps("train_log.jsonl"), [1, 2, 3, 4]);
 

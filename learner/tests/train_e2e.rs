@@ -120,10 +120,14 @@ fn two_ranks_equal_one_rank_with_async_lag_1() {
 
 /// TRL gathers the entropies of every rank's micro-batch for the
 /// top_entropy_quantile threshold: two ranks then pick the tokens one rank
-/// picks.
+/// picks. With log_completions, both runs log the same completions.
 #[test]
 fn two_ranks_equal_one_rank_with_top_entropy_quantile() {
-    two_ranks_vs_one(&["train.top_entropy_quantile=0.2"]);
+    two_ranks_vs_one(&[
+        "train.top_entropy_quantile=0.2",
+        "log.log_completions=true",
+        "log.num_completions_to_print=2",
+    ]);
 }
 
 fn two_ranks_vs_one(extra: &[&str]) {
@@ -194,6 +198,27 @@ fn two_ranks_vs_one(extra: &[&str]) {
                 x["step"]
             );
         }
+    }
+    // log.log_completions: every completion of the global batch, in the same
+    // order whichever rank generated it; rank 0 prints the first few.
+    if extra.iter().any(|o| o == "log.log_completions=true") {
+        let c1 = read_jsonl(&out1.join("completions.jsonl"));
+        let c2 = read_jsonl(&out2.join("completions.jsonl"));
+        assert_eq!(c1.len(), 3 * 32);
+        assert_eq!(c2.len(), c1.len());
+        assert!(c2.iter().any(|r| r["rank"] == 1));
+        for (x, y) in c1.iter().zip(&c2) {
+            for key in ["step", "index", "prompt", "answer", "completion", "reward"] {
+                assert_eq!(x[key], y[key], "{key}: {x} vs {y}");
+            }
+            assert!((f(x, "advantage") - f(y, "advantage")).abs() <= 1e-9);
+            assert!(x["rewards"]["exact_match"].is_number(), "{x}");
+        }
+        let printed = String::from_utf8_lossy(&o0.stderr)
+            .lines()
+            .filter(|l| l.starts_with("completion step "))
+            .count();
+        assert_eq!(printed, 3 * 2);
     }
     // Both ranks hold the same weights after every step.
     let hashes1 = read_jsonl(&out2.join("ranks/rank_1.jsonl"));
