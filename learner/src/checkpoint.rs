@@ -124,6 +124,9 @@ pub fn save_checkpoint(
     let checkpoints = CheckpointDir::new(run_dir);
     let pending = checkpoints.begin(state.step)?;
     model::pretrained::save_pretrained(pending.path(), cfg, weights, tokenizer)?;
+    // optimizer.safetensors sits beside the model: the index keeps vLLM from
+    // loading it as weights.
+    model::pretrained::write_single_file_index(pending.path(), weights)?;
     optimizer.save(pending.path())?;
     let bytes = serde_json::to_vec_pretty(state)?;
     std::fs::write(pending.path().join(TRAINER_STATE_FILE), bytes)?;

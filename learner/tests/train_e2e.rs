@@ -71,8 +71,26 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         "optimizer.safetensors",
         "optimizer.json",
         "trainer_state.json",
+        "model.safetensors.index.json",
     ] {
         assert!(ck.join(file).exists(), "{file} missing");
+    }
+    // The index names model.safetensors alone, for every tensor in it, so
+    // that vLLM does not load optimizer.safetensors as weights.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(ck.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let saved =
+        candle_core::safetensors::load(ck.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(map.len(), saved.len());
+    for (name, file) in map {
+        assert_eq!(file, "model.safetensors", "{name}");
+        assert!(
+            saved.contains_key(name),
+            "{name} is not in model.safetensors"
+        );
     }
     // Eval at the start, step 2 and the end.
     let evals = read_jsonl(&out.join("eval_log.jsonl"));

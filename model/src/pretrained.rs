@@ -55,6 +55,24 @@ pub fn save_pretrained(
     tokenizer.save(dir)
 }
 
+/// Writes `model.safetensors.index.json` mapping every tensor of `weights`
+/// to `model.safetensors`, for a folder that holds other `.safetensors`
+/// files too (a checkpoint's optimizer state): vLLM and SGLang load every
+/// `*.safetensors` of a folder that has no index, and would take those for
+/// model weights. transformers still reads `model.safetensors` directly.
+pub fn write_single_file_index(dir: &Path, weights: &Weights) -> Result<()> {
+    let mut total_size = 0usize;
+    let mut weight_map = Map::new();
+    for (name, t) in weights.iter() {
+        total_size += t.elem_count() * t.dtype().size_in_bytes();
+        weight_map.insert(name.clone(), Value::from(SAFETENSORS_FILE));
+    }
+    write_json(
+        &dir.join(SAFETENSORS_INDEX_FILE),
+        &json!({"metadata": {"total_size": total_size}, "weight_map": weight_map}),
+    )
+}
+
 fn generation_config(cfg: &ModelConfig) -> Value {
     let mut g = Map::new();
     if let Some(bos) = cfg.bos_token_id {
