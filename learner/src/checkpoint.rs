@@ -112,6 +112,11 @@ impl TrainerState {
 
 /// Writes checkpoint `step` of the run at `run_dir` and prunes old ones to
 /// `keep_last`. Returns the committed folder.
+/// The KL reference's weights in a checkpoint whose run syncs it
+/// (`train.sync_ref_model`); the index keeps vLLM from loading them.
+pub const REF_MODEL_FILE: &str = "ref_model.safetensors";
+
+#[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
     run_dir: &Path,
     cfg: &ModelConfig,
@@ -119,6 +124,7 @@ pub fn save_checkpoint(
     tokenizer: &Tokenizer,
     optimizer: &AdamW,
     state: &TrainerState,
+    reference: Option<&Weights>,
     keep_last: Option<usize>,
 ) -> anyhow::Result<PathBuf> {
     let checkpoints = CheckpointDir::new(run_dir);
@@ -128,6 +134,9 @@ pub fn save_checkpoint(
     // loading it as weights.
     model::pretrained::write_single_file_index(pending.path(), weights)?;
     optimizer.save(pending.path())?;
+    if let Some(reference) = reference {
+        reference.save(&pending.path().join(REF_MODEL_FILE))?;
+    }
     let bytes = serde_json::to_vec_pretty(state)?;
     std::fs::write(pending.path().join(TRAINER_STATE_FILE), bytes)?;
     let dir = pending.commit()?;

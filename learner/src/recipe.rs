@@ -442,6 +442,13 @@ pub struct TrainSection {
     /// completions cut at `rollout.max_completion_length` are left out of
     /// the loss. They still count in their group's advantages.
     pub mask_truncated_completions: bool,
+    /// TRL's `sync_ref_model` (TR-DPO's reference updates): every
+    /// `ref_model_sync_steps` steps the KL reference becomes `alpha x policy
+    /// + (1 - alpha) x reference`, `alpha` = `ref_model_mixup_alpha`.
+    /// Needs `beta > 0` (otherwise there is no reference).
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: u64,
     #[serde(flatten)]
     pub loss: GrpoConfig,
 }
@@ -469,6 +476,9 @@ impl Default for TrainSection {
             sft_batch_size: None,
             recompute_logits: true,
             mask_truncated_completions: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             loss: GrpoConfig::default(),
         }
     }
@@ -869,6 +879,21 @@ impl Recipe {
         ensure(nonneg(t.learning_rate), "train.learning_rate", || {
             format!("must be >= 0, got {}", t.learning_rate)
         })?;
+        ensure(
+            (0.0..=1.0).contains(&t.ref_model_mixup_alpha),
+            "train.ref_model_mixup_alpha",
+            || format!("must be in [0, 1], got {}", t.ref_model_mixup_alpha),
+        )?;
+        ensure(
+            t.ref_model_sync_steps >= 1,
+            "train.ref_model_sync_steps",
+            || "must be >= 1".into(),
+        )?;
+        ensure(
+            !t.sync_ref_model || t.loss.beta > 0.0,
+            "train.sync_ref_model",
+            || "needs train.beta > 0: with beta 0 there is no reference model to sync".into(),
+        )?;
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
         })?;

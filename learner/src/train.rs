@@ -682,9 +682,21 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let loss_cfg = t.loss.clone();
     loss_cfg.validate()?;
-    let reference = if loss_cfg.beta > 0.0 {
-        let w = Weights::load(&initial_dir, &device, dtype)?;
-        Some(CausalLM::new(&ModelConfig::from_dir(&initial_dir)?, &w)?)
+    // The KL reference: the starting model, or, when the run syncs it, the
+    // reference its checkpoint recorded.
+    let mut reference: Option<(Weights, CausalLM)> = if loss_cfg.beta > 0.0 {
+        let synced = resume
+            .as_ref()
+            .map(|(_, dir, _)| dir.join(crate::checkpoint::REF_MODEL_FILE))
+            .filter(|f| t.sync_ref_model && f.exists());
+        let w = match &synced {
+            Some(file) => {
+                Weights::load_files(std::slice::from_ref(file), &model_dir, &device, dtype)?
+            }
+            None => Weights::load(&initial_dir, &device, dtype)?,
+        };
+        let lm = CausalLM::new(&ModelConfig::from_dir(&initial_dir)?, &w)?;
+        Some((w, lm))
     } else {
         None
     };
@@ -1122,7 +1134,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 )?;
                 mb.old_logprobs = Some(lp.logprobs().detach());
             }
-            if let Some(reference) = &reference
+            if let Some((_, reference)) = &reference
                 && beta > 0.0
             {
                 let lp = reference.checkpointed_logprobs(
@@ -1259,6 +1271,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             && !skipped
         {
             kl.update(k, kept_global * g)?;
+        }
+
+        // 5a. TRL's sync_ref_model: the reference moves towards the policy.
+        if t.sync_ref_model
+            && step % t.ref_model_sync_steps == 0
+            && let Some((ref_weights, ref_model)) = &mut reference
+        {
+            let alpha = t.ref_model_mixup_alpha;
+            let mut mixed = BTreeMap::new();
+            for (name, var) in &vars {
+                let old = ref_weights
+                    .get(name)
+                    .ok_or_else(|| anyhow::anyhow!("the reference model has no tensor `{name}`"))?;
+                let policy_part = var.as_tensor().to_dtype(DType::F32)?.affine(alpha, 0.0)?;
+                let ref_part = old.to_dtype(DType::F32)?.affine(1.0 - alpha, 0.0)?;
+                let new = (policy_part + ref_part)?.to_dtype(old.dtype())?;
+                mixed.insert(name.clone(), new);
+            }
+            *ref_weights = Weights::new(mixed);
+            *ref_model = CausalLM::new(&cfg, ref_weights)?;
+            if let Some(run) = &run {
+                run.event("ref_model_sync", json!({"step": step, "alpha": alpha}))?;
+            }
         }
 
         // 5b. the prefetched batch is complete before the weights change
@@ -1435,6 +1470,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     &tokenizer,
                     &optimizer,
                     &state,
+                    reference
+                        .as_ref()
+                        .filter(|_| t.sync_ref_model)
+                        .map(|(w, _)| w),
                     recipe.checkpoint.save_total_limit,
                 )?;
                 run.event("checkpoint", json!({"step": step, "path": dir}))?;

@@ -232,6 +232,17 @@ fn validation_names_the_key() {
     assert!(e.contains("reward.functions"), "{e}");
     let e = err(BASE, &["model.device=gpu"]);
     assert!(e.contains("model.device"), "{e}");
+    let e = err(BASE, &["train.sync_ref_model=true"]);
+    assert!(
+        e.contains("train.sync_ref_model") && e.contains("beta"),
+        "{e}"
+    );
+    let e = err(BASE, &["train.ref_model_mixup_alpha=1.5"]);
+    assert!(e.contains("train.ref_model_mixup_alpha"), "{e}");
+    let e = err(BASE, &["train.ref_model_sync_steps=0"]);
+    assert!(e.contains("train.ref_model_sync_steps"), "{e}");
+    let e = err(BASE, &["train.top_entropy_quantile=0"]);
+    assert!(e.contains("top_entropy_quantile"), "{e}");
 }
 
 #[test]

@@ -344,6 +344,67 @@ fn resume_continues_exactly_with_async_lag_1() {
     resume_case(&["rollout.async_lag=1"]);
 }
 
+/// TRL's sync_ref_model: the reference (and so the KL term) continues
+/// exactly after a resume, from the checkpoint's ref_model.safetensors.
+#[test]
+fn resume_continues_exactly_with_a_synced_reference_model() {
+    resume_case(&[
+        "train.beta=0.04",
+        "train.sync_ref_model=true",
+        "train.ref_model_sync_steps=1",
+    ]);
+}
+
+/// With alpha 1 and a sync after every step, the reference is the policy
+/// that then scores the next batch: the KL term stays zero (to rounding: the
+/// reference runs the inference layout of the same weights), where without
+/// the sync the policy moves away from it.
+#[test]
+fn a_synced_reference_model_follows_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let mut last_kl = Vec::new();
+    for sync in [true, false] {
+        let out = tmp.path().join(format!("run-{sync}"));
+        let recipe = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &recipe,
+            &[
+                "train.beta=0.04".into(),
+                format!("train.sync_ref_model={sync}"),
+                "train.ref_model_sync_steps=1".into(),
+                "train.ref_model_mixup_alpha=1.0".into(),
+            ],
+        );
+        let lines = read_jsonl(&out.join("train_log.jsonl"));
+        assert_eq!(lines.len(), 3);
+        if sync {
+            for l in &lines {
+                assert!(f(l, "kl").abs() < 1e-6, "{l}");
+            }
+        }
+        last_kl.push(f(&lines[2], "kl"));
+        let syncs: Vec<u64> = read_jsonl(&out.join("run_log.jsonl"))
+            .iter()
+            .filter(|e| e["event"] == "ref_model_sync")
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect();
+        let ref_file = out.join("checkpoints/step_000003/ref_model.safetensors");
+        if sync {
+            assert_eq!(syncs, [1, 2, 3]);
+            assert!(ref_file.exists());
+        } else {
+            assert!(syncs.is_empty());
+            assert!(!ref_file.exists());
+        }
+    }
+    assert!(
+        last_kl[1] > 1e-3,
+        "without the sync the KL grows: {last_kl:?}"
+    );
+}
+
 #[test]
 fn a_resume_that_changes_training_is_refused_unless_allowed() {
     let tmp = tempfile::tempdir().unwrap();

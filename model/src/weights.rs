@@ -56,9 +56,19 @@ impl Weights {
     /// listed in `model.safetensors.index.json`), memory-mapped, converted to
     /// `dtype` on `device`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let files = weight_files(dir)?;
+        Weights::load_files(&weight_files(dir)?, dir, device, dtype)
+    }
+
+    /// Loads every tensor of the given safetensors files (`dir`: where they
+    /// are, for messages), as [`Weights::load`] does.
+    pub fn load_files(
+        files: &[PathBuf],
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut tensors = BTreeMap::new();
-        for file in &files {
+        for file in files {
             // SAFETY: the file is mapped read-only; Tandem never writes a
             // weight file while it is mapped (saves go to a new file).
             let st =
