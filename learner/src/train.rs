@@ -38,7 +38,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use model::tokenizer::Tokenizer;
 use model::{CausalLM, ModelConfig, Weights};
-use proto::weight_sync::{Client as WeightSyncClient, TensorBytes, WireDType};
+use proto::weight_sync::{Bytes, Client as WeightSyncClient, TensorBytes, WireDType};
 use serde_json::{Value, json};
 
 use crate::accumulation::{MicroBatchForward, accumulate_gradients};
@@ -88,15 +88,16 @@ pub fn weights_hash(vars: &[(String, Var)]) -> anyhow::Result<String> {
     for (name, var) in vars {
         h.update(name.as_bytes());
         h.update(format!("{:?}", var.dims()).as_bytes());
-        h.update(&tensor_bytes(var.as_tensor())?.1);
+        h.update(tensor_bytes(var.as_tensor())?.1.as_ref());
     }
     Ok(format!("{:016x}", h.digest()))
 }
 
-/// The wire dtype and raw little-endian bytes of a tensor (F32, BF16 or F16).
-fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, Vec<u8>)> {
+/// The wire dtype and raw values of a tensor (F32, BF16 or F16), read as
+/// little-endian bytes.
+fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, model::weights::HostValues)> {
     let wire = WireDType::try_from(t.dtype()).map_err(anyhow::Error::msg)?;
-    Ok((wire, model::weights::le_bytes(t)?))
+    Ok((wire, model::weights::host_values(t)?))
 }
 
 /// The starting model folder: `model.path`, or `model.preset` written (once,
@@ -492,12 +493,13 @@ impl WeightPusher {
 fn push_tensors(vars: &[(String, Var)]) -> anyhow::Result<Vec<TensorBytes>> {
     vars.iter()
         .map(|(name, var)| {
-            let (dtype, bytes) = tensor_bytes(var.as_tensor())?;
+            let (dtype, values) = tensor_bytes(var.as_tensor())?;
+            // The chunks sent are slices of these values: no copy to bytes.
             Ok(TensorBytes::new(
                 name.clone(),
                 dtype,
                 var.dims().to_vec(),
-                bytes,
+                Bytes::from_owner(values),
             ))
         })
         .collect()

@@ -14,22 +14,46 @@ use serde_json::Value;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
-/// A tensor's values as little-endian bytes in its own dtype (f32, bf16 or
-/// f16; what safetensors and the weight-sync wire carry): one device-to-host
-/// copy of the raw values, never a round trip through f32.
-pub fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    const _: () = assert!(cfg!(target_endian = "little"));
+/// A tensor's values copied to the host in their own type (f32, bf16 or
+/// f16), readable as the little-endian bytes that safetensors and the
+/// weight-sync wire carry (`as_ref()`), with no second copy.
+#[derive(Debug, Clone)]
+pub enum HostValues {
+    F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl AsRef<[u8]> for HostValues {
+    fn as_ref(&self) -> &[u8] {
+        const _: () = assert!(cfg!(target_endian = "little"));
+        match self {
+            HostValues::F32(v) => bytemuck::cast_slice(v),
+            HostValues::BF16(v) => bytemuck::cast_slice(v),
+            HostValues::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// One device-to-host copy of a tensor's raw values, never a round trip
+/// through f32.
+pub fn host_values(t: &Tensor) -> Result<HostValues> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(),
-        DType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(),
-        DType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(),
+        DType::F32 => HostValues::F32(flat.to_vec1()?),
+        DType::BF16 => HostValues::BF16(flat.to_vec1()?),
+        DType::F16 => HostValues::F16(flat.to_vec1()?),
         other => {
             return Err(ModelError::Invalid(format!(
                 "raw bytes of a {other:?} tensor: only f32, bf16 and f16 are supported"
             )));
         }
     })
+}
+
+/// [`host_values`] as an owned byte vector (one more copy).
+pub fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(host_values(t)?.as_ref().to_vec())
 }
 
 pub const SAFETENSORS_FILE: &str = "model.safetensors";

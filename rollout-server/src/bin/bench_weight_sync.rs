@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use model::Weights;
 use model::device::{DTypeSpec, DeviceSpec};
 use model::presets::{self, Preset};
-use proto::weight_sync::{Client, DEFAULT_CHUNK_BYTES, TensorBytes, WireDType};
+use proto::weight_sync::{Bytes, Client, DEFAULT_CHUNK_BYTES, TensorBytes, WireDType};
 use rollout_server::weight_sync::{TensorSpec, WeightSink, serve};
 
 struct Sink {
@@ -53,7 +53,7 @@ impl WeightSink for Sink {
 /// The learner's conversion: raw little-endian values, one device-to-host copy.
 fn tensor_bytes(name: &str, t: &Tensor) -> anyhow::Result<TensorBytes> {
     let wire = WireDType::try_from(t.dtype()).map_err(anyhow::Error::msg)?;
-    let data = model::weights::le_bytes(t)?;
+    let data = Bytes::from_owner(model::weights::host_values(t)?);
     Ok(TensorBytes::new(name, wire, t.dims().to_vec(), data))
 }
 
