@@ -286,6 +286,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         },
         request_timeout: Duration::from_secs_f64(recipe.rollout.request_timeout_s),
         max_retries: recipe.rollout.max_retries,
+        generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
     let client = RolloutClient::new(settings, tokenizer)?;
     let functions: Vec<serde_json::Value> = recipe

@@ -321,6 +321,13 @@ pub struct RolloutSection {
     /// (TRL's `vllm_gpu_memory_utilization`); none: 0.9 alone on a GPU, 0.3
     /// when sharing one with a learner.
     pub gpu_memory_utilization: Option<f64>,
+    /// TRL's `generation_kwargs`: more vLLM sampling parameters, sent as
+    /// they are with every generation request (training and eval):
+    /// `stop`, `stop_token_ids`, `include_stop_str_in_output`,
+    /// `presence_penalty`, `frequency_penalty`, `ignore_eos`... Those the
+    /// rollout keys set (`temperature`, `n`, `max_tokens`...) are refused
+    /// here: the learner scores tokens with the recipe's values.
+    pub generation_kwargs: Map<String, Value>,
 }
 
 impl Default for RolloutSection {
@@ -347,6 +354,7 @@ impl Default for RolloutSection {
             weight_sync_token: None,
             weight_sync_timeout_s: 120.0,
             gpu_memory_utilization: None,
+            generation_kwargs: Map::new(),
         }
     }
 }
@@ -894,6 +902,14 @@ impl Recipe {
             "train.sync_ref_model",
             || "needs train.beta > 0: with beta 0 there is no reference model to sync".into(),
         )?;
+        for key in self.rollout.generation_kwargs.keys() {
+            if let Some(instead) = generation_kwarg_owner(key) {
+                return Err(RecipeError::Invalid {
+                    key: format!("rollout.generation_kwargs.{key}"),
+                    message: format!("is set by the learner itself; use {instead} instead"),
+                });
+            }
+        }
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
         })?;
@@ -1170,6 +1186,13 @@ impl Schema {
             *open = true;
         }
         s.replace(&["reward", "functions"], Schema::List(Box::new(reward)));
+        s.replace(
+            &["rollout", "generation_kwargs"],
+            Schema::Object {
+                fields: Vec::new(),
+                open: true,
+            },
+        );
         s
     }
 
@@ -1279,6 +1302,26 @@ fn unknown_key(
         source_name: source_name.to_string(),
         hint,
     }
+}
+
+/// The recipe key (or the learner) that owns a request field, for a
+/// `rollout.generation_kwargs` entry that would override it.
+fn generation_kwarg_owner(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "n" => "rollout.num_generations",
+        "max_tokens" | "max_completion_tokens" => "rollout.max_completion_length",
+        "temperature" => "rollout.temperature (eval.temperature for eval)",
+        "top_p" => "rollout.top_p",
+        "top_k" => "rollout.top_k",
+        "min_p" => "rollout.min_p",
+        "repetition_penalty" => "rollout.repetition_penalty",
+        "seed" => "train.seed (each request's seed is derived from it)",
+        "model" => "rollout.model",
+        "client_tag" => "rollout.client_tag",
+        "prompt" | "logprobs" | "echo" | "stream" | "stream_options" | "return_token_ids"
+        | "add_special_tokens" => "nothing: the learner needs its own value",
+        _ => return None,
+    })
 }
 
 /// Every key of `v` must exist in `schema`; recurses into objects and lists

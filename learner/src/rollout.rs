@@ -36,6 +36,8 @@ pub struct RolloutSettings {
     pub client_tag_echo: ClientTagEcho,
     pub request_timeout: Duration,
     pub max_retries: u32,
+    /// More request fields, sent as they are (`rollout.generation_kwargs`).
+    pub generation_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One sampled completion, in token ids, with the log-probs the server
@@ -246,6 +248,15 @@ impl RolloutClient {
                 ..Default::default()
             },
         };
+        let mut body = serde_json::to_value(&request).map_err(|e| RolloutError::Malformed {
+            endpoint: "request".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(fields) = body.as_object_mut() {
+            for (k, v) in &s.generation_kwargs {
+                fields.insert(k.clone(), v.clone());
+            }
+        }
         let started = Instant::now();
         let deadline = s.request_timeout;
         let mut attempt = 0u32;
@@ -253,7 +264,7 @@ impl RolloutClient {
             attempt += 1;
             let endpoint = self.pick_endpoint();
             endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
-            let result = self.post(&endpoint.base, &request).await;
+            let result = self.post(&endpoint.base, &body).await;
             endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(resp) => return self.to_group(&endpoint.base, &prompt, resp),
@@ -278,7 +289,7 @@ impl RolloutClient {
     async fn post(
         &self,
         base: &str,
-        request: &CompletionRequest,
+        request: &serde_json::Value,
     ) -> Result<CompletionResponse, Attempt> {
         let url = format!("{base}/v1/completions");
         let mut req = self

@@ -150,6 +150,7 @@ pub fn rollout_settings(recipe: &Recipe, rank: usize) -> RolloutSettings {
         client_tag_echo: r.client_tag_echo,
         request_timeout: Duration::from_secs_f64(r.request_timeout_s),
         max_retries: r.max_retries,
+        generation_kwargs: r.generation_kwargs.clone(),
     }
 }
 

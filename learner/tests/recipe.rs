@@ -243,6 +243,32 @@ fn validation_names_the_key() {
     assert!(e.contains("train.ref_model_sync_steps"), "{e}");
     let e = err(BASE, &["train.top_entropy_quantile=0"]);
     assert!(e.contains("top_entropy_quantile"), "{e}");
+    let e = err(BASE, &["rollout.generation_kwargs.temperature=0.5"]);
+    assert!(
+        e.contains("rollout.generation_kwargs.temperature") && e.contains("rollout.temperature"),
+        "{e}"
+    );
+    let e = err(BASE, &["rollout.generation_kwargs.n=2"]);
+    assert!(e.contains("rollout.num_generations"), "{e}");
+}
+
+/// generation_kwargs is open: any vLLM sampling parameter, from YAML or an
+/// override, goes through as it is.
+#[test]
+fn generation_kwargs_take_any_other_sampling_parameter() {
+    let yaml = format!(
+        "{BASE}rollout:\n  generation_kwargs:\n    stop: [\"</answer>\"]\n    include_stop_str_in_output: true\n"
+    );
+    let r = Recipe::from_yaml_str(
+        &yaml,
+        "r.yaml",
+        &["rollout.generation_kwargs.presence_penalty=0.5"],
+    )
+    .unwrap();
+    let kw = &r.rollout.generation_kwargs;
+    assert_eq!(kw["stop"], serde_json::json!(["</answer>"]));
+    assert_eq!(kw["include_stop_str_in_output"], true);
+    assert_eq!(kw["presence_penalty"], 0.5);
 }
 
 #[test]

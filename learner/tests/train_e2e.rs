@@ -809,3 +809,32 @@ fn truncated_completions_are_left_out_of_the_loss_when_asked() {
         assert!(lines.iter().any(|l| f(l, "clipped_ratio") == 1.0));
     }
 }
+
+/// TRL's generation_kwargs reach the server with every request: with
+/// vLLM's `ignore_eos` every completion runs to max_completion_length,
+/// where without it some end at EOS.
+#[test]
+fn generation_kwargs_are_sent_with_every_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let mut clipped = Vec::new();
+    for ignore_eos in [true, false] {
+        let out = tmp.path().join(format!("run-{ignore_eos}"));
+        let recipe = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &recipe,
+            &[format!("rollout.generation_kwargs.ignore_eos={ignore_eos}")],
+        );
+        let lines = read_jsonl(&out.join("train_log.jsonl"));
+        assert_eq!(lines.len(), 3);
+        clipped.push(
+            lines
+                .iter()
+                .map(|l| f(l, "clipped_ratio"))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(clipped[0].iter().all(|&c| c == 1.0), "{clipped:?}");
+    assert!(clipped[1].iter().any(|&c| c < 1.0), "{clipped:?}");
+}
