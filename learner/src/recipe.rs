@@ -1285,9 +1285,10 @@ fn unknown_key(
         .map(|p| p.replace("[]", "[0]"))
         .or(sibling)
         .or_else(anywhere);
-    let hint = match suggestion {
-        Some(s) => format!("did you mean {s}?"),
-        None => {
+    let hint = match (trl_key_hint(name), suggestion) {
+        (Some(h), _) => h.to_string(),
+        (None, Some(s)) => format!("did you mean {s}?"),
+        (None, None) => {
             let names: Vec<&str> = siblings.iter().map(|(k, _)| k.as_str()).collect();
             let scope = if parent_str.is_empty() {
                 "top-level keys".to_string()
@@ -1302,6 +1303,45 @@ fn unknown_key(
         source_name: source_name.to_string(),
         hint,
     }
+}
+
+/// What a TRL / open-r1 recipe key with no Tandem key of its name is in
+/// Tandem (keys that exist under another section are found without this).
+fn trl_key_hint(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "model_name_or_path" => "TRL's model_name_or_path is model.path (a local folder)",
+        "torch_dtype" | "bf16" | "fp16" => "the dtype is model.dtype (auto: bf16 on CUDA)",
+        "use_vllm"
+        | "vllm_mode"
+        | "vllm_server_host"
+        | "vllm_server_port"
+        | "vllm_server_base_url" => {
+            "generation always goes to rollout servers: rollout.endpoints \
+             (empty: the launcher starts them)"
+        }
+        "vllm_gpu_memory_utilization" => "it is rollout.gpu_memory_utilization",
+        "vllm_tensor_parallel_size" => "it is topology.tp",
+        "use_liger_loss" => {
+            "train.recompute_logits (on by default) keeps the logits out of memory \
+             as Liger's fused loss does; remove the key"
+        }
+        "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
+        "reward_weights" => "each reward.functions entry has its own weight",
+        "num_train_epochs" => "Tandem counts optimizer steps: train.max_steps",
+        "steps_per_generation" | "generation_batch_size" => {
+            "not supported: each optimizer step generates its own batch \
+             (train.per_device_train_batch_size x gradient_accumulation_steps \
+             completions per rank); train.num_iterations reuses it, \
+             rollout.async_lag: 1 overlaps generation with training"
+        }
+        "dataset_name" => {
+            "nothing is downloaded: data.train_files names local JSONL or Parquet files"
+        }
+        "report_to" | "push_to_hub" | "hub_model_id" => {
+            "not supported: everything is logged to the run folder (checkpoint.output_dir)"
+        }
+        _ => return None,
+    })
 }
 
 /// The recipe key (or the learner) that owns a request field, for a

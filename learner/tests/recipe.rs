@@ -77,6 +77,19 @@ fn unknown_key_names_the_path_and_the_closest_key() {
         "{e}"
     );
 
+    // A TRL / open-r1 key with another name, or none, in Tandem.
+    let text = format!("{BASE}  use_liger_loss: true\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("train.recompute_logits"), "{e}");
+    let e = err(BASE, &["train.steps_per_generation=4"]);
+    assert!(
+        e.contains("not supported") && e.contains("num_iterations"),
+        "{e}"
+    );
+    let text = format!("model_name_or_path: Qwen/Qwen2.5-0.5B\n{BASE}");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("model.path"), "{e}");
+
     // Nothing close: the valid keys are listed.
     let text = format!("{BASE}  zzzz: 1\n");
     let e = err(&text, NO_OVERRIDES);
