@@ -110,12 +110,13 @@ impl TrainerState {
     }
 }
 
-/// Writes checkpoint `step` of the run at `run_dir` and prunes old ones to
-/// `keep_last`. Returns the committed folder.
 /// The KL reference's weights in a checkpoint whose run syncs it
 /// (`train.sync_ref_model`); the index keeps vLLM from loading them.
 pub const REF_MODEL_FILE: &str = "ref_model.safetensors";
 
+/// Writes checkpoint `step` of the run at `run_dir` (with the synced KL
+/// reference's weights when given) and prunes old ones to `keep_last`.
+/// Returns the committed folder.
 #[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
     run_dir: &Path,
@@ -220,7 +221,8 @@ fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
 /// resumed run may be checkpointed, evaluated and logged differently, or on
 /// another machine, and still continue as if it had never stopped. The
 /// warm-up keys act only before step 0, which a resumed run never repeats;
-/// `recompute_logits` trades memory for time, with the same gradients.
+/// `recompute_logits` trades memory for time, with the same gradients (to
+/// rounding).
 const NO_TRAINING_EFFECT: &[&str] = &[
     "model.device",
     "rollout.endpoints",

@@ -444,7 +444,7 @@ pub struct TrainSection {
     /// Recompute the vocabulary logits in the backward pass instead of
     /// keeping them from the forward: a micro-batch's memory then no longer
     /// grows with the vocabulary (several MB per token at 150k), for one more
-    /// `hidden x vocab` product per token. Same gradients.
+    /// `hidden x vocab` product per token. The same gradients, to rounding.
     pub recompute_logits: bool,
     /// TRL's `mask_truncated_completions` (DAPO's overlong filtering):
     /// completions cut at `rollout.max_completion_length` are left out of
@@ -906,7 +906,7 @@ impl Recipe {
             if let Some(instead) = generation_kwarg_owner(key) {
                 return Err(RecipeError::Invalid {
                     key: format!("rollout.generation_kwargs.{key}"),
-                    message: format!("is set by the learner itself; use {instead} instead"),
+                    message: format!("is set by the learner itself; {instead}"),
                 });
             }
         }
@@ -1344,22 +1344,22 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
     })
 }
 
-/// The recipe key (or the learner) that owns a request field, for a
-/// `rollout.generation_kwargs` entry that would override it.
+/// What to do instead of a `rollout.generation_kwargs` entry that would
+/// override a request field the recipe or the learner sets.
 fn generation_kwarg_owner(field: &str) -> Option<&'static str> {
     Some(match field {
-        "n" => "rollout.num_generations",
-        "max_tokens" | "max_completion_tokens" => "rollout.max_completion_length",
-        "temperature" => "rollout.temperature (eval.temperature for eval)",
-        "top_p" => "rollout.top_p",
-        "top_k" => "rollout.top_k",
-        "min_p" => "rollout.min_p",
-        "repetition_penalty" => "rollout.repetition_penalty",
-        "seed" => "train.seed (each request's seed is derived from it)",
-        "model" => "rollout.model",
-        "client_tag" => "rollout.client_tag",
+        "n" => "use rollout.num_generations instead",
+        "max_tokens" | "max_completion_tokens" => "use rollout.max_completion_length instead",
+        "temperature" => "use rollout.temperature (eval.temperature for eval) instead",
+        "top_p" => "use rollout.top_p instead",
+        "top_k" => "use rollout.top_k instead",
+        "min_p" => "use rollout.min_p instead",
+        "repetition_penalty" => "use rollout.repetition_penalty instead",
+        "seed" => "each request's seed comes from train.seed",
+        "model" => "use rollout.model instead",
+        "client_tag" => "use rollout.client_tag instead",
         "prompt" | "logprobs" | "echo" | "stream" | "stream_options" | "return_token_ids"
-        | "add_special_tokens" => "nothing: the learner needs its own value",
+        | "add_special_tokens" => "remove it: the learner needs its own value",
         _ => return None,
     })
 }

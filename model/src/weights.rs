@@ -51,11 +51,6 @@ pub fn host_values(t: &Tensor) -> Result<HostValues> {
     })
 }
 
-/// [`host_values`] as an owned byte vector (one more copy).
-pub fn le_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    Ok(host_values(t)?.as_ref().to_vec())
-}
-
 pub const SAFETENSORS_FILE: &str = "model.safetensors";
 pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 
