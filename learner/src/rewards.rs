@@ -10,6 +10,10 @@
 //! | `length_penalty` | DAPO's soft overlong penalty in [-1, 0], or linear in [-1, 0]     |
 //! | `blocklist`      | `gate`: 1 clean / 0 blocked, and a blocked completion's total is 0; `penalty`: 0 clean / `penalty` blocked |
 //! | `remote`         | whatever the user's HTTP server returns                          |
+//! | `tag_count`      | open-r1's: 0.25 per think/answer tag line that appears exactly once |
+//! | `reasoning_steps`| open-r1's: `min(1, step markers / 3)`                             |
+//! | `repetition_penalty` | open-r1's: `max_penalty x` the share of repeated word n-grams |
+//! | `cosine`         | open-r1's cosine-scaled reward: correct answers gain, wrong ones lose less, the shorter they are |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
 //! `gate` is the product of the `blocklist` gates (1 when there are none).
@@ -124,6 +128,10 @@ enum Kind {
     LengthPenalty(LengthPenalty),
     Blocklist(Blocklist),
     Remote(Remote),
+    TagCount,
+    ReasoningSteps,
+    RepetitionPenalty(RepetitionPenalty),
+    Cosine(Cosine),
 }
 
 /// Names of the built-in functions.
@@ -133,6 +141,10 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "length_penalty",
     "blocklist",
     "remote",
+    "tag_count",
+    "reasoning_steps",
+    "repetition_penalty",
+    "cosine",
 ];
 
 impl RewardRegistry {
@@ -289,6 +301,21 @@ impl RewardFunction {
             "remote" => Kind::Remote(
                 Remote::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             ),
+            "tag_count" => {
+                params::<NoParams>(index, &label, rest)?;
+                Kind::TagCount
+            }
+            "reasoning_steps" => {
+                params::<NoParams>(index, &label, rest)?;
+                Kind::ReasoningSteps
+            }
+            "repetition_penalty" => Kind::RepetitionPenalty(
+                RepetitionPenalty::new(params(index, &label, rest)?)
+                    .map_err(|m| cfg_err(&label, m))?,
+            ),
+            "cosine" => Kind::Cosine(
+                Cosine::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            ),
             other => {
                 return Err(cfg_err(
                     other,
@@ -343,6 +370,25 @@ impl RewardFunction {
                 .collect(),
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+            Kind::TagCount => Ok(batch
+                .iter()
+                .map(|x| tag_count(&x.completion_text))
+                .collect()),
+            Kind::ReasoningSteps => Ok(batch
+                .iter()
+                .map(|x| reasoning_steps(&x.completion_text))
+                .collect()),
+            Kind::RepetitionPenalty(f) => {
+                Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect())
+            }
+            Kind::Cosine(f) => batch
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    f.score(x)
+                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
+                })
+                .collect(),
         }
     }
 }
@@ -656,6 +702,174 @@ impl LengthPenalty {
             LengthMode::Overlong => -1.0,
             LengthMode::Linear => -len.min(m) / m,
         })
+    }
+}
+
+// ---------------------------------------------------------------- open-r1's
+
+/// For the functions that take no parameters: any parameter is an error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// open-r1's `tag_count_reward`: 0.25 for each of `<think>\n`,
+/// `\n</think>\n`, `\n<answer>\n` and `\n</answer>` that appears exactly
+/// once.
+fn tag_count(completion: &str) -> f64 {
+    ["<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>"]
+        .iter()
+        .filter(|tag| completion.matches(*tag).count() == 1)
+        .count() as f64
+        * 0.25
+}
+
+/// open-r1's `reasoning_steps_reward`: step markers (`Step N:`, a numbered
+/// list item at the very start, `\n-`, `\n*`, `First,` `Second,` `Next,`
+/// `Finally,`), three or more for the full reward. Python's `re.findall`
+/// without MULTILINE: `^` is the start of the text only.
+fn reasoning_steps(completion: &str) -> f64 {
+    static STEP: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"Step \d+:|\A\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,")
+            .expect("a valid regex")
+    });
+    (STEP.find_iter(completion).count() as f64 / 3.0).min(1.0)
+}
+
+fn default_ngram_size() -> usize {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepetitionPenaltyParams {
+    /// open-r1's `repetition_n_grams`.
+    #[serde(default = "default_ngram_size")]
+    ngram_size: usize,
+    /// open-r1's `repetition_max_penalty`: the value of a completion made of
+    /// one n-gram repeated; negative.
+    #[serde(default = "default_penalty")]
+    max_penalty: f64,
+}
+
+/// open-r1's `get_repetition_penalty_reward` (Yeo et al., "Demystifying
+/// Long Chain-of-Thought Reasoning"): over the lower-cased
+/// whitespace-separated words, `max_penalty x (1 - distinct n-grams / n-grams)`;
+/// 0 for a completion shorter than one n-gram.
+#[derive(Debug)]
+struct RepetitionPenalty {
+    ngram_size: usize,
+    max_penalty: f64,
+}
+
+impl RepetitionPenalty {
+    fn new(p: RepetitionPenaltyParams) -> Result<Self, String> {
+        if p.ngram_size == 0 {
+            return Err("`ngram_size` must be >= 1".into());
+        }
+        if !(p.max_penalty.is_finite() && p.max_penalty <= 0.0) {
+            return Err(format!(
+                "`max_penalty` must be <= 0 (a penalty), got {}",
+                p.max_penalty
+            ));
+        }
+        Ok(RepetitionPenalty {
+            ngram_size: p.ngram_size,
+            max_penalty: p.max_penalty,
+        })
+    }
+
+    fn score(&self, completion: &str) -> f64 {
+        let lower = completion.to_lowercase();
+        let words: Vec<&str> = lower.split_whitespace().collect();
+        if words.len() < self.ngram_size {
+            return 0.0;
+        }
+        let ngrams: Vec<&[&str]> = words.windows(self.ngram_size).collect();
+        let distinct: HashSet<&[&str]> = ngrams.iter().copied().collect();
+        (1.0 - distinct.len() as f64 / ngrams.len() as f64) * self.max_penalty
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CosineParams {
+    #[serde(default = "default_min_value_wrong")]
+    min_value_wrong: f64,
+    #[serde(default = "default_max_value_wrong")]
+    max_value_wrong: f64,
+    #[serde(default = "default_min_value_correct")]
+    min_value_correct: f64,
+    #[serde(default = "default_max_value_correct")]
+    max_value_correct: f64,
+    /// open-r1's `cosine_max_len`, in characters as open-r1 counts them.
+    #[serde(default = "default_cosine_max_len")]
+    max_len: usize,
+    /// Where the answer is read, as for `exact_match`.
+    #[serde(default)]
+    extract: Extract,
+}
+
+fn default_min_value_wrong() -> f64 {
+    -1.0
+}
+fn default_max_value_wrong() -> f64 {
+    -0.5
+}
+fn default_min_value_correct() -> f64 {
+    0.5
+}
+fn default_max_value_correct() -> f64 {
+    1.0
+}
+fn default_cosine_max_len() -> usize {
+    1000
+}
+
+/// open-r1's `get_cosine_scaled_reward` (Yeo et al.): with `p = len /
+/// max_len` (characters), a correct answer gets `min_c + (max_c - min_c)
+/// (1 + cos(pi p)) / 2` (shorter is better), a wrong one `max_w + (min_w -
+/// max_w) (1 + cos(pi p)) / 2` (longer is penalised less). Two differences
+/// from open-r1: correct means what `exact_match` says (open-r1 uses
+/// math_verify, which also accepts equal values written differently), and
+/// `p` stops at 1 (open-r1's cosine rises again past `max_len`).
+#[derive(Debug)]
+struct Cosine {
+    p: CosineParams,
+}
+
+impl Cosine {
+    fn new(p: CosineParams) -> Result<Self, String> {
+        if p.max_len == 0 {
+            return Err("`max_len` must be positive".into());
+        }
+        for (name, v) in [
+            ("min_value_wrong", p.min_value_wrong),
+            ("max_value_wrong", p.max_value_wrong),
+            ("min_value_correct", p.min_value_correct),
+            ("max_value_correct", p.max_value_correct),
+        ] {
+            if !v.is_finite() {
+                return Err(format!("`{name}` must be finite"));
+            }
+        }
+        Ok(Cosine { p })
+    }
+
+    fn score(&self, x: &RewardInput) -> Result<f64, String> {
+        let correct = ExactMatch {
+            extract: self.p.extract,
+        }
+        .score(x)?
+            == 1.0;
+        let progress = (x.completion_text.chars().count() as f64 / self.p.max_len as f64).min(1.0);
+        let cosine = (progress * std::f64::consts::PI).cos();
+        let (lo, hi) = if correct {
+            (self.p.min_value_correct, self.p.max_value_correct)
+        } else {
+            // Swapped, so that a longer wrong answer is penalised less.
+            (self.p.max_value_wrong, self.p.min_value_wrong)
+        };
+        Ok(lo + 0.5 * (hi - lo) * (1.0 + cosine))
     }
 }
 

@@ -149,6 +149,94 @@ async fn format_regex() {
     );
 }
 
+/// open-r1's tag_count and reasoning_steps, values worked out by hand from
+/// open-r1's definitions.
+#[tokio::test]
+async fn open_r1_tag_count_and_reasoning_steps() {
+    let batch = [
+        input("<think>\nx\n</think>\n<answer>\n4\n</answer>", None),
+        input("<think>\nx\n</think>\n<answer>4</answer>", None), // 2 of 4 lines
+        input("<think>\n<think>\nx\n</think>\n", None),          // think twice
+        input("no tags", None),
+    ];
+    let tags = values(json!({"name": "tag_count"}), &batch).await;
+    assert_eq!(tags, vec![1.0, 0.5, 0.25, 0.0]);
+
+    let batch = [
+        input("Step 1: a Step 2: b Step 3: c Step 4: d", None),
+        input("First, a. Next, b.", None),
+        input("1. a\n2. b\n- c", None), // `^\d+\.` at the start only: 1 + `\n-`: 2
+        input("nothing", None),
+    ];
+    let steps = values(json!({"name": "reasoning_steps"}), &batch).await;
+    assert_eq!(steps, vec![1.0, 2.0 / 3.0, 2.0 / 3.0, 0.0]);
+
+    let err = config_error(json!({"name": "tag_count", "x": 1}));
+    assert!(err.contains("`tag_count`") && err.contains('x'), "{err}");
+}
+
+#[tokio::test]
+async fn open_r1_repetition_penalty() {
+    let batch = [
+        // Lower-cased: a b c a b c -> trigrams abc, bca, cab, abc: 3
+        // distinct of 4, so -1 x (1 - 3/4).
+        input("a b c A B C", None),
+        input("one two three four", None), // all distinct
+        input("x y", None),                // shorter than a trigram
+        input("", None),
+    ];
+    let got = values(
+        json!({"name": "repetition_penalty", "ngram_size": 3, "max_penalty": -1.0}),
+        &batch,
+    )
+    .await;
+    assert_eq!(got, vec![-0.25, 0.0, 0.0, 0.0]);
+    let err = config_error(json!({"name": "repetition_penalty", "max_penalty": 0.5}));
+    assert!(err.contains("max_penalty"), "{err}");
+}
+
+#[tokio::test]
+async fn open_r1_cosine_scaled_reward() {
+    // max_len 8; lengths 0, 4 (half way), 8 and beyond; right and wrong.
+    let right = |len: usize| {
+        let text = format!("<answer>7</answer>{}", "x".repeat(len));
+        input(&text, Some("7"))
+    };
+    let wrong = |len: usize| input(&format!("<answer>5</answer>{}", "x".repeat(len)), Some("7"));
+    let base = "<answer>7</answer>".len();
+    let cfg = json!({"name": "cosine", "max_len": base + 8});
+    let batch = [
+        right(0),
+        right(4),
+        right(8),
+        right(20),
+        wrong(0),
+        wrong(4),
+        wrong(8),
+    ];
+    let got = values(cfg, &batch).await;
+    // p = len / max_len; correct: 0.5 + 0.25 (1 + cos(pi p)); wrong: -0.5 - 0.25 (1 + cos(pi p)).
+    let max_len = (base + 8) as f64;
+    let c = |len: usize| (std::f64::consts::PI * ((base + len) as f64 / max_len).min(1.0)).cos();
+    let want = [
+        0.5 + 0.25 * (1.0 + c(0)),
+        0.5 + 0.25 * (1.0 + c(4)),
+        0.5,
+        0.5,
+        -0.5 - 0.25 * (1.0 + c(0)),
+        -0.5 - 0.25 * (1.0 + c(4)),
+        -0.5,
+    ];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+    }
+    // Shorter is better when right, and worse when wrong.
+    assert!(got[0] > got[1] && got[1] > got[2]);
+    assert!(got[4] < got[5] && got[5] < got[6]);
+    let err = config_error(json!({"name": "cosine", "max_len": 0}));
+    assert!(err.contains("max_len"), "{err}");
+}
+
 #[tokio::test]
 async fn length_penalty_overlong_and_linear() {
     // DAPO: max 10, cache 4 -> free up to 6, then (6 - L)/4, -1 beyond 10.
