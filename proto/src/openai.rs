@@ -4,7 +4,7 @@
 //! Requests are *loose*: every sampling field is optional and ranges are not
 //! checked here (the server's validation turns a request into a trusted one,
 //! and names the field that was wrong). Unknown fields are ignored, as vLLM
-//! does. Responses follow vLLM's shapes field for field; the RL extensions
+//! does; the server logs their names, as vLLM does. Responses follow vLLM's shapes field for field; the RL extensions
 //! are left out of the JSON when they were not asked for.
 
 use std::collections::BTreeMap;

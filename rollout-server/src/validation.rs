@@ -83,16 +83,86 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::bad_request(message, Some(param))
 }
 
+/// A request type whose top-level field names are known, so that fields it
+/// does not read can be named (vLLM logs them and goes on; so does Tandem).
+pub trait RequestFields: serde::de::DeserializeOwned {
+    /// Every field the type reads.
+    fn field_names() -> &'static [String];
+}
+
+/// The field names of `template` serialized: every field of a request type
+/// with its `Option`s as nulls.
+fn names_of<T: serde::Serialize>(template: &T) -> Vec<String> {
+    match serde_json::to_value(template) {
+        Ok(Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl RequestFields for CompletionRequest {
+    fn field_names() -> &'static [String] {
+        static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+            names_of(&CompletionRequest {
+                model: None,
+                prompt: Prompt::Text(String::new()),
+                logprobs: None,
+                echo: None,
+                add_special_tokens: None,
+                sampling: SamplingFields::default(),
+            })
+        });
+        &NAMES
+    }
+}
+
+impl RequestFields for ChatCompletionRequest {
+    fn field_names() -> &'static [String] {
+        static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+            names_of(&ChatCompletionRequest {
+                model: None,
+                messages: Vec::new(),
+                max_completion_tokens: None,
+                logprobs: None,
+                top_logprobs: None,
+                add_generation_prompt: None,
+                continue_final_message: None,
+                add_special_tokens: None,
+                tools: None,
+                chat_template_kwargs: None,
+                sampling: SamplingFields::default(),
+            })
+        });
+        &NAMES
+    }
+}
+
+/// The top-level fields of a JSON object body that `T` does not read, sorted.
+pub fn ignored_fields<T: RequestFields>(body: &[u8]) -> Vec<String> {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let known = T::field_names();
+    let mut ignored: Vec<String> = map.keys().filter(|k| !known.contains(k)).cloned().collect();
+    ignored.sort();
+    ignored
+}
+
 /// Parses a JSON body; malformed JSON and wrong types are 400s that say where.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
+/// Fields the request type does not read are logged, as vLLM logs them.
+pub fn parse_json<T: RequestFields>(body: &[u8]) -> Result<T, ApiError> {
+    let parsed = serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "malformed JSON"
         } else {
             "invalid request"
         };
         ApiError::bad_request(format!("{what}: {e}"), None)
-    })
+    })?;
+    let ignored = ignored_fields::<T>(body);
+    if !ignored.is_empty() {
+        tracing::warn!("The following fields were present in the request but ignored: {ignored:?}");
+    }
+    Ok(parsed)
 }
 
 impl Validator {
@@ -414,4 +484,25 @@ fn normalize_message(m: &Value) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(obj))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_the_request_does_not_read_are_named() {
+        let body = br#"{"prompt": "hi", "n": 2, "stop": ["x"], "client_tag": "t",
+                        "stop_token_id": [3], "min_tokens": 4}"#;
+        assert_eq!(
+            ignored_fields::<CompletionRequest>(body),
+            ["min_tokens", "stop_token_id"]
+        );
+        let chat = br#"{"messages": [], "temperature": 0.5, "top_logprobs": 2, "foo": 1}"#;
+        assert_eq!(ignored_fields::<ChatCompletionRequest>(chat), ["foo"]);
+        // Fields only the other endpoint reads are ignored here.
+        let body = br#"{"prompt": "hi", "messages": []}"#;
+        assert_eq!(ignored_fields::<CompletionRequest>(body), ["messages"]);
+        assert!(ignored_fields::<CompletionRequest>(b"not json").is_empty());
+    }
 }
