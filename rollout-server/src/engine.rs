@@ -378,10 +378,7 @@ pub fn start(
     };
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || {
-            let _guard = AliveGuard(alive);
-            run(state, config, rx);
-        })
+        .spawn(move || run(state, config, rx, alive))
         .map_err(|e| EngineError::Invalid(format!("cannot start the engine thread: {e}")))?;
     Ok(handle)
 }
@@ -389,8 +386,27 @@ pub fn start(
 /// The engine loop: take commands (blocking only when there is nothing to
 /// run), apply weight swaps, run one scheduler step. Ends when every handle
 /// is gone.
-fn run(mut state: EngineState, config: EngineConfig, mut rx: mpsc::UnboundedReceiver<Command>) {
+fn run(
+    mut state: EngineState,
+    config: EngineConfig,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    alive: Arc<AtomicBool>,
+) {
     let mut scheduler = Scheduler::new(config, &state.cfg);
+    // Declared after the scheduler, so dropped before it: `alive` is false
+    // before the requests' streams close, and a client that sees its
+    // request fail then finds /health at 503.
+    let _alive = AliveGuard(alive);
+    // Fault injection for the tests, in debug builds only: the engine thread
+    // panics at its Nth scheduler step, as a bug would, so that what the
+    // server then does (in-flight requests fail, /health says 503, new
+    // requests get 503) is tested on the real binary.
+    #[cfg(debug_assertions)]
+    let panic_at_step = std::env::var("TANDEM_FAULT_ENGINE_PANIC_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    #[cfg(debug_assertions)]
+    let mut steps = 0u64;
     loop {
         if scheduler.is_idle() {
             match rx.blocking_recv() {
@@ -411,6 +427,13 @@ fn run(mut state: EngineState, config: EngineConfig, mut rx: mpsc::UnboundedRece
             }
         }
         scheduler.step(&mut state);
+        #[cfg(debug_assertions)]
+        {
+            steps += 1;
+            if panic_at_step == Some(steps) {
+                panic!("TANDEM_FAULT_ENGINE_PANIC_AT_STEP: engine panics at step {steps}");
+            }
+        }
     }
     tracing::info!("engine stopped");
 }

@@ -682,3 +682,38 @@ async fn sigterm_shuts_down_cleanly() {
         .expect("server still running 20 s after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// An engine thread that dies (a panic, injected in debug builds at its 3rd
+/// step) fails the request it was running with a 500 error object, never a
+/// hang; then /health says 503 and new requests are refused with 503.
+#[tokio::test]
+async fn a_dead_engine_fails_requests_and_health_says_503() {
+    let s = Server::start_with_env(
+        &e2e::tiny_model(),
+        &[],
+        &[
+            ("TANDEM_FAULT_ENGINE_PANIC_AT_STEP", "3"),
+            ("RUST_BACKTRACE", "0"),
+        ],
+    )
+    .await;
+    let request = json!({"model": "tiny", "prompt": "1+1=", "max_tokens": 20, "ignore_eos": true});
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.post("/v1/completions", &request),
+    )
+    .await
+    .expect("the request must end, not hang");
+    assert_error(status, &body, 500);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("engine stopped"),
+        "{body}"
+    );
+    let health = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    let (status, body) = s.post("/v1/completions", &request).await;
+    assert_error(status, &body, 503);
+}

@@ -199,7 +199,17 @@ impl RolloutServer {
     /// weight-sync token from the environment, and waits until `/health`
     /// answers.
     pub fn start(model: &Path, extra_args: &[&str]) -> RolloutServer {
+        RolloutServer::start_with_env(model, extra_args, &[])
+    }
+
+    /// [`RolloutServer::start`] with more environment variables.
+    pub fn start_with_env(
+        model: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> RolloutServer {
         let mut cmd = Command::new(workspace_bin("rollout-server"));
+        cmd.envs(env.iter().copied());
         cmd.arg("--model")
             .arg(model)
             .args(["--port", "0", "--grpc-port", "0"])

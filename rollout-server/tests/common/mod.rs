@@ -39,9 +39,18 @@ impl Server {
 
     /// [`Server::start`] on another model folder (still served as `tiny`).
     pub async fn start_on(model: &std::path::Path, extra: &[&str]) -> Server {
+        Server::start_with_env(model, extra, &[]).await
+    }
+
+    /// [`Server::start_on`] with more environment variables.
+    pub async fn start_with_env(
+        model: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let args = [&["--served-model-name", "tiny"][..], extra].concat();
         Server {
-            process: RolloutServer::start(model, &args),
+            process: RolloutServer::start_with_env(model, &args, env),
             model: "tiny".into(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
