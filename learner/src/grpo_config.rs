@@ -46,7 +46,9 @@ pub enum ImportanceSamplingLevel {
 }
 
 /// TRL `GRPOConfig.scale_rewards`: what the centred rewards are divided by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// As in TRL, `true` also means `group` and `false` means `none` (older TRL
+/// recipes write the boolean).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
     /// The group's (unbiased) standard deviation.
@@ -55,6 +57,40 @@ pub enum ScaleRewards {
     Batch,
     /// Nothing (Dr. GRPO).
     None,
+}
+
+impl<'de> Deserialize<'de> for ScaleRewards {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ScaleRewards;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"group\", \"batch\", \"none\", true (group) or false (none)")
+            }
+            fn visit_bool<E: serde::de::Error>(
+                self,
+                v: bool,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(if v {
+                    ScaleRewards::Group
+                } else {
+                    ScaleRewards::None
+                })
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                match v {
+                    "group" => Ok(ScaleRewards::Group),
+                    "batch" => Ok(ScaleRewards::Batch),
+                    "none" => Ok(ScaleRewards::None),
+                    other => Err(E::unknown_variant(other, &["group", "batch", "none"])),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// The baseline subtracted from each reward (verl `adv_estimator`).
@@ -325,6 +361,23 @@ mod tests {
             .to_string();
         assert!(err.contains("epsilon_hi"), "{err}");
         assert!(serde_json::from_str::<GrpoConfig>(r#"{"loss_type": "ppo"}"#).is_err());
+        // TRL's boolean scale_rewards.
+        for (json, want) in [
+            (r#"{"scale_rewards": true}"#, ScaleRewards::Group),
+            (r#"{"scale_rewards": false}"#, ScaleRewards::None),
+            (r#"{"scale_rewards": "batch"}"#, ScaleRewards::Batch),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<GrpoConfig>(json)
+                    .unwrap()
+                    .scale_rewards,
+                want
+            );
+        }
+        let err = serde_json::from_str::<GrpoConfig>(r#"{"scale_rewards": "std"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("std") && err.contains("group"), "{err}");
     }
 
     #[test]

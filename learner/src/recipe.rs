@@ -1340,6 +1340,18 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         "report_to" | "push_to_hub" | "hub_model_id" => {
             "not supported: everything is logged to the run folder (checkpoint.output_dir)"
         }
+        "disable_dropout" => "Tandem's models have no dropout; remove the key",
+        "gradient_checkpointing" | "gradient_checkpointing_kwargs" => {
+            "not supported for the transformer layers (train.recompute_logits \
+             covers the logits, the largest activation); remove the key"
+        }
+        "shuffle_dataset" => "it is data.shuffle",
+        "dataset_prompt_column" => "it is data.prompt_column",
+        "save_strategy" => "checkpoints are taken every checkpoint.save_steps steps",
+        "do_eval" => "eval runs every eval.eval_steps steps (0: never)",
+        "chat_template" => {
+            "the chat template is the model folder's (tokenizer_config.json chat_template)"
+        }
         _ => return None,
     })
 }
