@@ -309,6 +309,21 @@ fn the_shipped_recipes_load_and_validate() {
         assert!(p.is_file(), "{} is missing", p.display());
     }
 
+    // The open-r1 style recipe: TRL's knobs under Tandem's keys.
+    let r1 = Recipe::load(&configs().join("open_r1_math.yaml"), NO_OVERRIDES).unwrap();
+    assert_eq!(r1.rollout.num_generations, 16);
+    assert!(r1.train.mask_truncated_completions && r1.log.log_completions);
+    let names: Vec<&str> = r1.reward.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["exact_match", "format", "tag_count"]);
+    // Its reward functions build (the format regex compiles).
+    let functions: Vec<serde_json::Value> = r1
+        .reward
+        .functions
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
+    learner::rewards::RewardRegistry::from_configs(&functions).unwrap();
+
     let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(ext.rollout.client_tag_echo, ClientTagEcho::Ignore);
     assert_eq!(ext.reward.functions.len(), 2);
