@@ -313,7 +313,12 @@ fn the_shipped_recipes_load_and_validate() {
     let r1 = Recipe::load(&configs().join("open_r1_math.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(r1.rollout.num_generations, 16);
     assert!(r1.train.mask_truncated_completions && r1.log.log_completions);
-    let names: Vec<&str> = r1.reward.functions.iter().map(|f| f.name.as_str()).collect();
+    let names: Vec<&str> = r1
+        .reward
+        .functions
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
     assert_eq!(names, ["exact_match", "format", "tag_count"]);
     // Its reward functions build (the format regex compiles).
     let functions: Vec<serde_json::Value> = r1
