@@ -341,6 +341,7 @@ fn requeued_job_resumes(d: &str) {
         );
         thread::sleep(Duration::from_millis(100));
     }
+    let requeued_at = Instant::now();
     run(Command::new("scontrol").args(["requeue", &job])).unwrap_or_else(|e| panic!("{e}"));
     // Slurm holds a requeued job back (BeginTime, about two minutes) once it
     // is pending again: release it then.
@@ -356,6 +357,12 @@ fn requeued_job_resumes(d: &str) {
             "the requeued job never became pending:\n{info}"
         );
         thread::sleep(Duration::from_millis(200));
+    }
+    // Not within the second of the requeue: slurmd compares credential times
+    // to the second, and a relaunch in the same second as the revocation is
+    // refused ("Job credential revoked") and fails the job.
+    if let Some(rest) = Duration::from_millis(1500).checked_sub(requeued_at.elapsed()) {
+        thread::sleep(rest);
     }
     run(Command::new("scontrol").args(["update", &format!("JobId={job}"), "StartTime=now"]))
         .unwrap_or_else(|e| panic!("{e}"));
