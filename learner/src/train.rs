@@ -79,10 +79,11 @@ pub fn request_seed(seed: u64, step: u64, example: &Example) -> u64 {
     hash_u64(key.as_bytes())
 }
 
-/// xxh3-64 over every parameter's name, shape and bytes, in name order: a
-/// per-step check that the ranks hold identical weights. Not cryptographic,
-/// and need not be: it runs on every step over every weight, so it must be
-/// cheap (SHA-256 cost ~0.2 s a step on the small model).
+/// xxh3-64 over every parameter's name, shape and bytes, in name order: the
+/// per-step check that the ranks hold identical weights (compared across
+/// ranks after each step). Not cryptographic, and need not be: it runs on
+/// every step over every weight, so it must be cheap (SHA-256 cost ~0.2 s a
+/// step on the small model).
 pub fn weights_hash(vars: &[(String, Var)]) -> anyhow::Result<String> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, var) in vars {
@@ -202,6 +203,27 @@ fn all_gather_bytes(c: &dyn Collective, mine: Vec<u8>) -> anyhow::Result<Vec<Vec
         out.push(data);
     }
     Ok(out)
+}
+
+/// Fault injection for the tests, in debug builds only:
+/// `TANDEM_FAULT_PERTURB_WEIGHTS=RANK:STEP` nudges one weight of that rank
+/// after that step's update, as a faulty device would, so that the
+/// divergence check is tested on real processes.
+#[cfg(debug_assertions)]
+fn perturb_weights_for_tests(vars: &[(String, Var)], rank: usize, step: u64) -> anyhow::Result<()> {
+    let Ok(spec) = std::env::var("TANDEM_FAULT_PERTURB_WEIGHTS") else {
+        return Ok(());
+    };
+    let target = spec
+        .split_once(':')
+        .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
+    if target == Some((rank, step))
+        && let Some((_, var)) = vars.first()
+    {
+        let t = var.as_tensor();
+        var.set(&t.affine(1.0, 1e-3)?)?;
+    }
+    Ok(())
 }
 
 /// A text as one printable line (quoted and escaped), cut to 160
@@ -1333,11 +1355,41 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let weight_sync_s = t_push.elapsed();
 
         // 7. logs
+        #[cfg(debug_assertions)]
+        perturb_weights_for_tests(&vars, rank, step)?;
         let hash = if world > 1 || step == t.max_steps {
             Some(weights_hash(&vars)?)
         } else {
             None
         };
+        // Every rank applies the same all-reduced update, so the ranks hold
+        // the same weights bit for bit. Ranks that do not (a faulty device,
+        // mixed hardware) would train on silently apart: stop instead; a
+        // resume gives every rank the checkpoint's weights.
+        if world > 1 {
+            let mine = hash.clone().unwrap_or_default().into_bytes();
+            let hashes: Vec<String> = all_gather_bytes(c, mine)?
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            if hashes.iter().any(|h| *h != hashes[0]) {
+                let listed: Vec<String> = hashes
+                    .iter()
+                    .enumerate()
+                    .map(|(r, h)| format!("rank {r} {h}"))
+                    .collect();
+                let msg = format!(
+                    "step {step}: the learner ranks hold different weights ({}); their updates \
+                     diverged, so the run stops here. Resume from the last checkpoint \
+                     (--resume-from or --auto-resume), which gives every rank the same weights",
+                    listed.join(", ")
+                );
+                if let Some(run) = &run {
+                    run.event("ranks_diverged", json!({"step": step, "hashes": hashes}))?;
+                }
+                bail!("{msg}");
+            }
+        }
         let mut tokens = local_tokens;
         all_sum(c, &mut tokens)?;
         if let Some(f) = &rank_log {

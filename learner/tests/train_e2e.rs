@@ -838,3 +838,44 @@ fn generation_kwargs_are_sent_with_every_request() {
     assert!(clipped[0].iter().all(|&c| c == 1.0), "{clipped:?}");
     assert!(clipped[1].iter().any(|&c| c < 1.0), "{clipped:?}");
 }
+
+/// Ranks whose weights drift apart (a faulty device; injected here in debug
+/// builds by nudging rank 1's weights after step 2) stop at that step with
+/// an error naming every rank's hash, instead of training on apart.
+#[test]
+fn ranks_whose_weights_diverge_stop_with_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let port = free_port().to_string();
+    let env = |rank: &str| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+            ("TANDEM_FAULT_PERTURB_WEIGHTS", "1:2".to_string()),
+        ]
+    };
+    let overrides = vec!["train.per_device_train_batch_size=16".to_string()];
+    let rank0 = Learner::spawn(&r, &overrides, &env("0"));
+    let rank1 = Learner::spawn(&r, &overrides, &env("1"));
+    let (o0, o1) = (rank0.wait(120), rank1.wait(120));
+    for (rank, o) in [(0, &o0), (1, &o1)] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {rank} should fail:\n{stderr}");
+        assert!(
+            stderr.contains("step 2: the learner ranks hold different weights"),
+            "rank {rank}:\n{stderr}"
+        );
+    }
+    let diverged: Vec<Value> = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .filter(|e| e["event"] == "ranks_diverged")
+        .collect();
+    assert_eq!(diverged.len(), 1);
+    assert_eq!(diverged[0]["step"], 2);
+    assert_eq!(read_jsonl(&out.join("train_log.jsonl")).len(), 1);
+}
