@@ -3,7 +3,10 @@
 //! `cargo run --release -p model --bin bench -- [tiny|small|qwen2.5-0.5b]...
 //! [--device cpu|cuda:N] [--dtype auto|bfloat16|float32] [--bandwidth-gbs N]
 //! [--only train|prefill|decode]`
-//! Prints a Markdown table (the README's numbers come from it). With the
+//! Prints a Markdown table (the README's numbers come from it); the
+//! forward+backward rows also give the memory the step needs (CPU: peak
+//! resident memory, measured in a process of its own; GPU: device memory
+//! held by the autograd graph when the backward starts). With the
 //! GPU's memory bandwidth, decode rows also show the memory-bandwidth bound:
 //! each decode step reads every weight once, so a batch of B makes at most
 //! B x bandwidth / weight bytes tokens per second.
@@ -81,6 +84,39 @@ fn peak_memory_of(preset: Preset, recompute: bool) -> model::Result<()> {
     };
     println!("{}", peak.saturating_sub(before) * 1024);
     Ok(())
+}
+
+/// On a GPU: the device memory the forward's autograd graph holds when the
+/// backward would start (free memory before the forward minus after it,
+/// each read after a synchronize so that freed temporaries are returned).
+/// `None` on the CPU.
+fn gpu_graph_memory(
+    dev: &Device,
+    lm: &CausalLM,
+    ids: &Tensor,
+    mask: &Tensor,
+    recompute: bool,
+) -> model::Result<Option<u64>> {
+    let free = || -> model::Result<Option<usize>> {
+        dev.synchronize()?;
+        Ok(model::device::gpu_memory(dev)?.map(|(free, _)| free))
+    };
+    let Some(before) = free()? else {
+        return Ok(None);
+    };
+    let k = ids.dim(1)? - 1;
+    let after = if recompute {
+        let held = lm.checkpointed_logprobs(ids, mask, k, 1.0, false)?;
+        let after = free()?;
+        drop(held);
+        after
+    } else {
+        let held = lm.completion_logprobs(ids, mask, k, 1.0, false)?;
+        let after = free()?;
+        drop(held);
+        after
+    };
+    Ok(after.map(|after| before.saturating_sub(after) as u64))
 }
 
 /// [`peak_memory_of`] in a child process; `None` where it cannot run.
@@ -180,10 +216,10 @@ fn main() -> model::Result<()> {
             let mask = Tensor::ones((b, t), DType::U32, &dev)?;
             for recompute in [false, true] {
                 let mut step = || train_step(&lm, &ids, &mask, recompute);
-                let peak = if dev.is_cpu() {
-                    peak_memory_growth(preset, recompute)
+                let memory = if dev.is_cpu() {
+                    peak_memory_growth(preset, recompute).map(|b| ("peak", b))
                 } else {
-                    None
+                    gpu_graph_memory(&dev, &lm, &ids, &mask, recompute)?.map(|b| ("graph", b))
                 };
                 let s = time(&dev, 3.0, &mut step)?;
                 let what = if recompute {
@@ -191,9 +227,12 @@ fn main() -> model::Result<()> {
                 } else {
                     "forward+backward, logits kept"
                 };
-                let what = match peak {
-                    Some(bytes) => {
-                        format!("{what} (peak +{:.0} MiB)", bytes as f64 / (1 << 20) as f64)
+                let what = match memory {
+                    Some((kind, bytes)) => {
+                        format!(
+                            "{what} ({kind} +{:.0} MiB)",
+                            bytes as f64 / (1 << 20) as f64
+                        )
                     }
                     None => what.to_string(),
                 };
