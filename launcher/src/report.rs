@@ -9,8 +9,10 @@
 //!   table (reward, eval pass@k / mean@k, KL, entropy, loss, grad norm, step
 //!   time and each of its parts, tokens/s) with 95% bootstrap confidence
 //!   intervals, first and last values of the reward and of pass@k, links to
-//!   the curves, the key settings of the resolved recipe and the whole recipe
-//!   in a collapsed block, and notes on anything missing or malformed;
+//!   the curves, the events of `run_log.jsonl` that are not routine
+//!   (resumes, warnings, diverged ranks), the key settings of the resolved
+//!   recipe and the whole recipe in a collapsed block, and notes on anything
+//!   missing or malformed;
 //! - `reward.svg`, `eval.svg`, `kl.svg`, `step_time.svg` (only those with
 //!   data; a stale one of these names is removed).
 //!
@@ -48,6 +50,19 @@ const ALL_SVGS: [&str; 4] = [REWARD_SVG, EVAL_SVG, KL_SVG, STEP_TIME_SVG];
 const MANIFEST: &str = "manifest.json";
 const TRAIN_LOG: &str = "train_log.jsonl";
 const EVAL_LOG: &str = "eval_log.jsonl";
+const RUN_LOG: &str = "run_log.jsonl";
+
+/// run_log.jsonl events that every run has: counted, not listed.
+const ROUTINE_EVENTS: &[&str] = &[
+    "start",
+    "sft_warmup",
+    "eval",
+    "checkpoint",
+    "ref_model_sync",
+    "end",
+    // Its `warn` event, listed, says the same.
+    "recipe_changed",
+];
 
 /// Bootstrap resamples per interval.
 pub const RESAMPLES: usize = 1000;
@@ -239,6 +254,7 @@ pub fn build_report(run_dir: &Path) -> Report {
     }
     let m = Metrics::gather(train_rows, eval_rows, &mut notes);
     let svgs = draw_curves(&m, &mut notes);
+    let events = read_events(run_dir, &mut notes);
     let markdown = render_markdown(
         run_dir,
         manifest.as_ref(),
@@ -246,6 +262,7 @@ pub fn build_report(run_dir: &Path) -> Report {
         train_rows.len(),
         eval_rows.len(),
         &svgs,
+        events.as_deref(),
         &notes,
     );
     Report {
@@ -315,6 +332,32 @@ fn json_error(e: &serde_json::Error, with_line: bool) -> String {
 
 /// The lines of a JSONL log, sorted by step, one per step (the last line of
 /// a step logged twice wins); `None` when the file is missing.
+/// The events of run_log.jsonl, as written (malformed lines are a note);
+/// `None` without the file (a folder that another trainer wrote).
+fn read_events(dir: &Path, notes: &mut Vec<String>) -> Option<Vec<serde_json::Map<String, Value>>> {
+    let path = dir.join(RUN_LOG);
+    if !path.exists() {
+        return None;
+    }
+    let text = read_text(&path, RUN_LOG, notes)?;
+    let mut events = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match serde_json::from_str::<Value>(line.trim()) {
+            Ok(Value::Object(e)) if e.get("event").is_some_and(Value::is_string) => events.push(e),
+            _ if line.trim().is_empty() => {}
+            _ => bad.push(format!("line {}", i + 1)),
+        }
+    }
+    if !bad.is_empty() {
+        notes.push(format!(
+            "`{RUN_LOG}` {}: not an event: skipped.",
+            list_capped(&bad).join(", ")
+        ));
+    }
+    Some(events)
+}
+
 fn read_log(dir: &Path, name: &str, notes: &mut Vec<String>) -> Option<Vec<Row>> {
     let text = read_text(&dir.join(name), name, notes)?;
     let mut rows = Vec::new();
@@ -850,6 +893,7 @@ fn render_markdown(
     train_rows: usize,
     eval_rows: usize,
     svgs: &[(&'static str, String)],
+    events: Option<&[serde_json::Map<String, Value>]>,
     notes: &[String],
 ) -> String {
     let mut md = String::new();
@@ -862,6 +906,9 @@ fn render_markdown(
     render_summary(&mut md, m);
     render_first_last(&mut md, m);
     render_curves(&mut md, svgs, m);
+    if let Some(events) = events {
+        render_events(&mut md, events);
+    }
     render_recipe(&mut md, manifest);
     md.push_str("## Notes\n\n");
     if notes.is_empty() {
@@ -872,6 +919,59 @@ fn render_markdown(
         }
     }
     md
+}
+
+/// The events that are not routine (resumes, warnings, diverged ranks...),
+/// one row each, after a count of the routine ones.
+fn render_events(md: &mut String, events: &[serde_json::Map<String, Value>]) {
+    md.push_str("## Events\n\n");
+    let name = |e: &serde_json::Map<String, Value>| {
+        e.get("event")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for e in events {
+        *counts.entry(name(e)).or_default() += 1;
+    }
+    let counted: Vec<String> = counts
+        .iter()
+        .map(|(event, n)| format!("{event} {n}"))
+        .collect();
+    let _ = writeln!(md, "Events in `{RUN_LOG}`: {}.\n", counted.join(", "));
+    let listed: Vec<&serde_json::Map<String, Value>> = events
+        .iter()
+        .filter(|e| !ROUTINE_EVENTS.contains(&name(e).as_str()))
+        .collect();
+    if listed.is_empty() {
+        md.push_str("No resumes, warnings or other events out of the ordinary.\n\n");
+        return;
+    }
+    md.push_str("| Time | Event | Step | Details |\n|---|---|---:|---|\n");
+    for e in listed {
+        let text = |k: &str| e.get(k).map(scalar_text).unwrap_or_default();
+        let details = match e.get("message") {
+            Some(m) => scalar_text(m),
+            None => {
+                let rest: serde_json::Map<String, Value> = e
+                    .iter()
+                    .filter(|(k, _)| !["time", "event", "step"].contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                compact_object(&Value::Object(rest))
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            cell(&text("time")),
+            cell(&name(e)),
+            cell(&text("step")),
+            cell(&truncate(&details, 300))
+        );
+    }
+    md.push('\n');
 }
 
 fn render_run(

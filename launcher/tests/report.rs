@@ -455,3 +455,52 @@ fn the_cli_writes_the_report() {
         "{help}"
     );
 }
+
+/// run_log.jsonl: routine events are counted, the others (resume, warnings,
+/// diverged ranks) listed with their details; a malformed line is a note.
+#[test]
+fn events_out_of_the_ordinary_are_listed() {
+    let dir = run_folder(true);
+    let run_log = [
+        r#"{"time":"t0","event":"start","step":0,"world_size":2}"#,
+        r#"{"time":"t1","event":"checkpoint","step":4,"path":"/r/checkpoints/step_000004"}"#,
+        r#"{"time":"t2","event":"eval","step":4,"mean_at_k":0.3}"#,
+        r#"{"time":"t3","event":"resume","step":4,"world_size":2}"#,
+        r#"{"time":"t4","event":"recipe_changed","step":4,"changes":[]}"#,
+        r#"{"time":"t5","event":"warn","step":6,"message":"step 6: non-finite loss (NaN); optimizer step skipped","kind":"nonfinite"}"#,
+        "not json",
+        r#"{"time":"t6","event":"checkpoint","step":8,"path":"/r/checkpoints/step_000008"}"#,
+        r#"{"time":"t7","event":"ranks_diverged","step":8,"hashes":["aa","bb"]}"#,
+    ];
+    std::fs::write(dir.path().join("run_log.jsonl"), run_log.join("\n") + "\n").unwrap();
+    let paths = write_report(dir.path()).unwrap();
+    let md = std::fs::read_to_string(&paths.report).unwrap();
+    assert!(md.contains("## Events"), "{md}");
+    assert!(
+        md.contains("checkpoint 2, eval 1, ranks_diverged 1, recipe_changed 1, resume 1"),
+        "{md}"
+    );
+    assert!(md.contains("| t3 | resume | 4 | world_size: 2 |"), "{md}");
+    assert!(
+        md.contains("| t5 | warn | 6 | step 6: non-finite loss (NaN); optimizer step skipped |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| t7 | ranks_diverged | 8 | hashes: [aa, bb] |"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("| checkpoint |") && !md.contains("| recipe_changed |"),
+        "{md}"
+    );
+    assert!(md.contains("`run_log.jsonl` line 7: not an event"), "{md}");
+
+    // Only routine events: a line that says so.
+    std::fs::write(
+        dir.path().join("run_log.jsonl"),
+        run_log[..3].join("\n") + "\n",
+    )
+    .unwrap();
+    let md = std::fs::read_to_string(write_report(dir.path()).unwrap().report).unwrap();
+    assert!(md.contains("No resumes, warnings or other events"), "{md}");
+}
