@@ -886,6 +886,7 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render_markdown(
     run_dir: &Path,
     manifest: Option<&Value>,
