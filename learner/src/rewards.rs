@@ -349,25 +349,24 @@ impl RewardFunction {
         }
     }
 
+    /// `score` of every completion; a failure names the completion.
+    fn each(
+        &self,
+        batch: &[RewardInput],
+        score: impl Fn(&RewardInput) -> Result<f64, String>,
+    ) -> Result<Vec<f64>> {
+        batch
+            .iter()
+            .enumerate()
+            .map(|(i, x)| score(x).map_err(|m| self.fail(format!("completion {i}: {m}"))))
+            .collect()
+    }
+
     async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>> {
         match &self.kind {
-            Kind::ExactMatch(f) => batch
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    f.score(x)
-                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
-                })
-                .collect(),
+            Kind::ExactMatch(f) => self.each(batch, |x| f.score(x)),
             Kind::Format(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
-            Kind::LengthPenalty(f) => batch
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    f.score(x)
-                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
-                })
-                .collect(),
+            Kind::LengthPenalty(f) => self.each(batch, |x| f.score(x)),
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::TagCount => Ok(batch
@@ -381,14 +380,7 @@ impl RewardFunction {
             Kind::RepetitionPenalty(f) => {
                 Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect())
             }
-            Kind::Cosine(f) => batch
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    f.score(x)
-                        .map_err(|m| self.fail(format!("completion {i}: {m}")))
-                })
-                .collect(),
+            Kind::Cosine(f) => self.each(batch, |x| f.score(x)),
         }
     }
 }

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor, Var};
+use model::decoder::CheckpointedLogProbs;
+use model::logprobs::TokenLogProbs;
 use model::tokenizer::Tokenizer;
 use model::{CausalLM, ModelConfig, Weights};
 use proto::weight_sync::{Bytes, Client as WeightSyncClient, TensorBytes, WireDType};
@@ -359,6 +361,28 @@ struct MicroBatch {
     rollout_logprobs: Option<Tensor>,
     old_logprobs: Option<Tensor>,
     ref_logprobs: Option<Tensor>,
+}
+
+impl MicroBatch {
+    /// The completion log-probs (and entropies) under `lm`, either in the
+    /// autograd graph or with the logits recomputed in the backward
+    /// (`checkpointed`, which also returns what that backward needs).
+    fn logprobs<'m>(
+        &self,
+        lm: &'m CausalLM,
+        temperature: f64,
+        with_entropy: bool,
+        checkpointed: bool,
+    ) -> model::Result<(TokenLogProbs, Option<CheckpointedLogProbs<'m>>)> {
+        let (ids, mask, k) = (&self.input_ids, &self.attention_mask, self.logits_to_keep);
+        if checkpointed {
+            let ck = lm.checkpointed_logprobs(ids, mask, k, temperature, with_entropy)?;
+            Ok((ck.token_logprobs(), Some(ck)))
+        } else {
+            let lp = lm.completion_logprobs(ids, mask, k, temperature, with_entropy)?;
+            Ok((lp, None))
+        }
+    }
 }
 
 /// A row of the local batch: one completion of a kept group.
@@ -1150,26 +1174,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             // Values only: the checkpointed path drops each chunk's logits
             // as it goes.
             if t.num_iterations > 1 {
-                let lp = policy.checkpointed_logprobs(
-                    &mb.input_ids,
-                    &mb.attention_mask,
-                    mb.logits_to_keep,
-                    temperature,
-                    false,
-                )?;
-                mb.old_logprobs = Some(lp.logprobs().detach());
+                let (lp, _) = mb.logprobs(&policy, temperature, false, true)?;
+                mb.old_logprobs = Some(lp.logprobs.detach());
             }
             if let Some((_, reference)) = &reference
                 && beta > 0.0
             {
-                let lp = reference.checkpointed_logprobs(
-                    &mb.input_ids,
-                    &mb.attention_mask,
-                    mb.logits_to_keep,
-                    temperature,
-                    false,
-                )?;
-                mb.ref_logprobs = Some(lp.logprobs().detach());
+                let (lp, _) = mb.logprobs(reference, temperature, false, true)?;
+                mb.ref_logprobs = Some(lp.logprobs.detach());
             }
         }
         let masks: Vec<&Tensor> = mbs.iter().map(|m| &m.response_mask).collect();
@@ -1197,25 +1209,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             } else {
                 accumulate_gradients(&loss_cfg, beta, &norm, &var_list, mbs.len(), |i| {
                     let mb = &mbs[i];
-                    let (lp, checkpointed) = if t.recompute_logits {
-                        let ck = policy.checkpointed_logprobs(
-                            &mb.input_ids,
-                            &mb.attention_mask,
-                            mb.logits_to_keep,
-                            temperature,
-                            true,
-                        )?;
-                        (ck.token_logprobs(), Some(ck))
-                    } else {
-                        let lp = policy.completion_logprobs(
-                            &mb.input_ids,
-                            &mb.attention_mask,
-                            mb.logits_to_keep,
-                            temperature,
-                            true,
-                        )?;
-                        (lp, None)
-                    };
+                    let (lp, checkpointed) =
+                        mb.logprobs(&policy, temperature, true, t.recompute_logits)?;
                     let mut inputs = LossInputs::new(
                         lp.logprobs,
                         mb.response_mask.clone(),

@@ -148,6 +148,30 @@ fn two_ranks_equal_one_rank_with_top_entropy_quantile() {
     ]);
 }
 
+/// `learner train` as ranks 0 and 1 of a two-rank run on loopback (with
+/// `env` added to both); their outputs once both have exited (2 minutes at
+/// most each).
+fn train_two_ranks(
+    recipe: &std::path::Path,
+    overrides: &[String],
+    env: &[(&str, &str)],
+) -> (std::process::Output, std::process::Output) {
+    let port = free_port().to_string();
+    let env = |rank: &str| {
+        let mut v = vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ];
+        v.extend(env.iter().map(|&(k, val)| (k, val.to_string())));
+        v
+    };
+    let rank0 = Learner::spawn(recipe, overrides, &env("0"));
+    let rank1 = Learner::spawn(recipe, overrides, &env("1"));
+    (rank0.wait(120), rank1.wait(120))
+}
+
 fn two_ranks_vs_one(extra: &[&str]) {
     // Sums over 1 or 2 ranks (and the server's log-probs, batched
     // differently) agree to float rounding; AdamW divides by sqrt(v), which
@@ -171,20 +195,9 @@ fn two_ranks_vs_one(extra: &[&str]) {
     let server2 = rollout_server(&model);
     let out2 = tmp.path().join("two");
     let r2 = recipe(tmp.path(), &model, &server2, &out2);
-    let port = free_port().to_string();
-    let env = |rank: &str| {
-        vec![
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", "2".to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", port.clone()),
-        ]
-    };
     let mut overrides = extra.clone();
     overrides.push("train.per_device_train_batch_size=16".into());
-    let rank0 = Learner::spawn(&r2, &overrides, &env("0"));
-    let rank1 = Learner::spawn(&r2, &overrides, &env("1"));
-    let (o0, o1) = (rank0.wait(120), rank1.wait(120));
+    let (o0, o1) = train_two_ranks(&r2, &overrides, &[]);
     for (r, o) in [(0, &o0), (1, &o1)] {
         assert!(
             o.status.success(),
@@ -849,20 +862,8 @@ fn ranks_whose_weights_diverge_stop_with_an_error() {
     let server = rollout_server(&model);
     let out = tmp.path().join("run");
     let r = recipe(tmp.path(), &model, &server, &out);
-    let port = free_port().to_string();
-    let env = |rank: &str| {
-        vec![
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", "2".to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", port.clone()),
-            ("TANDEM_FAULT_PERTURB_WEIGHTS", "1:2".to_string()),
-        ]
-    };
     let overrides = vec!["train.per_device_train_batch_size=16".to_string()];
-    let rank0 = Learner::spawn(&r, &overrides, &env("0"));
-    let rank1 = Learner::spawn(&r, &overrides, &env("1"));
-    let (o0, o1) = (rank0.wait(120), rank1.wait(120));
+    let (o0, o1) = train_two_ranks(&r, &overrides, &[("TANDEM_FAULT_PERTURB_WEIGHTS", "1:2")]);
     for (rank, o) in [(0, &o0), (1, &o1)] {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "rank {rank} should fail:\n{stderr}");

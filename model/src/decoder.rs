@@ -558,22 +558,7 @@ impl CausalLM {
         with_entropy: bool,
     ) -> Result<TokenLogProbs> {
         let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
-        let mut lps = Vec::new();
-        let mut ents = Vec::new();
-        for range in head.chunks() {
-            let hidden = head.hidden.narrow(1, range.start, range.len())?;
-            let (lp, ent) = head.chunk_logprobs(&hidden, range, with_entropy)?;
-            lps.push(lp);
-            ents.extend(ent);
-        }
-        Ok(TokenLogProbs {
-            logprobs: Tensor::cat(&lps, 1)?,
-            entropy: if with_entropy {
-                Some(Tensor::cat(&ents, 1)?)
-            } else {
-                None
-            },
-        })
+        head.logprobs_by_chunk(&head.hidden, with_entropy, false)
     }
 
     /// [`Self::completion_logprobs`] with the vocabulary projection
@@ -599,21 +584,9 @@ impl CausalLM {
         let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
         // Each chunk's graph (logits, softmax) is dropped with its detached
         // result before the next chunk is computed.
-        let detached = head.hidden.detach();
-        let mut lps = Vec::new();
-        let mut ents = Vec::new();
-        for range in head.chunks() {
-            let hidden = detached.narrow(1, range.start, range.len())?;
-            let (lp, ent) = head.chunk_logprobs(&hidden, range, with_entropy)?;
-            lps.push(lp.detach());
-            ents.extend(ent.map(|e| e.detach()));
-        }
-        let logprobs = Var::from_tensor(&Tensor::cat(&lps, 1)?)?;
-        let entropy = if with_entropy {
-            Some(Var::from_tensor(&Tensor::cat(&ents, 1)?)?)
-        } else {
-            None
-        };
+        let lp = head.logprobs_by_chunk(&head.hidden.detach(), with_entropy, true)?;
+        let logprobs = Var::from_tensor(&lp.logprobs)?;
+        let entropy = lp.entropy.as_ref().map(Var::from_tensor).transpose()?;
         Ok(CheckpointedLogProbs {
             head,
             logprobs,
@@ -777,6 +750,35 @@ impl CompletionHead<'_> {
     fn chunks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + use<> {
         let (k, chunk) = (self.targets.dims()[1], self.chunk);
         (0..k.div_ceil(chunk)).map(move |i| i * chunk..((i + 1) * chunk).min(k))
+    }
+
+    /// Log-probs (and entropies) of every position, `[B, K]`, from `hidden`
+    /// (the head's hidden states or a detached copy of them), chunk by
+    /// chunk; with `detach`, each chunk's result leaves the graph before the
+    /// next chunk is computed.
+    fn logprobs_by_chunk(
+        &self,
+        hidden: &Tensor,
+        with_entropy: bool,
+        detach: bool,
+    ) -> Result<TokenLogProbs> {
+        let mut lps = Vec::new();
+        let mut ents = Vec::new();
+        for range in self.chunks() {
+            let h = hidden.narrow(1, range.start, range.len())?;
+            let (lp, ent) = self.chunk_logprobs(&h, range, with_entropy)?;
+            let keep = |t: Tensor| if detach { t.detach() } else { t };
+            lps.push(keep(lp));
+            ents.extend(ent.map(keep));
+        }
+        Ok(TokenLogProbs {
+            logprobs: Tensor::cat(&lps, 1)?,
+            entropy: if with_entropy {
+                Some(Tensor::cat(&ents, 1)?)
+            } else {
+                None
+            },
+        })
     }
 
     /// Log-probs (and entropies) of positions `range`, from `hidden` (those

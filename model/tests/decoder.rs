@@ -60,16 +60,7 @@ fn ids(rows: &[Vec<u32>]) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_abs_diff_f64(a, b) as f32
 }
 
 #[test]
@@ -292,11 +283,13 @@ fn gradients_of_log_probs_match_finite_differences() {
     }
 }
 
+/// Max |a - b| over every element, read in f64 whatever the dtype.
 fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .and_then(|d| d.abs())
         .and_then(|d| d.flatten_all())
         .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(DType::F64))
         .and_then(|d| d.to_scalar::<f64>())
         .unwrap()
 }
