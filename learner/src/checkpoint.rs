@@ -221,8 +221,8 @@ fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
 /// resumed run may be checkpointed, evaluated and logged differently, or on
 /// another machine, and still continue as if it had never stopped. The
 /// warm-up keys act only before step 0, which a resumed run never repeats;
-/// `recompute_logits` trades memory for time, with the same gradients (to
-/// rounding).
+/// `recompute_logits` and `gradient_checkpointing` trade memory for time,
+/// with the same gradients (to rounding).
 const NO_TRAINING_EFFECT: &[&str] = &[
     "model.device",
     "rollout.endpoints",
@@ -240,6 +240,7 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "train.sft_learning_rate",
     "train.sft_batch_size",
     "train.recompute_logits",
+    "train.gradient_checkpointing",
     "train.max_nonfinite_steps",
     "eval",
     "checkpoint",

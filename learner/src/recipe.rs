@@ -446,6 +446,13 @@ pub struct TrainSection {
     /// grows with the vocabulary (several MB per token at 150k), for one more
     /// `hidden x vocab` product per token. The same gradients, to rounding.
     pub recompute_logits: bool,
+    /// TRL's / transformers' `gradient_checkpointing`: the forward keeps
+    /// only each decoder layer's input, and the backward runs every layer
+    /// again before back-propagating through it. Activation memory no
+    /// longer grows with the layers' insides (attention scores, the MLP's
+    /// intermediate products), for about one more forward pass of compute.
+    /// The same gradients, to rounding. Needs `recompute_logits`.
+    pub gradient_checkpointing: bool,
     /// TRL's `mask_truncated_completions` (DAPO's overlong filtering):
     /// completions cut at `rollout.max_completion_length` are left out of
     /// the loss. They still count in their group's advantages.
@@ -483,6 +490,7 @@ impl Default for TrainSection {
             sft_learning_rate: None,
             sft_batch_size: None,
             recompute_logits: true,
+            gradient_checkpointing: false,
             mask_truncated_completions: false,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
@@ -949,6 +957,15 @@ impl Recipe {
         ensure(t.num_iterations >= 1, "train.num_iterations", || {
             "must be >= 1".into()
         })?;
+        ensure(
+            t.recompute_logits || !t.gradient_checkpointing,
+            "train.gradient_checkpointing",
+            || {
+                "recomputes the logits along with the layers: set train.recompute_logits: \
+                 true (or gradient_checkpointing: false)"
+                    .into()
+            },
+        )?;
         ensure(nonneg(t.max_grad_norm), "train.max_grad_norm", || {
             format!("must be >= 0 (0: no clipping), got {}", t.max_grad_norm)
         })?;
@@ -1341,9 +1358,9 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
             "not supported: everything is logged to the run folder (checkpoint.output_dir)"
         }
         "disable_dropout" => "Tandem's models have no dropout; remove the key",
-        "gradient_checkpointing" | "gradient_checkpointing_kwargs" => {
-            "not supported for the transformer layers (train.recompute_logits \
-             covers the logits, the largest activation); remove the key"
+        "gradient_checkpointing_kwargs" => {
+            "not needed: train.gradient_checkpointing recomputes each decoder layer \
+             (transformers' use_reentrant has no equivalent); remove the key"
         }
         "shuffle_dataset" => "it is data.shuffle",
         "dataset_prompt_column" => "it is data.prompt_column",

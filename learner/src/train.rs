@@ -727,7 +727,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .unwrap_or(0);
     let weights = Weights::load(&model_dir, &device, dtype)?;
     let (vars, view) = model::decoder::trainable(&weights)?;
-    let policy = CausalLM::new(&cfg, &view)?;
+    let mut policy = CausalLM::new(&cfg, &view)?;
+    policy.set_gradient_checkpointing(t.gradient_checkpointing);
     let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let loss_cfg = t.loss.clone();
     loss_cfg.validate()?;

@@ -235,8 +235,10 @@ fn model_gradients_accumulated_over_four_micro_batches_equal_the_full_batch() {
         // Four micro-batches of two rows, each padded on its own (different
         // prompt widths), with the rows' constants taken from the full batch;
         // log-probs in the autograd graph, then with the logits recomputed in
-        // the backward (in chunks of two positions).
-        for recompute_logits in [false, true] {
+        // the backward (in chunks of two positions), then with the decoder
+        // layers recomputed too (gradient checkpointing).
+        for (recompute_logits, layers) in [(false, false), (true, false), (true, true)] {
+            lm.set_gradient_checkpointing(layers);
             let mut acc = GradAccumulator::new(&vars);
             for m in 0..4 {
                 let rows = 2 * m..2 * m + 2;
@@ -287,9 +289,10 @@ fn model_gradients_accumulated_over_four_micro_batches_equal_the_full_batch() {
             }
             assert!(
                 worst < 1e-6,
-                "{loss_type:?}/{level:?} (recompute_logits {recompute_logits}): \
-                 max |acc - full| = {worst:e}"
+                "{loss_type:?}/{level:?} (recompute_logits {recompute_logits}, \
+                 layers {layers}): max |acc - full| = {worst:e}"
             );
         }
+        lm.set_gradient_checkpointing(false);
     }
 }

@@ -81,6 +81,27 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     let text = format!("{BASE}  use_liger_loss: true\n");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("train.recompute_logits"), "{e}");
+    // open-r1's `gradient_checkpointing: true` at the top level.
+    let text = format!("gradient_checkpointing: true\n{BASE}");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(
+        e.contains("did you mean train.gradient_checkpointing?"),
+        "{e}"
+    );
+    let e = err(
+        BASE,
+        &[
+            "train.gradient_checkpointing=true",
+            "train.recompute_logits=false",
+        ],
+    );
+    assert!(
+        e.contains("train.gradient_checkpointing") && e.contains("recompute_logits: true"),
+        "{e}"
+    );
+    let text = format!("{BASE}  gradient_checkpointing_kwargs: {{use_reentrant: false}}\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("not needed"), "{e}");
     let e = err(BASE, &["train.steps_per_generation=4"]);
     assert!(
         e.contains("not supported") && e.contains("num_iterations"),

@@ -783,6 +783,55 @@ fn kl_num_iterations_and_gradient_accumulation_together() {
     assert_eq!(server.weight_version(), 3);
 }
 
+/// `train.gradient_checkpointing` (TRL's and transformers' key) changes
+/// memory, not training: a run with it logs the same losses and ends with
+/// the same weights as one without, with the KL term, two passes per batch
+/// and gradient accumulation in both.
+#[test]
+fn gradient_checkpointing_trains_like_the_full_graph() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let mut logs = Vec::new();
+    let mut weights = Vec::new();
+    for checkpointing in [false, true] {
+        let server = rollout_server(&model);
+        let out = tmp.path().join(format!("run_{checkpointing}"));
+        let recipe = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &recipe,
+            &[
+                "train.learning_rate=1.0e-4".into(),
+                "train.beta=0.04".into(),
+                "train.num_iterations=2".into(),
+                "train.gradient_accumulation_steps=2".into(),
+                format!("train.gradient_checkpointing={checkpointing}"),
+            ],
+        );
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(
+            manifest["recipe"]["train"]["gradient_checkpointing"],
+            checkpointing
+        );
+        logs.push(read_jsonl(&out.join("train_log.jsonl")));
+        weights.push(load_weights(&out.join("checkpoints/step_000003")));
+    }
+    assert_eq!(logs[0].len(), 3);
+    for (x, y) in logs[0].iter().zip(&logs[1]) {
+        assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
+        for key in ["loss", "pg_loss", "kl", "grad_norm", "entropy"] {
+            let (u, v) = (f(x, key), f(y, key));
+            assert!(
+                (u - v).abs() <= 1e-5,
+                "step {}: {key} {u} (full graph) vs {v} (checkpointed)",
+                x["step"]
+            );
+        }
+    }
+    let d = max_abs_diff(&weights[0], &weights[1]);
+    assert!(d <= 1e-5, "final weights differ by {d}");
+}
+
 /// TRL's mask_truncated_completions: with one completion token allowed,
 /// nearly every completion the tiny random model writes is cut at the
 /// limit. In a step where all are, none is left in the loss and the weights

@@ -4,7 +4,8 @@
 //! - [`CausalLM::forward`] / [`CausalLM::completion_logprobs`]: full sequences,
 //!   differentiable with respect to every parameter (built only from candle ops
 //!   that have a backward), for the learner; [`CausalLM::checkpointed_logprobs`]
-//!   is the same with the logits recomputed in the backward pass;
+//!   is the same with the logits (and, with gradient checkpointing, the
+//!   decoder layers) recomputed in the backward pass;
 //! - [`CausalLM::forward_cached`]: appends tokens of many sequences to a
 //!   [`KvCache`] in one batched forward (prefill and decode alike), for the
 //!   rollout server. It may use candle's fused kernels (rms_norm, softmax,
@@ -346,6 +347,39 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer over whole sequences (training and scoring: the
+    /// differentiable ops only).
+    fn forward_sequence(&self, x: &Tensor, ctx: &SequenceContext) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, false)?;
+        let (q, k, v) = self.self_attn.qkv(&h, &ctx.cos, &ctx.sin, false)?;
+        let attn = self.self_attn.attend(&q, k, v, &ctx.attn_mask, false)?;
+        self.finish(x, attn, false)
+    }
+
+    /// Every parameter tensor of the layer.
+    fn parameters(&self) -> Vec<&Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let mut out = vec![
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ];
+        out.extend(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.weight));
+        for l in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ] {
+            out.push(&l.weight);
+            out.extend(&l.bias);
+        }
+        out
+    }
+
     /// The feed-forward half, after attention produced `attn_out`.
     fn finish(&self, residual: &Tensor, attn_out: Tensor, fused: bool) -> Result<Tensor> {
         let x = (residual + attn_out)?;
@@ -378,6 +412,8 @@ pub struct CausalLM {
     /// Upper bound on the elements of one chunk of logits in the log-prob
     /// paths.
     logits_chunk_elements: usize,
+    /// [`Self::checkpointed_logprobs`] recomputes the decoder layers too.
+    gradient_checkpointing: bool,
 }
 
 impl CausalLM {
@@ -422,6 +458,7 @@ impl CausalLM {
             device,
             dtype,
             logits_chunk_elements: LOGITS_CHUNK_ELEMENTS,
+            gradient_checkpointing: false,
         })
     }
 
@@ -447,6 +484,18 @@ impl CausalLM {
         self.logits_chunk_elements = elements;
     }
 
+    /// Gradient checkpointing of the decoder layers (transformers'
+    /// `gradient_checkpointing_enable`), for [`Self::checkpointed_logprobs`]:
+    /// its forward then keeps each layer's input `[B, T, hidden]` and
+    /// nothing of what happens inside the layers (attention scores, the MLP's
+    /// `[B, T, intermediate]` products...), and its backward runs each layer
+    /// again before back-propagating through it. About one more forward pass
+    /// of compute, for activation memory that no longer grows with the
+    /// depth times the width of the layers. The other paths ignore it.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -470,10 +519,14 @@ impl CausalLM {
         Ok(())
     }
 
-    /// Final hidden states (after the last norm), `[B, T, hidden]`, differentiable.
-    /// `input_ids`: u32 `[B, T]`; `attention_mask`: `[B, T]` of 0/1 (any dtype),
-    /// left or right padding.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    /// What every layer of a full-sequence forward needs besides the hidden
+    /// states: checked ids, rotary tables at each token's position and the
+    /// additive attention mask.
+    fn sequence_context(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<SequenceContext> {
         let (b, t) = input_ids.dims2()?;
         if attention_mask.dims2()? != (b, t) {
             return Err(ModelError::Invalid(format!(
@@ -519,16 +572,46 @@ impl CausalLM {
             .flat_map(|row| row.iter().map(|&m| if m > 0.0 { 0.0 } else { MASKED }))
             .collect();
         let pad = Tensor::from_vec(pad, (b, 1, 1, t), &self.device)?;
-        let attn_mask = causal.broadcast_add(&pad)?;
+        Ok(SequenceContext {
+            ids,
+            cos,
+            sin,
+            attn_mask: causal.broadcast_add(&pad)?,
+        })
+    }
 
-        let mut x = self.embed(&ids)?;
+    /// Final hidden states (after the last norm), `[B, T, hidden]`, differentiable.
+    /// `input_ids`: u32 `[B, T]`; `attention_mask`: `[B, T]` of 0/1 (any dtype),
+    /// left or right padding.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let ctx = self.sequence_context(input_ids, attention_mask)?;
+        let mut x = self.embed(&ctx.ids)?;
         for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x, false)?;
-            let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, false)?;
-            let attn = layer.self_attn.attend(&q, k, v, &attn_mask, false)?;
-            x = layer.finish(&x, attn, false)?;
+            x = layer.forward_sequence(&x, &ctx)?;
         }
         self.norm.forward(&x, false)
+    }
+
+    /// [`Self::forward_hidden`] with every decoder layer checkpointed: each
+    /// layer's output leaves the autograd graph as soon as the next layer
+    /// has its input, so the graph holds only the final norm. What the
+    /// backward needs to recompute the layers one at a time is returned
+    /// beside the hidden states.
+    fn forward_hidden_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<(Tensor, LayerCheckpoints)> {
+        let ctx = self.sequence_context(input_ids, attention_mask)?;
+        let mut x = self.embed(&ctx.ids)?.detach();
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let next = layer.forward_sequence(&x, &ctx)?.detach();
+            inputs.push(std::mem::replace(&mut x, next));
+        }
+        let last = Var::from_tensor(&x)?;
+        let hidden = self.norm.forward(last.as_tensor(), false)?;
+        Ok((hidden, LayerCheckpoints { ctx, inputs, last }))
     }
 
     /// Logits `[.., V]` of hidden states `[.., hidden]`, in f32 (f64 for an
@@ -557,7 +640,13 @@ impl CausalLM {
         temperature: f64,
         with_entropy: bool,
     ) -> Result<TokenLogProbs> {
-        let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
+        let head = self.completion_head(
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            temperature,
+            false,
+        )?;
         head.logprobs_by_chunk(&head.hidden, with_entropy, false)
     }
 
@@ -566,7 +655,8 @@ impl CausalLM {
     /// the final hidden states `[B, K, hidden]` in the graph, not the
     /// `[B, K, V]` logits and their softmax, which for a 150k vocabulary are
     /// several MB per token. The price is one more `hidden x V` product per
-    /// token in the backward.
+    /// token in the backward. With [`Self::set_gradient_checkpointing`] the
+    /// decoder layers are recomputed in the backward as well.
     ///
     /// The returned log-probs and entropies are leaf variables: compute the
     /// loss on them, back-propagate it, and hand their gradients to
@@ -581,7 +671,13 @@ impl CausalLM {
         temperature: f64,
         with_entropy: bool,
     ) -> Result<CheckpointedLogProbs<'_>> {
-        let head = self.completion_head(input_ids, attention_mask, logits_to_keep, temperature)?;
+        let head = self.completion_head(
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            temperature,
+            self.gradient_checkpointing,
+        )?;
         // Each chunk's graph (logits, softmax) is dropped with its detached
         // result before the next chunk is computed.
         let lp = head.logprobs_by_chunk(&head.hidden.detach(), with_entropy, true)?;
@@ -602,6 +698,7 @@ impl CausalLM {
         attention_mask: &Tensor,
         logits_to_keep: usize,
         temperature: f64,
+        recompute_layers: bool,
     ) -> Result<CompletionHead<'_>> {
         let (b, t) = input_ids.dims2()?;
         if logits_to_keep == 0 || logits_to_keep >= t {
@@ -609,7 +706,12 @@ impl CausalLM {
                 "logits_to_keep must be in 1..{t} for sequences of {t} tokens, got {logits_to_keep}"
             )));
         }
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        let (hidden, layers) = if recompute_layers {
+            let (hidden, layers) = self.forward_hidden_checkpointed(input_ids, attention_mask)?;
+            (hidden, Some(layers))
+        } else {
+            (self.forward_hidden(input_ids, attention_mask)?, None)
+        };
         let hidden = hidden.narrow(1, t - logits_to_keep - 1, logits_to_keep)?;
         let targets =
             input_ids
@@ -618,6 +720,7 @@ impl CausalLM {
         Ok(CompletionHead {
             model: self,
             hidden,
+            layers,
             targets,
             temperature,
             chunk: (self.logits_chunk_elements / (b * self.cfg.vocab_size).max(1)).max(1),
@@ -734,11 +837,34 @@ impl CausalLM {
     }
 }
 
+/// See [`CausalLM::sequence_context`].
+struct SequenceContext {
+    /// u32 `[B, T]`, each below the vocabulary size.
+    ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[B, 1, T, T]` f32: 0 or [`MASKED`].
+    attn_mask: Tensor,
+}
+
+/// What the backward pass of a layer-checkpointed forward needs to run the
+/// layers again, one at a time.
+struct LayerCheckpoints {
+    ctx: SequenceContext,
+    /// The input of each decoder layer `[B, T, hidden]`, out of the graph.
+    inputs: Vec<Tensor>,
+    /// The last layer's output, a leaf variable under the final norm.
+    last: Var,
+}
+
 /// The last hidden states of a completion batch and the tokens they predict.
 struct CompletionHead<'a> {
     model: &'a CausalLM,
-    /// `[B, K, hidden]`, in the graph of the transformer.
+    /// `[B, K, hidden]`, in the graph of the transformer (or, with the layers
+    /// checkpointed, of the final norm only).
     hidden: Tensor,
+    /// Set when the decoder layers were checkpointed.
+    layers: Option<LayerCheckpoints>,
     /// `[B, K]` u32.
     targets: Tensor,
     temperature: f64,
@@ -877,15 +1003,62 @@ impl CheckpointedLogProbs<'_> {
         }
         let d_hidden = Tensor::cat(&d_hidden, 1)?;
         let mut grads = (&head.hidden * d_hidden)?.sum_all()?.backward()?;
+        if let Some(layers) = &head.layers {
+            head.model.layers_backward(layers, &mut grads)?;
+        }
         // With tied embeddings this adds to the input embedding's gradient.
         if let Some(g) = d_lm_head {
-            let total = match grads.remove(lm_head) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            grads.insert(lm_head, total);
+            add_grad(&mut grads, lm_head, g)?;
         }
         Ok(grads)
+    }
+}
+
+/// Adds `g` to the gradient of `t` in `grads`.
+fn add_grad(grads: &mut candle_core::backprop::GradStore, t: &Tensor, g: Tensor) -> Result<()> {
+    let total = match grads.remove(t) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(t, total.detach());
+    Ok(())
+}
+
+impl CausalLM {
+    /// The backward pass through checkpointed decoder layers: `grads` holds
+    /// the gradient of the last layer's output (from the backward through the
+    /// final norm); from the last layer to the first, each layer runs again
+    /// on its saved input and back-propagates its output's gradient, which
+    /// gives its parameters' gradients and its input's, the previous
+    /// layer's output's. The last one goes into the embedding table.
+    fn layers_backward(
+        &self,
+        ck: &LayerCheckpoints,
+        grads: &mut candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        let Some(mut d_x) = grads.remove(ck.last.as_tensor()) else {
+            return Ok(());
+        };
+        for (layer, input) in self.layers.iter().zip(&ck.inputs).rev() {
+            let x = Var::from_tensor(input)?;
+            let out = layer.forward_sequence(x.as_tensor(), &ck.ctx)?;
+            let mut layer_grads = (out * d_x.detach())?.sum_all()?.backward()?;
+            for p in layer.parameters() {
+                if let Some(g) = layer_grads.remove(p) {
+                    grads.insert(p, g.detach());
+                }
+            }
+            d_x = match layer_grads.remove(x.as_tensor()) {
+                Some(g) => g.detach(),
+                None => input.zeros_like()?,
+            };
+        }
+        let embedded = self.embed(&ck.ctx.ids)?;
+        let mut embed_grads = (embedded * d_x)?.sum_all()?.backward()?;
+        if let Some(g) = embed_grads.remove(&self.embed_tokens) {
+            add_grad(grads, &self.embed_tokens, g)?;
+        }
+        Ok(())
     }
 }
 

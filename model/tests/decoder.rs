@@ -314,10 +314,13 @@ fn nonlinear_loss(lp: &Tensor, entropy: Option<&Tensor>) -> Tensor {
 
 #[test]
 fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
-    for arch in ARCHS {
+    // With the decoder layers checkpointed too (gradient checkpointing) and
+    // without: the same values and gradients as the full autograd graph.
+    for (arch, layers) in ARCHS.iter().flat_map(|a| [(*a, false), (*a, true)]) {
         let (cfg, w) = random_model(arch, 5, DType::F64);
         let (vars, view) = trainable(&w).unwrap();
         let mut lm = CausalLM::new(&cfg, &view).unwrap();
+        lm.set_gradient_checkpointing(layers);
         let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
         let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
         for with_entropy in [false, true] {
@@ -347,7 +350,7 @@ fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
                     let (Some(a), Some(b)) =
                         (got.get(var.as_tensor()), expected.get(var.as_tensor()))
                     else {
-                        panic!("{arch} {name}: missing gradient");
+                        panic!("{arch} {name} (layers checkpointed {layers}): missing gradient");
                     };
                     let scale = b
                         .abs()
@@ -359,8 +362,8 @@ fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
                     let diff = max_abs_diff_f64(a, b);
                     assert!(
                         diff <= 1e-10 * (1.0 + scale),
-                        "{arch} {name} (chunks of {positions}, entropy {with_entropy}): \
-                         differs by {diff}"
+                        "{arch} {name} (chunks of {positions}, entropy {with_entropy}, \
+                         layers checkpointed {layers}): differs by {diff}"
                     );
                 }
             }

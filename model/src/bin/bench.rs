@@ -37,28 +37,97 @@ fn time<F: FnMut() -> model::Result<()>>(
     Ok(start.elapsed().as_secs_f64() / n as f64)
 }
 
-/// One forward+backward of completion log-probs: the logits kept in the
-/// autograd graph, or recomputed in the backward (the learner's default,
-/// `train.recompute_logits`).
-fn train_step(lm: &CausalLM, ids: &Tensor, mask: &Tensor, recompute: bool) -> model::Result<()> {
+/// What a forward+backward keeps for the backward pass.
+#[derive(Clone, Copy, PartialEq)]
+enum TrainMode {
+    /// Everything, the logits included: `completion_logprobs`.
+    LogitsKept,
+    /// The logits recomputed in the backward (`train.recompute_logits`, the
+    /// learner's default).
+    LogitsRecomputed,
+    /// The decoder layers recomputed too (`train.gradient_checkpointing`).
+    LayersRecomputed,
+}
+
+impl TrainMode {
+    const ALL: [TrainMode; 3] = [
+        TrainMode::LogitsKept,
+        TrainMode::LogitsRecomputed,
+        TrainMode::LayersRecomputed,
+    ];
+
+    /// The `--peak-memory-of` argument.
+    fn arg(self) -> &'static str {
+        match self {
+            TrainMode::LogitsKept => "kept",
+            TrainMode::LogitsRecomputed => "recomputed",
+            TrainMode::LayersRecomputed => "layers",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            TrainMode::LogitsKept => "forward+backward, logits kept",
+            TrainMode::LogitsRecomputed => "forward+backward, logits recomputed",
+            TrainMode::LayersRecomputed => "forward+backward, logits and layers recomputed",
+        }
+    }
+
+    /// The model for this mode, from trainable weights.
+    fn model(self, cfg: &model::ModelConfig, view: &Weights) -> model::Result<CausalLM> {
+        let mut lm = CausalLM::new(cfg, view)?;
+        lm.set_gradient_checkpointing(self == TrainMode::LayersRecomputed);
+        Ok(lm)
+    }
+}
+
+impl std::str::FromStr for TrainMode {
+    type Err = model::ModelError;
+    fn from_str(s: &str) -> model::Result<Self> {
+        TrainMode::ALL
+            .into_iter()
+            .find(|m| m.arg() == s)
+            .ok_or_else(|| model::ModelError::Invalid(format!("unknown train mode {s:?}")))
+    }
+}
+
+/// The completion log-probs of a forward for `mode`, and what its backward
+/// needs; dropping the result frees the graph.
+fn train_forward<'m>(
+    lm: &'m CausalLM,
+    ids: &Tensor,
+    mask: &Tensor,
+    mode: TrainMode,
+) -> model::Result<Result<model::decoder::CheckpointedLogProbs<'m>, Tensor>> {
     let k = ids.dim(1)? - 1;
-    if recompute {
-        let ck = lm.checkpointed_logprobs(ids, mask, k, 1.0, false)?;
-        let d = ck.logprobs().ones_like()?;
-        ck.backward(Some(&d), None)?;
+    Ok(if mode == TrainMode::LogitsKept {
+        Err(lm.completion_logprobs(ids, mask, k, 1.0, false)?.logprobs)
     } else {
-        let lp = lm.completion_logprobs(ids, mask, k, 1.0, false)?;
-        lp.logprobs.sum_all()?.backward()?;
+        Ok(lm.checkpointed_logprobs(ids, mask, k, 1.0, false)?)
+    })
+}
+
+/// One forward+backward of completion log-probs (`lm` built by
+/// [`TrainMode::model`]).
+fn train_step(lm: &CausalLM, ids: &Tensor, mask: &Tensor, mode: TrainMode) -> model::Result<()> {
+    match train_forward(lm, ids, mask, mode)? {
+        Ok(ck) => {
+            let d = ck.logprobs().ones_like()?;
+            ck.backward(Some(&d), None)?;
+        }
+        Err(logprobs) => {
+            logprobs.sum_all()?.backward()?;
+        }
     }
     Ok(())
 }
 
-/// Hidden mode `--peak-memory-of PRESET kept|recomputed` (CPU, Linux): one
+/// Hidden mode `--peak-memory-of PRESET kept|recomputed|layers` (CPU, Linux): one
 /// [`train_step`] of batch 8 x 128; prints how far the peak resident memory
 /// rose above the resident memory before it, in bytes. Run in a process of
 /// its own, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so
 /// that freed buffers leave the resident set and the peak is what was live.
-fn peak_memory_of(preset: Preset, recompute: bool) -> model::Result<()> {
+fn peak_memory_of(preset: Preset, mode: TrainMode) -> model::Result<()> {
     let kib = |field: &str| -> Option<u64> {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let line = status.lines().find(|l| l.starts_with(field))?;
@@ -67,7 +136,7 @@ fn peak_memory_of(preset: Preset, recompute: bool) -> model::Result<()> {
     let cfg = presets::config(preset, 100, 1, 0)?;
     let weights = Weights::random(&cfg, 0, &Device::Cpu, DType::F32)?;
     let (_vars, view) = trainable(&weights)?;
-    let lm = CausalLM::new(&cfg, &view)?;
+    let lm = mode.model(&cfg, &view)?;
     let (b, t) = (8, 128);
     let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu)?;
@@ -75,7 +144,7 @@ fn peak_memory_of(preset: Preset, recompute: bool) -> model::Result<()> {
     std::fs::write("/proc/self/clear_refs", "5")
         .map_err(|e| model::ModelError::Invalid(format!("/proc/self/clear_refs: {e}")))?;
     let before = kib("VmRSS:");
-    train_step(&lm, &ids, &mask, recompute)?;
+    train_step(&lm, &ids, &mask, mode)?;
     let peak = kib("VmHWM:");
     let (Some(before), Some(peak)) = (before, peak) else {
         return Err(model::ModelError::Invalid(
@@ -95,7 +164,7 @@ fn gpu_graph_memory(
     lm: &CausalLM,
     ids: &Tensor,
     mask: &Tensor,
-    recompute: bool,
+    mode: TrainMode,
 ) -> model::Result<Option<u64>> {
     let free = || -> model::Result<Option<usize>> {
         dev.synchronize()?;
@@ -104,26 +173,17 @@ fn gpu_graph_memory(
     let Some(before) = free()? else {
         return Ok(None);
     };
-    let k = ids.dim(1)? - 1;
-    let after = if recompute {
-        let held = lm.checkpointed_logprobs(ids, mask, k, 1.0, false)?;
-        let after = free()?;
-        drop(held);
-        after
-    } else {
-        let held = lm.completion_logprobs(ids, mask, k, 1.0, false)?;
-        let after = free()?;
-        drop(held);
-        after
-    };
+    let held = train_forward(lm, ids, mask, mode)?;
+    let after = free()?;
+    drop(held);
     Ok(after.map(|after| before.saturating_sub(after) as u64))
 }
 
 /// [`peak_memory_of`] in a child process; `None` where it cannot run.
-fn peak_memory_growth(preset: Preset, recompute: bool) -> Option<u64> {
+fn peak_memory_growth(preset: Preset, mode: TrainMode) -> Option<u64> {
     let exe = std::env::current_exe().ok()?;
     let name = preset.name();
-    let mode = if recompute { "recomputed" } else { "kept" };
+    let mode = mode.arg();
     let out = std::process::Command::new(exe)
         .args(["--peak-memory-of", name, mode])
         .env("MALLOC_MMAP_THRESHOLD_", "131072")
@@ -169,7 +229,7 @@ fn main() -> model::Result<()> {
             }
             "--peak-memory-of" => {
                 let preset: Preset = value()?.parse()?;
-                return peak_memory_of(preset, value()? == "recomputed");
+                return peak_memory_of(preset, value()?.parse()?);
             }
             "--bandwidth-gbs" => {
                 let v = value()?;
@@ -206,35 +266,28 @@ fn main() -> model::Result<()> {
         let wanted = |measure: &str| only.as_deref().is_none_or(|o| o == measure);
         let (b, t) = (8, 128);
 
-        // Forward + backward of completion log-probs, batch 8 x 128: with
-        // the logits kept in the autograd graph, and recomputed in the
-        // backward (the learner's default, train.recompute_logits).
+        // Forward + backward of completion log-probs, batch 8 x 128, in each
+        // TrainMode.
         if wanted("train") {
             let (_vars, view) = trainable(&weights)?;
-            let lm = CausalLM::new(&cfg, &view)?;
             let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &dev)?;
             let mask = Tensor::ones((b, t), DType::U32, &dev)?;
-            for recompute in [false, true] {
-                let mut step = || train_step(&lm, &ids, &mask, recompute);
+            for mode in TrainMode::ALL {
+                let lm = mode.model(&cfg, &view)?;
+                let mut step = || train_step(&lm, &ids, &mask, mode);
                 let memory = if dev.is_cpu() {
-                    peak_memory_growth(preset, recompute).map(|b| ("peak", b))
+                    peak_memory_growth(preset, mode).map(|b| ("peak", b))
                 } else {
-                    gpu_graph_memory(&dev, &lm, &ids, &mask, recompute)?.map(|b| ("graph", b))
+                    gpu_graph_memory(&dev, &lm, &ids, &mask, mode)?.map(|b| ("graph", b))
                 };
                 let s = time(&dev, 3.0, &mut step)?;
-                let what = if recompute {
-                    "forward+backward, logits recomputed"
-                } else {
-                    "forward+backward, logits kept"
-                };
                 let what = match memory {
-                    Some((kind, bytes)) => {
-                        format!(
-                            "{what} ({kind} +{:.0} MiB)",
-                            bytes as f64 / (1 << 20) as f64
-                        )
-                    }
-                    None => what.to_string(),
+                    Some((kind, bytes)) => format!(
+                        "{} ({kind} +{:.0} MiB)",
+                        mode.label(),
+                        bytes as f64 / (1 << 20) as f64
+                    ),
+                    None => mode.label().to_string(),
                 };
                 row(&what, format!("{b}x{t}"), (b * t) as f64 / s, None);
             }
