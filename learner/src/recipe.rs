@@ -324,9 +324,10 @@ pub struct RolloutSection {
     /// TRL's `generation_kwargs`: more vLLM sampling parameters, sent as
     /// they are with every generation request (training and eval):
     /// `stop`, `stop_token_ids`, `include_stop_str_in_output`,
-    /// `presence_penalty`, `frequency_penalty`, `ignore_eos`... Those the
-    /// rollout keys set (`temperature`, `n`, `max_tokens`...) are refused
-    /// here: the learner scores tokens with the recipe's values.
+    /// `presence_penalty`, `frequency_penalty`, `ignore_eos`,
+    /// `min_tokens`... Those the rollout keys set (`temperature`, `n`,
+    /// `max_tokens`...) are refused here: the learner scores tokens with the
+    /// recipe's values.
     pub generation_kwargs: Map<String, Value>,
 }
 

@@ -185,6 +185,10 @@ pub struct Sampler {
     params: SamplingParams,
     mode: LogprobsMode,
     rng: ChaCha8Rng,
+    /// vLLM's `min_tokens`: while the output is shorter, these tokens (EOS
+    /// and the stop token ids) cannot be sampled.
+    min_tokens: usize,
+    stop_ids: Vec<u32>,
 }
 
 impl Sampler {
@@ -195,7 +199,19 @@ impl Sampler {
             params,
             mode,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            min_tokens: 0,
+            stop_ids: Vec::new(),
         }
+    }
+
+    /// vLLM's `min_tokens`: the tokens that would end the sequence
+    /// (`stop_ids`: its EOS and stop token ids) get probability zero until
+    /// the output has `min_tokens` tokens, as vLLM's min-tokens logits
+    /// processor does. Raw log-probs are those of the model all the same.
+    pub fn with_min_tokens(mut self, min_tokens: usize, stop_ids: Vec<u32>) -> Self {
+        self.min_tokens = min_tokens;
+        self.stop_ids = stop_ids;
+        self
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -233,7 +249,7 @@ impl Sampler {
         let p = &self.params;
         s.work.clear();
         s.work.extend_from_slice(raw);
-        let penalized = apply_penalties(
+        let mut penalized = apply_penalties(
             &mut s.work,
             &mut s.counts,
             prompt_tokens,
@@ -242,6 +258,14 @@ impl Sampler {
             p.frequency_penalty,
             p.presence_penalty,
         );
+        if output_tokens.len() < self.min_tokens {
+            for &id in &self.stop_ids {
+                if let Some(x) = s.work.get_mut(id as usize) {
+                    *x = f32::NEG_INFINITY;
+                    penalized = true;
+                }
+            }
+        }
         let none_left = || {
             ModelError::Invalid("logits: every token has probability zero after penalties".into())
         };
@@ -1217,6 +1241,54 @@ mod tests {
         let (mut heap, mut keys) = (BinaryHeap::new(), Vec::new());
         let got: Vec<u32> = top_k_sorted(&with_inf, 4, &mut heap, &mut keys).collect();
         assert_eq!(got, [1, 4, 3, 0]);
+    }
+
+    /// vLLM's `min_tokens`: the stop tokens cannot be drawn (greedy or
+    /// sampled) while the output is shorter; raw log-probs stay the
+    /// model's, processed ones see the ban.
+    #[test]
+    fn min_tokens_bans_the_stop_tokens_until_reached() {
+        // Tokens 0 and 3 are the stop tokens and by far the likeliest.
+        let logits = [9.0f32, 0.5, 0.0, 8.0, -1.0];
+        for temperature in [0.0, 1.0] {
+            let p = SamplingParams {
+                temperature,
+                ..params()
+            };
+            for mode in [LogprobsMode::RawLogprobs, LogprobsMode::ProcessedLogprobs] {
+                let mut s = Sampler::new(p.clone(), 7, mode).with_min_tokens(3, vec![0, 3]);
+                let mut output = Vec::new();
+                for _ in 0..3 {
+                    let t = s.sample(&logits, &[], &output).unwrap();
+                    assert!(![0, 3].contains(&t.token), "{t:?} at {}", output.len());
+                    let expected = match mode {
+                        LogprobsMode::RawLogprobs => logits[t.token as usize] - lse_ref(&logits),
+                        LogprobsMode::ProcessedLogprobs => {
+                            // (Temperature 1 or greedy: no scaling.)
+                            let mut banned = logits;
+                            banned[0] = f32::NEG_INFINITY;
+                            banned[3] = f32::NEG_INFINITY;
+                            banned[t.token as usize] - lse_ref(&banned)
+                        }
+                    };
+                    assert!((t.logprob - expected).abs() < 1e-5, "{mode}: {t:?}");
+                    output.push(t.token);
+                }
+                // From the fourth token on they are allowed again.
+                if temperature == 0.0 {
+                    assert_eq!(s.sample(&logits, &[], &output).unwrap().token, 0);
+                }
+            }
+        }
+        // The default bans nothing.
+        let mut s = Sampler::new(params(), 7, LogprobsMode::RawLogprobs);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params()
+        };
+        let mut g = Sampler::new(greedy, 7, LogprobsMode::RawLogprobs);
+        assert_eq!(g.sample(&logits, &[], &[]).unwrap().token, 0);
+        assert!(s.sample(&logits, &[], &[]).is_ok());
     }
 
     #[test]

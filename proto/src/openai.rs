@@ -68,6 +68,9 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     pub stop: Option<Stop>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM: no EOS or stop token id (and no stop string) ends a sample
+    /// before it has this many tokens.
+    pub min_tokens: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,

@@ -55,6 +55,7 @@ async fn run(state: SharedState, headers: HeaderMap, body: Bytes) -> Result<Resp
 pub fn text_options(v: &ValidRequest) -> TextOptions {
     TextOptions {
         stop: v.stop.clone(),
+        min_tokens: v.min_tokens,
         include_stop_str_in_output: v.include_stop_str_in_output,
         skip_special_tokens: v.skip_special_tokens,
     }

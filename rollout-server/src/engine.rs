@@ -63,6 +63,8 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// EOS and `stop_token_ids` cannot be sampled before this many tokens.
+    pub min_tokens: usize,
     /// Log-probs of the prompt tokens with this many top entries (`echo`
     /// with `logprobs`).
     pub prompt_logprobs: Option<usize>,

@@ -394,6 +394,17 @@ impl Scheduler {
     }
 
     /// Sample `j` of `g` in `slot`, seeded with `g.seed + j`.
+    /// The tokens that end a sequence of `request`: EOS (unless
+    /// `ignore_eos`) and its stop token ids. Empty without `min_tokens`,
+    /// the one reader.
+    fn stop_ids(&self, request: &GenerateRequest) -> Vec<u32> {
+        if request.min_tokens == 0 {
+            return Vec::new();
+        }
+        let eos = self.eos.iter().filter(|_| !request.ignore_eos);
+        eos.chain(&request.stop_token_ids).copied().collect()
+    }
+
     fn sequence(&self, g: &Group, j: usize, slot: usize) -> Sequence {
         Sequence {
             sample: j,
@@ -402,7 +413,8 @@ impl Scheduler {
                 g.request.params.clone(),
                 g.seed.wrapping_add(j as u64),
                 self.config.logprobs_mode,
-            ),
+            )
+            .with_min_tokens(g.request.min_tokens, self.stop_ids(&g.request)),
             output: Vec::new(),
             pending: 0,
             // Time to first token counts from the request's arrival.

@@ -57,6 +57,9 @@ pub struct ChoiceUpdate {
 #[derive(Debug, Clone)]
 pub struct TextOptions {
     pub stop: Vec<String>,
+    /// Stop strings count only once a choice has more tokens than this
+    /// (vLLM's `min_tokens`).
+    pub min_tokens: usize,
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
 }
@@ -68,6 +71,8 @@ struct ChoiceText {
     text: String,
     /// Bytes of `text` already handed out.
     sent: usize,
+    /// Tokens pushed so far.
+    tokens: usize,
     done: bool,
 }
 
@@ -85,6 +90,7 @@ impl ChoiceText {
             decoder: DecodeStream::new(skip_special_tokens),
             text: String::new(),
             sent: 0,
+            tokens: 0,
             done: false,
         }
     }
@@ -104,8 +110,9 @@ impl ChoiceText {
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let old_len = self.text.len();
         self.text.push_str(&piece);
+        self.tokens += 1;
         let mut stopped = None;
-        if !opts.stop.is_empty() && !piece.is_empty() {
+        if !opts.stop.is_empty() && !piece.is_empty() && self.tokens > opts.min_tokens {
             let longest = opts.stop.iter().map(String::len).max().unwrap_or(0);
             let from = floor_char_boundary(&self.text, old_len.saturating_sub(longest - 1));
             let hit = opts
@@ -240,6 +247,7 @@ mod tests {
     fn opts(stop: &[&str]) -> TextOptions {
         TextOptions {
             stop: stop.iter().map(|s| s.to_string()).collect(),
+            min_tokens: 0,
             include_stop_str_in_output: false,
             skip_special_tokens: true,
         }
@@ -266,5 +274,28 @@ mod tests {
         }
         assert_eq!(out, "ab");
         assert_eq!(stop.as_deref(), Some("xy"));
+    }
+
+    /// vLLM's `min_tokens`: a stop string inside the first `min_tokens`
+    /// tokens does not end the choice; one after them does.
+    #[test]
+    fn stop_strings_wait_for_min_tokens() {
+        let tok = model::tokenizer::char_level("abcxyz", &["<eos>"]).unwrap();
+        let mut o = opts(&["x"]);
+        o.min_tokens = 3;
+        let mut c = ChoiceText::new(true);
+        let mut out = String::new();
+        let mut stop = None;
+        for ch in "axbcxz".chars() {
+            let id = tok.token_to_id(&ch.to_string()).unwrap();
+            let (t, s) = c.push(&tok, id, &o, false).unwrap();
+            out.push_str(&t);
+            if s.is_some() {
+                stop = s;
+                break;
+            }
+        }
+        assert_eq!(out, "axbc");
+        assert_eq!(stop.as_deref(), Some("x"));
     }
 }

@@ -47,6 +47,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: at most every prompt's `max_tokens`.
+    pub min_tokens: usize,
     pub include_stop_str_in_output: bool,
     pub skip_special_tokens: bool,
     /// Top log-probs per token (`Some(0)`: only the sampled token's).
@@ -73,6 +75,7 @@ impl ValidRequest {
                 max_tokens,
                 stop_token_ids: self.stop_token_ids.clone(),
                 ignore_eos: self.ignore_eos,
+                min_tokens: self.min_tokens,
                 prompt_logprobs: if self.echo { self.logprobs } else { None },
             })
             .collect()
@@ -211,7 +214,7 @@ impl Validator {
         let max_tokens = v.max_tokens_requested.unwrap_or(DEFAULT_MAX_TOKENS);
         v.valid.max_tokens = prompts
             .iter()
-            .map(|p| self.check_context(p.ids.len(), max_tokens, "prompt"))
+            .map(|p| self.check_context(p.ids.len(), max_tokens, v.valid.min_tokens, "prompt"))
             .collect::<Result<_, _>>()?;
         v.valid.prompts = prompts;
         v.valid.echo = echo;
@@ -253,7 +256,8 @@ impl Validator {
             None if len < self.max_model_len => self.max_model_len - len,
             None => 1,
         };
-        v.valid.max_tokens = vec![self.check_context(len, max_tokens, "messages")?];
+        v.valid.max_tokens =
+            vec![self.check_context(len, max_tokens, v.valid.min_tokens, "messages")?];
         v.valid.prompts = vec![prompt];
         Ok(v.valid)
     }
@@ -334,13 +338,24 @@ impl Validator {
         Ok(ValidPrompt { ids, text })
     }
 
-    /// `max_tokens` if prompt + max_tokens fits the context, else vLLM's error.
+    /// `max_tokens` if prompt + max_tokens fits the context and `min_tokens`
+    /// is at most `max_tokens`, else vLLM's error.
     fn check_context(
         &self,
         prompt_len: usize,
         max_tokens: usize,
+        min_tokens: usize,
         what: &str,
     ) -> Result<usize, ApiError> {
+        if min_tokens > max_tokens {
+            return Err(bad(
+                format!(
+                    "min_tokens must be less than or equal to max_tokens={max_tokens}, got \
+                     {min_tokens}"
+                ),
+                "min_tokens",
+            ));
+        }
         if prompt_len + max_tokens > self.max_model_len {
             return Err(bad(
                 format!(
@@ -415,6 +430,16 @@ impl Validator {
             return Err(bad("stop strings must not be empty", "stop"));
         }
         let stop_token_ids = f.stop_token_ids.unwrap_or_default();
+        let min_tokens = match f.min_tokens {
+            None => 0,
+            Some(m) if m >= 0 => usize::try_from(m).unwrap_or(usize::MAX),
+            Some(m) => {
+                return Err(bad(
+                    format!("min_tokens must be greater than or equal to 0, got {m}"),
+                    "min_tokens",
+                ));
+            }
+        };
         let stream = f.stream.unwrap_or(false);
         let include_usage = stream
             && f.stream_options
@@ -433,6 +458,7 @@ impl Validator {
                 stop,
                 stop_token_ids,
                 ignore_eos: f.ignore_eos.unwrap_or(false),
+                min_tokens,
                 include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
                 skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
                 logprobs,
@@ -493,10 +519,10 @@ mod tests {
     #[test]
     fn fields_the_request_does_not_read_are_named() {
         let body = br#"{"prompt": "hi", "n": 2, "stop": ["x"], "client_tag": "t",
-                        "stop_token_id": [3], "min_tokens": 4}"#;
+                        "stop_token_id": [3], "min_tokens": 4, "length_penalty": 1.0}"#;
         assert_eq!(
             ignored_fields::<CompletionRequest>(body),
-            ["min_tokens", "stop_token_id"]
+            ["length_penalty", "stop_token_id"]
         );
         let chat = br#"{"messages": [], "temperature": 0.5, "top_logprobs": 2, "foo": 1}"#;
         assert_eq!(ignored_fields::<ChatCompletionRequest>(chat), ["foo"]);

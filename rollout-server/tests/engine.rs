@@ -22,6 +22,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop_token_ids: Vec::new(),
         ignore_eos: true,
+        min_tokens: 0,
         prompt_logprobs: None,
     }
 }

@@ -427,6 +427,65 @@ async fn stop_strings_and_stop_token_ids_end_a_choice() {
     assert_eq!(c["token_ids"].as_array().unwrap().len(), first + 1);
 }
 
+/// vLLM's `min_tokens`: the tiny random model repeats one token greedily;
+/// made a stop token, it ends the completion at once, unless `min_tokens`
+/// keeps it from being sampled until that many tokens are out.
+#[tokio::test]
+async fn min_tokens_holds_off_stop_tokens() {
+    let s = Server::start(&[]).await;
+    let base = json!({"prompt": "hello", "max_tokens": 12, "temperature": 0.0,
+                      "ignore_eos": true, "return_token_ids": true});
+    let (_, r) = s.post("/v1/completions", &base).await;
+    let greedy = r["choices"][0]["token_ids"][0].as_u64().unwrap();
+    let mut body = base.clone();
+    body["stop_token_ids"] = json!([greedy]);
+    let (_, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(r["choices"][0]["token_ids"], json!([greedy]), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    body["min_tokens"] = json!(5);
+    let (st, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    let ids: Vec<u64> = c["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert!(ids.len() > 5, "{r}");
+    assert!(!ids[..5].contains(&greedy), "{ids:?}");
+    match c["finish_reason"].as_str() {
+        Some("stop") => assert_eq!(ids.last(), Some(&greedy)),
+        _ => assert_eq!(ids.len(), 12),
+    }
+
+    // More than max_tokens, or negative: vLLM's 400s.
+    for (min, max) in [(13, 12), (-1, 12)] {
+        let mut bad = body.clone();
+        bad["min_tokens"] = json!(min);
+        bad["max_tokens"] = json!(max);
+        let (st, b) = s.post("/v1/completions", &bad).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], "min_tokens", "{b}");
+    }
+    let (st, b) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}],
+                    "max_completion_tokens": 3, "min_tokens": 4}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens=3"),
+        "{b}"
+    );
+}
+
 #[tokio::test]
 async fn error_statuses_are_vllm_error_objects() {
     let s = Server::start(&[]).await;
