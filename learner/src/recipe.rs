@@ -412,14 +412,16 @@ pub struct TrainSection {
     /// Warmup as a fraction of `max_steps` (used when `warmup_steps` is 0).
     pub warmup_ratio: f64,
     pub warmup_steps: u64,
-    /// Optimizer steps of the run.
+    /// Steps of the run: each generates a batch and makes
+    /// `num_iterations` optimizer updates on it (TRL counts the updates).
     pub max_steps: u64,
     /// Completions per rank per micro-batch, as TRL; a multiple of
     /// `rollout.num_generations` so that groups are never split.
     pub per_device_train_batch_size: usize,
     /// Micro-batches per optimizer step.
     pub gradient_accumulation_steps: usize,
-    /// Optimizer passes over each generated batch (TRL's mu).
+    /// Optimizer updates on each generated batch (TRL's mu), all within one
+    /// step and at that step's learning rate.
     pub num_iterations: usize,
     /// Global gradient-norm clip; 0: none.
     pub max_grad_norm: f64,
@@ -516,7 +518,7 @@ impl TrainSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
-    /// Validate every N optimizer steps; 0: never.
+    /// Validate every N steps (see `train.max_steps`); 0: never.
     pub eval_steps: u64,
     /// Samples per question (the k of pass@k and mean@k).
     pub num_samples: usize,
@@ -540,7 +542,7 @@ impl Default for EvalSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
-    /// Checkpoint every N optimizer steps; 0: never.
+    /// Checkpoint every N steps (see `train.max_steps`); 0: never.
     pub save_steps: u64,
     /// Keep the newest N checkpoints; none: all.
     pub save_total_limit: Option<usize>,
@@ -1345,7 +1347,7 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
-        "num_train_epochs" => "Tandem counts optimizer steps: train.max_steps",
+        "num_train_epochs" => "Tandem counts steps (a generation and its update): train.max_steps",
         "steps_per_generation" | "generation_batch_size" => {
             "not supported: each optimizer step generates its own batch \
              (train.per_device_train_batch_size x gradient_accumulation_steps \
