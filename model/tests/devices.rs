@@ -1,6 +1,7 @@
 //! The model in another dtype or on another device against CPU f32, the
 //! reference: logits, completion log-probs and their gradients, for the same
-//! weights and tokens. On the CPU this checks the reduced-precision path
+//! weights and tokens, through the full autograd graph and through the
+//! learner's gradient-checkpointed path. On the CPU this checks the reduced-precision path
 //! (f16: candle's CPU matmul has no bf16); with `--features cuda` on a GPU
 //! machine, the same comparison runs for CUDA f32 and bf16.
 //!
@@ -52,14 +53,24 @@ fn host(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-fn run(cfg: &ModelConfig, weights: &Weights, device: &Device, dtype: DType) -> Outputs {
+/// With `gradient_checkpointing`, the log-probs and their gradients come
+/// from the learner's memory-saving path (logits and decoder layers
+/// recomputed in the backward).
+fn run(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    device: &Device,
+    dtype: DType,
+    gradient_checkpointing: bool,
+) -> Outputs {
     let mut w = Weights::new(BTreeMap::new());
     for (name, t) in weights.iter() {
         w.insert(name.clone(), t.to_device(device).unwrap());
     }
     let w = w.to_dtype(dtype).unwrap();
     let (vars, view) = trainable(&w).unwrap();
-    let lm = CausalLM::new(cfg, &view).unwrap();
+    let mut lm = CausalLM::new(cfg, &view).unwrap();
+    lm.set_gradient_checkpointing(gradient_checkpointing);
     let (b, t, k) = (3, 40, 24);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919 + 13) % 211) as u32).collect();
     let ids = Tensor::from_vec(ids, (b, t), device).unwrap();
@@ -68,16 +79,22 @@ fn run(cfg: &ModelConfig, weights: &Weights, device: &Device, dtype: DType) -> O
     mask[t..t + 5].fill(0);
     let mask = Tensor::from_vec(mask, (b, t), device).unwrap();
     let logits = lm.forward(&ids, &mask).unwrap();
-    let lp = lm.completion_logprobs(&ids, &mask, k, 1.0, false).unwrap();
-    assert_eq!(
-        lp.logprobs.dtype(),
-        DType::F32,
-        "log-probs are reduced in f32"
-    );
-    let grads = lp.logprobs.sum_all().unwrap().backward().unwrap();
+    let (logprobs, grads) = if gradient_checkpointing {
+        let ck = lm
+            .checkpointed_logprobs(&ids, &mask, k, 1.0, false)
+            .unwrap();
+        let logprobs = ck.logprobs().clone();
+        let d = logprobs.ones_like().unwrap();
+        (logprobs, ck.backward(Some(&d), None).unwrap())
+    } else {
+        let lp = lm.completion_logprobs(&ids, &mask, k, 1.0, false).unwrap();
+        let grads = lp.logprobs.sum_all().unwrap().backward().unwrap();
+        (lp.logprobs, grads)
+    };
+    assert_eq!(logprobs.dtype(), DType::F32, "log-probs are reduced in f32");
     Outputs {
         logits: host(&logits),
-        logprobs: host(&lp.logprobs),
+        logprobs: host(&logprobs),
         grads: vars
             .iter()
             .map(|(name, var)| {
@@ -114,10 +131,16 @@ struct Tolerance {
 fn check(device: Device, dtype: DType, tol: Tolerance) {
     let cfg = config();
     let weights = Weights::random(&cfg, 11, &Device::Cpu, DType::F32).unwrap();
-    let reference = run(&cfg, &weights, &Device::Cpu, DType::F32);
-    let got = run(&cfg, &weights, &device, dtype);
-    let what = format!("{device:?} {dtype:?}");
+    let reference = run(&cfg, &weights, &Device::Cpu, DType::F32, false);
+    for gradient_checkpointing in [false, true] {
+        let got = run(&cfg, &weights, &device, dtype, gradient_checkpointing);
+        let what =
+            format!("{device:?} {dtype:?} (gradient checkpointing {gradient_checkpointing})");
+        compare(&what, &reference, &got, &tol);
+    }
+}
 
+fn compare(what: &str, reference: &Outputs, got: &Outputs, tol: &Tolerance) {
     let scale = reference.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
     let (lmax, lmean) = abs_diff(&got.logits, &reference.logits);
     println!("{what}: logits |ref| max {scale:.3}, diff max {lmax:.2e} mean {lmean:.2e}");
