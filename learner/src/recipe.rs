@@ -418,10 +418,18 @@ pub struct TrainSection {
     /// Completions per rank per micro-batch, as TRL; a multiple of
     /// `rollout.num_generations` so that groups are never split.
     pub per_device_train_batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer update.
     pub gradient_accumulation_steps: usize,
-    /// Optimizer updates on each generated batch (TRL's mu), all within one
-    /// step and at that step's learning rate.
+    /// TRL's `steps_per_generation`: micro-batches generated at once, a
+    /// multiple of `gradient_accumulation_steps`; none: equal to it. Each
+    /// step generates this many micro-batches and makes
+    /// `steps_per_generation / gradient_accumulation_steps` optimizer
+    /// updates on them, one after the other (the later ones off-policy, the
+    /// importance ratio against the generating policy correcting for it).
+    pub steps_per_generation: Option<usize>,
+    /// Passes over each generated batch (TRL's mu), each making
+    /// `steps_per_generation / gradient_accumulation_steps` optimizer
+    /// updates, all within one step and at that step's learning rate.
     pub num_iterations: usize,
     /// Global gradient-norm clip; 0: none.
     pub max_grad_norm: f64,
@@ -481,6 +489,7 @@ impl Default for TrainSection {
             max_steps: 1000,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
+            steps_per_generation: None,
             num_iterations: 1,
             max_grad_norm: 1.0,
             weight_decay: 0.0,
@@ -504,6 +513,19 @@ impl Default for TrainSection {
 }
 
 impl TrainSection {
+    /// Micro-batches generated per step: `steps_per_generation`, or
+    /// `gradient_accumulation_steps`.
+    pub fn steps_per_generation(&self) -> usize {
+        self.steps_per_generation
+            .unwrap_or(self.gradient_accumulation_steps)
+            .max(1)
+    }
+
+    /// Optimizer updates per pass over a step's batch.
+    pub fn updates_per_generation(&self) -> usize {
+        (self.steps_per_generation() / self.gradient_accumulation_steps.max(1)).max(1)
+    }
+
     /// Warmup in steps: `warmup_steps`, or `ceil(warmup_ratio * max_steps)`.
     pub fn warmup_steps(&self) -> u64 {
         if self.warmup_steps > 0 {
@@ -957,6 +979,20 @@ impl Recipe {
             "train.gradient_accumulation_steps",
             || "must be >= 1".into(),
         )?;
+        if let Some(spg) = t.steps_per_generation {
+            let ga = t.gradient_accumulation_steps.max(1);
+            ensure(
+                spg >= ga && spg % ga == 0,
+                "train.steps_per_generation",
+                || {
+                    format!(
+                        "must be a multiple of train.gradient_accumulation_steps ({ga}): \
+                         each optimizer update takes that many of the generated \
+                         micro-batches; got {spg}"
+                    )
+                },
+            )?;
+        }
         ensure(t.num_iterations >= 1, "train.num_iterations", || {
             "must be >= 1".into()
         })?;
@@ -1062,9 +1098,10 @@ impl Recipe {
         self.completions_per_rank_per_step() / self.rollout.num_generations.max(1)
     }
 
-    /// Completions per rank per optimizer step (all micro-batches).
+    /// Completions per rank per step: every micro-batch generated at once
+    /// (`steps_per_generation` of them).
     pub fn completions_per_rank_per_step(&self) -> usize {
-        self.train.per_device_train_batch_size * self.train.gradient_accumulation_steps
+        self.train.per_device_train_batch_size * self.train.steps_per_generation()
     }
 
     /// The fully resolved recipe, every default included, as JSON.
@@ -1348,11 +1385,9 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
         "num_train_epochs" => "Tandem counts steps (a generation and its update): train.max_steps",
-        "steps_per_generation" | "generation_batch_size" => {
-            "not supported: each optimizer step generates its own batch \
-             (train.per_device_train_batch_size x gradient_accumulation_steps \
-             completions per rank); train.num_iterations reuses it, \
-             rollout.async_lag: 1 overlaps generation with training"
+        "generation_batch_size" => {
+            "set train.steps_per_generation instead: generation_batch_size / \
+             (per_device_train_batch_size x the number of learner ranks)"
         }
         "dataset_name" => {
             "nothing is downloaded: data.train_files names local JSONL or Parquet files"

@@ -13,11 +13,15 @@
 //!    summed over ranks, in the global strided order) so the advantages are
 //!    computed on the global batch, bit-identically on every rank;
 //! 4. pad; policy log-probs (with the sampling temperature), old log-probs
-//!    when `num_iterations > 1`, reference log-probs when `beta > 0`, the
-//!    server's log-probs for the importance-sampling correction;
-//! 5. `num_iterations` passes of micro-batches with gradient accumulation,
-//!    global normalisers, gradient all-reduce (sum), NaN/inf guard, clip,
-//!    AdamW;
+//!    when the policy will move before the batch is used up
+//!    (`num_iterations > 1`, or more than one update per generation),
+//!    reference log-probs when `beta > 0`, the server's log-probs for the
+//!    importance-sampling correction;
+//! 5. `num_iterations` passes over the batch, each of
+//!    `steps_per_generation / gradient_accumulation_steps` optimizer updates
+//!    on consecutive parts of it: micro-batches with gradient accumulation,
+//!    global normalisers (per update), gradient all-reduce (sum), NaN/inf
+//!    guard, clip, AdamW;
 //! 6. rank 0 pushes the weights to every WeightSync endpoint, then a barrier;
 //! 7. logs (train_log.jsonl on rank 0; every rank > 0 writes its weights'
 //!    hash to `ranks/rank_R.jsonl`); checkpoint every `save_steps` and at
@@ -974,6 +978,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         1.0
     };
     let ga = t.gradient_accumulation_steps.max(1);
+    let num_updates = t.updates_per_generation();
     let max_completion = recipe.rollout.max_completion_length;
     let num_functions = labels.len();
     let run_started = Instant::now();
@@ -1155,15 +1160,26 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             local_tokens[0] += r.prompt_ids.len() as f64;
             local_tokens[1] += r.completion_ids.len() as f64;
         }
-        let mut mbs = Vec::new();
-        for range in micro_batch_ranges(rows.len(), ga) {
-            if range.is_empty() {
-                continue;
+        // TRL's steps_per_generation: the rows in `updates` consecutive
+        // parts (whole prompts when no group was dropped), one per optimizer
+        // update, each in `ga` micro-batches.
+        let mut updates: Vec<Vec<MicroBatch>> = Vec::with_capacity(num_updates);
+        for part in micro_batch_ranges(rows.len(), num_updates) {
+            let mut mbs = Vec::new();
+            for range in micro_batch_ranges(part.len(), ga) {
+                if range.is_empty() {
+                    continue;
+                }
+                let rows = &rows[part.start + range.start..part.start + range.end];
+                mbs.push(build_micro_batch(rows, pad_id, &device)?);
             }
-            mbs.push(build_micro_batch(&rows[range], pad_id, &device)?);
+            updates.push(mbs);
         }
         if loss_cfg.vllm_importance_sampling_correction
-            && mbs.iter().any(|m| m.rollout_logprobs.is_none())
+            && updates
+                .iter()
+                .flatten()
+                .any(|m| m.rollout_logprobs.is_none())
         {
             bail!(
                 "the rollout server returned no log-probs, which the importance-sampling \
@@ -1171,10 +1187,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             );
         }
         let beta = kl.value();
-        for mb in &mut mbs {
+        for mb in updates.iter_mut().flatten() {
             // Values only: the checkpointed path drops each chunk's logits
-            // as it goes.
-            if t.num_iterations > 1 {
+            // as it goes. Every update after the first trains a policy that
+            // has moved since the batch was generated.
+            if t.num_iterations > 1 || num_updates > 1 {
                 let (lp, _) = mb.logprobs(&policy, temperature, false, true)?;
                 mb.old_logprobs = Some(lp.logprobs.detach());
             }
@@ -1185,13 +1202,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 mb.ref_logprobs = Some(lp.logprobs.detach());
             }
         }
-        let masks: Vec<&Tensor> = mbs.iter().map(|m| &m.response_mask).collect();
-        let norm = Normalizers::for_micro_batches(&masks, max_completion, world, |x| {
-            let mut b = x;
-            c.all_reduce_sum_f64(&mut b)
-                .map_err(|e| GrpoError::Invalid(e.to_string()))?;
-            Ok(b)
-        })?;
+        // Each update's loss is normalized over its own micro-batches, on
+        // every rank.
+        let mut norms = Vec::with_capacity(updates.len());
+        for mbs in &updates {
+            let masks: Vec<&Tensor> = mbs.iter().map(|m| &m.response_mask).collect();
+            norms.push(Normalizers::for_micro_batches(
+                &masks,
+                max_completion,
+                world,
+                |x| {
+                    let mut b = x;
+                    c.all_reduce_sum_f64(&mut b)
+                        .map_err(|e| GrpoError::Invalid(e.to_string()))?;
+                    Ok(b)
+                },
+            )?);
+        }
         // Padding, old and reference log-probs, then every pass's loss.
         let mut forward_backward = t_fb.elapsed();
         let mut allreduce = Duration::ZERO;
@@ -1200,7 +1227,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let mut grad_norm = 0.0;
         let mut skipped = false;
         let lr = schedule.lr_at((step - 1) as usize);
-        for _pass in 0..t.num_iterations.max(1) {
+        // num_iterations passes, each of `num_updates` optimizer updates; the
+        // logged loss parts and gradient norm are the last update's.
+        let passes = (0..t.num_iterations.max(1)).flat_map(|_| updates.iter().zip(&norms));
+        for (mbs, norm) in passes {
             let t0 = Instant::now();
             let (store, m) = if mbs.is_empty() {
                 (
@@ -1208,7 +1238,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     LossMetrics::default(),
                 )
             } else {
-                accumulate_gradients(&loss_cfg, beta, &norm, &var_list, mbs.len(), |i| {
+                accumulate_gradients(&loss_cfg, beta, norm, &var_list, mbs.len(), |i| {
                     let mb = &mbs[i];
                     let (lp, checkpointed) =
                         mb.logprobs(&policy, temperature, true, t.recompute_logits)?;
@@ -1239,8 +1269,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     })
                 })?
             };
-            // Every rank takes part in `ga` threshold gathers per pass, also
-            // when dropped groups left it fewer micro-batches.
+            // Every rank takes part in `ga` threshold gathers per update,
+            // also when dropped groups left it fewer micro-batches.
             if loss_cfg.top_entropy_quantile < 1.0 {
                 for _ in mbs.len()..ga {
                     entropy_threshold(c, None, loss_cfg.top_entropy_quantile)?;

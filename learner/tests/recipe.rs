@@ -102,11 +102,20 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     let text = format!("{BASE}  gradient_checkpointing_kwargs: {{use_reentrant: false}}\n");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("not needed"), "{e}");
-    let e = err(BASE, &["train.steps_per_generation=4"]);
+    let e = err(
+        BASE,
+        &[
+            "train.steps_per_generation=3",
+            "train.gradient_accumulation_steps=2",
+        ],
+    );
     assert!(
-        e.contains("not supported") && e.contains("num_iterations"),
+        e.contains("train.steps_per_generation") && e.contains("multiple"),
         "{e}"
     );
+    let text = format!("{BASE}  generation_batch_size: 256\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("train.steps_per_generation"), "{e}");
     let text = format!("model_name_or_path: Qwen/Qwen2.5-0.5B\n{BASE}");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("model.path"), "{e}");

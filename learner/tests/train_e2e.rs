@@ -148,6 +148,25 @@ fn two_ranks_equal_one_rank_with_top_entropy_quantile() {
     ]);
 }
 
+/// TRL's steps_per_generation: each step generates two micro-batches and
+/// makes an optimizer update on each, on one rank as on two.
+#[test]
+fn two_ranks_equal_one_rank_with_steps_per_generation() {
+    two_ranks_vs_one(&["train.steps_per_generation=2"]);
+}
+
+/// The AdamW step count of every parameter in a checkpoint.
+fn optimizer_updates(checkpoint: &std::path::Path) -> Vec<u64> {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("optimizer.json")).unwrap()).unwrap();
+    state["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect()
+}
+
 /// `learner train` as ranks 0 and 1 of a two-rank run on loopback (with
 /// `env` added to both); their outputs once both have exited (2 minutes at
 /// most each).
@@ -180,6 +199,11 @@ fn two_ranks_vs_one(extra: &[&str]) {
     // 1e-5 weight tolerance.
     let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     extra.push("train.learning_rate=1.0e-4".into());
+    // Micro-batches generated per step: groups per step, optimizer updates.
+    let per_generation: usize = extra
+        .iter()
+        .find_map(|o| o.strip_prefix("train.steps_per_generation="))
+        .map_or(1, |v| v.parse().unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
 
@@ -211,8 +235,8 @@ fn two_ranks_vs_one(extra: &[&str]) {
     assert_eq!(a.len(), 3);
     assert_eq!(b.len(), 3);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x["kept_groups"], 8);
-        assert_eq!(y["kept_groups"], 8);
+        assert_eq!(x["kept_groups"], 8 * per_generation);
+        assert_eq!(y["kept_groups"], 8 * per_generation);
         assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
         for key in [
             "reward",
@@ -268,9 +292,20 @@ fn two_ranks_vs_one(extra: &[&str]) {
             l0["step"]
         );
     }
-    // And the same weights as the 1-rank run.
-    let w1 = load_weights(&out1.join("checkpoints/step_000003"));
-    let w2 = load_weights(&out2.join("checkpoints/step_000003"));
+    // And the same weights as the 1-rank run, after as many updates.
+    let (c1, c2) = (
+        out1.join("checkpoints/step_000003"),
+        out2.join("checkpoints/step_000003"),
+    );
+    for c in [&c1, &c2] {
+        let updates = optimizer_updates(c);
+        assert!(
+            updates.iter().all(|&n| n == 3 * per_generation as u64),
+            "{updates:?}"
+        );
+    }
+    let w1 = load_weights(&c1);
+    let w2 = load_weights(&c2);
     let d = max_abs_diff(&w1, &w2);
     assert!(d <= 1e-5, "final weights differ by {d}");
     assert_eq!(server1.weight_version(), 3);
@@ -350,6 +385,11 @@ fn resume_case(extra: &[&str]) {
 #[test]
 fn resume_continues_exactly() {
     resume_case(&[]);
+}
+
+#[test]
+fn resume_continues_exactly_with_steps_per_generation() {
+    resume_case(&["train.steps_per_generation=2", "train.num_iterations=2"]);
 }
 
 #[test]
@@ -781,6 +821,9 @@ fn kl_num_iterations_and_gradient_accumulation_together() {
         }
     }
     assert_eq!(server.weight_version(), 3);
+    // Two passes of one update per step.
+    let updates = optimizer_updates(&out.join("checkpoints/step_000003"));
+    assert!(updates.iter().all(|&n| n == 6), "{updates:?}");
 }
 
 /// `train.gradient_checkpointing` (TRL's and transformers' key) changes
