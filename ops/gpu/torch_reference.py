@@ -75,6 +75,14 @@ def main():
     s = timed(fwd_bwd)
     print(f"| transformers | forward+backward | {b}x{t} | {b * t / s:.0f} |", flush=True)
 
+    # Next to Tandem's train.gradient_checkpointing row.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s = timed(fwd_bwd)
+    print(
+        f"| transformers | forward+backward, gradient checkpointing | {b}x{t} | {b * t / s:.0f} |",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     main()
