@@ -105,6 +105,19 @@ impl LossMetrics {
             merge_max(self.sampling_logp_diff_max, o.sampling_logp_diff_max);
     }
 
+    /// The merged metrics of `n` optimizer updates on parts of one batch
+    /// (TRL's `steps_per_generation`): the token and sequence statistics are
+    /// already the whole batch's; the loss parts, each normalized over its
+    /// own update, become their mean over the updates.
+    pub fn mean_over_updates(mut self, n: usize) -> Self {
+        let n = n.max(1) as f64;
+        self.loss /= n;
+        self.pg_loss /= n;
+        self.kl_loss /= n;
+        self.entropy_loss /= n;
+        self
+    }
+
     pub(crate) fn add_is_ratio(&mut self, r: f64) {
         self.is_ratio_sum += r;
         self.is_ratio_count += 1.0;
@@ -174,4 +187,30 @@ pub struct StepMetrics {
     pub sampling_logp_difference_max: Option<f64>,
     pub num_tokens: f64,
     pub num_sequences: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two updates on halves of a batch: token means are the whole batch's,
+    /// loss parts the mean of the two updates'.
+    #[test]
+    fn updates_merge_into_batch_means_and_mean_losses() {
+        let update = |loss: f64, tokens: f64, entropy_sum: f64| LossMetrics {
+            loss,
+            pg_loss: loss,
+            num_tokens: tokens,
+            entropy_sum,
+            has_entropy: true,
+            ..LossMetrics::default()
+        };
+        let mut merged = LossMetrics::default();
+        merged.merge(&update(0.5, 10.0, 20.0));
+        merged.merge(&update(1.5, 30.0, 30.0));
+        let s = merged.mean_over_updates(2).summary();
+        assert_eq!((s.loss, s.pg_loss), (1.0, 1.0));
+        assert_eq!(s.entropy, Some(50.0 / 40.0));
+        assert_eq!(s.num_tokens, 40.0);
+    }
 }

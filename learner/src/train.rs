@@ -1227,10 +1227,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let mut grad_norm = 0.0;
         let mut skipped = false;
         let lr = schedule.lr_at((step - 1) as usize);
-        // num_iterations passes, each of `num_updates` optimizer updates; the
-        // logged loss parts and gradient norm are the last update's.
-        let passes = (0..t.num_iterations.max(1)).flat_map(|_| updates.iter().zip(&norms));
-        for (mbs, norm) in passes {
+        // num_iterations passes, each of `num_updates` optimizer updates. The
+        // logged metrics are the last pass's (its updates merged), the
+        // gradient norm the last update's.
+        let mu = t.num_iterations.max(1);
+        let passes = (0..mu).flat_map(|pass| {
+            updates
+                .iter()
+                .zip(&norms)
+                .map(move |(mbs, norm)| (pass + 1 == mu, mbs, norm))
+        });
+        let mut last_pass = LossMetrics::default();
+        for (in_last_pass, mbs, norm) in passes {
             let t0 = Instant::now();
             let (store, m) = if mbs.is_empty() {
                 (
@@ -1287,6 +1295,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             let t1 = Instant::now();
             let mut grads = crate::collective::all_reduce_tensors(c, &grads)?;
             metrics = reduce_metrics(c, &m)?;
+            if in_last_pass {
+                last_pass.merge(&metrics);
+            }
             allreduce += t1.elapsed();
             let t2 = Instant::now();
             grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
@@ -1316,6 +1327,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             streak = 0;
             optimizer.step(&grads, lr)?;
             optimizer_s += t2.elapsed();
+        }
+        // A skipped step logs the update that was not finite.
+        if !skipped {
+            metrics = last_pass.mean_over_updates(num_updates);
         }
         let summary = metrics.summary();
         if let Some(k) = summary.kl
