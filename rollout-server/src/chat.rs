@@ -224,7 +224,7 @@ fn stream_chunks(
                     metadata: Some(first_md.clone()),
                 })
                 .collect(),
-            None,
+            fmt.valid.continuous_usage.then(|| fmt.usage(&[])),
         );
         first.prompt_token_ids = fmt.prompt_ids();
         first.metadata = Some(first_md);
@@ -260,7 +260,8 @@ fn stream_chunks(
                     .then(|| u.tokens.iter().map(|t| t.id).collect()),
                 metadata: Some(md.clone()),
             };
-            let mut chunk = fmt.chunk(vec![choice], None);
+            let usage = fmt.valid.continuous_usage.then(|| fmt.usage(&accs));
+            let mut chunk = fmt.chunk(vec![choice], usage);
             chunk.metadata = Some(md);
             yield Ok(chunk);
         }

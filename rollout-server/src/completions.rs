@@ -328,7 +328,8 @@ fn stream_chunks(
                     .then(|| u.tokens.iter().map(|t| t.id).collect()),
                 metadata: Some(md.clone()),
             };
-            yield Ok(fmt.response(vec![choice], None, md));
+            let usage = fmt.valid.continuous_usage.then(|| fmt.usage(&accs));
+            yield Ok(fmt.response(vec![choice], usage, md));
         }
         if fmt.valid.include_usage {
             let current = fmt.state.engine.weight_version();

@@ -56,6 +56,9 @@ pub struct ValidRequest {
     pub echo: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `stream_options.continuous_usage_stats`: every chunk carries
+    /// the usage so far (with `include_usage`).
+    pub continuous_usage: bool,
     pub return_tokens_as_token_ids: bool,
     pub return_token_ids: bool,
     pub client_tag: Option<String>,
@@ -446,6 +449,11 @@ impl Validator {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
+        let continuous_usage = include_usage
+            && f.stream_options
+                .as_ref()
+                .and_then(|o| o.continuous_usage_stats)
+                .unwrap_or(false);
         let client_tag = f.client_tag.or(header_tag);
         Ok(PartialValid {
             max_tokens_requested,
@@ -465,6 +473,7 @@ impl Validator {
                 echo: false,
                 stream,
                 include_usage,
+                continuous_usage,
                 return_tokens_as_token_ids: f.return_tokens_as_token_ids.unwrap_or(false),
                 return_token_ids: f.return_token_ids.unwrap_or(false),
                 client_tag,

@@ -221,6 +221,58 @@ async fn streaming_completions_end_with_usage_and_done_and_match_non_streaming()
     }
 }
 
+/// vLLM's `stream_options.continuous_usage_stats`: every chunk carries the
+/// usage so far; without it only the last one does.
+#[tokio::test]
+async fn continuous_usage_stats_put_usage_on_every_chunk() {
+    let s = Server::start(&[]).await;
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "abc", "max_tokens": 5, "n": 2, "ignore_eos": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                   "n": 2, "ignore_eos": true}),
+        ),
+    ] {
+        for continuous in [false, true] {
+            let mut body = body.clone();
+            body["stream"] = json!(true);
+            body["stream_options"] =
+                json!({"include_usage": true, "continuous_usage_stats": continuous});
+            let events = s.post_stream(path, &body, &[]).await;
+            let chunks: Vec<Value> = events[..events.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            let (last, rest) = chunks.split_last().unwrap();
+            assert_eq!(last["usage"]["completion_tokens"], 10, "{path}: {last}");
+            let prompt_tokens = last["usage"]["prompt_tokens"].clone();
+            let mut seen = 0;
+            for c in rest {
+                if !continuous {
+                    assert!(c["usage"].is_null(), "{path}: {c}");
+                    continue;
+                }
+                let u = &c["usage"];
+                assert_eq!(u["prompt_tokens"], prompt_tokens, "{path}: {c}");
+                let done = u["completion_tokens"].as_u64().unwrap();
+                assert!(done >= seen, "{path}: {c}");
+                assert_eq!(
+                    u["total_tokens"].as_u64(),
+                    Some(done + prompt_tokens.as_u64().unwrap())
+                );
+                seen = done;
+            }
+            if continuous {
+                assert_eq!(seen, 10, "{path}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn streaming_chat_with_header_client_tag() {
     let s = Server::start(&[]).await;
