@@ -120,13 +120,8 @@ impl Formatter {
     }
 
     fn usage(&self, accs: &[Acc]) -> Usage {
-        let prompt_tokens: usize = self.valid.prompts.iter().map(|p| p.ids.len()).sum();
-        let completion_tokens: usize = accs.iter().map(|a| a.token_ids.len()).sum();
-        Usage {
-            prompt_tokens: prompt_tokens as u64,
-            completion_tokens: completion_tokens as u64,
-            total_tokens: (prompt_tokens + completion_tokens) as u64,
-        }
+        self.valid
+            .usage(accs.iter().map(|a| a.token_ids.len()).sum())
     }
 
     fn prompt_ids(&self) -> Option<Vec<u32>> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
-use proto::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields};
+use proto::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, Usage};
 use serde_json::Value;
 
 use crate::engine::GenerateRequest;
@@ -65,6 +65,16 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
+    /// `usage` of a response whose choices hold `completion_tokens` in all.
+    pub fn usage(&self, completion_tokens: usize) -> Usage {
+        let prompt_tokens: usize = self.prompts.iter().map(|p| p.ids.len()).sum();
+        Usage {
+            prompt_tokens: prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            total_tokens: (prompt_tokens + completion_tokens) as u64,
+        }
+    }
+
     /// One engine request per prompt.
     pub fn engine_requests(&self) -> Vec<GenerateRequest> {
         self.prompts
