@@ -21,6 +21,17 @@ pub enum LossType {
     /// Mean over all completion tokens of the global batch: the token count is
     /// summed across gradient-accumulation micro-batches and across ranks (DAPO).
     Dapo,
+    /// CISPO (MiniMax-M1, TRL's `cispo`): the policy-gradient term is
+    /// `-sg(min(r, epsilon_high)) * A * log pi`, the importance weight itself
+    /// clipped (note: at `epsilon_high`, not `1 + epsilon_high`; TRL and the
+    /// ScaleRL paper suggest 5.0) so that no token loses its gradient;
+    /// aggregated as `dapo`.
+    Cispo,
+    /// SAPO (TRL's `sapo`): a soft gate instead of the hard clip,
+    /// `-sigmoid(tau (r - 1)) * 4 / tau * A`, with `tau` =
+    /// `sapo_temperature_pos` where `A > 0` and `sapo_temperature_neg`
+    /// elsewhere; aggregated as `grpo`.
+    Sapo,
 }
 
 /// The policy-gradient term (names of Stanford CS336's GRPO assignment, which
@@ -157,7 +168,8 @@ pub enum KlCtrlType {
 pub struct GrpoConfig {
     /// Aggregation of per-token losses.
     pub loss_type: LossType,
-    /// Policy-gradient term.
+    /// Policy-gradient term (`grpo_clip` is the one `loss_type` `cispo` and
+    /// `sapo` replace with their own).
     pub policy_loss: PolicyLoss,
     /// Baseline of the advantage.
     pub adv_estimator: AdvantageEstimator,
@@ -199,6 +211,10 @@ pub struct GrpoConfig {
     /// 2025): only the tokens whose entropy is in this top fraction carry the
     /// policy-gradient term; 1.0 keeps every token.
     pub top_entropy_quantile: f64,
+    /// `loss_type: sapo`: the gate's temperature where the advantage is > 0.
+    pub sapo_temperature_pos: f64,
+    /// `loss_type: sapo`: the gate's temperature where the advantage is <= 0.
+    pub sapo_temperature_neg: f64,
 }
 
 impl Default for GrpoConfig {
@@ -224,6 +240,8 @@ impl Default for GrpoConfig {
             vllm_importance_sampling_mode: VllmImportanceSamplingMode::SequenceMask,
             vllm_importance_sampling_cap: 3.0,
             top_entropy_quantile: 1.0,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
         }
     }
 }
@@ -262,6 +280,30 @@ impl GrpoConfig {
                 format!(
                     "must be > 1 + epsilon_high ({}), got {d}",
                     1.0 + self.epsilon_high()
+                ),
+            );
+        }
+        for (field, tau) in [
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+        ] {
+            if !(tau.is_finite() && tau > 0.0) {
+                return bad(field, format!("must be > 0, got {tau}"));
+            }
+        }
+        if matches!(self.loss_type, LossType::Cispo | LossType::Sapo)
+            && self.policy_loss != PolicyLoss::GrpoClip
+        {
+            return bad(
+                "policy_loss",
+                format!(
+                    "loss_type {} brings its own policy-gradient term; policy_loss must be \
+                     grpo_clip (the default)",
+                    if self.loss_type == LossType::Cispo {
+                        "cispo"
+                    } else {
+                        "sapo"
+                    }
                 ),
             );
         }

@@ -269,7 +269,7 @@ pub fn aggregate(
     let mask = mask.to_dtype(per_token.dtype())?;
     let masked = (per_token * &mask)?;
     Ok(match loss_type {
-        LossType::Grpo => {
+        LossType::Grpo | LossType::Sapo => {
             let per_seq = (masked.sum(1)? / mask.sum(1)?.clamp(1.0, f64::INFINITY)?)?;
             (per_seq.sum_all()? / norm.num_sequences.max(1.0))?
         }
@@ -280,7 +280,7 @@ pub fn aggregate(
             let denom = norm.num_sequences.max(1.0) * norm.max_completion_length.max(1) as f64;
             (masked.sum_all()? / denom)?
         }
-        LossType::Dapo => (masked.sum_all()? / norm.num_tokens.max(1.0))?,
+        LossType::Dapo | LossType::Cispo => (masked.sum_all()? / norm.num_tokens.max(1.0))?,
     })
 }
 
@@ -433,8 +433,41 @@ pub fn grpo_loss(
     let eps_high = cfg.epsilon_high();
 
     // Policy-gradient term per token.
-    let pg = match cfg.policy_loss {
-        PolicyLoss::GrpoClip => {
+    let pg = match (cfg.policy_loss, cfg.loss_type) {
+        (PolicyLoss::GrpoClip, LossType::Cispo) => {
+            // The weight is a constant: the gradient flows through log pi.
+            let w = coef_1.minimum(eps_high)?.detach();
+            w.broadcast_mul(&adv)?
+                .broadcast_mul(&logp)?
+                .neg()?
+                .contiguous()?
+        }
+        (PolicyLoss::GrpoClip, LossType::Sapo) => {
+            let tau: Vec<f64> = inputs
+                .advantages
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?
+                .iter()
+                .map(|&a| {
+                    if a > 0.0 {
+                        cfg.sapo_temperature_pos
+                    } else {
+                        cfg.sapo_temperature_neg
+                    }
+                })
+                .collect();
+            let tau = Tensor::from_vec(tau, (b, 1), logp.device())?.to_dtype(dtype)?;
+            // sigmoid(x) = 1 / (1 + e^-x); x >= -tau since r >= 0, so e^-x
+            // stays finite.
+            let x = (coef_1.affine(1.0, -1.0)?.broadcast_mul(&tau))?;
+            let gate = (x.neg()?.exp()? + 1.0)?.recip()?;
+            let soft = (gate * 4.0)?.broadcast_div(&tau)?;
+            soft.broadcast_mul(&adv)?
+                .neg()?
+                .broadcast_as((b, k))?
+                .contiguous()?
+        }
+        (PolicyLoss::GrpoClip, _) => {
             let coef_2 = coef_1.clamp(1.0 - eps_low, 1.0 + eps_high)?;
             let coef_1 = match cfg.delta {
                 Some(d) => coef_1.minimum(d)?,
@@ -444,8 +477,8 @@ pub fn grpo_loss(
             let l2 = coef_2.broadcast_mul(&adv)?;
             l1.minimum(&l2)?.neg()?.broadcast_as((b, k))?.contiguous()?
         }
-        PolicyLoss::ReinforceWithBaseline => logp.broadcast_mul(&adv)?.neg()?,
-        PolicyLoss::NoBaseline => {
+        (PolicyLoss::ReinforceWithBaseline, _) => logp.broadcast_mul(&adv)?.neg()?,
+        (PolicyLoss::NoBaseline, _) => {
             let r = inputs
                 .rewards
                 .as_ref()
@@ -586,12 +619,18 @@ pub fn grpo_loss(
             metrics.ratio_sum += r;
             metrics.ratio_min = Some(metrics.ratio_min.map_or(r, |x| x.min(r)));
             metrics.ratio_max = Some(metrics.ratio_max.map_or(r, |x| x.max(r)));
-            if r < 1.0 - eps_low && adv_h[i] < 0.0 {
-                metrics.clip_low_count += 1.0;
-            }
-            if r > 1.0 + eps_high && adv_h[i] > 0.0 {
-                metrics.clip_high_count += 1.0;
-            }
+            // What each loss clips (TRL's clip_ratio/*; CISPO's
+            // cispo_clip_ratio is the high one here; SAPO clips nothing).
+            let (low, high) = match cfg.loss_type {
+                LossType::Cispo => (false, r > eps_high && adv_h[i] > 0.0),
+                LossType::Sapo => (false, false),
+                _ => (
+                    r < 1.0 - eps_low && adv_h[i] < 0.0,
+                    r > 1.0 + eps_high && adv_h[i] > 0.0,
+                ),
+            };
+            metrics.clip_low_count += f64::from(u8::from(low));
+            metrics.clip_high_count += f64::from(u8::from(high));
         }
     }
     Ok(LossOutput { loss, metrics })
@@ -600,7 +639,7 @@ pub fn grpo_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
 
     #[test]
     fn micro_batch_ranges_cover_every_row_once() {
@@ -686,6 +725,96 @@ mod tests {
             .to_scalar::<f64>()
             .unwrap();
         assert!((got + 0.4).abs() < 1e-12, "{got}");
+    }
+
+    /// TRL's `cispo` and `sapo`: values and gradients with respect to the
+    /// log-probs, by hand. Two sequences of two tokens, A = 1 and A = -1,
+    /// ratios e^0.5 and e^-0.5.
+    #[test]
+    fn hand_computed_cispo_and_sapo() {
+        let dev = Device::Cpu;
+        let logp = Var::new(&[[-0.5f64, -1.5], [-0.5, -1.5]], &dev).unwrap();
+        let old = Tensor::new(&[[-1.0f64, -1.0], [-1.0, -1.0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f64, 1.], [1., 1.]], &dev).unwrap();
+        let adv = [1.0f64, -1.0];
+        let mut inputs = LossInputs::new(
+            logp.as_tensor().clone(),
+            mask.clone(),
+            Tensor::new(&adv, &dev).unwrap(),
+        );
+        inputs.old_logprobs = Some(old);
+        let norm = Normalizers::for_batch(&mask, 10).unwrap();
+        let lp = [-0.5f64, -1.5];
+        let r = [0.5f64.exp(), (-0.5f64).exp()];
+        let base = GrpoConfig {
+            vllm_importance_sampling_correction: false,
+            ..GrpoConfig::default()
+        };
+        let check = |cfg: &GrpoConfig, loss: f64, grad: [[f64; 2]; 2], clip_high: f64| {
+            let out = grpo_loss(cfg, &inputs, &norm, 0.0).unwrap();
+            let got = out.loss.to_scalar::<f64>().unwrap();
+            assert!((got - loss).abs() < 1e-12, "{cfg:?}: {got} vs {loss}");
+            let g = out.loss.backward().unwrap();
+            let g: Vec<Vec<f64>> = g.get(logp.as_tensor()).unwrap().to_vec2().unwrap();
+            for i in 0..2 {
+                for t in 0..2 {
+                    assert!((g[i][t] - grad[i][t]).abs() < 1e-12, "{g:?} vs {grad:?}");
+                }
+            }
+            let s = out.metrics.summary();
+            assert_eq!((s.clip_ratio_high, s.clip_ratio_low), (clip_high, 0.0));
+        };
+
+        // CISPO, epsilon_high 1.5: weights min(r, 1.5) = [1.5, e^-0.5], held
+        // constant; loss -w A log pi over the 4 tokens (dapo).
+        let cispo = GrpoConfig {
+            loss_type: LossType::Cispo,
+            epsilon_high: Some(1.5),
+            ..base.clone()
+        };
+        let w = [1.5, r[1]];
+        let mut loss = 0.0;
+        let mut grad = [[0.0; 2]; 2];
+        for (i, a) in adv.iter().enumerate() {
+            for t in 0..2 {
+                loss += -w[t] * a * lp[t] / 4.0;
+                grad[i][t] = -w[t] * a / 4.0;
+            }
+        }
+        // Clipped: the first token of the A > 0 sequence, 1 of 4.
+        check(&cispo, loss, grad, 0.25);
+
+        // SAPO: -4/tau sigmoid(tau (r - 1)) A, mean per sequence, then over
+        // sequences; tau 1 for A > 0, 1.05 for A < 0. d/d log pi:
+        // -4 sigmoid' r A.
+        let sapo = GrpoConfig {
+            loss_type: LossType::Sapo,
+            ..base.clone()
+        };
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let mut loss = 0.0;
+        let mut grad = [[0.0; 2]; 2];
+        for (i, a) in adv.iter().enumerate() {
+            let tau = if *a > 0.0 { 1.0 } else { 1.05 };
+            for t in 0..2 {
+                let s = sig(tau * (r[t] - 1.0));
+                loss += -4.0 / tau * s * a / 2.0 / 2.0;
+                grad[i][t] = -4.0 * s * (1.0 - s) * r[t] * a / 2.0 / 2.0;
+            }
+        }
+        check(&sapo, loss, grad, 0.0);
+
+        // Their own policy-gradient term: another policy_loss is refused.
+        let bad = GrpoConfig {
+            policy_loss: PolicyLoss::ReinforceWithBaseline,
+            ..cispo
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("policy_loss")
+        );
     }
 
     #[test]

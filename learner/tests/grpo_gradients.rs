@@ -54,11 +54,15 @@ fn variants() -> Vec<(String, GrpoConfig)> {
         ..GrpoConfig::default()
     };
     let mut out = Vec::new();
+    // Not Cispo: its weight is held constant on purpose (a stop-gradient),
+    // so its gradient is not the derivative of its value; a hand-computed
+    // test in loss.rs checks it.
     for lt in [
         LossType::Grpo,
         LossType::Bnpo,
         LossType::DrGrpo,
         LossType::Dapo,
+        LossType::Sapo,
     ] {
         for lvl in [
             ImportanceSamplingLevel::Token,
@@ -297,6 +301,8 @@ fn accumulation_configs() -> Vec<GrpoConfig> {
         LossType::Bnpo,
         LossType::DrGrpo,
         LossType::Dapo,
+        LossType::Cispo,
+        LossType::Sapo,
     ] {
         for lvl in [
             ImportanceSamplingLevel::Token,

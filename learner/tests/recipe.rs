@@ -81,6 +81,16 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     let text = format!("{BASE}  use_liger_loss: true\n");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("train.recompute_logits"), "{e}");
+    // TRL's newer loss types and their knobs parse; a bad temperature names
+    // its key.
+    let text = format!("{BASE}  loss_type: sapo\n  sapo_temperature_neg: 1.2\n");
+    let r = Recipe::from_yaml_str(&text, "demo.yaml", NO_OVERRIDES).unwrap();
+    assert_eq!(r.train.loss.loss_type, LossType::Sapo);
+    assert_eq!(r.train.loss.sapo_temperature_neg, 1.2);
+    let r = Recipe::from_yaml_str(BASE, "demo.yaml", &["train.loss_type=cispo"]).unwrap();
+    assert_eq!(r.train.loss.loss_type, LossType::Cispo);
+    let e = err(BASE, &["train.sapo_temperature_pos=0"]);
+    assert!(e.contains("sapo_temperature_pos"), "{e}");
     // open-r1's `gradient_checkpointing: true` at the top level.
     let text = format!("gradient_checkpointing: true\n{BASE}");
     let e = err(&text, NO_OVERRIDES);
