@@ -128,6 +128,61 @@ pub struct ChatCompletionRequest {
     pub sampling: SamplingFields,
 }
 
+/// vLLM's `POST /tokenize` with a text prompt.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: String,
+    /// Default true, as for `/v1/completions`.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    #[serde(default)]
+    pub return_token_strs: Option<bool>,
+}
+
+/// vLLM's `POST /tokenize` with chat messages (rendered as
+/// `/v1/chat/completions` renders them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    pub return_token_strs: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// vLLM's `POST /detokenize`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DetokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
+
 // ---------------------------------------------------------------------------
 // Responses
 

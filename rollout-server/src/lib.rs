@@ -8,9 +8,9 @@
 //!   [`scheduler`] (continuous batching over the model's KV cache);
 //! - [`text`]: detokenization, stop strings, choice indexes;
 //! - [`validation`]: a loose OpenAI request becomes a trusted one;
-//! - [`completions`], [`chat`], [`server`]: the OpenAI/vLLM HTTP API (axum),
-//!   with [`error`] mapping every failure to vLLM's error object and
-//!   [`metrics`] for `/metrics`;
+//! - [`completions`], [`chat`], [`tokenize`], [`server`]: the OpenAI/vLLM
+//!   HTTP API (axum), with [`error`] mapping every failure to vLLM's error
+//!   object and [`metrics`] for `/metrics`;
 //! - [`weight_sync`]: the gRPC service that pushes weights into the engine;
 //! - [`cli`]: flags and the process's life (`main.rs` only calls it).
 
@@ -24,5 +24,6 @@ pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod text;
+pub mod tokenize;
 pub mod validation;
 pub mod weight_sync;

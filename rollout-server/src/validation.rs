@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
-use proto::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, Usage};
+use proto::openai::{
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Prompt, SamplingFields,
+    TokenizeChatRequest, TokenizeCompletionRequest, Usage,
+};
 use serde_json::Value;
 
 use crate::engine::GenerateRequest;
@@ -151,6 +154,25 @@ impl RequestFields for ChatCompletionRequest {
         &NAMES
     }
 }
+
+/// [`RequestFields`] of a type whose `Default` serializes every field.
+macro_rules! fields_of_default {
+    ($($t:ty),*) => {$(
+        impl RequestFields for $t {
+            fn field_names() -> &'static [String] {
+                static NAMES: std::sync::LazyLock<Vec<String>> =
+                    std::sync::LazyLock::new(|| names_of(&<$t>::default()));
+                &NAMES
+            }
+        }
+    )*};
+}
+
+fields_of_default!(
+    TokenizeCompletionRequest,
+    TokenizeChatRequest,
+    DetokenizeRequest
+);
 
 /// The top-level fields of a JSON object body that `T` does not read, sorted.
 pub fn ignored_fields<T: RequestFields>(body: &[u8]) -> Vec<String> {
@@ -323,6 +345,58 @@ impl Validator {
         Ok(ValidPrompt { ids, text })
     }
 
+    /// `POST /tokenize` with a text prompt: its ids (special tokens added
+    /// unless `add_special_tokens: false`); an empty prompt has none.
+    pub fn tokenize_text(&self, req: &TokenizeCompletionRequest) -> Result<Vec<u32>, ApiError> {
+        self.check_model(req.model.as_deref())?;
+        self.tokenizer
+            .encode(&req.prompt, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| bad(e.to_string(), "prompt"))
+    }
+
+    /// `POST /tokenize` with messages: the ids `/v1/chat/completions` would
+    /// generate from.
+    pub fn tokenize_chat(&self, req: TokenizeChatRequest) -> Result<Vec<u32>, ApiError> {
+        self.check_model(req.model.as_deref())?;
+        let chat = ChatCompletionRequest {
+            model: req.model,
+            messages: req.messages,
+            max_completion_tokens: None,
+            logprobs: None,
+            top_logprobs: None,
+            add_generation_prompt: req.add_generation_prompt,
+            continue_final_message: req.continue_final_message,
+            add_special_tokens: req.add_special_tokens,
+            tools: req.tools,
+            chat_template_kwargs: req.chat_template_kwargs,
+            sampling: SamplingFields::default(),
+        };
+        Ok(self.render_chat(&chat)?.ids)
+    }
+
+    /// `POST /detokenize`: the text of `tokens`, special tokens included
+    /// (as vLLM decodes them).
+    pub fn detokenize(&self, req: &DetokenizeRequest) -> Result<String, ApiError> {
+        self.check_model(req.model.as_deref())?;
+        self.check_vocabulary(&req.tokens, "tokens")?;
+        self.tokenizer
+            .decode(&req.tokens, false)
+            .map_err(|e| bad(e.to_string(), "tokens"))
+    }
+
+    fn check_vocabulary(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
+        match ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            Some(bad_id) => Err(bad(
+                format!(
+                    "token id {bad_id} is out of vocabulary (vocab_size {})",
+                    self.vocab_size
+                ),
+                param,
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn encode(&self, text: String, add_special: bool) -> Result<ValidPrompt, ApiError> {
         let ids = self
             .tokenizer
@@ -338,15 +412,7 @@ impl Validator {
         if ids.is_empty() {
             return Err(bad("prompt must not be empty", "prompt"));
         }
-        if let Some(bad_id) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
-            return Err(bad(
-                format!(
-                    "token id {bad_id} is out of vocabulary (vocab_size {})",
-                    self.vocab_size
-                ),
-                "prompt",
-            ));
-        }
+        self.check_vocabulary(&ids, "prompt")?;
         let text = self.tokenizer.decode(&ids, false).unwrap_or_default();
         Ok(ValidPrompt { ids, text })
     }

@@ -538,6 +538,73 @@ async fn min_tokens_holds_off_stop_tokens() {
     );
 }
 
+/// vLLM's /tokenize and /detokenize: the ids generation sees, for a text
+/// prompt and for chat messages, and back.
+#[tokio::test]
+async fn tokenize_and_detokenize_match_what_generation_sees() {
+    let s = Server::start(&[]).await;
+    let generate = |body: Value| {
+        let mut body = body;
+        body["max_tokens"] = json!(1);
+        body["return_token_ids"] = json!(true);
+        body
+    };
+    let (_, r) = s
+        .post("/v1/completions", &generate(json!({"prompt": "12+34="})))
+        .await;
+    let prompt_ids = r["choices"][0]["prompt_token_ids"].clone();
+    let (st, t) = s
+        .post(
+            "/tokenize",
+            &json!({"model": "tiny", "prompt": "12+34=", "return_token_strs": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["tokens"], prompt_ids);
+    assert_eq!(t["count"], prompt_ids.as_array().unwrap().len());
+    assert!(t["max_model_len"].as_u64().unwrap() > 0);
+    let strs: Vec<&str> = t["token_strs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert_eq!(strs.concat(), "12+34=");
+
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let (_, r) = s
+        .post(
+            "/v1/chat/completions",
+            &generate(json!({"messages": messages})),
+        )
+        .await;
+    let (st, t) = s.post("/tokenize", &json!({"messages": messages})).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["tokens"], r["prompt_token_ids"], "{r}");
+    assert!(t["token_strs"].is_null());
+
+    let (st, d) = s.post("/detokenize", &json!({"tokens": prompt_ids})).await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["prompt"], "12+34=");
+
+    // Bad input: an id past the vocabulary, another model, no prompt.
+    let (st, b) = s
+        .post("/detokenize", &json!({"tokens": [0, 1_000_000]}))
+        .await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "tokens");
+    let (st, b) = s
+        .post("/tokenize", &json!({"model": "other", "prompt": "x"}))
+        .await;
+    assert_error(st, &b, 404);
+    let (st, b) = s.post("/tokenize", &json!({"text": "x"})).await;
+    assert_error(st, &b, 400);
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("prompt"),
+        "{b}"
+    );
+}
+
 #[tokio::test]
 async fn error_statuses_are_vllm_error_objects() {
     let s = Server::start(&[]).await;
