@@ -20,14 +20,17 @@ pub enum ProgressLine<'a> {
         total: u64,
         rest: &'a str,
     },
-    /// `eval step N: pass@1 ...` or `completion step N: ...`
-    /// (log.num_completions_to_print): printed above the bar.
+    /// `eval step N: pass@1 ...`, `completion step N: ...`
+    /// (log.num_completions_to_print) or `note: ...`: printed above the bar.
     Note,
 }
 
 /// Parses a learner log line; `None` for anything that is not progress.
 pub fn parse(line: &str) -> Option<ProgressLine<'_>> {
-    if line.starts_with("eval step ") || line.starts_with("completion step ") {
+    if ["eval step ", "completion step ", "note: "]
+        .iter()
+        .any(|p| line.starts_with(p))
+    {
         return Some(ProgressLine::Note);
     }
     for phase in ["sft", "step"] {
@@ -198,6 +201,10 @@ mod tests {
             })
         );
         assert_eq!(parse("eval step 0: pass@1 0.120"), Some(ProgressLine::Note));
+        assert_eq!(
+            parse("note: each step makes 2 optimizer updates"),
+            Some(ProgressLine::Note)
+        );
         assert_eq!(
             parse("completion step 3: reward 1.000 advantage +0.700 | \"1+1\" -> \"2\""),
             Some(ProgressLine::Note)

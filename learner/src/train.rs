@@ -844,6 +844,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "resume_from": resume.as_ref().map(|(_, d, _)| d.clone()),
             }),
         )?;
+        // TRL counts optimizer updates in max_steps; Tandem counts steps
+        // (a generation and its updates). Said once, where it differs.
+        let per_step = t.num_iterations.max(1) * t.updates_per_generation();
+        if per_step > 1 {
+            run.event(
+                "optimizer_updates",
+                json!({"per_step": per_step, "total": per_step as u64 * t.max_steps}),
+            )?;
+            eprintln!(
+                "note: each step makes {per_step} optimizer updates (num_iterations {} x \
+                 steps_per_generation / gradient_accumulation_steps {}), {} in all; TRL \
+                 would count each update as a step (README, the TRL table)",
+                t.num_iterations.max(1),
+                t.updates_per_generation(),
+                per_step as u64 * t.max_steps
+            );
+        }
         if !recipe_changes.is_empty() {
             let list: Vec<String> = recipe_changes.iter().map(|c| c.to_string()).collect();
             run.event(

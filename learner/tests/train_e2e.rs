@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use e2e::{RolloutServer, free_port, read_jsonl, repo_root, tiny_model};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn f(v: &Value, key: &str) -> f64 {
     v[key]
@@ -821,9 +821,15 @@ fn kl_num_iterations_and_gradient_accumulation_together() {
         }
     }
     assert_eq!(server.weight_version(), 3);
-    // Two passes of one update per step.
+    // Two passes of one update per step, as the run said at its start.
     let updates = optimizer_updates(&out.join("checkpoints/step_000003"));
     assert!(updates.iter().all(|&n| n == 6), "{updates:?}");
+    let events = read_jsonl(&out.join("run_log.jsonl"));
+    let said = events
+        .iter()
+        .find(|e| e["event"] == "optimizer_updates")
+        .expect("an optimizer_updates event");
+    assert_eq!((&said["per_step"], &said["total"]), (&json!(2), &json!(6)));
 }
 
 /// `train.gradient_checkpointing` (TRL's and transformers' key) changes
