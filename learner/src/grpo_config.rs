@@ -211,6 +211,11 @@ pub struct GrpoConfig {
     /// 2025): only the tokens whose entropy is in this top fraction carry the
     /// policy-gradient term; 1.0 keeps every token.
     pub top_entropy_quantile: f64,
+    /// TRL's `use_bias_correction_kl`: the per-token KL estimate is
+    /// multiplied by the importance ratio (the policy's over the old one), so
+    /// that it estimates the KL of the current policy from samples of the old
+    /// one.
+    pub use_bias_correction_kl: bool,
     /// `loss_type: sapo`: the gate's temperature where the advantage is > 0.
     pub sapo_temperature_pos: f64,
     /// `loss_type: sapo`: the gate's temperature where the advantage is <= 0.
@@ -240,6 +245,7 @@ impl Default for GrpoConfig {
             vllm_importance_sampling_mode: VllmImportanceSamplingMode::SequenceMask,
             vllm_importance_sampling_cap: 3.0,
             top_entropy_quantile: 1.0,
+            use_bias_correction_kl: false,
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
         }

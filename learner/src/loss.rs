@@ -550,12 +550,14 @@ pub fn grpo_loss(
     // KL to the reference.
     let kl = if beta != 0.0 || inputs.ref_logprobs.is_some() {
         match &inputs.ref_logprobs {
-            Some(r) => Some(kl_estimate(
-                &logp,
-                &cast(r)?,
-                cfg.kl_estimator,
-                cfg.max_log_ratio,
-            )?),
+            Some(r) => {
+                let kl = kl_estimate(&logp, &cast(r)?, cfg.kl_estimator, cfg.max_log_ratio)?;
+                Some(if cfg.use_bias_correction_kl {
+                    kl.broadcast_mul(&coef_1)?
+                } else {
+                    kl
+                })
+            }
             None => return Err(missing("`ref_logprobs` (reference log-probs)", "beta != 0")),
         }
     } else {
@@ -815,6 +817,41 @@ mod tests {
                 .to_string()
                 .contains("policy_loss")
         );
+    }
+
+    /// TRL's use_bias_correction_kl: the k3 estimate times the ratio.
+    #[test]
+    fn bias_corrected_kl_is_weighted_by_the_ratio() {
+        let dev = Device::Cpu;
+        let logp = Tensor::new(&[[-0.5f64, -1.5]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f64, 1.]], &dev).unwrap();
+        let mut inputs = LossInputs::new(logp, mask.clone(), Tensor::new(&[1f64], &dev).unwrap());
+        inputs.old_logprobs = Some(Tensor::new(&[[-1.0f64, -1.0]], &dev).unwrap());
+        inputs.ref_logprobs = Some(Tensor::new(&[[-0.7f64, -1.2]], &dev).unwrap());
+        let norm = Normalizers::for_batch(&mask, 10).unwrap();
+        let k3 = |lp: f64, rf: f64| (rf - lp).exp() - (rf - lp) - 1.0;
+        let (lp, old, rf) = ([-0.5f64, -1.5], [-1.0f64, -1.0], [-0.7f64, -1.2]);
+        for corrected in [false, true] {
+            let cfg = GrpoConfig {
+                vllm_importance_sampling_correction: false,
+                use_bias_correction_kl: corrected,
+                ..GrpoConfig::default()
+            };
+            let out = grpo_loss(&cfg, &inputs, &norm, 0.1).unwrap();
+            let want: f64 = (0..2)
+                .map(|t| {
+                    let r = if corrected {
+                        (lp[t] - old[t]).exp()
+                    } else {
+                        1.0
+                    };
+                    k3(lp[t], rf[t]) * r
+                })
+                .sum();
+            let got = out.metrics.kl_sum;
+            assert!((got - want).abs() < 1e-12, "{corrected}: {got} vs {want}");
+            assert!((out.metrics.kl_loss - 0.1 * want / 2.0).abs() < 1e-12);
+        }
     }
 
     #[test]

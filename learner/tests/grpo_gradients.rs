@@ -112,6 +112,13 @@ fn variants() -> Vec<(String, GrpoConfig)> {
         ));
     }
     out.push((
+        "use_bias_correction_kl".into(),
+        GrpoConfig {
+            use_bias_correction_kl: true,
+            ..base.clone()
+        },
+    ));
+    out.push((
         "delta".into(),
         GrpoConfig {
             delta: Some(1.4),
