@@ -26,4 +26,5 @@ pub mod recipe;
 pub mod rewards;
 pub mod rollout;
 pub mod run_dir;
+pub mod tensorboard;
 pub mod train;

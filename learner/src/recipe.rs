@@ -607,6 +607,36 @@ pub struct LogSection {
     /// TRL's `num_completions_to_print`: how many of them rank 0 also
     /// prints (the launcher shows them); none: all.
     pub num_completions_to_print: Option<usize>,
+    /// TRL's `report_to`: `[tensorboard]` also writes the train and eval
+    /// logs' numbers as TensorBoard scalars to `<output_dir>/runs`; `[]` or
+    /// `none`: only the run folder's JSONL logs. Nothing leaves the machine,
+    /// so `wandb` and the other online trackers are refused. A single
+    /// string is accepted as a list of one.
+    #[serde(deserialize_with = "one_or_many")]
+    pub report_to: Vec<String>,
+}
+
+/// A YAML string or a list of strings, as TRL takes `report_to`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl LogSection {
+    /// Whether `report_to` asks for TensorBoard event files.
+    pub fn tensorboard(&self) -> bool {
+        self.report_to
+            .iter()
+            .any(|r| r == "tensorboard" || r == "all")
+    }
 }
 
 impl Default for LogSection {
@@ -616,6 +646,7 @@ impl Default for LogSection {
             progress: Progress::Auto,
             log_completions: false,
             num_completions_to_print: None,
+            report_to: Vec::new(),
         }
     }
 }
@@ -1073,6 +1104,19 @@ impl Recipe {
             "checkpoint.output_dir",
             || "is empty".into(),
         )?;
+        for r in &self.log.report_to {
+            ensure(
+                ["tensorboard", "all", "none"].contains(&r.as_str()),
+                "log.report_to",
+                || {
+                    format!(
+                        "{r:?} is not supported: nothing is sent off this machine; use \
+                         [tensorboard] (event files in <output_dir>/runs) or [] (the run \
+                         folder's JSONL logs, always written)"
+                    )
+                },
+            )?;
+        }
         ensure(self.log.logging_steps >= 1, "log.logging_steps", || {
             "must be >= 1".into()
         })?;
@@ -1392,7 +1436,7 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         "dataset_name" => {
             "nothing is downloaded: data.train_files names local JSONL or Parquet files"
         }
-        "report_to" | "push_to_hub" | "hub_model_id" => {
+        "push_to_hub" | "hub_model_id" => {
             "not supported: everything is logged to the run folder (checkpoint.output_dir)"
         }
         "disable_dropout" => "Tandem's models have no dropout; remove the key",

@@ -32,6 +32,9 @@ pub const TRAIN_LOG: &str = "train_log.jsonl";
 pub const EVAL_LOG: &str = "eval_log.jsonl";
 pub const COMPLETIONS_LOG: &str = "completions.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints";
+/// TensorBoard event files (`log.report_to: [tensorboard]`), as transformers'
+/// default `logging_dir` names them.
+pub const TENSORBOARD_DIR: &str = "runs";
 
 const TMP_PREFIX: &str = ".tmp_";
 const OLD_PREFIX: &str = ".old_";
@@ -276,6 +279,18 @@ pub struct RunDir {
     run_log: File,
     train_log: File,
     eval_log: File,
+    /// `log.report_to: [tensorboard]`: the log lines' numbers, also as
+    /// TensorBoard scalars under `runs/`.
+    tensorboard: Option<std::sync::Mutex<TensorBoard>>,
+}
+
+/// The event files of a run: GRPO steps and evals in `runs/`, the
+/// supervised warm-up's steps (a step count of their own) in
+/// `runs/sft_warmup/`, which TensorBoard shows as a run of its own.
+#[derive(Debug)]
+struct TensorBoard {
+    main: crate::tensorboard::EventWriter,
+    sft: Option<crate::tensorboard::EventWriter>,
 }
 
 impl RunDir {
@@ -322,7 +337,61 @@ impl RunDir {
             run_log: open(RUN_LOG)?,
             train_log: open(TRAIN_LOG)?,
             eval_log: open(EVAL_LOG)?,
+            tensorboard: None,
         })
+    }
+
+    /// Also writes every train_log and eval_log line's numbers to a new
+    /// TensorBoard event file in `runs/` (TRL's `report_to: tensorboard`).
+    /// `resumed_at`: the first step a resumed run logs, from which on
+    /// TensorBoard drops what earlier files logged.
+    pub fn with_tensorboard(mut self, resumed_at: Option<u64>) -> Result<RunDir> {
+        let dir = self.root.join(TENSORBOARD_DIR);
+        let main =
+            crate::tensorboard::EventWriter::create(&dir, resumed_at).map_err(io_err(&dir))?;
+        self.tensorboard = Some(std::sync::Mutex::new(TensorBoard { main, sft: None }));
+        Ok(self)
+    }
+
+    /// The numbers of a log line as scalars `prefix/...` at the line's step
+    /// (`sft_step` for warm-up lines, under `sft/`).
+    fn report<T: Serialize + ?Sized>(&self, prefix: &str, line: &T) -> Result<()> {
+        let Some(tb) = &self.tensorboard else {
+            return Ok(());
+        };
+        let Value::Object(mut m) = serde_json::to_value(line)? else {
+            return Ok(());
+        };
+        let sft = m.get("phase").and_then(Value::as_str) == Some("sft");
+        let (prefix, step_key) = if sft {
+            ("sft", "sft_step")
+        } else {
+            (prefix, "step")
+        };
+        let step = m.get(step_key).and_then(Value::as_u64).unwrap_or(0);
+        m.remove("step");
+        m.remove("sft_step");
+        let values = crate::tensorboard::scalars(prefix, &Value::Object(m));
+        let mut tb = tb.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let TensorBoard {
+            main,
+            sft: sft_writer,
+        } = &mut *tb;
+        let writer = if sft {
+            match sft_writer {
+                Some(w) => w,
+                None => {
+                    let dir = self.root.join(TENSORBOARD_DIR).join("sft_warmup");
+                    let w = crate::tensorboard::EventWriter::create(&dir, None)
+                        .map_err(io_err(&dir))?;
+                    sft_writer.insert(w)
+                }
+            }
+        } else {
+            main
+        };
+        let path = writer.path().to_path_buf();
+        writer.add_scalars(step, &values).map_err(io_err(&path))
     }
 
     pub fn path(&self) -> &Path {
@@ -362,7 +431,8 @@ impl RunDir {
 
     /// Appends one step's line to train_log.jsonl, as given.
     pub fn log_train<T: Serialize + ?Sized>(&self, line: &T) -> Result<()> {
-        append_line(&self.train_log, &self.root.join(TRAIN_LOG), line)
+        append_line(&self.train_log, &self.root.join(TRAIN_LOG), line)?;
+        self.report("train", line)
     }
 
     /// Appends one step's completions to completions.jsonl, one line each,
@@ -385,7 +455,8 @@ impl RunDir {
 
     /// Appends one validation's line to eval_log.jsonl, as given.
     pub fn log_eval<T: Serialize + ?Sized>(&self, line: &T) -> Result<()> {
-        append_line(&self.eval_log, &self.root.join(EVAL_LOG), line)
+        append_line(&self.eval_log, &self.root.join(EVAL_LOG), line)?;
+        self.report("eval", line)
     }
 
     pub fn checkpoints(&self) -> CheckpointDir {

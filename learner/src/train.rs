@@ -812,6 +812,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 &Manifest::collect(&recipe, source.fingerprints(), topology),
             )?
         })
+        .map(|run| {
+            if recipe.log.tensorboard() {
+                run.with_tensorboard(resume.is_some().then_some(start_step + 1))
+            } else {
+                Ok(run)
+            }
+        })
+        .transpose()?
     } else {
         None
     };

@@ -91,6 +91,14 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     assert_eq!(r.train.loss.loss_type, LossType::Cispo);
     let e = err(BASE, &["train.sapo_temperature_pos=0"]);
     assert!(e.contains("sapo_temperature_pos"), "{e}");
+    // TRL's report_to: a string or a list; online trackers are refused.
+    let text = format!("{BASE}log:\n  report_to: tensorboard\n");
+    let r = Recipe::from_yaml_str(&text, "demo.yaml", NO_OVERRIDES).unwrap();
+    assert!(r.log.tensorboard());
+    let e = err(BASE, &["log.report_to=[wandb]"]);
+    assert!(e.contains("log.report_to") && e.contains("wandb"), "{e}");
+    let text = format!("report_to: none\n{BASE}");
+    assert!(err(&text, NO_OVERRIDES).contains("log.report_to"));
     // open-r1's `gradient_checkpointing: true` at the top level.
     let text = format!("gradient_checkpointing: true\n{BASE}");
     let e = err(&text, NO_OVERRIDES);

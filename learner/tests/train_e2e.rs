@@ -923,6 +923,105 @@ fn cispo_and_sapo_runs_train() {
     }
 }
 
+/// The events of every TensorBoard event file in `dir` (not below it), in
+/// file-name order (creation time first).
+fn tensorboard_events(dir: &std::path::Path) -> Vec<Vec<learner::tensorboard::Event>> {
+    use prost::Message;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            learner::tensorboard::read_records(&std::fs::read(f).unwrap())
+                .unwrap()
+                .iter()
+                .map(|r| learner::tensorboard::Event::decode(r.as_slice()).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// TRL's `report_to: tensorboard`: each train_log and eval_log number is a
+/// scalar at its step; a resumed run starts a new file that tells
+/// TensorBoard to drop what the first one logged after the checkpoint.
+#[test]
+fn report_to_tensorboard_writes_the_logs_as_scalars() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let tb = [
+        "log.report_to=tensorboard".to_string(),
+        "eval.eval_steps=1".to_string(),
+    ];
+    train(
+        &recipe,
+        &[&tb[..], &["train.max_steps=2".to_string()]].concat(),
+    );
+    let files = tensorboard_events(&out.join("runs"));
+    assert_eq!(files.len(), 1);
+    let events = &files[0];
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    for line in &lines {
+        let step = line["step"].as_i64().unwrap();
+        let e = events
+            .iter()
+            .find(|e| {
+                e.step == step
+                    && e.summary
+                        .as_ref()
+                        .is_some_and(|s| s.value.iter().any(|v| v.tag == "train/reward"))
+            })
+            .unwrap_or_else(|| panic!("no train scalars at step {step}"));
+        let value = |tag: &str| {
+            e.summary
+                .as_ref()
+                .unwrap()
+                .value
+                .iter()
+                .find(|v| v.tag == tag)
+                .and_then(|v| v.simple_value)
+                .unwrap_or_else(|| panic!("no {tag} at step {step}"))
+        };
+        assert_eq!(value("train/reward"), f(line, "reward") as f32);
+        assert_eq!(
+            value("train/timings/generate"),
+            f(&line["timings"], "generate") as f32
+        );
+    }
+    let evals = read_jsonl(&out.join("eval_log.jsonl"));
+    assert!(!evals.is_empty());
+    assert!(events.iter().any(|e| {
+        e.summary
+            .as_ref()
+            .is_some_and(|s| s.value.iter().any(|v| v.tag.starts_with("eval/")))
+    }));
+
+    // Resumed from step 2's checkpoint up to step 3: a second file, which
+    // starts with SessionLog START at step 3.
+    let mut resume = tb.to_vec();
+    resume.push("train.max_steps=3".into());
+    resume.push("--resume-from".into());
+    resume.push(out.display().to_string());
+    train(&recipe, &resume);
+    let files = tensorboard_events(&out.join("runs"));
+    assert_eq!(files.len(), 2);
+    let start = files[1]
+        .iter()
+        .find(|e| e.session_log.is_some())
+        .expect("a SessionLog event");
+    assert_eq!(
+        (start.step, start.session_log.as_ref().unwrap().status),
+        (3, 1)
+    );
+}
+
 /// TRL's mask_truncated_completions: with one completion token allowed,
 /// nearly every completion the tiny random model writes is cut at the
 /// limit. In a step where all are, none is left in the loss and the weights
