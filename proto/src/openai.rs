@@ -101,7 +101,7 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -114,18 +114,22 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
-    #[serde(default)]
-    pub add_generation_prompt: Option<bool>,
-    #[serde(default)]
-    pub continue_final_message: Option<bool>,
-    #[serde(default)]
-    pub add_special_tokens: Option<bool>,
-    #[serde(default)]
-    pub tools: Option<Value>,
-    #[serde(default)]
-    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(flatten)]
+    pub template: ChatTemplateFields,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// How `messages` become a prompt (the chat template's inputs), as
+/// `/v1/chat/completions` and `/tokenize` both take them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChatTemplateFields {
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+    pub tools: Option<Value>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// vLLM's `POST /tokenize` with a text prompt.
@@ -148,16 +152,8 @@ pub struct TokenizeChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<Value>,
-    #[serde(default)]
-    pub add_generation_prompt: Option<bool>,
-    #[serde(default)]
-    pub continue_final_message: Option<bool>,
-    #[serde(default)]
-    pub add_special_tokens: Option<bool>,
-    #[serde(default)]
-    pub tools: Option<Value>,
-    #[serde(default)]
-    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(flatten)]
+    pub template: ChatTemplateFields,
     #[serde(default)]
     pub return_token_strs: Option<bool>,
 }

@@ -45,19 +45,15 @@ fn run_tokenize(state: &SharedState, body: &[u8]) -> Result<TokenizeResponse, Ap
     let v = &state.validator;
     let (tokens, token_strs) = if is_chat {
         let req: TokenizeChatRequest = parse_json(body)?;
-        let strs = req.return_token_strs.unwrap_or(false);
-        (v.tokenize_chat(req)?, strs)
+        (v.tokenize_chat(&req)?, req.return_token_strs)
     } else {
         let req: TokenizeCompletionRequest = parse_json(body)?;
-        (
-            v.tokenize_text(&req)?,
-            req.return_token_strs.unwrap_or(false),
-        )
+        (v.tokenize_text(&req)?, req.return_token_strs)
     };
     Ok(TokenizeResponse {
         count: tokens.len(),
         max_model_len: v.max_model_len,
-        token_strs: token_strs.then(|| {
+        token_strs: token_strs.unwrap_or(false).then(|| {
             tokens
                 .iter()
                 .map(|&id| v.tokenizer.id_to_token(id).unwrap_or_default())

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
 use proto::openai::{
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Prompt, SamplingFields,
-    TokenizeChatRequest, TokenizeCompletionRequest, Usage,
+    ChatCompletionRequest, ChatTemplateFields, CompletionRequest, DetokenizeRequest, Prompt,
+    SamplingFields, TokenizeChatRequest, TokenizeCompletionRequest, Usage,
 };
 use serde_json::Value;
 
@@ -134,27 +134,6 @@ impl RequestFields for CompletionRequest {
     }
 }
 
-impl RequestFields for ChatCompletionRequest {
-    fn field_names() -> &'static [String] {
-        static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-            names_of(&ChatCompletionRequest {
-                model: None,
-                messages: Vec::new(),
-                max_completion_tokens: None,
-                logprobs: None,
-                top_logprobs: None,
-                add_generation_prompt: None,
-                continue_final_message: None,
-                add_special_tokens: None,
-                tools: None,
-                chat_template_kwargs: None,
-                sampling: SamplingFields::default(),
-            })
-        });
-        &NAMES
-    }
-}
-
 /// [`RequestFields`] of a type whose `Default` serializes every field.
 macro_rules! fields_of_default {
     ($($t:ty),*) => {$(
@@ -169,6 +148,7 @@ macro_rules! fields_of_default {
 }
 
 fields_of_default!(
+    ChatCompletionRequest,
     TokenizeCompletionRequest,
     TokenizeChatRequest,
     DetokenizeRequest
@@ -279,7 +259,7 @@ impl Validator {
                 ));
             }
         };
-        let prompt = self.render_chat(&req)?;
+        let prompt = self.render_chat(&req.messages, &req.template)?;
         let mut sampling = req.sampling;
         if req.max_completion_tokens.is_some() {
             sampling.max_tokens = req.max_completion_tokens;
@@ -297,17 +277,20 @@ impl Validator {
         Ok(v.valid)
     }
 
-    fn render_chat(&self, req: &ChatCompletionRequest) -> Result<ValidPrompt, ApiError> {
-        if req.messages.is_empty() {
+    fn render_chat(
+        &self,
+        messages: &[Value],
+        t: &ChatTemplateFields,
+    ) -> Result<ValidPrompt, ApiError> {
+        if messages.is_empty() {
             return Err(bad("messages must not be empty", "messages"));
         }
-        let messages: Vec<Value> = req
-            .messages
+        let messages: Vec<Value> = messages
             .iter()
             .map(normalize_message)
             .collect::<Result<_, _>>()?;
-        let continue_final = req.continue_final_message.unwrap_or(false);
-        let add_generation_prompt = req.add_generation_prompt.unwrap_or(!continue_final);
+        let continue_final = t.continue_final_message.unwrap_or(false);
+        let add_generation_prompt = t.add_generation_prompt.unwrap_or(!continue_final);
         if continue_final && add_generation_prompt {
             return Err(bad(
                 "continue_final_message and add_generation_prompt cannot both be true",
@@ -319,8 +302,8 @@ impl Validator {
             .apply_chat_template_json(
                 &Value::Array(messages.clone()),
                 add_generation_prompt,
-                req.tools.as_ref(),
-                req.chat_template_kwargs.as_ref(),
+                t.tools.as_ref(),
+                t.chat_template_kwargs.as_ref(),
             )
             .map_err(|e| bad(e.to_string(), "messages"))?;
         if continue_final {
@@ -334,7 +317,7 @@ impl Validator {
                 text.truncate(pos + last.len());
             }
         }
-        let add_special = req.add_special_tokens.unwrap_or(false);
+        let add_special = t.add_special_tokens.unwrap_or(false);
         let ids = self
             .tokenizer
             .encode(&text, add_special)
@@ -356,22 +339,9 @@ impl Validator {
 
     /// `POST /tokenize` with messages: the ids `/v1/chat/completions` would
     /// generate from.
-    pub fn tokenize_chat(&self, req: TokenizeChatRequest) -> Result<Vec<u32>, ApiError> {
+    pub fn tokenize_chat(&self, req: &TokenizeChatRequest) -> Result<Vec<u32>, ApiError> {
         self.check_model(req.model.as_deref())?;
-        let chat = ChatCompletionRequest {
-            model: req.model,
-            messages: req.messages,
-            max_completion_tokens: None,
-            logprobs: None,
-            top_logprobs: None,
-            add_generation_prompt: req.add_generation_prompt,
-            continue_final_message: req.continue_final_message,
-            add_special_tokens: req.add_special_tokens,
-            tools: req.tools,
-            chat_template_kwargs: req.chat_template_kwargs,
-            sampling: SamplingFields::default(),
-        };
-        Ok(self.render_chat(&chat)?.ids)
+        Ok(self.render_chat(&req.messages, &req.template)?.ids)
     }
 
     /// `POST /detokenize`: the text of `tokens`, special tokens included
