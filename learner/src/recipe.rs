@@ -412,8 +412,9 @@ pub struct TrainSection {
     /// Warmup as a fraction of `max_steps` (used when `warmup_steps` is 0).
     pub warmup_ratio: f64,
     pub warmup_steps: u64,
-    /// Steps of the run: each generates a batch and makes
-    /// `num_iterations` optimizer updates on it (TRL counts the updates).
+    /// Steps of the run: each generates a batch and makes `num_iterations
+    /// x steps_per_generation / gradient_accumulation_steps` optimizer
+    /// updates on it (TRL counts the updates).
     pub max_steps: u64,
     /// Completions per rank per micro-batch, as TRL; a multiple of
     /// `rollout.num_generations` so that groups are never split.
