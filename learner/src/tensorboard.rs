@@ -96,10 +96,15 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
                 out.len()
             ));
         }
-        let n = u64::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let n = u64::from_le_bytes(len.try_into().unwrap_or_default());
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| (at + 16).checked_add(n))
+            .ok_or_else(|| format!("record {}: length {n} is out of range", out.len()))?;
         let body = bytes
-            .get(at + 12..at + 16 + n)
+            .get(at + 12..end)
             .ok_or_else(|| format!("record {}: cut short in its data", out.len()))?;
+        let n = end - at - 16;
         let (data, crc) = body.split_at(n);
         if masked_crc(data).to_le_bytes() != crc {
             return Err(format!(
@@ -108,7 +113,7 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
             ));
         }
         out.push(data.to_vec());
-        at += 16 + n;
+        at = end;
     }
     Ok(out)
 }
