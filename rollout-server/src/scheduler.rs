@@ -393,7 +393,6 @@ impl Scheduler {
         }
     }
 
-    /// Sample `j` of `g` in `slot`, seeded with `g.seed + j`.
     /// The tokens that end a sequence of `request`: EOS (unless
     /// `ignore_eos`) and its stop token ids. Empty without `min_tokens`,
     /// the one reader.
@@ -405,6 +404,7 @@ impl Scheduler {
         eos.chain(&request.stop_token_ids).copied().collect()
     }
 
+    /// Sample `j` of `g` in `slot`, seeded with `g.seed + j`.
     fn sequence(&self, g: &Group, j: usize, slot: usize) -> Sequence {
         Sequence {
             sample: j,
