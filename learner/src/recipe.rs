@@ -463,7 +463,8 @@ pub struct TrainSection {
     /// again before back-propagating through it. Activation memory no
     /// longer grows with the layers' insides (attention scores, the MLP's
     /// intermediate products), for about one more forward pass of compute.
-    /// The same gradients, to rounding. Needs `recompute_logits`.
+    /// The same gradients, to rounding. Needs `recompute_logits`. The
+    /// supervised warm-up (`sft_warmup_steps`) uses it too.
     pub gradient_checkpointing: bool,
     /// TRL's `mask_truncated_completions` (DAPO's overlong filtering):
     /// completions cut at `rollout.max_completion_length` are left out of

@@ -606,11 +606,30 @@ fn sft_warmup(
         // Mean token cross-entropy over the global batch.
         let mut sums = [batch.num_completion_tokens() as f64, 0.0];
         all_sum(c, &mut sums[..1])?;
-        let lp = batch.completion_logprobs(policy, 1.0, false)?;
-        let mask = batch.response_mask.to_dtype(lp.logprobs.dtype())?;
-        let nll = (lp.logprobs * mask)?.sum_all()?.neg()?;
-        let loss = nll.affine(1.0 / sums[0].max(1.0), 0.0)?;
-        let store = loss.backward()?;
+        let (loss, store) = if t.gradient_checkpointing {
+            // The memory the GRPO steps save, saved here too: the loss is
+            // linear in the log-probs, so its gradient seeds the
+            // checkpointed backward directly.
+            let ck = policy.checkpointed_logprobs(
+                &batch.input_ids,
+                &batch.attention_mask,
+                batch.logits_to_keep,
+                1.0,
+                false,
+            )?;
+            let scale = -1.0 / sums[0].max(1.0);
+            let mask = batch.response_mask.to_dtype(ck.logprobs().dtype())?;
+            let loss = (ck.logprobs() * &mask)?.sum_all()?.affine(scale, 0.0)?;
+            let store = ck.backward(Some(&mask.affine(scale, 0.0)?), None)?;
+            (loss, store)
+        } else {
+            let lp = batch.completion_logprobs(policy, 1.0, false)?;
+            let mask = batch.response_mask.to_dtype(lp.logprobs.dtype())?;
+            let nll = (lp.logprobs * mask)?.sum_all()?.neg()?;
+            let loss = nll.affine(1.0 / sums[0].max(1.0), 0.0)?;
+            let store = loss.backward()?;
+            (loss, store)
+        };
         let mut grads = Vec::with_capacity(vars.len());
         for (g, (_, v)) in optimizer.gradients(&store).into_iter().zip(vars) {
             grads.push(match g {

@@ -853,6 +853,7 @@ fn gradient_checkpointing_trains_like_the_full_graph() {
                 "train.beta=0.04".into(),
                 "train.num_iterations=2".into(),
                 "train.gradient_accumulation_steps=2".into(),
+                "train.sft_warmup_steps=3".into(),
                 format!("train.gradient_checkpointing={checkpointing}"),
             ],
         );
@@ -865,8 +866,16 @@ fn gradient_checkpointing_trains_like_the_full_graph() {
         logs.push(read_jsonl(&out.join("train_log.jsonl")));
         weights.push(load_weights(&out.join("checkpoints/step_000003")));
     }
-    assert_eq!(logs[0].len(), 3);
-    for (x, y) in logs[0].iter().zip(&logs[1]) {
+    // Three warm-up steps, then three GRPO steps.
+    assert_eq!(logs[0].len(), 6);
+    assert_eq!(logs[0][0]["phase"], "sft");
+    for (x, y) in logs[0][..3].iter().zip(&logs[1]) {
+        for key in ["loss", "grad_norm"] {
+            let (u, v) = (f(x, key), f(y, key));
+            assert!((u - v).abs() <= 1e-5, "warm-up: {key} {u} vs {v}");
+        }
+    }
+    for (x, y) in logs[0][3..].iter().zip(&logs[1][3..]) {
         assert_eq!(x["tokens"], y["tokens"], "step {}", x["step"]);
         for key in ["loss", "pg_loss", "kl", "grad_norm", "entropy"] {
             let (u, v) = (f(x, key), f(y, key));
