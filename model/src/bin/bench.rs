@@ -199,6 +199,25 @@ fn peak_memory_growth(preset: Preset, mode: TrainMode) -> Option<u64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// Empties `slots` and prefills `prompts` into them in one batched
+/// forward; the logits of each prompt's last token.
+fn prefill(
+    lm: &CausalLM,
+    cache: &mut KvCache,
+    slots: &[usize],
+    prompts: &[Vec<u32>],
+) -> model::Result<Tensor> {
+    for &slot in slots {
+        cache.truncate(slot, 0)?;
+    }
+    let entries: Vec<(usize, &[u32])> = slots
+        .iter()
+        .zip(prompts)
+        .map(|(&s, p)| (s, p.as_slice()))
+        .collect();
+    lm.forward_cached(cache, &entries, LogitsWanted::Last)
+}
+
 fn random_ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + seed * 104_729) % vocab) as u32)
@@ -301,15 +320,7 @@ fn main() -> model::Result<()> {
             let mut cache = KvCache::new(&cfg, b, t + 1, &dev, dtype)?;
             let slots: Vec<usize> = (0..b).filter_map(|_| cache.allocate()).collect();
             let s = time(&dev, 3.0, || {
-                for &slot in &slots {
-                    cache.truncate(slot, 0)?;
-                }
-                let entries: Vec<(usize, &[u32])> = slots
-                    .iter()
-                    .zip(&prompts)
-                    .map(|(&s, p)| (s, p.as_slice()))
-                    .collect();
-                lm.forward_cached(&mut cache, &entries, LogitsWanted::Last)?;
+                prefill(&lm, &mut cache, &slots, &prompts)?;
                 Ok(())
             })?;
             row("prefill", format!("{b}x{t}"), (b * t) as f64 / s, None);
@@ -331,15 +342,7 @@ fn main() -> model::Result<()> {
             let mut decode_secs = 0.0;
             let mut rounds = 0;
             while rounds == 0 || decode_secs < 3.0 {
-                for &slot in &slots {
-                    cache.truncate(slot, 0)?;
-                }
-                let entries: Vec<(usize, &[u32])> = slots
-                    .iter()
-                    .zip(&prompts)
-                    .map(|(&s, p)| (s, p.as_slice()))
-                    .collect();
-                let mut logits = lm.forward_cached(&mut cache, &entries, LogitsWanted::Last)?;
+                let mut logits = prefill(&lm, &mut cache, &slots, &prompts)?;
                 let start = Instant::now();
                 for _ in 0..new_tokens {
                     let next: Vec<u32> = logits.argmax(1)?.to_vec1()?;
