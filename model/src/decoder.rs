@@ -429,10 +429,14 @@ impl CausalLM {
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
         // In parallel: on the CPU each layer transposes its weights (see
-        // Linear), which a weight push pays for.
+        // Linear), which a weight push pays for. Every layer's result is kept
+        // so that the error reported is the lowest layer's, whichever thread
+        // finished first.
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
             .map(|l| DecoderLayer::load(cfg, weights, l))
+            .collect::<Vec<Result<_>>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
