@@ -143,6 +143,7 @@ const KEY_SETTINGS: &[&str] = &[
     "rollout.async_lag",
     "reward.functions",
     "train.max_steps",
+    "train.num_train_epochs",
     "train.learning_rate",
     "train.lr_scheduler_type",
     "train.warmup_steps",

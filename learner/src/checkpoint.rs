@@ -266,9 +266,10 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
     let t = &recipe.train;
     match key {
         // Extending a run is the usual reason to resume with another
-        // max_steps; it changes the steps already planned only through a
-        // learning-rate schedule that is a function of it.
-        "train.max_steps" => {
+        // max_steps (or num_train_epochs); it changes the steps already
+        // planned only through a learning-rate schedule that is a function
+        // of it.
+        "train.max_steps" | "train.num_train_epochs" => {
             let decays = matches!(
                 t.lr_scheduler_type,
                 crate::recipe::LrSchedulerType::Linear | crate::recipe::LrSchedulerType::Cosine

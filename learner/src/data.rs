@@ -833,6 +833,12 @@ impl PromptSource {
             .collect()
     }
 
+    /// Prompts in one pass over the training files: their rows, all files
+    /// together (what `train.num_train_epochs` counts in).
+    pub fn epoch_prompts(&self) -> u64 {
+        self.datasets.iter().map(|d| d.examples.len() as u64).sum()
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }

@@ -414,8 +414,18 @@ pub struct TrainSection {
     pub warmup_steps: u64,
     /// Steps of the run: each generates a batch and makes `num_iterations
     /// x steps_per_generation / gradient_accumulation_steps` optimizer
-    /// updates on it (TRL counts the updates).
+    /// updates on it (TRL counts the updates). 0 or -1 (TRL's "not set"):
+    /// `num_train_epochs` decides; a recipe that sets `num_train_epochs`
+    /// and not this key gets 0.
+    #[serde(deserialize_with = "max_steps_or_unset")]
     pub max_steps: u64,
+    /// Passes over the training prompts (TRL's `num_train_epochs`; may be
+    /// fractional), used when `max_steps` is 0 or -1: whole steps per pass
+    /// (a last partial step is dropped, as TRL's sampler does) times the
+    /// passes, rounded up, as transformers counts. Each prompt is used once
+    /// per pass; in a weighted mixture a pass is as many draws as the
+    /// files hold rows.
+    pub num_train_epochs: Option<f64>,
     /// Completions per rank per micro-batch, as TRL; a multiple of
     /// `rollout.num_generations` so that groups are never split.
     pub per_device_train_batch_size: usize,
@@ -489,6 +499,7 @@ impl Default for TrainSection {
             warmup_ratio: 0.0,
             warmup_steps: 0,
             max_steps: 1000,
+            num_train_epochs: None,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
             steps_per_generation: None,
@@ -527,15 +538,13 @@ impl TrainSection {
     pub fn updates_per_generation(&self) -> usize {
         (self.steps_per_generation() / self.gradient_accumulation_steps.max(1)).max(1)
     }
+}
 
-    /// Warmup in steps: `warmup_steps`, or `ceil(warmup_ratio * max_steps)`.
-    pub fn warmup_steps(&self) -> u64 {
-        if self.warmup_steps > 0 {
-            self.warmup_steps
-        } else {
-            (self.warmup_ratio * self.max_steps as f64).ceil() as u64
-        }
-    }
+/// `train.max_steps`: a count of steps, or a negative number (TRL's -1,
+/// "not set"), read as 0: `num_train_epochs` decides.
+fn max_steps_or_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = i64::deserialize(d)?;
+    Ok(v.max(0) as u64)
 }
 
 /// Validation on the held-out files.
@@ -768,6 +777,7 @@ impl Recipe {
             other => other,
         })?;
 
+        epochs_without_max_steps(&mut raw);
         let recipe = deserialize(&raw, &schema, source_name, &overridden)?;
         recipe.validate()?;
         Ok(recipe)
@@ -991,9 +1001,20 @@ impl Recipe {
             "train.warmup_ratio",
             || format!("must be in [0, 1], got {}", t.warmup_ratio),
         )?;
-        ensure(t.max_steps >= 1, "train.max_steps", || {
-            "must be >= 1".into()
-        })?;
+        ensure(
+            t.max_steps >= 1 || t.num_train_epochs.is_some(),
+            "train.max_steps",
+            || {
+                "is not set (0 or -1) and neither is train.num_train_epochs: set one of them \
+                 (steps, or passes over the training prompts)"
+                    .into()
+            },
+        )?;
+        if let Some(e) = t.num_train_epochs {
+            ensure(e.is_finite() && e > 0.0, "train.num_train_epochs", || {
+                format!("must be > 0, got {e}")
+            })?;
+        }
         ensure(
             t.per_device_train_batch_size > 0
                 && t.per_device_train_batch_size
@@ -1142,6 +1163,32 @@ impl Recipe {
     /// Prompts per rank per optimizer step.
     pub fn prompts_per_rank_per_step(&self) -> usize {
         self.completions_per_rank_per_step() / self.rollout.num_generations.max(1)
+    }
+
+    /// The run's length in steps: `train.max_steps`, or, when that is not
+    /// set, `train.num_train_epochs` passes over `prompts` training prompts
+    /// shared by `world_size` ranks (see [`TrainSection::num_train_epochs`]).
+    pub fn total_steps(&self, prompts: u64, world_size: usize) -> Result<u64> {
+        let t = &self.train;
+        let epochs = match t.num_train_epochs {
+            Some(e) if t.max_steps == 0 => e,
+            _ => return Ok(t.max_steps),
+        };
+        let per_step = (self.prompts_per_rank_per_step() * world_size.max(1)) as u64;
+        let steps_per_epoch = prompts / per_step.max(1);
+        if steps_per_epoch == 0 {
+            return Err(RecipeError::Invalid {
+                key: "train.num_train_epochs".into(),
+                message: format!(
+                    "the training files hold {prompts} prompts, fewer than one step takes \
+                     ({per_step}: per_device_train_batch_size x steps_per_generation / \
+                     num_generations x {} ranks); add data, take fewer prompts per step, \
+                     or set train.max_steps",
+                    world_size.max(1)
+                ),
+            });
+        }
+        Ok((epochs * steps_per_epoch as f64).ceil().max(1.0) as u64)
     }
 
     /// Completions per rank per step: every micro-batch generated at once
@@ -1430,7 +1477,6 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
-        "num_train_epochs" => "Tandem counts steps (a generation and its update): train.max_steps",
         "generation_batch_size" => {
             "set train.steps_per_generation instead: generation_batch_size / \
              (per_device_train_batch_size x the number of learner ranks)"
@@ -1565,6 +1611,18 @@ fn normalize(raw: &mut Value) {
                 }
             }
         }
+    }
+}
+
+/// A recipe that gives `train.num_train_epochs` and not `train.max_steps`
+/// counts in epochs (as in TRL, where `max_steps` defaults to -1), not in
+/// Tandem's default number of steps.
+fn epochs_without_max_steps(raw: &mut Value) {
+    if let Some(Value::Object(train)) = raw.get_mut("train")
+        && train.get("num_train_epochs").is_some_and(|v| !v.is_null())
+        && !train.contains_key("max_steps")
+    {
+        train.insert("max_steps".into(), Value::from(0));
     }
 }
 

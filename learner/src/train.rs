@@ -788,9 +788,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
         .with_max_prompt_length(recipe.rollout.max_prompt_length);
+    // Every rank loads every file, so every rank counts the same steps.
+    let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
     let ocfg = optimizer_config(&recipe);
     let mut optimizer = AdamW::new(vars.clone(), ocfg.adamw())?;
-    let schedule = LrSchedule::new(&ocfg, t.max_steps as usize)?;
+    let schedule = LrSchedule::new(&ocfg, max_steps as usize)?;
     let mut kl = KlController::from_config(&loss_cfg);
     let mut streak = 0u32;
     let mut start_step = 0u64;
@@ -869,15 +871,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "model": model_dir,
                 "parameters": cfg.num_parameters(),
                 "resume_from": resume.as_ref().map(|(_, d, _)| d.clone()),
+                "max_steps": max_steps,
             }),
         )?;
+        if let Some(epochs) = t.num_train_epochs {
+            let prompts = source.epoch_prompts();
+            let note = if t.max_steps == 0 {
+                format!(
+                    "num_train_epochs {epochs} over {prompts} training prompts, {} a step: \
+                     {max_steps} steps",
+                    recipe.prompts_per_rank_per_step() * world
+                )
+            } else {
+                format!("max_steps {max_steps} overrides num_train_epochs {epochs}, as in TRL")
+            };
+            eprintln!("note: {note}");
+        }
         // TRL counts optimizer updates in max_steps; Tandem counts steps
         // (a generation and its updates). Said once, where it differs.
         let per_step = t.num_iterations.max(1) * t.updates_per_generation();
         if per_step > 1 {
             run.event(
                 "optimizer_updates",
-                json!({"per_step": per_step, "total": per_step as u64 * t.max_steps}),
+                json!({"per_step": per_step, "total": per_step as u64 * max_steps}),
             )?;
             eprintln!(
                 "note: each step makes {per_step} optimizer updates (num_iterations {} x \
@@ -885,7 +901,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                  would count each update as a step (README, the TRL table)",
                 t.num_iterations.max(1),
                 t.updates_per_generation(),
-                per_step as u64 * t.max_steps
+                per_step as u64 * max_steps
             );
         }
         if !recipe_changes.is_empty() {
@@ -1026,7 +1042,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let max_completion = recipe.rollout.max_completion_length;
     let num_functions = labels.len();
     let run_started = Instant::now();
-    for step in start_step + 1..=t.max_steps {
+    for step in start_step + 1..=max_steps {
         let step_started = Instant::now();
         // 1-2. prompts and completions
         let t_gen = Instant::now();
@@ -1143,7 +1159,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let adv = compute_advantages(&totals, g, &loss_cfg)?;
         let score_s = t_score.elapsed();
-        let log_step = step % recipe.log.logging_steps.max(1) == 0 || step == t.max_steps;
+        let log_step = step % recipe.log.logging_steps.max(1) == 0 || step == max_steps;
         let completion_records: Vec<Value> = if recipe.log.log_completions && log_step {
             let mut records = Vec::new();
             for &(i, off) in &my_offsets {
@@ -1442,7 +1458,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // 7. logs
         #[cfg(debug_assertions)]
         perturb_weights_for_tests(&vars, rank, step)?;
-        let hash = if world > 1 || step == t.max_steps {
+        let hash = if world > 1 || step == max_steps {
             Some(weights_hash(&vars)?)
         } else {
             None
@@ -1569,7 +1585,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             eprintln!(
                 "step {step}/{} reward {rm:.4} loss {:.5} grad_norm {grad_norm:.4} lr {lr:.3e} \
                  dropped {dropped_global} {:.2}s",
-                t.max_steps,
+                max_steps,
                 summary.loss,
                 total_s.as_secs_f64()
             );
@@ -1577,7 +1593,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
         // 8. checkpoint (rank 0 writes; every rank's prefetched batch goes in)
         let save = (recipe.checkpoint.save_steps > 0 && step % recipe.checkpoint.save_steps == 0)
-            || step == t.max_steps;
+            || step == max_steps;
         if save {
             let prefetched_all: Vec<Option<PrefetchedBatch>> = if recipe.rollout.async_lag == 1 {
                 let mine = serde_json::to_vec(&prefetched)?;
@@ -1621,8 +1637,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
 
         // 9. eval
-        if recipe.eval.eval_steps > 0 && (step % recipe.eval.eval_steps == 0 || step == t.max_steps)
-        {
+        if recipe.eval.eval_steps > 0 && (step % recipe.eval.eval_steps == 0 || step == max_steps) {
             run_eval(step, weight_version)?;
         }
     }
@@ -1630,7 +1645,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(run) = &run {
         run.event(
             "end",
-            json!({"step": t.max_steps, "elapsed_s": secs(run_started.elapsed())}),
+            json!({"step": max_steps, "elapsed_s": secs(run_started.elapsed())}),
         )?;
     }
     Ok(())

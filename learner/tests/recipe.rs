@@ -361,6 +361,10 @@ fn the_shipped_recipes_load_and_validate() {
     let r1 = Recipe::load(&configs().join("open_r1_math.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(r1.rollout.num_generations, 16);
     assert!(r1.train.mask_truncated_completions && r1.log.log_completions);
+    assert_eq!(
+        (r1.train.max_steps, r1.train.num_train_epochs),
+        (0, Some(1.0))
+    );
     let names: Vec<&str> = r1
         .reward
         .functions
@@ -437,4 +441,47 @@ fn known_keys_cover_every_section() {
             "{section}"
         );
     }
+}
+
+#[test]
+fn num_train_epochs_counts_the_run_in_passes_over_the_prompts() {
+    let load = |overrides: &[&str]| Recipe::from_yaml_str(BASE, "r.yaml", overrides).unwrap();
+    let r = load(&["train.num_train_epochs=2"]);
+    assert_eq!(
+        r.train.max_steps, 0,
+        "epochs without max_steps count in epochs"
+    );
+    let per_rank = r.prompts_per_rank_per_step() as u64;
+    // 2 ranks, 10 whole steps and a partial one per pass: 2 x 10 steps.
+    let prompts = per_rank * 2 * 10 + 3;
+    assert_eq!(r.total_steps(prompts, 2).unwrap(), 20);
+    // Fractional epochs round up, as transformers does.
+    let r = load(&["train.num_train_epochs=1.25"]);
+    assert_eq!(r.total_steps(per_rank * 10, 1).unwrap(), 13);
+    // TRL's max_steps: -1 is "not set" too; a positive max_steps wins.
+    let r = load(&["train.num_train_epochs=1", "train.max_steps=-1"]);
+    assert_eq!(r.total_steps(per_rank * 7, 1).unwrap(), 7);
+    let r = load(&["train.num_train_epochs=1", "train.max_steps=5"]);
+    assert_eq!(r.total_steps(per_rank * 7, 1).unwrap(), 5);
+    // Without epochs, max_steps counts alone (the default: 1000).
+    assert_eq!(load(&[]).total_steps(1, 1).unwrap(), 1000);
+
+    // Fewer prompts than a step takes: an error that says what to change.
+    let r = load(&["train.num_train_epochs=1"]);
+    let e = r.total_steps(per_rank * 2 - 1, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("train.num_train_epochs") && e.contains(&format!("{}", per_rank * 2 - 1)),
+        "{e}"
+    );
+    // Neither set, or nonsense epochs: errors naming the key.
+    let e = err(BASE, &["train.max_steps=-1"]);
+    assert!(
+        e.contains("train.max_steps") && e.contains("num_train_epochs"),
+        "{e}"
+    );
+    let e = err(BASE, &["train.num_train_epochs=0"]);
+    assert!(
+        e.contains("train.num_train_epochs") && e.contains("> 0"),
+        "{e}"
+    );
 }

@@ -1128,3 +1128,43 @@ fn ranks_whose_weights_diverge_stop_with_an_error() {
     assert_eq!(diverged[0]["step"], 2);
     assert_eq!(read_jsonl(&out.join("train_log.jsonl")).len(), 1);
 }
+
+#[test]
+fn num_train_epochs_sets_the_run_length_from_the_training_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    // 10 prompts; the test recipe takes 16 / 4 = 4 a step: 2 whole steps a
+    // pass, so 1.5 passes are ceil(3.0) = 3 steps.
+    let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
+        .lines()
+        .take(10)
+        .collect();
+    let file = tmp.path().join("ten.jsonl");
+    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let run = train(
+        &r,
+        &[
+            format!("data.train_files=[{}]", file.display()),
+            "train.max_steps=-1".into(),
+            "train.num_train_epochs=1.5".into(),
+        ],
+    );
+    let steps: Vec<u64> = read_jsonl(&out.join("train_log.jsonl"))
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+    let start = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .unwrap();
+    assert_eq!(start["max_steps"], 3);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("note: num_train_epochs 1.5 over 10 training prompts, 4 a step: 3 steps"),
+        "{stderr}"
+    );
+}
