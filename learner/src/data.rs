@@ -456,6 +456,8 @@ pub struct PromptFormat {
     /// Longest question in characters, before the template.
     pub max_prompt_chars: Option<usize>,
     pub on_long_prompt: OnLongPrompt,
+    /// More chat-template variables (`data.chat_template_kwargs`).
+    pub chat_template_kwargs: serde_json::Map<String, Value>,
 }
 
 impl PromptFormat {
@@ -466,6 +468,7 @@ impl PromptFormat {
             system_prompt: None,
             max_prompt_chars: None,
             on_long_prompt: OnLongPrompt::Reject,
+            chat_template_kwargs: serde_json::Map::new(),
         }
     }
 
@@ -475,7 +478,28 @@ impl PromptFormat {
             system_prompt: data.system_prompt.clone(),
             max_prompt_chars: data.max_prompt_chars,
             on_long_prompt: data.on_long_prompt,
+            chat_template_kwargs: data.chat_template_kwargs.clone(),
         })
+    }
+
+    /// `messages` through the model's chat template with the generation
+    /// prompt and the recipe's extra variables.
+    fn render_chat(
+        &self,
+        path: &Path,
+        row: &RawRow,
+        messages: &[ChatMessage],
+        tokenizer: &Tokenizer,
+    ) -> Result<String> {
+        let prompt_error = |message: String| DataError::Prompt {
+            path: path.to_path_buf(),
+            location: row.location.clone(),
+            message,
+        };
+        let messages = serde_json::to_value(messages).map_err(|e| prompt_error(e.to_string()))?;
+        tokenizer
+            .apply_chat_template_json(&messages, true, None, Some(&self.chat_template_kwargs))
+            .map_err(|e| prompt_error(e.to_string()))
     }
 
     /// The prompt text of one row: the question limited to
@@ -534,13 +558,7 @@ impl PromptFormat {
                     messages.push(ChatMessage::system(s.clone()));
                 }
                 messages.push(ChatMessage::user(question.to_string()));
-                tokenizer
-                    .apply_chat_template(&messages, true)
-                    .map_err(|e| DataError::Prompt {
-                        path: path.to_path_buf(),
-                        location: row.location.clone(),
-                        message: e.to_string(),
-                    })
+                self.render_chat(path, row, &messages, tokenizer)
             }
         }
     }
@@ -572,13 +590,7 @@ impl PromptFormat {
             all.push(ChatMessage::system(s.clone()));
         }
         all.extend(messages.iter().cloned());
-        tokenizer
-            .apply_chat_template(&all, true)
-            .map_err(|e| DataError::Prompt {
-                path: path.to_path_buf(),
-                location: row.location.clone(),
-                message: e.to_string(),
-            })
+        self.render_chat(path, row, &all, tokenizer)
     }
 }
 

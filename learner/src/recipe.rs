@@ -244,6 +244,10 @@ pub struct DataSection {
     /// `chat` (the model's chat template), a template containing
     /// `{question}`, or the path of a file holding such a template.
     pub prompt_template: String,
+    /// More variables for the chat template, wherever it renders a prompt
+    /// (`prompt_template: chat`, conversational rows), as TRL's and vLLM's
+    /// `chat_template_kwargs`: e.g. `{enable_thinking: false}` for Qwen3.
+    pub chat_template_kwargs: Map<String, Value>,
     /// Longest question of a text column, in characters (before the
     /// template); `rollout.max_prompt_length` limits tokens of any prompt.
     pub max_prompt_chars: Option<usize>,
@@ -261,6 +265,7 @@ impl Default for DataSection {
             answer_column: "answer".into(),
             system_prompt: None,
             prompt_template: "chat".into(),
+            chat_template_kwargs: Map::new(),
             max_prompt_chars: None,
             on_long_prompt: OnLongPrompt::Reject,
             shuffle: true,
@@ -986,6 +991,17 @@ impl Recipe {
                 });
             }
         }
+        for key in ["messages", "add_generation_prompt"] {
+            ensure(
+                !self.data.chat_template_kwargs.contains_key(key),
+                &format!("data.chat_template_kwargs.{key}"),
+                || {
+                    "is set by the learner itself (the prompt's messages, and the \
+                     generation prompt that starts the completion); remove it"
+                        .into()
+                },
+            )?;
+        }
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
         })?;
@@ -1336,13 +1352,18 @@ impl Schema {
             *open = true;
         }
         s.replace(&["reward", "functions"], Schema::List(Box::new(reward)));
-        s.replace(
-            &["rollout", "generation_kwargs"],
-            Schema::Object {
-                fields: Vec::new(),
-                open: true,
-            },
-        );
+        for free in [
+            ["rollout", "generation_kwargs"],
+            ["data", "chat_template_kwargs"],
+        ] {
+            s.replace(
+                &free,
+                Schema::Object {
+                    fields: Vec::new(),
+                    open: true,
+                },
+            );
+        }
         s
     }
 
@@ -1368,6 +1389,8 @@ impl Schema {
     fn collect_paths(&self, prefix: String, out: &mut Vec<String>) {
         match self {
             Schema::Leaf => out.push(prefix),
+            // A free-form map (generation_kwargs...) is a key itself.
+            Schema::Object { fields, open: true } if fields.is_empty() => out.push(prefix),
             Schema::Object { fields, .. } => {
                 for (k, s) in fields {
                     let p = if prefix.is_empty() {

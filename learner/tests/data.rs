@@ -357,8 +357,7 @@ fn prompts_from_chat_template_system_prompt_and_template_file() {
     let chat = PromptFormat {
         template: PromptTemplate::Chat,
         system_prompt: Some("Add.".into()),
-        max_prompt_chars: None,
-        on_long_prompt: OnLongPrompt::Reject,
+        ..PromptFormat::plain("")
     };
     let text = chat.build(&path, row, Some(&tok)).unwrap();
     assert!(text.contains("Add."), "{text}");
@@ -499,4 +498,76 @@ fn conversational_prompts_go_through_the_chat_template() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("\"role\"") && e.contains("row 0"), "{e}");
+}
+
+/// `data.chat_template_kwargs` reach the template for text prompts under
+/// `prompt_template: chat` and for conversational rows, as TRL passes its
+/// `chat_template_kwargs` (Qwen3's `enable_thinking: false`).
+#[test]
+fn chat_template_kwargs_reach_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let text_rows = write_jsonl(dir.path(), "a.jsonl", 1, "7+");
+    let chat_rows = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &chat_rows,
+        "{\"prompt\": [{\"role\": \"user\", \"content\": \"2+2\"}], \"answer\": \"4\"}\n",
+    )
+    .unwrap();
+    let tiny = model::presets::tokenizer().unwrap();
+    // Qwen3's switch, reduced to what it does: an empty think block.
+    let template = "{% for m in messages %}{{ m.content }}|{% endfor %}\
+        {% if add_generation_prompt %}A:{% if enable_thinking is defined and \
+        not enable_thinking %}<think></think>{% endif %}{% endif %}";
+    let tok = model::tokenizer::Tokenizer::from_json(
+        tiny.tokenizer_json(),
+        Some(serde_json::json!({"chat_template": template})),
+    )
+    .unwrap();
+    let mut chat = PromptFormat {
+        template: PromptTemplate::Chat,
+        ..PromptFormat::plain("")
+    };
+    let text_row = &read_rows(&text_rows, &ColumnMapping::default()).unwrap()[0];
+    let chat_row = &read_rows(&chat_rows, &ColumnMapping::default()).unwrap()[0];
+    assert_eq!(
+        chat.build(&text_rows, text_row, Some(&tok)).unwrap(),
+        "7+0|A:"
+    );
+    chat.chat_template_kwargs
+        .insert("enable_thinking".into(), serde_json::json!(false));
+    assert_eq!(
+        chat.build(&text_rows, text_row, Some(&tok)).unwrap(),
+        "7+0|A:<think></think>"
+    );
+    assert_eq!(
+        chat.build(&chat_rows, chat_row, Some(&tok)).unwrap(),
+        "2+2|A:<think></think>"
+    );
+
+    // From the recipe; the learner's own variables cannot be overridden.
+    let base = "version: 1\nmodel: {preset: tiny}\ndata: {train_files: [t.jsonl]}\n\
+                reward: {functions: [{name: exact_match}]}\n";
+    let r = Recipe::from_yaml_str(
+        base,
+        "r.yaml",
+        &["data.chat_template_kwargs.enable_thinking=false"],
+    )
+    .unwrap();
+    assert_eq!(
+        PromptFormat::from_recipe(&r.data)
+            .unwrap()
+            .chat_template_kwargs,
+        chat.chat_template_kwargs
+    );
+    let e = Recipe::from_yaml_str(
+        base,
+        "r.yaml",
+        &["data.chat_template_kwargs.add_generation_prompt=false"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("data.chat_template_kwargs.add_generation_prompt"),
+        "{e}"
+    );
 }

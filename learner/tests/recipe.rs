@@ -60,6 +60,10 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     let text = format!("{BASE}max_steps: 3\n");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("did you mean train.max_steps?"), "{e}");
+    // ... also a free-form map's (TRL keeps these in GRPOConfig).
+    let text = format!("{BASE}  chat_template_kwargs: {{enable_thinking: false}}\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("did you mean data.chat_template_kwargs?"), "{e}");
 
     // A misspelled section.
     let text = format!("{BASE}evl:\n  eval_steps: 3\n");
