@@ -53,6 +53,14 @@ pub enum RecipeError {
         source_name: String,
         hint: String,
     },
+    /// Every unknown key of a recipe at once (a recipe brought over from
+    /// TRL or open-r1 has several), each with its hint.
+    #[error("{} unknown keys in {source_name}:{}", .keys.len(), list_unknown(.keys))]
+    UnknownKeys {
+        source_name: String,
+        /// (key, hint)
+        keys: Vec<(String, String)>,
+    },
     #[error("wrong type for {key} in {source_name}: {message}")]
     WrongType {
         key: String,
@@ -68,6 +76,10 @@ pub enum RecipeError {
 }
 
 pub type Result<T, E = RecipeError> = std::result::Result<T, E>;
+
+fn list_unknown(keys: &[(String, String)]) -> String {
+    keys.iter().map(|(k, h)| format!("\n  {k}: {h}")).collect()
+}
 
 // ---------------------------------------------------------------------------
 // The schema: one struct per section, one `impl Default` each.
@@ -616,6 +628,8 @@ pub enum Progress {
 pub struct LogSection {
     /// Write a train_log line (and a progress line) every N steps.
     pub logging_steps: u64,
+    /// Also log step 1 (transformers' `logging_first_step`).
+    pub logging_first_step: bool,
     pub progress: Progress,
     /// TRL's `log_completions`: at each logged step, every rank's prompts,
     /// completions, rewards and advantages go to completions.jsonl.
@@ -659,6 +673,7 @@ impl Default for LogSection {
     fn default() -> Self {
         LogSection {
             logging_steps: 1,
+            logging_first_step: false,
             progress: Progress::Auto,
             log_completions: false,
             num_completions_to_print: None,
@@ -751,7 +766,7 @@ impl Recipe {
         let schema = Schema::recipe();
         check_version(&raw, source_name)?;
         normalize(&mut raw);
-        check_keys(&raw, &schema, &mut Vec::new(), &schema, source_name)?;
+        unknown_keys(&raw, &schema, source_name)?;
 
         let mut overridden: Vec<(Vec<Seg>, String)> = Vec::new();
         for text in overrides {
@@ -768,7 +783,7 @@ impl Recipe {
         check_version(&raw, overridden_source(&overridden, "version", source_name))?;
         normalize(&mut raw);
         // An override may set a whole object or list: check below it too.
-        check_keys(&raw, &schema, &mut Vec::new(), &schema, source_name).map_err(|e| match e {
+        unknown_keys(&raw, &schema, source_name).map_err(|e| match e {
             RecipeError::UnknownKey { key, hint, .. } => RecipeError::UnknownKey {
                 source_name: overridden
                     .iter()
@@ -1522,6 +1537,64 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         "chat_template" => {
             "the chat template is the model folder's (tokenizer_config.json chat_template)"
         }
+        "logging_strategy" => "logs are taken every log.logging_steps steps",
+        "eval_strategy" | "evaluation_strategy" => {
+            "eval runs every eval.eval_steps steps (0: never)"
+        }
+        "per_device_eval_batch_size" => {
+            "eval prompts go to the rollout servers all at once; remove the key \
+             (eval.max_examples and eval.num_samples size an eval)"
+        }
+        "overwrite_output_dir" => {
+            "a run folder that already holds a run is never overwritten: resume it \
+             (--resume-from / --auto-resume) or choose another checkpoint.output_dir"
+        }
+        "log_level" | "log_level_replica" => {
+            "the RUST_LOG environment variable sets it (e.g. RUST_LOG=debug); remove the key"
+        }
+        "attn_implementation" => {
+            "Tandem's decoder has one attention implementation (no flash_attention_2 / sdpa \
+             choice); remove the key"
+        }
+        "model_revision" | "trust_remote_code" => {
+            "model.path is a local Hugging Face folder of a supported architecture; remove the key"
+        }
+        "hub_strategy" | "hub_private_repo" => {
+            "not supported: checkpoints stay in the run folder (checkpoint.output_dir)"
+        }
+        "optim" => {
+            "the optimizer is AdamW (transformers' adamw_torch) with f32 moments; remove the key"
+        }
+        "lr_scheduler_kwargs" => {
+            "not supported: train.lr_scheduler_type is constant, linear or cosine, with \
+             train.warmup_steps / warmup_ratio"
+        }
+        "cast_lm_head_to_fp32" => {
+            "not supported: the lm_head runs in model.dtype and its logits are upcast to f32 \
+             before the log-probs (model.dtype: f32 runs everything in f32)"
+        }
+        "vllm_server_timeout" => {
+            "the launcher waits --health-timeout seconds for the rollout servers; \
+             rollout.request_timeout_s bounds each request"
+        }
+        "wandb_log_unique_prompts" => {
+            "nothing is sent to wandb (log.report_to: tensorboard or none)"
+        }
+        "model_init_kwargs"
+        | "remove_unused_columns"
+        | "dataloader_num_workers"
+        | "ds3_gather_for_generation"
+        | "vllm_enable_sleep_mode"
+        | "vllm_model_impl"
+        | "use_transformers_paged"
+        | "cache_implementation" => {
+            "a transformers / vLLM setting with no Tandem counterpart; remove the key"
+        }
+        "save_safetensors" => "checkpoints are always safetensors; remove the key",
+        "save_only_model" => {
+            "checkpoints always hold the optimizer and data state too (an exact resume \
+             needs them); remove the key"
+        }
         _ => return None,
     })
 }
@@ -1548,21 +1621,50 @@ fn generation_kwarg_owner(field: &str) -> Option<&'static str> {
 
 /// Every key of `v` must exist in `schema`; recurses into objects and lists
 /// of objects. Type mismatches are left to [`deserialize`].
+/// Every key of `raw` must be in `schema`: one error for one unknown key,
+/// one listing them all for several.
+fn unknown_keys(raw: &Value, schema: &Schema, source_name: &str) -> Result<()> {
+    let mut found = Vec::new();
+    check_keys(
+        raw,
+        schema,
+        &mut Vec::new(),
+        schema,
+        source_name,
+        &mut found,
+    );
+    if found.len() <= 1 {
+        return found.pop().map_or(Ok(()), Err);
+    }
+    let keys = found
+        .into_iter()
+        .filter_map(|e| match e {
+            RecipeError::UnknownKey { key, hint, .. } => Some((key, hint)),
+            _ => None,
+        })
+        .collect();
+    Err(RecipeError::UnknownKeys {
+        source_name: source_name.to_string(),
+        keys,
+    })
+}
+
 fn check_keys(
     v: &Value,
     schema: &Schema,
     path: &mut Vec<Seg>,
     root: &Schema,
     source_name: &str,
-) -> Result<()> {
+    found: &mut Vec<RecipeError>,
+) {
     match (schema, v) {
         (Schema::Object { fields, open }, Value::Object(map)) => {
             for (k, child) in map {
                 path.push(Seg::Key(k.clone()));
                 match fields.iter().find(|(name, _)| name == k) {
-                    Some((_, s)) => check_keys(child, s, path, root, source_name)?,
+                    Some((_, s)) => check_keys(child, s, path, root, source_name, found),
                     None if *open => {}
-                    None => return Err(unknown_key(root, fields, path, source_name)),
+                    None => found.push(unknown_key(root, fields, path, source_name)),
                 }
                 path.pop();
             }
@@ -1570,13 +1672,12 @@ fn check_keys(
         (Schema::List(item), Value::Array(items)) => {
             for (i, child) in items.iter().enumerate() {
                 path.push(Seg::Index(i));
-                check_keys(child, item, path, root, source_name)?;
+                check_keys(child, item, path, root, source_name, found);
                 path.pop();
             }
         }
         _ => {}
     }
-    Ok(())
 }
 
 /// The key path of an override must exist in the schema.

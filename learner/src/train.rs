@@ -1223,7 +1223,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let adv = compute_advantages(&totals, g, &loss_cfg)?;
         let score_s = t_score.elapsed();
-        let log_step = step % recipe.log.logging_steps.max(1) == 0 || step == max_steps;
+        let log_step = step % recipe.log.logging_steps.max(1) == 0
+            || step == max_steps
+            || (step == 1 && recipe.log.logging_first_step);
         let completion_records: Vec<Value> = if recipe.log.log_completions && log_step {
             let mut records = Vec::new();
             for &(i, off) in &my_offsets {

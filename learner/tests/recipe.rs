@@ -489,3 +489,33 @@ fn num_train_epochs_counts_the_run_in_passes_over_the_prompts() {
         "{e}"
     );
 }
+
+/// A recipe brought over from TRL / open-r1 gets every unknown key in one
+/// error, each with what to do about it, instead of one per attempt.
+#[test]
+fn every_unknown_key_is_named_at_once_with_its_hint() {
+    let text = BASE.replace(
+        "train:\n",
+        "train:\n  bf16: true\n  overwrite_output_dir: true\n  lerning_rate: 1.0\n",
+    ) + "log:\n  log_level: info\n";
+    let e = err(&text, NO_OVERRIDES);
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines[0], "4 unknown keys in demo.yaml:", "{e}");
+    assert!(
+        lines[1].starts_with("  train.bf16: the dtype is model.dtype"),
+        "{e}"
+    );
+    assert!(
+        lines[2].starts_with("  train.overwrite_output_dir: a run folder"),
+        "{e}"
+    );
+    assert_eq!(
+        lines[3],
+        "  train.lerning_rate: did you mean train.learning_rate?"
+    );
+    assert!(
+        lines[4].starts_with("  log.log_level: the RUST_LOG environment variable"),
+        "{e}"
+    );
+    assert_eq!(lines.len(), 5, "{e}");
+}

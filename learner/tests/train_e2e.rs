@@ -1170,3 +1170,26 @@ fn num_train_epochs_sets_the_run_length_from_the_training_prompts() {
         "{stderr}"
     );
 }
+
+#[test]
+fn logging_first_step_adds_step_one_to_the_logged_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    for (first, want) in [(false, vec![2, 3]), (true, vec![1, 2, 3])] {
+        let out = tmp.path().join(format!("run_{first}"));
+        let r = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &r,
+            &[
+                "log.logging_steps=2".into(),
+                format!("log.logging_first_step={first}"),
+            ],
+        );
+        let steps: Vec<u64> = read_jsonl(&out.join("train_log.jsonl"))
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, want, "logging_first_step {first}");
+    }
+}
