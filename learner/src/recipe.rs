@@ -564,10 +564,58 @@ fn max_steps_or_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::
     Ok(v.max(0) as u64)
 }
 
+/// When checkpoints or evals happen: transformers' `save_strategy` /
+/// `eval_strategy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalStrategy {
+    /// Never during the run.
+    No,
+    /// Every `save_steps` / `eval_steps` steps.
+    Steps,
+    /// At the end of each pass over the training prompts (see
+    /// `train.num_train_epochs`).
+    Epoch,
+}
+
+impl IntervalStrategy {
+    /// Whether `step` is on the schedule: a multiple of `every` (0: none)
+    /// for `steps`, the last step of a pass of `steps_per_epoch` for `epoch`.
+    pub fn due(self, step: u64, every: u64, steps_per_epoch: Option<u64>) -> bool {
+        match self {
+            IntervalStrategy::No => false,
+            IntervalStrategy::Steps => every > 0 && step.is_multiple_of(every),
+            IntervalStrategy::Epoch => {
+                steps_per_epoch.is_some_and(|n| n > 0 && step.is_multiple_of(n))
+            }
+        }
+    }
+}
+
+/// `no`, `steps` or `epoch`; also YAML 1.1's unquoted `no` (false), which
+/// transformers recipes write quoted for that reason.
+impl<'de> Deserialize<'de> for IntervalStrategy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(false) => Ok(IntervalStrategy::No),
+            Value::String(s) if s == "no" => Ok(IntervalStrategy::No),
+            Value::String(s) if s == "steps" => Ok(IntervalStrategy::Steps),
+            Value::String(s) if s == "epoch" => Ok(IntervalStrategy::Epoch),
+            other => Err(serde::de::Error::custom(format!(
+                "expected one of `no`, `steps`, `epoch`, got {other}"
+            ))),
+        }
+    }
+}
+
 /// Validation on the held-out files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
+    /// transformers' `eval_strategy`: `steps` (every `eval_steps`),
+    /// `epoch` (each pass's end) or `no`. Any but `no` also evaluates
+    /// before the first step and after the last.
+    pub eval_strategy: IntervalStrategy,
     /// Validate every N steps (see `train.max_steps`); 0: never.
     pub eval_steps: u64,
     /// Samples per question (the k of pass@k and mean@k).
@@ -578,9 +626,22 @@ pub struct EvalSection {
     pub temperature: f64,
 }
 
+impl EvalSection {
+    /// Whether the run evaluates at all (before the first step, on the
+    /// schedule, after the last).
+    pub fn enabled(&self) -> bool {
+        match self.eval_strategy {
+            IntervalStrategy::No => false,
+            IntervalStrategy::Steps => self.eval_steps > 0,
+            IntervalStrategy::Epoch => true,
+        }
+    }
+}
+
 impl Default for EvalSection {
     fn default() -> Self {
         EvalSection {
+            eval_strategy: IntervalStrategy::Steps,
             eval_steps: 0,
             num_samples: 1,
             max_examples: None,
@@ -592,6 +653,10 @@ impl Default for EvalSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSection {
+    /// transformers' `save_strategy`: `steps` (every `save_steps`), `epoch`
+    /// (each pass's end) or `no`. The last step is saved whatever it says:
+    /// that checkpoint is the trained model.
+    pub save_strategy: IntervalStrategy,
     /// Checkpoint every N steps (see `train.max_steps`); 0: never.
     pub save_steps: u64,
     /// Keep the newest N checkpoints; none: all.
@@ -603,6 +668,7 @@ pub struct CheckpointSection {
 impl Default for CheckpointSection {
     fn default() -> Self {
         CheckpointSection {
+            save_strategy: IntervalStrategy::Steps,
             save_steps: 100,
             save_total_limit: None,
             output_dir: PathBuf::from("runs/tandem"),
@@ -1125,8 +1191,12 @@ impl Recipe {
 
         let e = &self.eval;
         ensure(
-            e.eval_steps == 0 || !d.eval_files.is_empty(),
-            "eval.eval_steps",
+            !e.enabled() || !d.eval_files.is_empty(),
+            if e.eval_strategy == IntervalStrategy::Epoch {
+                "eval.eval_strategy"
+            } else {
+                "eval.eval_steps"
+            },
             || "validation is on but data.eval_files is empty".into(),
         )?;
         ensure(e.num_samples >= 1, "eval.num_samples", || {
@@ -1205,21 +1275,31 @@ impl Recipe {
             Some(e) if t.max_steps == 0 => e,
             _ => return Ok(t.max_steps),
         };
+        let steps_per_epoch =
+            self.steps_per_epoch(prompts, world_size, "train.num_train_epochs")?;
+        Ok((epochs * steps_per_epoch as f64).ceil().max(1.0) as u64)
+    }
+
+    /// Whole steps in one pass over `prompts` training prompts shared by
+    /// `world_size` ranks (a last partial step is dropped, as TRL's sampler
+    /// does); an error naming `key`, the setting that needs it, when the
+    /// prompts do not fill one step.
+    pub fn steps_per_epoch(&self, prompts: u64, world_size: usize, key: &str) -> Result<u64> {
         let per_step = (self.prompts_per_rank_per_step() * world_size.max(1)) as u64;
-        let steps_per_epoch = prompts / per_step.max(1);
-        if steps_per_epoch == 0 {
+        let steps = prompts / per_step.max(1);
+        if steps == 0 {
             return Err(RecipeError::Invalid {
-                key: "train.num_train_epochs".into(),
+                key: key.into(),
                 message: format!(
                     "the training files hold {prompts} prompts, fewer than one step takes \
                      ({per_step}: per_device_train_batch_size x steps_per_generation / \
                      num_generations x {} ranks); add data, take fewer prompts per step, \
-                     or set train.max_steps",
+                     or count in steps",
                     world_size.max(1)
                 ),
             });
         }
-        Ok((epochs * steps_per_epoch as f64).ceil().max(1.0) as u64)
+        Ok(steps)
     }
 
     /// Completions per rank per step: every micro-batch generated at once
@@ -1532,15 +1612,12 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "shuffle_dataset" => "it is data.shuffle",
         "dataset_prompt_column" => "it is data.prompt_column",
-        "save_strategy" => "checkpoints are taken every checkpoint.save_steps steps",
-        "do_eval" => "eval runs every eval.eval_steps steps (0: never)",
+        "do_eval" => "eval runs as eval.eval_strategy and eval.eval_steps say",
         "chat_template" => {
             "the chat template is the model folder's (tokenizer_config.json chat_template)"
         }
         "logging_strategy" => "logs are taken every log.logging_steps steps",
-        "eval_strategy" | "evaluation_strategy" => {
-            "eval runs every eval.eval_steps steps (0: never)"
-        }
+        "evaluation_strategy" => "it is eval.eval_strategy (transformers' newer name)",
         "per_device_eval_batch_size" => {
             "eval prompts go to the rollout servers all at once; remove the key \
              (eval.max_examples and eval.num_samples size an eval)"

@@ -24,8 +24,9 @@
 //!    guard, clip, AdamW;
 //! 6. rank 0 pushes the weights to every WeightSync endpoint, then a barrier;
 //! 7. logs (train_log.jsonl on rank 0; every rank > 0 writes its weights'
-//!    hash to `ranks/rank_R.jsonl`); checkpoint every `save_steps` and at
-//!    the end; eval every `eval_steps` and at the start and end (rank 0).
+//!    fingerprint to `ranks/rank_R.jsonl`); checkpoint as `save_strategy`
+//!    says (every `save_steps`, or each epoch's end) and at the end; eval
+//!    likewise, and at the start and end (rank 0).
 //!
 //! The loop is synchronous; a tokio runtime runs the HTTP/gRPC calls (and,
 //! with `async_lag: 1`, the next step's generation in the background while
@@ -61,7 +62,7 @@ use crate::loss::{
 };
 use crate::metrics::LossMetrics;
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
-use crate::recipe::{LrSchedulerType, Recipe};
+use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
 use crate::rewards::{RewardInput, RewardRegistry};
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
@@ -849,6 +850,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .with_max_prompt_length(recipe.rollout.max_prompt_length);
     // Every rank loads every file, so every rank counts the same steps.
     let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
+    let epoch_strategy = [
+        ("checkpoint.save_strategy", recipe.checkpoint.save_strategy),
+        ("eval.eval_strategy", recipe.eval.eval_strategy),
+    ]
+    .into_iter()
+    .find(|(_, s)| *s == IntervalStrategy::Epoch);
+    let steps_per_epoch = match epoch_strategy {
+        Some((key, _)) => Some(recipe.steps_per_epoch(source.epoch_prompts(), world, key)?),
+        None => None,
+    };
     let ocfg = optimizer_config(&recipe);
     let mut optimizer = AdamW::new(vars.clone(), ocfg.adamw())?;
     let schedule = LrSchedule::new(&ocfg, max_steps as usize)?;
@@ -1045,12 +1056,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
 
     // ---- eval setup
-    let eval_examples =
-        if rank == 0 && recipe.eval.eval_steps > 0 && !recipe.data.eval_files.is_empty() {
-            Some(load_eval_examples(&recipe.data, recipe.eval.max_examples, Some(&tokenizer))?.0)
-        } else {
-            None
-        };
+    let eval_examples = if rank == 0 && recipe.eval.enabled() && !recipe.data.eval_files.is_empty()
+    {
+        Some(load_eval_examples(&recipe.data, recipe.eval.max_examples, Some(&tokenizer))?.0)
+    } else {
+        None
+    };
     let eval_client = if eval_examples.is_some() {
         let mut s = rollout_settings(&recipe, rank);
         s.num_generations = recipe.eval.num_samples.max(1);
@@ -1671,8 +1682,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
 
         // 8. checkpoint (rank 0 writes; every rank's prefetched batch goes in)
-        let save = (recipe.checkpoint.save_steps > 0 && step % recipe.checkpoint.save_steps == 0)
-            || step == max_steps;
+        let ck = &recipe.checkpoint;
+        let save = ck.save_strategy.due(step, ck.save_steps, steps_per_epoch) || step == max_steps;
         if save {
             let prefetched_all: Vec<Option<PrefetchedBatch>> = if recipe.rollout.async_lag == 1 {
                 let mine = serde_json::to_vec(&prefetched)?;
@@ -1716,7 +1727,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
 
         // 9. eval
-        if recipe.eval.eval_steps > 0 && (step % recipe.eval.eval_steps == 0 || step == max_steps) {
+        let ev = &recipe.eval;
+        if ev.enabled()
+            && (ev.eval_strategy.due(step, ev.eval_steps, steps_per_epoch) || step == max_steps)
+        {
             run_eval(step, weight_version)?;
         }
     }

@@ -519,3 +519,64 @@ fn every_unknown_key_is_named_at_once_with_its_hint() {
     );
     assert_eq!(lines.len(), 5, "{e}");
 }
+
+/// transformers' save_strategy / eval_strategy: `no`, `steps`, `epoch`.
+#[test]
+fn save_and_eval_strategies_take_transformers_values() {
+    use learner::recipe::IntervalStrategy::{Epoch, No, Steps};
+    let load = |overrides: &[&str]| Recipe::from_yaml_str(BASE, "r.yaml", overrides);
+    let r = load(&[]).unwrap();
+    assert_eq!(
+        (r.checkpoint.save_strategy, r.eval.eval_strategy),
+        (Steps, Steps)
+    );
+    let text = format!("{BASE}checkpoint:\n  save_strategy: \"no\"\n");
+    let r = Recipe::from_yaml_str(&text, "r.yaml", NO_OVERRIDES).unwrap();
+    assert_eq!(r.checkpoint.save_strategy, No);
+    // Unquoted, as YAML 1.1 reads it (false), too.
+    let text = format!("{BASE}checkpoint:\n  save_strategy: no\n");
+    let r = Recipe::from_yaml_str(&text, "r.yaml", NO_OVERRIDES).unwrap();
+    assert_eq!(r.checkpoint.save_strategy, No);
+    let r = load(&["checkpoint.save_strategy=epoch"]).unwrap();
+    assert_eq!(r.checkpoint.save_strategy, Epoch);
+    let e = err(BASE, &["checkpoint.save_strategy=best"]);
+    assert!(
+        e.contains("checkpoint.save_strategy") && e.contains("`no`, `steps`, `epoch`"),
+        "{e}"
+    );
+    // Epoch evals need held-out files, as step evals do.
+    let e = err(BASE, &["eval.eval_strategy=epoch"]);
+    assert!(
+        e.contains("eval.eval_strategy") && e.contains("eval_files"),
+        "{e}"
+    );
+    let with_eval = |o: &[&str]| {
+        let mut all = vec!["data.eval_files=[e.jsonl]"];
+        all.extend_from_slice(o);
+        load(&all).unwrap().eval.enabled()
+    };
+    assert!(!with_eval(&[]), "eval_steps 0: no eval");
+    assert!(with_eval(&["eval.eval_steps=5"]));
+    assert!(!with_eval(&["eval.eval_steps=5", "eval.eval_strategy=no"]));
+    assert!(with_eval(&["eval.eval_strategy=epoch"]));
+
+    // The schedule: multiples of the interval, or of the steps in a pass.
+    let due = |s: learner::recipe::IntervalStrategy, every, per_epoch| -> Vec<u64> {
+        (1..=8)
+            .filter(|&step| s.due(step, every, per_epoch))
+            .collect()
+    };
+    assert_eq!(due(Steps, 3, None), [3, 6]);
+    assert_eq!(due(Steps, 0, Some(2)), Vec::<u64>::new());
+    assert_eq!(due(Epoch, 3, Some(4)), [4, 8]);
+    assert_eq!(due(No, 1, Some(1)), Vec::<u64>::new());
+    // Steps in a pass, named after the setting that asked.
+    let r = load(&[]).unwrap();
+    let per_rank = r.prompts_per_rank_per_step() as u64;
+    assert_eq!(r.steps_per_epoch(per_rank * 5 + 1, 1, "x").unwrap(), 5);
+    let e = r
+        .steps_per_epoch(per_rank - 1, 1, "checkpoint.save_strategy")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoint.save_strategy"), "{e}");
+}

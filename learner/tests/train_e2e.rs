@@ -1193,3 +1193,65 @@ fn logging_first_step_adds_step_one_to_the_logged_steps() {
         assert_eq!(steps, want, "logging_first_step {first}");
     }
 }
+
+/// save_strategy / eval_strategy `epoch`: a checkpoint and an eval at the
+/// end of each pass over the training prompts.
+#[test]
+fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    // 10 prompts, 4 a step: a pass is 2 steps; 2 passes are 4 steps.
+    let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
+        .lines()
+        .take(10)
+        .collect();
+    let file = tmp.path().join("ten.jsonl");
+    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            format!("data.train_files=[{}]", file.display()),
+            "train.max_steps=-1".into(),
+            "train.num_train_epochs=2".into(),
+            "checkpoint.save_strategy=epoch".into(),
+            "checkpoint.save_steps=3".into(),
+            "eval.eval_strategy=epoch".into(),
+        ],
+    );
+    let mut ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    ckpts.sort();
+    assert_eq!(
+        ckpts,
+        ["step_000002", "step_000004"],
+        "save_steps is not used"
+    );
+    let evals: Vec<u64> = read_jsonl(&out.join("eval_log.jsonl"))
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 2, 4]);
+
+    // `no`: the last step's checkpoint (the trained model) only, no eval.
+    let out = tmp.path().join("run_no");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            "checkpoint.save_strategy=no".into(),
+            "eval.eval_strategy=no".into(),
+            "eval.eval_steps=1".into(),
+        ],
+    );
+    let ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts, ["step_000003"]);
+    assert!(read_jsonl(&out.join("eval_log.jsonl")).is_empty());
+}
