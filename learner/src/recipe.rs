@@ -1602,6 +1602,12 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         "dataset_name" => {
             "nothing is downloaded: data.train_files names local JSONL or Parquet files"
         }
+        "dataset_config" | "dataset_train_split" | "dataset_test_split" => {
+            "nothing is downloaded: name the split's local files in data.train_files \
+             (and the held-out split's in data.eval_files)"
+        }
+        "dataset_mixture" => "data.train_files is the mixture: a weight per file",
+        "vllm_device" => "the launcher places the rollout servers (topology, --dp / --tp)",
         "push_to_hub" | "hub_model_id" => {
             "not supported: everything is logged to the run folder (checkpoint.output_dir)"
         }
