@@ -270,11 +270,7 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
         // planned only through a learning-rate schedule that is a function
         // of it.
         "train.max_steps" | "train.num_train_epochs" => {
-            let decays = matches!(
-                t.lr_scheduler_type,
-                crate::recipe::LrSchedulerType::Linear | crate::recipe::LrSchedulerType::Cosine
-            );
-            decays || (t.warmup_steps == 0 && t.warmup_ratio > 0.0)
+            t.lr_scheduler_type.decays() || (t.warmup_steps == 0 && t.warmup_ratio > 0.0)
         }
         // The starting weights come from the checkpoint; the model keys
         // only build the KL reference.

@@ -76,6 +76,8 @@ pub enum LrSchedulerType {
     Linear,
     /// Linear warmup, then half a cosine down to 0 at `max_steps`.
     Cosine,
+    /// The same cosine down to `min_lr_rate` times the rate.
+    CosineWithMinLr,
 }
 
 /// The optimizer knobs of a recipe, with TRL `GRPOConfig` / transformers
@@ -95,6 +97,9 @@ pub struct OptimizerConfig {
     /// transformers: `warmup_steps` wins when both are set).
     pub warmup_steps: usize,
     pub warmup_ratio: f64,
+    /// The floor of `cosine_with_min_lr`, a fraction of `learning_rate`
+    /// (transformers' `min_lr_rate`).
+    pub min_lr_rate: f64,
     /// Global gradient norm clip; 0 disables clipping (the norm is still logged).
     pub max_grad_norm: f64,
 }
@@ -110,6 +115,7 @@ impl Default for OptimizerConfig {
             lr_scheduler_type: LrSchedulerType::Linear,
             warmup_steps: 0,
             warmup_ratio: 0.0,
+            min_lr_rate: 0.0,
             max_grad_norm: 1.0,
         }
     }
@@ -144,6 +150,12 @@ impl OptimizerConfig {
                 format!("must be > 0, got {}", self.adam_epsilon),
             ));
         }
+        if !(0.0..=1.0).contains(&self.min_lr_rate) {
+            return Err(config_err(
+                "min_lr_rate",
+                format!("must be in [0, 1], got {}", self.min_lr_rate),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(config_err(
                 "warmup_ratio",
@@ -175,6 +187,7 @@ pub struct LrSchedule {
     pub kind: LrSchedulerType,
     pub warmup_steps: usize,
     pub max_steps: usize,
+    pub min_lr_rate: f64,
 }
 
 impl LrSchedule {
@@ -196,6 +209,7 @@ impl LrSchedule {
             kind: config.lr_scheduler_type,
             warmup_steps,
             max_steps,
+            min_lr_rate: config.min_lr_rate,
         })
     }
 
@@ -208,11 +222,16 @@ impl LrSchedule {
         match self.kind {
             LrSchedulerType::Constant | LrSchedulerType::ConstantWithWarmup => 1.0,
             LrSchedulerType::Linear => ((total - s) / (total - w).max(1.0)).max(0.0),
-            LrSchedulerType::Cosine => {
-                // Progress is clamped at 1: past max_steps the rate stays 0
-                // (transformers' cosine would rise again).
+            LrSchedulerType::Cosine | LrSchedulerType::CosineWithMinLr => {
+                // Progress is clamped at 1: past max_steps the rate stays at
+                // its floor (transformers' cosine would rise again).
                 let progress = ((s - w) / (total - w).max(1.0)).min(1.0);
-                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                let floor = match self.kind {
+                    LrSchedulerType::CosineWithMinLr => self.min_lr_rate,
+                    _ => 0.0,
+                };
+                (cosine * (1.0 - floor) + floor).max(0.0)
             }
         }
     }

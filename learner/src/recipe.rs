@@ -406,13 +406,28 @@ pub struct RewardSection {
     pub functions: Vec<RewardFunction>,
 }
 
-/// TRL / transformers `lr_scheduler_type`; warmup applies to each.
+/// TRL / transformers `lr_scheduler_type`; warmup applies to each
+/// (`constant` is transformers' `constant_with_warmup`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedulerType {
     Constant,
+    ConstantWithWarmup,
     Linear,
     Cosine,
+    /// Cosine down to `lr_scheduler_kwargs.min_lr_rate x learning_rate`
+    /// (or `min_lr`), as open-r1's recipes use it.
+    CosineWithMinLr,
+}
+
+impl LrSchedulerType {
+    /// Whether the rate at a step depends on `max_steps` after warmup.
+    pub fn decays(self) -> bool {
+        matches!(
+            self,
+            LrSchedulerType::Linear | LrSchedulerType::Cosine | LrSchedulerType::CosineWithMinLr
+        )
+    }
 }
 
 /// Optimization. The GRPO numerics ([`GrpoConfig`]: `loss_type`, `beta`,
@@ -426,6 +441,10 @@ pub enum LrSchedulerType {
 pub struct TrainSection {
     pub learning_rate: f64,
     pub lr_scheduler_type: LrSchedulerType,
+    /// transformers' `lr_scheduler_kwargs`: for `cosine_with_min_lr`, one of
+    /// `min_lr_rate` (the floor as a fraction of `learning_rate`) or `min_lr`;
+    /// no other schedule takes any.
+    pub lr_scheduler_kwargs: Map<String, Value>,
     /// Warmup as a fraction of `max_steps` (used when `warmup_steps` is 0).
     pub warmup_ratio: f64,
     pub warmup_steps: u64,
@@ -513,6 +532,7 @@ impl Default for TrainSection {
         TrainSection {
             learning_rate: 1e-6,
             lr_scheduler_type: LrSchedulerType::Linear,
+            lr_scheduler_kwargs: Map::new(),
             warmup_ratio: 0.0,
             warmup_steps: 0,
             max_steps: 1000,
@@ -543,6 +563,22 @@ impl Default for TrainSection {
 }
 
 impl TrainSection {
+    /// The floor of `cosine_with_min_lr` as a fraction of `learning_rate`
+    /// (`min_lr_rate`, or `min_lr / learning_rate`); 0 for the others.
+    pub fn min_lr_rate(&self) -> f64 {
+        let kw = &self.lr_scheduler_kwargs;
+        if self.lr_scheduler_type != LrSchedulerType::CosineWithMinLr {
+            return 0.0;
+        }
+        match (kw.get("min_lr_rate"), kw.get("min_lr")) {
+            (Some(rate), _) => rate.as_f64().unwrap_or(0.0),
+            (None, Some(min)) if self.learning_rate > 0.0 => {
+                min.as_f64().unwrap_or(0.0) / self.learning_rate
+            }
+            _ => 0.0,
+        }
+    }
+
     /// Micro-batches generated per step: `steps_per_generation`, or
     /// `gradient_accumulation_steps`.
     pub fn steps_per_generation(&self) -> usize {
@@ -1083,6 +1119,7 @@ impl Recipe {
                 },
             )?;
         }
+        self.validate_lr_scheduler_kwargs()?;
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
         })?;
@@ -1259,6 +1296,68 @@ impl Recipe {
             "topology.rollout_servers",
             || "is 0 and rollout.endpoints is empty: nothing would generate completions".into(),
         )
+    }
+
+    /// transformers' rules for `lr_scheduler_kwargs`, for the schedules
+    /// Tandem has.
+    fn validate_lr_scheduler_kwargs(&self) -> Result<()> {
+        let t = &self.train;
+        let kw = &t.lr_scheduler_kwargs;
+        let invalid = |key: &str, message: String| RecipeError::Invalid {
+            key: format!("train.lr_scheduler_kwargs{key}"),
+            message,
+        };
+        if t.lr_scheduler_type != LrSchedulerType::CosineWithMinLr {
+            return match kw.keys().next() {
+                Some(k) => Err(invalid(
+                    &format!(".{k}"),
+                    format!(
+                        "lr_scheduler_type {} takes no kwargs here (cosine_with_min_lr takes \
+                         min_lr_rate or min_lr)",
+                        serde_json::to_value(t.lr_scheduler_type)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    ),
+                )),
+                None => Ok(()),
+            };
+        }
+        if let Some(k) = kw.keys().find(|k| *k != "min_lr_rate" && *k != "min_lr") {
+            return Err(invalid(
+                &format!(".{k}"),
+                "cosine_with_min_lr takes min_lr_rate or min_lr only".into(),
+            ));
+        }
+        match (kw.get("min_lr_rate"), kw.get("min_lr")) {
+            (Some(_), Some(_)) => Err(invalid(
+                "",
+                "set one of min_lr_rate and min_lr, not both (as transformers)".into(),
+            )),
+            (None, None) => Err(invalid(
+                "",
+                "cosine_with_min_lr needs min_lr_rate (a fraction of learning_rate) or \
+                 min_lr (as transformers)"
+                    .into(),
+            )),
+            (Some(r), None) => match r.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Ok(()),
+                _ => Err(invalid(
+                    ".min_lr_rate",
+                    format!("must be a number in [0, 1], got {r}"),
+                )),
+            },
+            (None, Some(m)) => match m.as_f64() {
+                Some(m) if m >= 0.0 && m <= t.learning_rate => Ok(()),
+                _ => Err(invalid(
+                    ".min_lr",
+                    format!(
+                        "must be a number in [0, learning_rate {}], got {m}",
+                        t.learning_rate
+                    ),
+                )),
+            },
+        }
     }
 
     /// Prompts per rank per optimizer step.
@@ -1450,6 +1549,7 @@ impl Schema {
         for free in [
             ["rollout", "generation_kwargs"],
             ["data", "chat_template_kwargs"],
+            ["train", "lr_scheduler_kwargs"],
         ] {
             s.replace(
                 &free,
@@ -1647,10 +1747,6 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "optim" => {
             "the optimizer is AdamW (transformers' adamw_torch) with f32 moments; remove the key"
-        }
-        "lr_scheduler_kwargs" => {
-            "not supported: train.lr_scheduler_type is constant, linear or cosine, with \
-             train.warmup_steps / warmup_ratio"
         }
         "cast_lm_head_to_fp32" => {
             "not supported: the lm_head runs in model.dtype and its logits are upcast to f32 \

@@ -231,9 +231,14 @@ fn optimizer_config(recipe: &Recipe) -> OptimizerConfig {
         weight_decay: t.weight_decay,
         lr_scheduler_type: match t.lr_scheduler_type {
             LrSchedulerType::Constant => crate::optim::LrSchedulerType::Constant,
+            LrSchedulerType::ConstantWithWarmup => {
+                crate::optim::LrSchedulerType::ConstantWithWarmup
+            }
             LrSchedulerType::Linear => crate::optim::LrSchedulerType::Linear,
             LrSchedulerType::Cosine => crate::optim::LrSchedulerType::Cosine,
+            LrSchedulerType::CosineWithMinLr => crate::optim::LrSchedulerType::CosineWithMinLr,
         },
+        min_lr_rate: t.min_lr_rate(),
         warmup_steps: t.warmup_steps as usize,
         warmup_ratio: t.warmup_ratio,
         max_grad_norm: t.max_grad_norm,

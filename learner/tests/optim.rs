@@ -272,6 +272,34 @@ fn schedules_match_transformers_at_key_steps() {
             s.lr_at(step)
         );
     }
+    // transformers' get_cosine_with_min_lr_schedule_with_warmup, min_lr_rate
+    // 0.1: factor = cosine x 0.9 + 0.1.
+    let s = LrSchedule::new(
+        &OptimizerConfig {
+            learning_rate: 2.0,
+            lr_scheduler_type: LrSchedulerType::CosineWithMinLr,
+            warmup_steps: 2,
+            min_lr_rate: 0.1,
+            ..OptimizerConfig::default()
+        },
+        10,
+    )
+    .unwrap();
+    for (step, lr) in [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (4, 2.0 * (cos_quarter * 0.9 + 0.1)),
+        (6, 2.0 * 0.55),
+        (10, 0.2),
+        (14, 0.2),
+    ] {
+        assert!(
+            close(s.lr_at(step), lr),
+            "cosine_with_min_lr step {step}: {}",
+            s.lr_at(step)
+        );
+    }
     let s = schedule(LrSchedulerType::ConstantWithWarmup, 4, 0.0, 10);
     for (step, lr) in [(0, 0.0), (1, 0.5), (3, 1.5), (4, 2.0), (100, 2.0)] {
         assert!(close(s.lr_at(step), lr), "constant_with_warmup step {step}");

@@ -580,3 +580,70 @@ fn save_and_eval_strategies_take_transformers_values() {
         .to_string();
     assert!(e.contains("checkpoint.save_strategy"), "{e}");
 }
+
+/// open-r1's `lr_scheduler_type: cosine_with_min_lr` with
+/// `lr_scheduler_kwargs: {min_lr_rate: 0.1}`, checked as transformers does.
+#[test]
+fn cosine_with_min_lr_takes_its_kwargs_as_transformers_does() {
+    let load = |overrides: &[&str]| Recipe::from_yaml_str(BASE, "r.yaml", overrides);
+    let r = load(&[
+        "train.lr_scheduler_type=cosine_with_min_lr",
+        "train.lr_scheduler_kwargs={min_lr_rate: 0.1}",
+    ])
+    .unwrap();
+    assert_eq!(r.train.lr_scheduler_type, LrSchedulerType::CosineWithMinLr);
+    assert_eq!(r.train.min_lr_rate(), 0.1);
+    // min_lr is a rate of learning_rate (BASE: 1e-3).
+    let r = load(&[
+        "train.lr_scheduler_type=cosine_with_min_lr",
+        "train.lr_scheduler_kwargs.min_lr=2.5e-4",
+    ])
+    .unwrap();
+    assert!((r.train.min_lr_rate() - 0.25).abs() < 1e-12);
+    assert_eq!(load(&[]).unwrap().train.min_lr_rate(), 0.0);
+    let r = load(&["train.lr_scheduler_type=constant_with_warmup"]).unwrap();
+    assert_eq!(
+        r.train.lr_scheduler_type,
+        LrSchedulerType::ConstantWithWarmup
+    );
+
+    for (overrides, key, says) in [
+        (
+            &["train.lr_scheduler_type=cosine_with_min_lr"][..],
+            "train.lr_scheduler_kwargs",
+            "needs min_lr_rate",
+        ),
+        (
+            &[
+                "train.lr_scheduler_type=cosine_with_min_lr",
+                "train.lr_scheduler_kwargs={min_lr_rate: 0.1, min_lr: 1.0e-4}",
+            ][..],
+            "train.lr_scheduler_kwargs",
+            "not both",
+        ),
+        (
+            &[
+                "train.lr_scheduler_type=cosine_with_min_lr",
+                "train.lr_scheduler_kwargs.min_lr_rate=1.5",
+            ][..],
+            "train.lr_scheduler_kwargs.min_lr_rate",
+            "[0, 1]",
+        ),
+        (
+            &[
+                "train.lr_scheduler_type=cosine_with_min_lr",
+                "train.lr_scheduler_kwargs={min_lr_rate: 0.1, num_cycles: 2}",
+            ][..],
+            "train.lr_scheduler_kwargs.num_cycles",
+            "min_lr_rate or min_lr only",
+        ),
+        (
+            &["train.lr_scheduler_kwargs.min_lr_rate=0.1"][..],
+            "train.lr_scheduler_kwargs.min_lr_rate",
+            "linear takes no kwargs",
+        ),
+    ] {
+        let e = err(BASE, overrides);
+        assert!(e.contains(key) && e.contains(says), "{overrides:?}: {e}");
+    }
+}

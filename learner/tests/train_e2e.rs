@@ -1255,3 +1255,30 @@ fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
     assert_eq!(ckpts, ["step_000003"]);
     assert!(read_jsonl(&out.join("eval_log.jsonl")).is_empty());
 }
+
+/// The learner trains with the recipe's cosine_with_min_lr schedule: step 2
+/// of 2 (no warmup) is halfway down the cosine, above the floor.
+#[test]
+fn cosine_with_min_lr_reaches_the_learner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            "train.max_steps=2".into(),
+            "train.lr_scheduler_type=cosine_with_min_lr".into(),
+            "train.lr_scheduler_kwargs.min_lr_rate=0.5".into(),
+        ],
+    );
+    let lrs: Vec<f64> = read_jsonl(&out.join("train_log.jsonl"))
+        .iter()
+        .map(|l| f(l, "lr"))
+        .collect();
+    // learning_rate 3e-3; step 2: cosine 0.5 -> 0.5 x 0.5 + 0.5 = 0.75.
+    assert_eq!(lrs.len(), 2);
+    assert!((lrs[0] - 3.0e-3).abs() < 1e-12, "{lrs:?}");
+    assert!((lrs[1] - 0.75 * 3.0e-3).abs() < 1e-12, "{lrs:?}");
+}
