@@ -17,6 +17,27 @@ fn f(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
+/// The first 10 rows of the shipped training file, as a file of their own.
+fn ten_prompts(dir: &std::path::Path) -> std::path::PathBuf {
+    let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
+        .lines()
+        .take(10)
+        .collect();
+    let file = dir.join("ten.jsonl");
+    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    file
+}
+
+/// The checkpoint folders of a run, sorted.
+fn checkpoint_names(out: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -58,11 +79,7 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
     assert_eq!(lines[1]["generated_by_version"]["min"], 1);
     assert_eq!(server.weight_version(), 3);
     // save_steps 2 + final, keep 1.
-    let ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(ckpts, vec!["step_000003".to_string()]);
+    assert_eq!(checkpoint_names(&out), ["step_000003"]);
     let ck = out.join("checkpoints/step_000003");
     for file in [
         "config.json",
@@ -1138,12 +1155,7 @@ fn num_train_epochs_sets_the_run_length_from_the_training_prompts() {
     let server = rollout_server(&model);
     // 10 prompts; the test recipe takes 16 / 4 = 4 a step: 2 whole steps a
     // pass, so 1.5 passes are ceil(3.0) = 3 steps.
-    let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
-        .lines()
-        .take(10)
-        .collect();
-    let file = tmp.path().join("ten.jsonl");
-    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    let file = ten_prompts(tmp.path());
     let out = tmp.path().join("run");
     let r = recipe(tmp.path(), &model, &server, &out);
     let run = train(
@@ -1202,12 +1214,7 @@ fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
     let model = tiny_model();
     let server = rollout_server(&model);
     // 10 prompts, 4 a step: a pass is 2 steps; 2 passes are 4 steps.
-    let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
-        .lines()
-        .take(10)
-        .collect();
-    let file = tmp.path().join("ten.jsonl");
-    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    let file = ten_prompts(tmp.path());
     let out = tmp.path().join("run");
     let r = recipe(tmp.path(), &model, &server, &out);
     train(
@@ -1221,13 +1228,8 @@ fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
             "eval.eval_strategy=epoch".into(),
         ],
     );
-    let mut ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    ckpts.sort();
     assert_eq!(
-        ckpts,
+        checkpoint_names(&out),
         ["step_000002", "step_000004"],
         "save_steps is not used"
     );
@@ -1248,11 +1250,7 @@ fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
             "eval.eval_steps=1".into(),
         ],
     );
-    let ckpts: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(ckpts, ["step_000003"]);
+    assert_eq!(checkpoint_names(&out), ["step_000003"]);
     assert!(read_jsonl(&out.join("eval_log.jsonl")).is_empty());
 }
 
