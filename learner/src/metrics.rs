@@ -189,6 +189,86 @@ pub struct StepMetrics {
     pub num_sequences: f64,
 }
 
+/// Completion lengths of a step, as TRL logs them (`completions/mean_length`,
+/// `min_length`, `max_length`, `clipped_ratio`, and the same lengths over
+/// the terminated completions, those that did not hit the length limit).
+/// Additive per rank ([`Self::to_vec`]), merged over ranks with
+/// [`Self::merge`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompletionLengths {
+    count: f64,
+    sum: f64,
+    min: Option<f64>,
+    max: Option<f64>,
+    terminated: f64,
+    terminated_sum: f64,
+    terminated_min: Option<f64>,
+    terminated_max: Option<f64>,
+}
+
+impl CompletionLengths {
+    pub fn add(&mut self, length: usize, truncated: bool) {
+        let l = length as f64;
+        self.count += 1.0;
+        self.sum += l;
+        self.min = merge_min(self.min, Some(l));
+        self.max = merge_max(self.max, Some(l));
+        if !truncated {
+            self.terminated += 1.0;
+            self.terminated_sum += l;
+            self.terminated_min = merge_min(self.terminated_min, Some(l));
+            self.terminated_max = merge_max(self.terminated_max, Some(l));
+        }
+    }
+
+    /// A fixed-width vector for a gather over ranks (NaN: none).
+    pub fn to_vec(&self) -> [f64; 8] {
+        let v = |o: Option<f64>| o.unwrap_or(f64::NAN);
+        [
+            self.count,
+            self.sum,
+            v(self.min),
+            v(self.max),
+            self.terminated,
+            self.terminated_sum,
+            v(self.terminated_min),
+            v(self.terminated_max),
+        ]
+    }
+
+    /// Every rank's [`Self::to_vec`] together.
+    pub fn merge(gathered: &[Vec<f64>]) -> CompletionLengths {
+        let some = |x: f64| (!x.is_nan()).then_some(x);
+        let mut m = CompletionLengths::default();
+        for g in gathered.iter().filter(|g| g.len() == 8) {
+            m.count += g[0];
+            m.sum += g[1];
+            m.min = merge_min(m.min, some(g[2]));
+            m.max = merge_max(m.max, some(g[3]));
+            m.terminated += g[4];
+            m.terminated_sum += g[5];
+            m.terminated_min = merge_min(m.terminated_min, some(g[6]));
+            m.terminated_max = merge_max(m.terminated_max, some(g[7]));
+        }
+        m
+    }
+
+    /// TRL's names under `completions/`; with no terminated completion the
+    /// terminated lengths are 0, as TRL logs them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mean = |sum: f64, n: f64| if n > 0.0 { sum / n } else { 0.0 };
+        serde_json::json!({
+            "mean_length": mean(self.sum, self.count),
+            "min_length": self.min.unwrap_or(0.0),
+            "max_length": self.max.unwrap_or(0.0),
+            "clipped_ratio": if self.count > 0.0 { 1.0 - self.terminated / self.count } else { 0.0 },
+            "mean_terminated_length": mean(self.terminated_sum, self.terminated),
+            "min_terminated_length": self.terminated_min.unwrap_or(0.0),
+            "max_terminated_length": self.terminated_max.unwrap_or(0.0),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +292,37 @@ mod tests {
         assert_eq!((s.loss, s.pg_loss), (1.0, 1.0));
         assert_eq!(s.entropy, Some(50.0 / 40.0));
         assert_eq!(s.num_tokens, 40.0);
+    }
+
+    #[test]
+    fn completion_lengths_merge_over_ranks_as_trl_reports_them() {
+        let mut a = CompletionLengths::default();
+        a.add(3, false);
+        a.add(8, true);
+        let mut b = CompletionLengths::default();
+        b.add(8, true);
+        b.add(5, false);
+        let empty = CompletionLengths::default();
+        let m = CompletionLengths::merge(&[
+            a.to_vec().to_vec(),
+            empty.to_vec().to_vec(),
+            b.to_vec().to_vec(),
+        ]);
+        assert_eq!(
+            m.to_json(),
+            serde_json::json!({
+                "mean_length": 6.0, "min_length": 3.0, "max_length": 8.0,
+                "clipped_ratio": 0.5,
+                "mean_terminated_length": 4.0, "min_terminated_length": 3.0,
+                "max_terminated_length": 5.0,
+            })
+        );
+        // Nothing terminated: TRL logs zeros.
+        let mut c = CompletionLengths::default();
+        c.add(8, true);
+        let j = CompletionLengths::merge(&[c.to_vec().to_vec()]).to_json();
+        assert_eq!(j["clipped_ratio"], 1.0);
+        assert_eq!(j["mean_terminated_length"], 0.0);
+        assert_eq!(j["max_terminated_length"], 0.0);
     }
 }

@@ -60,7 +60,7 @@ use crate::kl::KlController;
 use crate::loss::{
     LossInputs, Normalizers, entropy_quantile, high_entropy_mask, micro_batch_ranges,
 };
-use crate::metrics::LossMetrics;
+use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
 use crate::rewards::{RewardInput, RewardRegistry};
@@ -1279,14 +1279,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // 4. local rows and micro-batches
         let t_fb = Instant::now();
         let mut rows = Vec::new();
-        let mut num_truncated = 0usize;
+        let mut lengths = CompletionLengths::default();
         for &(i, off) in &my_offsets {
             let GroupOutcome::Kept(group) = &outcomes[i] else {
                 continue;
             };
             for (j, comp) in group.completions.iter().enumerate() {
                 let truncated = is_truncated(comp, max_completion);
-                num_truncated += usize::from(truncated);
+                lengths.add(comp.completion_ids.len(), truncated);
                 rows.push(Row {
                     prompt_ids: &group.prompt_ids,
                     completion_ids: &comp.completion_ids,
@@ -1296,8 +1296,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 });
             }
         }
-        // Prompt tokens, completion tokens, completions, truncated completions.
-        let mut local_tokens = [0.0, 0.0, rows.len() as f64, num_truncated as f64];
+        // Prompt tokens, completion tokens.
+        let mut local_tokens = [0.0, 0.0];
         for r in &rows {
             local_tokens[0] += r.prompt_ids.len() as f64;
             local_tokens[1] += r.completion_ids.len() as f64;
@@ -1584,6 +1584,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let mut tokens = local_tokens;
         all_sum(c, &mut tokens)?;
+        // Every rank takes part on the same (logged) steps.
+        let completions = if log_step {
+            let gathered = all_gather_f64(c, &lengths.to_vec())?;
+            Some(CompletionLengths::merge(&gathered).to_json())
+        } else {
+            None
+        };
         if let Some(f) = &rank_log {
             use std::io::Write;
             let mut line = json!({"step": step, "rank": rank, "weight_version": weight_version});
@@ -1645,8 +1652,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "skipped": skipped,
                 "nonfinite_streak": streak,
                 "tokens": {"prompt": tokens[0], "completion": tokens[1]},
-                // TRL's completions/clipped_ratio: the share cut at the limit.
-                "clipped_ratio": tokens[3] / tokens[2].max(1.0),
+                // TRL's completions/*: lengths, and the share cut at the limit.
+                "completions": completions,
                 "kept_groups": kept_global,
                 "dropped_groups": dropped_global,
                 "retries": client.counters.retries.load(std::sync::atomic::Ordering::Relaxed),

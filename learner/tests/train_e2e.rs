@@ -1072,8 +1072,9 @@ fn truncated_completions_are_left_out_of_the_loss_when_asked() {
         let lines = read_jsonl(&out.join("train_log.jsonl"));
         assert_eq!(lines.len(), 3);
         for l in &lines {
-            let clipped = f(l, "clipped_ratio");
+            let clipped = f(&l["completions"], "clipped_ratio");
             assert!((0.0..=1.0).contains(&clipped), "{l}");
+            assert!(f(&l["completions"], "max_length") <= 1.0, "{l}");
             if clipped < 1.0 {
                 continue;
             }
@@ -1086,7 +1087,11 @@ fn truncated_completions_are_left_out_of_the_loss_when_asked() {
             assert!(lines.iter().any(|l| f(l, "grad_norm") > 0.0));
         }
         // At least one step was clipped throughout, so the check above ran.
-        assert!(lines.iter().any(|l| f(l, "clipped_ratio") == 1.0));
+        assert!(
+            lines
+                .iter()
+                .any(|l| f(&l["completions"], "clipped_ratio") == 1.0)
+        );
     }
 }
 
@@ -1111,9 +1116,26 @@ fn generation_kwargs_are_sent_with_every_request() {
         clipped.push(
             lines
                 .iter()
-                .map(|l| f(l, "clipped_ratio"))
+                .map(|l| f(&l["completions"], "clipped_ratio"))
                 .collect::<Vec<_>>(),
         );
+        if ignore_eos {
+            // Every completion is max_completion_length (8) long; none ended.
+            for l in &lines {
+                let c = &l["completions"];
+                assert_eq!((f(c, "min_length"), f(c, "max_length")), (8.0, 8.0), "{l}");
+                assert_eq!(f(c, "mean_terminated_length"), 0.0, "{l}");
+            }
+        } else {
+            // Some ended at EOS, shorter than the limit.
+            assert!(
+                lines.iter().any(|l| {
+                    let c = &l["completions"];
+                    f(c, "min_terminated_length") < 8.0 && f(c, "mean_length") < 8.0
+                }),
+                "{lines:?}"
+            );
+        }
     }
     assert!(clipped[0].iter().all(|&c| c == 1.0), "{clipped:?}");
     assert!(clipped[1].iter().any(|&c| c < 1.0), "{clipped:?}");
