@@ -58,6 +58,11 @@ pub struct TrainerState {
     /// indexed by rank; empty otherwise.
     pub prefetched: Vec<Option<PrefetchedBatch>>,
     pub world_size: usize,
+    /// Prompt and completion tokens of every step so far, all ranks (TRL's
+    /// `num_input_tokens_seen`, logged as `num_tokens`); 0 in checkpoints
+    /// written before it was kept.
+    #[serde(default)]
+    pub num_input_tokens_seen: f64,
     /// The resolved recipe (secrets redacted) that wrote it, so that a
     /// resume can name what changed ([`recipe_changes`]). Absent in
     /// checkpoints written before it was recorded (they held only a
@@ -88,6 +93,7 @@ impl TrainerState {
             nonfinite_streak,
             prefetched,
             world_size,
+            num_input_tokens_seen: 0.0,
             recipe: Some(recipe.to_json_redacted()),
         }
     }

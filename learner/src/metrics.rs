@@ -185,6 +185,9 @@ pub struct StepMetrics {
     /// TRL `sampling/sampling_logp_difference/{mean,max}`.
     pub sampling_logp_difference_mean: Option<f64>,
     pub sampling_logp_difference_max: Option<f64>,
+    /// Completion tokens in the loss. Logged under another name: TRL's
+    /// `num_tokens` is the running count of tokens seen.
+    #[serde(rename = "num_loss_tokens")]
     pub num_tokens: f64,
     pub num_sequences: f64,
 }

@@ -871,6 +871,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut kl = KlController::from_config(&loss_cfg);
     let mut streak = 0u32;
     let mut start_step = 0u64;
+    let mut tokens_seen = 0.0f64;
     let mut weight_version = 0u64;
     let mut prefetched: Option<PrefetchedBatch> = None;
     if let Some((step, dir, state)) = &resume {
@@ -879,6 +880,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         kl = state.kl_controller.clone();
         streak = state.nonfinite_streak;
         start_step = *step;
+        tokens_seen = state.num_input_tokens_seen;
         weight_version = state.weight_version;
         if recipe.rollout.async_lag == 1 {
             prefetched = state.prefetched.get(rank).cloned().flatten();
@@ -1584,6 +1586,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let mut tokens = local_tokens;
         all_sum(c, &mut tokens)?;
+        tokens_seen += tokens[0] + tokens[1];
         // Every rank takes part on the same (logged) steps.
         let completions = if log_step {
             let gathered = all_gather_f64(c, &lengths.to_vec())?;
@@ -1652,6 +1655,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "skipped": skipped,
                 "nonfinite_streak": streak,
                 "tokens": {"prompt": tokens[0], "completion": tokens[1]},
+                // TRL's num_tokens: prompt and completion tokens so far.
+                "num_tokens": tokens_seen,
                 // TRL's completions/*: lengths, and the share cut at the limit.
                 "completions": completions,
                 "kept_groups": kept_global,
@@ -1707,7 +1712,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 Vec::new()
             };
             if let Some(run) = &run {
-                let state = TrainerState::new(
+                let mut state = TrainerState::new(
                     step,
                     weight_version,
                     source.cursor(),
@@ -1717,6 +1722,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     &recipe,
                     world,
                 );
+                state.num_input_tokens_seen = tokens_seen;
                 let w: BTreeMap<String, Tensor> = vars
                     .iter()
                     .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
