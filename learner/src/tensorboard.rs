@@ -118,11 +118,55 @@ pub fn read_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+/// The train-log keys whose TRL tag is not their flattened name: TRL's
+/// GRPOTrainer logs these as `train/<TRL name>`, so a TensorBoard that
+/// shows a TRL run next to a Tandem run lines the curves up.
+const TRL_TAGS: &[(&str, &str)] = &[
+    ("lr", "learning_rate"),
+    ("clip_ratio_low", "clip_ratio/low_mean"),
+    ("clip_ratio_high", "clip_ratio/high_mean"),
+    ("clip_ratio_region", "clip_ratio/region_mean"),
+    (
+        "importance_sampling_ratio_mean",
+        "sampling/importance_sampling_ratio/mean",
+    ),
+    (
+        "importance_sampling_ratio_min",
+        "sampling/importance_sampling_ratio/min",
+    ),
+    (
+        "importance_sampling_ratio_max",
+        "sampling/importance_sampling_ratio/max",
+    ),
+    (
+        "sampling_logp_difference_mean",
+        "sampling/sampling_logp_difference/mean",
+    ),
+    (
+        "sampling_logp_difference_max",
+        "sampling/sampling_logp_difference/max",
+    ),
+];
+
 /// Every number in `v`, flattened to `prefix/key/subkey` tags (booleans as
-/// 0/1; strings, nulls and arrays left out).
+/// 0/1; strings, nulls and arrays left out); top-level keys with a TRL name
+/// of their own ([`TRL_TAGS`]) take it.
 pub fn scalars(prefix: &str, v: &Value) -> Vec<(String, f64)> {
     let mut out = Vec::new();
-    let mut walk = vec![(prefix.to_string(), v)];
+    let mut walk: Vec<(String, &Value)> = match v {
+        Value::Object(m) => m
+            .iter()
+            .rev()
+            .map(|(k, x)| {
+                let name = TRL_TAGS
+                    .iter()
+                    .find(|(ours, _)| ours == k)
+                    .map_or(k.as_str(), |(_, trl)| trl);
+                (format!("{prefix}/{name}"), x)
+            })
+            .collect(),
+        other => vec![(prefix.to_string(), other)],
+    };
     while let Some((tag, v)) = walk.pop() {
         match v {
             Value::Number(n) => out.extend(n.as_f64().map(|x| (tag, x))),
@@ -250,13 +294,23 @@ mod tests {
     #[test]
     fn nested_numbers_become_slash_tags() {
         let v = serde_json::json!({"step": 3, "reward": 0.5, "timings": {"generate": 0.1},
-                                   "skipped": false, "note": "x", "kl": null});
+                                   "skipped": false, "note": "x", "kl": null, "lr": 1e-3,
+                                   "clip_ratio_low": 0.25,
+                                   "importance_sampling_ratio_max": 1.5,
+                                   "advantages": {"lr": 2.0}});
         let mut s = scalars("train", &v);
         s.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             s,
             vec![
+                ("train/advantages/lr".to_string(), 2.0),
+                ("train/clip_ratio/low_mean".to_string(), 0.25),
+                ("train/learning_rate".to_string(), 1e-3),
                 ("train/reward".to_string(), 0.5),
+                (
+                    "train/sampling/importance_sampling_ratio/max".to_string(),
+                    1.5
+                ),
                 ("train/skipped".to_string(), 0.0),
                 ("train/step".to_string(), 3.0),
                 ("train/timings/generate".to_string(), 0.1),

@@ -1031,6 +1031,17 @@ fn report_to_tensorboard_writes_the_logs_as_scalars() {
             value("train/timings/generate"),
             f(&line["timings"], "generate") as f32
         );
+        // TRL's tags, where its names differ from the log's keys.
+        assert_eq!(value("train/learning_rate"), f(line, "lr") as f32);
+        assert_eq!(
+            value("train/clip_ratio/low_mean"),
+            f(line, "clip_ratio_low") as f32
+        );
+        assert_eq!(
+            value("train/completions/mean_length"),
+            f(&line["completions"], "mean_length") as f32
+        );
+        assert_eq!(value("train/num_tokens"), f(line, "num_tokens") as f32);
     }
     let evals = read_jsonl(&out.join("eval_log.jsonl"));
     assert!(!evals.is_empty());
