@@ -855,6 +855,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .with_max_prompt_length(recipe.rollout.max_prompt_length);
     // Every rank loads every file, so every rank counts the same steps.
     let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
+    let epoch_prompts = source.epoch_prompts().max(1) as f64;
     let epoch_strategy = [
         ("checkpoint.save_strategy", recipe.checkpoint.save_strategy),
         ("eval.eval_strategy", recipe.eval.eval_strategy),
@@ -1657,6 +1658,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "tokens": {"prompt": tokens[0], "completion": tokens[1]},
                 // TRL's num_tokens: prompt and completion tokens so far.
                 "num_tokens": tokens_seen,
+                // TRL's epoch: passes over the training prompts so far.
+                "epoch": (step * (prompts_per_rank * world) as u64) as f64 / epoch_prompts,
                 // TRL's completions/*: lengths, and the share cut at the limit.
                 "completions": completions,
                 "kept_groups": kept_global,

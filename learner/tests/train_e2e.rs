@@ -1208,11 +1208,12 @@ fn num_train_epochs_sets_the_run_length_from_the_training_prompts() {
             "train.num_train_epochs=1.5".into(),
         ],
     );
-    let steps: Vec<u64> = read_jsonl(&out.join("train_log.jsonl"))
-        .iter()
-        .map(|l| l["step"].as_u64().unwrap())
-        .collect();
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2, 3]);
+    // TRL's epoch: 4 of the 10 prompts a step.
+    let epochs: Vec<f64> = lines.iter().map(|l| f(l, "epoch")).collect();
+    assert_eq!(epochs, [0.4, 0.8, 1.2]);
     let start = read_jsonl(&out.join("run_log.jsonl"))
         .into_iter()
         .find(|e| e["event"] == "start")
