@@ -911,7 +911,19 @@ fn render_markdown(
     if let Some(events) = events {
         render_events(&mut md, events);
     }
-    render_recipe(&mut md, manifest);
+    // The steps the learner derived from num_train_epochs, when it did.
+    let derived_steps = events.and_then(|evs| {
+        evs.iter()
+            .rev()
+            .filter(|e| {
+                matches!(
+                    e.get("event").and_then(Value::as_str),
+                    Some("start" | "resume")
+                )
+            })
+            .find_map(|e| e.get("max_steps").and_then(Value::as_u64))
+    });
+    render_recipe(&mut md, manifest, derived_steps);
     md.push_str("## Notes\n\n");
     if notes.is_empty() {
         md.push_str("Nothing was missing or malformed.\n");
@@ -1227,7 +1239,7 @@ fn render_curves(md: &mut String, svgs: &[(&'static str, String)], m: &Metrics) 
     }
 }
 
-fn render_recipe(md: &mut String, manifest: Option<&Value>) {
+fn render_recipe(md: &mut String, manifest: Option<&Value>, derived_steps: Option<u64>) {
     md.push_str("## Recipe\n\n");
     let recipe = manifest.and_then(|m| {
         ["recipe", "resolved_recipe", "config"]
@@ -1243,6 +1255,13 @@ fn render_recipe(md: &mut String, manifest: Option<&Value>) {
         .iter()
         .filter_map(|path| {
             let v = path.split('.').try_fold(recipe, |v, part| v.get(part))?;
+            // max_steps 0 (or TRL's -1): the epochs decided.
+            if *path == "train.max_steps" && v.as_u64() == Some(0) {
+                let text = derived_steps.map_or("from train.num_train_epochs".into(), |n| {
+                    format!("{n} (from train.num_train_epochs)")
+                });
+                return Some((*path, text));
+            }
             (!v.is_null()).then(|| (*path, setting_text(v)))
         })
         .collect();

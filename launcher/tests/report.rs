@@ -504,3 +504,33 @@ fn events_out_of_the_ordinary_are_listed() {
     let md = std::fs::read_to_string(write_report(dir.path()).unwrap().report).unwrap();
     assert!(md.contains("No resumes, warnings or other events"), "{md}");
 }
+
+/// A run sized by num_train_epochs (max_steps 0 in the recipe) shows the
+/// steps the learner derived, from its start event.
+#[test]
+fn max_steps_from_epochs_shows_the_derived_count() {
+    let dir = run_folder(true);
+    let manifest = MANIFEST.replace(
+        r#""max_steps": 8,"#,
+        r#""max_steps": 0, "num_train_epochs": 1.5,"#,
+    );
+    assert_ne!(manifest, MANIFEST);
+    std::fs::write(dir.path().join("manifest.json"), manifest).unwrap();
+    let md = std::fs::read_to_string(write_report(dir.path()).unwrap().report).unwrap();
+    assert!(
+        md.contains("| `train.max_steps` | from train.num_train_epochs |"),
+        "{md}"
+    );
+    std::fs::write(
+        dir.path().join("run_log.jsonl"),
+        r#"{"time":"t0","event":"start","step":0,"world_size":2,"max_steps":12}"#.to_string()
+            + "\n",
+    )
+    .unwrap();
+    let md = std::fs::read_to_string(write_report(dir.path()).unwrap().report).unwrap();
+    assert!(
+        md.contains("| `train.max_steps` | 12 (from train.num_train_epochs) |"),
+        "{md}"
+    );
+    assert!(md.contains("| `train.num_train_epochs` | 1.5 |"), "{md}");
+}
