@@ -1673,8 +1673,9 @@ fn unknown_key(
     }
 }
 
-/// What a TRL / open-r1 recipe key with no Tandem key of its name is in
-/// Tandem (keys that exist under another section are found without this).
+/// What a TRL / open-r1 / verl recipe key with no Tandem key of its name
+/// is in Tandem (keys that exist under another section are found without
+/// this).
 fn trl_key_hint(name: &str) -> Option<&'static str> {
     Some(match name {
         "model_name_or_path" => "TRL's model_name_or_path is model.path (a local folder)",
@@ -1708,6 +1709,25 @@ fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "dataset_mixture" => "data.train_files is the mixture: a weight per file",
         "vllm_device" => "the launcher places the rollout servers (topology, --dp / --tp)",
+        // verl's actor / algorithm keys.
+        "loss_agg_mode" => {
+            "set train.loss_type: verl's token-mean corresponds to dapo, \
+             seq-mean-token-mean to grpo, seq-mean-token-sum-norm to dr_grpo"
+        }
+        "kl_loss_coef" | "kl_coef" => "it is train.beta (the KL term is on when beta > 0)",
+        "kl_loss_type" => "it is train.kl_estimator: verl's kl is k1, mse is k2, low_var_kl is k3",
+        "use_kl_loss" | "use_kl_in_reward" => {
+            "the KL term is a loss term, on when train.beta > 0; remove the key"
+        }
+        "clip_ratio_low" | "clip_ratio" => "it is train.epsilon (the lower clip, 1 - epsilon)",
+        "clip_ratio_high" => "it is train.epsilon_high",
+        "ppo_epochs" => "it is train.num_iterations (passes over each generated batch)",
+        "ppo_mini_batch_size" | "ppo_micro_batch_size_per_gpu" | "train_batch_size" => {
+            "a step generates train.per_device_train_batch_size x steps_per_generation \
+             completions per rank (rollout.num_generations per prompt), in \
+             steps_per_generation / gradient_accumulation_steps updates"
+        }
+        "n" => "it is rollout.num_generations (completions per prompt)",
         "push_to_hub" | "hub_model_id" => {
             "not supported: everything is logged to the run folder (checkpoint.output_dir)"
         }

@@ -518,6 +518,15 @@ fn every_unknown_key_is_named_at_once_with_its_hint() {
         "{e}"
     );
     assert_eq!(lines.len(), 5, "{e}");
+
+    // verl's names get theirs, not a misleading nearest key.
+    let e = err(BASE, &["train.kl_loss_type=low_var_kl"]);
+    assert!(
+        e.contains("train.kl_estimator") && e.contains("low_var_kl is k3"),
+        "{e}"
+    );
+    let e = err(BASE, &["train.loss_agg_mode=token-mean"]);
+    assert!(e.contains("token-mean corresponds to dapo"), "{e}");
 }
 
 /// transformers' save_strategy / eval_strategy: `no`, `steps`, `epoch`.
