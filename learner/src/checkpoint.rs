@@ -176,17 +176,32 @@ impl std::fmt::Display for RecipeChange {
 
 /// Every key whose value differs between `saved` (the checkpoint's recipe)
 /// and `recipe` (the resuming one), both as [`Recipe::to_json_redacted`]
-/// writes them, in key order.
+/// writes them, in key order. A key the checkpoint's recipe lacks (written
+/// by a Tandem that did not have it) counts as its default: a key is added
+/// with the default that keeps the old behaviour.
 pub fn recipe_changes(saved: &Value, recipe: &Recipe) -> Vec<RecipeChange> {
     let mut out = Vec::new();
-    diff_values(String::new(), saved, &recipe.to_json_redacted(), &mut out);
+    let defaults = Recipe::default().to_json_redacted();
+    diff_values(
+        String::new(),
+        saved,
+        &recipe.to_json_redacted(),
+        Some(&defaults),
+        &mut out,
+    );
     for c in &mut out {
         c.changes_training = changes_training(&c.key, recipe);
     }
     out
 }
 
-fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
+fn diff_values(
+    key: String,
+    a: &Value,
+    b: &Value,
+    defaults: Option<&Value>,
+    out: &mut Vec<RecipeChange>,
+) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
@@ -197,19 +212,16 @@ fn diff_values(key: String, a: &Value, b: &Value, out: &mut Vec<RecipeChange>) {
                     format!("{key}.{k}")
                 };
                 let null = Value::Null;
-                diff_values(
-                    sub,
-                    x.get(k).unwrap_or(&null),
-                    y.get(k).unwrap_or(&null),
-                    out,
-                );
+                let default = defaults.and_then(|d| d.get(k));
+                let before = x.get(k).or(default).unwrap_or(&null);
+                diff_values(sub, before, y.get(k).unwrap_or(&null), default, out);
             }
         }
         // Same length: element by element, so that one changed reward
         // weight is named as such; otherwise the list as a whole.
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
             for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                diff_values(format!("{key}[{i}]"), p, q, out);
+                diff_values(format!("{key}[{i}]"), p, q, None, out);
             }
         }
         _ if a != b => out.push(RecipeChange {
@@ -409,5 +421,25 @@ mod tests {
         let loaded = TrainerState::load(dir.path()).unwrap();
         assert_eq!(loaded.recipe, None);
         assert_eq!(loaded.step, 3);
+    }
+
+    /// A checkpoint written before a key existed resumes as if it had held
+    /// the key's default; a non-default value is still a change.
+    #[test]
+    fn keys_a_checkpoint_predates_count_as_their_defaults() {
+        let mut saved = demo(&[]).to_json_redacted();
+        let train = saved["train"].as_object_mut().unwrap();
+        train.remove("lr_scheduler_kwargs");
+        train.remove("sapo_temperature_pos");
+        saved["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("chat_template_kwargs");
+        assert_eq!(recipe_changes(&saved, &demo(&[])), Vec::new());
+        let c = recipe_changes(&saved, &demo(&["train.sapo_temperature_pos=2.0"]));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].key, "train.sapo_temperature_pos");
+        assert_eq!(c[0].before, serde_json::json!(1.0));
+        assert!(c[0].changes_training);
     }
 }
