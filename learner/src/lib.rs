@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nccl;
 pub mod optim;
 pub mod recipe;
+pub mod recipe_import;
 pub mod rewards;
 pub mod rollout;
 pub mod run_dir;

@@ -47,6 +47,17 @@ enum Command {
     },
     /// pass@k and mean@k of a model served by any OpenAI-compatible endpoint.
     Eval(learner::eval::EvalArgs),
+    /// Rewrite a TRL / open-r1 GRPO recipe (one flat mapping of GRPOConfig
+    /// keys) as a Tandem recipe: each key in its section, open-r1's reward
+    /// functions as reward.functions, the keys Tandem does not take listed
+    /// at the end with what to do instead.
+    ConvertRecipe {
+        /// The TRL / open-r1 YAML file.
+        file: PathBuf,
+        /// Write the recipe here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write a randomly initialised Qwen2-architecture model folder (Hugging
     /// Face format, character-level tokenizer, ChatML chat template).
     InitModel {
@@ -99,6 +110,25 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Eval(args) => {
             println!("{}", learner::eval::run_command(args)?);
+        }
+        Command::ConvertRecipe { file, out } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let name = file.display().to_string();
+            let converted = learner::recipe_import::convert_trl_recipe(&text, &name)
+                .map_err(anyhow::Error::msg)?;
+            match &out {
+                Some(path) => std::fs::write(path, &converted.yaml)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{}", converted.yaml),
+            }
+            eprintln!(
+                "converted {name}: {} key(s) left out (listed at the end of the recipe)",
+                converted.left_out.len()
+            );
+            // What the learner would say about it, before a run does.
+            Recipe::from_yaml_str(&converted.yaml, "the converted recipe", &[] as &[&str])
+                .context("the converted recipe does not load yet; edit it where the error says")?;
         }
         Command::InitModel { preset, out, seed } => {
             let cfg = presets::init_model(preset, &out, seed)

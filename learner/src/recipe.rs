@@ -1676,7 +1676,7 @@ fn unknown_key(
 /// What a TRL / open-r1 / verl recipe key with no Tandem key of its name
 /// is in Tandem (keys that exist under another section are found without
 /// this).
-fn trl_key_hint(name: &str) -> Option<&'static str> {
+pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
     Some(match name {
         "model_name_or_path" => "TRL's model_name_or_path is model.path (a local folder)",
         "torch_dtype" | "bf16" | "fp16" => "the dtype is model.dtype (auto: bf16 on CUDA)",

@@ -1,0 +1,455 @@
+//! `learner convert-recipe`: a TRL / open-r1 GRPO recipe (one flat YAML
+//! mapping of `GRPOConfig`, `ModelConfig` and open-r1 `GRPOScriptArguments`
+//! keys) rewritten as a Tandem recipe. Each key goes to its section, with its
+//! TRL name as a comment where the name changes; open-r1's `reward_funcs`,
+//! `reward_weights` and reward arguments become `reward.functions`; every
+//! key Tandem does not take is listed at the end with what to do instead.
+//! The result loads as it is; the lines marked TODO want local paths
+//! (nothing is downloaded).
+
+use serde_json::{Map, Value, json};
+
+use crate::recipe::{Recipe, trl_key_hint};
+
+/// Tandem's sections, in the order a recipe lists them.
+const SECTIONS: &[&str] = &[
+    "model",
+    "data",
+    "rollout",
+    "reward",
+    "train",
+    "eval",
+    "checkpoint",
+    "log",
+    "topology",
+];
+
+/// TRL names whose Tandem key is named otherwise, or whose name is a key of
+/// several sections (`temperature`: generation's, not eval's).
+const RENAMES: &[(&str, &str)] = &[
+    ("model_name_or_path", "model.path"),
+    ("dataset_prompt_column", "data.prompt_column"),
+    ("shuffle_dataset", "data.shuffle"),
+    ("temperature", "rollout.temperature"),
+    (
+        "vllm_gpu_memory_utilization",
+        "rollout.gpu_memory_utilization",
+    ),
+    ("vllm_tensor_parallel_size", "topology.tp"),
+    ("evaluation_strategy", "eval.eval_strategy"),
+];
+
+/// open-r1's reward arguments: (argument, reward function, its Tandem
+/// parameter).
+const REWARD_ARGS: &[(&str, &str, &str)] = &[
+    ("cosine_min_value_wrong", "cosine", "min_value_wrong"),
+    ("cosine_max_value_wrong", "cosine", "max_value_wrong"),
+    ("cosine_min_value_correct", "cosine", "min_value_correct"),
+    ("cosine_max_value_correct", "cosine", "max_value_correct"),
+    ("cosine_max_len", "cosine", "max_len"),
+    ("repetition_n_grams", "repetition_penalty", "ngram_size"),
+    (
+        "repetition_max_penalty",
+        "repetition_penalty",
+        "max_penalty",
+    ),
+    (
+        "max_completion_len",
+        "soft_overlong_punishment",
+        "max_length",
+    ),
+    (
+        "soft_punish_cache",
+        "soft_overlong_punishment",
+        "cache_length",
+    ),
+];
+
+/// open-r1's format reward: `re.match` with DOTALL of this pattern.
+const OPEN_R1_FORMAT: &str = r"(?s)^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$";
+
+/// A converted recipe.
+pub struct Converted {
+    /// The Tandem recipe: YAML, commented.
+    pub yaml: String,
+    /// The keys left out, each with why and what to do instead.
+    pub left_out: Vec<(String, String)>,
+}
+
+/// One key of the output.
+struct Entry {
+    key: String,
+    value: Value,
+    note: Option<String>,
+}
+
+#[derive(Default)]
+struct Output {
+    sections: Vec<(&'static str, Vec<Entry>)>,
+    left_out: Vec<(String, String)>,
+}
+
+impl Output {
+    fn put(&mut self, path: &str, value: Value, note: Option<String>) {
+        let Some((section, key)) = path.split_once('.') else {
+            return;
+        };
+        if let Some((_, entries)) = self.sections.iter_mut().find(|(s, _)| *s == section) {
+            entries.retain(|e| e.key != key);
+            entries.push(Entry {
+                key: key.to_string(),
+                value,
+                note,
+            });
+        }
+    }
+
+    fn has(&self, path: &str) -> bool {
+        path.split_once('.').is_some_and(|(section, key)| {
+            self.sections
+                .iter()
+                .any(|(s, es)| *s == section && es.iter().any(|e| e.key == key))
+        })
+    }
+
+    fn leave_out(&mut self, key: &str, value: &Value, why: impl Into<String>) {
+        self.left_out
+            .push((format!("{key}: {}", inline(value)), why.into()));
+    }
+}
+
+/// A value as one line of YAML (JSON flow style is YAML).
+fn inline(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Converts the text of a flat TRL / open-r1 recipe; `source_name` names it
+/// in messages and in the output's first comment.
+pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, String> {
+    let raw: Value = serde_saphyr::from_str(text)
+        .map_err(|e| format!("{source_name} is not valid YAML: {e}"))?;
+    let Value::Object(mut map) = raw else {
+        return Err(format!(
+            "{source_name}: expected a mapping of TRL / open-r1 keys (GRPOConfig's names)"
+        ));
+    };
+    if map.contains_key("version")
+        || SECTIONS
+            .iter()
+            .any(|s| map.get(*s).is_some_and(Value::is_object))
+    {
+        return Err(format!(
+            "{source_name} is already a Tandem recipe (it has a version or sections); \
+             nothing to convert"
+        ));
+    }
+    let mut out = Output {
+        sections: SECTIONS.iter().map(|s| (*s, Vec::new())).collect(),
+        left_out: Vec::new(),
+    };
+
+    convert_model(&mut map, &mut out);
+    convert_dataset(&mut map, &mut out);
+    convert_rewards(&mut map, &mut out);
+    if let Some(v) = map.remove("report_to") {
+        let all: Vec<Value> = match &v {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        let (kept, gone): (Vec<Value>, Vec<Value>) = all
+            .into_iter()
+            .partition(|x| matches!(x.as_str(), Some("tensorboard" | "none")));
+        if !kept.is_empty() {
+            out.put("log.report_to", Value::Array(kept), None);
+        }
+        if !gone.is_empty() {
+            out.leave_out(
+                "report_to",
+                &Value::Array(gone),
+                "nothing is sent off the machine: log.report_to takes tensorboard or none \
+                 (every number is also in the run folder's JSONL logs)",
+            );
+        }
+    }
+
+    let known = Recipe::known_keys();
+    for (key, value) in map {
+        if let Some((_, path)) = RENAMES.iter().find(|(k, _)| *k == key) {
+            let renamed = path.rsplit('.').next() != Some(key.as_str());
+            out.put(path, value, renamed.then(|| key.clone()));
+            continue;
+        }
+        // A key of one Tandem section under the same name.
+        let homes: Vec<&String> = known
+            .iter()
+            .filter(|p| !p.contains('[') && p.rsplit('.').next() == Some(key.as_str()))
+            .collect();
+        match homes.as_slice() {
+            [path] => out.put(path, value, None),
+            [first, ..] => {
+                let others: Vec<&str> = homes[1..].iter().map(|p| p.as_str()).collect();
+                let note = format!("also a key of {}", others.join(", "));
+                out.put(first, value, Some(note));
+            }
+            [] => {
+                let why = trl_key_hint(&key)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| "no Tandem counterpart".to_string());
+                out.leave_out(&key, &value, why);
+            }
+        }
+    }
+    Ok(Converted {
+        yaml: render(&out, source_name),
+        left_out: out.left_out,
+    })
+}
+
+/// `model_name_or_path` (a folder, not a hub id), `torch_dtype` / `bf16` /
+/// `fp16`.
+fn convert_model(map: &mut Map<String, Value>, out: &mut Output) {
+    if let Some(v) = map.remove("model_name_or_path") {
+        let note = format!(
+            "model_name_or_path; TODO: a local Hugging Face folder{}",
+            v.as_str()
+                .filter(|s| !s.starts_with('/') && !s.starts_with('.'))
+                .map(|s| format!(" (download {s} first: nothing is downloaded)"))
+                .unwrap_or_default()
+        );
+        out.put("model.path", v, Some(note));
+    }
+    let dtype = match map.remove("torch_dtype") {
+        Some(Value::String(d)) => match d.as_str() {
+            "bfloat16" | "bf16" => Some(("bf16", "torch_dtype")),
+            "float16" | "fp16" | "half" => Some(("f16", "torch_dtype")),
+            "float32" | "fp32" | "float" => Some(("f32", "torch_dtype")),
+            "auto" => Some(("auto", "torch_dtype")),
+            _ => {
+                out.leave_out(
+                    "torch_dtype",
+                    &json!(d),
+                    "model.dtype takes auto, bf16, f16 or f32",
+                );
+                None
+            }
+        },
+        Some(other) => {
+            out.leave_out(
+                "torch_dtype",
+                &other,
+                "model.dtype takes auto, bf16, f16 or f32",
+            );
+            None
+        }
+        None => None,
+    };
+    let bf16 = map.remove("bf16");
+    let fp16 = map.remove("fp16");
+    let dtype = dtype
+        .or_else(|| (bf16 == Some(Value::Bool(true))).then_some(("bf16", "bf16: true")))
+        .or_else(|| (fp16 == Some(Value::Bool(true))).then_some(("f16", "fp16: true")));
+    if let Some((d, from)) = dtype {
+        out.put("model.dtype", json!(d), Some(from.to_string()));
+    }
+}
+
+/// `dataset_name` (+ config and split) becomes a TODO for local files.
+fn convert_dataset(map: &mut Map<String, Value>, out: &mut Output) {
+    let config = map.remove("dataset_config");
+    let split = map.remove("dataset_train_split");
+    let test_split = map.remove("dataset_test_split");
+    if let Some(name) = map.remove("dataset_name") {
+        let mut what = name.as_str().unwrap_or("the dataset").to_string();
+        if let Some(c) = config.as_ref().and_then(Value::as_str) {
+            what.push_str(&format!(", config {c}"));
+        }
+        what.push_str(&format!(
+            ", split {}",
+            split.as_ref().and_then(Value::as_str).unwrap_or("train")
+        ));
+        out.put(
+            "data.train_files",
+            json!([name]),
+            Some(format!(
+                "dataset_name; TODO: the local JSONL or Parquet files of {what} \
+                 (nothing is downloaded)"
+            )),
+        );
+    }
+    if let Some(t) = test_split {
+        out.leave_out(
+            "dataset_test_split",
+            &t,
+            "name the held-out split's local files in data.eval_files",
+        );
+    }
+    if map.contains_key("dataset_mixture") {
+        let v = map.remove("dataset_mixture").unwrap_or(Value::Null);
+        out.leave_out(
+            "dataset_mixture",
+            &v,
+            "data.train_files is the mixture: list each dataset's local files with a weight",
+        );
+    }
+}
+
+/// open-r1's `reward_funcs` + `reward_weights` + reward arguments.
+fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
+    let names: Vec<String> = match map.remove("reward_funcs") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::String(s)) => vec![s],
+        Some(other) => {
+            out.leave_out(
+                "reward_funcs",
+                &other,
+                "expected a list of reward function names",
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let weights: Vec<f64> = match map.remove("reward_weights") {
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_f64).collect(),
+        _ => Vec::new(),
+    };
+    // The arguments, by the function that reads them.
+    let mut args: Vec<(&str, &str, Value)> = Vec::new();
+    for (arg, function, param) in REWARD_ARGS {
+        if let Some(v) = map.remove(*arg) {
+            if names.iter().any(|n| n == function) {
+                args.push((function, param, v));
+            } else {
+                out.leave_out(
+                    arg,
+                    &v,
+                    format!(
+                        "read by open-r1's {function} reward, which reward_funcs does not name"
+                    ),
+                );
+            }
+        }
+    }
+    let mut functions: Vec<(Value, Option<String>)> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let weight = weights.get(i).copied().unwrap_or(1.0);
+        let mut f = Map::new();
+        let note = match name.as_str() {
+            "accuracy" => {
+                f.insert("name".into(), json!("exact_match"));
+                f.insert("extract".into(), json!("any"));
+                Some(
+                    "accuracy: open-r1 checks with math_verify; exact_match compares the \
+                     <answer> or \\boxed{} answer as text (a `remote` function can run \
+                     math_verify)"
+                        .to_string(),
+                )
+            }
+            "format" => {
+                f.insert("name".into(), json!("format"));
+                f.insert("pattern".into(), json!(OPEN_R1_FORMAT));
+                None
+            }
+            "tag_count" | "reasoning_steps" | "cosine" | "repetition_penalty" => {
+                f.insert("name".into(), json!(name));
+                None
+            }
+            "soft_overlong_punishment" => {
+                f.insert("name".into(), json!("length_penalty"));
+                f.insert("mode".into(), json!("overlong"));
+                // open-r1's defaults.
+                f.insert("max_length".into(), json!(16384));
+                f.insert("cache_length".into(), json!(4096));
+                Some("soft_overlong_punishment (DAPO's overlong penalty)".to_string())
+            }
+            _ => {
+                out.leave_out(
+                    &format!("reward_funcs[{i}]"),
+                    &json!(name),
+                    "no built-in counterpart: serve it from a `remote` reward function \
+                     (learner/src/rewards.rs documents the built-in ones)",
+                );
+                continue;
+            }
+        };
+        for (function, param, v) in &args {
+            if function == name {
+                f.insert(param.to_string(), v.clone());
+            }
+        }
+        f.insert("weight".into(), json!(weight));
+        functions.push((Value::Object(f), note));
+    }
+    if functions.is_empty() {
+        return;
+    }
+    if names.iter().any(|n| n == "accuracy") && !map.contains_key("dataset_solution_column") {
+        out.put(
+            "data.answer_column",
+            json!("solution"),
+            Some("open-r1's accuracy reads the solution column".into()),
+        );
+    }
+    if let Some(col) = map.remove("dataset_solution_column") {
+        out.put(
+            "data.answer_column",
+            col,
+            Some("dataset_solution_column".into()),
+        );
+    }
+    // Kept as one entry: the list is rendered item by item.
+    let items: Vec<Value> = functions
+        .iter()
+        .map(|(f, note)| json!({"function": f, "note": note}))
+        .collect();
+    let note = (!out.has("reward.functions")).then(|| "reward_funcs + reward_weights".into());
+    out.put("reward.functions", Value::Array(items), note);
+}
+
+fn render(out: &Output, source_name: &str) -> String {
+    let mut y = format!(
+        "# Converted from {source_name} by `learner convert-recipe`: each key in its\n\
+         # section, commented with its TRL / open-r1 name where that differs. Check\n\
+         # the TODO lines, and the keys left out at the end.\n\
+         version: 1\n"
+    );
+    for (section, entries) in &out.sections {
+        if entries.is_empty() {
+            continue;
+        }
+        y.push_str(&format!("\n{section}:\n"));
+        for e in entries {
+            if *section == "reward" && e.key == "functions" {
+                y.push_str(&format!("  functions:{}\n", comment(e.note.as_deref())));
+                for item in e.value.as_array().into_iter().flatten() {
+                    y.push_str(&format!(
+                        "    - {}{}\n",
+                        inline(&item["function"]),
+                        comment(item["note"].as_str())
+                    ));
+                }
+                continue;
+            }
+            y.push_str(&format!(
+                "  {}: {}{}\n",
+                e.key,
+                inline(&e.value),
+                comment(e.note.as_deref())
+            ));
+        }
+    }
+    if !out.left_out.is_empty() {
+        y.push_str("\n# Left out (not Tandem keys):\n");
+        for (kv, why) in &out.left_out {
+            y.push_str(&format!("#   {kv}\n#     {why}\n"));
+        }
+    }
+    y
+}
+
+fn comment(note: Option<&str>) -> String {
+    note.map(|n| format!("  # {}", n.replace('\n', " ")))
+        .unwrap_or_default()
+}

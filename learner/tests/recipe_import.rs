@@ -1,0 +1,225 @@
+//! `learner convert-recipe`: an open-r1 GRPO recipe (flat TRL keys) becomes
+//! a Tandem recipe that loads, with every value where Tandem reads it and
+//! every key it does not take listed.
+
+use learner::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
+use learner::recipe_import::convert_trl_recipe;
+
+/// open-r1's recipes/Qwen2.5-1.5B-Instruct/grpo/config_demo.yaml, in shape.
+const OPEN_R1: &str = r#"
+model_name_or_path: Qwen/Qwen2.5-1.5B-Instruct
+model_revision: main
+torch_dtype: bfloat16
+attn_implementation: flash_attention_2
+dataset_name: open-r1/OpenR1-Math-220k
+dataset_prompt_column: problem
+system_prompt: "Think first, then answer."
+bf16: true
+use_vllm: true
+do_eval: false
+gradient_accumulation_steps: 4
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+hub_model_id: Qwen2.5-1.5B-Open-R1-GRPO
+learning_rate: 2.0e-05
+log_completions: true
+log_level: info
+logging_first_step: true
+logging_steps: 1
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs:
+  min_lr_rate: 0.1
+max_prompt_length: 512
+max_completion_length: 1024
+max_steps: -1
+num_generations: 16
+num_train_epochs: 1
+output_dir: data/Qwen2.5-1.5B-Open-R1-GRPO
+overwrite_output_dir: true
+per_device_train_batch_size: 16
+push_to_hub: true
+report_to:
+- wandb
+- tensorboard
+reward_funcs:
+- accuracy
+- format
+- tag_count
+- cosine
+- code
+reward_weights: [1.0, 1.0, 0.5, 0.25, 1.0]
+cosine_max_len: 1000
+repetition_n_grams: 3
+save_strategy: "no"
+seed: 42
+temperature: 0.7
+warmup_ratio: 0.1
+"#;
+
+#[test]
+fn an_open_r1_recipe_converts_to_one_that_loads() {
+    let c = convert_trl_recipe(OPEN_R1, "config_demo.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+
+    assert_eq!(
+        r.model.path.as_deref(),
+        Some(std::path::Path::new("Qwen/Qwen2.5-1.5B-Instruct"))
+    );
+    assert!(
+        c.yaml.contains("TODO: a local Hugging Face folder"),
+        "{}",
+        c.yaml
+    );
+    assert_eq!(serde_json::to_value(r.model.dtype).unwrap(), "bf16");
+    assert_eq!(r.data.prompt_column, "problem");
+    assert_eq!(
+        r.data.answer_column, "solution",
+        "open-r1's accuracy reads it"
+    );
+    assert_eq!(
+        r.data.system_prompt.as_deref(),
+        Some("Think first, then answer.")
+    );
+    assert_eq!(r.rollout.temperature, 0.7);
+    assert_eq!(r.rollout.num_generations, 16);
+    assert_eq!(
+        (r.rollout.max_prompt_length, r.rollout.max_completion_length),
+        (Some(512), 1024)
+    );
+    assert_eq!(r.train.learning_rate, 2e-5);
+    assert_eq!(r.train.lr_scheduler_type, LrSchedulerType::CosineWithMinLr);
+    assert_eq!(r.train.min_lr_rate(), 0.1);
+    assert_eq!(
+        (r.train.max_steps, r.train.num_train_epochs),
+        (0, Some(1.0))
+    );
+    assert_eq!(r.train.gradient_accumulation_steps, 4);
+    assert!(r.train.gradient_checkpointing);
+    assert_eq!(r.checkpoint.save_strategy, IntervalStrategy::No);
+    assert_eq!(
+        r.checkpoint.output_dir,
+        std::path::Path::new("data/Qwen2.5-1.5B-Open-R1-GRPO")
+    );
+    assert!(r.log.logging_first_step && r.log.log_completions);
+    assert_eq!(r.log.report_to, ["tensorboard"]);
+
+    // The reward functions, their weights and open-r1's arguments.
+    let f: Vec<(&str, f64)> = r
+        .reward
+        .functions
+        .iter()
+        .map(|f| (f.name.as_str(), f.weight))
+        .collect();
+    assert_eq!(
+        f,
+        [
+            ("exact_match", 1.0),
+            ("format", 1.0),
+            ("tag_count", 0.5),
+            ("cosine", 0.25)
+        ]
+    );
+    assert_eq!(r.reward.functions[3].params["max_len"], 1000);
+    let configs: Vec<serde_json::Value> = r
+        .reward
+        .functions
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
+    let registry = learner::rewards::RewardRegistry::from_configs(&configs).unwrap();
+    assert_eq!(registry.labels().len(), 4);
+
+    // Everything else is listed with what to do, nothing dropped silently.
+    let left: Vec<&str> = c
+        .left_out
+        .iter()
+        .map(|(kv, _)| kv.split(':').next().unwrap())
+        .collect();
+    for key in [
+        "model_revision",
+        "attn_implementation",
+        "use_vllm",
+        "do_eval",
+        "gradient_checkpointing_kwargs",
+        "hub_model_id",
+        "log_level",
+        "overwrite_output_dir",
+        "push_to_hub",
+        "report_to",
+        "reward_funcs[4]",
+        "repetition_n_grams",
+    ] {
+        assert!(left.contains(&key), "{key} not listed: {left:?}");
+    }
+    assert_eq!(left.len(), 12, "{left:?}");
+    let why = |key: &str| {
+        c.left_out
+            .iter()
+            .find(|(kv, _)| kv.starts_with(key))
+            .map(|(_, w)| w.as_str())
+            .unwrap()
+    };
+    assert!(why("reward_funcs[4]").contains("remote"));
+    assert!(why("repetition_n_grams").contains("repetition_penalty"));
+    assert!(why("report_to").contains("tensorboard or none"));
+    for (kv, _) in &c.left_out {
+        assert!(
+            c.yaml.contains(&format!("#   {kv}")),
+            "{kv} not in the output"
+        );
+    }
+}
+
+#[test]
+fn what_is_not_a_trl_recipe_is_refused() {
+    let e = convert_trl_recipe("version: 1\ntrain: {learning_rate: 1.0e-3}\n", "r.yaml")
+        .err()
+        .unwrap();
+    assert!(e.contains("already a Tandem recipe"), "{e}");
+    let e = convert_trl_recipe("- a\n- b\n", "r.yaml").err().unwrap();
+    assert!(e.contains("expected a mapping"), "{e}");
+    let e = convert_trl_recipe("a: [", "r.yaml").err().unwrap();
+    assert!(e.contains("not valid YAML"), "{e}");
+}
+
+/// The command writes the recipe, says how many keys it left out, and
+/// fails (after writing) when the result would not load.
+#[test]
+fn the_command_writes_the_recipe_and_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("trl.yaml");
+    let out = dir.path().join("tandem.yaml");
+    std::fs::write(&src, OPEN_R1).unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_learner"))
+            .arg("convert-recipe")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[src.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("12 key(s) left out"), "{stderr}");
+    Recipe::load(&out, &[] as &[&str]).unwrap();
+
+    // 10 completions a micro-batch cannot hold groups of 16.
+    std::fs::write(
+        &src,
+        OPEN_R1.replace(
+            "per_device_train_batch_size: 16",
+            "per_device_train_batch_size: 10",
+        ),
+    )
+    .unwrap();
+    let o = run(&[src.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("does not load yet") && stderr.contains("per_device_train_batch_size"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("version: 1"));
+}
