@@ -65,6 +65,15 @@ const REWARD_ARGS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Keys TRL counts in optimizer updates and Tandem in steps.
+const COUNTED_IN_UPDATES: &[&str] = &[
+    "max_steps",
+    "save_steps",
+    "eval_steps",
+    "logging_steps",
+    "warmup_steps",
+];
+
 /// open-r1's format reward: `re.match` with DOTALL of this pattern.
 const OPEN_R1_FORMAT: &str = r"(?s)^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$";
 
@@ -172,8 +181,25 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
         }
     }
 
+    // TRL counts optimizer updates where Tandem counts steps (a generation
+    // and its num_iterations x steps_per_generation / GAS updates).
+    let count = |k: &str, default: u64| map.get(k).and_then(Value::as_u64).unwrap_or(default);
+    let ga = count("gradient_accumulation_steps", 1).max(1);
+    let updates_per_step =
+        count("num_iterations", 1).max(1) * (count("steps_per_generation", ga) / ga).max(1);
     let known = Recipe::known_keys();
-    for (key, value) in map {
+    for (key, mut value) in map {
+        let mut note = None;
+        if updates_per_step > 1
+            && COUNTED_IN_UPDATES.contains(&key.as_str())
+            && let Some(v) = value.as_u64().filter(|v| *v > 0)
+        {
+            value = json!(v.div_ceil(updates_per_step));
+            note = Some(format!(
+                "TRL's {v} optimizer updates; a Tandem step makes {updates_per_step} \
+                 (num_iterations x steps_per_generation / gradient_accumulation_steps)"
+            ));
+        }
         if let Some((_, path)) = RENAMES.iter().find(|(k, _)| *k == key) {
             let renamed = path.rsplit('.').next() != Some(key.as_str());
             out.put(path, value, renamed.then(|| key.clone()));
@@ -185,7 +211,7 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
             .filter(|p| !p.contains('[') && p.rsplit('.').next() == Some(key.as_str()))
             .collect();
         match homes.as_slice() {
-            [path] => out.put(path, value, None),
+            [path] => out.put(path, value, note),
             [first, ..] => {
                 let others: Vec<&str> = homes[1..].iter().map(|p| p.as_str()).collect();
                 let note = format!("also a key of {}", others.join(", "));
@@ -243,11 +269,32 @@ fn convert_model(map: &mut Map<String, Value>, out: &mut Output) {
         }
         None => None,
     };
-    let bf16 = map.remove("bf16");
-    let fp16 = map.remove("fp16");
-    let dtype = dtype
-        .or_else(|| (bf16 == Some(Value::Bool(true))).then_some(("bf16", "bf16: true")))
-        .or_else(|| (fp16 == Some(Value::Bool(true))).then_some(("f16", "fp16: true")));
+    // transformers' mixed-precision flags: the dtype when torch_dtype is not
+    // given; said when it is and they disagree.
+    let mut dtype = dtype;
+    for (flag, d) in [("bf16", "bf16"), ("fp16", "f16")] {
+        if map.remove(flag) != Some(Value::Bool(true)) {
+            continue;
+        }
+        match dtype {
+            None => {
+                dtype = Some((
+                    d,
+                    if d == "bf16" {
+                        "bf16: true"
+                    } else {
+                        "fp16: true"
+                    },
+                ))
+            }
+            Some((chosen, _)) if chosen != d => out.leave_out(
+                flag,
+                &json!(true),
+                format!("model.dtype is {chosen} (from torch_dtype); Tandem has one dtype"),
+            ),
+            Some(_) => {}
+        }
+    }
     if let Some((d, from)) = dtype {
         out.put("model.dtype", json!(d), Some(from.to_string()));
     }
@@ -258,23 +305,52 @@ fn convert_dataset(map: &mut Map<String, Value>, out: &mut Output) {
     let config = map.remove("dataset_config");
     let split = map.remove("dataset_train_split");
     let test_split = map.remove("dataset_test_split");
-    if let Some(name) = map.remove("dataset_name") {
-        let mut what = name.as_str().unwrap_or("the dataset").to_string();
-        if let Some(c) = config.as_ref().and_then(Value::as_str) {
-            what.push_str(&format!(", config {c}"));
+    let name = map.remove("dataset_name");
+    // A local file already (TRL's scripts take data files too).
+    let local = name
+        .as_ref()
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.ends_with(".jsonl") || n.ends_with(".parquet"));
+    match name {
+        Some(name) if local => {
+            out.put(
+                "data.train_files",
+                json!([name]),
+                Some("dataset_name".into()),
+            );
         }
-        what.push_str(&format!(
-            ", split {}",
-            split.as_ref().and_then(Value::as_str).unwrap_or("train")
-        ));
-        out.put(
-            "data.train_files",
-            json!([name]),
-            Some(format!(
-                "dataset_name; TODO: the local JSONL or Parquet files of {what} \
-                 (nothing is downloaded)"
-            )),
-        );
+        Some(name) => {
+            let mut what = name.as_str().unwrap_or("the dataset").to_string();
+            if let Some(c) = config.as_ref().and_then(Value::as_str) {
+                what.push_str(&format!(", config {c}"));
+            }
+            what.push_str(&format!(
+                ", split {}",
+                split.as_ref().and_then(Value::as_str).unwrap_or("train")
+            ));
+            out.put(
+                "data.train_files",
+                json!([name]),
+                Some(format!(
+                    "dataset_name; TODO: the local JSONL or Parquet files of {what} \
+                     (nothing is downloaded)"
+                )),
+            );
+        }
+        None => {}
+    }
+    // Said in the TODO above when the data come from the hub; otherwise
+    // they have nothing to apply to.
+    if local || !out.has("data.train_files") {
+        for (key, v) in [("dataset_config", config), ("dataset_train_split", split)] {
+            if let Some(v) = v {
+                out.leave_out(
+                    key,
+                    &v,
+                    "data.train_files names the local files to train on",
+                );
+            }
+        }
     }
     if let Some(t) = test_split {
         out.leave_out(
@@ -312,8 +388,21 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         None => Vec::new(),
     };
     let weights: Vec<f64> = match map.remove("reward_weights") {
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_f64).collect(),
-        _ => Vec::new(),
+        Some(Value::Array(items))
+            if items.len() == names.len() && items.iter().all(Value::is_number) =>
+        {
+            items.iter().filter_map(Value::as_f64).collect()
+        }
+        Some(other) => {
+            out.leave_out(
+                "reward_weights",
+                &other,
+                "expected one number per reward_funcs entry (as TRL checks); every \
+                 function got weight 1.0: set reward.functions[].weight",
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
     };
     // The arguments, by the function that reads them.
     let mut args: Vec<(&str, &str, Value)> = Vec::new();

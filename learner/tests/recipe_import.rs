@@ -223,3 +223,77 @@ fn the_command_writes_the_recipe_and_checks_it() {
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("version: 1"));
 }
+
+/// TRL counts optimizer updates in max_steps, save_steps...; a Tandem step
+/// is a generation and all its updates: the counts are divided, said so.
+#[test]
+fn counts_in_updates_become_counts_in_steps() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\n\
+               reward_funcs: [format]\nnum_generations: 4\n\
+               per_device_train_batch_size: 8\ngradient_accumulation_steps: 2\n\
+               steps_per_generation: 4\nnum_iterations: 2\nmax_steps: 1000\n\
+               save_steps: 100\nlogging_steps: 5\nwarmup_steps: 0\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    // 2 iterations x 4 / 2 micro-batches: 4 updates a step.
+    assert_eq!(
+        (
+            r.train.max_steps,
+            r.checkpoint.save_steps,
+            r.log.logging_steps
+        ),
+        (250, 25, 2)
+    );
+    assert_eq!(r.train.warmup_steps, 0);
+    assert_eq!(
+        (r.train.num_iterations, r.train.steps_per_generation),
+        (2, Some(4))
+    );
+    assert!(
+        c.yaml
+            .contains("TRL's 1000 optimizer updates; a Tandem step makes 4"),
+        "{}",
+        c.yaml
+    );
+    // One update a step (TRL's defaults): the counts stay.
+    let c = convert_trl_recipe(
+        "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\nreward_funcs: [format]\n\
+         max_steps: 300\nsave_steps: 50\n",
+        "trl.yaml",
+    )
+    .unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!((r.train.max_steps, r.checkpoint.save_steps), (300, 50));
+}
+
+/// Nothing is dropped without a word: flags that disagree, weights that do
+/// not match the functions, dataset arguments with nothing to apply to.
+#[test]
+fn what_cannot_be_carried_over_is_said() {
+    let trl = "model_name_or_path: /models/m\ntorch_dtype: float32\nbf16: true\n\
+               dataset_name: /data/train.parquet\ndataset_config: default\n\
+               reward_funcs: [format, tag_count]\nreward_weights: [1.0]\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(serde_json::to_value(r.model.dtype).unwrap(), "f32");
+    assert_eq!(
+        r.data.train_files[0].path,
+        std::path::Path::new("/data/train.parquet")
+    );
+    assert!(!c.yaml.contains("TODO: the local"), "{}", c.yaml);
+    let weights: Vec<f64> = r.reward.functions.iter().map(|f| f.weight).collect();
+    assert_eq!(weights, [1.0, 1.0]);
+    let listed: Vec<&str> = c.left_out.iter().map(|(kv, _)| kv.as_str()).collect();
+    assert_eq!(
+        listed,
+        [
+            "bf16: true",
+            "dataset_config: \"default\"",
+            "reward_weights: [1.0]"
+        ],
+        "{}",
+        c.yaml
+    );
+}
