@@ -55,11 +55,13 @@ pub enum RecipeError {
     },
     /// Every unknown key of a recipe at once (a recipe brought over from
     /// TRL or open-r1 has several), each with its hint.
-    #[error("{} unknown keys in {source_name}:{}", .keys.len(), list_unknown(.keys))]
+    #[error("{} unknown keys in {source_name}:{}{note}", .keys.len(), list_unknown(.keys))]
     UnknownKeys {
         source_name: String,
         /// (key, hint)
         keys: Vec<(String, String)>,
+        /// A closing remark (empty, or starting with a line break).
+        note: String,
     },
     #[error("wrong type for {key} in {source_name}: {message}")]
     WrongType {
@@ -76,6 +78,19 @@ pub enum RecipeError {
 }
 
 pub type Result<T, E = RecipeError> = std::result::Result<T, E>;
+
+/// A recipe's sections, in the order a recipe lists them.
+pub const SECTION_NAMES: &[&str] = &[
+    "model",
+    "data",
+    "rollout",
+    "reward",
+    "train",
+    "eval",
+    "checkpoint",
+    "log",
+    "topology",
+];
 
 fn list_unknown(keys: &[(String, String)]) -> String {
     keys.iter().map(|(k, h)| format!("\n  {k}: {h}")).collect()
@@ -1835,16 +1850,30 @@ fn unknown_keys(raw: &Value, schema: &Schema, source_name: &str) -> Result<()> {
     if found.len() <= 1 {
         return found.pop().map_or(Ok(()), Err);
     }
-    let keys = found
+    let keys: Vec<(String, String)> = found
         .into_iter()
         .filter_map(|e| match e {
             RecipeError::UnknownKey { key, hint, .. } => Some((key, hint)),
             _ => None,
         })
         .collect();
+    // Several top-level keys and no sections: a TRL / open-r1 recipe as is.
+    let flat = keys.iter().all(|(k, _)| !k.contains('.'))
+        && raw
+            .as_object()
+            .is_some_and(|m| !m.keys().any(|k| SECTION_NAMES.contains(&k.as_str())));
+    let note = if flat {
+        format!(
+            "\nThis looks like a TRL / open-r1 recipe (flat GRPOConfig keys): \
+             `learner convert-recipe {source_name}` rewrites it in Tandem's sections."
+        )
+    } else {
+        String::new()
+    };
     Err(RecipeError::UnknownKeys {
         source_name: source_name.to_string(),
         keys,
+        note,
     })
 }
 

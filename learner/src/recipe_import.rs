@@ -9,20 +9,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::recipe::{Recipe, trl_key_hint};
-
-/// Tandem's sections, in the order a recipe lists them.
-const SECTIONS: &[&str] = &[
-    "model",
-    "data",
-    "rollout",
-    "reward",
-    "train",
-    "eval",
-    "checkpoint",
-    "log",
-    "topology",
-];
+use crate::recipe::{Recipe, SECTION_NAMES as SECTIONS, trl_key_hint};
 
 /// TRL names whose Tandem key is named otherwise, or whose name is a key of
 /// several sections (`temperature`: generation's, not eval's).

@@ -519,6 +519,15 @@ fn every_unknown_key_is_named_at_once_with_its_hint() {
     );
     assert_eq!(lines.len(), 5, "{e}");
 
+    // A flat TRL recipe is told about the converter.
+    let e = err("learning_rate: 1.0e-6\nnum_generations: 8\n", NO_OVERRIDES);
+    assert!(
+        e.contains("did you mean train.learning_rate?")
+            && e.ends_with("`learner convert-recipe demo.yaml` rewrites it in Tandem's sections."),
+        "{e}"
+    );
+    assert!(!err(&text, NO_OVERRIDES).contains("convert-recipe"));
+
     // verl's names get theirs, not a misleading nearest key.
     let e = err(BASE, &["train.kl_loss_type=low_var_kl"]);
     assert!(
