@@ -46,6 +46,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top log-probs to return besides the sampled token's.
     pub logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before the
+    /// penalties (vLLM's order), so processed log-probs include it.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +63,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -103,6 +107,11 @@ impl SamplingParams {
             return bad(format!(
                 "frequency_penalty must be in [-2, 2], got {}",
                 self.frequency_penalty
+            ));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return bad(format!(
+                "logit_bias must be finite numbers, got {b} for token {id}"
             ));
         }
         Ok(())
@@ -249,7 +258,13 @@ impl Sampler {
         let p = &self.params;
         s.work.clear();
         s.work.extend_from_slice(raw);
-        let mut penalized = apply_penalties(
+        for &(id, bias) in &p.logit_bias {
+            if let Some(x) = s.work.get_mut(id as usize) {
+                *x += bias;
+            }
+        }
+        let mut penalized = !p.logit_bias.is_empty();
+        penalized |= apply_penalties(
             &mut s.work,
             &mut s.counts,
             prompt_tokens,
@@ -1289,6 +1304,49 @@ mod tests {
         let mut g = Sampler::new(greedy, 7, LogprobsMode::RawLogprobs);
         assert_eq!(g.sample(&logits, &[], &[]).unwrap().token, 0);
         assert!(s.sample(&logits, &[], &[]).is_ok());
+    }
+
+    /// OpenAI's `logit_bias` moves the chosen token (greedy and sampled);
+    /// processed log-probs include it, raw ones are the model's.
+    #[test]
+    fn logit_bias_is_added_before_sampling() {
+        let logits = [3.0f32, 1.0, 0.0, -1.0];
+        let biased = [3.0f32, 1.0, 5.0, -1.0]; // token 2 + 5.0
+        let p = SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(2, 5.0), (99, 7.0)], // 99: past the row, ignored
+            ..params()
+        };
+        for mode in [LogprobsMode::RawLogprobs, LogprobsMode::ProcessedLogprobs] {
+            let t = Sampler::new(p.clone(), 1, mode)
+                .sample(&logits, &[], &[])
+                .unwrap();
+            assert_eq!(t.token, 2);
+            let expected = match mode {
+                LogprobsMode::RawLogprobs => logits[2] - lse_ref(&logits),
+                LogprobsMode::ProcessedLogprobs => biased[2] - lse_ref(&biased),
+            };
+            assert!((t.logprob - expected).abs() < 1e-5, "{mode}: {t:?}");
+        }
+        // -100 takes a token out of sampling in practice.
+        let p = SamplingParams {
+            logit_bias: vec![(0, -100.0)],
+            ..params()
+        };
+        let mut s = Sampler::new(p, 3, LogprobsMode::RawLogprobs);
+        for _ in 0..200 {
+            assert_ne!(s.sample(&logits, &[], &[]).unwrap().token, 0);
+        }
+        let bad = SamplingParams {
+            logit_bias: vec![(1, f32::NAN)],
+            ..params()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("logit_bias")
+        );
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct SamplingFields {
     /// vLLM: no EOS or stop token id (and no stop string) ends a sample
     /// before it has this many tokens.
     pub min_tokens: Option<i64>,
+    /// OpenAI's `logit_bias`: token id (as a string) to a bias added to its
+    /// logit, clamped to [-100, 100] as vLLM does.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     pub ignore_eos: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,

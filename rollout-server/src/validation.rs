@@ -420,6 +420,40 @@ impl Validator {
         Ok(max_tokens)
     }
 
+    /// OpenAI's `logit_bias` as vLLM reads it: integer token ids of the
+    /// vocabulary, biases clamped to [-100, 100].
+    fn logit_bias(
+        &self,
+        bias: Option<&std::collections::BTreeMap<String, f64>>,
+    ) -> Result<Vec<(u32, f32)>, ApiError> {
+        let mut out = Vec::new();
+        for (key, &b) in bias.into_iter().flatten() {
+            let id: u32 = key.trim().parse().map_err(|_| {
+                bad(
+                    format!("logit_bias keys must be token ids (integers as strings), got {key:?}"),
+                    "logit_bias",
+                )
+            })?;
+            if id as usize >= self.vocab_size {
+                return Err(bad(
+                    format!(
+                        "logit_bias names token id {id}, out of vocabulary (vocab_size {})",
+                        self.vocab_size
+                    ),
+                    "logit_bias",
+                ));
+            }
+            if !b.is_finite() {
+                return Err(bad(
+                    format!("logit_bias values must be numbers, got {b} for token {id}"),
+                    "logit_bias",
+                ));
+            }
+            out.push((id, b.clamp(-100.0, 100.0) as f32));
+        }
+        Ok(out)
+    }
+
     fn sampling(
         &self,
         f: SamplingFields,
@@ -454,6 +488,7 @@ impl Validator {
                 i32::try_from(k).map_err(|_| bad(format!("top_k is out of range: {k}"), "top_k"))?
             }
         };
+        let logit_bias = self.logit_bias(f.logit_bias.as_ref())?;
         let d = SamplingParams::default();
         let params = SamplingParams {
             temperature: f.temperature.unwrap_or(d.temperature),
@@ -465,6 +500,7 @@ impl Validator {
             frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
             seed: f.seed.map(|s| s as u64),
             logprobs,
+            logit_bias,
         };
         params.validate().map_err(|e| {
             let msg = e.to_string();

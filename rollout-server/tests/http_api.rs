@@ -538,6 +538,42 @@ async fn min_tokens_holds_off_stop_tokens() {
     );
 }
 
+/// OpenAI's `logit_bias`: +100 makes a token the greedy choice, in
+/// completions and chat; keys that are not token ids of the vocabulary are
+/// 400s naming the field.
+#[tokio::test]
+async fn logit_bias_steers_sampling_and_bad_keys_are_400s() {
+    let s = Server::start(&[]).await;
+    let base = json!({"prompt": "hello", "max_tokens": 4, "temperature": 0.0,
+                      "ignore_eos": true, "return_token_ids": true});
+    let (_, r) = s.post("/v1/completions", &base).await;
+    let greedy = r["choices"][0]["token_ids"][0].as_u64().unwrap();
+    let other = if greedy == 7 { 8 } else { 7 };
+    let mut body = base.clone();
+    body["logit_bias"] = json!({other.to_string(): 100});
+    let (st, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["token_ids"], json!(vec![other; 4]), "{r}");
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "temperature": 0.0, "ignore_eos": true, "return_token_ids": true,
+                    "logit_bias": {other.to_string(): 100}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["token_ids"], json!(vec![other; 2]), "{r}");
+
+    for bias in [json!({"abc": 1}), json!({"100000": 1})] {
+        let mut bad = base.clone();
+        bad["logit_bias"] = bias;
+        let (st, b) = s.post("/v1/completions", &bad).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], "logit_bias", "{b}");
+    }
+}
+
 /// vLLM's /tokenize and /detokenize: the ids generation sees, for a text
 /// prompt and for chat messages, and back.
 #[tokio::test]
