@@ -86,6 +86,8 @@ pub struct SamplingFields {
     /// `X-VLLM-Client-Tag` is the other way to send it).
     pub client_tag: Option<String>,
     pub user: Option<String>,
+    /// Read only to refuse values above 1: vLLM V1 dropped `best_of`.
+    pub best_of: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

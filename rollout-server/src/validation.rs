@@ -525,6 +525,13 @@ impl Validator {
                 ));
             }
         };
+        if f.best_of.is_some_and(|b| b > 1) {
+            return Err(bad(
+                "best_of is not supported (vLLM V1 dropped it too): ask for n samples and \
+                 pick among them",
+                "best_of",
+            ));
+        }
         let stream = f.stream.unwrap_or(false);
         let include_usage = stream
             && f.stream_options

@@ -540,9 +540,9 @@ async fn min_tokens_holds_off_stop_tokens() {
 
 /// OpenAI's `logit_bias`: +100 makes a token the greedy choice, in
 /// completions and chat; keys that are not token ids of the vocabulary are
-/// 400s naming the field.
+/// 400s naming the field, and so is best_of above 1.
 #[tokio::test]
-async fn logit_bias_steers_sampling_and_bad_keys_are_400s() {
+async fn logit_bias_steers_sampling_bad_keys_and_best_of_are_400s() {
     let s = Server::start(&[]).await;
     let base = json!({"prompt": "hello", "max_tokens": 4, "temperature": 0.0,
                       "ignore_eos": true, "return_token_ids": true});
@@ -565,6 +565,14 @@ async fn logit_bias_steers_sampling_and_bad_keys_are_400s() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["choices"][0]["token_ids"], json!(vec![other; 2]), "{r}");
 
+    // best_of, which vLLM V1 dropped, is refused rather than ignored.
+    let mut best = base.clone();
+    best["best_of"] = json!(3);
+    let (st, b) = s.post("/v1/completions", &best).await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "best_of", "{b}");
+    best["best_of"] = json!(1);
+    assert_eq!(s.post("/v1/completions", &best).await.0, 200);
     for bias in [json!({"abc": 1}), json!({"100000": 1})] {
         let mut bad = base.clone();
         bad["logit_bias"] = bias;
