@@ -615,6 +615,61 @@ fn max_steps_or_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::
     Ok(v.max(0) as u64)
 }
 
+/// transformers' `logging_steps` / `eval_steps` / `save_steps`: a whole
+/// number of steps, or a fraction in (0, 1) of the run's steps (rounded
+/// up), resolved once the run's length is known.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StepInterval {
+    Steps(u64),
+    Fraction(f64),
+}
+
+impl StepInterval {
+    /// The interval in steps, in a run of `max_steps`.
+    pub fn steps(self, max_steps: u64) -> u64 {
+        match self {
+            StepInterval::Steps(n) => n,
+            StepInterval::Fraction(f) => (f * max_steps as f64).ceil() as u64,
+        }
+    }
+
+    /// Whether it is 0 (never).
+    pub fn is_never(self) -> bool {
+        self == StepInterval::Steps(0)
+    }
+
+    /// A fraction outside (0, 1): what is wrong with it.
+    fn problem(self) -> Option<String> {
+        match self {
+            StepInterval::Fraction(f) if !(f > 0.0 && f < 1.0) => Some(format!(
+                "must be a whole number of steps or a fraction in (0, 1) of the run, got {f}"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A whole number (`100`, or `100.0`) is steps, any other number a
+/// fraction (checked by [`Recipe::validate`]).
+impl<'de> Deserialize<'de> for StepInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        if let Some(n) = v.as_u64() {
+            return Ok(StepInterval::Steps(n));
+        }
+        match v.as_f64() {
+            Some(f) if f >= 1.0 && f.fract() == 0.0 && f < u64::MAX as f64 => {
+                Ok(StepInterval::Steps(f as u64))
+            }
+            Some(f) => Ok(StepInterval::Fraction(f)),
+            None => Err(serde::de::Error::custom(format!(
+                "expected a whole number of steps or a fraction in (0, 1) of the run, got {v}"
+            ))),
+        }
+    }
+}
+
 /// When checkpoints or evals happen: transformers' `save_strategy` /
 /// `eval_strategy` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -667,8 +722,9 @@ pub struct EvalSection {
     /// `epoch` (each pass's end) or `no`. Any but `no` also evaluates
     /// before the first step and after the last.
     pub eval_strategy: IntervalStrategy,
-    /// Validate every N steps (see `train.max_steps`); 0: never.
-    pub eval_steps: u64,
+    /// Validate every N steps (see `train.max_steps`), or that fraction of
+    /// the run; 0: never.
+    pub eval_steps: StepInterval,
     /// Samples per question (the k of pass@k and mean@k).
     pub num_samples: usize,
     /// Evaluate on the first N questions only; none: all.
@@ -683,7 +739,7 @@ impl EvalSection {
     pub fn enabled(&self) -> bool {
         match self.eval_strategy {
             IntervalStrategy::No => false,
-            IntervalStrategy::Steps => self.eval_steps > 0,
+            IntervalStrategy::Steps => !self.eval_steps.is_never(),
             IntervalStrategy::Epoch => true,
         }
     }
@@ -693,7 +749,7 @@ impl Default for EvalSection {
     fn default() -> Self {
         EvalSection {
             eval_strategy: IntervalStrategy::Steps,
-            eval_steps: 0,
+            eval_steps: StepInterval::Steps(0),
             num_samples: 1,
             max_examples: None,
             temperature: 0.0,
@@ -708,8 +764,9 @@ pub struct CheckpointSection {
     /// (each pass's end) or `no`. The last step is saved whatever it says:
     /// that checkpoint is the trained model.
     pub save_strategy: IntervalStrategy,
-    /// Checkpoint every N steps (see `train.max_steps`); 0: never.
-    pub save_steps: u64,
+    /// Checkpoint every N steps (see `train.max_steps`), or that fraction
+    /// of the run; 0: never.
+    pub save_steps: StepInterval,
     /// Keep the newest N checkpoints; none: all.
     pub save_total_limit: Option<usize>,
     /// The run folder.
@@ -720,7 +777,7 @@ impl Default for CheckpointSection {
     fn default() -> Self {
         CheckpointSection {
             save_strategy: IntervalStrategy::Steps,
-            save_steps: 100,
+            save_steps: StepInterval::Steps(100),
             save_total_limit: None,
             output_dir: PathBuf::from("runs/tandem"),
         }
@@ -743,8 +800,9 @@ pub enum Progress {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
-    /// Write a train_log line (and a progress line) every N steps.
-    pub logging_steps: u64,
+    /// Write a train_log line (and a progress line) every N steps, or that
+    /// fraction of the run.
+    pub logging_steps: StepInterval,
     /// Also log step 1 (transformers' `logging_first_step`).
     pub logging_first_step: bool,
     pub progress: Progress,
@@ -789,7 +847,7 @@ impl LogSection {
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
-            logging_steps: 1,
+            logging_steps: StepInterval::Steps(1),
             logging_first_step: false,
             progress: Progress::Auto,
             log_completions: false,
@@ -1293,9 +1351,23 @@ impl Recipe {
                 },
             )?;
         }
-        ensure(self.log.logging_steps >= 1, "log.logging_steps", || {
-            "must be >= 1".into()
-        })?;
+        ensure(
+            !self.log.logging_steps.is_never(),
+            "log.logging_steps",
+            || "must be >= 1".into(),
+        )?;
+        for (key, every) in [
+            ("log.logging_steps", self.log.logging_steps),
+            ("eval.eval_steps", self.eval.eval_steps),
+            ("checkpoint.save_steps", self.checkpoint.save_steps),
+        ] {
+            if let Some(problem) = every.problem() {
+                return Err(RecipeError::Invalid {
+                    key: key.into(),
+                    message: problem,
+                });
+            }
+        }
 
         let tp = &self.topology;
         for (key, v) in [

@@ -711,7 +711,8 @@ fn sft_warmup(
         }
         optimizer.step(&grads, lr)?;
         if let Some(run) = run
-            && (s % recipe.log.logging_steps.max(1) == 0 || s == t.sft_warmup_steps)
+            && (s % recipe.log.logging_steps.steps(t.sft_warmup_steps).max(1) == 0
+                || s == t.sft_warmup_steps)
         {
             let total_s = step_started.elapsed();
             run.log_train(&json!({
@@ -856,6 +857,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // Every rank loads every file, so every rank counts the same steps.
     let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
     let epoch_prompts = source.epoch_prompts().max(1) as f64;
+    // Intervals given as a fraction of the run, in steps now that it is known.
+    let logging_steps = recipe.log.logging_steps.steps(max_steps).max(1);
+    let save_steps = recipe.checkpoint.save_steps.steps(max_steps);
+    let eval_steps = recipe.eval.eval_steps.steps(max_steps);
     let epoch_strategy = [
         ("checkpoint.save_strategy", recipe.checkpoint.save_strategy),
         ("eval.eval_strategy", recipe.eval.eval_strategy),
@@ -1242,7 +1247,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let adv = compute_advantages(&totals, g, &loss_cfg)?;
         let score_s = t_score.elapsed();
-        let log_step = step % recipe.log.logging_steps.max(1) == 0
+        let log_step = step % logging_steps == 0
             || step == max_steps
             || (step == 1 && recipe.log.logging_first_step);
         let completion_records: Vec<Value> = if recipe.log.log_completions && log_step {
@@ -1703,7 +1708,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
         // 8. checkpoint (rank 0 writes; every rank's prefetched batch goes in)
         let ck = &recipe.checkpoint;
-        let save = ck.save_strategy.due(step, ck.save_steps, steps_per_epoch) || step == max_steps;
+        let save = ck.save_strategy.due(step, save_steps, steps_per_epoch) || step == max_steps;
         if save {
             let prefetched_all: Vec<Option<PrefetchedBatch>> = if recipe.rollout.async_lag == 1 {
                 let mine = serde_json::to_vec(&prefetched)?;
@@ -1750,7 +1755,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // 9. eval
         let ev = &recipe.eval;
         if ev.enabled()
-            && (ev.eval_strategy.due(step, ev.eval_steps, steps_per_epoch) || step == max_steps)
+            && (ev.eval_strategy.due(step, eval_steps, steps_per_epoch) || step == max_steps)
         {
             run_eval(step, weight_version)?;
         }

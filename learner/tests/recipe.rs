@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use learner::grpo_config::LossType;
 use learner::recipe::{
     ClientTagEcho, DataFile, LrSchedulerType, ModelPreset, OnLongPrompt, Recipe, RecipeError,
+    StepInterval,
 };
 
 const NO_OVERRIDES: &[&str] = &[];
@@ -223,7 +224,7 @@ fn overrides_set_nested_keys_and_parse_yaml_scalars() {
 
     // An override creates a section the file does not have.
     let r = Recipe::from_yaml_str(BASE, "x", &["checkpoint.save_steps=5"]).unwrap();
-    assert_eq!(r.checkpoint.save_steps, 5);
+    assert_eq!(r.checkpoint.save_steps, StepInterval::Steps(5));
 }
 
 #[test]
@@ -350,7 +351,7 @@ fn the_shipped_recipes_load_and_validate() {
     assert_eq!(demo.model.preset, Some(ModelPreset::Tiny));
     assert_eq!(demo.rollout.num_generations, 8);
     assert_eq!(demo.topology.learner_ranks, 2);
-    assert!(demo.eval.eval_steps > 0 && !demo.data.eval_files.is_empty());
+    assert!(!demo.eval.eval_steps.is_never() && !demo.data.eval_files.is_empty());
     assert_eq!(demo.prompts_per_rank_per_step(), 8);
     // The embedded text is the file.
     let from_file = Recipe::load(&configs().join("demo.yaml"), NO_OVERRIDES).unwrap();
@@ -663,5 +664,30 @@ fn cosine_with_min_lr_takes_its_kwargs_as_transformers_does() {
     ] {
         let e = err(BASE, overrides);
         assert!(e.contains(key) && e.contains(says), "{overrides:?}: {e}");
+    }
+}
+
+/// transformers' `*_steps` below 1: a fraction of the run's steps, rounded
+/// up once the run's length is known.
+#[test]
+fn step_intervals_take_whole_steps_or_a_fraction_of_the_run() {
+    let load = |o: &[&str]| Recipe::from_yaml_str(BASE, "r.yaml", o);
+    let r = load(&["checkpoint.save_steps=0.25", "log.logging_steps=10.0"]).unwrap();
+    assert_eq!(r.checkpoint.save_steps, StepInterval::Fraction(0.25));
+    assert_eq!(r.checkpoint.save_steps.steps(10), 3);
+    assert_eq!(r.log.logging_steps, StepInterval::Steps(10));
+    assert_eq!(r.log.logging_steps.steps(1000), 10);
+    // Written back as given.
+    let again =
+        Recipe::from_yaml_str(&r.resolved_yaml().unwrap(), "again", &[] as &[&str]).unwrap();
+    assert_eq!(again, r);
+    for (o, key) in [
+        ("checkpoint.save_steps=1.5", "checkpoint.save_steps"),
+        ("eval.eval_steps=-0.5", "eval.eval_steps"),
+        ("log.logging_steps=0", "log.logging_steps"),
+        ("log.logging_steps=often", "log.logging_steps"),
+    ] {
+        let e = err(BASE, &[o]);
+        assert!(e.contains(key), "{o}: {e}");
     }
 }

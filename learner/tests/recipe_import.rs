@@ -2,7 +2,7 @@
 //! a Tandem recipe that loads, with every value where Tandem reads it and
 //! every key it does not take listed.
 
-use learner::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
+use learner::recipe::{IntervalStrategy, LrSchedulerType, Recipe, StepInterval};
 use learner::recipe_import::convert_trl_recipe;
 
 /// open-r1's recipes/Qwen2.5-1.5B-Instruct/grpo/config_demo.yaml, in shape.
@@ -243,7 +243,7 @@ fn counts_in_updates_become_counts_in_steps() {
             r.checkpoint.save_steps,
             r.log.logging_steps
         ),
-        (250, 25, 2)
+        (250, StepInterval::Steps(25), StepInterval::Steps(2))
     );
     assert_eq!(r.train.warmup_steps, 0);
     assert_eq!(
@@ -264,7 +264,10 @@ fn counts_in_updates_become_counts_in_steps() {
     )
     .unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
-    assert_eq!((r.train.max_steps, r.checkpoint.save_steps), (300, 50));
+    assert_eq!(
+        (r.train.max_steps, r.checkpoint.save_steps),
+        (300, StepInterval::Steps(50))
+    );
 }
 
 /// Nothing is dropped without a word: flags that disagree, weights that do

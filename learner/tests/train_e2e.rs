@@ -1249,10 +1249,11 @@ fn logging_first_step_adds_step_one_to_the_logged_steps() {
     }
 }
 
-/// save_strategy / eval_strategy `epoch`: a checkpoint and an eval at the
-/// end of each pass over the training prompts.
+/// save_strategy / eval_strategy `epoch` (a checkpoint and an eval at the
+/// end of each pass over the training prompts) and `no`, and save_steps as
+/// a fraction of the run.
 #[test]
-fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
+fn save_and_eval_schedules_by_epoch_never_or_a_fraction_of_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
     let server = rollout_server(&model);
@@ -1295,6 +1296,13 @@ fn epoch_strategies_save_and_evaluate_at_the_end_of_each_pass() {
     );
     assert_eq!(checkpoint_names(&out), ["step_000003"]);
     assert!(read_jsonl(&out.join("eval_log.jsonl")).is_empty());
+
+    // save_steps as a fraction of the run (transformers' < 1): 0.5 of 3
+    // steps is every 2.
+    let out = tmp.path().join("run_fraction");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(&r, &["checkpoint.save_steps=0.5".into()]);
+    assert_eq!(checkpoint_names(&out), ["step_000002", "step_000003"]);
 }
 
 /// The learner trains with the recipe's cosine_with_min_lr schedule: step 2
