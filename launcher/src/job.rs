@@ -544,6 +544,15 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         cpus_per_node: cpus_per_node(),
     };
     let plan = Plan::new(&input)?;
+    // generation_batch_size must split over the planned learner ranks:
+    // said now, not by every learner after the servers have started.
+    recipe.for_world_size(plan.learner_ranks).with_context(|| {
+        format!(
+            "the recipe with {} learner rank(s) (--learner-ranks / topology.learner_ranks \
+             change it)",
+            plan.learner_ranks
+        )
+    })?;
     Ok(Job {
         plan,
         node_rank,
@@ -672,6 +681,34 @@ mod tests {
             assert_eq!(recipe.checkpoint.output_dir, out.path());
             assert_eq!(recipe.topology.learner_ranks, 2);
         }
+    }
+
+    /// generation_batch_size that does not split over the planned ranks is
+    /// refused before anything starts.
+    #[test]
+    fn generation_batch_size_is_checked_against_the_planned_ranks() {
+        use clap::Parser;
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
+        let out = tempfile::tempdir().unwrap();
+        let args = |gbs: &str| {
+            Args::parse_from([
+                "launcher",
+                "--config",
+                config,
+                "--device",
+                "cpu",
+                "--out",
+                &out.path().display().to_string(),
+                &format!("train.generation_batch_size={gbs}"),
+            ])
+        };
+        // demo: 64 completions a rank, 2 ranks.
+        assert!(prepare(&args("256")).is_ok());
+        let e = format!("{:#}", prepare(&args("192")).err().unwrap());
+        assert!(
+            e.contains("2 learner rank(s)") && e.contains("multiple of 128"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -489,6 +489,11 @@ pub struct TrainSection {
     /// updates on them, one after the other (the later ones off-policy, the
     /// importance ratio against the generating policy correcting for it).
     pub steps_per_generation: Option<usize>,
+    /// TRL's `generation_batch_size`: completions generated at once over
+    /// all ranks, the other way to set `steps_per_generation` (=
+    /// `generation_batch_size / (per_device_train_batch_size x learner
+    /// ranks)`), resolved when the ranks are known; not both.
+    pub generation_batch_size: Option<usize>,
     /// Passes over each generated batch (TRL's mu), each making
     /// `steps_per_generation / gradient_accumulation_steps` optimizer
     /// updates, all within one step and at that step's learning rate.
@@ -555,6 +560,7 @@ impl Default for TrainSection {
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
             steps_per_generation: None,
+            generation_batch_size: None,
             num_iterations: 1,
             max_grad_norm: 1.0,
             weight_decay: 0.0,
@@ -1254,6 +1260,19 @@ impl Recipe {
                 },
             )?;
         }
+        if let Some(gbs) = t.generation_batch_size {
+            ensure(
+                t.steps_per_generation.is_none(),
+                "train.generation_batch_size",
+                || "and train.steps_per_generation cannot both be set (as in TRL)".into(),
+            )?;
+            let g = r.num_generations.max(1);
+            ensure(
+                gbs > 0 && gbs % g == 0,
+                "train.generation_batch_size",
+                || format!("must be a multiple of rollout.num_generations ({g}), got {gbs}"),
+            )?;
+        }
         ensure(t.num_iterations >= 1, "train.num_iterations", || {
             "must be >= 1".into()
         })?;
@@ -1486,6 +1505,36 @@ impl Recipe {
             });
         }
         Ok(steps)
+    }
+
+    /// The recipe as `world_size` learner ranks run it:
+    /// `train.generation_batch_size` turned into `steps_per_generation`
+    /// (an error naming the key when it does not split into whole
+    /// micro-batches per rank and whole updates).
+    pub fn for_world_size(&self, world_size: usize) -> Result<Recipe> {
+        let t = &self.train;
+        let Some(gbs) = t.generation_batch_size else {
+            return Ok(self.clone());
+        };
+        let (w, b, ga) = (
+            world_size.max(1),
+            t.per_device_train_batch_size.max(1),
+            t.gradient_accumulation_steps.max(1),
+        );
+        let per_update = w * b * ga;
+        if gbs % per_update != 0 {
+            return Err(RecipeError::Invalid {
+                key: "train.generation_batch_size".into(),
+                message: format!(
+                    "{gbs} completions do not split into whole optimizer updates of {per_update} \
+                     ({w} learner ranks x per_device_train_batch_size {b} x \
+                     gradient_accumulation_steps {ga}); use a multiple of {per_update}"
+                ),
+            });
+        }
+        let mut resolved = self.clone();
+        resolved.train.steps_per_generation = Some(gbs / (w * b));
+        Ok(resolved)
     }
 
     /// Completions per rank per step: every micro-batch generated at once
@@ -1783,10 +1832,6 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
         }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
-        "generation_batch_size" => {
-            "set train.steps_per_generation instead: generation_batch_size / \
-             (per_device_train_batch_size x the number of learner ranks)"
-        }
         "dataset_name" => {
             "nothing is downloaded: data.train_files names local JSONL or Parquet files"
         }

@@ -174,10 +174,20 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
     let ga = count("gradient_accumulation_steps", 1).max(1);
     let updates_per_step =
         count("num_iterations", 1).max(1) * (count("steps_per_generation", ga) / ga).max(1);
+    // With generation_batch_size the updates a step makes depend on the
+    // learner ranks, which the recipe does not know.
+    let per_ranks = map.contains_key("generation_batch_size");
     let known = Recipe::known_keys();
     for (key, mut value) in map {
         let mut note = None;
-        if updates_per_step > 1
+        if per_ranks && COUNTED_IN_UPDATES.contains(&key.as_str()) && value.as_u64().is_some() {
+            note = Some(
+                "TODO: TRL counts optimizer updates; a Tandem step makes generation_batch_size \
+                 / (per_device_train_batch_size x learner ranks x gradient_accumulation_steps) \
+                 x num_iterations of them: divide by that"
+                    .to_string(),
+            );
+        } else if updates_per_step > 1
             && COUNTED_IN_UPDATES.contains(&key.as_str())
             && let Some(v) = value.as_u64().filter(|v| *v > 0)
         {

@@ -758,18 +758,21 @@ fn sft_warmup(
 
 /// Runs `learner train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let recipe = args.recipe;
+    // As written (checkpoints keep it, resumes compare with it), and as
+    // this many ranks run it (generation_batch_size resolved).
+    let given = args.recipe;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     // The device first: a CUDA learner all-reduces over NCCL, a CPU one over TCP.
-    let device: model::device::DeviceSpec = recipe.model.device.parse()?;
+    let device: model::device::DeviceSpec = given.model.device.parse()?;
     let device = device.open()?;
     let ring = TcpRingConfig::from_env()?;
     let collective = crate::collective::connect(&ring, &device)?;
     let c: &dyn Collective = collective.as_ref();
     let (rank, world) = (c.rank(), c.world_size());
+    let recipe = given.for_world_size(world)?;
     let t = &recipe.train;
     let out = recipe.checkpoint.output_dir.clone();
     if recipe.rollout.endpoints.is_empty() {
@@ -787,7 +790,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let recipe_changes = match &resume {
         Some((_, dir, state)) => {
-            check_resumed_recipe(dir, state, &recipe, args.allow_recipe_change)?
+            check_resumed_recipe(dir, state, &given, args.allow_recipe_change)?
         }
         None => Vec::new(),
     };
@@ -1727,7 +1730,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     kl.clone(),
                     streak,
                     prefetched_all,
-                    &recipe,
+                    &given,
                     world,
                 );
                 state.num_input_tokens_seen = tokens_seen;

@@ -136,9 +136,6 @@ fn unknown_key_names_the_path_and_the_closest_key() {
         e.contains("train.steps_per_generation") && e.contains("multiple"),
         "{e}"
     );
-    let text = format!("{BASE}  generation_batch_size: 256\n");
-    let e = err(&text, NO_OVERRIDES);
-    assert!(e.contains("train.steps_per_generation"), "{e}");
     let text = format!("model_name_or_path: Qwen/Qwen2.5-0.5B\n{BASE}");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("model.path"), "{e}");
@@ -690,4 +687,52 @@ fn step_intervals_take_whole_steps_or_a_fraction_of_the_run() {
         let e = err(BASE, &[o]);
         assert!(e.contains(key), "{o}: {e}");
     }
+}
+
+/// TRL's generation_batch_size: steps_per_generation once the learner ranks
+/// are known; not together with steps_per_generation.
+#[test]
+fn generation_batch_size_becomes_steps_per_generation_for_the_ranks() {
+    // BASE: 16 completions a micro-batch, num_generations 8 (the default).
+    let load = |o: &[&str]| Recipe::from_yaml_str(BASE, "r.yaml", o);
+    let r = load(&["train.generation_batch_size=64"]).unwrap();
+    assert_eq!(r.train.steps_per_generation, None);
+    assert_eq!(
+        r.for_world_size(2).unwrap().train.steps_per_generation,
+        Some(2)
+    );
+    assert_eq!(
+        r.for_world_size(1).unwrap().train.steps_per_generation,
+        Some(4)
+    );
+    // 64 over 3 ranks of 16, or over updates of 2 x 16 x 4: no.
+    let e = r.for_world_size(3).unwrap_err().to_string();
+    assert!(
+        e.contains("train.generation_batch_size") && e.contains("multiple of 48"),
+        "{e}"
+    );
+    let r = load(&[
+        "train.generation_batch_size=64",
+        "train.gradient_accumulation_steps=4",
+    ])
+    .unwrap();
+    assert!(r.for_world_size(2).is_err());
+    assert_eq!(
+        r.for_world_size(1).unwrap().train.updates_per_generation(),
+        1
+    );
+    // Without it, nothing changes.
+    let plain = load(&[]).unwrap();
+    assert_eq!(plain.for_world_size(4).unwrap(), plain);
+
+    let e = err(
+        BASE,
+        &[
+            "train.generation_batch_size=64",
+            "train.steps_per_generation=2",
+        ],
+    );
+    assert!(e.contains("cannot both be set"), "{e}");
+    let e = err(BASE, &["train.generation_batch_size=20"]);
+    assert!(e.contains("multiple of rollout.num_generations"), "{e}");
 }

@@ -300,3 +300,22 @@ fn what_cannot_be_carried_over_is_said() {
         c.yaml
     );
 }
+
+/// With generation_batch_size the updates per step depend on the ranks:
+/// the counts stay, marked TODO.
+#[test]
+fn counts_with_a_generation_batch_size_are_marked() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\n\
+               reward_funcs: [format]\nnum_generations: 4\nper_device_train_batch_size: 8\n\
+               generation_batch_size: 64\nmax_steps: 1000\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!(r.train.generation_batch_size, Some(64));
+    assert_eq!(r.train.max_steps, 1000);
+    assert!(
+        c.yaml
+            .contains("max_steps: 1000  # TODO: TRL counts optimizer updates"),
+        "{}",
+        c.yaml
+    );
+}

@@ -172,6 +172,13 @@ fn two_ranks_equal_one_rank_with_steps_per_generation() {
     two_ranks_vs_one(&["train.steps_per_generation=2"]);
 }
 
+/// TRL's generation_batch_size: 64 completions are 2 micro-batches of 32
+/// on one rank and 2 of 16 on each of two ranks, the same run.
+#[test]
+fn two_ranks_equal_one_rank_with_generation_batch_size() {
+    two_ranks_vs_one(&["train.generation_batch_size=64"]);
+}
+
 /// The AdamW step count of every parameter in a checkpoint.
 fn optimizer_updates(checkpoint: &std::path::Path) -> Vec<u64> {
     let state: Value =
@@ -217,10 +224,16 @@ fn two_ranks_vs_one(extra: &[&str]) {
     let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     extra.push("train.learning_rate=1.0e-4".into());
     // Micro-batches generated per step: groups per step, optimizer updates.
-    let per_generation: usize = extra
-        .iter()
-        .find_map(|o| o.strip_prefix("train.steps_per_generation="))
-        .map_or(1, |v| v.parse().unwrap());
+    // (generation_batch_size: of the 32 completions a step takes here.)
+    let setting = |key: &str| -> Option<usize> {
+        extra
+            .iter()
+            .find_map(|o| o.strip_prefix(key))
+            .map(|v| v.parse().unwrap())
+    };
+    let per_generation = setting("train.steps_per_generation=")
+        .or(setting("train.generation_batch_size=").map(|g| g / 32))
+        .unwrap_or(1);
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
 
