@@ -2,6 +2,7 @@
 //! (`vllm:num_requests_running` is `tandem:num_requests_running`, ...).
 //! Updated by the engine thread; every metric is atomic.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
@@ -31,6 +32,10 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub e2e_request_latency: Histogram,
     pub weight_version: Gauge,
+    /// Share of the KV cache's sequence slots in use (vLLM's
+    /// `kv_cache_usage_perc`; here a slot is preallocated at full length,
+    /// so this is what limits admission).
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -52,6 +57,7 @@ impl Metrics {
             inter_token_latency: Histogram::new(LATENCY_BUCKETS),
             e2e_request_latency: Histogram::new(LATENCY_BUCKETS),
             weight_version: Gauge::default(),
+            kv_cache_usage: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -98,6 +104,11 @@ impl Metrics {
             "tandem:weight_version",
             "Version of the weights being served",
             m.weight_version.clone(),
+        );
+        registry.register(
+            "tandem:kv_cache_usage_perc",
+            "KV-cache usage: the share of sequence slots in use, 1 = full",
+            m.kv_cache_usage.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -162,6 +162,9 @@ impl Scheduler {
             .metrics
             .num_requests_waiting
             .set(self.waiting_seqs as i64);
+        let slots = state.cache.num_slots().max(1);
+        let used = slots.saturating_sub(state.cache.num_free());
+        state.metrics.kv_cache_usage.set(used as f64 / slots as f64);
     }
 
     /// Frees the slots of sequences nobody waits for.

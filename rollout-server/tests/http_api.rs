@@ -812,15 +812,7 @@ async fn models_version_health_and_metrics() {
         )
         .await;
     assert_eq!(st, 200);
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_with("tandem:kv_cache_usage_perc 0.0").await;
     for name in [
         "tandem:num_requests_running",
         "tandem:num_requests_waiting",
@@ -831,6 +823,7 @@ async fn models_version_health_and_metrics() {
         "tandem:inter_token_latency_seconds_count 4",
         "tandem:e2e_request_latency_seconds_count 2",
         "tandem:weight_version 0",
+        "tandem:kv_cache_usage_perc 0.0",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
@@ -853,6 +846,11 @@ async fn client_disconnect_cancels_and_frees_the_batch() {
     let mut stream = resp.bytes_stream();
     use futures::StreamExt;
     let _ = stream.next().await;
+    // All 4 slots of the KV cache are taken (vLLM's kv_cache_usage_perc;
+    // the gauge is set at the end of the engine step that sent the chunk).
+    let full = "tandem:kv_cache_usage_perc 1.0";
+    let usage = s.metrics_with(full).await;
+    assert!(usage.contains(full), "{usage}");
     drop(stream);
     // Its 4 slots come back: a new request with n=4 (the whole batch) runs.
     let started = std::time::Instant::now();
@@ -864,15 +862,7 @@ async fn client_disconnect_cancels_and_frees_the_batch() {
         .await;
     assert_eq!(st, 200, "{r}");
     assert!(started.elapsed().as_secs() < 60);
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("finished_reason=\"abort\""), "{metrics}");
     // More samples than --max-num-seqs run in turns, as in vLLM.
     let (st, r) = s
@@ -890,6 +880,10 @@ async fn client_disconnect_cancels_and_frees_the_batch() {
         .collect();
     indices.sort();
     assert_eq!(indices, (0..9).collect::<Vec<u64>>());
+    // Nothing runs: the cache is free again.
+    let free = "tandem:kv_cache_usage_perc 0.0";
+    let usage = s.metrics_with(free).await;
+    assert!(usage.contains(free), "{usage}");
 }
 
 #[tokio::test]

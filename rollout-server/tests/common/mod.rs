@@ -59,6 +59,33 @@ impl Server {
         }
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /metrics` until it contains `line` (the engine sets its gauges
+    /// at the end of a step, after it may have answered), 2 s at most;
+    /// the last text either way.
+    pub async fn metrics_with(&self, line: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = self.metrics().await;
+            if text.contains(line) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        text
+    }
+
     /// POSTs JSON; returns status and JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
