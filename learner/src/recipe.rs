@@ -496,7 +496,8 @@ pub struct TrainSection {
     pub generation_batch_size: Option<usize>,
     /// Passes over each generated batch (TRL's mu), each making
     /// `steps_per_generation / gradient_accumulation_steps` optimizer
-    /// updates, all within one step and at that step's learning rate.
+    /// updates, all within one step; the learning rate moves with each
+    /// update, as TRL's scheduler (over all the run's updates).
     pub num_iterations: usize,
     /// Global gradient-norm clip; 0: none.
     pub max_grad_norm: f64,

@@ -876,7 +876,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let ocfg = optimizer_config(&recipe);
     let mut optimizer = AdamW::new(vars.clone(), ocfg.adamw())?;
-    let schedule = LrSchedule::new(&ocfg, max_steps as usize)?;
+    // The learning rate moves with every optimizer update, as TRL's
+    // scheduler does: a step of `updates_per_step` updates spans that many
+    // points of a schedule over all the run's updates (warmup_steps, in
+    // steps, scaled to match).
+    let updates_per_step = t.num_iterations.max(1) * t.updates_per_generation();
+    let schedule = LrSchedule::new(
+        &OptimizerConfig {
+            warmup_steps: ocfg.warmup_steps * updates_per_step,
+            ..ocfg.clone()
+        },
+        max_steps as usize * updates_per_step,
+    )?;
     let mut kl = KlController::from_config(&loss_cfg);
     let mut streak = 0u32;
     let mut start_step = 0u64;
@@ -975,7 +986,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         // TRL counts optimizer updates in max_steps; Tandem counts steps
         // (a generation and its updates). Said once, where it differs.
-        let per_step = t.num_iterations.max(1) * t.updates_per_generation();
+        let per_step = updates_per_step;
         if per_step > 1 {
             run.event(
                 "optimizer_updates",
@@ -983,8 +994,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             )?;
             eprintln!(
                 "note: each step makes {per_step} optimizer updates (num_iterations {} x \
-                 steps_per_generation / gradient_accumulation_steps {}), {} in all; TRL \
-                 would count each update as a step (README, the TRL table)",
+                 steps_per_generation / gradient_accumulation_steps {}), {} in all, the \
+                 learning rate moving with each; TRL would count each update as a step \
+                 (README, the TRL table)",
                 t.num_iterations.max(1),
                 t.updates_per_generation(),
                 per_step as u64 * max_steps
@@ -1379,10 +1391,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let mut metrics = LossMetrics::default();
         let mut grad_norm = 0.0;
         let mut skipped = false;
-        let lr = schedule.lr_at((step - 1) as usize);
+        let first_update = (step - 1) as usize * updates_per_step;
+        let mut lr = schedule.lr_at(first_update);
         // num_iterations passes, each of `num_updates` optimizer updates. The
         // logged metrics are the last pass's (its updates merged), the
-        // gradient norm the last update's.
+        // gradient norm and learning rate the last update's.
         let mu = t.num_iterations.max(1);
         let passes = (0..mu).flat_map(|pass| {
             updates
@@ -1391,7 +1404,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .map(move |(mbs, norm)| (pass + 1 == mu, mbs, norm))
         });
         let mut last_pass = LossMetrics::default();
-        for (in_last_pass, mbs, norm) in passes {
+        for (k, (in_last_pass, mbs, norm)) in passes.enumerate() {
+            lr = schedule.lr_at(first_update + k);
             let t0 = Instant::now();
             let (store, m) = if mbs.is_empty() {
                 (

@@ -1344,3 +1344,40 @@ fn cosine_with_min_lr_reaches_the_learner() {
     assert!((lrs[0] - 3.0e-3).abs() < 1e-12, "{lrs:?}");
     assert!((lrs[1] - 0.75 * 3.0e-3).abs() < 1e-12, "{lrs:?}");
 }
+
+/// The learning rate moves with every optimizer update, as TRL's scheduler:
+/// 2 steps x 2 updates (num_iterations 2) span a linear schedule of 4
+/// points, and the log shows each step's last update's rate.
+#[test]
+fn the_learning_rate_moves_with_every_update() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let lrs = |name: &str, extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(name);
+        let r = recipe(tmp.path(), &model, &server, &out);
+        let mut o: Vec<String> = vec![
+            "train.max_steps=2".into(),
+            "train.num_iterations=2".into(),
+            "train.lr_scheduler_type=linear".into(),
+        ];
+        o.extend(extra.iter().map(|s| s.to_string()));
+        train(&r, &o);
+        read_jsonl(&out.join("train_log.jsonl"))
+            .iter()
+            .map(|l| f(l, "lr") / 3.0e-3)
+            .collect()
+    };
+    // Updates 0..4 at (4 - k) / 4: each step logs its second (k = 1, 3).
+    let got = lrs("linear", &[]);
+    assert!(
+        (got[0] - 0.75).abs() < 1e-12 && (got[1] - 0.25).abs() < 1e-12,
+        "{got:?}"
+    );
+    // One warm-up step is two warm-up updates: k / 2, then (4 - k) / 2.
+    let got = lrs("warmup", &["train.warmup_steps=1"]);
+    assert!(
+        (got[0] - 0.5).abs() < 1e-12 && (got[1] - 0.5).abs() < 1e-12,
+        "{got:?}"
+    );
+}
