@@ -180,7 +180,10 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
     let known = Recipe::known_keys();
     for (key, mut value) in map {
         let mut note = None;
-        if per_ranks && COUNTED_IN_UPDATES.contains(&key.as_str()) && value.as_u64().is_some() {
+        if per_ranks
+            && COUNTED_IN_UPDATES.contains(&key.as_str())
+            && value.as_u64().is_some_and(|v| v > 0)
+        {
             note = Some(
                 "TODO: TRL counts optimizer updates; a Tandem step makes generation_batch_size \
                  / (per_device_train_batch_size x learner ranks x gradient_accumulation_steps) \
