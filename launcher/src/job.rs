@@ -683,25 +683,29 @@ mod tests {
         }
     }
 
+    /// The launcher's arguments for configs/demo.yaml on CPU into `out`,
+    /// with one override.
+    fn demo_args(out: &Path, extra: &str) -> Args {
+        use clap::Parser;
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
+        Args::parse_from([
+            "launcher",
+            "--config",
+            config,
+            "--device",
+            "cpu",
+            "--out",
+            &out.display().to_string(),
+            extra,
+        ])
+    }
+
     /// generation_batch_size that does not split over the planned ranks is
     /// refused before anything starts.
     #[test]
     fn generation_batch_size_is_checked_against_the_planned_ranks() {
-        use clap::Parser;
-        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
         let out = tempfile::tempdir().unwrap();
-        let args = |gbs: &str| {
-            Args::parse_from([
-                "launcher",
-                "--config",
-                config,
-                "--device",
-                "cpu",
-                "--out",
-                &out.path().display().to_string(),
-                &format!("train.generation_batch_size={gbs}"),
-            ])
-        };
+        let args = |gbs: &str| demo_args(out.path(), &format!("train.generation_batch_size={gbs}"));
         // demo: 64 completions a rank, 2 ranks.
         assert!(prepare(&args("256")).is_ok());
         let e = format!("{:#}", prepare(&args("192")).err().unwrap());
@@ -713,21 +717,8 @@ mod tests {
 
     #[test]
     fn rollout_servers_get_the_recipes_dtype_and_memory_share() {
-        use clap::Parser;
-        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
         let out = tempfile::tempdir().unwrap();
-        let args = |extra: &str| {
-            Args::parse_from([
-                "launcher",
-                "--config",
-                config,
-                "--device",
-                "cpu",
-                "--out",
-                &out.path().display().to_string(),
-                extra,
-            ])
-        };
+        let args = |extra: &str| demo_args(out.path(), extra);
         let job = prepare(&args("rollout.gpu_memory_utilization=0.5")).unwrap();
         let server = &job.plan.processes[0];
         assert_eq!(server.role, Role::RolloutServer);

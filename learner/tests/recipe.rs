@@ -427,17 +427,8 @@ fn resolved_output_round_trips_with_every_default() {
 #[test]
 fn known_keys_cover_every_section() {
     let keys = Recipe::known_keys();
-    for section in [
-        "model",
-        "data",
-        "rollout",
-        "reward",
-        "train",
-        "eval",
-        "checkpoint",
-        "log",
-        "topology",
-    ] {
+    assert_eq!(learner::recipe::SECTION_NAMES.len(), 9);
+    for section in learner::recipe::SECTION_NAMES {
         assert!(
             keys.iter().any(|k| k.starts_with(&format!("{section}."))),
             "{section}"
