@@ -478,7 +478,11 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         out.put(
             "data.answer_column",
             json!("solution"),
-            Some("open-r1's accuracy reads the solution column".into()),
+            Some(
+                "open-r1's accuracy reads the solution column; exact_match takes its last \
+                 \\boxed{} as the answer, as math_verify does"
+                    .into(),
+            ),
         );
     }
     if let Some(col) = map.remove("dataset_solution_column") {

@@ -427,12 +427,14 @@ impl ExactMatch {
 }
 
 /// The answer inside a reference: the text after the last `####` when there
-/// is one (GSM8K's solutions), else the whole reference.
+/// is one (GSM8K's solutions), else the last balanced `\boxed{...}` (a
+/// worked solution, as MATH's and open-r1's `solution` columns hold, where
+/// open-r1's math_verify takes that too), else the whole reference.
 pub fn reference_answer(reference: &str) -> &str {
-    match reference.rfind("####") {
-        Some(i) => &reference[i + 4..],
-        None => reference,
+    if let Some(i) = reference.rfind("####") {
+        return &reference[i + 4..];
     }
+    last_boxed(reference).unwrap_or(reference)
 }
 
 /// The completion's final answer, per `extract`.

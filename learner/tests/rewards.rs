@@ -54,6 +54,22 @@ async fn exact_match_extracts_and_normalises() {
         ("<answer>$42$</answer>", "42", 1.0),
         ("<answer>New  York</answer>", "New York", 1.0),
         ("<answer>72</answer>", "She pays 8 * 9 = 72.\n#### 72", 1.0), // GSM8K reference
+        // A worked solution (MATH, open-r1's `solution` column): its last \boxed{}.
+        (
+            "\\boxed{\\frac{1}{2}}",
+            "Halve it: $x = \\boxed{\\frac{1}{2}}$.",
+            1.0,
+        ),
+        (
+            "<answer>3</answer>",
+            "First \\boxed{2}, then \\boxed{3}",
+            1.0,
+        ),
+        (
+            "<answer>2</answer>",
+            "First \\boxed{2}, then \\boxed{3}",
+            0.0,
+        ),
     ];
     let batch: Vec<_> = cases.iter().map(|(c, a, _)| input(c, Some(a))).collect();
     let got = values(json!({"name": "exact_match"}), &batch).await;
