@@ -1002,6 +1002,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 per_step as u64 * max_steps
             );
         }
+        // A run sized in epochs counts its steps from the global batch, which
+        // the number of ranks sets: another number moves the end.
+        if let Some((_, _, state)) = &resume
+            && state.world_size != world
+            && t.max_steps == 0
+        {
+            let msg = format!(
+                "resumed with {world} learner ranks, the checkpoint had {}: the run is sized by \
+                 num_train_epochs, so it now ends at step {max_steps} (each step takes {} \
+                 prompts instead of {})",
+                state.world_size,
+                recipe.prompts_per_rank_per_step() * world,
+                recipe.prompts_per_rank_per_step() * state.world_size
+            );
+            eprintln!("note: {msg}");
+            run.warn(&msg)?;
+        }
         if !recipe_changes.is_empty() {
             let list: Vec<String> = recipe_changes.iter().map(|c| c.to_string()).collect();
             run.event(

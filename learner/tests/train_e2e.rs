@@ -19,11 +19,16 @@ fn f(v: &Value, key: &str) -> f64 {
 
 /// The first 10 rows of the shipped training file, as a file of their own.
 fn ten_prompts(dir: &std::path::Path) -> std::path::PathBuf {
+    first_prompts(dir, 10)
+}
+
+/// The first `n` rows of the shipped training file, as a file of their own.
+fn first_prompts(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
     let rows: Vec<&str> = include_str!("../../configs/data/arith_train.jsonl")
         .lines()
-        .take(10)
+        .take(n)
         .collect();
-    let file = dir.join("ten.jsonl");
+    let file = dir.join(format!("first_{n}.jsonl"));
     std::fs::write(&file, rows.join("\n") + "\n").unwrap();
     file
 }
@@ -1380,4 +1385,45 @@ fn the_learning_rate_moves_with_every_update() {
         (got[0] - 0.5).abs() < 1e-12 && (got[1] - 0.5).abs() < 1e-12,
         "{got:?}"
     );
+}
+
+/// An epoch-sized run resumed with more ranks takes more prompts a step, so
+/// it ends sooner: said, not silent.
+#[test]
+fn an_epoch_sized_resume_with_other_ranks_says_where_it_now_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    // 40 prompts; 4 a step on one rank (10 a pass, 0.3 of it: 3 steps),
+    // 8 on two (5 a pass: 2 steps).
+    let file = first_prompts(tmp.path(), 40);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let sized = vec![
+        format!("data.train_files=[{}]", file.display()),
+        "train.max_steps=-1".to_string(),
+        "train.num_train_epochs=0.3".to_string(),
+    ];
+    train(&r, &sized);
+    assert_eq!(read_jsonl(&out.join("train_log.jsonl")).len(), 3);
+    let mut resume = sized.clone();
+    resume.push("--resume-from".into());
+    resume.push(out.join("checkpoints/step_000002").display().to_string());
+    let (o0, o1) = train_two_ranks(&r, &resume, &[]);
+    for o in [&o0, &o1] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let stderr = String::from_utf8_lossy(&o0.stderr);
+    assert!(
+        stderr.contains("resumed with 2 learner ranks, the checkpoint had 1")
+            && stderr.contains("ends at step 2"),
+        "{stderr}"
+    );
+    assert!(read_jsonl(&out.join("run_log.jsonl")).iter().any(|e| {
+        e["event"] == "warn"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ends at step 2")
+    }),);
 }
