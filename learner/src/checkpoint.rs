@@ -71,29 +71,33 @@ pub struct TrainerState {
     pub recipe: Option<Value>,
 }
 
+/// The training loop's counters at a checkpoint: what [`TrainerState`]
+/// holds besides its format, the recipe and the world size.
+#[derive(Debug, Clone)]
+pub struct LoopState {
+    pub step: u64,
+    pub weight_version: u64,
+    pub data_cursor: DataCursor,
+    pub kl_controller: KlController,
+    pub nonfinite_streak: u32,
+    pub prefetched: Vec<Option<PrefetchedBatch>>,
+    pub num_input_tokens_seen: f64,
+}
+
 impl TrainerState {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        step: u64,
-        weight_version: u64,
-        data_cursor: DataCursor,
-        kl_controller: KlController,
-        nonfinite_streak: u32,
-        prefetched: Vec<Option<PrefetchedBatch>>,
-        recipe: &Recipe,
-        world_size: usize,
-    ) -> Self {
+    /// The state of `world_size` ranks running `recipe` (as written).
+    pub fn new(s: LoopState, recipe: &Recipe, world_size: usize) -> Self {
         TrainerState {
             format: STATE_FORMAT.into(),
             format_version: STATE_VERSION,
-            step,
-            weight_version,
-            data_cursor,
-            kl_controller,
-            nonfinite_streak,
-            prefetched,
+            step: s.step,
+            weight_version: s.weight_version,
+            data_cursor: s.data_cursor,
+            kl_controller: s.kl_controller,
+            nonfinite_streak: s.nonfinite_streak,
+            prefetched: s.prefetched,
             world_size,
-            num_input_tokens_seen: 0.0,
+            num_input_tokens_seen: s.num_input_tokens_seen,
             recipe: Some(recipe.to_json_redacted()),
         }
     }
@@ -396,19 +400,22 @@ mod tests {
     fn trainer_state_without_a_recipe_still_loads() {
         let dir = tempfile::tempdir().unwrap();
         let state = TrainerState::new(
-            3,
-            3,
-            DataCursor {
-                seed: 0,
-                shuffle: true,
-                position: 48,
-                file_draws: vec![48],
-                files: vec!["ab".into()],
-                weights: vec![1.0],
+            LoopState {
+                step: 3,
+                weight_version: 3,
+                data_cursor: DataCursor {
+                    seed: 0,
+                    shuffle: true,
+                    position: 48,
+                    file_draws: vec![48],
+                    files: vec!["ab".into()],
+                    weights: vec![1.0],
+                },
+                kl_controller: KlController::from_config(&demo(&[]).train.loss),
+                nonfinite_streak: 0,
+                prefetched: Vec::new(),
+                num_input_tokens_seen: 0.0,
             },
-            KlController::from_config(&demo(&[]).train.loss),
-            0,
-            Vec::new(),
             &demo(&[]),
             1,
         );

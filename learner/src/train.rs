@@ -51,7 +51,7 @@ use serde_json::{Value, json};
 use crate::accumulation::{MicroBatchForward, accumulate_gradients};
 use crate::advantages::compute_advantages;
 use crate::batch::{SequenceTokens, pad_batch};
-use crate::checkpoint::{PrefetchedBatch, TrainerState, save_checkpoint};
+use crate::checkpoint::{LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
 use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
 use crate::eval::evaluate;
@@ -1754,17 +1754,19 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 Vec::new()
             };
             if let Some(run) = &run {
-                let mut state = TrainerState::new(
-                    step,
-                    weight_version,
-                    source.cursor(),
-                    kl.clone(),
-                    streak,
-                    prefetched_all,
+                let state = TrainerState::new(
+                    LoopState {
+                        step,
+                        weight_version,
+                        data_cursor: source.cursor(),
+                        kl_controller: kl.clone(),
+                        nonfinite_streak: streak,
+                        prefetched: prefetched_all,
+                        num_input_tokens_seen: tokens_seen,
+                    },
                     &given,
                     world,
                 );
-                state.num_input_tokens_seen = tokens_seen;
                 let w: BTreeMap<String, Tensor> = vars
                     .iter()
                     .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
