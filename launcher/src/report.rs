@@ -6,7 +6,8 @@
 //! Written:
 //!
 //! - `report.md`: the run (version, git, hardware, topology, data), a summary
-//!   table (reward, eval pass@k / mean@k, KL, entropy, loss, grad norm, step
+//!   table (reward, eval pass@k / mean@k, KL, entropy, completion length,
+//!   loss, grad norm, step
 //!   time and each of its parts, tokens/s) with 95% bootstrap confidence
 //!   intervals, first and last values of the reward and of pass@k, links to
 //!   the curves, the events of `run_log.jsonl` that are not routine
@@ -101,6 +102,12 @@ pub const REWARD_FUNCTION_PREFIXES: &[&str] = &[
 ];
 pub const KL_KEYS: &[&str] = &["kl", "kl.mean", "metrics.kl"];
 pub const ENTROPY_KEYS: &[&str] = &["entropy", "entropy.mean", "metrics.entropy"];
+/// Mean completion length in tokens (TRL's `completions/mean_length`).
+pub const COMPLETION_LENGTH_KEYS: &[&str] = &[
+    "completions.mean_length",
+    "completions/mean_length",
+    "completion_length",
+];
 pub const LOSS_KEYS: &[&str] = &["loss", "loss.total", "loss.loss", "metrics.loss"];
 pub const GRAD_NORM_KEYS: &[&str] = &["grad_norm", "grad_norm.total", "metrics.grad_norm"];
 pub const TOKENS_PER_S_KEYS: &[&str] = &[
@@ -589,6 +596,7 @@ struct Metrics {
     eval_reward: Option<Series>,
     kl: Option<Series>,
     entropy: Option<Series>,
+    completion_length: Option<Series>,
     loss: Option<Series>,
     grad_norm: Option<Series>,
     step_time: Option<Series>,
@@ -618,6 +626,8 @@ impl Metrics {
             m.tokens_per_s = required("tokens/s", TOKENS_PER_S_KEYS);
             m.reward_std = find_series(train, "reward (std within a step)", REWARD_STD_KEYS);
             m.loss = find_series(train, "loss", LOSS_KEYS);
+            m.completion_length =
+                find_series(train, "completion length (tokens)", COMPLETION_LENGTH_KEYS);
             m.grad_norm = find_series(train, "grad norm", GRAD_NORM_KEYS);
             m.elapsed = find_series(train, "elapsed", ELAPSED_KEYS);
             m.reward_functions = reward_functions(train);
@@ -1117,9 +1127,15 @@ impl Metrics {
         rows.extend(self.reward_std.iter().map(|s| (s, false)));
         rows.extend(self.eval.iter().map(|s| (s, true)));
         rows.extend(self.eval_reward.iter().map(|s| (s, true)));
-        for s in [&self.kl, &self.entropy, &self.loss, &self.grad_norm]
-            .into_iter()
-            .flatten()
+        for s in [
+            &self.kl,
+            &self.entropy,
+            &self.completion_length,
+            &self.loss,
+            &self.grad_norm,
+        ]
+        .into_iter()
+        .flatten()
         {
             rows.push((s, false));
         }

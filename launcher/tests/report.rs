@@ -33,18 +33,20 @@ const MANIFEST: &str = r#"{
 }"#;
 
 /// Step i (1..=8), in the shape of the learner's train_log lines: reward
-/// 0.1 i, KL 0.01 i, entropy 2 - 0.1 i, tokens/s 100 + 10 i, a constant
+/// 0.1 i, KL 0.01 i, entropy 2 - 0.1 i, mean completion length 10 + i,
+/// tokens/s 100 + 10 i, a constant
 /// step time of 3.5 s, 4 s of wall time per step.
 fn train_line(i: u32) -> String {
     let i = f64::from(i);
     format!(
-        r#"{{"step":{i},"reward":{r},"reward_std":0.05,"rewards":{{"exact_match":{{"mean":{r},"std":0.3}},"format":{{"mean":1.0,"std":0.0}}}},"advantages":{{"mean":0.0,"std":1.0}},"frac_reward_zero_std":0.25,"grad_norm":1.0,"lr":0.0003,"beta":0.04,"skipped":false,"tokens":{{"prompt":256,"completion":256}},"timings":{{"generate":1.0,"score":0.1,"forward_backward":2.0,"allreduce":0.2,"optimizer":0.05,"weight_sync":0.15,"total":3.5}},"tokens_per_s":{t},"elapsed_s":{w},"loss":{l},"pg_loss":{l},"kl_loss":0.0,"entropy_loss":0.0,"kl":{kl},"entropy":{e},"approx_kl":0.0,"clip_ratio_low":0.0,"clip_ratio_high":0.0,"clip_ratio_region":0.0,"importance_sampling_ratio_mean":null,"num_tokens":256.0}}"#,
+        r#"{{"step":{i},"reward":{r},"reward_std":0.05,"rewards":{{"exact_match":{{"mean":{r},"std":0.3}},"format":{{"mean":1.0,"std":0.0}}}},"advantages":{{"mean":0.0,"std":1.0}},"frac_reward_zero_std":0.25,"grad_norm":1.0,"lr":0.0003,"beta":0.04,"skipped":false,"tokens":{{"prompt":256,"completion":256}},"timings":{{"generate":1.0,"score":0.1,"forward_backward":2.0,"allreduce":0.2,"optimizer":0.05,"weight_sync":0.15,"total":3.5}},"tokens_per_s":{t},"elapsed_s":{w},"loss":{l},"pg_loss":{l},"kl_loss":0.0,"entropy_loss":0.0,"kl":{kl},"entropy":{e},"approx_kl":0.0,"clip_ratio_low":0.0,"clip_ratio_high":0.0,"clip_ratio_region":0.0,"importance_sampling_ratio_mean":null,"num_tokens":256.0,"completions":{{"mean_length":{cl},"clipped_ratio":0.0}}}}"#,
         r = 0.1 * i,
         l = -0.01 * i,
         kl = 0.01 * i,
         e = 2.0 - 0.1 * i,
         t = 100.0 + 10.0 * i,
         w = 4.0 * i,
+        cl = 10.0 + i,
     )
 }
 
@@ -179,6 +181,7 @@ fn the_summary_has_the_hand_computed_means() {
     check_row(&md, "reward: format", 8, 1.0, 5, 1.0);
     check_row(&md, "KL", 8, 0.045, 5, 0.06);
     check_row(&md, "entropy", 8, 1.55, 5, 1.4);
+    check_row(&md, "completion length (tokens)", 8, 14.5, 5, 16.0);
     check_row(&md, "loss", 8, -0.045, 5, -0.06);
     check_row(&md, "step time (s)", 8, 3.5, 5, 3.5);
     check_row(&md, "&nbsp;&nbsp;generate (s)", 8, 1.0, 5, 1.0);
