@@ -8,11 +8,11 @@
 //! - `report.md`: the run (version, git, hardware, topology, data), a summary
 //!   table (reward, eval pass@k / mean@k, KL, entropy, completion length,
 //!   loss, grad norm, step time and each of its parts, tokens/s) with 95%
-//!   bootstrap confidence intervals, first and last values of the reward and of pass@k, links to
-//!   the curves, the events of `run_log.jsonl` that are not routine
-//!   (resumes, warnings, diverged ranks), the key settings of the resolved
-//!   recipe and the whole recipe in a collapsed block, and notes on anything
-//!   missing or malformed;
+//!   bootstrap confidence intervals, first and last values of the reward
+//!   and of pass@k, links to the curves, the events of `run_log.jsonl` that
+//!   are not routine (resumes, warnings, diverged ranks), the key settings
+//!   of the resolved recipe and the whole recipe in a collapsed block, and
+//!   notes on anything missing or malformed;
 //! - `reward.svg`, `eval.svg`, `kl.svg`, `step_time.svg` (only those with
 //!   data; a stale one of these names is removed).
 //!
