@@ -407,6 +407,15 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
         }
         DeviceArg::Auto => Device::Cuda,
     };
+    // Said before any process starts, naming the key (the servers and the
+    // learners would each refuse it on their own).
+    if device == Device::Cpu && recipe.model.dtype == learner::recipe::Dtype::Bf16 {
+        bail!(
+            "model.dtype is bf16 but the job runs on the CPU, where candle's matmul has no \
+             bf16 kernel: set model.dtype=auto (f32 on the CPU, bf16 on CUDA) or f32, or run \
+             on GPUs (--device cuda)"
+        );
+    }
     let mut gpu_ids = visible.ids.clone();
     if device == Device::Cpu && args.gpus_per_node.is_some() {
         notes.push("--gpus-per-node is ignored on CPU (see --learner-ranks and --dp)".into());
@@ -698,6 +707,23 @@ mod tests {
             &out.display().to_string(),
             extra,
         ])
+    }
+
+    /// bf16 on a CPU job is refused before anything starts, naming the key.
+    #[test]
+    fn bf16_on_the_cpu_is_refused_up_front() {
+        let out = tempfile::tempdir().unwrap();
+        let e = format!(
+            "{:#}",
+            prepare(&demo_args(out.path(), "model.dtype=bf16"))
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("model.dtype") && e.contains("--device cuda"),
+            "{e}"
+        );
+        assert!(prepare(&demo_args(out.path(), "model.dtype=f32")).is_ok());
     }
 
     /// generation_batch_size that does not split over the planned ranks is

@@ -131,14 +131,25 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// The last lines of a log file.
+/// The last lines of a log file. A Rust backtrace at its end (a process
+/// run with RUST_BACKTRACE set) would fill them with frames: the lines
+/// before it, which hold the error, are shown instead.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
+            let backtrace = ["\nStack backtrace:", "\nstack backtrace:"]
+                .iter()
+                .filter_map(|m| text.rfind(m))
+                .max();
+            let shown = backtrace.map_or(&text[..], |i| text[..i].trim_end());
+            let all: Vec<&str> = shown.lines().collect();
             let start = all.len().saturating_sub(lines);
-            all[start..].join("\n")
+            let mut tail = all[start..].join("\n");
+            if backtrace.is_some() {
+                tail.push_str(&format!("\n(backtrace left out: {})", path.display()));
+            }
+            tail
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
@@ -677,5 +688,18 @@ mod tests {
         std::fs::write(&path, "a\nb\nc\n").unwrap();
         assert_eq!(log_tail(&path, 2), "b\nc");
         assert!(log_tail(&dir.path().join("missing"), 2).contains("cannot read"));
+        // With RUST_BACKTRACE set the error comes before the frames.
+        std::fs::write(
+            &path,
+            "loading\nError: dtype bfloat16 on the CPU\n\nStack backtrace:\n   0: main\n   1: start\n",
+        )
+        .unwrap();
+        assert_eq!(
+            log_tail(&path, 2),
+            format!(
+                "loading\nError: dtype bfloat16 on the CPU\n(backtrace left out: {})",
+                path.display()
+            )
+        );
     }
 }
