@@ -262,16 +262,16 @@ pub fn build_report(run_dir: &Path) -> Report {
     let m = Metrics::gather(train_rows, eval_rows, &mut notes);
     let svgs = draw_curves(&m, &mut notes);
     let events = read_events(run_dir, &mut notes);
-    let markdown = render_markdown(
+    let markdown = render_markdown(&Read {
         run_dir,
-        manifest.as_ref(),
-        &m,
-        train_rows.len(),
-        eval_rows.len(),
-        &svgs,
-        events.as_deref(),
-        &notes,
-    );
+        manifest: manifest.as_ref(),
+        metrics: &m,
+        train_rows: train_rows.len(),
+        eval_rows: eval_rows.len(),
+        svgs: &svgs,
+        events: events.as_deref(),
+        notes: &notes,
+    });
     Report {
         markdown,
         svgs,
@@ -896,17 +896,30 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
-#[allow(clippy::too_many_arguments)]
-fn render_markdown(
-    run_dir: &Path,
-    manifest: Option<&Value>,
-    m: &Metrics,
+/// What the report is written from: the run folder as read.
+struct Read<'a> {
+    run_dir: &'a Path,
+    manifest: Option<&'a Value>,
+    metrics: &'a Metrics,
+    /// Usable lines of the train and eval logs.
     train_rows: usize,
     eval_rows: usize,
-    svgs: &[(&'static str, String)],
-    events: Option<&[serde_json::Map<String, Value>]>,
-    notes: &[String],
-) -> String {
+    svgs: &'a [(&'static str, String)],
+    events: Option<&'a [serde_json::Map<String, Value>]>,
+    notes: &'a [String],
+}
+
+fn render_markdown(read: &Read) -> String {
+    let Read {
+        run_dir,
+        manifest,
+        metrics: m,
+        train_rows,
+        eval_rows,
+        svgs,
+        events,
+        notes,
+    } = *read;
     let mut md = String::new();
     let name = run_dir
         .file_name()
