@@ -1912,6 +1912,10 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
         "wandb_log_unique_prompts" => {
             "nothing is sent to wandb (log.report_to: tensorboard or none)"
         }
+        "vllm_guided_decoding_regex" | "vllm_structured_outputs_regex" => {
+            "not supported: Tandem's rollout server has no guided decoding; reward the format \
+             instead (a `format` reward function with the regex)"
+        }
         "model_init_kwargs"
         | "remove_unused_columns"
         | "dataloader_num_workers"
