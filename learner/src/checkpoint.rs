@@ -124,20 +124,33 @@ impl TrainerState {
 /// (`train.sync_ref_model`); the index keeps vLLM from loading them.
 pub const REF_MODEL_FILE: &str = "ref_model.safetensors";
 
-/// Writes checkpoint `step` of the run at `run_dir` (with the synced KL
-/// reference's weights when given) and prunes old ones to `keep_last`.
-/// Returns the committed folder.
-#[allow(clippy::too_many_arguments)]
+/// What one checkpoint holds: a Hugging Face model folder (config,
+/// weights, tokenizer), the optimizer, the trainer state and, when the run
+/// syncs it, the KL reference's weights.
+pub struct Checkpoint<'a> {
+    pub cfg: &'a ModelConfig,
+    pub weights: &'a Weights,
+    pub tokenizer: &'a Tokenizer,
+    pub optimizer: &'a AdamW,
+    pub state: &'a TrainerState,
+    pub reference: Option<&'a Weights>,
+}
+
+/// Writes checkpoint `state.step` of the run at `run_dir` and prunes old
+/// ones to `keep_last`. Returns the committed folder.
 pub fn save_checkpoint(
     run_dir: &Path,
-    cfg: &ModelConfig,
-    weights: &Weights,
-    tokenizer: &Tokenizer,
-    optimizer: &AdamW,
-    state: &TrainerState,
-    reference: Option<&Weights>,
+    checkpoint: &Checkpoint,
     keep_last: Option<usize>,
 ) -> anyhow::Result<PathBuf> {
+    let Checkpoint {
+        cfg,
+        weights,
+        tokenizer,
+        optimizer,
+        state,
+        reference,
+    } = *checkpoint;
     let checkpoints = CheckpointDir::new(run_dir);
     let pending = checkpoints.begin(state.step)?;
     model::pretrained::save_pretrained(pending.path(), cfg, weights, tokenizer)?;

@@ -51,7 +51,7 @@ use serde_json::{Value, json};
 use crate::accumulation::{MicroBatchForward, accumulate_gradients};
 use crate::advantages::compute_advantages;
 use crate::batch::{SequenceTokens, pad_batch};
-use crate::checkpoint::{LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
+use crate::checkpoint::{Checkpoint, LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
 use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
 use crate::eval::evaluate;
@@ -1773,15 +1773,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     .collect();
                 let dir = save_checkpoint(
                     run.path(),
-                    &cfg,
-                    &Weights::new(w),
-                    &tokenizer,
-                    &optimizer,
-                    &state,
-                    reference
-                        .as_ref()
-                        .filter(|_| t.sync_ref_model)
-                        .map(|(w, _)| w),
+                    &Checkpoint {
+                        cfg: &cfg,
+                        weights: &Weights::new(w),
+                        tokenizer: &tokenizer,
+                        optimizer: &optimizer,
+                        state: &state,
+                        reference: reference
+                            .as_ref()
+                            .filter(|_| t.sync_ref_model)
+                            .map(|(w, _)| w),
+                    },
                     recipe.checkpoint.save_total_limit,
                 )?;
                 run.event("checkpoint", json!({"step": step, "path": dir}))?;
