@@ -649,19 +649,9 @@ mod tests {
     /// the learner: the launcher and the recipe parser agree on the keys.
     #[test]
     fn learner_command_lines_are_valid_recipes() {
-        use clap::Parser;
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/demo.yaml");
         let out = tempfile::tempdir().unwrap();
-        let args = Args::parse_from([
-            "launcher",
-            "--config",
-            config,
-            "--device",
-            "cpu",
-            "--out",
-            &out.path().display().to_string(),
-            "train.max_steps=3",
-        ]);
+        let args = demo_args(out.path(), "train.max_steps=3");
         let job = prepare(&args).unwrap();
         assert_eq!(job.plan.learner_ranks, 2);
         assert!(job.model_to_make.is_some(), "demo.yaml names a preset");
