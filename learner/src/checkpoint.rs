@@ -46,6 +46,22 @@ pub struct PrefetchedBatch {
 pub struct TrainerState {
     pub format: String,
     pub format_version: u32,
+    /// The loop's counters, at the top level of trainer_state.json.
+    #[serde(flatten)]
+    pub counters: LoopState,
+    pub world_size: usize,
+    /// The resolved recipe (secrets redacted) that wrote it, so that a
+    /// resume can name what changed ([`recipe_changes`]). Absent in
+    /// checkpoints written before it was recorded (they held only a
+    /// `recipe_fingerprint`, now ignored).
+    #[serde(default)]
+    pub recipe: Option<Value>,
+}
+
+/// The training loop's counters at a checkpoint: what [`TrainerState`]
+/// holds besides its format, the recipe and the world size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
     /// Optimizer steps done (the checkpoint's step).
     pub step: u64,
     /// The weight version last pushed to the rollout servers.
@@ -57,47 +73,21 @@ pub struct TrainerState {
     /// `async_lag: 1`: the batch each rank had generated for the next step,
     /// indexed by rank; empty otherwise.
     pub prefetched: Vec<Option<PrefetchedBatch>>,
-    pub world_size: usize,
     /// Prompt and completion tokens of every step so far, all ranks (TRL's
     /// `num_input_tokens_seen`, logged as `num_tokens`); 0 in checkpoints
     /// written before it was kept.
     #[serde(default)]
     pub num_input_tokens_seen: f64,
-    /// The resolved recipe (secrets redacted) that wrote it, so that a
-    /// resume can name what changed ([`recipe_changes`]). Absent in
-    /// checkpoints written before it was recorded (they held only a
-    /// `recipe_fingerprint`, now ignored).
-    #[serde(default)]
-    pub recipe: Option<Value>,
-}
-
-/// The training loop's counters at a checkpoint: what [`TrainerState`]
-/// holds besides its format, the recipe and the world size.
-#[derive(Debug, Clone)]
-pub struct LoopState {
-    pub step: u64,
-    pub weight_version: u64,
-    pub data_cursor: DataCursor,
-    pub kl_controller: KlController,
-    pub nonfinite_streak: u32,
-    pub prefetched: Vec<Option<PrefetchedBatch>>,
-    pub num_input_tokens_seen: f64,
 }
 
 impl TrainerState {
     /// The state of `world_size` ranks running `recipe` (as written).
-    pub fn new(s: LoopState, recipe: &Recipe, world_size: usize) -> Self {
+    pub fn new(counters: LoopState, recipe: &Recipe, world_size: usize) -> Self {
         TrainerState {
             format: STATE_FORMAT.into(),
             format_version: STATE_VERSION,
-            step: s.step,
-            weight_version: s.weight_version,
-            data_cursor: s.data_cursor,
-            kl_controller: s.kl_controller,
-            nonfinite_streak: s.nonfinite_streak,
-            prefetched: s.prefetched,
+            counters,
             world_size,
-            num_input_tokens_seen: s.num_input_tokens_seen,
             recipe: Some(recipe.to_json_redacted()),
         }
     }
@@ -136,7 +126,7 @@ pub struct Checkpoint<'a> {
     pub reference: Option<&'a Weights>,
 }
 
-/// Writes checkpoint `state.step` of the run at `run_dir` and prunes old
+/// Writes checkpoint `state.counters.step` of the run at `run_dir` and prunes old
 /// ones to `keep_last`. Returns the committed folder.
 pub fn save_checkpoint(
     run_dir: &Path,
@@ -152,7 +142,7 @@ pub fn save_checkpoint(
         reference,
     } = *checkpoint;
     let checkpoints = CheckpointDir::new(run_dir);
-    let pending = checkpoints.begin(state.step)?;
+    let pending = checkpoints.begin(state.counters.step)?;
     model::pretrained::save_pretrained(pending.path(), cfg, weights, tokenizer)?;
     // optimizer.safetensors sits beside the model: the index keeps vLLM from
     // loading it as weights.
@@ -440,7 +430,7 @@ mod tests {
         std::fs::write(dir.path().join(TRAINER_STATE_FILE), v.to_string()).unwrap();
         let loaded = TrainerState::load(dir.path()).unwrap();
         assert_eq!(loaded.recipe, None);
-        assert_eq!(loaded.step, 3);
+        assert_eq!(loaded.counters.step, 3);
     }
 
     /// A checkpoint written before a key existed resumes as if it had held

@@ -896,14 +896,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut prefetched: Option<PrefetchedBatch> = None;
     if let Some((step, dir, state)) = &resume {
         optimizer.load(dir)?;
-        source.restore(&state.data_cursor)?;
-        kl = state.kl_controller.clone();
-        streak = state.nonfinite_streak;
+        source.restore(&state.counters.data_cursor)?;
+        kl = state.counters.kl_controller.clone();
+        streak = state.counters.nonfinite_streak;
         start_step = *step;
-        tokens_seen = state.num_input_tokens_seen;
-        weight_version = state.weight_version;
+        tokens_seen = state.counters.num_input_tokens_seen;
+        weight_version = state.counters.weight_version;
         if recipe.rollout.async_lag == 1 {
-            prefetched = state.prefetched.get(rank).cloned().flatten();
+            prefetched = state.counters.prefetched.get(rank).cloned().flatten();
             if state.world_size != world {
                 bail!(
                     "the checkpoint was written by {} ranks with async_lag 1; resume with the same number",
