@@ -253,25 +253,26 @@ mod tests {
         }
     }
 
+    /// The text of a choice fed `chars` one token each, up to its stop
+    /// string, and that stop string.
+    fn push_chars(tok: &Tokenizer, o: &TextOptions, chars: &str) -> (String, Option<String>) {
+        let mut c = ChoiceText::new(true);
+        let mut out = String::new();
+        for ch in chars.chars() {
+            let id = tok.token_to_id(&ch.to_string()).unwrap();
+            let (t, stop) = c.push(tok, id, o, false).unwrap();
+            out.push_str(&t);
+            if stop.is_some() {
+                return (out, stop);
+            }
+        }
+        (out, None)
+    }
+
     #[test]
     fn stop_string_cuts_and_holds_back() {
         let tok = model::tokenizer::char_level("abcxyz", &["<eos>"]).unwrap();
-        let o = opts(&["xy"]);
-        let mut c = ChoiceText::new(true);
-        let ids: Vec<u32> = "abxyc"
-            .chars()
-            .map(|ch| tok.token_to_id(&ch.to_string()).unwrap())
-            .collect();
-        let mut out = String::new();
-        let mut stop = None;
-        for &id in &ids {
-            let (t, s) = c.push(&tok, id, &o, false).unwrap();
-            out.push_str(&t);
-            if s.is_some() {
-                stop = s;
-                break;
-            }
-        }
+        let (out, stop) = push_chars(&tok, &opts(&["xy"]), "abxyc");
         assert_eq!(out, "ab");
         assert_eq!(stop.as_deref(), Some("xy"));
     }
@@ -283,18 +284,7 @@ mod tests {
         let tok = model::tokenizer::char_level("abcxyz", &["<eos>"]).unwrap();
         let mut o = opts(&["x"]);
         o.min_tokens = 3;
-        let mut c = ChoiceText::new(true);
-        let mut out = String::new();
-        let mut stop = None;
-        for ch in "axbcxz".chars() {
-            let id = tok.token_to_id(&ch.to_string()).unwrap();
-            let (t, s) = c.push(&tok, id, &o, false).unwrap();
-            out.push_str(&t);
-            if s.is_some() {
-                stop = s;
-                break;
-            }
-        }
+        let (out, stop) = push_chars(&tok, &o, "axbcxz");
         assert_eq!(out, "axbc");
         assert_eq!(stop.as_deref(), Some("x"));
     }

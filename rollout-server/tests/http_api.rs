@@ -479,6 +479,14 @@ async fn stop_strings_and_stop_token_ids_end_a_choice() {
     assert_eq!(c["token_ids"].as_array().unwrap().len(), first + 1);
 }
 
+/// The first token id of the first choice of a completion (`body` asks for
+/// `return_token_ids`).
+async fn first_token(s: &Server, body: &Value) -> u64 {
+    let (st, r) = s.post("/v1/completions", body).await;
+    assert_eq!(st, 200, "{r}");
+    r["choices"][0]["token_ids"][0].as_u64().unwrap()
+}
+
 /// vLLM's `min_tokens`: the tiny random model repeats one token greedily;
 /// made a stop token, it ends the completion at once, unless `min_tokens`
 /// keeps it from being sampled until that many tokens are out.
@@ -487,8 +495,7 @@ async fn min_tokens_holds_off_stop_tokens() {
     let s = Server::start(&[]).await;
     let base = json!({"prompt": "hello", "max_tokens": 12, "temperature": 0.0,
                       "ignore_eos": true, "return_token_ids": true});
-    let (_, r) = s.post("/v1/completions", &base).await;
-    let greedy = r["choices"][0]["token_ids"][0].as_u64().unwrap();
+    let greedy = first_token(&s, &base).await;
     let mut body = base.clone();
     body["stop_token_ids"] = json!([greedy]);
     let (_, r) = s.post("/v1/completions", &body).await;
@@ -546,8 +553,7 @@ async fn logit_bias_steers_sampling_bad_keys_and_best_of_are_400s() {
     let s = Server::start(&[]).await;
     let base = json!({"prompt": "hello", "max_tokens": 4, "temperature": 0.0,
                       "ignore_eos": true, "return_token_ids": true});
-    let (_, r) = s.post("/v1/completions", &base).await;
-    let greedy = r["choices"][0]["token_ids"][0].as_u64().unwrap();
+    let greedy = first_token(&s, &base).await;
     let other = if greedy == 7 { 8 } else { 7 };
     let mut body = base.clone();
     body["logit_bias"] = json!({other.to_string(): 100});
