@@ -409,13 +409,12 @@ pub fn prepare(args: &Args) -> anyhow::Result<Job> {
     };
     // Said before any process starts, naming the key (the servers and the
     // learners would each refuse it on their own).
-    if device == Device::Cpu && recipe.model.dtype == learner::recipe::Dtype::Bf16 {
-        bail!(
-            "model.dtype is bf16 but the job runs on the CPU, where candle's matmul has no \
-             bf16 kernel: set model.dtype=auto (f32 on the CPU, bf16 on CUDA) or f32, or run \
-             on GPUs (--device cuda)"
-        );
-    }
+    model::device::DTypeSpec::from(recipe.model.dtype)
+        .check(device == Device::Cuda)
+        .with_context(|| {
+            "model.dtype does not run on this job's device (set it to auto, which is f32 on \
+             the CPU and bf16 on CUDA, or f32; or run on GPUs with --device cuda)"
+        })?;
     let mut gpu_ids = visible.ids.clone();
     if device == Device::Cpu && args.gpus_per_node.is_some() {
         notes.push("--gpus-per-node is ignored on CPU (see --learner-ranks and --dp)".into());

@@ -135,21 +135,27 @@ impl DTypeSpec {
     /// CUDA and f32 on the CPU. bf16 on the CPU is refused: candle's CPU
     /// matmul has no bf16 kernel.
     pub fn resolve(self, device: &Device) -> Result<DType> {
-        let dtype = match self {
+        self.check(device.is_cuda())?;
+        Ok(match self {
             DTypeSpec::Auto if device.is_cuda() => DType::BF16,
             DTypeSpec::Auto => DType::F32,
             DTypeSpec::F32 => DType::F32,
             DTypeSpec::BF16 => DType::BF16,
             DTypeSpec::F16 => DType::F16,
-        };
-        if dtype == DType::BF16 && device.is_cpu() {
+        })
+    }
+
+    /// Whether this dtype can run on CUDA (`cuda`) or on the CPU, before a
+    /// device is opened (the launcher asks when it plans).
+    pub fn check(self, cuda: bool) -> Result<()> {
+        if self == DTypeSpec::BF16 && !cuda {
             return Err(ModelError::Invalid(
                 "dtype bfloat16 on the CPU: candle's CPU matmul has no bf16 kernel; use \
                  float32 (or float16) on the CPU, bfloat16 on CUDA"
                     .into(),
             ));
         }
-        Ok(dtype)
+        Ok(())
     }
 }
 
