@@ -32,6 +32,42 @@ pub enum LossType {
     /// `sapo_temperature_pos` where `A > 0` and `sapo_temperature_neg`
     /// elsewhere; aggregated as `grpo`.
     Sapo,
+    /// LUSPO (TRL's `luspo`, length-unbiased sequence policy optimization):
+    /// the clipped term of `grpo`, but each sequence's token losses are
+    /// summed, not averaged, then averaged over sequences, so a sequence
+    /// weighs by its length. Meant with `importance_sampling_level:
+    /// sequence` (the paper's setup).
+    Luspo,
+    /// VESPO (TRL's `vespo`): `-sg(phi(w)) * A * log pi` per token, with `w`
+    /// the sequence's importance weight (the product of its token ratios,
+    /// times the rollout correction's token ratios when that is on) and
+    /// `phi(w) = e^lambda w^k e^(-lambda w)` (1 at `w = 1`) a gamma-shaped
+    /// weight that fades sequences far off-policy instead of clipping them;
+    /// `k`, `lambda` are `vespo_k_pos`, `vespo_lambda_pos` where `A >= 0`
+    /// and the `_neg` ones elsewhere; aggregated as `dapo`.
+    Vespo,
+}
+
+impl LossType {
+    /// The recipe's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::Grpo => "grpo",
+            LossType::Bnpo => "bnpo",
+            LossType::DrGrpo => "dr_grpo",
+            LossType::Dapo => "dapo",
+            LossType::Cispo => "cispo",
+            LossType::Sapo => "sapo",
+            LossType::Luspo => "luspo",
+            LossType::Vespo => "vespo",
+        }
+    }
+
+    /// Whether the loss brings its own policy-gradient term in place of
+    /// `policy_loss`'s.
+    pub fn has_own_policy_term(self) -> bool {
+        matches!(self, LossType::Cispo | LossType::Sapo | LossType::Vespo)
+    }
 }
 
 /// The policy-gradient term (names of Stanford CS336's GRPO assignment, which
@@ -168,8 +204,8 @@ pub enum KlCtrlType {
 pub struct GrpoConfig {
     /// Aggregation of per-token losses.
     pub loss_type: LossType,
-    /// Policy-gradient term (`grpo_clip` is the one `loss_type` `cispo` and
-    /// `sapo` replace with their own).
+    /// Policy-gradient term (`grpo_clip` is the one `loss_type` `cispo`,
+    /// `sapo` and `vespo` replace with their own).
     pub policy_loss: PolicyLoss,
     /// Baseline of the advantage.
     pub adv_estimator: AdvantageEstimator,
@@ -220,6 +256,14 @@ pub struct GrpoConfig {
     pub sapo_temperature_pos: f64,
     /// `loss_type: sapo`: the gate's temperature where the advantage is <= 0.
     pub sapo_temperature_neg: f64,
+    /// `loss_type: vespo`: the gamma weight's shape `k` where `A >= 0`.
+    pub vespo_k_pos: f64,
+    /// `loss_type: vespo`: the gamma weight's rate `lambda` where `A >= 0`.
+    pub vespo_lambda_pos: f64,
+    /// `loss_type: vespo`: the shape `k` where `A < 0`.
+    pub vespo_k_neg: f64,
+    /// `loss_type: vespo`: the rate `lambda` where `A < 0`.
+    pub vespo_lambda_neg: f64,
 }
 
 impl Default for GrpoConfig {
@@ -248,6 +292,10 @@ impl Default for GrpoConfig {
             use_bias_correction_kl: false,
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
+            vespo_k_pos: 2.0,
+            vespo_lambda_pos: 3.0,
+            vespo_k_neg: 3.0,
+            vespo_lambda_neg: 2.0,
         }
     }
 }
@@ -256,6 +304,27 @@ impl GrpoConfig {
     /// The upper clip width: `epsilon_high`, or `epsilon` when unset.
     pub fn epsilon_high(&self) -> f64 {
         self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    /// Settings that train, but not as the method's authors meant (TRL
+    /// warns on the same ones), each as a sentence for the run's log.
+    pub fn advisories(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match (self.loss_type, self.importance_sampling_level) {
+            (LossType::Luspo, ImportanceSamplingLevel::Token) => out.push(
+                "loss_type luspo is meant with importance_sampling_level: sequence (the LUSPO \
+                 paper's setup); with token, each token keeps its own ratio"
+                    .to_string(),
+            ),
+            (LossType::Vespo, ImportanceSamplingLevel::Sequence) => out.push(
+                "loss_type vespo computes its own sequence weight from the token ratios; \
+                 importance_sampling_level: sequence only changes the ratio metrics (and a \
+                 bias-corrected KL), set it to token"
+                    .to_string(),
+            ),
+            _ => {}
+        }
+        out
     }
 
     /// Rejects values that make no sense, naming the field.
@@ -297,20 +366,44 @@ impl GrpoConfig {
                 return bad(field, format!("must be > 0, got {tau}"));
             }
         }
-        if matches!(self.loss_type, LossType::Cispo | LossType::Sapo)
-            && self.policy_loss != PolicyLoss::GrpoClip
-        {
+        for (field, k) in [
+            ("vespo_k_pos", self.vespo_k_pos),
+            ("vespo_k_neg", self.vespo_k_neg),
+        ] {
+            if !finite_nonneg(k) {
+                return bad(field, format!("must be >= 0, got {k}"));
+            }
+        }
+        for (field, lambda) in [
+            ("vespo_lambda_pos", self.vespo_lambda_pos),
+            ("vespo_lambda_neg", self.vespo_lambda_neg),
+        ] {
+            if !(lambda.is_finite() && lambda > 0.0) {
+                return bad(field, format!("must be > 0, got {lambda}"));
+            }
+        }
+        if self.loss_type.has_own_policy_term() && self.policy_loss != PolicyLoss::GrpoClip {
             return bad(
                 "policy_loss",
                 format!(
                     "loss_type {} brings its own policy-gradient term; policy_loss must be \
                      grpo_clip (the default)",
-                    if self.loss_type == LossType::Cispo {
-                        "cispo"
-                    } else {
-                        "sapo"
-                    }
+                    self.loss_type.name()
                 ),
+            );
+        }
+        // VESPO folds the rollout correction into its sequence weight token
+        // by token (TRL refuses the sequence modes the same way).
+        if self.loss_type == LossType::Vespo
+            && self.vllm_importance_sampling_correction
+            && self.vllm_importance_sampling_mode.is_sequence_level()
+        {
+            return bad(
+                "vllm_importance_sampling_mode",
+                "loss_type vespo multiplies the rollout correction's per-token ratios into \
+                 its sequence weight, so the mode must be token_truncate or token_mask (or \
+                 set vllm_importance_sampling_correction: false)"
+                    .into(),
             );
         }
         if !(self.max_log_ratio.is_finite() && self.max_log_ratio > 0.0) {
@@ -512,5 +605,78 @@ mod tests {
             },
             "kl_horizon",
         );
+        bad(
+            GrpoConfig {
+                vespo_lambda_neg: 0.0,
+                ..Default::default()
+            },
+            "vespo_lambda_neg",
+        );
+        bad(
+            GrpoConfig {
+                vespo_k_pos: -1.0,
+                ..Default::default()
+            },
+            "vespo_k_pos",
+        );
+    }
+
+    /// TRL's rules for its two newest loss types: VESPO refuses a
+    /// sequence-level rollout correction (the default mode) and another
+    /// policy term; LUSPO at token level and VESPO at sequence level train
+    /// but are said.
+    #[test]
+    fn luspo_and_vespo_rules() {
+        let vespo = GrpoConfig {
+            loss_type: LossType::Vespo,
+            ..Default::default()
+        };
+        let err = vespo.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("vllm_importance_sampling_mode") && err.contains("token_truncate"),
+            "{err}"
+        );
+        let vespo = GrpoConfig {
+            vllm_importance_sampling_mode: VllmImportanceSamplingMode::TokenMask,
+            ..vespo
+        };
+        vespo.validate().unwrap();
+        GrpoConfig {
+            vllm_importance_sampling_correction: false,
+            vllm_importance_sampling_mode: VllmImportanceSamplingMode::SequenceMask,
+            ..vespo.clone()
+        }
+        .validate()
+        .unwrap();
+        let err = GrpoConfig {
+            policy_loss: PolicyLoss::ReinforceWithBaseline,
+            ..vespo.clone()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("policy_loss") && err.contains("vespo"),
+            "{err}"
+        );
+        assert!(vespo.advisories().is_empty());
+        let seq = GrpoConfig {
+            importance_sampling_level: ImportanceSamplingLevel::Sequence,
+            ..vespo
+        };
+        assert!(seq.advisories()[0].contains("set it to token"));
+
+        let luspo: GrpoConfig = serde_json::from_str(r#"{"loss_type": "luspo"}"#).unwrap();
+        luspo.validate().unwrap();
+        assert!(luspo.advisories()[0].contains("importance_sampling_level: sequence"));
+        let luspo = GrpoConfig {
+            importance_sampling_level: ImportanceSamplingLevel::Sequence,
+            ..luspo
+        };
+        assert!(luspo.advisories().is_empty());
+        for lt in [LossType::Luspo, LossType::Vespo, LossType::DrGrpo] {
+            let json = serde_json::to_value(lt).unwrap();
+            assert_eq!(json, lt.name());
+        }
     }
 }

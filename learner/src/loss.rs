@@ -9,10 +9,14 @@
 //! coef_2    = clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
 //! coef_1    = min(coef_1, delta)                       when delta is set (two-sided clipping)
 //! pg_t      = -min(coef_1 A, coef_2 A)                 policy_loss = grpo_clip
+//!           = -sg(min(coef_1, epsilon_high)) A logp_t  loss_type = cispo
+//!           = -4/tau sigmoid(tau (coef_1 - 1)) A       loss_type = sapo
+//!           = -sg(phi(w_seq)) A logp_t                 loss_type = vespo ([`vespo_weights`])
 //!           = -A logp_t                                policy_loss = reinforce_with_baseline
 //!           = -R logp_t                                policy_loss = no_baseline (R: raw reward)
 //! pg_t     *= 1[H_t >= q_{1-rho}(H)]                   top_entropy_quantile rho < 1
 //! pg_t     *= is_ratio_t                               vllm_importance_sampling_correction
+//!                                                      (vespo: inside phi instead)
 //! loss_t    = pg_t + beta kl_t - entropy_coef H_t
 //! ```
 //!
@@ -31,10 +35,11 @@
 //! gradients of the micro-batches and all-reduce them with a **sum**.
 //!
 //! ```text
-//! grpo    sum_i [ sum_t loss_it m_it / max(sum_t m_it, 1) ] / num_sequences
+//! grpo    sum_i [ sum_t loss_it m_it / max(sum_t m_it, 1) ] / num_sequences   (sapo too)
 //! bnpo    sum_it loss_it m_it / (rank_num_tokens * world_size)
 //! dr_grpo sum_it loss_it m_it / (num_sequences * max_completion_length)
-//! dapo    sum_it loss_it m_it / num_tokens
+//! dapo    sum_it loss_it m_it / num_tokens            (cispo, vespo too)
+//! luspo   sum_it loss_it m_it / num_sequences
 //! ```
 //!
 //! TRL's per-micro-batch form (`/ gradient_accumulation_steps`, DDP mean over
@@ -280,7 +285,10 @@ pub fn aggregate(
             let denom = norm.num_sequences.max(1.0) * norm.max_completion_length.max(1) as f64;
             (masked.sum_all()? / denom)?
         }
-        LossType::Dapo | LossType::Cispo => (masked.sum_all()? / norm.num_tokens.max(1.0))?,
+        LossType::Dapo | LossType::Cispo | LossType::Vespo => {
+            (masked.sum_all()? / norm.num_tokens.max(1.0))?
+        }
+        LossType::Luspo => (masked.sum_all()? / norm.num_sequences.max(1.0))?,
     })
 }
 
@@ -358,6 +366,54 @@ pub fn rollout_correction(
     })
 }
 
+/// VESPO's sequence weights (TRL `GRPOTrainer.get_gamma_weights`), `[B, 1]`,
+/// detached: `phi(w) = exp(lambda + k log w - lambda w)` with `log w` the
+/// sum over the sequence's tokens of the clamped log-ratio (plus the log of
+/// the rollout correction's token ratios, when given), clamped to
+/// `[ln 1e-8, 20]`; `k`, `lambda` by the sign of the advantage (`A >= 0`:
+/// the `_pos` ones). A weight that is not finite is 0, as in TRL.
+pub fn vespo_weights(
+    cfg: &GrpoConfig,
+    log_ratio: &Tensor,
+    mask: &Tensor,
+    is_ratio: Option<&Tensor>,
+    advantages: &Tensor,
+) -> Result<Tensor> {
+    const LOG_W_MAX: f64 = 20.0;
+    let log_w_min = 1e-8f64.ln();
+    let lr = log_ratio
+        .detach()
+        .clamp(-cfg.max_log_ratio, cfg.max_log_ratio)?;
+    let mut seq = (lr * mask)?.sum(1)?;
+    if let Some(r) = is_ratio {
+        // A masked token's ratio is 0: its log is clamped, not -inf.
+        let log_r = r
+            .detach()
+            .clamp(log_w_min.exp(), f64::INFINITY)?
+            .log()?
+            .clamp(log_w_min, LOG_W_MAX)?;
+        seq = (seq + (log_r * mask)?.sum(1)?)?;
+    }
+    let seq = seq.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let adv = advantages.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let phi: Vec<f64> = seq
+        .iter()
+        .zip(&adv)
+        .map(|(&s, &a)| {
+            let (k, lambda) = if a >= 0.0 {
+                (cfg.vespo_k_pos, cfg.vespo_lambda_pos)
+            } else {
+                (cfg.vespo_k_neg, cfg.vespo_lambda_neg)
+            };
+            let lambda = lambda.max(1e-4);
+            let log_w = s.clamp(log_w_min, LOG_W_MAX);
+            let phi = (lambda + k * log_w - lambda * log_w.exp()).exp();
+            if phi.is_finite() { phi } else { 0.0 }
+        })
+        .collect();
+    Ok(Tensor::from_vec(phi, (seq.len(), 1), log_ratio.device())?.to_dtype(log_ratio.dtype())?)
+}
+
 /// Zeroes `t` where the mask is 0, so that whatever the padding holds (even
 /// inf or NaN) never reaches a sum; the gradient there is 0.
 fn zero_padding(t: &Tensor, keep: &Tensor) -> Result<Tensor> {
@@ -432,6 +488,50 @@ pub fn grpo_loss(
     let eps_low = cfg.epsilon;
     let eps_high = cfg.epsilon_high();
 
+    // Rollout (vLLM) importance-sampling correction (TRL `sampling/*` metrics).
+    let mut metrics = LossMetrics::default();
+    let is_ratio = if cfg.vllm_importance_sampling_correction {
+        let rollout = inputs.rollout_logprobs.as_ref().ok_or_else(|| {
+            missing(
+                "`rollout_logprobs` (the rollout server's log-probs)",
+                "vllm_importance_sampling_correction is on (set it to false to train without the correction)",
+            )
+        })?;
+        let rollout = cast(rollout)?;
+        let is_ratio = rollout_correction(
+            &old,
+            &rollout,
+            &mask,
+            cfg.vllm_importance_sampling_mode,
+            cfg.vllm_importance_sampling_cap,
+        )?;
+        let diff = host2(&(&old - &rollout)?.abs()?)?;
+        let m = host2(&mask)?;
+        let ratio_h = host2(&is_ratio)?;
+        let seq = cfg.vllm_importance_sampling_mode.is_sequence_level();
+        for i in 0..b {
+            if seq {
+                metrics.add_is_ratio(ratio_h[i][0]);
+            }
+            for j in 0..k {
+                if m[i][j] > 0.0 {
+                    metrics.sampling_logp_diff_sum += diff[i][j];
+                    metrics.sampling_logp_diff_max = Some(
+                        metrics
+                            .sampling_logp_diff_max
+                            .map_or(diff[i][j], |x| x.max(diff[i][j])),
+                    );
+                    if !seq {
+                        metrics.add_is_ratio(ratio_h[i][j]);
+                    }
+                }
+            }
+        }
+        Some(is_ratio)
+    } else {
+        None
+    };
+
     // Policy-gradient term per token.
     let pg = match (cfg.policy_loss, cfg.loss_type) {
         (PolicyLoss::GrpoClip, LossType::Cispo) => {
@@ -465,6 +565,22 @@ pub fn grpo_loss(
             soft.broadcast_mul(&adv)?
                 .neg()?
                 .broadcast_as((b, k))?
+                .contiguous()?
+        }
+        (PolicyLoss::GrpoClip, LossType::Vespo) => {
+            let phi = vespo_weights(
+                cfg,
+                &log_ratio,
+                &mask,
+                is_ratio.as_ref(),
+                &inputs.advantages,
+            )?;
+            metrics.phi_seq_sum = phi.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            metrics.phi_seq_count = b as f64;
+            // The weight is a constant: the gradient flows through log pi.
+            phi.broadcast_mul(&adv)?
+                .broadcast_mul(&logp)?
+                .neg()?
                 .contiguous()?
         }
         (PolicyLoss::GrpoClip, _) => {
@@ -502,49 +618,11 @@ pub fn grpo_loss(
         pg
     };
 
-    // Rollout (vLLM) importance-sampling correction.
-    let mut metrics = LossMetrics::default();
-    let pg = if cfg.vllm_importance_sampling_correction {
-        let rollout = inputs.rollout_logprobs.as_ref().ok_or_else(|| {
-            missing(
-                "`rollout_logprobs` (the rollout server's log-probs)",
-                "vllm_importance_sampling_correction is on (set it to false to train without the correction)",
-            )
-        })?;
-        let rollout = cast(rollout)?;
-        let is_ratio = rollout_correction(
-            &old,
-            &rollout,
-            &mask,
-            cfg.vllm_importance_sampling_mode,
-            cfg.vllm_importance_sampling_cap,
-        )?;
-        // Metrics (TRL `sampling/*`).
-        let diff = host2(&(&old - &rollout)?.abs()?)?;
-        let m = host2(&mask)?;
-        let ratio_h = host2(&is_ratio)?;
-        let seq = cfg.vllm_importance_sampling_mode.is_sequence_level();
-        for i in 0..b {
-            if seq {
-                metrics.add_is_ratio(ratio_h[i][0]);
-            }
-            for j in 0..k {
-                if m[i][j] > 0.0 {
-                    metrics.sampling_logp_diff_sum += diff[i][j];
-                    metrics.sampling_logp_diff_max = Some(
-                        metrics
-                            .sampling_logp_diff_max
-                            .map_or(diff[i][j], |x| x.max(diff[i][j])),
-                    );
-                    if !seq {
-                        metrics.add_is_ratio(ratio_h[i][j]);
-                    }
-                }
-            }
-        }
-        pg.broadcast_mul(&is_ratio)?
-    } else {
-        pg
+    // The rollout correction multiplies the policy-gradient term, except
+    // VESPO's, which folds it into its sequence weight.
+    let pg = match &is_ratio {
+        Some(r) if cfg.loss_type != LossType::Vespo => pg.broadcast_mul(r)?,
+        _ => pg,
     };
 
     // KL to the reference.
@@ -622,10 +700,11 @@ pub fn grpo_loss(
             metrics.ratio_min = Some(metrics.ratio_min.map_or(r, |x| x.min(r)));
             metrics.ratio_max = Some(metrics.ratio_max.map_or(r, |x| x.max(r)));
             // What each loss clips (TRL's clip_ratio/*; CISPO's
-            // cispo_clip_ratio is the high one here; SAPO clips nothing).
+            // cispo_clip_ratio is the high one here; SAPO and VESPO clip
+            // nothing).
             let (low, high) = match cfg.loss_type {
                 LossType::Cispo => (false, r > eps_high && adv_h[i] > 0.0),
-                LossType::Sapo => (false, false),
+                LossType::Sapo | LossType::Vespo => (false, false),
                 _ => (
                     r < 1.0 - eps_low && adv_h[i] < 0.0,
                     r > 1.0 + eps_high && adv_h[i] > 0.0,

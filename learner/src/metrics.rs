@@ -54,6 +54,11 @@ pub struct LossMetrics {
     /// `|old_logprob - rollout_logprob|` over completion tokens.
     pub sampling_logp_diff_sum: f64,
     pub sampling_logp_diff_max: Option<f64>,
+    /// `loss_type: vespo`: sum and count (sequences) of the sequence weights.
+    #[serde(default)]
+    pub phi_seq_sum: f64,
+    #[serde(default)]
+    pub phi_seq_count: f64,
 }
 
 fn merge_min(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -103,6 +108,8 @@ impl LossMetrics {
         self.sampling_logp_diff_sum += o.sampling_logp_diff_sum;
         self.sampling_logp_diff_max =
             merge_max(self.sampling_logp_diff_max, o.sampling_logp_diff_max);
+        self.phi_seq_sum += o.phi_seq_sum;
+        self.phi_seq_count += o.phi_seq_count;
     }
 
     /// The merged metrics of `n` optimizer updates on parts of one batch
@@ -150,6 +157,8 @@ impl LossMetrics {
             sampling_logp_difference_mean: (self.is_ratio_count > 0.0)
                 .then(|| ratio(self.sampling_logp_diff_sum, self.num_tokens)),
             sampling_logp_difference_max: self.sampling_logp_diff_max,
+            vespo_phi_seq_mean: (self.phi_seq_count > 0.0)
+                .then(|| self.phi_seq_sum / self.phi_seq_count),
             num_tokens: self.num_tokens,
             num_sequences: self.num_sequences,
         }
@@ -185,6 +194,9 @@ pub struct StepMetrics {
     /// TRL `sampling/sampling_logp_difference/{mean,max}`.
     pub sampling_logp_difference_mean: Option<f64>,
     pub sampling_logp_difference_max: Option<f64>,
+    /// TRL `vespo/phi_seq_mean` (`loss_type: vespo` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vespo_phi_seq_mean: Option<f64>,
     /// Completion tokens in the loss. Logged under another name: TRL's
     /// `num_tokens` is the running count of tokens seen.
     #[serde(rename = "num_loss_tokens")]

@@ -146,6 +146,7 @@ const TRL_TAGS: &[(&str, &str)] = &[
         "sampling_logp_difference_max",
         "sampling/sampling_logp_difference/max",
     ),
+    ("vespo_phi_seq_mean", "vespo/phi_seq_mean"),
 ];
 
 /// Every number in `v`, flattened to `prefix/key/subkey` tags (booleans as

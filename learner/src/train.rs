@@ -363,6 +363,8 @@ fn reduce_metrics(c: &dyn Collective, m: &LossMetrics) -> anyhow::Result<LossMet
         m.is_ratio_sum,
         m.is_ratio_count,
         m.sampling_logp_diff_sum,
+        m.phi_seq_sum,
+        m.phi_seq_count,
     ];
     all_sum(c, &mut sums)?;
     let opt = |x: Option<f64>| x.unwrap_or(f64::NAN);
@@ -407,6 +409,8 @@ fn reduce_metrics(c: &dyn Collective, m: &LossMetrics) -> anyhow::Result<LossMet
         is_ratio_max: pick(3, false),
         sampling_logp_diff_sum: sums[17],
         sampling_logp_diff_max: pick(4, false),
+        phi_seq_sum: sums[18],
+        phi_seq_count: sums[19],
     })
 }
 
@@ -983,6 +987,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 format!("max_steps {max_steps} overrides num_train_epochs {epochs}, as in TRL")
             };
             eprintln!("note: {note}");
+        }
+        for advice in t.loss.advisories() {
+            eprintln!("note: {advice}");
+            run.warn(&advice)?;
         }
         // TRL counts optimizer updates in max_steps; Tandem counts steps
         // (a generation and its updates). Said once, where it differs.

@@ -54,15 +54,17 @@ fn variants() -> Vec<(String, GrpoConfig)> {
         ..GrpoConfig::default()
     };
     let mut out = Vec::new();
-    // Not Cispo: its weight is held constant on purpose (a stop-gradient),
-    // so its gradient is not the derivative of its value; a hand-computed
-    // test in loss.rs checks it.
+    // Not Cispo nor Vespo: their weights are held constant on purpose (a
+    // stop-gradient), so their gradient is not the derivative of their
+    // value; a hand-computed test in loss.rs and the numpy reference
+    // (grpo_reference.rs) check them.
     for lt in [
         LossType::Grpo,
         LossType::Bnpo,
         LossType::DrGrpo,
         LossType::Dapo,
         LossType::Sapo,
+        LossType::Luspo,
     ] {
         for lvl in [
             ImportanceSamplingLevel::Token,
@@ -310,6 +312,8 @@ fn accumulation_configs() -> Vec<GrpoConfig> {
         LossType::Dapo,
         LossType::Cispo,
         LossType::Sapo,
+        LossType::Luspo,
+        LossType::Vespo,
     ] {
         for lvl in [
             ImportanceSamplingLevel::Token,

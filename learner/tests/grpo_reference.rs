@@ -185,7 +185,13 @@ fn every_loss_variant_matches_reference_value_gradient_and_metrics() {
     let mask = t2(&data["mask"]);
     let norm = Normalizers::for_batch(&mask, max_len).unwrap();
     let cases = f["loss"]["cases"].as_array().unwrap();
-    assert!(cases.len() >= 19);
+    assert!(cases.len() >= 25);
+    for lt in ["luspo", "vespo"] {
+        assert!(
+            cases.iter().any(|c| c["config"]["loss_type"] == lt),
+            "{lt} in the fixture"
+        );
+    }
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let cfg: GrpoConfig = serde_json::from_value(case["config"].clone())
@@ -268,6 +274,15 @@ fn every_loss_variant_matches_reference_value_gradient_and_metrics() {
             rm["entropy"].as_f64().unwrap(),
             1e-12,
         );
+        match rm.get("vespo_phi_seq_mean") {
+            Some(want) => close(
+                &format!("{name}.metrics.vespo_phi_seq_mean"),
+                s.vespo_phi_seq_mean.expect("vespo measures phi"),
+                want.as_f64().unwrap(),
+                1e-12,
+            ),
+            None => assert!(s.vespo_phi_seq_mean.is_none(), "{name}"),
+        }
         if cfg.vllm_importance_sampling_correction {
             for (k, got) in [
                 (

@@ -936,17 +936,24 @@ fn gradient_checkpointing_trains_like_the_full_graph() {
     assert!(d <= 1e-5, "final weights differ by {d}");
 }
 
-/// TRL's newer loss types train end to end: CISPO (with the ScaleRL
-/// paper's epsilon_high of 5) and SAPO, two passes per batch so that the
-/// policy moves off the one that generated it.
+/// TRL's other loss types train end to end: CISPO (its weight cap at the
+/// paper's epsilon_high of 5), SAPO, LUSPO (at token level, which the run
+/// log says is not the paper's setup) and VESPO (with a token-level rollout
+/// correction, its weight logged as TRL's `vespo/phi_seq_mean`), two passes
+/// per batch so that the policy moves off the one that generated it.
 #[test]
-fn cispo_and_sapo_runs_train() {
+fn cispo_sapo_luspo_and_vespo_runs_train() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
     let server = rollout_server(&model);
     for (loss_type, extra) in [
         ("cispo", "train.epsilon_high=5.0"),
         ("sapo", "train.epsilon=0.2"),
+        ("luspo", "train.importance_sampling_level=token"),
+        (
+            "vespo",
+            "train.vllm_importance_sampling_mode=token_truncate",
+        ),
     ] {
         let out = tmp.path().join(loss_type);
         let recipe = recipe(tmp.path(), &model, &server, &out);
@@ -966,6 +973,13 @@ fn cispo_and_sapo_runs_train() {
         assert_eq!(lines.len(), 6);
         for l in &lines {
             assert!(f(l, "loss").is_finite(), "{loss_type}: {l}");
+            let phi = l.get("vespo_phi_seq_mean");
+            if loss_type == "vespo" {
+                let phi = phi.and_then(Value::as_f64).expect("vespo logs its weight");
+                assert!(phi.is_finite() && phi >= 0.0, "{l}");
+            } else {
+                assert!(phi.is_none(), "{loss_type}: {l}");
+            }
         }
         // A step with a signal moves the policy in its first pass, which the
         // second pass's ratio shows.
@@ -975,6 +989,10 @@ fn cispo_and_sapo_runs_train() {
                 .any(|l| f(l, "grad_norm") > 0.0 && f(l, "approx_kl") != 0.0),
             "{loss_type}: {lines:?}"
         );
+        let advice = read_jsonl(&out.join("run_log.jsonl"))
+            .into_iter()
+            .any(|e| e["event"] == "warn" && e["message"].as_str().unwrap().contains("luspo"));
+        assert_eq!(advice, loss_type == "luspo", "{loss_type}");
     }
 }
 

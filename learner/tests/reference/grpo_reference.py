@@ -213,11 +213,33 @@ def is_ratio_np(old, rollout, mask, mode, cap):
 def aggregate_np(x, mask, loss_type, n_seq, n_tok, max_len):
     if loss_type == "grpo":
         return ((x * mask).sum(1) / np.maximum(mask.sum(1), 1.0)).sum() / max(n_seq, 1)
-    if loss_type in ("bnpo", "dapo"):  # one rank: rank tokens == global tokens
+    if loss_type in ("bnpo", "dapo", "vespo"):  # one rank: rank tokens == global tokens
         return (x * mask).sum() / max(n_tok, 1.0)
     if loss_type == "dr_grpo":
         return (x * mask).sum() / (max(n_seq, 1) * max_len)
+    if loss_type == "luspo":  # TRL: (per_token_loss * mask).sum(-1).mean()
+        return (x * mask).sum() / max(n_seq, 1)
     raise ValueError(loss_type)
+
+
+VESPO_LOWER = np.log(1e-8)
+
+
+def vespo_phi_np(cfg, logp, old, mask, adv, is_ratio):
+    """TRL GRPOTrainer.get_gamma_weights: phi(w) = e^lam w^k e^(-lam w), w the
+    sequence's importance weight (product of token ratios, times the rollout
+    correction's token ratios when it is on), computed in log space."""
+    lr = np.clip(logp - old, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    seq = (lr * mask).sum(1)
+    if is_ratio is not None:
+        seq = seq + (np.clip(np.log(np.maximum(is_ratio, 1e-300)), VESPO_LOWER, 20.0) * mask).sum(1)
+    log_w = np.clip(seq, VESPO_LOWER, 20.0)
+    w = np.exp(log_w)
+    pos = adv >= 0
+    k = np.where(pos, cfg["vespo_k_pos"], cfg["vespo_k_neg"])
+    lam = np.maximum(np.where(pos, cfg["vespo_lambda_pos"], cfg["vespo_lambda_neg"]), 1e-4)
+    phi = np.exp(lam + k * log_w - lam * w)
+    return np.where(np.isfinite(phi), phi, 0.0)
 
 
 def loss_parts_np(cfg, beta, logp, d, max_len):
@@ -227,7 +249,18 @@ def loss_parts_np(cfg, beta, logp, d, max_len):
     n_seq, n_tok = mask.shape[0], mask.sum()
     c1 = importance_weights_np(logp, old, mask, cfg["importance_sampling_level"])
     pl = cfg["policy_loss"]
-    if pl == "grpo_clip":
+    isr = None
+    if cfg["vllm_importance_sampling_correction"]:
+        isr = is_ratio_np(
+            old, d["rollout"], mask, cfg["vllm_importance_sampling_mode"], cfg["vllm_importance_sampling_cap"]
+        )
+    if cfg["loss_type"] == "vespo":
+        # phi is detached in TRL: computed at the base point d["logprobs"],
+        # a constant here, so the finite differences see none of its slope.
+        phi = vespo_phi_np(cfg, d["logprobs"], old, mask, d["advantages"], isr)
+        pt = -phi[:, None] * adv * logp
+        isr = None  # folded into phi, not multiplied into the loss
+    elif pl == "grpo_clip":
         c2 = np.clip(c1, 1 - cfg["epsilon"], 1 + eps_high(cfg))
         c1d = np.minimum(c1, cfg["delta"]) if cfg.get("delta") is not None else c1
         pt = -np.minimum(c1d * adv, c2 * adv)
@@ -236,10 +269,8 @@ def loss_parts_np(cfg, beta, logp, d, max_len):
         pt = -adv * logp
     else:  # no_baseline: raw reward
         pt = -d["rewards"][:, None] * logp
-    if cfg["vllm_importance_sampling_correction"]:
-        pt = pt * is_ratio_np(
-            old, d["rollout"], mask, cfg["vllm_importance_sampling_mode"], cfg["vllm_importance_sampling_cap"]
-        )
+    if isr is not None:
+        pt = pt * isr
     agg = lambda x: aggregate_np(x, mask, cfg["loss_type"], n_seq, n_tok, max_len)  # noqa: E731
     pg = agg(pt)
     kl_part = beta * agg(kl_ref(logp, d["ref"], cfg["kl_estimator"])) if beta != 0 else 0.0
@@ -256,6 +287,8 @@ def metrics_np(cfg, logp, d):
     el, eh = cfg["epsilon"], eps_high(cfg)
     low = (c1 < 1 - el) & (adv[:, None] < 0)
     high = (c1 > 1 + eh) & (adv[:, None] > 0)
+    if cfg["loss_type"] == "vespo":  # no clip: TRL logs vespo/phi_seq_mean instead
+        low, high = low & False, high & False
     if cfg["importance_sampling_level"] == "token":
         sel = mask > 0
         vals = c1[sel]
@@ -283,6 +316,13 @@ def metrics_np(cfg, logp, d):
         diff = np.abs(old - d["rollout"])[mask > 0]
         out["sampling_logp_difference_mean"] = float(diff.mean())
         out["sampling_logp_difference_max"] = float(diff.max())
+    if cfg["loss_type"] == "vespo":
+        isr = None
+        if cfg["vllm_importance_sampling_correction"]:
+            isr = is_ratio_np(
+                old, d["rollout"], mask, cfg["vllm_importance_sampling_mode"], cfg["vllm_importance_sampling_cap"]
+            )
+        out["vespo_phi_seq_mean"] = float(vespo_phi_np(cfg, logp, old, mask, adv, isr).mean())
     out["num_tokens"] = float(mask.sum())
     return out
 
@@ -310,6 +350,10 @@ BASE_CFG = {
     "vllm_importance_sampling_correction": True,
     "vllm_importance_sampling_mode": "token_truncate",
     "vllm_importance_sampling_cap": 1.6,
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
 }
 
 
@@ -361,6 +405,12 @@ def loss_cases():
         ("clip_symmetric_no_extras", {"epsilon_high": None, "beta": 0.0, "entropy_coef": 0.0, "vllm_importance_sampling_correction": False}, True),
         ("on_policy", {"beta": 0.0, "entropy_coef": 0.0, "vllm_importance_sampling_correction": False, "loss_type": "grpo"}, False),
         ("on_policy_with_correction", {"vllm_importance_sampling_mode": "sequence_truncate", "loss_type": "dr_grpo"}, False),
+        ("luspo_sequence", {"loss_type": "luspo", "importance_sampling_level": "sequence"}, True),
+        ("luspo_token", {"loss_type": "luspo"}, True),
+        ("vespo", {"loss_type": "vespo"}, True),
+        ("vespo_token_mask", {"loss_type": "vespo", "vllm_importance_sampling_mode": "token_mask", "vllm_importance_sampling_cap": 1.3}, True),
+        ("vespo_no_correction_other_gamma", {"loss_type": "vespo", "vllm_importance_sampling_correction": False, "vespo_k_pos": 1.0, "vespo_lambda_pos": 0.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 5.0}, True),
+        ("vespo_on_policy", {"loss_type": "vespo", "vllm_importance_sampling_correction": False}, False),
     ]
     cases = []
     for name, over, off_policy in specs:
