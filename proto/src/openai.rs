@@ -88,6 +88,10 @@ pub struct SamplingFields {
     pub user: Option<String>,
     /// Read only to refuse values above 1: vLLM V1 dropped `best_of`.
     pub best_of: Option<i64>,
+    /// vLLM extension: log-probs of the prompt's tokens, each with this many
+    /// top alternatives (0: only the prompt token's), in the response's
+    /// `prompt_logprobs`. Not with `stream`.
+    pub prompt_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +224,21 @@ pub struct CompletionLogprobs {
     pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
 }
 
+/// vLLM's `Logprob`: one token's entry in `prompt_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logprob {
+    pub logprob: f32,
+    /// 1 for the most likely token; the prompt token's own rank is 1 plus the
+    /// number of tokens strictly more likely.
+    pub rank: Option<u64>,
+    pub decoded_token: Option<String>,
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, its entry and the top
+/// alternatives', keyed by token id (`None` for the first token, which
+/// nothing precedes).
+pub type PromptLogprobs = Vec<Option<BTreeMap<u32, Logprob>>>;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionChoice {
     pub index: usize,
@@ -230,6 +249,8 @@ pub struct CompletionChoice {
     /// The stop string or stop token id that ended the choice (`None` for
     /// EOS or length).
     pub stop_reason: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,6 +322,8 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,7 +17,7 @@ use proto::openai::{
     Usage,
 };
 
-use crate::completions::{finite, metadata, text_options};
+use crate::completions::{finite, metadata, prompt_logprobs, text_options};
 use crate::error::ApiError;
 use crate::server::{SharedState, header_client_tag, response_id, sse, unix_now};
 use crate::text::{self, ChoiceUpdate, FinishInfo, TokenOut, Update};
@@ -149,12 +149,25 @@ async fn collect(
     updates: impl Stream<Item = Result<Update, ApiError>>,
 ) -> Result<ChatCompletionResponse, ApiError> {
     let mut accs: Vec<Acc> = (0..fmt.valid.n).map(|_| Acc::default()).collect();
+    let mut prompt_lps = None;
     let mut updates = std::pin::pin!(updates);
     while let Some(u) = updates.next().await {
-        if let Update::Choice(u) = u? {
-            fmt.apply(&mut accs[u.index], &u);
+        match u? {
+            Update::Choice(u) => {
+                fmt.apply(&mut accs[u.index], &u);
+            }
+            Update::PromptLogprobs { logprobs, .. } => prompt_lps = Some(logprobs),
         }
     }
+    let prompt_logprobs = fmt.valid.prompt_logprobs.zip(prompt_lps).map(|(k, lps)| {
+        prompt_logprobs(
+            &fmt.valid,
+            &fmt.state.tokenizer,
+            &fmt.valid.prompts[0].ids,
+            &lps,
+            k,
+        )
+    });
     let current = fmt.state.engine.weight_version();
     let tag = &fmt.valid.client_tag;
     let all: BTreeSet<u64> = accs
@@ -189,6 +202,7 @@ async fn collect(
         model: fmt.state.served_model_name.clone(),
         choices,
         usage: Some(usage),
+        prompt_logprobs,
         prompt_token_ids: fmt.prompt_ids(),
         metadata: Some(metadata(tag, &all, current)),
     })

@@ -10,8 +10,10 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
+use model::tokenizer::Tokenizer;
 use proto::openai::{
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Metadata, Usage,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Logprob, Metadata,
+    PromptLogprobs, Usage,
 };
 
 use crate::engine::PromptLogprob;
@@ -67,6 +69,45 @@ pub fn finite(x: f32) -> f32 {
     if x.is_finite() { x } else { -9999.0 }
 }
 
+/// A token as the response shows it: its text, or `token_id:<id>` with
+/// vLLM's `return_tokens_as_token_ids`.
+pub fn token_text(tokenizer: &Tokenizer, id: u32, as_token_ids: bool) -> String {
+    if as_token_ids {
+        format!("token_id:{id}")
+    } else {
+        tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+}
+
+/// vLLM's `prompt_logprobs` of one prompt: per token after the first, the
+/// prompt token's entry (its log-prob and rank) and the `k` most likely
+/// tokens' (ranks 1..=k).
+pub fn prompt_logprobs(
+    v: &ValidRequest,
+    tokenizer: &Tokenizer,
+    ids: &[u32],
+    lps: &[Option<PromptLogprob>],
+    k: usize,
+) -> PromptLogprobs {
+    let entry = |id: u32, logprob: f32, rank: usize| Logprob {
+        logprob: finite(logprob),
+        rank: Some(rank as u64),
+        decoded_token: Some(token_text(tokenizer, id, v.return_tokens_as_token_ids)),
+    };
+    ids.iter()
+        .zip(lps)
+        .map(|(&id, lp)| {
+            lp.as_ref().map(|lp| {
+                let mut m = BTreeMap::from([(id, entry(id, lp.logprob, lp.rank))]);
+                for (r, &(t, l)) in lp.top_logprobs.iter().take(k).enumerate() {
+                    m.insert(t, entry(t, l, r + 1));
+                }
+                m
+            })
+        })
+        .collect()
+}
+
 pub fn metadata(tag: &Option<String>, versions: &BTreeSet<u64>, current: u64) -> Metadata {
     Metadata {
         client_tag: tag.clone(),
@@ -97,14 +138,11 @@ struct Acc {
 
 impl Formatter {
     fn token_str(&self, id: u32) -> String {
-        if self.valid.return_tokens_as_token_ids {
-            format!("token_id:{id}")
-        } else {
-            self.state
-                .tokenizer
-                .decode(&[id], false)
-                .unwrap_or_default()
-        }
+        token_text(
+            &self.state.tokenizer,
+            id,
+            self.valid.return_tokens_as_token_ids,
+        )
     }
 
     fn push_logprob(
@@ -119,8 +157,10 @@ impl Formatter {
         let k = self.valid.logprobs.unwrap_or(0);
         lp.top_logprobs.push(match (top, logprob) {
             (Some(top), Some(own)) if k > 0 => {
+                // The prompt's entries may hold more (prompt_logprobs > logprobs).
                 let mut m: BTreeMap<String, f32> = top
                     .iter()
+                    .take(k)
                     .map(|&(t, l)| (self.token_str(t), finite(l)))
                     .collect();
                 m.insert(s.clone(), finite(own));
@@ -168,32 +208,47 @@ impl Formatter {
     }
 
     /// Applies an update to `acc`; returns the update's text (with the echo
-    /// prefix on a choice's first update) and its log-probs alone.
+    /// prefix on a choice's first update), its log-probs alone and its
+    /// token ids.
     fn apply(
         &self,
         acc: &mut Acc,
         u: &ChoiceUpdate,
         prompt_lps: Option<&[Option<PromptLogprob>]>,
-    ) -> (String, Option<CompletionLogprobs>) {
+    ) -> (String, Option<CompletionLogprobs>, Vec<u32>) {
         let before = acc.logprobs.as_ref().map_or(0, |l| l.tokens.len());
         let mut text = String::new();
         if !acc.started {
             text = self.start_choice(acc, u.prompt_index, prompt_lps);
         }
-        text.push_str(&u.text);
-        if let Some(mut lp) = acc.logprobs.take() {
-            let mut offset = acc.offset;
-            for t in &u.tokens {
-                self.push_logprob(&mut lp, &mut offset, t.id, Some(t.logprob), Some(&t.top));
+        // With echo and max_tokens 0 the one token generated is not part of
+        // the answer: the choice is the prompt, scored, ended by `length`.
+        let generated = !self.valid.echo_without_generation;
+        let mut token_ids = Vec::new();
+        if generated {
+            text.push_str(&u.text);
+            if let Some(mut lp) = acc.logprobs.take() {
+                let mut offset = acc.offset;
+                for t in &u.tokens {
+                    self.push_logprob(&mut lp, &mut offset, t.id, Some(t.logprob), Some(&t.top));
+                }
+                acc.offset = offset;
+                acc.logprobs = Some(lp);
             }
-            acc.offset = offset;
-            acc.logprobs = Some(lp);
+            token_ids = u.tokens.iter().map(|t| t.id).collect();
         }
         acc.text.push_str(&text);
-        acc.token_ids.extend(u.tokens.iter().map(|t| t.id));
+        acc.token_ids.extend(&token_ids);
         acc.versions.insert(u.weight_version);
         if u.finish.is_some() {
-            acc.finish = u.finish.clone();
+            acc.finish = if generated {
+                u.finish.clone()
+            } else {
+                Some(FinishInfo {
+                    reason: "length",
+                    stop_reason: None,
+                })
+            };
         }
         let delta_lp = acc.logprobs.as_ref().map(|l| CompletionLogprobs {
             text_offset: l.text_offset[before..].to_vec(),
@@ -201,7 +256,25 @@ impl Formatter {
             tokens: l.tokens[before..].to_vec(),
             top_logprobs: l.top_logprobs[before..].to_vec(),
         });
-        (text, delta_lp)
+        (text, delta_lp, token_ids)
+    }
+
+    /// The `prompt_logprobs` of choice `index`, when asked for.
+    fn prompt_logprobs_of(
+        &self,
+        index: usize,
+        prompt_lps: &[Option<Vec<Option<PromptLogprob>>>],
+    ) -> Option<PromptLogprobs> {
+        let k = self.valid.prompt_logprobs?;
+        let p = index / self.valid.n;
+        let lps = prompt_lps.get(p)?.as_deref()?;
+        Some(prompt_logprobs(
+            &self.valid,
+            &self.state.tokenizer,
+            &self.valid.prompts[p].ids,
+            lps,
+            k,
+        ))
     }
 
     fn usage(&self, accs: &[Acc]) -> Usage {
@@ -270,6 +343,7 @@ async fn collect(
             logprobs: a.logprobs,
             finish_reason: a.finish.as_ref().map(|f| f.reason.to_string()),
             stop_reason: a.finish.and_then(|f| f.stop_reason),
+            prompt_logprobs: fmt.prompt_logprobs_of(index, &prompt_lps),
             prompt_token_ids: fmt
                 .valid
                 .return_token_ids
@@ -306,21 +380,21 @@ fn stream_chunks(
             };
             let first = !accs[u.index].started;
             let plp = prompt_lps[u.prompt_index].as_deref();
-            let (text, logprobs) = fmt.apply(&mut accs[u.index], &u, plp);
+            let (text, logprobs, token_ids) = fmt.apply(&mut accs[u.index], &u, plp);
             let versions = BTreeSet::from([u.weight_version]);
             let md = metadata(&tag, &versions, u.weight_version);
+            let finish = u.finish.is_some().then(|| accs[u.index].finish.clone()).flatten();
             let choice = CompletionChoice {
                 index: u.index,
                 text,
                 logprobs,
-                finish_reason: u.finish.as_ref().map(|f| f.reason.to_string()),
-                stop_reason: u.finish.as_ref().and_then(|f| f.stop_reason.clone()),
+                finish_reason: finish.as_ref().map(|f| f.reason.to_string()),
+                stop_reason: finish.and_then(|f| f.stop_reason),
+                // Refused with stream (as vLLM): prompt_logprobs stay whole.
+                prompt_logprobs: None,
                 prompt_token_ids: (fmt.valid.return_token_ids && first)
                     .then(|| fmt.valid.prompts[u.index / n].ids.clone()),
-                token_ids: fmt
-                    .valid
-                    .return_token_ids
-                    .then(|| u.tokens.iter().map(|t| t.id).collect()),
+                token_ids: fmt.valid.return_token_ids.then_some(token_ids),
                 metadata: Some(md.clone()),
             };
             let usage = fmt.valid.continuous_usage.then(|| fmt.usage(&accs));

@@ -65,8 +65,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// EOS and `stop_token_ids` cannot be sampled before this many tokens.
     pub min_tokens: usize,
-    /// Log-probs of the prompt tokens with this many top entries (`echo`
-    /// with `logprobs`).
+    /// Log-probs of the prompt tokens with this many top entries (vLLM's
+    /// `prompt_logprobs`, or `echo` with `logprobs`).
     pub prompt_logprobs: Option<usize>,
 }
 
@@ -86,6 +86,9 @@ pub enum Finish {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptLogprob {
     pub logprob: f32,
+    /// 1 + the number of tokens strictly more likely (vLLM's rank).
+    pub rank: usize,
+    /// The most likely tokens, most likely first.
     pub top_logprobs: Vec<(u32, f32)>,
 }
 

@@ -86,8 +86,8 @@ fn derive_seed(base: u64, counter: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// log-softmax of `row` at `token`, and the `k` best entries (highest first,
-/// lower id first on ties).
+/// log-softmax of `row` at `token`, its rank, and the `k` best entries
+/// (highest first, lower id first on ties).
 pub(crate) fn logprob_and_top(row: &[f32], token: u32, k: usize) -> PromptLogprob {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = m + row
@@ -95,9 +95,12 @@ pub(crate) fn logprob_and_top(row: &[f32], token: u32, k: usize) -> PromptLogpro
         .map(|&x| ((x - m) as f64).exp())
         .sum::<f64>()
         .ln() as f32;
-    let logprob = row
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |x| x - lse);
+    let own = row.get(token as usize).copied();
+    let logprob = own.map_or(f32::NEG_INFINITY, |x| x - lse);
+    let rank = match own {
+        Some(x) => 1 + row.iter().filter(|&&y| y > x).count(),
+        None => row.len() + 1,
+    };
     let mut top_logprobs = Vec::new();
     if k > 0 {
         let mut idx: Vec<u32> = (0..row.len() as u32).collect();
@@ -119,6 +122,7 @@ pub(crate) fn logprob_and_top(row: &[f32], token: u32, k: usize) -> PromptLogpro
     }
     PromptLogprob {
         logprob,
+        rank,
         top_logprobs,
     }
 }
@@ -649,6 +653,11 @@ mod tests {
         assert!((lp.logprob - (2.0 - lse)).abs() < 1e-6);
         let ids: Vec<u32> = lp.top_logprobs.iter().map(|x| x.0).collect();
         assert_eq!(ids, [1, 3, 2]);
+        // vLLM's rank: 1 + the tokens strictly more likely (ties share).
+        assert_eq!(lp.rank, 3);
+        assert_eq!(logprob_and_top(&row, 1, 0).rank, 1);
+        assert_eq!(logprob_and_top(&row, 3, 0).rank, 1);
+        assert_eq!(logprob_and_top(&row, 0, 0).rank, 4);
     }
 
     #[test]

@@ -56,7 +56,14 @@ pub struct ValidRequest {
     pub skip_special_tokens: bool,
     /// Top log-probs per token (`Some(0)`: only the sampled token's).
     pub logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: top entries per prompt token in the
+    /// response's `prompt_logprobs`.
+    pub prompt_logprobs: Option<usize>,
     pub echo: bool,
+    /// `echo` with `max_tokens: 0` (scoring a text, as OpenAI's legacy API
+    /// and vLLM allow): one token is generated and dropped, the choice is
+    /// the prompt alone.
+    pub echo_without_generation: bool,
     pub stream: bool,
     pub include_usage: bool,
     /// vLLM's `stream_options.continuous_usage_stats`: every chunk carries
@@ -92,7 +99,13 @@ impl ValidRequest {
                 stop_token_ids: self.stop_token_ids.clone(),
                 ignore_eos: self.ignore_eos,
                 min_tokens: self.min_tokens,
-                prompt_logprobs: if self.echo { self.logprobs } else { None },
+                // One prefill serves both: the larger count, each response
+                // part cut to its own.
+                prompt_logprobs: self.prompt_logprobs.max(if self.echo {
+                    self.logprobs
+                } else {
+                    None
+                }),
             })
             .collect()
     }
@@ -225,7 +238,12 @@ impl Validator {
             }
         };
         let echo = req.echo.unwrap_or(false);
-        let mut v = self.sampling(req.sampling, logprobs, header_tag)?;
+        let mut sampling = req.sampling;
+        let echo_without_generation = echo && sampling.max_tokens == Some(0);
+        if echo_without_generation {
+            sampling.max_tokens = Some(1);
+        }
+        let mut v = self.sampling(sampling, logprobs, header_tag)?;
         let max_tokens = v.max_tokens_requested.unwrap_or(DEFAULT_MAX_TOKENS);
         v.valid.max_tokens = prompts
             .iter()
@@ -233,6 +251,7 @@ impl Validator {
             .collect::<Result<_, _>>()?;
         v.valid.prompts = prompts;
         v.valid.echo = echo;
+        v.valid.echo_without_generation = echo_without_generation;
         Ok(v.valid)
     }
 
@@ -477,8 +496,28 @@ impl Validator {
             Some(m) if m >= 1 => Some(usize::try_from(m).unwrap_or(usize::MAX)),
             Some(m) => {
                 return Err(bad(
-                    format!("max_tokens must be at least 1, got {m}"),
+                    format!(
+                        "max_tokens must be at least 1, got {m} (0 only with echo: true, to \
+                         score the prompt)"
+                    ),
                     "max_tokens",
+                ));
+            }
+        };
+        let stream = f.stream.unwrap_or(false);
+        let prompt_logprobs = match f.prompt_logprobs {
+            None => None,
+            Some(_) if stream => {
+                return Err(bad(
+                    "prompt_logprobs is not available when stream is true (as in vLLM)",
+                    "prompt_logprobs",
+                ));
+            }
+            Some(k) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(bad(
+                    format!("prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    "prompt_logprobs",
                 ));
             }
         };
@@ -532,7 +571,6 @@ impl Validator {
                 "best_of",
             ));
         }
-        let stream = f.stream.unwrap_or(false);
         let include_usage = stream
             && f.stream_options
                 .as_ref()
@@ -559,7 +597,9 @@ impl Validator {
                 include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
                 skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
                 logprobs,
+                prompt_logprobs,
                 echo: false,
+                echo_without_generation: false,
                 stream,
                 include_usage,
                 continuous_usage,

@@ -428,6 +428,142 @@ async fn echo_prepends_prompt_and_its_logprobs() {
     assert!(text(&r, 0).starts_with("abcd"));
 }
 
+/// vLLM's `prompt_logprobs` (per choice on /v1/completions, top-level on
+/// /v1/chat/completions) and OpenAI's scoring form, `echo` with
+/// `max_tokens: 0`.
+#[tokio::test]
+async fn prompt_logprobs_and_echo_scoring() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abcd", "max_tokens": 2, "n": 2, "prompt_logprobs": 2,
+                    "return_token_ids": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let ids: Vec<u64> = r["choices"][0]["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let plp = r["choices"][0]["prompt_logprobs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(plp.len(), ids.len());
+    assert!(plp[0].is_null(), "nothing precedes the first token");
+    for (i, entry) in plp.iter().enumerate().skip(1) {
+        let m = entry.as_object().unwrap();
+        // The prompt token's own entry, and the 2 most likely (ranks 1, 2).
+        let own = &m[&ids[i].to_string()];
+        let own_rank = own["rank"].as_u64().unwrap();
+        assert!(
+            own_rank >= 1 && own["logprob"].as_f64().unwrap() <= 0.0,
+            "{own}"
+        );
+        assert!(own["decoded_token"].is_string());
+        let mut ranks: Vec<u64> = m.values().map(|e| e["rank"].as_u64().unwrap()).collect();
+        ranks.sort();
+        assert!(ranks == [1, 2] || ranks == [1, 2, own_rank], "{entry}");
+        assert_eq!(m.len(), if own_rank <= 2 { 2 } else { 3 }, "{entry}");
+        let best = m.values().find(|e| e["rank"] == 1).unwrap();
+        assert!(
+            m.values()
+                .all(|e| e["logprob"].as_f64() <= best["logprob"].as_f64())
+        );
+    }
+    // Each choice carries its prompt's.
+    assert_eq!(
+        r["choices"][1]["prompt_logprobs"],
+        r["choices"][0]["prompt_logprobs"]
+    );
+
+    // Scoring: echo with max_tokens 0 is the prompt alone, with its
+    // log-probs, which are prompt_logprobs' own entries.
+    let (st, e) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "abcd", "max_tokens": 0, "echo": true, "logprobs": 0,
+                    "return_token_ids": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{e}");
+    let c = &e["choices"][0];
+    assert_eq!(c["text"], "abcd");
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(c["token_ids"], json!([]));
+    assert_eq!(e["usage"]["completion_tokens"], 0);
+    assert!(c.get("prompt_logprobs").is_none(), "not asked for");
+    let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), ids.len());
+    assert!(lps[0].is_null());
+    for i in 1..ids.len() {
+        assert_eq!(lps[i], plp[i][ids[i].to_string()]["logprob"], "token {i}");
+    }
+    // The same streamed: the prompt, then the end.
+    let chunks: Vec<Value> = s
+        .post_stream(
+            "/v1/completions",
+            &json!({"prompt": "abcd", "max_tokens": 0, "echo": true, "stream": true}),
+            &[],
+        )
+        .await
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, "abcd");
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null());
+    assert_eq!(last.unwrap()["choices"][0]["finish_reason"], "length");
+
+    // Chat: one top-level list, as long as the rendered prompt.
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                    "prompt_logprobs": 0, "return_token_ids": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let plp = r["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plp.len(), r["prompt_token_ids"].as_array().unwrap().len());
+    assert_eq!(
+        plp[1].as_object().unwrap().len(),
+        1,
+        "only the prompt token's"
+    );
+
+    // vLLM's refusals.
+    for (body, param) in [
+        (
+            json!({"prompt": "ab", "prompt_logprobs": 1, "stream": true}),
+            "prompt_logprobs",
+        ),
+        (
+            json!({"prompt": "ab", "prompt_logprobs": 21}),
+            "prompt_logprobs",
+        ),
+        (
+            json!({"prompt": "ab", "prompt_logprobs": -1}),
+            "prompt_logprobs",
+        ),
+        (json!({"prompt": "ab", "max_tokens": 0}), "max_tokens"),
+    ] {
+        let (st, b) = s.post("/v1/completions", &body).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], param, "{body}: {b}");
+    }
+}
+
 #[tokio::test]
 async fn stop_strings_and_stop_token_ids_end_a_choice() {
     let s = Server::start(&[]).await;
