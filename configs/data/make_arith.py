@@ -1,7 +1,7 @@
 """Writes the synthetic arithmetic task that ships with Tandem.
 
     python3 configs/data/make_arith.py            # the JSONL files (stdlib only)
-    python3 configs/data/make_arith.py --parquet  # also the two .parquet files (needs pyarrow)
+    python3 configs/data/make_arith.py --parquet  # also the .parquet files (needs pyarrow)
 
 Problems are two-digit additions ("12+7"), subtractions with a non-negative
 result ("45-18") and multiplications by one digit ("23*4"); the answer is the
@@ -74,6 +74,30 @@ def write_chat_parquet(path, rows):
     pq.write_table(table, path, compression="snappy")
 
 
+def write_verl_parquet(path, rows):
+    # verl's layout (its examples/data_preprocess scripts): a conversational
+    # prompt and the reference answer inside the reward_model struct
+    # (data.answer_column: reward_model.ground_truth).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    reward_model = pa.struct([("ground_truth", pa.string()), ("style", pa.string())])
+    extra_info = pa.struct([("index", pa.int64()), ("split", pa.string())])
+    table = pa.table(
+        {
+            "data_source": pa.array(["arith"] * len(rows), pa.string()),
+            "prompt": pa.array([[{"role": "user", "content": q}] for q, _, _ in rows], pa.list_(message)),
+            "ability": pa.array(["math"] * len(rows), pa.string()),
+            "reward_model": pa.array(
+                [{"ground_truth": str(a), "style": "rule"} for _, a, _ in rows], reward_model
+            ),
+            "extra_info": pa.array([{"index": i, "split": "test"} for i in range(len(rows))], extra_info),
+        }
+    )
+    pq.write_table(table, path, compression="snappy")
+
+
 def main():
     problems = universe()
     random.Random(SEED).shuffle(problems)
@@ -84,6 +108,7 @@ def main():
     if "--parquet" in sys.argv[1:]:
         write_parquet(HERE / "arith_tiny.parquet", eval_rows[:12])
         write_chat_parquet(HERE / "arith_chat_tiny.parquet", eval_rows[:4])
+        write_verl_parquet(HERE / "arith_verl_tiny.parquet", eval_rows[:4])
 
 
 if __name__ == "__main__":

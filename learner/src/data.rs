@@ -224,6 +224,36 @@ impl Format {
     }
 }
 
+/// The value of `column` in a row: the key itself, or, for a dotted name
+/// whose key is absent, a walk into nested objects (verl's datasets keep the
+/// reference answer in `reward_model.ground_truth`).
+fn lookup<'a>(obj: &'a serde_json::Map<String, Value>, column: &str) -> Option<&'a Value> {
+    if let Some(v) = obj.get(column) {
+        return Some(v);
+    }
+    let mut parts = column.split('.');
+    let mut v = obj.get(parts.next()?)?;
+    for part in parts {
+        v = v.as_object()?.get(part)?;
+    }
+    Some(v)
+}
+
+/// The columns a row has, for messages; below a dotted column's outer
+/// key, its inner keys too (`reward_model.{ground_truth, style}`).
+fn available_columns(obj: &serde_json::Map<String, Value>, wanted: &[&str]) -> String {
+    let mut names: Vec<String> = obj.keys().cloned().collect();
+    for column in wanted {
+        if let Some((head, _)) = column.split_once('.')
+            && let Some(Value::Object(inner)) = obj.get(head)
+        {
+            let keys: Vec<&str> = inner.keys().map(String::as_str).collect();
+            names.push(format!("{head}.{{{}}}", keys.join(", ")));
+        }
+    }
+    names.join(", ")
+}
+
 fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
     let text = std::str::from_utf8(bytes).map_err(|e| DataError::Parse {
         path: path.to_path_buf(),
@@ -251,9 +281,9 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
                 path: path.to_path_buf(),
                 location: location.clone(),
                 column: column.to_string(),
-                available: obj.keys().cloned().collect::<Vec<_>>().join(", "),
+                available: available_columns(&obj, &[column]),
             };
-            match obj.get(column) {
+            match lookup(&obj, column) {
                 None | Some(Value::Null) => Err(missing()),
                 Some(Value::String(s)) => Ok(s.clone()),
                 Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),
@@ -263,7 +293,7 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
                 ))),
             }
         };
-        let (question, messages) = match obj.get(&mapping.prompt_column) {
+        let (question, messages) = match lookup(&obj, &mapping.prompt_column) {
             Some(v @ Value::Array(_)) => {
                 let messages = parse_messages(&mapping.prompt_column, v).map_err(parse_err)?;
                 (last_user_text(&messages), Some(messages))
@@ -304,16 +334,26 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    for column in [&mapping.prompt_column, &mapping.answer_column] {
-        if !columns.contains(column) {
-            return Err(DataError::MissingColumn {
+    // A column, or a dotted path into a struct column (`reward_model.ground_truth`):
+    // the top-level column and the path below it.
+    let resolve = |column: &String| -> Result<(String, Option<String>)> {
+        if columns.contains(column) {
+            return Ok((column.clone(), None));
+        }
+        match column.split_once('.') {
+            Some((head, rest)) if columns.iter().any(|c| c == head) => {
+                Ok((head.to_string(), Some(rest.to_string())))
+            }
+            _ => Err(DataError::MissingColumn {
                 path: path.to_path_buf(),
                 location: "schema".into(),
                 column: column.clone(),
                 available: columns.join(", "),
-            });
+            }),
         }
-    }
+    };
+    let prompt_at = resolve(&mapping.prompt_column)?;
+    let answer_at = resolve(&mapping.answer_column)?;
     let iter = reader
         .get_row_iter(None)
         .map_err(|e| parse_err("schema".into(), e.to_string()))?;
@@ -325,6 +365,45 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         let mut answer = None;
         let mut messages = None;
         for (name, field) in row.get_column_iter() {
+            // Inside a struct column: its JSON, walked, read as JSONL reads it.
+            for (at, is_answer) in [(&prompt_at, false), (&answer_at, true)] {
+                let (head, Some(rest)) = at else { continue };
+                if name != head {
+                    continue;
+                }
+                let mut v = field.to_json_value();
+                for part in rest.split('.') {
+                    v = v.get(part).cloned().unwrap_or(Value::Null);
+                }
+                let column = if is_answer {
+                    &mapping.answer_column
+                } else {
+                    &mapping.prompt_column
+                };
+                let text = match v {
+                    Value::Null => None,
+                    Value::String(s) => Some(s),
+                    Value::Array(_) if !is_answer => {
+                        let conversation = parse_messages(column, &v)
+                            .map_err(|m| parse_err(location.clone(), m))?;
+                        question = Some(last_user_text(&conversation));
+                        messages = Some(conversation);
+                        continue;
+                    }
+                    Value::Object(_) if !is_answer => {
+                        return Err(parse_err(
+                            location.clone(),
+                            format!("column {column:?} holds {v}, not text or a list of messages"),
+                        ));
+                    }
+                    other => Some(other.to_string()),
+                };
+                if is_answer {
+                    answer = text;
+                } else {
+                    question = text;
+                }
+            }
             if *name == mapping.prompt_column && matches!(field, Field::ListInternal(_)) {
                 let conversation = parse_messages(name, &field.to_json_value())
                     .map_err(|m| parse_err(location.clone(), m))?;

@@ -263,7 +263,9 @@ pub struct DataSection {
     /// list of `{"role", "content"}` messages), which goes through the
     /// model's chat template whatever `prompt_template` says.
     pub prompt_column: String,
-    /// Column holding the reference answer.
+    /// Column holding the reference answer. A dotted name reads inside a
+    /// struct (Parquet) or object (JSONL) column when no column has the
+    /// name itself: verl's datasets use `reward_model.ground_truth`.
     pub answer_column: String,
     /// A system message (chat template), or text put before the prompt
     /// (plain template: at `{system_prompt}`, else on its own line first).

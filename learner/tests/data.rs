@@ -571,3 +571,64 @@ fn chat_template_kwargs_reach_the_chat_template() {
         "{e}"
     );
 }
+
+/// verl's datasets keep the reference answer inside a struct column
+/// (`reward_model.ground_truth`): a dotted column name reads it, from
+/// Parquet (as verl's preprocessing writes it) and from JSONL objects.
+#[test]
+fn dotted_columns_read_inside_struct_columns() {
+    let verl = ColumnMapping::new("prompt", "reward_model.ground_truth");
+    let parquet = repo().join("configs/data/arith_verl_tiny.parquet");
+    let rows = read_rows(&parquet, &verl).unwrap();
+    assert_eq!(rows.len(), 4);
+    let eval = std::fs::read_to_string(repo().join("configs/data/arith_eval.jsonl")).unwrap();
+    for (row, line) in rows.iter().zip(eval.lines()) {
+        let want: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row.answer, want["answer"].as_str().unwrap());
+        assert_eq!(row.question, want["prompt"].as_str().unwrap());
+        assert_eq!(row.messages.as_ref().map(Vec::len), Some(1));
+    }
+    // A number inside the struct reads as text; a missing inner key names
+    // the ones there are.
+    let by_index = ColumnMapping::new("prompt", "extra_info.index");
+    let rows = read_rows(&parquet, &by_index).unwrap();
+    assert_eq!(rows[3].answer, "3");
+    let e = read_rows(
+        &parquet,
+        &ColumnMapping::new("prompt", "reward.ground_truth"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("reward.ground_truth") && e.contains("reward_model"),
+        "{e}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("verl.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"1+1\", \"reward_model\": {\"ground_truth\": \"2\", \"style\": \"rule\"}}\n\
+         {\"prompt\": \"2+2\", \"reward_model\": {\"ground_truth\": 4}}\n",
+    )
+    .unwrap();
+    let rows = read_rows(&path, &verl).unwrap();
+    assert_eq!(
+        (rows[0].answer.as_str(), rows[1].answer.as_str()),
+        ("2", "4")
+    );
+    // A key with a dot in its name is still read as it is.
+    std::fs::write(&path, "{\"prompt\": \"x\", \"a.b\": \"literal\"}\n").unwrap();
+    let rows = read_rows(&path, &ColumnMapping::new("prompt", "a.b")).unwrap();
+    assert_eq!(rows[0].answer, "literal");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"x\", \"reward_model\": {\"style\": \"rule\"}}\n",
+    )
+    .unwrap();
+    let e = read_rows(&path, &verl).unwrap_err().to_string();
+    assert!(
+        e.contains("reward_model.ground_truth") && e.contains("reward_model.{style}"),
+        "{e}"
+    );
+}
