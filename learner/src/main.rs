@@ -48,11 +48,12 @@ enum Command {
     /// pass@k and mean@k of a model served by any OpenAI-compatible endpoint.
     Eval(learner::eval::EvalArgs),
     /// Rewrite a TRL / open-r1 GRPO recipe (one flat mapping of GRPOConfig
-    /// keys) as a Tandem recipe: each key in its section, open-r1's reward
+    /// keys) or a verl configuration (its YAML, or a launch script's Hydra
+    /// overrides) as a Tandem recipe: each key in its section, the reward
     /// functions as reward.functions, the keys Tandem does not take listed
     /// at the end with what to do instead.
     ConvertRecipe {
-        /// The TRL / open-r1 YAML file.
+        /// The TRL / open-r1 YAML file, or the verl YAML or launch script.
         file: PathBuf,
         /// Write the recipe here instead of printing it.
         #[arg(long)]
@@ -115,8 +116,8 @@ fn main() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let name = file.display().to_string();
-            let converted = learner::recipe_import::convert_trl_recipe(&text, &name)
-                .map_err(anyhow::Error::msg)?;
+            let converted =
+                learner::recipe_import::convert_recipe(&text, &name).map_err(anyhow::Error::msg)?;
             match &out {
                 Some(path) => std::fs::write(path, &converted.yaml)
                     .with_context(|| format!("writing {}", path.display()))?,

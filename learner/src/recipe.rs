@@ -1986,7 +1986,16 @@ fn unknown_keys(raw: &Value, schema: &Schema, source_name: &str) -> Result<()> {
         && raw
             .as_object()
             .is_some_and(|m| !m.keys().any(|k| SECTION_NAMES.contains(&k.as_str())));
-    let note = if flat {
+    // verl's own groups at the top: a verl configuration.
+    let verl = keys
+        .iter()
+        .any(|(k, _)| matches!(k.as_str(), "actor_rollout_ref" | "algorithm" | "trainer"));
+    let note = if verl {
+        format!(
+            "\nThis looks like a verl configuration: `learner convert-recipe {source_name}` \
+             rewrites it as a Tandem recipe (a launch script's overrides too)."
+        )
+    } else if flat {
         format!(
             "\nThis looks like a TRL / open-r1 recipe (flat GRPOConfig keys): \
              `learner convert-recipe {source_name}` rewrites it in Tandem's sections."

@@ -5,7 +5,11 @@
 //! `reward_weights` and reward arguments become `reward.functions`; every
 //! key Tandem does not take is listed at the end with what to do instead.
 //! The result loads as it is; the lines marked TODO want local paths
-//! (nothing is downloaded).
+//! (nothing is downloaded). A verl configuration (its nested YAML, or the
+//! Hydra overrides of a launch script) goes through [`verl`] instead;
+//! [`convert_recipe`] tells them apart.
+
+mod verl;
 
 use serde_json::{Map, Value, json};
 
@@ -70,6 +74,15 @@ pub struct Converted {
     pub yaml: String,
     /// The keys left out, each with why and what to do instead.
     pub left_out: Vec<(String, String)>,
+}
+
+/// Converts a TRL / open-r1 recipe or a verl configuration, whichever
+/// `text` is.
+pub fn convert_recipe(text: &str, source_name: &str) -> Result<Converted, String> {
+    match verl::parse(text) {
+        Some(keys) => verl::convert(keys, source_name),
+        None => convert_trl_recipe(text, source_name),
+    }
 }
 
 /// One key of the output.
@@ -226,7 +239,7 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
         }
     }
     Ok(Converted {
-        yaml: render(&out, source_name),
+        yaml: render(&out, source_name, "TRL / open-r1"),
         left_out: out.left_out,
     })
 }
@@ -501,10 +514,10 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
     out.put("reward.functions", Value::Array(items), note);
 }
 
-fn render(out: &Output, source_name: &str) -> String {
+fn render(out: &Output, source_name: &str, dialect: &str) -> String {
     let mut y = format!(
         "# Converted from {source_name} by `learner convert-recipe`: each key in its\n\
-         # section, commented with its TRL / open-r1 name where that differs. Check\n\
+         # section, commented with its {dialect} name where that differs. Check\n\
          # the TODO lines, and the keys left out at the end.\n\
          version: 1\n"
     );

@@ -516,6 +516,15 @@ fn every_unknown_key_is_named_at_once_with_its_hint() {
         "{e}"
     );
     assert!(!err(&text, NO_OVERRIDES).contains("convert-recipe"));
+    // So is a verl configuration.
+    let e = err(
+        "actor_rollout_ref:\n  model:\n    path: /m\nalgorithm:\n  adv_estimator: grpo\n",
+        NO_OVERRIDES,
+    );
+    assert!(
+        e.ends_with("rewrites it as a Tandem recipe (a launch script's overrides too)."),
+        "{e}"
+    );
 
     // verl's names get theirs, not a misleading nearest key.
     let e = err(BASE, &["train.kl_loss_type=low_var_kl"]);

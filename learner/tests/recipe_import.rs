@@ -1,9 +1,12 @@
-//! `learner convert-recipe`: an open-r1 GRPO recipe (flat TRL keys) becomes
-//! a Tandem recipe that loads, with every value where Tandem reads it and
-//! every key it does not take listed.
+//! `learner convert-recipe`: an open-r1 GRPO recipe (flat TRL keys) or a
+//! verl configuration becomes a Tandem recipe that loads, with every value
+//! where Tandem reads it and every key it does not take listed.
 
+use learner::grpo_config::{
+    AdvantageEstimator, ImportanceSamplingLevel, KlEstimator, LossType, ScaleRewards,
+};
 use learner::recipe::{IntervalStrategy, LrSchedulerType, Recipe, StepInterval};
-use learner::recipe_import::convert_trl_recipe;
+use learner::recipe_import::{convert_recipe, convert_trl_recipe};
 
 /// open-r1's recipes/Qwen2.5-1.5B-Instruct/grpo/config_demo.yaml, in shape.
 const OPEN_R1: &str = r#"
@@ -318,4 +321,179 @@ fn counts_with_a_generation_batch_size_are_marked() {
         "{}",
         c.yaml
     );
+}
+
+/// verl's GRPO example launch script (examples/grpo_trainer/run_qwen2-7b.sh
+/// in shape): its Hydra overrides become a Tandem recipe with the same
+/// step (1024 prompts x 5 samples, 4 updates of 256 prompts) and verl's
+/// defaults where they differ from Tandem's.
+#[test]
+fn a_verl_launch_script_converts_to_the_same_steps() {
+    let script = include_str!("reference/verl_run_qwen2-7b.sh");
+    let c = convert_recipe(script, "run_qwen2-7b.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(
+        r.model.path.as_deref(),
+        Some(std::path::Path::new("Qwen/Qwen2-7B-Instruct"))
+    );
+    assert_eq!(
+        r.data.train_files[0].path,
+        std::path::Path::new("$HOME/data/gsm8k/train.parquet"),
+        "the script's own variable is put in"
+    );
+    assert!(
+        c.yaml.contains("shell variables are not known"),
+        "{}",
+        c.yaml
+    );
+    assert_eq!(r.data.answer_column, "reward_model.ground_truth");
+    assert_eq!(r.rollout.num_generations, 5);
+    assert_eq!(
+        (r.rollout.max_prompt_length, r.rollout.max_completion_length),
+        (Some(512), 1024)
+    );
+    // The same step on 4 learner ranks: 5120 samples, 4 updates of 1280.
+    let t = &r.train;
+    assert_eq!(t.generation_batch_size, Some(1024 * 5));
+    assert_eq!(
+        (t.per_device_train_batch_size, t.gradient_accumulation_steps),
+        (40, 8)
+    );
+    assert_eq!(
+        (r.topology.learner_ranks, r.topology.dp, r.topology.tp),
+        (4, 4, 1)
+    );
+    let per_rank = r.for_world_size(r.topology.learner_ranks).unwrap();
+    assert_eq!(per_rank.train.updates_per_generation(), 1024 / 256);
+    assert_eq!(
+        per_rank.completions_per_rank_per_step() * r.topology.learner_ranks,
+        1024 * 5
+    );
+    // The loss: verl's KL loss, dual clip and defaults.
+    assert_eq!(t.loss.beta, 0.001);
+    assert_eq!(t.loss.kl_estimator, KlEstimator::K3);
+    assert_eq!(t.loss.delta, Some(3.0));
+    assert_eq!(t.loss.scale_rewards_epsilon, 1e-6);
+    assert!(!t.loss.vllm_importance_sampling_correction);
+    assert_eq!(t.weight_decay, 0.01);
+    assert_eq!(t.learning_rate, 1e-6);
+    assert!(t.gradient_checkpointing);
+    assert_eq!(t.num_train_epochs, Some(15.0));
+    assert_eq!(r.eval.eval_steps, StepInterval::Steps(5));
+    assert_eq!(r.eval.temperature, 0.0, "verl validates greedily");
+    assert_eq!(r.checkpoint.save_steps, StepInterval::Steps(20));
+    let left: Vec<&str> = c.left_out.iter().map(|(k, _)| k.as_str()).collect();
+    for key in [
+        "actor_rollout_ref.rollout.tensor_model_parallel_size: 2",
+        "trainer.logger: [\"wandb\"]",
+        "actor_rollout_ref.actor.fsdp_config.param_offload: false",
+    ] {
+        assert!(left.contains(&key), "{key} not in {left:?}");
+    }
+}
+
+/// verl's nested YAML: the loss and schedule variants map to theirs.
+#[test]
+fn a_verl_yaml_config_converts() {
+    let yaml = r#"
+data:
+  train_files: [/data/math/train.parquet]
+  train_batch_size: 64
+  prompt_key: question
+actor_rollout_ref:
+  model:
+    path: /models/qwen2.5-0.5b
+  actor:
+    ppo_mini_batch_size: 16
+    clip_ratio_low: 0.2
+    clip_ratio_high: 0.28
+    loss_agg_mode: seq-mean-token-sum
+    policy_loss:
+      loss_mode: gspo
+    ppo_epochs: 2
+    optim:
+      lr: 3.0e-6
+      lr_warmup_steps_ratio: 0.05
+      warmup_style: cosine
+      min_lr_ratio: 0.1
+      weight_decay: 0.0
+  rollout:
+    n: 8
+    temperature: 0.9
+    val_kwargs:
+      do_sample: true
+      temperature: 0.6
+      n: 4
+algorithm:
+  adv_estimator: rloo
+  norm_adv_by_std_in_grpo: false
+trainer:
+  n_gpus_per_node: 2
+  total_training_steps: 300
+  save_freq: -1
+  logger: [console, tensorboard]
+"#;
+    let c = convert_recipe(yaml, "verl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let l = &r.train.loss;
+    assert_eq!(l.loss_type, LossType::Luspo, "seq-mean-token-sum");
+    assert_eq!(
+        l.importance_sampling_level,
+        ImportanceSamplingLevel::Sequence
+    );
+    assert_eq!((l.epsilon, l.epsilon_high), (0.2, Some(0.28)));
+    assert_eq!(l.adv_estimator, AdvantageEstimator::Rloo);
+    assert_eq!(l.scale_rewards, ScaleRewards::None);
+    assert_eq!(l.beta, 0.0, "use_kl_loss is off by default");
+    assert_eq!(r.train.lr_scheduler_type, LrSchedulerType::CosineWithMinLr);
+    assert_eq!(r.train.warmup_ratio, 0.05);
+    assert_eq!(r.train.weight_decay, 0.0);
+    assert_eq!(r.train.num_iterations, 2);
+    assert_eq!(r.train.max_steps, 300);
+    assert_eq!(r.data.prompt_column, "question");
+    assert_eq!((r.eval.temperature, r.eval.num_samples), (0.6, 4));
+    assert_eq!(r.checkpoint.save_strategy, IntervalStrategy::No);
+    assert_eq!(r.log.report_to, vec!["tensorboard".to_string()]);
+    // 2 GPUs: one serves rollouts, one trains the 16 x 8 samples of an update.
+    assert_eq!((r.topology.learner_ranks, r.topology.dp), (1, 1));
+    assert_eq!(
+        r.train.per_device_train_batch_size * r.train.gradient_accumulation_steps,
+        128
+    );
+
+    // A critic-based estimator has no Tandem counterpart: said, not guessed.
+    let e = convert_recipe(
+        &yaml.replace("adv_estimator: rloo", "adv_estimator: gae"),
+        "verl.yaml",
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.contains("algorithm.adv_estimator") && e.contains("gae"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_command_converts_a_verl_script() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("run.sh");
+    std::fs::write(
+        &src,
+        include_str!("reference/verl_run_qwen2-7b.sh")
+            .replace("Qwen/Qwen2-7B-Instruct", "/models/qwen"),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_learner"))
+        .arg("convert-recipe")
+        .arg(&src)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let yaml = String::from_utf8_lossy(&o.stdout);
+    assert!(yaml.contains("its verl name"), "{yaml}");
+    assert!(yaml.contains("path: \"/models/qwen\""), "{yaml}");
 }
