@@ -9,7 +9,7 @@
 //! | `format`         | 1 if the regex matches, else 0                                   |
 //! | `length_penalty` | DAPO's soft overlong penalty in [-1, 0], or linear in [-1, 0]     |
 //! | `blocklist`      | `gate`: 1 clean / 0 blocked, and a blocked completion's total is 0; `penalty`: 0 clean / `penalty` blocked |
-//! | `remote`         | whatever the user's HTTP server returns                          |
+//! | `remote`         | whatever the user's HTTP server returns (`protocol: openrlhf`: an OpenRLHF `--remote_rm_url` server) |
 //! | `tag_count`      | open-r1's: 0.25 per think/answer tag line that appears exactly once |
 //! | `reasoning_steps`| open-r1's: `min(1, step markers / 3)`                             |
 //! | `repetition_penalty` | open-r1's: `max_penalty x` the share of repeated word n-grams |
@@ -228,10 +228,18 @@ fn params<T: DeserializeOwned>(
     label: &str,
     params: serde_json::Map<String, Value>,
 ) -> Result<T> {
-    serde_json::from_value(Value::Object(params)).map_err(|e| RewardError::Config {
-        index,
-        function: label.to_string(),
-        message: format!("parameters: {e}"),
+    serde_path_to_error::deserialize(Value::Object(params)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = if path == "." {
+            format!("parameters: {}", e.inner())
+        } else {
+            format!("parameter `{path}`: {}", e.inner())
+        };
+        RewardError::Config {
+            index,
+            function: label.to_string(),
+            message,
+        }
     })
 }
 
@@ -970,10 +978,27 @@ fn default_backoff_s() -> f64 {
     0.5
 }
 
+/// The body a remote reward server expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RemoteProtocol {
+    /// `{"prompts", "completions", "answers"}`: a TRL reward function's
+    /// arguments ([`RemoteRequest`]).
+    #[default]
+    Tandem,
+    /// OpenRLHF's `--remote_rm_url`: `{"query", "prompts", "labels"}`, the
+    /// query being the prompt followed by the completion, the labels the
+    /// dataset's answers ([`OpenRlhfRequest`]); so an OpenRLHF reward
+    /// server serves Tandem as it is.
+    Openrlhf,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RemoteParams {
     url: String,
+    #[serde(default)]
+    protocol: RemoteProtocol,
     #[serde(default = "default_timeout_s")]
     timeout_s: f64,
     #[serde(default = "default_max_retries")]
@@ -993,7 +1018,18 @@ pub struct RemoteRequest<'a> {
     pub answers: Vec<Option<&'a str>>,
 }
 
-/// The expected response: one finite number per completion, in order.
+/// OpenRLHF's remote reward request (`openrlhf/utils/remote_rm_utils.py`).
+#[derive(Debug, Serialize)]
+pub struct OpenRlhfRequest<'a> {
+    /// Prompt and completion, one text each.
+    pub query: Vec<String>,
+    pub prompts: Vec<&'a str>,
+    pub labels: Vec<Option<&'a str>>,
+}
+
+/// The expected response (both protocols): one finite number per
+/// completion, in order; other keys (OpenRLHF's `scores`, `extra_logs`)
+/// are ignored.
 #[derive(Debug, Deserialize)]
 pub struct RemoteResponse {
     pub rewards: Vec<Value>,
@@ -1002,6 +1038,7 @@ pub struct RemoteResponse {
 #[derive(Debug)]
 struct Remote {
     url: String,
+    protocol: RemoteProtocol,
     timeout: Duration,
     max_retries: u32,
     backoff: Duration,
@@ -1031,6 +1068,7 @@ impl Remote {
             .map_err(|e| format!("building the HTTP client: {e}"))?;
         Ok(Remote {
             url: p.url,
+            protocol: p.protocol,
             timeout: Duration::from_secs_f64(p.timeout_s),
             max_retries: p.max_retries,
             backoff: Duration::from_secs_f64(p.backoff_s),
@@ -1042,11 +1080,24 @@ impl Remote {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let body = RemoteRequest {
-            prompts: batch.iter().map(|x| x.prompt.as_str()).collect(),
-            completions: batch.iter().map(|x| x.completion_text.as_str()).collect(),
-            answers: batch.iter().map(|x| x.answer.as_deref()).collect(),
-        };
+        let prompts = batch.iter().map(|x| x.prompt.as_str()).collect();
+        let answers = batch.iter().map(|x| x.answer.as_deref()).collect();
+        let body = match self.protocol {
+            RemoteProtocol::Tandem => serde_json::to_value(RemoteRequest {
+                prompts,
+                completions: batch.iter().map(|x| x.completion_text.as_str()).collect(),
+                answers,
+            }),
+            RemoteProtocol::Openrlhf => serde_json::to_value(OpenRlhfRequest {
+                query: batch
+                    .iter()
+                    .map(|x| format!("{}{}", x.prompt, x.completion_text))
+                    .collect(),
+                prompts,
+                labels: answers,
+            }),
+        }
+        .map_err(|e| format!("encoding the request: {e}"))?;
         let mut attempt = 0;
         loop {
             match self.attempt(&body).await {
@@ -1072,7 +1123,7 @@ impl Remote {
         }
     }
 
-    async fn attempt(&self, body: &RemoteRequest<'_>) -> Result<Vec<u8>, Attempt> {
+    async fn attempt(&self, body: &Value) -> Result<Vec<u8>, Attempt> {
         let response = self
             .client
             .post(&self.url)

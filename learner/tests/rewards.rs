@@ -385,6 +385,30 @@ async fn ok(Json(body): Json<Value>) -> Json<Value> {
     Json(json!({"rewards": rewards_for(&body)}))
 }
 
+/// OpenRLHF's reward server: reads `query` (prompt + completion), `prompts`
+/// and `labels`, answers `rewards` with `scores` and `extra_logs` beside.
+async fn openrlhf(Json(body): Json<Value>) -> Json<Value> {
+    let queries = body["query"].as_array().unwrap();
+    let prompts = body["prompts"].as_array().unwrap();
+    let labels = body["labels"].as_array().unwrap();
+    assert!(body.get("completions").is_none(), "{body}");
+    let rewards: Vec<f64> = queries
+        .iter()
+        .zip(prompts)
+        .zip(labels)
+        .map(|((q, p), l)| {
+            let (q, p) = (q.as_str().unwrap(), p.as_str().unwrap());
+            let response = q.strip_prefix(p).expect("the query starts with the prompt");
+            if l.as_str() == Some(response) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Json(json!({"rewards": rewards, "scores": rewards, "extra_logs": {"n": queries.len()}}))
+}
+
 async fn flaky(State(s): State<Server>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
     if s.flaky_calls.fetch_add(1, Ordering::SeqCst) == 0 {
         return (
@@ -422,6 +446,7 @@ async fn start_server() -> (String, Server) {
     let state = Server::default();
     let app = Router::new()
         .route("/ok", post(ok))
+        .route("/openrlhf", post(openrlhf))
         .route("/flaky", post(flaky))
         .route("/slow", post(slow))
         .route("/wrong_length", post(wrong_length))
@@ -459,6 +484,25 @@ async fn remote_scores_a_batch() {
     assert_eq!(s.per_function[0].label, "python");
     assert_eq!(s.per_function[0].values, vec![103.0, 5.0]);
     assert_eq!(s.total, vec![51.5, 3.5]);
+}
+
+#[tokio::test]
+async fn remote_speaks_openrlhf_to_an_openrlhf_reward_server() {
+    let (base, _) = start_server().await;
+    let v = values(
+        remote(format!("{base}/openrlhf"), json!({"protocol": "openrlhf"})),
+        &two(),
+    )
+    .await;
+    assert_eq!(v, vec![1.0, 0.0]);
+    let err = config_error(remote(
+        format!("{base}/openrlhf"),
+        json!({"protocol": "trl"}),
+    ));
+    assert!(
+        err.contains("protocol") && err.contains("openrlhf"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
