@@ -48,12 +48,14 @@ enum Command {
     /// pass@k and mean@k of a model served by any OpenAI-compatible endpoint.
     Eval(learner::eval::EvalArgs),
     /// Rewrite a TRL / open-r1 GRPO recipe (one flat mapping of GRPOConfig
-    /// keys) or a verl configuration (its YAML, or a launch script's Hydra
-    /// overrides) as a Tandem recipe: each key in its section, the reward
-    /// functions as reward.functions, the keys Tandem does not take listed
-    /// at the end with what to do instead.
+    /// keys), a verl configuration (its YAML, or a launch script's Hydra
+    /// overrides) or an OpenRLHF launch script (train_ppo_ray's flags) as a
+    /// Tandem recipe: each key in its section, the reward functions as
+    /// reward.functions, the keys Tandem does not take listed at the end with
+    /// what to do instead.
     ConvertRecipe {
-        /// The TRL / open-r1 YAML file, or the verl YAML or launch script.
+        /// The TRL / open-r1 YAML file, the verl YAML or launch script, or the
+        /// OpenRLHF launch script.
         file: PathBuf,
         /// Write the recipe here instead of printing it.
         #[arg(long)]
@@ -128,8 +130,21 @@ fn main() -> anyhow::Result<()> {
                 converted.left_out.len()
             );
             // What the learner would say about it, before a run does.
-            Recipe::from_yaml_str(&converted.yaml, "the converted recipe", &[] as &[&str])
-                .context("the converted recipe does not load yet; edit it where the error says")?;
+            let recipe =
+                Recipe::from_yaml_str(&converted.yaml, "the converted recipe", &[] as &[&str])
+                    .context(
+                        "the converted recipe does not load yet; edit it where the error says",
+                    )?;
+            let functions: Vec<serde_json::Value> = recipe
+                .reward
+                .functions
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?;
+            learner::rewards::RewardRegistry::from_configs(&functions).context(
+                "the converted recipe's reward functions do not load yet; edit them where the \
+                 error says",
+            )?;
         }
         Command::InitModel { preset, out, seed } => {
             let cfg = presets::init_model(preset, &out, seed)

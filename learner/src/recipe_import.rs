@@ -6,9 +6,11 @@
 //! key Tandem does not take is listed at the end with what to do instead.
 //! The result loads as it is; the lines marked TODO want local paths
 //! (nothing is downloaded). A verl configuration (its nested YAML, or the
-//! Hydra overrides of a launch script) goes through [`verl`] instead;
-//! [`convert_recipe`] tells them apart.
+//! Hydra overrides of a launch script) goes through [`verl`] instead, an
+//! OpenRLHF launch script through [`openrlhf`]; [`convert_recipe`] tells
+//! them apart.
 
+mod openrlhf;
 mod verl;
 
 use serde_json::{Map, Value, json};
@@ -76,13 +78,63 @@ pub struct Converted {
     pub left_out: Vec<(String, String)>,
 }
 
-/// Converts a TRL / open-r1 recipe or a verl configuration, whichever
-/// `text` is.
+/// Converts a TRL / open-r1 recipe, a verl configuration or an OpenRLHF
+/// launch script, whichever `text` is.
 pub fn convert_recipe(text: &str, source_name: &str) -> Result<Converted, String> {
+    if let Some(flags) = openrlhf::parse(text) {
+        return openrlhf::convert(flags, source_name);
+    }
     match verl::parse(text) {
         Some(keys) => verl::convert(keys, source_name),
         None => convert_trl_recipe(text, source_name),
     }
+}
+
+/// The words of a launch script as the shell would pass them, with the
+/// script's own variables (`NAME=value`, `export NAME=value`) put in where
+/// they are used (`$HOME` and the like stay); comment lines and the
+/// assignments themselves are left out, line continuations joined.
+fn script_words(text: &str) -> Vec<String> {
+    let without_comments: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let joined = without_comments.join("\n").replace("\\\n", " ");
+    let mut vars: Vec<(String, String)> = Vec::new();
+    let mut out = Vec::new();
+    for line in joined.lines() {
+        let Ok(words) = shell_words::split(line) else {
+            continue;
+        };
+        for word in words {
+            let word = substitute(&word, &vars);
+            if let Some((name, value)) = word.split_once('=')
+                && !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+            {
+                vars.retain(|(k, _)| k != name);
+                vars.push((name.to_string(), value.to_string()));
+                continue;
+            }
+            out.push(word);
+        }
+    }
+    out
+}
+
+/// `$NAME` and `${NAME}` replaced by the script's earlier assignments.
+fn substitute(value: &str, vars: &[(String, String)]) -> String {
+    let mut s = value.to_string();
+    // Longest names first, so `$train` does not eat `$train_files`.
+    let mut vars: Vec<&(String, String)> = vars.iter().collect();
+    vars.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    for (k, v) in vars {
+        s = s
+            .replace(&format!("${{{k}}}"), v)
+            .replace(&format!("${k}"), v);
+    }
+    s
 }
 
 /// One key of the output.

@@ -497,3 +497,66 @@ fn the_command_converts_a_verl_script() {
     assert!(yaml.contains("its verl name"), "{yaml}");
     assert!(yaml.contains("path: \"/models/qwen\""), "{yaml}");
 }
+
+/// OpenRLHF's GRPO launch script (its README's Ray example, in shape): the
+/// flags become a Tandem recipe with the same step (128 prompts x 8
+/// samples, 8 updates of 128) and its reward server spoken to as OpenRLHF
+/// does.
+#[test]
+fn an_openrlhf_launch_script_converts_to_the_same_steps() {
+    let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
+    let c = convert_recipe(script, "train_grpo_ray.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert!(c.yaml.contains("its OpenRLHF name"), "{}", c.yaml);
+    assert_eq!(serde_json::to_value(r.model.dtype).unwrap(), "bf16");
+    assert_eq!(r.data.prompt_column, "context_messages");
+    assert_eq!(r.data.answer_column, "answer");
+    assert_eq!(r.data.prompt_template, "chat");
+    assert_eq!(r.rollout.num_generations, 8);
+    let t = &r.train;
+    assert_eq!(t.generation_batch_size, Some(128 * 8));
+    assert_eq!(
+        (t.per_device_train_batch_size, t.gradient_accumulation_steps),
+        (8, 4)
+    );
+    assert_eq!((r.topology.learner_ranks, r.topology.dp), (4, 4));
+    let per_rank = r.for_world_size(r.topology.learner_ranks).unwrap();
+    assert_eq!(per_rank.train.updates_per_generation(), 128 * 8 / 128);
+    assert_eq!(t.loss.adv_estimator, AdvantageEstimator::Grpo);
+    assert_eq!(t.loss.scale_rewards, ScaleRewards::Group);
+    assert_eq!((t.loss.beta, t.loss.kl_estimator), (0.001, KlEstimator::K3));
+    assert_eq!((t.adam_beta1, t.adam_beta2), (0.9, 0.95));
+    assert_eq!(t.lr_scheduler_type, LrSchedulerType::CosineWithMinLr);
+    assert_eq!(t.warmup_ratio, 0.03);
+    assert_eq!(r.checkpoint.save_strategy, IntervalStrategy::No);
+    let f = &r.reward.functions[0];
+    assert_eq!(f.name, "remote");
+    assert_eq!(f.params["protocol"], "openrlhf");
+    assert_eq!(f.params["url"], "http://localhost:5000/get_reward");
+    let configs: Vec<serde_json::Value> = r
+        .reward
+        .functions
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
+    learner::rewards::RewardRegistry::from_configs(&configs).unwrap();
+    let left: Vec<&str> = c.left_out.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(left.contains(&"--zero_stage: 3"), "{left:?}");
+    assert!(!c.yaml.contains("wandb_token"), "a wandb key is not copied");
+
+    // KL in the reward (no --use_kl_loss) is said, not silently dropped;
+    // a critic-based estimator is refused.
+    let c = convert_recipe(&script.replace("--use_kl_loss \\\n", ""), "s.sh").unwrap();
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(k, why)| k.starts_with("--init_kl_coef") && why.contains("reward")),
+        "{:?}",
+        c.left_out
+    );
+    let e = convert_recipe(&script.replace("group_norm", "gae"), "s.sh")
+        .err()
+        .unwrap();
+    assert!(e.contains("--advantage_estimator gae"), "{e}");
+}

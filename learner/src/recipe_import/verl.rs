@@ -15,7 +15,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Converted, Output, inline, render};
+use super::{Converted, Output, inline, render, script_words};
 use crate::recipe::SECTION_NAMES;
 
 /// The groups of a verl configuration that a Tandem recipe has not.
@@ -74,52 +74,19 @@ fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
 }
 
 /// The Hydra overrides (`group.key=value`, `+key=value`) of a launch
-/// script, with the script's own variables (`NAME=value`, `export
-/// NAME=value`) put in where they are used; `$HOME` and the like stay.
+/// script.
 fn overrides(text: &str) -> Map<String, Value> {
-    let without_comments: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect();
-    let joined = without_comments.join("\n").replace("\\\n", " ");
-    let mut vars: Vec<(String, String)> = Vec::new();
     let mut out = Map::new();
-    for line in joined.lines() {
-        let Ok(words) = shell_words::split(line) else {
+    for word in script_words(text) {
+        let Some((key, value)) = word.split_once('=') else {
             continue;
         };
-        for word in words {
-            let Some((key, value)) = word.split_once('=') else {
-                continue;
-            };
-            let value = substitute(value, &vars);
-            let key = key.trim_start_matches('+');
-            let is_ident = !key.is_empty()
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && !key.starts_with(|c: char| c.is_ascii_digit());
-            if is_ident {
-                vars.retain(|(k, _)| k != key);
-                vars.push((key.to_string(), value));
-            } else if ALL_GROUPS.iter().any(|g| key.starts_with(&format!("{g}."))) {
-                out.insert(key.to_string(), hydra_value(&value));
-            }
+        let key = key.trim_start_matches('+');
+        if ALL_GROUPS.iter().any(|g| key.starts_with(&format!("{g}."))) {
+            out.insert(key.to_string(), hydra_value(value));
         }
     }
     out
-}
-
-/// `$NAME` and `${NAME}` replaced by the script's earlier assignments.
-fn substitute(value: &str, vars: &[(String, String)]) -> String {
-    let mut s = value.to_string();
-    // Longest names first, so `$train` does not eat `$train_files`.
-    let mut vars: Vec<&(String, String)> = vars.iter().collect();
-    vars.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
-    for (k, v) in vars {
-        s = s
-            .replace(&format!("${{{k}}}"), v)
-            .replace(&format!("${k}"), v);
-    }
-    s
 }
 
 /// A Hydra value: YAML's scalars and flow lists (`True`, `1e-6`,
