@@ -289,13 +289,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
     let client = RolloutClient::new(settings, tokenizer)?;
-    let functions: Vec<serde_json::Value> = recipe
-        .reward
-        .functions
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<Result<_, _>>()?;
-    let rewards = RewardRegistry::from_configs(&functions)?;
+    let rewards = RewardRegistry::from_section(&recipe.reward)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -135,13 +135,7 @@ fn main() -> anyhow::Result<()> {
                     .context(
                         "the converted recipe does not load yet; edit it where the error says",
                     )?;
-            let functions: Vec<serde_json::Value> = recipe
-                .reward
-                .functions
-                .iter()
-                .map(serde_json::to_value)
-                .collect::<Result<_, _>>()?;
-            learner::rewards::RewardRegistry::from_configs(&functions).context(
+            learner::rewards::RewardRegistry::from_section(&recipe.reward).context(
                 "the converted recipe's reward functions do not load yet; edit them where the \
                  error says",
             )?;

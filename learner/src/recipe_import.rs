@@ -90,6 +90,69 @@ pub fn convert_recipe(text: &str, source_name: &str) -> Result<Converted, String
     }
 }
 
+/// The keys of a source configuration (verl's dotted names, OpenRLHF's
+/// flags), each taken once as it is converted; what is left is listed.
+struct Source(Map<String, Value>);
+
+impl Source {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.0.shift_remove(key).filter(|v| !v.is_null())
+    }
+    fn num(&mut self, key: &str) -> Option<f64> {
+        self.take(key).and_then(|v| v.as_f64())
+    }
+    fn bool(&mut self, key: &str) -> Option<bool> {
+        self.take(key).and_then(|v| v.as_bool())
+    }
+    /// A flag given without `false`.
+    fn set(&mut self, key: &str) -> bool {
+        self.take(key).is_some_and(|v| v != Value::Bool(false))
+    }
+    fn str(&mut self, key: &str) -> Option<String> {
+        self.take(key).map(|v| match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        })
+    }
+    /// Each `(from, to)` moved as it is, commented with `note(from)`.
+    fn direct(&mut self, out: &mut Output, pairs: &[(&str, &str)], note: fn(&str) -> String) {
+        for (from, to) in pairs {
+            if let Some(v) = self.take(from) {
+                out.put(to, v, Some(note(from)));
+            }
+        }
+    }
+}
+
+/// The most learner ranks, leaving at least one of `gpus` to rollouts,
+/// that split `units` (what one update divides into: prompts, groups)
+/// evenly; the other GPUs serve rollout replicas. `(learners, replicas)`.
+fn split_gpus(gpus: u64, units: u64) -> (u64, u64) {
+    let most = gpus.saturating_sub(1).max(1);
+    let learners = (1..=most)
+        .rev()
+        .find(|w| units.is_multiple_of(*w))
+        .unwrap_or(1);
+    (learners, gpus.saturating_sub(learners).max(1))
+}
+
+/// A micro-batch of whole groups (a multiple of `n`) that divides the
+/// `per_rank` samples a rank takes per update: the largest within the
+/// source's `micro` batch (its memory bound), else the smallest; the whole
+/// share when the source gives none.
+fn whole_group_micro_batch(per_rank: u64, n: u64, micro: Option<u64>) -> u64 {
+    let fits: Vec<u64> = (1..=per_rank / n.max(1))
+        .map(|k| k * n)
+        .filter(|d| per_rank.is_multiple_of(*d))
+        .collect();
+    match micro {
+        Some(m) => fits.iter().rev().find(|&&d| d <= m).or(fits.first()),
+        None => fits.last(),
+    }
+    .copied()
+    .unwrap_or(n.max(1))
+}
+
 /// The words of a launch script as the shell would pass them, with the
 /// script's own variables (`NAME=value`, `export NAME=value`) put in where
 /// they are used (`$HOME` and the like stay); comment lines and the
@@ -144,13 +207,19 @@ struct Entry {
     note: Option<String>,
 }
 
-#[derive(Default)]
 struct Output {
     sections: Vec<(&'static str, Vec<Entry>)>,
     left_out: Vec<(String, String)>,
 }
 
 impl Output {
+    fn new() -> Self {
+        Output {
+            sections: SECTIONS.iter().map(|s| (*s, Vec::new())).collect(),
+            left_out: Vec::new(),
+        }
+    }
+
     fn put(&mut self, path: &str, value: Value, note: Option<String>) {
         let Some((section, key)) = path.split_once('.') else {
             return;
@@ -162,6 +231,31 @@ impl Output {
                 value,
                 note,
             });
+        }
+    }
+
+    /// `model.path`, from the source's key `from`: a hub name wants a local
+    /// folder (nothing is downloaded), a shell variable a real path.
+    fn put_model_path(&mut self, v: Value, from: &str) {
+        let text = v.as_str().unwrap_or_default();
+        let note = if text.contains('$') || text.contains('~') {
+            format!("{from}; TODO: the script's shell variables are not known here")
+        } else if text.starts_with('/') || text.starts_with('.') {
+            from.to_string()
+        } else {
+            format!(
+                "{from}; TODO: a local Hugging Face folder (download {text} first: nothing is \
+                 downloaded)"
+            )
+        };
+        self.put("model.path", v, Some(note));
+    }
+
+    /// The result, in `dialect`'s words.
+    fn into_converted(self, source_name: &str, dialect: &str) -> Converted {
+        Converted {
+            yaml: render(&self, source_name, dialect),
+            left_out: self.left_out,
         }
     }
 
@@ -204,10 +298,7 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
              nothing to convert"
         ));
     }
-    let mut out = Output {
-        sections: SECTIONS.iter().map(|s| (*s, Vec::new())).collect(),
-        left_out: Vec::new(),
-    };
+    let mut out = Output::new();
 
     convert_model(&mut map, &mut out);
     convert_dataset(&mut map, &mut out);
@@ -290,24 +381,14 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
             }
         }
     }
-    Ok(Converted {
-        yaml: render(&out, source_name, "TRL / open-r1"),
-        left_out: out.left_out,
-    })
+    Ok(out.into_converted(source_name, "TRL / open-r1"))
 }
 
 /// `model_name_or_path` (a folder, not a hub id), `torch_dtype` / `bf16` /
 /// `fp16`.
 fn convert_model(map: &mut Map<String, Value>, out: &mut Output) {
     if let Some(v) = map.remove("model_name_or_path") {
-        let note = format!(
-            "model_name_or_path; TODO: a local Hugging Face folder{}",
-            v.as_str()
-                .filter(|s| !s.starts_with('/') && !s.starts_with('.'))
-                .map(|s| format!(" (download {s} first: nothing is downloaded)"))
-                .unwrap_or_default()
-        );
-        out.put("model.path", v, Some(note));
+        out.put_model_path(v, "model_name_or_path");
     }
     let dtype = match map.remove("torch_dtype") {
         Some(Value::String(d)) => match d.as_str() {

@@ -179,6 +179,23 @@ impl RewardRegistry {
         Ok(RewardRegistry { functions })
     }
 
+    /// The registry of a recipe's `reward` section.
+    pub fn from_section(section: &crate::recipe::RewardSection) -> Result<Self> {
+        let configs = section
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(index, f)| {
+                serde_json::to_value(f).map_err(|e| RewardError::Config {
+                    index,
+                    function: f.name.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<Value>>>()?;
+        RewardRegistry::from_configs(&configs)
+    }
+
     /// The logged names, in recipe order.
     pub fn labels(&self) -> Vec<&str> {
         self.functions.iter().map(|f| f.label.as_str()).collect()

@@ -850,13 +850,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // ---- data, rewards, rollouts, optimizer
     let mut source =
         PromptSource::from_recipe(&recipe.data, t.seed, rank, world, Some(&tokenizer))?;
-    let reward_configs: Vec<Value> = recipe
-        .reward
-        .functions
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<Result<_, _>>()?;
-    let rewards = RewardRegistry::from_configs(&reward_configs)?;
+    let rewards = RewardRegistry::from_section(&recipe.reward)?;
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?

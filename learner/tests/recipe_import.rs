@@ -534,13 +534,7 @@ fn an_openrlhf_launch_script_converts_to_the_same_steps() {
     assert_eq!(f.name, "remote");
     assert_eq!(f.params["protocol"], "openrlhf");
     assert_eq!(f.params["url"], "http://localhost:5000/get_reward");
-    let configs: Vec<serde_json::Value> = r
-        .reward
-        .functions
-        .iter()
-        .map(|f| serde_json::to_value(f).unwrap())
-        .collect();
-    learner::rewards::RewardRegistry::from_configs(&configs).unwrap();
+    learner::rewards::RewardRegistry::from_section(&r.reward).unwrap();
     let left: Vec<&str> = c.left_out.iter().map(|(k, _)| k.as_str()).collect();
     assert!(left.contains(&"--zero_stage: 3"), "{left:?}");
     assert!(!c.yaml.contains("wandb_token"), "a wandb key is not copied");

@@ -15,8 +15,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Converted, Output, inline, render, script_words};
-use crate::recipe::SECTION_NAMES;
+use super::{Converted, Output, Source, script_words, split_gpus, whole_group_micro_batch};
 
 /// Flags that take two values.
 const PAIRS: &[&str] = &[
@@ -74,45 +73,18 @@ fn scalar(s: &str) -> Value {
     }
 }
 
-struct Flags(Map<String, Value>);
-
-impl Flags {
-    fn take(&mut self, k: &str) -> Option<Value> {
-        self.0.shift_remove(k).filter(|v| !v.is_null())
-    }
-    fn num(&mut self, k: &str) -> Option<f64> {
-        self.take(k).and_then(|v| v.as_f64())
-    }
-    fn set(&mut self, k: &str) -> bool {
-        self.take(k).is_some_and(|v| v != Value::Bool(false))
-    }
-    fn str(&mut self, k: &str) -> Option<String> {
-        self.take(k).map(|v| match v {
-            Value::String(s) => s,
-            other => other.to_string(),
-        })
-    }
-}
-
 fn flag(name: &str) -> String {
     format!("--{name}")
 }
 
 /// `--from` moved to `to` as it is.
-fn direct(f: &mut Flags, out: &mut Output, pairs: &[(&str, &str)]) {
-    for (from, to) in pairs {
-        if let Some(v) = f.take(from) {
-            out.put(to, v, Some(flag(from)));
-        }
-    }
+fn direct(f: &mut Source, out: &mut Output, pairs: &[(&str, &str)]) {
+    f.direct(out, pairs, flag);
 }
 
 pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Converted, String> {
-    let mut f = Flags(flags);
-    let mut out = Output {
-        sections: SECTION_NAMES.iter().map(|s| (*s, Vec::new())).collect(),
-        left_out: Vec::new(),
-    };
+    let mut f = Source(flags);
+    let mut out = Output::new();
     convert_model_and_data(&mut f, &mut out);
     let n = convert_generation(&mut f, &mut out);
     convert_batches(&mut f, &mut out, n);
@@ -130,27 +102,12 @@ pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Co
         };
         out.leave_out(&flag(&key), &value, why);
     }
-    Ok(Converted {
-        yaml: render(&out, source_name, "OpenRLHF"),
-        left_out: out.left_out,
-    })
+    Ok(out.into_converted(source_name, "OpenRLHF"))
 }
 
-fn convert_model_and_data(f: &mut Flags, out: &mut Output) {
+fn convert_model_and_data(f: &mut Source, out: &mut Output) {
     if let Some(v) = f.take("pretrain") {
-        let local = v
-            .as_str()
-            .is_some_and(|p| p.starts_with('/') || p.starts_with('.'));
-        let note = if local {
-            "--pretrain".to_string()
-        } else {
-            format!(
-                "--pretrain; TODO: a local Hugging Face folder (download {} first: nothing is \
-                 downloaded)",
-                inline(&v)
-            )
-        };
-        out.put("model.path", v, Some(note));
+        out.put_model_path(v, "--pretrain");
     }
     if f.set("bf16") {
         out.put("model.dtype", json!("bf16"), Some("--bf16".into()));
@@ -225,7 +182,7 @@ fn convert_model_and_data(f: &mut Flags, out: &mut Output) {
 }
 
 /// Sampling and lengths; returns `n_samples_per_prompt`.
-fn convert_generation(f: &mut Flags, out: &mut Output) -> u64 {
+fn convert_generation(f: &mut Source, out: &mut Output) -> u64 {
     let n = f
         .num("n_samples_per_prompt")
         .map_or(1, |n| n.max(1.0) as u64);
@@ -271,7 +228,7 @@ fn convert_generation(f: &mut Flags, out: &mut Output) -> u64 {
 }
 
 /// The GPUs and the batch sizes (see the module docs).
-fn convert_batches(f: &mut Flags, out: &mut Output, n: u64) {
+fn convert_batches(f: &mut Source, out: &mut Output, n: u64) {
     let nodes = f.num("actor_num_nodes").map_or(1, |v| v.max(1.0) as u64);
     let per_node = f
         .num("actor_num_gpus_per_node")
@@ -299,18 +256,12 @@ fn convert_batches(f: &mut Flags, out: &mut Output, n: u64) {
     // Learner ranks split an update into whole groups.
     let groups = (update / n).max(1);
     let (learners, dp, gpus_note) = if colocated || engines == 0 {
-        let most = actor_gpus.saturating_sub(1).max(1);
-        let w = (1..=most)
-            .rev()
-            .find(|w| groups.is_multiple_of(*w))
-            .unwrap_or(1);
+        let (w, dp) = split_gpus(actor_gpus, groups);
         (
             w,
-            actor_gpus.saturating_sub(w).max(1),
+            dp,
             format!(
-                "OpenRLHF colocates; here {} of the {actor_gpus} GPUs serve rollouts and {w} \
-                 train",
-                actor_gpus.saturating_sub(w).max(1)
+                "OpenRLHF colocates; here {dp} of the {actor_gpus} GPUs serve rollouts and {w} train"
             ),
         )
     } else {
@@ -351,17 +302,7 @@ fn convert_batches(f: &mut Flags, out: &mut Output, n: u64) {
     let even = update.is_multiple_of(learners)
         && per_rank.is_multiple_of(n)
         && (prompts * n).is_multiple_of(update);
-    let fits: Vec<u64> = (1..=per_rank / n)
-        .map(|k| k * n)
-        .filter(|d| per_rank.is_multiple_of(*d))
-        .collect();
-    let batch = fits
-        .iter()
-        .rev()
-        .find(|&&d| d <= micro)
-        .or(fits.first())
-        .copied()
-        .unwrap_or(n);
+    let batch = whole_group_micro_batch(per_rank, n, Some(micro));
     let note = if batch == micro {
         "--micro_train_batch_size".to_string()
     } else {
@@ -391,7 +332,7 @@ fn convert_batches(f: &mut Flags, out: &mut Output, n: u64) {
     direct(f, out, &[("max_epochs", "train.num_iterations")]);
 }
 
-fn convert_optimizer(f: &mut Flags, out: &mut Output) {
+fn convert_optimizer(f: &mut Source, out: &mut Output) {
     let lr = f.take("actor_learning_rate");
     let note = if lr.is_some() {
         "--actor_learning_rate"
@@ -466,7 +407,7 @@ fn convert_optimizer(f: &mut Flags, out: &mut Output) {
     );
 }
 
-fn convert_loss(f: &mut Flags, out: &mut Output) -> Result<(), String> {
+fn convert_loss(f: &mut Source, out: &mut Output) -> Result<(), String> {
     let estimator = f.str("advantage_estimator").unwrap_or_else(|| "gae".into());
     let no_std = f.set("no_advantage_std_norm");
     let (adv, scale) = match estimator.as_str() {
@@ -585,7 +526,7 @@ fn convert_loss(f: &mut Flags, out: &mut Output) -> Result<(), String> {
     Ok(())
 }
 
-fn convert_run(f: &mut Flags, out: &mut Output) {
+fn convert_run(f: &mut Source, out: &mut Output) {
     let episodes = f.take("num_episodes");
     let note = if episodes.is_some() {
         "--num_episodes (passes over the prompts)"
@@ -637,7 +578,7 @@ fn convert_run(f: &mut Flags, out: &mut Output) {
     }
 }
 
-fn convert_reward(f: &mut Flags, out: &mut Output, _n: u64) {
+fn convert_reward(f: &mut Source, out: &mut Output, _n: u64) {
     let mut functions = Vec::new();
     let mut note = None;
     if let Some(urls) = f.str("remote_rm_url") {

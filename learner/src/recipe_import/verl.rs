@@ -15,8 +15,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Converted, Output, inline, render, script_words};
-use crate::recipe::SECTION_NAMES;
+use super::{Converted, Output, Source, inline, script_words, split_gpus, whole_group_micro_batch};
 
 /// The groups of a verl configuration that a Tandem recipe has not.
 const VERL_GROUPS: &[&str] = &["actor_rollout_ref", "algorithm", "trainer"];
@@ -101,36 +100,14 @@ fn hydra_value(s: &str) -> Value {
     }
 }
 
-/// The keys of the configuration, taken as they are converted.
-struct Keys(Map<String, Value>);
-
-impl Keys {
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.0.shift_remove(key).filter(|v| !v.is_null())
-    }
-    fn num(&mut self, key: &str) -> Option<f64> {
-        self.take(key).and_then(|v| v.as_f64())
-    }
-    fn bool(&mut self, key: &str) -> Option<bool> {
-        self.take(key).and_then(|v| v.as_bool())
-    }
-    fn str(&mut self, key: &str) -> Option<String> {
-        self.take(key).and_then(|v| v.as_str().map(str::to_string))
-    }
-}
-
 /// The short name of a verl key for comments (`actor.optim.lr`).
 fn short(key: &str) -> String {
     key.trim_start_matches("actor_rollout_ref.").to_string()
 }
 
 /// One verl key moved to one Tandem key under the same value.
-fn direct(keys: &mut Keys, out: &mut Output, pairs: &[(&str, &str)]) {
-    for (from, to) in pairs {
-        if let Some(v) = keys.take(from) {
-            out.put(to, v, Some(short(from)));
-        }
-    }
+fn direct(keys: &mut Source, out: &mut Output, pairs: &[(&str, &str)]) {
+    keys.direct(out, pairs, short);
 }
 
 /// A path that still names a shell variable or `~` wants a real one.
@@ -147,11 +124,8 @@ fn path_note(key: &str, v: &Value) -> String {
 }
 
 pub(super) fn convert(flat: Map<String, Value>, source_name: &str) -> Result<Converted, String> {
-    let mut keys = Keys(flat);
-    let mut out = Output {
-        sections: SECTION_NAMES.iter().map(|s| (*s, Vec::new())).collect(),
-        left_out: Vec::new(),
-    };
+    let mut keys = Source(flat);
+    let mut out = Output::new();
     convert_model_and_data(&mut keys, &mut out);
     let n = convert_rollout(&mut keys, &mut out);
     let learner_ranks = convert_topology(&mut keys, &mut out);
@@ -164,27 +138,12 @@ pub(super) fn convert(flat: Map<String, Value>, source_name: &str) -> Result<Con
         let why = left_out_reason(&key);
         out.leave_out(&key, &value, why);
     }
-    Ok(Converted {
-        yaml: render(&out, source_name, "verl"),
-        left_out: out.left_out,
-    })
+    Ok(out.into_converted(source_name, "verl"))
 }
 
-fn convert_model_and_data(keys: &mut Keys, out: &mut Output) {
+fn convert_model_and_data(keys: &mut Source, out: &mut Output) {
     if let Some(v) = keys.take("actor_rollout_ref.model.path") {
-        let local = v
-            .as_str()
-            .is_some_and(|p| p.starts_with('/') || p.starts_with('.') || p.starts_with('$'));
-        let note = if local {
-            path_note("actor_rollout_ref.model.path", &v)
-        } else {
-            format!(
-                "model.path; TODO: a local Hugging Face folder (download {} first: nothing is \
-                 downloaded)",
-                v.as_str().unwrap_or("the model")
-            )
-        };
-        out.put("model.path", v, Some(note));
+        out.put_model_path(v, "model.path");
     }
     direct(
         keys,
@@ -231,7 +190,7 @@ fn convert_model_and_data(keys: &mut Keys, out: &mut Output) {
 }
 
 /// The sampling keys; returns `rollout.n`.
-fn convert_rollout(keys: &mut Keys, out: &mut Output) -> u64 {
+fn convert_rollout(keys: &mut Source, out: &mut Output) -> u64 {
     let n = keys.num(&format!("{ROLLOUT}n")).map(|n| n as u64);
     match n {
         Some(n) => out.put(
@@ -311,7 +270,7 @@ fn convert_rollout(keys: &mut Keys, out: &mut Output) -> u64 {
 /// the other GPUs to rollout replicas of one GPU each (Tandem's rollout
 /// server does not split a model across GPUs yet). Returns the learner
 /// ranks.
-fn convert_topology(keys: &mut Keys, out: &mut Output) -> u64 {
+fn convert_topology(keys: &mut Source, out: &mut Output) -> u64 {
     let nodes = keys.num("trainer.nnodes").map_or(1, |n| n.max(1.0) as u64);
     let per_node = keys.num("trainer.n_gpus_per_node").map_or(8, |n| n as u64);
     let tp_key = format!("{ROLLOUT}tensor_model_parallel_size");
@@ -321,7 +280,8 @@ fn convert_topology(keys: &mut Keys, out: &mut Output) -> u64 {
         out.leave_out(
             &tp_key,
             &tp,
-            "Tandem's rollout server runs a model on one GPU (no tensor parallelism yet):              the GPUs serve replicas of one GPU each (topology.dp)",
+            "Tandem's rollout server runs a model on one GPU (no tensor parallelism yet): \
+             the GPUs serve replicas of one GPU each (topology.dp)",
         );
     }
     let mini = keys
@@ -331,12 +291,7 @@ fn convert_topology(keys: &mut Keys, out: &mut Output) -> u64 {
         .unwrap_or(256)
         .max(1);
     let total = nodes * per_node;
-    let most = total.saturating_sub(1).max(1);
-    let learners = (1..=most)
-        .rev()
-        .find(|w| mini.is_multiple_of(*w))
-        .unwrap_or(1);
-    let dp = total.saturating_sub(learners).max(1);
+    let (learners, dp) = split_gpus(total, mini);
     out.put(
         "topology.nodes",
         json!(nodes),
@@ -367,7 +322,7 @@ fn convert_topology(keys: &mut Keys, out: &mut Output) -> u64 {
 
 /// verl's batch sizes as TRL's, for `ranks` learner ranks (see the module
 /// docs).
-fn convert_batches(keys: &mut Keys, out: &mut Output, n: u64, ranks: u64) {
+fn convert_batches(keys: &mut Source, out: &mut Output, n: u64, ranks: u64) {
     let prompts = keys.num("data.train_batch_size").map_or(1024, |v| v as u64);
     let mini = keys
         .num(&format!("{ACTOR}ppo_mini_batch_size"))
@@ -387,28 +342,12 @@ fn convert_batches(keys: &mut Keys, out: &mut Output, n: u64, ranks: u64) {
             "data.train_batch_size {prompts} prompts x rollout.n {n} (all ranks)"
         )),
     );
-    // A micro-batch holds whole groups (a multiple of n) and divides the
-    // rank's share of an update: the largest such one within verl's micro
-    // batch (its memory bound), else the smallest.
     let n = n.max(1);
     let per_rank_update = mini * n / ranks;
     let even = (mini * n).is_multiple_of(ranks)
         && per_rank_update.is_multiple_of(n)
         && prompts.is_multiple_of(mini);
-    let fits: Vec<u64> = (1..=per_rank_update / n)
-        .map(|k| k * n)
-        .filter(|d| per_rank_update.is_multiple_of(*d))
-        .collect();
-    let batch = match micro {
-        Some(m) => fits
-            .iter()
-            .rev()
-            .find(|&&d| d <= m)
-            .or(fits.first())
-            .copied(),
-        None => fits.last().copied(),
-    }
-    .unwrap_or(n);
+    let batch = whole_group_micro_batch(per_rank_update, n, micro);
     let accumulation = (per_rank_update / batch).max(1);
     let micro_note = match micro {
         Some(m) if m == batch => "actor.ppo_micro_batch_size_per_gpu".to_string(),
@@ -456,7 +395,7 @@ fn convert_batches(keys: &mut Keys, out: &mut Output, n: u64, ranks: u64) {
     }
 }
 
-fn convert_optimizer(keys: &mut Keys, out: &mut Output) {
+fn convert_optimizer(keys: &mut Source, out: &mut Output) {
     let optim = format!("{ACTOR}optim.");
     if let Some(lr) = keys.take(&format!("{optim}lr")) {
         out.put("train.learning_rate", lr, Some("actor.optim.lr".into()));
@@ -565,7 +504,7 @@ fn convert_optimizer(keys: &mut Keys, out: &mut Output) {
     );
 }
 
-fn convert_loss(keys: &mut Keys, out: &mut Output) -> Result<(), String> {
+fn convert_loss(keys: &mut Source, out: &mut Output) -> Result<(), String> {
     // The clip range: clip_ratio, or its low / high halves.
     let clip = keys.take(&format!("{ACTOR}clip_ratio"));
     let low = keys
@@ -722,7 +661,7 @@ fn convert_loss(keys: &mut Keys, out: &mut Output) -> Result<(), String> {
     Ok(())
 }
 
-fn convert_trainer(keys: &mut Keys, out: &mut Output) {
+fn convert_trainer(keys: &mut Source, out: &mut Output) {
     let steps = keys.num("trainer.total_training_steps");
     let epochs = keys.num("trainer.total_epochs");
     match (steps, epochs) {
@@ -822,7 +761,7 @@ fn convert_trainer(keys: &mut Keys, out: &mut Output) {
     }
 }
 
-fn convert_reward(keys: &mut Keys, out: &mut Output) {
+fn convert_reward(keys: &mut Source, out: &mut Output) {
     let custom = keys.take("custom_reward_function.path");
     let custom_name = keys.take("custom_reward_function.name");
     if keys.bool("reward_model.enable") == Some(true) {
