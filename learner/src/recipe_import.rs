@@ -67,8 +67,18 @@ const COUNTED_IN_UPDATES: &[&str] = &[
     "warmup_steps",
 ];
 
-/// open-r1's format reward: `re.match` with DOTALL of this pattern.
-const OPEN_R1_FORMAT: &str = r"(?s)^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$";
+/// open-r1's format reward: its pattern, which it applies with `re.match`
+/// (anchored at the start: `\A`) and DOTALL | MULTILINE (`$` also ends a
+/// line, so text may follow the answer's line).
+const OPEN_R1_FORMAT: &str = r"(?sm)\A<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$";
+
+/// open-r1's `code_format` reward for `language`, as [`OPEN_R1_FORMAT`].
+fn open_r1_code_format(language: &str) -> String {
+    format!(
+        r"(?sm)\A<think>\n.*?\n</think>\n<answer>\n.*?```{}.*?```.*?\n</answer>$",
+        regex::escape(language)
+    )
+}
 
 /// A converted recipe.
 pub struct Converted {
@@ -550,6 +560,16 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         }
         None => Vec::new(),
     };
+    let code_language = map.remove("code_language");
+    if let Some(v) = &code_language
+        && !names.iter().any(|n| n == "code_format")
+    {
+        out.leave_out(
+            "code_language",
+            v,
+            "read by open-r1's code_format reward, which reward_funcs does not name",
+        );
+    }
     // The arguments, by the function that reads them.
     let mut args: Vec<(&str, &str, Value)> = Vec::new();
     for (arg, function, param) in REWARD_ARGS {
@@ -590,6 +610,24 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
             "tag_count" | "reasoning_steps" | "cosine" | "repetition_penalty" => {
                 f.insert("name".into(), json!(name));
                 None
+            }
+            "length" => {
+                f.insert("name".into(), json!("length"));
+                f.insert("extract".into(), json!("any"));
+                Some(
+                    "open-r1's len_reward; correct as exact_match says (open-r1: math_verify)"
+                        .to_string(),
+                )
+            }
+            "code_format" => {
+                let language = code_language
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .unwrap_or("python");
+                f.insert("name".into(), json!("format"));
+                f.insert("label".into(), json!("code_format"));
+                f.insert("pattern".into(), json!(open_r1_code_format(language)));
+                Some(format!("open-r1's code_format ({language})"))
             }
             "soft_overlong_punishment" => {
                 f.insert("name".into(), json!("length_penalty"));

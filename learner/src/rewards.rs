@@ -14,6 +14,7 @@
 //! | `reasoning_steps`| open-r1's: `min(1, step markers / 3)`                             |
 //! | `repetition_penalty` | open-r1's: `max_penalty x` the share of repeated word n-grams |
 //! | `cosine`         | open-r1's cosine-scaled reward: correct answers gain, wrong ones lose less, the shorter they are |
+//! | `length`         | open-r1's `len_reward` (Kimi k1.5): in [-0.5, 0.5] by length among the batch; a wrong answer never gains |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
 //! `gate` is the product of the `blocklist` gates (1 when there are none).
@@ -132,6 +133,7 @@ enum Kind {
     ReasoningSteps,
     RepetitionPenalty(RepetitionPenalty),
     Cosine(Cosine),
+    Length(Length),
 }
 
 /// Names of the built-in functions.
@@ -145,6 +147,7 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "reasoning_steps",
     "repetition_penalty",
     "cosine",
+    "length",
 ];
 
 impl RewardRegistry {
@@ -341,6 +344,7 @@ impl RewardFunction {
             "cosine" => Kind::Cosine(
                 Cosine::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             ),
+            "length" => Kind::Length(params(index, &label, rest)?),
             other => {
                 return Err(cfg_err(
                     other,
@@ -406,6 +410,7 @@ impl RewardFunction {
                 Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect())
             }
             Kind::Cosine(f) => self.each(batch, |x| f.score(x)),
+            Kind::Length(f) => f.score(batch).map_err(|m| self.fail(m)),
         }
     }
 }
@@ -889,6 +894,48 @@ impl Cosine {
             (self.p.max_value_wrong, self.p.min_value_wrong)
         };
         Ok(lo + 0.5 * (hi - lo) * (1.0 + cosine))
+    }
+}
+
+/// open-r1's `len_reward` (Kimi k1.5's length reward): over the completions
+/// scored together (the rank's batch of the step, as open-r1 scores a
+/// process's batch), with lengths in characters, `lambda = 0.5 - (len -
+/// min) / (max - min)`; a correct answer gets `lambda`, a wrong one `min(0,
+/// lambda)`; every value is 0 when the lengths are all equal. Correct means
+/// what `exact_match` says; a row with no reference counts as correct, as
+/// open-r1 counts a reference it cannot parse.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Length {
+    /// Where the answer is read, as for `exact_match`.
+    #[serde(default)]
+    extract: Extract,
+}
+
+impl Length {
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+        let judge = ExactMatch {
+            extract: self.extract,
+        };
+        let lengths: Vec<usize> = batch
+            .iter()
+            .map(|x| x.completion_text.chars().count())
+            .collect();
+        let (Some(&min), Some(&max)) = (lengths.iter().min(), lengths.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        if min == max {
+            return Ok(vec![0.0; batch.len()]);
+        }
+        batch
+            .iter()
+            .zip(&lengths)
+            .map(|(x, &len)| {
+                let lambda = 0.5 - (len - min) as f64 / (max - min) as f64;
+                let correct = x.answer.is_none() || judge.score(x)? == 1.0;
+                Ok(if correct { lambda } else { lambda.min(0.0) })
+            })
+            .collect()
     }
 }
 

@@ -554,3 +554,30 @@ fn an_openrlhf_launch_script_converts_to_the_same_steps() {
         .unwrap();
     assert!(e.contains("--advantage_estimator gae"), "{e}");
 }
+
+/// open-r1's format rewards behave as open-r1 applies them (re.match with
+/// DOTALL | MULTILINE): anchored at the start, text may follow the answer's
+/// line; code_format wants the language's fenced block; len_reward maps to
+/// `length`.
+#[tokio::test]
+async fn open_r1_format_rewards_match_as_open_r1_matches() {
+    let src = "model_name_or_path: /m\ndataset_name: /d/train.jsonl\n\
+               reward_funcs: [format, code_format, length]\ncode_language: rust\n";
+    let c = convert_trl_recipe(src, "r.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let names: Vec<&str> = r.reward.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["format", "format", "length"], "{}", c.yaml);
+    let reg = learner::rewards::RewardRegistry::from_section(&r.reward).unwrap();
+    assert_eq!(reg.labels(), ["format", "code_format", "length"]);
+    let input = |text: &str| learner::rewards::RewardInput::new("Q", text, Some("4".into()));
+    let batch = [
+        input("<think>\nx\n</think>\n<answer>\n4\n</answer>"),
+        input("<think>\nx\n</think>\n<answer>\n4\n</answer>\nand more"),
+        input("so: <think>\nx\n</think>\n<answer>\n4\n</answer>"),
+        input("<think>\nx\n</think>\n<answer>\n```rust\nfn f() {}\n```\n</answer>"),
+    ];
+    let s = reg.score(&batch).await.unwrap();
+    assert_eq!(s.per_function[0].values, vec![1.0, 1.0, 0.0, 1.0]);
+    assert_eq!(s.per_function[1].values, vec![0.0, 0.0, 0.0, 1.0]);
+}

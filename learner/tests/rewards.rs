@@ -578,3 +578,27 @@ async fn remote_unreachable_server_is_an_error_after_retries() {
         "{err}"
     );
 }
+
+/// open-r1's len_reward (Kimi k1.5), by hand: lengths 18, 20 and 22 over
+/// the batch give lambda 0.5, 0 and -0.5; a wrong answer keeps only a
+/// penalty; equal lengths give 0; a row without a reference counts as
+/// correct.
+#[tokio::test]
+async fn length_reward_is_open_r1s_len_reward() {
+    let f = json!({"name": "length"});
+    let batch = [
+        input("<answer>4</answer>", Some("4")),
+        input("<answer>5</answer>xx", Some("4")),
+        input("<answer>4</answer>xxxx", Some("4")),
+    ];
+    assert_eq!(values(f.clone(), &batch).await, vec![0.5, 0.0, -0.5]);
+    let batch = [
+        input("<answer>5</answer>", Some("4")),
+        input("<answer>4</answer>xx", None),
+        input("<answer>4</answer>xxxx", Some("4")),
+    ];
+    assert_eq!(values(f.clone(), &batch).await, vec![0.0, 0.0, -0.5]);
+    let same = [input("ab", Some("4")), input("cd", Some("5"))];
+    assert_eq!(values(f.clone(), &same).await, vec![0.0, 0.0]);
+    assert!(config_error(json!({"name": "length", "max_len": 3})).contains("max_len"));
+}
