@@ -270,11 +270,17 @@ impl Output {
     }
 
     fn has(&self, path: &str) -> bool {
-        path.split_once('.').is_some_and(|(section, key)| {
-            self.sections
-                .iter()
-                .any(|(s, es)| *s == section && es.iter().any(|e| e.key == key))
-        })
+        self.get(path).is_some()
+    }
+
+    /// The value written at `path`, if any.
+    fn get(&self, path: &str) -> Option<&Value> {
+        let (section, key) = path.split_once('.')?;
+        self.sections
+            .iter()
+            .find(|(s, _)| *s == section)
+            .and_then(|(_, es)| es.iter().find(|e| e.key == key))
+            .map(|e| &e.value)
     }
 
     fn leave_out(&mut self, key: &str, value: &Value, why: impl Into<String>) {

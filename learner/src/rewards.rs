@@ -431,6 +431,9 @@ pub enum Extract {
     /// `<answer>` tag, else `\boxed{}`.
     #[default]
     Any,
+    /// The number after the last `#### ` (GSM8K's answer line; verl's
+    /// gsm8k scorer, strict: no such line, no answer).
+    Gsm8k,
 }
 
 #[derive(Debug, Deserialize)]
@@ -474,8 +477,16 @@ pub fn extract_answer(text: &str, extract: Extract) -> Option<&str> {
         Extract::Boxed => last_boxed(text),
         Extract::LastNumber => last_number(text),
         Extract::Any => last_answer_tag(text).or_else(|| last_boxed(text)),
+        Extract::Gsm8k => GSM8K_ANSWER
+            .captures_iter(text)
+            .last()
+            .and_then(|c| c.get(1))
+            .map(|m| m.as_str()),
     }
 }
+
+static GSM8K_ANSWER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"#### (-?[0-9.,]+)").unwrap_or_else(|e| unreachable!("{e}")));
 
 fn last_answer_tag(text: &str) -> Option<&str> {
     let close = text.rfind("</answer>")?;

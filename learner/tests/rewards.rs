@@ -89,6 +89,16 @@ async fn exact_match_extracts_and_normalises() {
     .await;
     assert_eq!(got, vec![1.0, 1.0, 0.0]);
 
+    // verl's gsm8k scorer (strict): the number after the last `#### `.
+    let gsm8k = [
+        input("4 + 8 = 12 bolts.\n#### 12", Some("#### 12")),
+        input("#### 3\nno, #### 1,200", Some("1200")),
+        input("the answer is 12", Some("12")),
+        input("####12", Some("12")),
+    ];
+    let got = values(json!({"name": "exact_match", "extract": "gsm8k"}), &gsm8k).await;
+    assert_eq!(got, vec![1.0, 1.0, 0.0, 0.0]);
+
     let tagged = [input("<answer>1</answer> \\boxed{2}", Some("2"))];
     assert_eq!(
         values(json!({"name": "exact_match", "extract": "boxed"}), &tagged).await,

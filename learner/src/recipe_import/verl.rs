@@ -771,20 +771,40 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
             "a reward model is served as a `remote` reward function (an HTTP scorer)",
         );
     }
-    let note = match &custom {
-        Some(p) => format!(
-            "TODO: verl scored with {}{}; serve it as a `remote` reward function",
-            inline(p),
-            custom_name
-                .as_ref()
-                .map(|n| format!(" ({})", inline(n)))
-                .unwrap_or_default()
+    // verl's default scorer goes by each row's data_source; the files'
+    // names say which of its scorers a run used.
+    let files = out.get("data.train_files").map(inline).unwrap_or_default();
+    let (extract, note) = match &custom {
+        Some(p) => (
+            "any",
+            format!(
+                "TODO: verl scored with {}{}; serve it as a `remote` reward function",
+                inline(p),
+                custom_name
+                    .as_ref()
+                    .map(|n| format!(" ({})", inline(n)))
+                    .unwrap_or_default()
+            ),
         ),
-        None => "TODO: verl scores by data_source (GSM8K's `#### n`, MATH's \\boxed{}); \
-                 pick the extract that reads your answers (last_number, boxed, answer_tag)"
-            .to_string(),
+        None if files.contains("gsm8k") => (
+            "gsm8k",
+            "verl's gsm8k scorer: the number after the last `#### `, 1 if it is the answer"
+                .to_string(),
+        ),
+        None if files.to_lowercase().contains("math") => (
+            "boxed",
+            "verl's MATH scorer: the last \\boxed{} against the answer (compared as text; a \
+             `remote` function can run verl's is_equiv)"
+                .to_string(),
+        ),
+        None => (
+            "any",
+            "TODO: verl scores by data_source (GSM8K's `#### n`, MATH's \\boxed{}); pick \
+             the extract that reads your answers (gsm8k, boxed, answer_tag, last_number)"
+                .to_string(),
+        ),
     };
-    let item = json!({"function": {"name": "exact_match", "extract": "any", "weight": 1.0},
+    let item = json!({"function": {"name": "exact_match", "extract": extract, "weight": 1.0},
                       "note": Value::Null});
     out.put("reward.functions", json!([item]), Some(note));
 }
