@@ -457,7 +457,10 @@ trainer:
     assert_eq!(r.train.num_iterations, 2);
     assert_eq!(r.train.max_steps, 300);
     assert_eq!(r.data.prompt_column, "question");
-    assert_eq!(r.reward.functions[0].params["extract"], "boxed", "MATH files");
+    assert_eq!(
+        r.reward.functions[0].params["extract"], "boxed",
+        "MATH files"
+    );
     assert_eq!((r.eval.temperature, r.eval.num_samples), (0.6, 4));
     assert_eq!(r.checkpoint.save_strategy, IntervalStrategy::No);
     assert_eq!(r.log.report_to, vec!["tensorboard".to_string()]);

@@ -46,12 +46,54 @@ pub(super) fn parse(text: &str) -> Option<Map<String, Value>> {
     {
         let mut flat = Map::new();
         flatten("", &Value::Object(map), &mut flat);
+        resolve_interpolations(&mut flat);
         return Some(flat);
     }
     let flat = overrides(text);
     flat.keys()
         .any(|k| VERL_GROUPS.iter().any(|g| k.starts_with(&format!("{g}."))))
         .then_some(flat)
+}
+
+/// Hydra's `${group.key}` references to other keys of the configuration
+/// (verl's YAML is full of them: `response_length:
+/// ${data.max_response_length}`), put in: a value that is one reference
+/// takes the referenced value, a reference inside text its text. Others
+/// (`${oc.env:HOME}`) stay.
+fn resolve_interpolations(flat: &mut Map<String, Value>) {
+    // A few rounds resolve references to references.
+    for _ in 0..4 {
+        let snapshot = flat.clone();
+        let mut changed = false;
+        for v in flat.values_mut() {
+            let Value::String(text) = v else { continue };
+            if let Some(key) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
+                && let Some(target) = snapshot.get(key)
+            {
+                *v = target.clone();
+                changed = true;
+                continue;
+            }
+            let mut out = text.clone();
+            for (key, target) in &snapshot {
+                let pattern = format!("${{{key}}}");
+                if out.contains(&pattern) {
+                    let with = match target {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    out = out.replace(&pattern, &with);
+                }
+            }
+            if out != *text {
+                *v = Value::String(out);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
@@ -873,6 +915,22 @@ fn left_out_reason(key: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_interpolations_are_put_in() {
+        let yaml = "data:\n  max_response_length: 1024\n  train_files: ~/data/train.parquet\n\
+                    actor_rollout_ref:\n  rollout:\n    response_length: ${data.max_response_length}\n\
+                    trainer:\n  project_name: p\n  experiment_name: e\n\
+                    \x20 default_local_dir: checkpoints/${trainer.project_name}/${trainer.experiment_name}\n\
+                    \x20 home: ${oc.env:HOME}\n";
+        let keys = parse(yaml).unwrap();
+        assert_eq!(
+            keys["actor_rollout_ref.rollout.response_length"],
+            json!(1024)
+        );
+        assert_eq!(keys["trainer.default_local_dir"], json!("checkpoints/p/e"));
+        assert_eq!(keys["trainer.home"], json!("${oc.env:HOME}"));
+    }
 
     #[test]
     fn hydra_values_parse_as_hydra_does() {
