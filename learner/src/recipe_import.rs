@@ -603,8 +603,8 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                 f.insert("extract".into(), json!("any"));
                 Some(
                     "accuracy: open-r1 checks with math_verify; exact_match compares the \
-                     <answer> or \\boxed{} answer as text (a `remote` function can run \
-                     math_verify)"
+                     <answer> or \\boxed{} answer by value or as the MATH benchmark's \
+                     is_equiv does (a `remote` function can run math_verify)"
                         .to_string(),
                 )
             }

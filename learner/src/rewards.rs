@@ -5,7 +5,7 @@
 //!
 //! | name             | value per completion                                            |
 //! |------------------|-----------------------------------------------------------------|
-//! | `exact_match`    | 1 if the extracted answer equals the reference, else 0           |
+//! | `exact_match`    | 1 if the extracted answer equals the reference (by value, or as MATH's `is_equiv`), else 0 |
 //! | `format`         | 1 if the regex matches, else 0                                   |
 //! | `length_penalty` | DAPO's soft overlong penalty in [-1, 0], or linear in [-1, 0]     |
 //! | `blocklist`      | `gate`: 1 clean / 0 blocked, and a blocked completion's total is 0; `penalty`: 0 clean / `penalty` blocked |
@@ -593,8 +593,139 @@ fn canonical_decimal(n: &str) -> String {
 /// Whether a predicted answer equals the reference after [`normalize`]-ing
 /// both: decimals compare as canonical strings (exact, any length); a
 /// fraction compares by value with a decimal or another fraction (`1/2` ==
-/// `0.5`); text compares exactly.
+/// `0.5`); text compares exactly, or else as the MATH benchmark's
+/// `is_equiv` compares answers ([`math_equiv`]).
 pub fn answers_match(predicted: &str, reference: &str) -> bool {
+    numeric_or_text_match(predicted, reference) || math_equiv(predicted, reference)
+}
+
+/// Hendrycks et al.'s MATH `is_equiv`, as verl's MATH scorer and
+/// lm-evaluation-harness apply it: both answers through `strip_string`
+/// (`\dfrac` -> `\frac`, no `\left` / `\right`, degrees, `\$`, units after
+/// `\text{ `, `\%` or spaces, `x = ` before a short left side, `\sqrt2` ->
+/// `\sqrt{2}`, `\frac12` -> `\frac{1}{2}`, `0.5` and `1/2` ->
+/// `\frac{1}{2}`), then compared; where `strip_string` would raise, the
+/// answers as given are compared.
+pub fn math_equiv(a: &str, b: &str) -> bool {
+    match (math_strip(a), math_strip(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// `strip_string` of the MATH benchmark; `None` where the original raises.
+fn math_strip(answer: &str) -> Option<String> {
+    let mut s = answer
+        .replace('\n', "")
+        .replace("\\!", "")
+        .replace("\\\\", "\\")
+        .replace("tfrac", "frac")
+        .replace("dfrac", "frac")
+        .replace("\\left", "")
+        .replace("\\right", "")
+        .replace("^{\\circ}", "")
+        .replace("^\\circ", "")
+        .replace("\\$", "");
+    // Units: `\text{ ` only ever introduces them (on the right).
+    if s.contains("\\text{ ") {
+        let parts: Vec<&str> = s.split("\\text{ ").collect();
+        if parts.len() != 2 {
+            return None;
+        }
+        s = parts[0].to_string();
+    }
+    s = s
+        .replace("\\%", "")
+        .replace(" .", " 0.")
+        .replace("{.", "{0.");
+    if s.is_empty() {
+        return Some(s);
+    }
+    if s.starts_with('.') {
+        s.insert(0, '0');
+    }
+    // `k = 5` -> `5` when the left side is short.
+    let sides: Vec<&str> = s.split('=').collect();
+    if sides.len() == 2 && sides[0].chars().count() <= 2 {
+        s = sides[1].to_string();
+    }
+    s = math_fix_sqrt(&s)?;
+    s.retain(|c| c != ' ');
+    s = math_fix_fracs(&s)?;
+    if s == "0.5" {
+        s = "\\frac{1}{2}".to_string();
+    }
+    math_fix_a_slash_b(&s)
+}
+
+/// `\sqrt3` -> `\sqrt{3}`.
+fn math_fix_sqrt(s: &str) -> Option<String> {
+    let mut parts = s.split("\\sqrt");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        let mut chars = part.chars();
+        let first = chars.next()?;
+        if first == '{' {
+            out.push_str("\\sqrt");
+            out.push_str(part);
+        } else {
+            out.push_str(&format!("\\sqrt{{{first}}}{}", chars.as_str()));
+        }
+    }
+    Some(out)
+}
+
+/// `\frac12` -> `\frac{1}{2}`, `\frac1{72}` -> `\frac{1}{72}`.
+fn math_fix_fracs(s: &str) -> Option<String> {
+    let mut parts = s.split("\\frac");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        out.push_str("\\frac");
+        let mut chars = part.chars();
+        let a = chars.next()?;
+        if a == '{' {
+            out.push_str(part);
+            continue;
+        }
+        let Some(b) = chars.next() else {
+            return Some(s.to_string());
+        };
+        let rest = chars.as_str();
+        if b == '{' {
+            out.push_str(&format!("{{{a}}}{{{rest}"));
+        } else {
+            out.push_str(&format!("{{{a}}}{{{b}}}{rest}"));
+        }
+    }
+    Some(out)
+}
+
+/// `3/4` -> `\frac{3}{4}` (integers only; `None` where Python's `int()`
+/// raises, as the original lets it).
+fn math_fix_a_slash_b(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() != 2 {
+        return Some(s.to_string());
+    }
+    let a: i128 = python_int(parts[0])?;
+    let b: i128 = python_int(parts[1])?;
+    Some(if s == format!("{a}/{b}") {
+        format!("\\frac{{{a}}}{{{b}}}")
+    } else {
+        s.to_string()
+    })
+}
+
+/// Python's `int(text)` for what `strip_string` leaves (no spaces).
+fn python_int(text: &str) -> Option<i128> {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit() || c == '_') {
+        return None;
+    }
+    text.replace('_', "").parse().ok()
+}
+
+fn numeric_or_text_match(predicted: &str, reference: &str) -> bool {
     let value = |n: &Normalized| match n {
         Normalized::Decimal(d) => d.parse::<f64>().ok(),
         Normalized::Fraction(f) => Some(*f),

@@ -612,3 +612,44 @@ async fn length_reward_is_open_r1s_len_reward() {
     assert_eq!(values(f.clone(), &same).await, vec![0.0, 0.0]);
     assert!(config_error(json!({"name": "length", "max_len": 3})).contains("max_len"));
 }
+
+/// The MATH benchmark's `is_equiv` (Hendrycks et al.; verl's MATH scorer),
+/// case by case as its strip_string treats them.
+#[tokio::test]
+async fn math_answers_compare_as_the_math_benchmark_compares_them() {
+    use learner::rewards::math_equiv;
+    for (a, b) in [
+        ("\\dfrac{1}{2}", "\\frac12"),
+        ("0.5", "\\frac{1}{2}"),
+        (".5", "\\frac{1}{2}"),
+        ("x = 5", "5"),
+        ("10\\%", "10"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("5 \\text{ cm}", "5"),
+        ("\\sqrt2", "\\sqrt{2}"),
+        ("3/4", "\\frac{3}{4}"),
+        ("90^\\circ", "90"),
+        ("\\$18.90", "18.90"),
+        ("\\frac1{72}", "\\tfrac{1}{72}"),
+    ] {
+        assert!(math_equiv(a, b), "{a} == {b}");
+    }
+    for (a, b) in [
+        ("\\frac{1}{3}", "\\frac{1}{2}"),
+        ("abc = 5", "5"), // a long left side stays
+        // strip_string raises on two `\text{ ` units: the texts as given.
+        ("1 \\text{ a} \\text{ b}", "1"),
+    ] {
+        assert!(!math_equiv(a, b), "{a} != {b}");
+    }
+    assert!(math_equiv(
+        "1 \\text{ a} \\text{ b}",
+        "1 \\text{ a} \\text{ b}"
+    ));
+    // Through exact_match: a boxed \dfrac against a MATH reference.
+    let batch = [input("so \\boxed{\\dfrac{3}{4}}", Some("\\frac34"))];
+    assert_eq!(
+        values(json!({"name": "exact_match", "extract": "boxed"}), &batch).await,
+        vec![1.0]
+    );
+}

@@ -835,8 +835,8 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
         ),
         None if files.to_lowercase().contains("math") => (
             "boxed",
-            "verl's MATH scorer: the last \\boxed{} against the answer (compared as text; a \
-             `remote` function can run verl's is_equiv)"
+            "verl's MATH scorer: the last \\boxed{} against the answer, equal as its \
+             is_equiv says"
                 .to_string(),
         ),
         None => (
