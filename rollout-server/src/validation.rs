@@ -167,9 +167,9 @@ fields_of_default!(
     DetokenizeRequest
 );
 
-/// The top-level fields of a JSON object body that `T` does not read, sorted.
-pub fn ignored_fields<T: RequestFields>(body: &[u8]) -> Vec<String> {
-    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+/// The top-level fields of a JSON object that `T` does not read, sorted.
+pub fn ignored_fields<T: RequestFields>(body: &Value) -> Vec<String> {
+    let Value::Object(map) = body else {
         return Vec::new();
     };
     let known = T::field_names();
@@ -178,18 +178,34 @@ pub fn ignored_fields<T: RequestFields>(body: &[u8]) -> Vec<String> {
     ignored
 }
 
-/// Parses a JSON body; malformed JSON and wrong types are 400s that say where.
-/// Fields the request type does not read are logged, as vLLM logs them.
+/// Parses a JSON body once; malformed JSON is a 400 that says where, a
+/// value of the wrong type a 400 naming the field (`param`, as vLLM's
+/// validation errors do). Fields the request type does not read are
+/// logged, as vLLM logs them.
 pub fn parse_json<T: RequestFields>(body: &[u8]) -> Result<T, ApiError> {
-    let parsed = serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() {
-            "malformed JSON"
-        } else {
-            "invalid request"
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}"), None))?;
+    let ignored = ignored_fields::<T>(&value);
+    let located = |path: String, inner: &serde_json::Error| {
+        let param = (path != ".").then_some(path);
+        let message = match &param {
+            Some(p) => format!("invalid request: `{p}`: {inner}"),
+            None => format!("invalid request: {inner}"),
         };
-        ApiError::bad_request(format!("{what}: {e}"), None)
+        ApiError::BadRequest { message, param }
+    };
+    let parsed = serde_path_to_error::deserialize(&value).map_err(|e| {
+        // The request types flatten the shared field groups, where the
+        // path is lost: those groups alone find it.
+        let inner = serde_path_to_error::deserialize::<_, SamplingFields>(&value)
+            .err()
+            .or_else(|| serde_path_to_error::deserialize::<_, ChatTemplateFields>(&value).err())
+            .filter(|inner| inner.path().to_string() != ".");
+        match inner {
+            Some(inner) => located(inner.path().to_string(), inner.inner()),
+            None => located(e.path().to_string(), e.inner()),
+        }
     })?;
-    let ignored = ignored_fields::<T>(body);
     if !ignored.is_empty() {
         tracing::warn!("The following fields were present in the request but ignored: {ignored:?}");
     }
@@ -656,17 +672,47 @@ mod tests {
 
     #[test]
     fn fields_the_request_does_not_read_are_named() {
-        let body = br#"{"prompt": "hi", "n": 2, "stop": ["x"], "client_tag": "t",
-                        "stop_token_id": [3], "min_tokens": 4, "length_penalty": 1.0}"#;
+        let ignored = |body: &[u8]| -> Value { serde_json::from_slice(body).unwrap() };
+        let body = ignored(
+            br#"{"prompt": "hi", "n": 2, "stop": ["x"], "client_tag": "t",
+                 "stop_token_id": [3], "min_tokens": 4, "length_penalty": 1.0}"#,
+        );
         assert_eq!(
-            ignored_fields::<CompletionRequest>(body),
+            ignored_fields::<CompletionRequest>(&body),
             ["length_penalty", "stop_token_id"]
         );
-        let chat = br#"{"messages": [], "temperature": 0.5, "top_logprobs": 2, "foo": 1}"#;
-        assert_eq!(ignored_fields::<ChatCompletionRequest>(chat), ["foo"]);
+        let chat = ignored(br#"{"messages": [], "temperature": 0.5, "top_logprobs": 2, "foo": 1}"#);
+        assert_eq!(ignored_fields::<ChatCompletionRequest>(&chat), ["foo"]);
         // Fields only the other endpoint reads are ignored here.
-        let body = br#"{"prompt": "hi", "messages": []}"#;
-        assert_eq!(ignored_fields::<CompletionRequest>(body), ["messages"]);
-        assert!(ignored_fields::<CompletionRequest>(b"not json").is_empty());
+        let body = ignored(br#"{"prompt": "hi", "messages": []}"#);
+        assert_eq!(ignored_fields::<CompletionRequest>(&body), ["messages"]);
+        assert!(
+            ignored_fields::<CompletionRequest>(&serde_json::json!("not an object")).is_empty()
+        );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let err = |body: &str| match parse_json::<CompletionRequest>(body.as_bytes()) {
+            Err(ApiError::BadRequest { message, param }) => (message, param),
+            other => panic!("{other:?}"),
+        };
+        let (message, param) = err(r#"{"prompt": "x", "max_tokens": "many"}"#);
+        assert_eq!(param.as_deref(), Some("max_tokens"), "{message}");
+        assert!(
+            message.contains("max_tokens") && message.contains("many"),
+            "{message}"
+        );
+        let (message, param) = err(r#"{"prompt": "x", "stream_options": {"include_usage": 3}}"#);
+        assert_eq!(
+            param.as_deref(),
+            Some("stream_options.include_usage"),
+            "{message}"
+        );
+        let (message, param) = err(r#"{"prompt": "x","#);
+        assert!(
+            message.starts_with("malformed JSON") && param.is_none(),
+            "{message}"
+        );
     }
 }

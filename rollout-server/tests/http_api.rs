@@ -805,6 +805,7 @@ async fn error_statuses_are_vllm_error_objects() {
         )
         .await;
     assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "max_tokens", "a wrong type names its field");
     let (st, b) = s.post("/v1/completions", &json!({"prompt": 12})).await;
     assert_error(st, &b, 400);
     let (st, b) = s.post("/v1/completions", &json!({"max_tokens": 3})).await;
