@@ -29,8 +29,11 @@ use crate::{kv_budget, weight_sync};
 )]
 pub struct Args {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "model_tag")]
+    pub model: Option<PathBuf>,
+    /// The model folder as `vllm serve MODEL` takes it.
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_tag: Option<PathBuf>,
     /// Name clients use in `model` (default: the `--model` argument as given).
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -77,6 +80,11 @@ pub struct Args {
     /// penalties, temperature and top-k/top-p/min-p.
     #[arg(long, default_value = "raw_logprobs")]
     pub logprobs_mode: LogprobsMode,
+    /// Most top log-probs a request may ask for (`logprobs`,
+    /// `top_logprobs`, `prompt_logprobs`); -1: the whole vocabulary (vLLM's
+    /// flag and default).
+    #[arg(long, default_value_t = crate::validation::MAX_LOGPROBS as i64, allow_negative_numbers = true)]
+    pub max_logprobs: i64,
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -125,23 +133,39 @@ pub struct BoundServer {
     weight_sync_token: Option<String>,
 }
 
+impl Args {
+    /// The model folder, given by `--model` or positionally.
+    pub fn model_dir(&self) -> anyhow::Result<&std::path::Path> {
+        self.model
+            .as_deref()
+            .or(self.model_tag.as_deref())
+            .ok_or_else(|| anyhow::anyhow!("no model: give --model DIR (or DIR alone)"))
+    }
+}
+
 /// Loads the model, starts the engine and binds both ports.
 pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
+    let model_dir = args.model_dir()?.to_path_buf();
     kv_budget::check_utilization(args.gpu_memory_utilization)?;
+    anyhow::ensure!(
+        args.max_logprobs >= -1,
+        "--max-logprobs must be >= 0, or -1 for the whole vocabulary; got {}",
+        args.max_logprobs
+    );
     let device = args.device.open()?;
     let dtype = args.dtype.resolve(&device)?;
-    let cfg = model::ModelConfig::from_dir(&args.model)
-        .with_context(|| format!("loading the model config from {}", args.model.display()))?;
+    let cfg = model::ModelConfig::from_dir(&model_dir)
+        .with_context(|| format!("loading the model config from {}", model_dir.display()))?;
     let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
     let tokenizer = Arc::new(
-        Tokenizer::from_dir(&args.model)
-            .with_context(|| format!("loading the tokenizer from {}", args.model.display()))?,
+        Tokenizer::from_dir(&model_dir)
+            .with_context(|| format!("loading the tokenizer from {}", model_dir.display()))?,
     );
     // As vLLM: the `--model` argument as given, unless a name is set.
     let served_model_name = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| args.model.display().to_string());
+        .unwrap_or_else(|| model_dir.display().to_string());
     let metrics = Arc::new(Metrics::new());
     let mut config = EngineConfig {
         max_model_len,
@@ -152,15 +176,15 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         ..EngineConfig::default()
     };
     tracing::info!(
-        model = %args.model.display(),
+        model = %model_dir.display(),
         served_model_name,
         device = model::device::device_name(&device),
         dtype = ?dtype,
         "loading"
     );
     let memory_before = model::device::gpu_memory(&device)?;
-    let weights = model::Weights::load(&args.model, &device, dtype)
-        .with_context(|| format!("loading the weights from {}", args.model.display()))?;
+    let weights = model::Weights::load(&model_dir, &device, dtype)
+        .with_context(|| format!("loading the weights from {}", model_dir.display()))?;
     let bytes_per_slot = model::KvCache::bytes_per_slot(&cfg, max_model_len, dtype);
     if let (Some((free_before, total)), Some((free_after, _))) =
         (memory_before, model::device::gpu_memory(&device)?)
@@ -200,7 +224,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         "KV cache"
     );
     let engine = engine::start(cfg.clone(), weights, config.clone(), metrics.clone())
-        .with_context(|| format!("starting the engine on {}", args.model.display()))?;
+        .with_context(|| format!("starting the engine on {}", model_dir.display()))?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
         tokenizer: tokenizer.clone(),
@@ -209,6 +233,10 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             served_model_name: served_model_name.clone(),
             max_model_len,
             vocab_size: cfg.vocab_size,
+            max_logprobs: match usize::try_from(args.max_logprobs) {
+                Ok(k) => k,
+                Err(_) => cfg.vocab_size,
+            },
         },
         metrics,
         served_model_name,
@@ -278,5 +306,25 @@ impl BoundServer {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn the_model_comes_by_flag_or_as_vllm_serve_takes_it() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["rollout-server"], args].concat());
+        let a = parse(&["/m/qwen"]).unwrap();
+        assert_eq!(a.model_dir().unwrap(), std::path::Path::new("/m/qwen"));
+        let a = parse(&["--model", "/m/qwen", "--max-logprobs", "-1"]).unwrap();
+        assert_eq!(a.model_dir().unwrap(), std::path::Path::new("/m/qwen"));
+        assert_eq!(a.max_logprobs, -1);
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(e.contains("--model"), "{e}");
+        assert!(parse(&["--model", "/a", "/b"]).is_err(), "one model");
     }
 }

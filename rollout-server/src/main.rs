@@ -1,4 +1,5 @@
-//! `rollout-server --model DIR [...]`: see `rollout_server::cli::Args`.
+//! `rollout-server --model DIR [...]` (or `rollout-server DIR`, as `vllm serve`): see
+//! `rollout_server::cli::Args`.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

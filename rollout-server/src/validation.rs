@@ -17,6 +17,8 @@ use crate::engine::GenerateRequest;
 use crate::error::ApiError;
 
 /// vLLM's default `--max-logprobs`.
+/// Most top log-probs a request may ask for by default (vLLM's
+/// `--max-logprobs` default).
 pub const MAX_LOGPROBS: usize = 20;
 /// `max_tokens` of a completions request that gives none (OpenAI's default).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
@@ -29,6 +31,8 @@ pub struct Validator {
     pub served_model_name: String,
     pub max_model_len: usize,
     pub vocab_size: usize,
+    /// Most top log-probs a request may ask for (vLLM's `--max-logprobs`).
+    pub max_logprobs: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -245,10 +249,13 @@ impl Validator {
         }
         let logprobs = match req.logprobs {
             None => None,
-            Some(k) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            Some(k) if (0..=self.max_logprobs as i64).contains(&k) => Some(k as usize),
             Some(k) => {
                 return Err(bad(
-                    format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    format!(
+                        "logprobs must be between 0 and {} (--max-logprobs), got {k}",
+                        self.max_logprobs
+                    ),
                     "logprobs",
                 ));
             }
@@ -286,10 +293,13 @@ impl Validator {
                 ));
             }
             (true, None) => Some(0),
-            (true, Some(k)) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            (true, Some(k)) if (0..=self.max_logprobs as i64).contains(&k) => Some(k as usize),
             (true, Some(k)) => {
                 return Err(bad(
-                    format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    format!(
+                        "top_logprobs must be between 0 and {} (--max-logprobs), got {k}",
+                        self.max_logprobs
+                    ),
                     "top_logprobs",
                 ));
             }
@@ -529,10 +539,13 @@ impl Validator {
                     "prompt_logprobs",
                 ));
             }
-            Some(k) if (0..=MAX_LOGPROBS as i64).contains(&k) => Some(k as usize),
+            Some(k) if (0..=self.max_logprobs as i64).contains(&k) => Some(k as usize),
             Some(k) => {
                 return Err(bad(
-                    format!("prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                    format!(
+                        "prompt_logprobs must be between 0 and {} (--max-logprobs), got {k}",
+                        self.max_logprobs
+                    ),
                     "prompt_logprobs",
                 ));
             }

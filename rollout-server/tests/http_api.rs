@@ -805,7 +805,10 @@ async fn error_statuses_are_vllm_error_objects() {
         )
         .await;
     assert_error(st, &b, 400);
-    assert_eq!(b["error"]["param"], "max_tokens", "a wrong type names its field");
+    assert_eq!(
+        b["error"]["param"], "max_tokens",
+        "a wrong type names its field"
+    );
     let (st, b) = s.post("/v1/completions", &json!({"prompt": 12})).await;
     assert_error(st, &b, 400);
     let (st, b) = s.post("/v1/completions", &json!({"max_tokens": 3})).await;
@@ -1075,4 +1078,44 @@ async fn a_dead_engine_fails_requests_and_health_says_503() {
     assert_eq!(health.status().as_u16(), 503);
     let (status, body) = s.post("/v1/completions", &request).await;
     assert_error(status, &body, 503);
+}
+
+/// vLLM's `--max-logprobs`: the cap on top log-probs a request may ask for
+/// (default 20); -1 allows the whole vocabulary.
+#[tokio::test]
+async fn max_logprobs_caps_what_a_request_may_ask() {
+    let s = Server::start(&["--max-logprobs", "2"]).await;
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "max_tokens": 1, "logprobs": 3}),
+        )
+        .await;
+    assert_error(st, &b, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-logprobs"),
+        "{b}"
+    );
+    let (st, _) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "max_tokens": 1, "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let all = Server::start(&["--max-logprobs", "-1"]).await;
+    let (st, r) = all
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "max_tokens": 1, "logprobs": 50, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let top = r["choices"][0]["logprobs"]["top_logprobs"][0]
+        .as_object()
+        .unwrap();
+    assert!(top.len() >= 40, "{} entries", top.len());
 }
