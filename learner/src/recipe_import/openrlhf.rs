@@ -11,7 +11,8 @@
 //! `gradient_accumulation_steps` for the actor's GPUs as learner ranks; the
 //! vLLM engines become the rollout server's replicas. Where OpenRLHF's
 //! default differs from Tandem's and changes training (warm-up 3%, cosine to
-//! 10%, Adam's beta2 0.95, greedy-free evaluation at 0.6), it is written out.
+//! 10%, Adam's beta2 0.95, evaluation of 4 samples at temperature 0.6), it
+//! is written out.
 
 use serde_json::{Map, Value, json};
 
@@ -91,7 +92,7 @@ pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Co
     convert_optimizer(&mut f, &mut out);
     convert_loss(&mut f, &mut out)?;
     convert_run(&mut f, &mut out);
-    convert_reward(&mut f, &mut out, n);
+    convert_reward(&mut f, &mut out);
     for (key, value) in std::mem::take(&mut f.0) {
         let why = left_out_reason(&key);
         // A wandb key is a secret: not copied into the recipe.
@@ -283,11 +284,12 @@ fn convert_batches(f: &mut Source, out: &mut Output, n: u64) {
     );
     out.put("topology.gpus_per_node", json!(gpus_per_node), None);
     out.put("topology.rollout_servers", json!(1), None);
-    out.put(
-        "topology.dp",
-        json!(dp),
-        Some("--vllm_num_engines: replicas of one GPU each".into()),
-    );
+    let dp_note = if colocated || engines == 0 {
+        "rollout replicas, one GPU each"
+    } else {
+        "--vllm_num_engines: replicas of one GPU each"
+    };
+    out.put("topology.dp", json!(dp), Some(dp_note.into()));
     out.put("topology.tp", json!(1), None);
     out.put("topology.learner_ranks", json!(learners), Some(gpus_note));
 
@@ -578,7 +580,7 @@ fn convert_run(f: &mut Source, out: &mut Output) {
     }
 }
 
-fn convert_reward(f: &mut Source, out: &mut Output, _n: u64) {
+fn convert_reward(f: &mut Source, out: &mut Output) {
     let mut functions = Vec::new();
     let mut note = None;
     if let Some(urls) = f.str("remote_rm_url") {

@@ -678,14 +678,16 @@ fn convert_loss(keys: &mut Source, out: &mut Output) -> Result<(), String> {
             ));
         }
     }
+    // verl divides by the group's std for GRPO only (RLOO: never).
     let by_std = keys
         .bool("algorithm.norm_adv_by_std_in_grpo")
         .unwrap_or(true);
-    out.put(
-        "train.scale_rewards",
-        json!(if by_std { "group" } else { "none" }),
-        Some("algorithm.norm_adv_by_std_in_grpo".into()),
-    );
+    let (scale, note) = match (estimator.as_str(), by_std) {
+        ("rloo", _) => ("none", "verl's RLOO does not divide by the std"),
+        (_, true) => ("group", "algorithm.norm_adv_by_std_in_grpo"),
+        (_, false) => ("none", "algorithm.norm_adv_by_std_in_grpo: false"),
+    };
+    out.put("train.scale_rewards", json!(scale), Some(note.into()));
     out.put(
         "train.scale_rewards_epsilon",
         json!(1e-6),
