@@ -92,6 +92,9 @@ pub struct SamplingFields {
     /// top alternatives (0: only the prompt token's), in the response's
     /// `prompt_logprobs`. Not with `stream`.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM extension: keep only the prompt's last this many tokens (-1:
+    /// the model's length).
+    pub truncate_prompt_tokens: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -182,6 +182,54 @@ pub fn ignored_fields<T: RequestFields>(body: &Value) -> Vec<String> {
     ignored
 }
 
+/// Fields that vLLM reads, that change what is generated, and that this
+/// server does not implement: a 400 naming them, never a silent ignore.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("suffix", "text after the insertion point"),
+    ("use_beam_search", "beam search"),
+    ("response_format", "structured output"),
+    ("guided_json", "structured output"),
+    ("guided_regex", "structured output"),
+    ("guided_choice", "structured output"),
+    ("guided_grammar", "structured output"),
+    ("structured_outputs", "structured output"),
+    ("bad_words", "banned words"),
+    ("allowed_token_ids", "a token allow-list"),
+    ("prompt_embeds", "embedding prompts"),
+];
+
+fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
+    let Value::Object(map) = body else {
+        return Ok(());
+    };
+    for (field, what) in UNSUPPORTED {
+        let given = match map.get(*field) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            // Plain text is what every response is anyway.
+            Some(v) if *field == "response_format" => v.get("type") != Some(&"text".into()),
+            Some(_) => true,
+        };
+        if given {
+            return Err(bad(
+                format!("{field} ({what}) is not supported by this server; remove it"),
+                field,
+            ));
+        }
+    }
+    // Tools are rendered into the prompt; nothing forces a call.
+    match map.get("tool_choice") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s == "auto" || s == "none" => Ok(()),
+        Some(other) => Err(bad(
+            format!(
+                "tool_choice {other} is not supported by this server (nothing forces a tool \
+                 call); use \"auto\" or \"none\""
+            ),
+            "tool_choice",
+        )),
+    }
+}
+
 /// Parses a JSON body once; malformed JSON is a 400 that says where, a
 /// value of the wrong type a 400 naming the field (`param`, as vLLM's
 /// validation errors do). Fields the request type does not read are
@@ -189,6 +237,7 @@ pub fn ignored_fields<T: RequestFields>(body: &Value) -> Vec<String> {
 pub fn parse_json<T: RequestFields>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}"), None))?;
+    refuse_unsupported(&value)?;
     let ignored = ignored_fields::<T>(&value);
     let located = |path: String, inner: &serde_json::Error| {
         let param = (path != ".").then_some(path);
@@ -267,6 +316,10 @@ impl Validator {
             sampling.max_tokens = Some(1);
         }
         let mut v = self.sampling(sampling, logprobs, header_tag)?;
+        let prompts: Vec<ValidPrompt> = prompts
+            .into_iter()
+            .map(|p| v.truncate(p, &self.tokenizer))
+            .collect();
         let max_tokens = v.max_tokens_requested.unwrap_or(DEFAULT_MAX_TOKENS);
         v.valid.max_tokens = prompts
             .iter()
@@ -310,6 +363,7 @@ impl Validator {
             sampling.max_tokens = req.max_completion_tokens;
         }
         let mut v = self.sampling(sampling, logprobs, header_tag)?;
+        let prompt = v.truncate(prompt, &self.tokenizer);
         let len = prompt.ids.len();
         let max_tokens = match v.max_tokens_requested {
             Some(m) => m,
@@ -611,8 +665,24 @@ impl Validator {
                 .and_then(|o| o.continuous_usage_stats)
                 .unwrap_or(false);
         let client_tag = f.client_tag.or(header_tag);
+        let truncate_prompt_tokens = match f.truncate_prompt_tokens {
+            None => None,
+            Some(-1) => Some(self.max_model_len),
+            Some(k) if k >= 1 && k as usize <= self.max_model_len => Some(k as usize),
+            Some(k) => {
+                return Err(bad(
+                    format!(
+                        "truncate_prompt_tokens must be -1 (the model's length) or between 1 \
+                         and the model's length {}, got {k}",
+                        self.max_model_len
+                    ),
+                    "truncate_prompt_tokens",
+                ));
+            }
+        };
         Ok(PartialValid {
             max_tokens_requested,
+            truncate_prompt_tokens,
             valid: ValidRequest {
                 prompts: Vec::new(),
                 n,
@@ -642,7 +712,24 @@ impl Validator {
 
 struct PartialValid {
     max_tokens_requested: Option<usize>,
+    /// vLLM's `truncate_prompt_tokens`, resolved.
+    truncate_prompt_tokens: Option<usize>,
     valid: ValidRequest,
+}
+
+impl PartialValid {
+    /// The prompt cut to its last `truncate_prompt_tokens` tokens, as vLLM
+    /// cuts it (the text follows the ids, for `echo`).
+    fn truncate(&self, prompt: ValidPrompt, tokenizer: &Tokenizer) -> ValidPrompt {
+        match self.truncate_prompt_tokens {
+            Some(k) if prompt.ids.len() > k => {
+                let ids = prompt.ids[prompt.ids.len() - k..].to_vec();
+                let text = tokenizer.decode(&ids, false).unwrap_or_default();
+                ValidPrompt { ids, text }
+            }
+            _ => prompt,
+        }
+    }
 }
 
 /// A message for the chat template: an object with a string `role`, and

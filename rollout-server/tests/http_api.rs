@@ -1119,3 +1119,63 @@ async fn max_logprobs_caps_what_a_request_may_ask() {
         .unwrap();
     assert!(top.len() >= 40, "{} entries", top.len());
 }
+
+/// vLLM's `truncate_prompt_tokens` keeps a prompt's last tokens; fields
+/// vLLM reads that this server does not implement are refused by name,
+/// not ignored.
+#[tokio::test]
+async fn truncated_prompts_and_refused_fields() {
+    let s = Server::start(&[]).await;
+    let ids = |r: &Value| -> Vec<u64> {
+        r["choices"][0]["prompt_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let body = json!({"prompt": "abcdefgh", "max_tokens": 1, "return_token_ids": true,
+                      "echo": true});
+    let (_, full) = s.post("/v1/completions", &body).await;
+    let mut cut = body.clone();
+    cut["truncate_prompt_tokens"] = json!(3);
+    let (st, r) = s.post("/v1/completions", &cut).await;
+    assert_eq!(st, 200, "{r}");
+    let all = ids(&full);
+    assert_eq!(ids(&r), all[all.len() - 3..].to_vec());
+    assert!(text(&r, 0).starts_with("fgh"), "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], 3);
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 1,
+                    "truncate_prompt_tokens": 4, "return_token_ids": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["prompt_token_ids"].as_array().unwrap().len(), 4);
+    for (field, value) in [
+        ("truncate_prompt_tokens", json!(0)),
+        ("truncate_prompt_tokens", json!(100000)),
+        ("suffix", json!("!")),
+        ("response_format", json!({"type": "json_object"})),
+        ("guided_regex", json!("[0-9]+")),
+        ("use_beam_search", json!(true)),
+        ("tool_choice", json!("required")),
+    ] {
+        let mut b = json!({"prompt": "ab", "max_tokens": 1});
+        b[field] = value;
+        let (st, e) = s.post("/v1/completions", &b).await;
+        assert_error(st, &e, 400);
+        assert_eq!(e["error"]["param"], field, "{e}");
+    }
+    // The harmless values of those fields pass.
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "ab", "max_tokens": 1, "response_format": {"type": "text"},
+                    "tool_choice": "auto", "use_beam_search": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+}
