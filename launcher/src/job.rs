@@ -234,12 +234,42 @@ fn resolves(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Free ports on this machine, all distinct (held open until all are chosen).
+/// The lowest port of the kernel's ephemeral range (the ports it hands out
+/// for a bind to port 0), Linux's default when it cannot be read.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Free ports on this machine, all distinct (held open until all are
+/// chosen). They are drawn below the kernel's ephemeral range: the servers
+/// bind them a moment after they are released here, and in that moment any
+/// other process asking the kernel for a free port (port 0) is handed one
+/// from the ephemeral range, never one of these. Port 0 where no such port
+/// can be had.
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind(("0.0.0.0", 0)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("finding free ports")?;
+    use rand::Rng;
+    const LOWEST: u16 = 10000;
+    let high = ephemeral_low();
+    let mut rng = rand::rng();
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(n);
+    while listeners.len() < n {
+        let drawn = (high > LOWEST + 1000)
+            .then(|| {
+                (0..200).find_map(|_| {
+                    let port = rng.random_range(LOWEST..high);
+                    TcpListener::bind(("0.0.0.0", port)).ok()
+                })
+            })
+            .flatten();
+        let listener = match drawn {
+            Some(l) => l,
+            None => TcpListener::bind(("0.0.0.0", 0)).context("finding free ports")?,
+        };
+        listeners.push(listener);
+    }
     listeners
         .iter()
         .map(|l| Ok(l.local_addr()?.port()))
@@ -640,6 +670,13 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 5);
+        // Below the ephemeral range, where no bind to port 0 lands.
+        if ephemeral_low() > 11000 {
+            assert!(
+                all.iter().all(|&p| (10000..ephemeral_low()).contains(&p)),
+                "{all:?}"
+            );
+        }
         assert!(choose_ports(1, false, None, Some(65535), None, None).is_ok());
         assert!(choose_ports(2, false, None, Some(65535), None, None).is_err());
     }

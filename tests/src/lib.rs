@@ -137,9 +137,27 @@ fn folder_fingerprint(dir: &Path) -> u64 {
     h.finish()
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), drawn below the kernel's
+/// ephemeral range as the launcher draws its ports: the test's process binds
+/// it a moment later, and a parallel test asking the kernel for any port
+/// (port 0) in between is never handed this one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use rand::Rng;
+    let high: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::rng();
+    let drawn = (high > 11000)
+        .then(|| {
+            (0..200).find_map(|_| {
+                let port = rng.random_range(10000..high);
+                TcpListener::bind(("127.0.0.1", port)).ok()
+            })
+        })
+        .flatten();
+    drawn
+        .map_or_else(|| TcpListener::bind("127.0.0.1:0"), Ok)
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind a loopback port")
