@@ -1833,6 +1833,20 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "train.recompute_logits (on by default) keeps the logits out of memory \
              as Liger's fused loss does; remove the key"
         }
+        "use_peft"
+        | "lora_r"
+        | "lora_alpha"
+        | "lora_dropout"
+        | "lora_target_modules"
+        | "lora_modules_to_save"
+        | "lora_task_type"
+        | "use_rslora"
+        | "use_dora"
+        | "load_in_4bit"
+        | "load_in_8bit" => {
+            "Tandem trains every weight (LoRA / PEFT is not supported yet): remove the key; \
+             train.gradient_checkpointing and recompute_logits bound the memory"
+        }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
         "dataset_name" => {

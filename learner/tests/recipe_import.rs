@@ -302,6 +302,16 @@ fn what_cannot_be_carried_over_is_said() {
         "{}",
         c.yaml
     );
+    // LoRA is said to be missing, not guessed at.
+    let c = convert_trl_recipe(&format!("{trl}use_peft: true\nlora_r: 16\n"), "t.yaml").unwrap();
+    let why: Vec<&str> = c
+        .left_out
+        .iter()
+        .filter(|(kv, _)| kv.starts_with("use_peft") || kv.starts_with("lora_r"))
+        .map(|(_, why)| why.as_str())
+        .collect();
+    assert_eq!(why.len(), 2, "{:?}", c.left_out);
+    assert!(why.iter().all(|w| w.contains("LoRA")), "{why:?}");
 }
 
 /// With generation_batch_size the updates per step depend on the ranks:
