@@ -393,9 +393,13 @@ impl DecoderLayer {
 pub enum LogitsWanted {
     /// The last appended token of each sequence: `[N, V]`.
     Last,
-    /// Every appended token: `[N, T, V]`, right-padded to the longest
-    /// (for prompt log-probs, `echo` with `logprobs`).
+    /// Every appended token: `[N, T, V]`, right-padded to the longest.
     All,
+    /// The final-norm hidden states of every appended token, `[N, T, H]`,
+    /// for the caller to turn into logits ([`CausalLM::logits`]) a few rows
+    /// at a time (prompt log-probs: `[T, V]` at once is gigabytes for a long
+    /// prompt and a large vocabulary).
+    Hidden,
 }
 
 /// A causal decoder LM. Cloning shares the weights.
@@ -837,6 +841,7 @@ impl CausalLM {
                 self.logits(&self.norm.forward(&h, true)?)
             }
             LogitsWanted::All => self.logits(&self.norm.forward(&x, true)?),
+            LogitsWanted::Hidden => self.norm.forward(&x, true),
         }
     }
 }

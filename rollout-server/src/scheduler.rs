@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use model::ModelConfig;
-use model::decoder::LogitsWanted;
+use model::decoder::{CausalLM, LogitsWanted};
 use model::sampling::{SampledToken, Sampler};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -125,6 +125,54 @@ pub(crate) fn logprob_and_top(row: &[f32], token: u32, k: usize) -> PromptLogpro
         rank,
         top_logprobs,
     }
+}
+
+/// The log-probs of a prompt's tokens (`None` for the first) and the logits
+/// row of its last position, from its hidden states `[T, H]`. The logits are
+/// made a few rows at a time, so that a long prompt never holds `[T, V]`
+/// (gigabytes with a 150k vocabulary) at once.
+fn prompt_logprobs(
+    lm: &CausalLM,
+    hidden: &Tensor,
+    prompt: &[u32],
+    k: usize,
+) -> Result<(Vec<Option<PromptLogprob>>, Vec<f32>), String> {
+    // 8M logits (32 MiB in f32) a chunk.
+    prompt_logprobs_in_chunks(lm, hidden, prompt, k, 1 << 23)
+}
+
+fn prompt_logprobs_in_chunks(
+    lm: &CausalLM,
+    hidden: &Tensor,
+    prompt: &[u32],
+    k: usize,
+    logits_per_chunk: usize,
+) -> Result<(Vec<Option<PromptLogprob>>, Vec<f32>), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let n = prompt.len();
+    let vocab = lm.config().vocab_size.max(1);
+    let chunk = (logits_per_chunk / vocab).clamp(1, n.max(1));
+    let mut lps = Vec::with_capacity(n);
+    lps.push(None);
+    let mut last = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = lm
+            .logits(&hidden.narrow(0, start, len).map_err(|e| err(&e))?)
+            .map_err(|e| err(&e))?;
+        let block = rows(&logits).map_err(|e| err(&e))?;
+        for (j, row) in block.into_iter().enumerate() {
+            let i = start + j;
+            if i + 1 < n {
+                lps.push(Some(logprob_and_top(&row, prompt[i + 1], k)));
+            } else {
+                last = row;
+            }
+        }
+        start += len;
+    }
+    Ok((lps, last))
 }
 
 fn rows(logits: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
@@ -290,23 +338,19 @@ impl Scheduler {
         }
         for (sub, slots) in with_prompt_lp {
             let prompt = sub.request.prompt.clone();
+            let k = sub.request.prompt_logprobs.unwrap_or(0);
             let result = state
                 .lm
-                .forward_cached(&mut state.cache, &[(slots[0], &prompt)], LogitsWanted::All)
-                .and_then(|t| Ok(t.squeeze(0)?))
+                .forward_cached(
+                    &mut state.cache,
+                    &[(slots[0], &prompt)],
+                    LogitsWanted::Hidden,
+                )
+                .and_then(|h| Ok(h.squeeze(0)?))
                 .map_err(|e| e.to_string())
-                .and_then(|t| rows(&t).map_err(|e| e.to_string()));
+                .and_then(|hidden| prompt_logprobs(&state.lm, &hidden, &prompt, k));
             match result {
-                Ok(all) => {
-                    let k = sub.request.prompt_logprobs.unwrap_or(0);
-                    let mut lps = Vec::with_capacity(prompt.len());
-                    lps.push(None);
-                    for i in 1..prompt.len() {
-                        lps.push(Some(logprob_and_top(&all[i - 1], prompt[i], k)));
-                    }
-                    let last = all.get(prompt.len() - 1).cloned().unwrap_or_default();
-                    self.start_group(state, sub, slots, &last, Some(lps));
-                }
+                Ok((lps, last)) => self.start_group(state, sub, slots, &last, Some(lps)),
                 Err(e) => self.fail_admission(state, sub, slots, &e),
             }
         }
@@ -658,6 +702,41 @@ mod tests {
         assert_eq!(logprob_and_top(&row, 1, 0).rank, 1);
         assert_eq!(logprob_and_top(&row, 3, 0).rank, 1);
         assert_eq!(logprob_and_top(&row, 0, 0).rank, 4);
+    }
+
+    /// The chunked prompt log-probs equal those of the whole `[T, V]` at
+    /// once, whatever the chunk.
+    #[test]
+    fn prompt_logprobs_do_not_depend_on_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        model::presets::init_model(model::presets::Preset::Tiny, dir.path(), 0).unwrap();
+        let lm = CausalLM::from_dir(dir.path(), &candle_core::Device::Cpu, DType::F32).unwrap();
+        let prompt: Vec<u32> = vec![5, 9, 17, 3, 11, 8, 20];
+        let mut cache =
+            model::kv_cache::KvCache::new(lm.config(), 1, 64, lm.device(), DType::F32).unwrap();
+        let slot = cache.allocate().unwrap();
+        let hidden = lm
+            .forward_cached(&mut cache, &[(slot, &prompt)], LogitsWanted::Hidden)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let all = rows(&lm.logits(&hidden).unwrap()).unwrap();
+        let vocab = lm.config().vocab_size;
+        for rows_per_chunk in [1, 2, 3, 7, 100] {
+            let (lps, last) =
+                prompt_logprobs_in_chunks(&lm, &hidden, &prompt, 3, rows_per_chunk * vocab)
+                    .unwrap();
+            assert_eq!(lps.len(), prompt.len());
+            assert!(lps[0].is_none());
+            for i in 1..prompt.len() {
+                assert_eq!(
+                    lps[i].as_ref().unwrap(),
+                    &logprob_and_top(&all[i - 1], prompt[i], 3),
+                    "chunk {rows_per_chunk}, token {i}"
+                );
+            }
+            assert_eq!(last, all[prompt.len() - 1]);
+        }
     }
 
     #[test]
