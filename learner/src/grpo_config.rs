@@ -256,6 +256,11 @@ pub struct GrpoConfig {
     pub sapo_temperature_pos: f64,
     /// `loss_type: sapo`: the gate's temperature where the advantage is <= 0.
     pub sapo_temperature_neg: f64,
+    /// TRL's `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy
+    /// sequence masking): a sequence with a negative advantage whose mean
+    /// per-token `log pi_rollout - log pi` is above this carries no policy
+    /// gradient; `None` masks nothing.
+    pub off_policy_mask_threshold: Option<f64>,
     /// `loss_type: vespo`: the gamma weight's shape `k` where `A >= 0`.
     pub vespo_k_pos: f64,
     /// `loss_type: vespo`: the gamma weight's rate `lambda` where `A >= 0`.
@@ -292,6 +297,7 @@ impl Default for GrpoConfig {
             use_bias_correction_kl: false,
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
+            off_policy_mask_threshold: None,
             vespo_k_pos: 2.0,
             vespo_lambda_pos: 3.0,
             vespo_k_neg: 3.0,
@@ -365,6 +371,14 @@ impl GrpoConfig {
             if !(tau.is_finite() && tau > 0.0) {
                 return bad(field, format!("must be > 0, got {tau}"));
             }
+        }
+        if let Some(t) = self.off_policy_mask_threshold
+            && !t.is_finite()
+        {
+            return bad(
+                "off_policy_mask_threshold",
+                format!("must be a number, got {t}"),
+            );
         }
         for (field, k) in [
             ("vespo_k_pos", self.vespo_k_pos),

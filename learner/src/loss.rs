@@ -14,6 +14,7 @@
 //!           = -sg(phi(w_seq)) A logp_t                 loss_type = vespo ([`vespo_weights`])
 //!           = -A logp_t                                policy_loss = reinforce_with_baseline
 //!           = -R logp_t                                policy_loss = no_baseline (R: raw reward)
+//! pg_t     *= 1[A >= 0 or mean_t(lp_roll - lp) <= d]   off_policy_mask_threshold d (OPSM)
 //! pg_t     *= 1[H_t >= q_{1-rho}(H)]                   top_entropy_quantile rho < 1
 //! pg_t     *= is_ratio_t                               vllm_importance_sampling_correction
 //!                                                      (vespo: inside phi instead)
@@ -414,6 +415,33 @@ pub fn vespo_weights(
     Ok(Tensor::from_vec(phi, (seq.len(), 1), log_ratio.device())?.to_dtype(log_ratio.dtype())?)
 }
 
+/// TRL's `get_off_policy_mask` (DeepSeek-V3.2's off-policy sequence
+/// masking), `[B, 1]`, detached: 1 where the advantage is `>= 0` or the
+/// sequence's mean of `sampling_logp - logp` over its tokens is at most
+/// `threshold`, else 0.
+pub fn off_policy_mask(
+    sampling_logprobs: &Tensor,
+    logprobs: &Tensor,
+    mask: &Tensor,
+    advantages: &Tensor,
+    threshold: f64,
+) -> Result<Tensor> {
+    let kl = masked_mean(
+        &(sampling_logprobs.detach() - logprobs.detach())?,
+        mask,
+        Some(1),
+    )?
+    .to_dtype(DType::F64)?
+    .to_vec1::<f64>()?;
+    let adv = advantages.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let keep: Vec<f64> = kl
+        .iter()
+        .zip(&adv)
+        .map(|(&kl, &a)| f64::from(u8::from(a >= 0.0 || kl <= threshold)))
+        .collect();
+    Ok(Tensor::from_vec(keep, (adv.len(), 1), logprobs.device())?.to_dtype(logprobs.dtype())?)
+}
+
 /// Zeroes `t` where the mask is 0, so that whatever the padding holds (even
 /// inf or NaN) never reaches a sum; the gradient there is 0.
 fn zero_padding(t: &Tensor, keep: &Tensor) -> Result<Tensor> {
@@ -602,6 +630,21 @@ pub fn grpo_loss(
             logp.broadcast_mul(&r.to_dtype(dtype)?.unsqueeze(1)?)?
                 .neg()?
         }
+    };
+
+    // Off-policy sequence masking (TRL's off_policy_mask_threshold): the
+    // sampling policy's log-probs (the rollout server's, else the old ones)
+    // against the current ones, held constant.
+    let pg = match cfg.off_policy_mask_threshold {
+        Some(threshold) => {
+            let sampling = match &inputs.rollout_logprobs {
+                Some(r) => cast(r)?,
+                None => old.clone(),
+            };
+            let keep = off_policy_mask(&sampling, &logp, &mask, &inputs.advantages, threshold)?;
+            pg.broadcast_mul(&keep)?
+        }
+        None => pg,
     };
 
     // Only the high-entropy tokens carry the policy gradient (TRL applies
@@ -896,6 +939,58 @@ mod tests {
                 .to_string()
                 .contains("policy_loss")
         );
+    }
+
+    /// TRL's off_policy_mask_threshold: a negative-advantage sequence whose
+    /// sampling policy is ahead of the current one by more than the threshold
+    /// (mean per token) is masked; the sampling log-probs are the rollout
+    /// server's when given, else the old ones.
+    #[test]
+    fn off_policy_sequences_with_negative_advantages_are_masked() {
+        let dev = Device::Cpu;
+        let logp = Tensor::new(&[[-1.0f64, -1.0], [-1.0, -1.0], [-1.0, -1.0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f64, 1.], [1., 1.], [1., 1.]], &dev).unwrap();
+        // Old log-probs: row 0 is 0.5 ahead (masked at threshold 0.1 with
+        // A < 0), row 1 0.5 behind, row 2 ahead but with A > 0.
+        let old = Tensor::new(&[[-0.5f64, -0.5], [-1.5, -1.5], [-0.5, -0.5]], &dev).unwrap();
+        let mut inputs = LossInputs::new(
+            logp.clone(),
+            mask.clone(),
+            Tensor::new(&[-1.0f64, -2.0, 1.0], &dev).unwrap(),
+        );
+        inputs.old_logprobs = Some(old);
+        let cfg = GrpoConfig {
+            policy_loss: PolicyLoss::ReinforceWithBaseline,
+            vllm_importance_sampling_correction: false,
+            off_policy_mask_threshold: Some(0.1),
+            ..GrpoConfig::default()
+        };
+        let norm = Normalizers::for_batch(&mask, 10).unwrap();
+        let loss = |inputs: &LossInputs| {
+            grpo_loss(&cfg, inputs, &norm, 0.0)
+                .unwrap()
+                .loss
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        // pg_t = -A logp_t: row 0 masked, row 1 gives 2 x -2, row 2 2 x 1;
+        // dapo over 6 tokens.
+        assert!((loss(&inputs) - (-4.0 + 2.0) / 6.0).abs() < 1e-12);
+        // The rollout server's log-probs take the old ones' place: now row 1
+        // is ahead and masked, row 0 kept (2 x -1).
+        inputs.rollout_logprobs =
+            Some(Tensor::new(&[[-1.5f64, -1.5], [-0.5, -0.5], [-1.0, -1.0]], &dev).unwrap());
+        assert!((loss(&inputs) - (-2.0 + 2.0) / 6.0).abs() < 1e-12);
+        let masked = off_policy_mask(
+            inputs.rollout_logprobs.as_ref().unwrap(),
+            &logp,
+            &mask,
+            &inputs.advantages,
+            0.1,
+        )
+        .unwrap();
+        let got: Vec<Vec<f64>> = masked.to_vec2().unwrap();
+        assert_eq!(got, vec![vec![1.0], vec![0.0], vec![1.0]]);
     }
 
     /// TRL's use_bias_correction_kl: the k3 estimate times the ratio.

@@ -127,6 +127,14 @@ fn variants() -> Vec<(String, GrpoConfig)> {
             ..base.clone()
         },
     ));
+    // The mask is held constant, so its gradient is the masked loss's.
+    out.push((
+        "off_policy_mask_threshold".into(),
+        GrpoConfig {
+            off_policy_mask_threshold: Some(0.0),
+            ..base.clone()
+        },
+    ));
     out
 }
 

@@ -225,6 +225,14 @@ def aggregate_np(x, mask, loss_type, n_seq, n_tok, max_len):
 VESPO_LOWER = np.log(1e-8)
 
 
+def off_policy_mask_np(sampling, logp, mask, adv, threshold):
+    """TRL GRPOTrainer.get_off_policy_mask (DeepSeek-V3.2 OPSM): keep a
+    sequence when its advantage is >= 0 or its mean per-token
+    (sampling - current) log-prob gap is at most the threshold."""
+    kl = ((sampling - logp) * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+    return ((adv >= 0) | (kl <= threshold)).astype(np.float64)
+
+
 def vespo_phi_np(cfg, logp, old, mask, adv, is_ratio):
     """TRL GRPOTrainer.get_gamma_weights: phi(w) = e^lam w^k e^(-lam w), w the
     sequence's importance weight (product of token ratios, times the rollout
@@ -269,6 +277,10 @@ def loss_parts_np(cfg, beta, logp, d, max_len):
         pt = -adv * logp
     else:  # no_baseline: raw reward
         pt = -d["rewards"][:, None] * logp
+    if cfg.get("off_policy_mask_threshold") is not None:
+        # TRL get_off_policy_mask, held constant: at the base point.
+        opm = off_policy_mask_np(d["rollout"], d["logprobs"], mask, d["advantages"], cfg["off_policy_mask_threshold"])
+        pt = pt * opm[:, None]
     if isr is not None:
         pt = pt * isr
     agg = lambda x: aggregate_np(x, mask, cfg["loss_type"], n_seq, n_tok, max_len)  # noqa: E731
@@ -354,6 +366,7 @@ BASE_CFG = {
     "vespo_lambda_pos": 3.0,
     "vespo_k_neg": 3.0,
     "vespo_lambda_neg": 2.0,
+    "off_policy_mask_threshold": None,
 }
 
 
@@ -411,6 +424,8 @@ def loss_cases():
         ("vespo_token_mask", {"loss_type": "vespo", "vllm_importance_sampling_mode": "token_mask", "vllm_importance_sampling_cap": 1.3}, True),
         ("vespo_no_correction_other_gamma", {"loss_type": "vespo", "vllm_importance_sampling_correction": False, "vespo_k_pos": 1.0, "vespo_lambda_pos": 0.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 5.0}, True),
         ("vespo_on_policy", {"loss_type": "vespo", "vllm_importance_sampling_correction": False}, False),
+        ("off_policy_mask", {"off_policy_mask_threshold": 0.0}, True),
+        ("off_policy_mask_grpo_sequence", {"off_policy_mask_threshold": -0.3, "loss_type": "grpo", "importance_sampling_level": "sequence", "vllm_importance_sampling_correction": False}, True),
     ]
     cases = []
     for name, over, off_policy in specs:
