@@ -16,6 +16,15 @@
 //!
 //! A group whose rewards all tie gets exactly 0 advantage (TRL gets `0/1e-4`,
 //! up to the rounding of the mean), and never NaN.
+//!
+//! With `multi_objective_aggregation: normalize_then_sum` (GDPO, TRL's
+//! option) [`compute_gdpo_advantages`] normalizes each reward function within
+//! its group first:
+//!
+//! ```text
+//! r'_i = sum_k w_k (v_ik - mean(group_k(i))) / (std(group_k(i)) + eps)
+//! A_i  = (r'_i - mean(r')) / (std(r') + eps)          over the whole batch
+//! ```
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -104,6 +113,56 @@ fn min_max(x: &[f64]) -> (f64, f64) {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         })
+}
+
+/// GDPO advantages (see the module docs): `values[k]` are function `k`'s
+/// values of the batch (laid out as `totals`), `weights[k]` its weight;
+/// `totals` (the weighted sums the run logs) give the reward statistics.
+pub fn compute_gdpo_advantages(
+    totals: &[f64],
+    values: &[Vec<f64>],
+    weights: &[f64],
+    group_size: usize,
+    cfg: &GrpoConfig,
+) -> Result<Advantages> {
+    // The totals' checks and statistics; their advantages are replaced.
+    let mut out = compute_advantages(totals, group_size, cfg)?;
+    if values.len() != weights.len() || values.iter().any(|v| v.len() != totals.len()) {
+        return Err(GrpoError::Invalid(format!(
+            "advantages: {} reward functions with {} weights, for {} rewards",
+            values.len(),
+            weights.len(),
+            totals.len()
+        )));
+    }
+    let eps = cfg.scale_rewards_epsilon;
+    let mut summed = vec![0.0; totals.len()];
+    for (v, w) in values.iter().zip(weights) {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(GrpoError::Invalid(format!(
+                "advantages: a reward function's value {i} is {} (rewards must be finite)",
+                v[i]
+            )));
+        }
+        for (group, out) in v.chunks(group_size).zip(summed.chunks_mut(group_size)) {
+            let (m, sd) = (mean(group), unbiased_std(group));
+            let tied = min_max(group).0 == min_max(group).1;
+            for (x, o) in group.iter().zip(out) {
+                if !tied {
+                    *o += w * (x - m) / (sd + eps);
+                }
+            }
+        }
+    }
+    let (m, sd) = (mean(&summed), unbiased_std(&summed));
+    let advantages: Vec<f64> = summed.iter().map(|r| (r - m) / (sd + eps)).collect();
+    let (advantage_min, advantage_max) = min_max(&advantages);
+    out.stats.advantage_mean = mean(&advantages);
+    out.stats.advantage_std = unbiased_std(&advantages);
+    out.stats.advantage_min = advantage_min;
+    out.stats.advantage_max = advantage_max;
+    out.advantages = advantages;
+    Ok(out)
 }
 
 /// Advantages of `rewards`, laid out group after group (`rewards[g * G + j]` is

@@ -140,6 +140,20 @@ impl<'de> Deserialize<'de> for ScaleRewards {
     }
 }
 
+/// TRL `GRPOConfig.multi_objective_aggregation`: how several reward
+/// functions become one advantage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiObjectiveAggregation {
+    /// The weighted sum of the functions, then the group baseline and
+    /// `scale_rewards` (GRPO).
+    SumThenNormalize,
+    /// GDPO: each function normalized within its group (mean off, divided by
+    /// its std + epsilon), the weighted sum of those, then normalized over
+    /// the whole batch.
+    NormalizeThenSum,
+}
+
 /// The baseline subtracted from each reward (verl `adv_estimator`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -211,6 +225,9 @@ pub struct GrpoConfig {
     pub adv_estimator: AdvantageEstimator,
     /// Divisor of the centred rewards.
     pub scale_rewards: ScaleRewards,
+    /// Several reward functions: summed then normalized, or each normalized
+    /// then summed (GDPO).
+    pub multi_objective_aggregation: MultiObjectiveAggregation,
     /// Added to the standard deviation before dividing (TRL hard-codes 1e-4).
     pub scale_rewards_epsilon: f64,
     /// Lower clip: the ratio is clipped to `[1 - epsilon, 1 + epsilon_high]`.
@@ -278,6 +295,7 @@ impl Default for GrpoConfig {
             policy_loss: PolicyLoss::GrpoClip,
             adv_estimator: AdvantageEstimator::Grpo,
             scale_rewards: ScaleRewards::Group,
+            multi_objective_aggregation: MultiObjectiveAggregation::SumThenNormalize,
             scale_rewards_epsilon: 1e-4,
             epsilon: 0.2,
             epsilon_high: None,
@@ -370,6 +388,25 @@ impl GrpoConfig {
         ] {
             if !(tau.is_finite() && tau > 0.0) {
                 return bad(field, format!("must be > 0, got {tau}"));
+            }
+        }
+        if self.multi_objective_aggregation == MultiObjectiveAggregation::NormalizeThenSum {
+            if self.adv_estimator != AdvantageEstimator::Grpo {
+                return bad(
+                    "multi_objective_aggregation",
+                    "normalize_then_sum (GDPO) normalizes by group means; adv_estimator must be \
+                     grpo"
+                        .into(),
+                );
+            }
+            if self.scale_rewards != ScaleRewards::Group {
+                return bad(
+                    "multi_objective_aggregation",
+                    "normalize_then_sum (GDPO) scales each function by its group's std and the \
+                     sum by the batch's, as TRL does: scale_rewards does not apply, leave it at \
+                     group"
+                        .into(),
+                );
             }
         }
         if let Some(t) = self.off_policy_mask_threshold

@@ -1320,6 +1320,22 @@ impl Recipe {
                 message: other.to_string(),
             },
         })?;
+        // GDPO normalizes each function's values; a gate multiplies the sum.
+        let gate = self.reward.functions.iter().any(|f| {
+            f.name == "blocklist" && f.params.get("mode").and_then(Value::as_str) != Some("penalty")
+        });
+        ensure(
+            !(gate
+                && t.loss.multi_objective_aggregation
+                    == crate::grpo_config::MultiObjectiveAggregation::NormalizeThenSum),
+            "train.multi_objective_aggregation",
+            || {
+                "normalize_then_sum (GDPO) normalizes each reward function on its own, which \
+                 a blocklist in gate mode (it multiplies the total) cannot be: give the \
+                 blocklist mode: penalty"
+                    .into()
+            },
+        )?;
 
         let e = &self.eval;
         ensure(

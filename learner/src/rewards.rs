@@ -199,6 +199,11 @@ impl RewardRegistry {
         RewardRegistry::from_configs(&configs)
     }
 
+    /// The weights, in recipe order (a gate's is 1).
+    pub fn weights(&self) -> Vec<f64> {
+        self.functions.iter().map(|f| f.weight).collect()
+    }
+
     /// The logged names, in recipe order.
     pub fn labels(&self) -> Vec<&str> {
         self.functions.iter().map(|f| f.label.as_str()).collect()

@@ -49,12 +49,13 @@ use proto::weight_sync::{Bytes, Client as WeightSyncClient, TensorBytes, WireDTy
 use serde_json::{Value, json};
 
 use crate::accumulation::{MicroBatchForward, accumulate_gradients};
-use crate::advantages::compute_advantages;
+use crate::advantages::{compute_advantages, compute_gdpo_advantages};
 use crate::batch::{SequenceTokens, pad_batch};
 use crate::checkpoint::{Checkpoint, LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
 use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
 use crate::eval::evaluate;
+use crate::grpo_config::MultiObjectiveAggregation;
 use crate::grpo_error::GrpoError;
 use crate::kl::KlController;
 use crate::loss::{
@@ -851,6 +852,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut source =
         PromptSource::from_recipe(&recipe.data, t.seed, rank, world, Some(&tokenizer))?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
+    let reward_weights = rewards.weights();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
@@ -1279,7 +1281,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "step {step}: every group was dropped ({dropped_global} groups; foreign client tags?)"
             );
         }
-        let adv = compute_advantages(&totals, g, &loss_cfg)?;
+        let adv = match loss_cfg.multi_objective_aggregation {
+            MultiObjectiveAggregation::SumThenNormalize => {
+                compute_advantages(&totals, g, &loss_cfg)?
+            }
+            MultiObjectiveAggregation::NormalizeThenSum => {
+                compute_gdpo_advantages(&totals, &per_fn, &reward_weights, g, &loss_cfg)?
+            }
+        };
         let score_s = t_score.elapsed();
         let log_step = step % logging_steps == 0
             || step == max_steps

@@ -2,9 +2,9 @@
 //! (`tests/reference/grpo_reference.py` -> `tests/reference/grpo_fixture.json`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use learner::advantages::compute_advantages;
+use learner::advantages::{compute_advantages, compute_gdpo_advantages};
 use learner::batch::{SequenceTokens, pad_batch};
-use learner::grpo_config::{GrpoConfig, KlCtrlType, KlEstimator};
+use learner::grpo_config::{GrpoConfig, KlCtrlType, KlEstimator, MultiObjectiveAggregation};
 use learner::kl::{KlController, kl_estimate};
 use learner::loss::{LossInputs, Normalizers, grpo_loss, masked_mean, masked_normalize};
 use serde_json::Value;
@@ -85,6 +85,53 @@ fn advantages_match_reference() {
         }
         assert_eq!(st.num_groups as u64, s["num_groups"].as_u64().unwrap());
         assert!(out.advantages.iter().all(|a| a.is_finite()));
+    }
+}
+
+/// TRL's multi_objective_aggregation: normalize_then_sum (GDPO).
+#[test]
+fn gdpo_advantages_match_reference() {
+    let f = fixture();
+    let cfg = GrpoConfig {
+        multi_objective_aggregation: MultiObjectiveAggregation::NormalizeThenSum,
+        ..GrpoConfig::default()
+    };
+    cfg.validate().unwrap();
+    for case in f["advantages_gdpo"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let values: Vec<Vec<f64>> = case["values"].as_array().unwrap().iter().map(v1).collect();
+        let g = case["group_size"].as_u64().unwrap() as usize;
+        let out = compute_gdpo_advantages(
+            &v1(&case["totals"]),
+            &values,
+            &v1(&case["weights"]),
+            g,
+            &cfg,
+        )
+        .unwrap();
+        close_vec(name, &out.advantages, &v1(&case["advantages"]), 1e-12);
+        // The logged reward stays the weighted sum.
+        let totals = v1(&case["totals"]);
+        close(
+            &format!("{name}.reward_mean"),
+            out.stats.reward_mean,
+            totals.iter().sum::<f64>() / totals.len() as f64,
+            1e-12,
+        );
+    }
+    // GDPO is GRPO's: another estimator or scaling is refused, by name.
+    for bad in [
+        GrpoConfig {
+            adv_estimator: learner::grpo_config::AdvantageEstimator::Rloo,
+            ..cfg.clone()
+        },
+        GrpoConfig {
+            scale_rewards: learner::grpo_config::ScaleRewards::None,
+            ..cfg.clone()
+        },
+    ] {
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("multi_objective_aggregation"), "{e}");
     }
 }
 

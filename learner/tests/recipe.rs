@@ -736,3 +736,27 @@ fn generation_batch_size_becomes_steps_per_generation_for_the_ranks() {
     let e = err(BASE, &["train.generation_batch_size=20"]);
     assert!(e.contains("multiple of rollout.num_generations"), "{e}");
 }
+
+/// GDPO normalizes each reward function on its own: a blocklist gate, which
+/// multiplies the total, cannot join it; a penalty-mode blocklist can.
+#[test]
+fn gdpo_refuses_a_gate() {
+    let gate = [
+        "train.multi_objective_aggregation=normalize_then_sum",
+        "reward.functions=[{name: exact_match}, {name: blocklist, substrings: [x]}]",
+    ];
+    let e = err(BASE, &gate);
+    assert!(
+        e.contains("train.multi_objective_aggregation") && e.contains("mode: penalty"),
+        "{e}"
+    );
+    Recipe::from_yaml_str(
+        BASE,
+        "demo.yaml",
+        &[
+            "train.multi_objective_aggregation=normalize_then_sum",
+            "reward.functions=[{name: exact_match}, {name: blocklist, substrings: [x], mode: penalty}]",
+        ],
+    )
+    .unwrap();
+}

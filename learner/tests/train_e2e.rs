@@ -184,6 +184,18 @@ fn two_ranks_equal_one_rank_with_generation_batch_size() {
     two_ranks_vs_one(&["train.generation_batch_size=64"]);
 }
 
+/// TRL's multi_objective_aggregation: normalize_then_sum (GDPO) over two
+/// reward functions, whose per-group normalization sees every rank's groups:
+/// two ranks train as one.
+#[test]
+fn two_ranks_equal_one_rank_with_gdpo() {
+    two_ranks_vs_one(&[
+        "train.multi_objective_aggregation=normalize_then_sum",
+        "reward.functions=[{name: exact_match, extract: last_number}, \
+         {name: length_penalty, mode: linear, max_length: 6, weight: 0.5}]",
+    ]);
+}
+
 /// The AdamW step count of every parameter in a checkpoint.
 fn optimizer_updates(checkpoint: &std::path::Path) -> Vec<u64> {
     let state: Value =

@@ -522,6 +522,42 @@ def batch_case():
     }
 
 
+def gdpo_cases():
+    """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO): each
+    function normalized within its group (unbiased std + 1e-4), the weighted
+    sum, then normalized over the batch. A function tied within a group
+    contributes exactly 0 there."""
+    out = []
+    g = 4
+    for name, num_groups, tie in [("gdpo_random", 3, False), ("gdpo_with_a_tied_function", 2, True)]:
+        f1 = RNG.uniform(0, 1, size=num_groups * g)
+        f2 = (RNG.uniform(0, 1, size=num_groups * g) > 0.5).astype(np.float64)
+        if tie:
+            f2[:g] = 1.0  # function 2 ties in group 0
+        weights = [1.0, 0.5]
+        summed = np.zeros(num_groups * g)
+        for v, w in zip([f1, f2], weights):
+            grp = v.reshape(num_groups, g)
+            for i in range(num_groups):
+                if np.all(grp[i] == grp[i][0]):
+                    continue
+                m, sd = grp[i].mean(), grp[i].std(ddof=1)
+                summed[i * g:(i + 1) * g] += w * (grp[i] - m) / (sd + 1e-4)
+        adv = (summed - summed.mean()) / (summed.std(ddof=1) + 1e-4)
+        totals = weights[0] * f1 + weights[1] * f2
+        out.append(
+            {
+                "name": name,
+                "group_size": g,
+                "values": [r(f1), r(f2)],
+                "weights": weights,
+                "totals": r(totals),
+                "advantages": r(adv),
+            }
+        )
+    return out
+
+
 def main():
     fixture = {
         "generator": "learner/tests/reference/grpo_reference.py (numpy %s)" % np.__version__,
@@ -532,6 +568,7 @@ def main():
         "loss": loss_cases(),
         "logprobs": logprob_cases(),
         "batch": batch_case(),
+        "advantages_gdpo": gdpo_cases(),
     }
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo_fixture.json")
     with open(path, "w") as f:
