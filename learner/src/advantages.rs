@@ -5,6 +5,7 @@
 //! ```text
 //! A_i = (r_i - mean(group(i))) / (std + 1e-4)      scale_rewards = group | batch
 //! A_i =  r_i - mean(group(i))                      scale_rewards = none
+//! A_i = (r_i - mean(group(i))) / (mean(group(i)) + 1e-4)   scale_rewards = mean (MaxRL)
 //! ```
 //!
 //! where `std` is the unbiased (`torch.std`) standard deviation of the group
@@ -204,7 +205,7 @@ pub fn compute_advantages(
         let group_mean = mean(group);
         let group_sum: f64 = group.iter().sum();
         let std = match cfg.scale_rewards {
-            ScaleRewards::Group | ScaleRewards::None => unbiased_std(group),
+            ScaleRewards::Group | ScaleRewards::None | ScaleRewards::Mean => unbiased_std(group),
             ScaleRewards::Batch => batch_std,
         };
         std_used_sum += std * g as f64;
@@ -223,6 +224,7 @@ pub fn compute_advantages(
                 ScaleRewards::Group | ScaleRewards::Batch => {
                     centred / (std + cfg.scale_rewards_epsilon)
                 }
+                ScaleRewards::Mean => centred / (group_mean + cfg.scale_rewards_epsilon),
             };
             advantages.push(a);
         }

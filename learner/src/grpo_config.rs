@@ -104,6 +104,9 @@ pub enum ScaleRewards {
     Batch,
     /// Nothing (Dr. GRPO).
     None,
+    /// The group's mean (TRL's experimental `mean`, MaxRL's
+    /// `(r - mean) / (mean + eps)`: for 0/1 rewards, the success rate).
+    Mean,
 }
 
 impl<'de> Deserialize<'de> for ScaleRewards {
@@ -112,7 +115,9 @@ impl<'de> Deserialize<'de> for ScaleRewards {
         impl serde::de::Visitor<'_> for Visitor {
             type Value = ScaleRewards;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"group\", \"batch\", \"none\", true (group) or false (none)")
+                f.write_str(
+                    "\"group\", \"batch\", \"none\", \"mean\", true (group) or false (none)",
+                )
             }
             fn visit_bool<E: serde::de::Error>(
                 self,
@@ -132,7 +137,11 @@ impl<'de> Deserialize<'de> for ScaleRewards {
                     "group" => Ok(ScaleRewards::Group),
                     "batch" => Ok(ScaleRewards::Batch),
                     "none" => Ok(ScaleRewards::None),
-                    other => Err(E::unknown_variant(other, &["group", "batch", "none"])),
+                    "mean" => Ok(ScaleRewards::Mean),
+                    other => Err(E::unknown_variant(
+                        other,
+                        &["group", "batch", "none", "mean"],
+                    )),
                 }
             }
         }
@@ -558,6 +567,7 @@ mod tests {
             (r#"{"scale_rewards": true}"#, ScaleRewards::Group),
             (r#"{"scale_rewards": false}"#, ScaleRewards::None),
             (r#"{"scale_rewards": "batch"}"#, ScaleRewards::Batch),
+            (r#"{"scale_rewards": "mean"}"#, ScaleRewards::Mean),
         ] {
             assert_eq!(
                 serde_json::from_str::<GrpoConfig>(json)

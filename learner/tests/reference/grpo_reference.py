@@ -55,7 +55,12 @@ def advantages_ref(rewards, g, scale_rewards, estimator, eps=1e-4):
             centred = grp - grp.mean()
         else:  # rloo: baseline = mean of the other G-1 rewards
             centred = np.array([grp[j] - (grp.sum() - grp[j]) / (g - 1) for j in range(g)])
-        adv[i, :] = centred if scale_rewards == "none" else centred / (std + eps)
+        if scale_rewards == "none":
+            adv[i, :] = centred
+        elif scale_rewards == "mean":  # MaxRL: the group mean, not the std
+            adv[i, :] = centred / (grp.mean() + eps)
+        else:
+            adv[i, :] = centred / (std + eps)
     a = adv.reshape(-1)
     stats = {
         "reward_mean": float(rewards.mean()),
@@ -82,7 +87,7 @@ def advantage_cases():
             RNG.integers(0, 2, size=4).astype(float) + [0.0, 0.0, 0.0, 0.5],
         ]
     )
-    for scale in ["group", "batch", "none"]:
+    for scale in ["group", "batch", "none", "mean"]:
         for est in ["grpo", "rloo"]:
             a, stats = advantages_ref(rewards, 4, scale, est)
             cases.append(
