@@ -1844,6 +1844,7 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
              (empty: the launcher starts them)"
         }
         "vllm_gpu_memory_utilization" => "it is rollout.gpu_memory_utilization",
+        "num_generations_eval" => "it is eval.num_samples (samples per eval prompt)",
         "vllm_tensor_parallel_size" => "it is topology.tp",
         "use_liger_loss" => {
             "train.recompute_logits (on by default) keeps the logits out of memory \

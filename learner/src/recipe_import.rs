@@ -30,6 +30,7 @@ const RENAMES: &[(&str, &str)] = &[
     ),
     ("vllm_tensor_parallel_size", "topology.tp"),
     ("evaluation_strategy", "eval.eval_strategy"),
+    ("num_generations_eval", "eval.num_samples"),
 ];
 
 /// open-r1's reward arguments: (argument, reward function, its Tandem

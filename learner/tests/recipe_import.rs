@@ -302,6 +302,10 @@ fn what_cannot_be_carried_over_is_said() {
         "{}",
         c.yaml
     );
+    // TRL's eval sample count moves to eval.num_samples.
+    let c = convert_trl_recipe(&format!("{trl}num_generations_eval: 2\n"), "t.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!(r.eval.num_samples, 2);
     // LoRA is said to be missing, not guessed at.
     let c = convert_trl_recipe(&format!("{trl}use_peft: true\nlora_r: 16\n"), "t.yaml").unwrap();
     let why: Vec<&str> = c
