@@ -398,6 +398,23 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
             }
         }
     }
+    // TRL samples eval completions as it samples training ones.
+    if out
+        .get("eval.num_samples")
+        .and_then(Value::as_u64)
+        .is_some_and(|k| k > 1)
+        && !out.has("eval.temperature")
+    {
+        let t = out
+            .get("rollout.temperature")
+            .cloned()
+            .unwrap_or(json!(1.0));
+        out.put(
+            "eval.temperature",
+            t,
+            Some("TRL samples eval completions at the training temperature".into()),
+        );
+    }
     Ok(out.into_converted(source_name, "TRL / open-r1"))
 }
 
