@@ -1959,6 +1959,23 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
         | "cache_implementation" => {
             "a transformers / vLLM setting with no Tandem counterpart; remove the key"
         }
+        "vllm_max_model_length" => {
+            "the rollout server's context is the model's max_position_embeddings, or the \
+             rollout-server flag --max-model-len; prompts are cut to rollout.max_prompt_length"
+        }
+        "max_tool_calling_iterations" | "tools" | "rollout_func" | "environment_factory" => {
+            "multi-turn tool calling is not supported yet: a completion is one assistant turn"
+        }
+        "log_unique_prompts" => {
+            "completions.jsonl (log.log_completions) holds every prompt with its completions"
+        }
+        "log_completions_hub_repo" => {
+            "nothing is uploaded: the run folder holds the checkpoints and completions"
+        }
+        "vllm_group_port" => {
+            "weights go to the rollout servers over gRPC (the launcher picks the port; \
+             rollout.weight_sync_endpoints otherwise)"
+        }
         "save_safetensors" => "checkpoints are always safetensors; remove the key",
         "save_only_model" => {
             "checkpoints always hold the optimizer and data state too (an exact resume \
