@@ -6,6 +6,15 @@ mod common;
 use common::{Server, assert_error};
 use serde_json::{Value, json};
 
+/// `field: value` added to a completions `body` is a 400 whose `param`
+/// names the field.
+async fn assert_refused(s: &Server, mut body: Value, field: &str, value: Value) {
+    body[field] = value;
+    let (st, b) = s.post("/v1/completions", &body).await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], field, "{b}");
+}
+
 fn text(v: &Value, i: usize) -> String {
     v["choices"][i]["text"].as_str().unwrap().to_string()
 }
@@ -830,11 +839,7 @@ async fn error_statuses_are_vllm_error_objects() {
         ("presence_penalty", json!(3)),
         ("top_k", json!(-5)),
     ] {
-        let mut body = json!({"prompt": "x"});
-        body[field] = value;
-        let (st, b) = s.post("/v1/completions", &body).await;
-        assert_error(st, &b, 400);
-        assert_eq!(b["error"]["param"], field, "{b}");
+        assert_refused(&s, json!({"prompt": "x"}), field, value).await;
     }
     let (st, b) = s
         .post(
@@ -1163,11 +1168,7 @@ async fn truncated_prompts_and_refused_fields() {
         ("use_beam_search", json!(true)),
         ("tool_choice", json!("required")),
     ] {
-        let mut b = json!({"prompt": "ab", "max_tokens": 1});
-        b[field] = value;
-        let (st, e) = s.post("/v1/completions", &b).await;
-        assert_error(st, &e, 400);
-        assert_eq!(e["error"]["param"], field, "{e}");
+        assert_refused(&s, json!({"prompt": "ab", "max_tokens": 1}), field, value).await;
     }
     // The harmless values of those fields pass.
     let (st, r) = s
