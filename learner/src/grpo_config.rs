@@ -89,6 +89,10 @@ pub enum PolicyLoss {
 #[serde(rename_all = "snake_case")]
 pub enum ImportanceSamplingLevel {
     Token,
+    /// Also TRL's experimental `sequence_token` (GSPO-token,
+    /// `sg[w_seq] pi / sg[pi]` per token): with one advantage per sequence,
+    /// as here, its value and gradient are GSPO's (the GSPO paper, eq. 18).
+    #[serde(alias = "sequence_token")]
     Sequence,
 }
 
@@ -554,6 +558,12 @@ mod tests {
         assert_eq!(cfg.loss_type, LossType::DrGrpo);
         assert_eq!(
             cfg.importance_sampling_level,
+            ImportanceSamplingLevel::Sequence
+        );
+        let gspo_token: GrpoConfig =
+            serde_json::from_str(r#"{"importance_sampling_level": "sequence_token"}"#).unwrap();
+        assert_eq!(
+            gspo_token.importance_sampling_level,
             ImportanceSamplingLevel::Sequence
         );
         assert_eq!(cfg.epsilon_high(), 4e-4);
