@@ -1182,11 +1182,24 @@ impl Recipe {
             "train.sync_ref_model",
             || "needs train.beta > 0: with beta 0 there is no reference model to sync".into(),
         )?;
-        for key in self.rollout.generation_kwargs.keys() {
+        for (key, value) in &self.rollout.generation_kwargs {
             if let Some(instead) = generation_kwarg_owner(key) {
                 return Err(RecipeError::Invalid {
                     key: format!("rollout.generation_kwargs.{key}"),
                     message: format!("is set by the learner itself; {instead}"),
+                });
+            }
+            // The launcher's own rollout servers would refuse every request.
+            if self.rollout.endpoints.is_empty()
+                && let Some(what) = proto::openai::unsupported_field(key, value)
+            {
+                return Err(RecipeError::Invalid {
+                    key: format!("rollout.generation_kwargs.{key}"),
+                    message: format!(
+                        "asks for {what}, which Tandem's rollout server does not do (an \
+                         external vLLM in rollout.endpoints may); remove it, or reward the \
+                         format instead"
+                    ),
                 });
             }
         }

@@ -53,6 +53,38 @@ pub struct StreamOptions {
     pub continuous_usage_stats: Option<bool>,
 }
 
+/// Request fields that vLLM reads, that change what is generated, and that
+/// Tandem's rollout server does not implement, with what each is: the server
+/// refuses them (a 400 naming the field) rather than ignoring them, and a
+/// recipe that would send them to Tandem's servers is refused up front.
+/// `response_format: {"type": "text"}` and a `false` are harmless.
+pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
+    ("suffix", "text after the insertion point"),
+    ("use_beam_search", "beam search"),
+    ("response_format", "structured output"),
+    ("guided_json", "structured output"),
+    ("guided_regex", "structured output"),
+    ("guided_choice", "structured output"),
+    ("guided_grammar", "structured output"),
+    ("structured_outputs", "structured output"),
+    ("bad_words", "banned words"),
+    ("allowed_token_ids", "a token allow-list"),
+    ("prompt_embeds", "embedding prompts"),
+];
+
+/// Whether `value` of request field `field` asks for something in
+/// [`UNSUPPORTED_FIELDS`] (what it is, when it does).
+pub fn unsupported_field(field: &str, value: &Value) -> Option<&'static str> {
+    let (_, what) = UNSUPPORTED_FIELDS.iter().find(|(f, _)| *f == field)?;
+    let asks = match value {
+        Value::Null | Value::Bool(false) => false,
+        // Plain text is what every response is anyway.
+        v if field == "response_format" => v.get("type") != Some(&Value::from("text")),
+        _ => true,
+    };
+    asks.then_some(*what)
+}
+
 /// Fields that `/v1/completions` and `/v1/chat/completions` share.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -182,34 +182,13 @@ pub fn ignored_fields<T: RequestFields>(body: &Value) -> Vec<String> {
     ignored
 }
 
-/// Fields that vLLM reads, that change what is generated, and that this
-/// server does not implement: a 400 naming them, never a silent ignore.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    ("suffix", "text after the insertion point"),
-    ("use_beam_search", "beam search"),
-    ("response_format", "structured output"),
-    ("guided_json", "structured output"),
-    ("guided_regex", "structured output"),
-    ("guided_choice", "structured output"),
-    ("guided_grammar", "structured output"),
-    ("structured_outputs", "structured output"),
-    ("bad_words", "banned words"),
-    ("allowed_token_ids", "a token allow-list"),
-    ("prompt_embeds", "embedding prompts"),
-];
-
 fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let Value::Object(map) = body else {
         return Ok(());
     };
-    for (field, what) in UNSUPPORTED {
-        let given = match map.get(*field) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            // Plain text is what every response is anyway.
-            Some(v) if *field == "response_format" => v.get("type") != Some(&"text".into()),
-            Some(_) => true,
-        };
-        if given {
+    // vLLM reads them and they change the output: a 400, never an ignore.
+    for (field, value) in map {
+        if let Some(what) = proto::openai::unsupported_field(field, value) {
             return Err(bad(
                 format!("{field} ({what}) is not supported by this server; remove it"),
                 field,
