@@ -101,7 +101,7 @@ pub async fn evaluate(
     let outcomes = client.generate(&prompts, &seeds).await?;
     let mut inputs = Vec::new();
     let mut dropped = 0;
-    for (example, outcome) in examples.iter().zip(&outcomes) {
+    for (q, (example, outcome)) in examples.iter().zip(&outcomes).enumerate() {
         match outcome {
             GroupOutcome::Kept(group) => {
                 for c in &group.completions {
@@ -111,7 +111,8 @@ pub async fn evaluate(
                             c.text.clone(),
                             Some(example.answer.clone()),
                         )
-                        .with_completion_tokens(c.completion_ids.len()),
+                        .with_completion_tokens(c.completion_ids.len())
+                        .in_group(q),
                     );
                 }
             }

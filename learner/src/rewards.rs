@@ -56,6 +56,10 @@ pub struct RewardInput {
     pub answer: Option<String>,
     /// Number of completion tokens (for `length_penalty` in tokens).
     pub completion_tokens: Option<usize>,
+    /// Which prompt's group the completion belongs to, within the batch
+    /// scored together (for `length` with `scope: group`).
+    #[serde(default)]
+    pub group: Option<usize>,
 }
 
 impl RewardInput {
@@ -69,11 +73,17 @@ impl RewardInput {
             completion_text: completion_text.into(),
             answer,
             completion_tokens: None,
+            group: None,
         }
     }
 
     pub fn with_completion_tokens(mut self, n: usize) -> Self {
         self.completion_tokens = Some(n);
+        self
+    }
+
+    pub fn in_group(mut self, group: usize) -> Self {
+        self.group = Some(group);
         self
     }
 }
@@ -1044,11 +1054,22 @@ impl Cosine {
     }
 }
 
-/// open-r1's `len_reward` (Kimi k1.5's length reward): over the completions
-/// scored together (the rank's batch of the step, as open-r1 scores a
-/// process's batch), with lengths in characters, `lambda = 0.5 - (len -
-/// min) / (max - min)`; a correct answer gets `lambda`, a wrong one `min(0,
-/// lambda)`; every value is 0 when the lengths are all equal. Correct means
+/// Over which completions `length` takes its shortest and longest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LengthScope {
+    /// The completions scored together: the rank's batch of the step, as
+    /// open-r1 scores a process's batch.
+    #[default]
+    Batch,
+    /// The completions of one prompt, as the Kimi k1.5 report defines it.
+    Group,
+}
+
+/// open-r1's `len_reward` (Kimi k1.5's length reward): with lengths in
+/// characters and `min` / `max` over `scope`, `lambda = 0.5 - (len - min) /
+/// (max - min)`; a correct answer gets `lambda`, a wrong one `min(0,
+/// lambda)`; every value is 0 where the lengths are all equal. Correct means
 /// what `exact_match` says; a row with no reference counts as correct, as
 /// open-r1 counts a reference it cannot parse.
 #[derive(Debug, Deserialize)]
@@ -1057,6 +1078,8 @@ struct Length {
     /// Where the answer is read, as for `exact_match`.
     #[serde(default)]
     extract: Extract,
+    #[serde(default)]
+    scope: LengthScope,
 }
 
 impl Length {
@@ -1068,17 +1091,31 @@ impl Length {
             .iter()
             .map(|x| x.completion_text.chars().count())
             .collect();
-        let (Some(&min), Some(&max)) = (lengths.iter().min(), lengths.iter().max()) else {
-            return Ok(Vec::new());
+        // The key of the completions a completion is measured against.
+        let scope_of = |x: &RewardInput| -> Result<Option<usize>, String> {
+            match self.scope {
+                LengthScope::Batch => Ok(None),
+                LengthScope::Group => x
+                    .group
+                    .map(Some)
+                    .ok_or_else(|| "`scope: group` needs the completions' groups".to_string()),
+            }
         };
-        if min == max {
-            return Ok(vec![0.0; batch.len()]);
-        }
+        let scopes: Vec<Option<usize>> = batch.iter().map(scope_of).collect::<Result<_, _>>()?;
         batch
             .iter()
-            .zip(&lengths)
-            .map(|(x, &len)| {
-                let lambda = 0.5 - (len - min) as f64 / (max - min) as f64;
+            .enumerate()
+            .map(|(i, x)| {
+                let peers = lengths
+                    .iter()
+                    .zip(&scopes)
+                    .filter(|(_, s)| **s == scopes[i])
+                    .map(|(l, _)| *l);
+                let (min, max) = peers.fold((usize::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+                if min >= max {
+                    return Ok(0.0);
+                }
+                let lambda = 0.5 - (lengths[i] - min) as f64 / (max - min) as f64;
                 let correct = x.answer.is_none() || judge.score(x)? == 1.0;
                 Ok(if correct { lambda } else { lambda.min(0.0) })
             })

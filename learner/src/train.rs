@@ -1220,7 +1220,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                             comp.text.clone(),
                             Some(ex.answer.clone()),
                         )
-                        .with_completion_tokens(comp.completion_ids.len()),
+                        .with_completion_tokens(comp.completion_ids.len())
+                        .in_group(i),
                     );
                 }
             }

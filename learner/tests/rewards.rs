@@ -610,6 +610,30 @@ async fn length_reward_is_open_r1s_len_reward() {
     assert_eq!(values(f.clone(), &batch).await, vec![0.0, 0.0, -0.5]);
     let same = [input("ab", Some("4")), input("cd", Some("5"))];
     assert_eq!(values(f.clone(), &same).await, vec![0.0, 0.0]);
+    // Kimi's own scope: each prompt's completions on their own. Group 0
+    // (lengths 18, 22) and group 1 (20, 24): each shortest 0.5, longest -0.5.
+    let grouped = [
+        input("<answer>4</answer>", Some("4")).in_group(0),
+        input("<answer>4</answer>xxxx", Some("4")).in_group(0),
+        input("<answer>4</answer>xx", Some("4")).in_group(1),
+        input("<answer>4</answer>xxxxxx", Some("4")).in_group(1),
+    ];
+    let by_group = json!({"name": "length", "scope": "group"});
+    assert_eq!(
+        values(by_group.clone(), &grouped).await,
+        vec![0.5, -0.5, 0.5, -0.5]
+    );
+    // Over the batch (open-r1's): 18..24.
+    assert_eq!(
+        values(f.clone(), &grouped).await,
+        vec![0.5, 0.5 - 4.0 / 6.0, 0.5 - 2.0 / 6.0, -0.5]
+    );
+    let err = registry(by_group)
+        .score(&[input("a", Some("1")), input("bb", Some("1"))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("scope: group"), "{err}");
     assert!(config_error(json!({"name": "length", "max_len": 3})).contains("max_len"));
 }
 
