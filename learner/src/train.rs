@@ -990,20 +990,19 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         // TRL counts optimizer updates in max_steps; Tandem counts steps
         // (a generation and its updates). Said once, where it differs.
-        let per_step = updates_per_step;
-        if per_step > 1 {
+        if updates_per_step > 1 {
+            let total_updates = updates_per_step as u64 * max_steps;
             run.event(
                 "optimizer_updates",
-                json!({"per_step": per_step, "total": per_step as u64 * max_steps}),
+                json!({"per_step": updates_per_step, "total": total_updates}),
             )?;
             eprintln!(
-                "note: each step makes {per_step} optimizer updates (num_iterations {} x \
-                 steps_per_generation / gradient_accumulation_steps {}), {} in all, the \
-                 learning rate moving with each; TRL would count each update as a step \
+                "note: each step makes {updates_per_step} optimizer updates (num_iterations {} x \
+                 steps_per_generation / gradient_accumulation_steps {}), {total_updates} in all, \
+                 the learning rate moving with each; TRL would count each update as a step \
                  (README, the TRL table)",
                 t.num_iterations.max(1),
                 t.updates_per_generation(),
-                per_step as u64 * max_steps
             );
         }
         // A run sized in epochs counts its steps from the global batch, which
