@@ -22,6 +22,7 @@ use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::logprobs::{self, TokenLogProbs};
+use crate::lora::Lora;
 use crate::weights::Weights;
 
 /// Added to the attention scores of masked keys. Large and finite: `-inf`
@@ -148,6 +149,17 @@ struct Linear {
     weight: Tensor,
     weight_t: Option<Tensor>,
     bias: Option<Tensor>,
+    /// A LoRA adapter: `+ s B A x` (see [`crate::lora`]).
+    lora: Option<LoraPair>,
+}
+
+#[derive(Clone)]
+struct LoraPair {
+    /// `[r, in]`
+    a: Tensor,
+    /// `[out, r]`
+    b: Tensor,
+    scaling: f64,
 }
 
 impl Linear {
@@ -161,6 +173,7 @@ impl Linear {
             weight,
             weight_t,
             bias,
+            lora: None,
         })
     }
 
@@ -172,9 +185,19 @@ impl Linear {
         let x2 = x
             .contiguous()?
             .reshape((rows, k.first().copied().unwrap_or(1)))?;
-        let y = match &self.weight_t {
-            Some(wt) => x2.matmul(wt)?,
-            None => x2.matmul(&self.weight.t()?)?,
+        let frozen = FrozenLinear {
+            weight: self.weight.clone(),
+            weight_t: self.weight_t.clone(),
+        };
+        let y = match &self.lora {
+            // u = s x A^T is [rows, r]: scaling it, not the [rows, out]
+            // update, keeps the graph small.
+            Some(l) => {
+                let u = (x2.matmul(&l.a.t()?)? * l.scaling)?;
+                x2.apply_op3(&u, &l.b, FrozenLinearWithLora(frozen))?
+            }
+            None if x2.track_op() && !self.weight.is_variable() => x2.apply_op1(frozen)?,
+            None => frozen.product(&x2)?,
         };
         let mut shape = lead.to_vec();
         shape.push(y.dim(1)?);
@@ -186,7 +209,180 @@ impl Linear {
     }
 }
 
-fn linear(weights: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+/// `x W^T` for a weight that does not train (LoRA's base weights, a frozen
+/// output head). candle's matmul back-propagates into both operands; for a
+/// frozen weight that is a product as large as the input's gradient, and a
+/// weight-sized gradient kept per layer, both thrown away. This op's
+/// backward makes only the input's gradient, `dy W`.
+struct FrozenLinear {
+    /// `[out, in]`
+    weight: Tensor,
+    /// `[in, out]`, contiguous, where kept (see [`Linear`]).
+    weight_t: Option<Tensor>,
+}
+
+/// [`FrozenLinear`] plus LoRA's low-rank update: `x W^T + u B^T` with
+/// `u = s x A^T` (`[rows, r]`). One op, so that the graph keeps only `x`,
+/// `u` and `B` (as a full fine-tuning keeps `x` and `W`), not the base
+/// product and the `[rows, out]` update besides the sum.
+struct FrozenLinearWithLora(FrozenLinear);
+
+impl FrozenLinear {
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight_t {
+            Some(wt) => x.matmul(wt),
+            None => x.matmul(&self.weight.t()?),
+        }
+    }
+
+    /// The gradient of `x` given that of `x W^T`, when `x` needs one.
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(if x.track_op() {
+            Some(dy.matmul(&self.weight)?)
+        } else {
+            None
+        })
+    }
+}
+
+impl FrozenLinearWithLora {
+    fn product(&self, x: &Tensor, u: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.product(x)? + u.matmul(&b.t()?)?
+    }
+}
+
+/// An input of a custom op's forward as a tensor of its own (a copy of its
+/// storage, viewed through its layout), for candle's ops to run on.
+fn op_input(
+    storage: candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("frozen-linear takes contiguous inputs")
+    };
+    let flat = Tensor::from_storage(storage, end, candle_core::op::BackpropOp::none(), false);
+    flat.narrow(0, start, end - start)?.reshape(layout.shape())
+}
+
+/// A custom op's result on the CPU: the storage of `y`.
+fn cpu_output(y: Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let (out, _) = y.storage_and_layout();
+    match &*out {
+        candle_core::Storage::Cpu(s) => Ok((s.clone(), y.shape().clone())),
+        _ => candle_core::bail!("frozen-linear: CPU inputs gave a non-CPU product"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_input(
+    s: &candle_core::CudaStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    use candle_core::backend::BackendStorage;
+    op_input(candle_core::Storage::Cuda(s.try_clone(l)?), l)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_output(y: Tensor) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (out, layout) = y.storage_and_layout();
+    match &*out {
+        candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+        _ => candle_core::bail!("frozen-linear: CUDA inputs gave a non-CUDA product"),
+    }
+}
+
+fn cpu_input(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    op_input(candle_core::Storage::Cpu(s.clone()), l)
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_output(self.product(&cpu_input(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda_output(self.product(&cuda_input(s, l)?)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.input_grad(x, dy)
+    }
+}
+
+impl candle_core::CustomOp3 for FrozenLinearWithLora {
+    fn name(&self) -> &'static str {
+        "frozen-linear-with-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, u, b) = (cpu_input(s1, l1)?, cpu_input(s2, l2)?, cpu_input(s3, l3)?);
+        cpu_output(self.product(&x, &u, &b)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (x, u, b) = (
+            cuda_input(s1, l1)?,
+            cuda_input(s2, l2)?,
+            cuda_input(s3, l3)?,
+        );
+        cuda_output(self.product(&x, &u, &b)?)
+    }
+
+    /// `d x = dy W` (the LoRA path's share reaches `x` through `u`),
+    /// `d u = dy B`, `d B = dy^T u`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        u: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let du = dy.matmul(b)?;
+        let db = dy.t()?.matmul(u)?;
+        Ok((self.0.input_grad(x, dy)?, Some(du), Some(db)))
+    }
+}
+
+fn linear(
+    weights: &Weights,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    lora: Option<&Lora>,
+) -> Result<Linear> {
     let w = weights
         .require(&format!("{prefix}.weight"), &[out, inp])?
         .clone();
@@ -195,7 +391,28 @@ fn linear(weights: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -
     } else {
         None
     };
-    Linear::new(w, b)
+    let mut linear = Linear::new(w, b)?;
+    if let Some(lora) = lora {
+        let (a, b) = (
+            lora.adapters.get(&format!("{prefix}.lora_A.weight")),
+            lora.adapters.get(&format!("{prefix}.lora_B.weight")),
+        );
+        if a.is_some() || b.is_some() {
+            let r = lora.config.r;
+            linear.lora = Some(LoraPair {
+                a: lora
+                    .adapters
+                    .require(&format!("{prefix}.lora_A.weight"), &[r, inp])?
+                    .clone(),
+                b: lora
+                    .adapters
+                    .require(&format!("{prefix}.lora_B.weight"), &[out, r])?
+                    .clone(),
+                scaling: lora.config.scaling(),
+            });
+        }
+    }
+    Ok(linear)
 }
 
 fn norm(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -305,7 +522,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(cfg: &ModelConfig, w: &Weights, l: usize) -> Result<Self> {
+    fn load(cfg: &ModelConfig, w: &Weights, l: usize, lora: Option<&Lora>) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let q = cfg.num_attention_heads * d;
@@ -323,10 +540,31 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             input_layernorm: norm(w, &format!("{p}.input_layernorm.weight"), h, eps)?,
             self_attn: Attention {
-                q_proj: linear(w, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias)?,
-                k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias)?,
-                v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias)?,
-                o_proj: linear(w, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias)?,
+                q_proj: linear(
+                    w,
+                    &format!("{p}.self_attn.q_proj"),
+                    q,
+                    h,
+                    cfg.qkv_bias,
+                    lora,
+                )?,
+                k_proj: linear(
+                    w,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv,
+                    h,
+                    cfg.qkv_bias,
+                    lora,
+                )?,
+                v_proj: linear(
+                    w,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv,
+                    h,
+                    cfg.qkv_bias,
+                    lora,
+                )?,
+                o_proj: linear(w, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias, lora)?,
                 q_norm,
                 k_norm,
                 num_heads: cfg.num_attention_heads,
@@ -340,9 +578,9 @@ impl DecoderLayer {
                 eps,
             )?,
             mlp: Mlp {
-                gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias)?,
-                up_proj: linear(w, &format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias)?,
-                down_proj: linear(w, &format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias)?,
+                gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), i, h, cfg.mlp_bias, lora)?,
+                up_proj: linear(w, &format!("{p}.mlp.up_proj"), i, h, cfg.mlp_bias, lora)?,
+                down_proj: linear(w, &format!("{p}.mlp.down_proj"), h, i, cfg.mlp_bias, lora)?,
             },
         })
     }
@@ -376,6 +614,10 @@ impl DecoderLayer {
         ] {
             out.push(&l.weight);
             out.extend(&l.bias);
+            if let Some(lora) = &l.lora {
+                out.push(&lora.a);
+                out.push(&lora.b);
+            }
         }
         out
     }
@@ -426,6 +668,37 @@ impl CausalLM {
     /// the weights; extra tensors (e.g. a redundant `lm_head.weight` next to
     /// tied embeddings) are ignored.
     pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::build(cfg, weights, None)
+    }
+
+    /// The model with LoRA adapters on the linears `lora` names (its tensors
+    /// are what trains: `weights` are the frozen base). Every adapter of
+    /// `lora.config` must be there, and nothing else.
+    pub fn with_lora(cfg: &ModelConfig, weights: &Weights, lora: &Lora) -> Result<Self> {
+        let adapted = lora.config.adapted(cfg)?;
+        let expected: std::collections::BTreeSet<String> = adapted
+            .iter()
+            .flat_map(|l| [l.lora_a(), l.lora_b()])
+            .collect();
+        if let Some(extra) = lora.adapters.names().find(|n| !expected.contains(*n)) {
+            return Err(ModelError::Invalid(format!(
+                "adapter tensor `{extra}` belongs to no linear the LoRA config targets"
+            )));
+        }
+        for l in &adapted {
+            for name in [l.lora_a(), l.lora_b()] {
+                if lora.adapters.get(&name).is_none() {
+                    return Err(ModelError::MissingTensor {
+                        name,
+                        location: lora.adapters.location().to_string(),
+                    });
+                }
+            }
+        }
+        Self::build(cfg, weights, Some(lora))
+    }
+
+    fn build(cfg: &ModelConfig, weights: &Weights, lora: Option<&Lora>) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = weights
             .require("model.embed_tokens.weight", &[v, h])?
@@ -438,7 +711,7 @@ impl CausalLM {
         // finished first.
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
-            .map(|l| DecoderLayer::load(cfg, weights, l))
+            .map(|l| DecoderLayer::load(cfg, weights, l, lora))
             .collect::<Vec<Result<_>>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
@@ -447,7 +720,8 @@ impl CausalLM {
         } else {
             weights.require("lm_head.weight", &[v, h])?.clone()
         };
-        for (name, t) in weights.iter() {
+        let adapters = lora.into_iter().flat_map(|l| l.adapters.iter());
+        for (name, t) in weights.iter().chain(adapters) {
             if t.dtype() != dtype || !t.device().same_device(&device) {
                 return Err(ModelError::Invalid(format!(
                     "tensor `{name}` is {:?} on {:?}, the embeddings are {dtype:?} on {device:?}",

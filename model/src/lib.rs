@@ -9,6 +9,7 @@
 //! - [`kv_cache`]: slot-based KV cache that sequences join and leave between
 //!   decode steps (continuous batching);
 //! - [`logprobs`]: log-probs of given tokens and entropy, computed in chunks;
+//! - [`lora`]: LoRA adapters (PEFT's config, names and files), merged weights;
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;
@@ -24,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod lora;
 pub mod presets;
 pub mod pretrained;
 pub mod sampling;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use model::decoder::{LogitsWanted, trainable};
+use model::lora::{Lora, LoraConfig, TargetModules};
 use model::weights::Weights;
 use model::{CausalLM, DType, Device, KvCache, ModelConfig, ModelError, Tensor};
 use serde_json::json;
@@ -555,4 +556,321 @@ fn preset_sizes() {
         (15_000_000..25_000_000).contains(&small),
         "small has {small}"
     );
+}
+
+// ---- LoRA
+
+fn lora_config(targets: TargetModules, r: usize) -> LoraConfig {
+    LoraConfig {
+        r,
+        alpha: 6.0,
+        target_modules: targets,
+        use_rslora: false,
+    }
+}
+
+/// Adapters with a random `B` too (a fresh one is zero), so that the
+/// adapters change the output.
+fn random_lora(cfg: &ModelConfig, config: LoraConfig, dtype: DType) -> Lora {
+    let fresh = config.init(cfg, 11, &Device::Cpu, dtype).unwrap();
+    let mut adapters = fresh.clone();
+    for (name, t) in fresh.iter() {
+        if name.contains(".lora_B.") {
+            let noise = Tensor::randn(0f32, 0.3, t.shape(), &Device::Cpu).unwrap();
+            adapters.insert(name.clone(), noise.to_dtype(dtype).unwrap());
+        }
+    }
+    Lora { config, adapters }
+}
+
+#[test]
+fn fresh_lora_adapters_leave_the_model_as_it_was() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 21, DType::F32);
+        let config = lora_config(TargetModules::AllLinear, 4);
+        let adapters = config.init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
+        // Seeded: the same bytes again; B starts at zero, A does not.
+        let again = config.init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(adapters.len(), 2 * 7 * cfg.num_hidden_layers);
+        for (name, t) in adapters.iter() {
+            let a = max_abs_diff_f64(t, again.get(name).unwrap());
+            assert_eq!(a, 0.0, "{name} differs between two inits with one seed");
+            let largest = t
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if name.contains(".lora_B.") {
+                assert_eq!(largest, 0.0);
+            } else {
+                // PEFT's Kaiming-uniform bound, 1/sqrt(in_features).
+                let bound = 1.0 / (t.dim(1).unwrap() as f32).sqrt();
+                assert!(
+                    largest > 0.0 && largest <= bound,
+                    "{name}: {largest} vs {bound}"
+                );
+            }
+        }
+        let lora = Lora { config, adapters };
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let base = CausalLM::new(&cfg, &w).unwrap().forward(&x, &m).unwrap();
+        let adapted = CausalLM::with_lora(&cfg, &w, &lora)
+            .unwrap()
+            .forward(&x, &m)
+            .unwrap();
+        assert_eq!(max_abs_diff(&base, &adapted), 0.0, "{arch}");
+    }
+}
+
+#[test]
+fn a_lora_model_computes_what_its_merged_weights_compute() {
+    // The adapter path (W x + s B A x, base frozen) against the plain model
+    // on W + s B A, in f64: for each way of naming targets.
+    let targets = [
+        TargetModules::AllLinear,
+        TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        TargetModules::Names(vec![
+            "layers.1.mlp.down_proj".into(),
+            "self_attn.o_proj".into(),
+        ]),
+        TargetModules::Regex(r"model\.layers\.0\..*_proj".into()),
+    ];
+    for (arch, targets) in ARCHS
+        .iter()
+        .zip(targets.iter().cycle())
+        .chain([(&ARCHS[0], &targets[3])])
+    {
+        let (cfg, w) = random_model(arch, 22, DType::F64);
+        let mut config = lora_config(targets.clone(), 3);
+        config.use_rslora = *arch == "LlamaForCausalLM";
+        let lora = random_lora(&cfg, config.clone(), DType::F64);
+        let merged = config.merge(&cfg, &w, &lora.adapters).unwrap();
+        assert_eq!(merged.len(), config.adapted(&cfg).unwrap().len());
+        let mut merged_weights = w.clone();
+        for (name, t) in merged {
+            assert!(
+                max_abs_diff_f64(&t, w.get(&name).unwrap()) > 0.0,
+                "{name} unchanged"
+            );
+            merged_weights.insert(name, t);
+        }
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let adapted = CausalLM::with_lora(&cfg, &w, &lora)
+            .unwrap()
+            .forward(&x, &m)
+            .unwrap();
+        let plain = CausalLM::new(&cfg, &merged_weights)
+            .unwrap()
+            .forward(&x, &m)
+            .unwrap();
+        let base = CausalLM::new(&cfg, &w).unwrap().forward(&x, &m).unwrap();
+        assert!(
+            max_abs_diff_f64(&adapted, &base) > 1e-3,
+            "{arch}: adapters did nothing"
+        );
+        assert!(
+            max_abs_diff_f64(&adapted, &plain) < 1e-10,
+            "{arch} {targets:?}"
+        );
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
+    for arch in ARCHS {
+        let (cfg, w) = random_model(arch, 23, DType::F64);
+        let lora = random_lora(&cfg, lora_config(TargetModules::AllLinear, 2), DType::F64);
+        let (vars, view) = trainable(&lora.adapters).unwrap();
+        let trained = Lora {
+            config: lora.config.clone(),
+            adapters: view,
+        };
+        let mut lm = CausalLM::with_lora(&cfg, &w, &trained).unwrap();
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let objective = |lm: &CausalLM| -> Tensor {
+            let lp = lm.completion_logprobs(&x, &m, 4, 0.9, true).unwrap();
+            (lp.logprobs.sum_all().unwrap()
+                + (lp.entropy.unwrap().sum_all().unwrap() * 0.3).unwrap())
+            .unwrap()
+        };
+        let grads = objective(&lm).backward().unwrap();
+        // The frozen base gets no gradient at all (not a zero one: none is made).
+        for (name, t) in w.iter() {
+            assert!(
+                grads.get(t).is_none(),
+                "{arch}: frozen {name} got a gradient"
+            );
+        }
+        for (name, var) in &vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+            let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+            let orig = var.as_tensor().copy().unwrap();
+            let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+            let k = (name.len() * 7919) % flat.len();
+            let eps = 1e-5;
+            let eval_at = |delta: f64| -> f64 {
+                let mut p = flat.clone();
+                p[k] += delta;
+                var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                objective(&lm).to_scalar::<f64>().unwrap()
+            };
+            let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+            var.set(&orig).unwrap();
+            assert!(
+                (fd - flat_g[k]).abs() < 1e-5 * (1.0 + fd.abs()),
+                "{arch} {name}[{k}]: autograd {} vs fd {fd}",
+                flat_g[k]
+            );
+        }
+        // The checkpointed paths (logits, and the layers with gradient
+        // checkpointing) give the adapters the same gradients.
+        for layers in [false, true] {
+            lm.set_gradient_checkpointing(layers);
+            lm.set_logits_chunk_elements(2 * 2 * cfg.vocab_size);
+            let full = lm.completion_logprobs(&x, &m, 5, 0.9, false).unwrap();
+            let expected = nonlinear_loss(&full.logprobs, None).backward().unwrap();
+            let ck = lm.checkpointed_logprobs(&x, &m, 5, 0.9, false).unwrap();
+            let leaf = nonlinear_loss(ck.logprobs(), None).backward().unwrap();
+            let d_lp = leaf.get(ck.logprobs()).cloned();
+            let got = ck.backward(d_lp.as_ref(), None).unwrap();
+            for (name, var) in &vars {
+                let (a, b) = (
+                    got.get(var.as_tensor()).unwrap(),
+                    expected.get(var.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_abs_diff_f64(a, b) < 1e-10,
+                    "{arch} {name} layers {layers}"
+                );
+            }
+            for (name, t) in w.iter() {
+                assert!(got.get(t).is_none(), "{arch}: frozen {name} got a gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
+    let (cfg, w) = random_model("Qwen2ForCausalLM", 24, DType::F32);
+    let count = |t: TargetModules| lora_config(t, 2).adapted(&cfg).map(|a| a.len());
+    assert_eq!(count(TargetModules::AllLinear).unwrap(), 14);
+    assert_eq!(
+        count(TargetModules::Names(vec!["q_proj".into()])).unwrap(),
+        2
+    );
+    assert_eq!(
+        count(TargetModules::Names(vec![
+            "mlp.up_proj".into(),
+            "layers.0.self_attn.k_proj".into()
+        ]))
+        .unwrap(),
+        3
+    );
+    assert_eq!(
+        count(TargetModules::Regex(r".*\.(q|v)_proj".into())).unwrap(),
+        4
+    );
+    for (bad, says) in [
+        (TargetModules::Names(vec!["lm_head".into()]), "lm_head"),
+        (TargetModules::Names(vec!["q_prj".into()]), "q_prj"),
+        (TargetModules::Names(vec![]), "empty"),
+        (TargetModules::Regex("lm_head".into()), "matches no"),
+        (TargetModules::Regex("(".into()), "("),
+    ] {
+        let e = count(bad).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    assert!(
+        lora_config(TargetModules::AllLinear, 0)
+            .adapted(&cfg)
+            .is_err()
+    );
+    let mut rs = lora_config(TargetModules::AllLinear, 4);
+    assert_eq!(rs.scaling(), 1.5);
+    rs.use_rslora = true;
+    assert_eq!(rs.scaling(), 3.0);
+
+    // PEFT's folder: prefixed names, its config keys; read back as written.
+    let lora = random_lora(
+        &cfg,
+        lora_config(
+            TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            2,
+        ),
+        DType::F32,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    lora.save_peft(dir.path(), "/models/base").unwrap();
+    let file = Weights::load_files(
+        &[dir.path().join(model::lora::ADAPTER_WEIGHTS_FILE)],
+        dir.path(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let names: Vec<&String> = file.names().collect();
+    assert!(
+        names.contains(
+            &&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        )
+    );
+    assert_eq!(names.len(), 8);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(model::lora::ADAPTER_CONFIG_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["r"], 2);
+    assert_eq!(config["lora_alpha"], 6.0);
+    assert_eq!(config["target_modules"], json!(["q_proj", "v_proj"]));
+    assert_eq!(config["base_model_name_or_path"], "/models/base");
+    let back = Lora::load_peft(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(back.config, lora.config);
+    for (name, t) in lora.adapters.iter() {
+        assert_eq!(
+            max_abs_diff_f64(t, back.adapters.get(name).unwrap()),
+            0.0,
+            "{name}"
+        );
+    }
+    // An adapter the config does not target, or a missing one, is refused by name.
+    let mut extra = lora.clone();
+    extra.config.target_modules = TargetModules::Names(vec!["q_proj".into()]);
+    let e = CausalLM::with_lora(&cfg, &w, &extra)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("v_proj.lora_A.weight"), "{e}");
+    let mut missing = lora.clone();
+    missing.config.target_modules = TargetModules::AllLinear;
+    let e = CausalLM::with_lora(&cfg, &w, &missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") || e.contains("lora_B.weight"),
+        "{e}"
+    );
+    // A DoRA or bias-training PEFT adapter is not what Tandem trains.
+    let mut v = config.clone();
+    v["use_dora"] = json!(true);
+    std::fs::write(
+        dir.path().join(model::lora::ADAPTER_CONFIG_FILE),
+        v.to_string(),
+    )
+    .unwrap();
+    let e = Lora::load_peft(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use_dora"), "{e}");
 }

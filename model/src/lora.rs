@@ -1,0 +1,403 @@
+//! LoRA adapters (Hu et al. 2021) as PEFT defines and stores them: a linear
+//! layer `y = W x` becomes `y = W x + s B A x` with `A` `[r, in]`, `B`
+//! `[out, r]` and `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA). Only `A`
+//! and `B` train; `W` stays frozen, so gradients, optimizer state and the
+//! all-reduce shrink to the adapters' size.
+//!
+//! Names: an adapter of the linear `model.layers.0.self_attn.q_proj` is
+//! `model.layers.0.self_attn.q_proj.lora_A.weight` / `.lora_B.weight`;
+//! PEFT's `adapter_model.safetensors` prefixes them with `base_model.model.`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Uniform};
+use serde_json::{Value, json};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+
+/// The linear layers of a decoder layer, by the names PEFT's
+/// `target_modules` use. (`lm_head` and the embeddings take no adapter here.)
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// PEFT's `adapter_config.json` and `adapter_model.safetensors`.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix of the adapter names in `adapter_model.safetensors`.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Which linears get an adapter, as PEFT's `target_modules` says it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// PEFT's `"all-linear"`: every linear but the output head.
+    AllLinear,
+    /// Module names, each matching a linear whose full name is it or ends
+    /// with `.` and it (`q_proj`, `self_attn.q_proj`, `layers.0.mlp.up_proj`).
+    Names(Vec<String>),
+    /// A regular expression matched against the whole module name (PEFT's
+    /// `target_modules` given as one string).
+    Regex(String),
+}
+
+/// The adapter's shape: rank, scale and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub target_modules: TargetModules,
+    /// rsLoRA (Kalajdzievski 2023): scale `alpha / sqrt(r)`.
+    pub use_rslora: bool,
+}
+
+/// One adapted linear: its full name and `[out, in]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdaptedLinear {
+    pub module: String,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl AdaptedLinear {
+    pub fn lora_a(&self) -> String {
+        format!("{}.lora_A.weight", self.module)
+    }
+    pub fn lora_b(&self) -> String {
+        format!("{}.lora_B.weight", self.module)
+    }
+    pub fn weight(&self) -> String {
+        format!("{}.weight", self.module)
+    }
+}
+
+impl LoraConfig {
+    /// The factor `s` of `s B A`.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Every linear of `cfg` that gets an adapter, in layer order. A target
+    /// that matches nothing is an error naming it and the names there are.
+    pub fn adapted(&self, cfg: &ModelConfig) -> Result<Vec<AdaptedLinear>> {
+        if self.r == 0 {
+            return Err(ModelError::Invalid(
+                "LoRA rank r must be at least 1".to_string(),
+            ));
+        }
+        let all = linears(cfg);
+        let out: Vec<AdaptedLinear> = match &self.target_modules {
+            TargetModules::AllLinear => all,
+            TargetModules::Names(names) => {
+                if names.is_empty() {
+                    return Err(ModelError::Invalid(
+                        "LoRA target_modules is empty: name modules (q_proj, v_proj, ...) or \
+                         all-linear"
+                            .to_string(),
+                    ));
+                }
+                for n in names {
+                    if !all.iter().any(|l| module_matches(&l.module, n)) {
+                        return Err(ModelError::Invalid(format!(
+                            "LoRA target module `{n}` matches no linear layer of this model: \
+                             adapters go on {} (or all-linear); lm_head and the embeddings \
+                             take none",
+                            LINEAR_MODULES.join(", ")
+                        )));
+                    }
+                }
+                all.into_iter()
+                    .filter(|l| names.iter().any(|n| module_matches(&l.module, n)))
+                    .collect()
+            }
+            TargetModules::Regex(pattern) => {
+                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                    ModelError::Invalid(format!("LoRA target_modules `{pattern}`: {e}"))
+                })?;
+                let out: Vec<_> = all.into_iter().filter(|l| re.is_match(&l.module)).collect();
+                if out.is_empty() {
+                    return Err(ModelError::Invalid(format!(
+                        "LoRA target_modules `{pattern}` (a regular expression over whole \
+                         module names such as model.layers.0.self_attn.q_proj) matches no \
+                         linear layer"
+                    )));
+                }
+                out
+            }
+        };
+        Ok(out)
+    }
+
+    /// Fresh adapters as PEFT initialises them: `A` Kaiming-uniform
+    /// (`a = sqrt(5)`: uniform in `±1/sqrt(in)`), `B` zero, so the adapted
+    /// model starts as the base model. The same seed gives the same bytes.
+    pub fn init(
+        &self,
+        cfg: &ModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Weights> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = BTreeMap::new();
+        for l in self.adapted(cfg)? {
+            let bound = 1.0 / (l.in_features as f32).sqrt();
+            let uniform = Uniform::new_inclusive(-bound, bound)
+                .map_err(|e| ModelError::Invalid(format!("LoRA init of {}: {e}", l.module)))?;
+            let a: Vec<f32> = (0..self.r * l.in_features)
+                .map(|_| uniform.sample(&mut rng))
+                .collect();
+            let a = Tensor::from_vec(a, (self.r, l.in_features), device)?.to_dtype(dtype)?;
+            let b = Tensor::zeros((l.out_features, self.r), dtype, device)?;
+            tensors.insert(l.lora_a(), a);
+            tensors.insert(l.lora_b(), b);
+        }
+        Ok(Weights::new(tensors))
+    }
+
+    /// The adapted weights merged, `W + s B A` (computed in f32 or wider, returned in
+    /// `W`'s dtype), by the base weight's name. Other weights are unchanged
+    /// and not returned.
+    pub fn merge(
+        &self,
+        cfg: &ModelConfig,
+        base: &Weights,
+        adapters: &Weights,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let s = self.scaling();
+        let mut out = BTreeMap::new();
+        for l in self.adapted(cfg)? {
+            let w = base.require(&l.weight(), &[l.out_features, l.in_features])?;
+            let a = adapters.require(&l.lora_a(), &[self.r, l.in_features])?;
+            let b = adapters.require(&l.lora_b(), &[l.out_features, self.r])?;
+            // In f32 at least (bf16 products lose the small update).
+            let wide = if w.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let delta = b.to_dtype(wide)?.matmul(&a.to_dtype(wide)?)?;
+            let merged = (w.to_dtype(wide)? + (delta * s)?)?.to_dtype(w.dtype())?;
+            out.insert(l.weight(), merged);
+        }
+        Ok(out)
+    }
+
+    /// PEFT's `adapter_config.json` for these adapters on `base_model`.
+    pub fn peft_config(&self, base_model: &str) -> Value {
+        let targets = match &self.target_modules {
+            TargetModules::AllLinear => json!("all-linear"),
+            TargetModules::Names(n) => json!(n),
+            TargetModules::Regex(r) => json!(r),
+        };
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_dora": false,
+        })
+    }
+
+    /// Reads PEFT's `adapter_config.json` (LoRA, no DoRA, no bias, no
+    /// `modules_to_save`: what Tandem trains).
+    pub fn from_peft_config(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |what: String| ModelError::Invalid(format!("{}: {what}", path.display()));
+        let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
+        if peft_type != "LORA" {
+            return Err(bad(format!("peft_type is `{peft_type}`, not LORA")));
+        }
+        for (key, ok) in [
+            (
+                "use_dora",
+                v.get("use_dora").is_none_or(|d| d == &json!(false)),
+            ),
+            ("bias", v.get("bias").is_none_or(|b| b == "none")),
+            (
+                "modules_to_save",
+                v.get("modules_to_save")
+                    .is_none_or(|m| m.is_null() || m == &json!([])),
+            ),
+            // Per-module ranks and scales, adapters on some layers only.
+            ("rank_pattern", empty_or_absent(v, "rank_pattern")),
+            ("alpha_pattern", empty_or_absent(v, "alpha_pattern")),
+            (
+                "layers_to_transform",
+                empty_or_absent(v, "layers_to_transform"),
+            ),
+            ("exclude_modules", empty_or_absent(v, "exclude_modules")),
+            ("layer_replication", empty_or_absent(v, "layer_replication")),
+            ("target_parameters", empty_or_absent(v, "target_parameters")),
+            (
+                "trainable_token_indices",
+                empty_or_absent(v, "trainable_token_indices"),
+            ),
+            (
+                "lora_bias",
+                v.get("lora_bias").is_none_or(|b| b == &json!(false)),
+            ),
+            (
+                "fan_in_fan_out",
+                v.get("fan_in_fan_out").is_none_or(|b| b == &json!(false)),
+            ),
+        ] {
+            if !ok {
+                return Err(bad(format!("{key} is not supported by Tandem's LoRA")));
+            }
+        }
+        let r = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("`r` is missing or not an integer".into()))?
+            as usize;
+        let alpha = v
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("`lora_alpha` is missing or not a number".into()))?;
+        let target_modules = match v.get("target_modules") {
+            Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
+            Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+            Some(Value::Array(a)) => TargetModules::Names(
+                a.iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad("target_modules holds a non-string".into()))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            _ => return Err(bad("target_modules is missing".into())),
+        };
+        Ok(LoraConfig {
+            r,
+            alpha,
+            target_modules,
+            use_rslora: v
+                .get("use_rslora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// Whether `key` is absent, null, or an empty object or list.
+fn empty_or_absent(v: &Value, key: &str) -> bool {
+    match v.get(key) {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(m)) => m.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(_) => false,
+    }
+}
+
+/// Whether the module `full` (`model.layers.0.self_attn.q_proj`) is what the
+/// target `name` names, as PEFT matches a list entry: the whole name or a
+/// dotted suffix of it.
+fn module_matches(full: &str, name: &str) -> bool {
+    full == name || full.ends_with(&format!(".{name}"))
+}
+
+/// Every linear of a decoder layer stack, in layer order.
+fn linears(cfg: &ModelConfig) -> Vec<AdaptedLinear> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        for (module, o, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            out.push(AdaptedLinear {
+                module: format!("model.layers.{l}.{module}"),
+                out_features: o,
+                in_features: inp,
+            });
+        }
+    }
+    out
+}
+
+/// Adapters and their config, as the decoder takes them.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub config: LoraConfig,
+    /// `A` and `B` of every adapted linear, by Tandem's names.
+    pub adapters: Weights,
+}
+
+impl Lora {
+    /// Writes PEFT's adapter folder: `adapter_config.json` and
+    /// `adapter_model.safetensors` (names prefixed `base_model.model.`), which
+    /// `PeftModel.from_pretrained(base, dir)` loads.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let tensors: BTreeMap<String, Tensor> = self
+            .adapters
+            .iter()
+            .map(|(k, t)| (format!("{PEFT_PREFIX}{k}"), t.clone()))
+            .collect();
+        Weights::new(tensors).save(&dir.join(ADAPTER_WEIGHTS_FILE))?;
+        let path = dir.join(ADAPTER_CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&self.config.peft_config(base_model))
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))
+    }
+
+    /// Reads a PEFT adapter folder written by [`Lora::save_peft`] (or by PEFT
+    /// for one of the supported shapes), converted to `dtype` on `device`.
+    pub fn load_peft(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let path = dir.join(ADAPTER_CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        let config = LoraConfig::from_peft_config(&v, &path)?;
+        let file = dir.join(ADAPTER_WEIGHTS_FILE);
+        let loaded = Weights::load_files(std::slice::from_ref(&file), dir, device, dtype)?;
+        let tensors = loaded
+            .iter()
+            .map(|(k, t)| {
+                // PEFT names an adapter with its adapter name inside
+                // (`lora_A.default.weight`) in memory, without it on disk.
+                let k = k.strip_prefix(PEFT_PREFIX).unwrap_or(k);
+                (
+                    k.replace(".lora_A.default.", ".lora_A.")
+                        .replace(".lora_B.default.", ".lora_B."),
+                    t.clone(),
+                )
+            })
+            .collect();
+        Ok(Lora {
+            config,
+            adapters: Weights::new(tensors),
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! Tandem's LoRA against Hugging Face PEFT.
+//!
+//! `tests/fixtures/make_peft_fixture.py` (run by hand) put LoRA adapters on
+//! the tiny preset (`learner init-model --preset tiny --seed 0`) with PEFT's
+//! `get_peft_model` (random A and B), saved them with PEFT's
+//! `save_pretrained` under `tests/fixtures/peft/<name>/`, and recorded PEFT's
+//! logits in `peft/logits.json`. These tests load PEFT's folders with
+//! [`Lora::load_peft`], compute the logits with the adapters (Tandem's
+//! training path) and merged (what the rollout servers get), and write the
+//! adapters back with [`Lora::save_peft`]: the same tensor names, shapes and
+//! config values PEFT wrote, so PEFT loads what Tandem saves.
+//! No Python is needed.
+
+use std::path::{Path, PathBuf};
+
+use model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, Lora};
+use model::presets::{self, Preset};
+use model::{CausalLM, DType, Device, Tensor, Weights};
+use serde_json::Value;
+
+/// Max |tandem - PEFT| over the logits (f32 both sides, the fixture rounded
+/// to 7 significant digits).
+const TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
+    let record = read_json(&fixtures().join("logits.json"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("tiny");
+    let cfg = presets::init_model(Preset::Tiny, &base_dir, 0).unwrap();
+    let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap();
+    let adapters = record["adapters"].as_object().unwrap();
+    assert_eq!(adapters.len(), 2);
+    for (name, case) in adapters {
+        let expected: Vec<Vec<Vec<f32>>> = serde_json::from_value(case["logits"].clone()).unwrap();
+        let expected = Tensor::new(expected, &Device::Cpu).unwrap();
+        let lora = Lora::load_peft(&fixtures().join(name), &Device::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let adapted = CausalLM::with_lora(&cfg, &base, &lora)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .forward(&ids, &mask)
+            .unwrap();
+        let d = max_abs_diff(&adapted, &expected);
+        assert!(
+            d < TOL,
+            "{name}: Tandem's adapters differ from PEFT's by {d}"
+        );
+        let plain = CausalLM::new(&cfg, &base)
+            .unwrap()
+            .forward(&ids, &mask)
+            .unwrap();
+        assert!(
+            max_abs_diff(&plain, &expected) > 1e-2,
+            "{name}: the adapters do not change the output"
+        );
+        let mut merged = base.clone();
+        for (k, v) in lora.config.merge(&cfg, &base, &lora.adapters).unwrap() {
+            merged.insert(k, v);
+        }
+        let d = max_abs_diff(
+            &CausalLM::new(&cfg, &merged)
+                .unwrap()
+                .forward(&ids, &mask)
+                .unwrap(),
+            &expected,
+        );
+        assert!(
+            d < TOL,
+            "{name}: Tandem's merged weights differ from PEFT's by {d}"
+        );
+    }
+}
+
+#[test]
+fn tandem_writes_adapters_as_peft_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let record = read_json(&fixtures().join("logits.json"));
+    for name in record["adapters"].as_object().unwrap().keys() {
+        let dir = fixtures().join(name);
+        let lora = Lora::load_peft(&dir, &Device::Cpu, DType::F32).unwrap();
+        let out = tmp.path().join(name);
+        let peft_config = read_json(&dir.join(ADAPTER_CONFIG_FILE));
+        let base = peft_config["base_model_name_or_path"]
+            .as_str()
+            .unwrap_or("");
+        lora.save_peft(&out, base).unwrap();
+        // The same tensors under the same names, bit for bit.
+        let theirs = Weights::load_files(
+            &[dir.join(ADAPTER_WEIGHTS_FILE)],
+            &dir,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let ours = Weights::load_files(
+            &[out.join(ADAPTER_WEIGHTS_FILE)],
+            &out,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let names = |w: &Weights| w.names().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&ours), names(&theirs), "{name}");
+        for (k, t) in theirs.iter() {
+            assert_eq!(max_abs_diff(t, ours.get(k).unwrap()), 0.0, "{name} {k}");
+        }
+        // The config values PEFT reads to rebuild the adapters.
+        let ours = read_json(&out.join(ADAPTER_CONFIG_FILE));
+        for key in [
+            "peft_type",
+            "task_type",
+            "r",
+            "use_rslora",
+            "bias",
+            "fan_in_fan_out",
+            "use_dora",
+            "base_model_name_or_path",
+        ] {
+            assert_eq!(ours[key], peft_config[key], "{name}: {key}");
+        }
+        assert_eq!(
+            ours["lora_alpha"].as_f64(),
+            peft_config["lora_alpha"].as_f64(),
+            "{name}"
+        );
+        // PEFT writes the modules it found (a set, in no fixed order).
+        let sorted = |v: &Value| -> Value {
+            match v {
+                Value::Array(a) => {
+                    let mut s: Vec<String> =
+                        a.iter().map(|x| x.as_str().unwrap().to_string()).collect();
+                    s.sort();
+                    serde_json::json!(s)
+                }
+                other => other.clone(),
+            }
+        };
+        assert_eq!(
+            sorted(&ours["target_modules"]),
+            sorted(&peft_config["target_modules"]),
+            "{name}"
+        );
+    }
+}
