@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use model::decoder::{LogitsWanted, trainable};
 use model::device::{DTypeSpec, DeviceSpec};
+use model::lora::{Lora, LoraConfig, TargetModules};
 use model::presets::{self, Preset};
 use model::{CausalLM, DType, Device, KvCache, Tensor, Weights};
 
@@ -47,13 +48,17 @@ enum TrainMode {
     LogitsRecomputed,
     /// The decoder layers recomputed too (`train.gradient_checkpointing`).
     LayersRecomputed,
+    /// LoRA (`model.use_peft`, rank 16 on every linear) on a frozen base,
+    /// logits recomputed: only the adapters get gradients.
+    Lora,
 }
 
 impl TrainMode {
-    const ALL: [TrainMode; 3] = [
+    const ALL: [TrainMode; 4] = [
         TrainMode::LogitsKept,
         TrainMode::LogitsRecomputed,
         TrainMode::LayersRecomputed,
+        TrainMode::Lora,
     ];
 
     /// The `--peak-memory-of` argument.
@@ -62,6 +67,7 @@ impl TrainMode {
             TrainMode::LogitsKept => "kept",
             TrainMode::LogitsRecomputed => "recomputed",
             TrainMode::LayersRecomputed => "layers",
+            TrainMode::Lora => "lora",
         }
     }
 
@@ -70,12 +76,35 @@ impl TrainMode {
             TrainMode::LogitsKept => "forward+backward, logits kept",
             TrainMode::LogitsRecomputed => "forward+backward, logits recomputed",
             TrainMode::LayersRecomputed => "forward+backward, logits and layers recomputed",
+            TrainMode::Lora => "forward+backward, LoRA r 16 all-linear, logits recomputed",
         }
     }
 
-    /// The model for this mode, from trainable weights.
-    fn model(self, cfg: &model::ModelConfig, view: &Weights) -> model::Result<CausalLM> {
-        let mut lm = CausalLM::new(cfg, view)?;
+    /// The model for this mode, its trainable parameters made from
+    /// `weights` (every weight, or fresh LoRA adapters).
+    fn model(
+        self,
+        cfg: &model::ModelConfig,
+        weights: &Weights,
+        dtype: DType,
+    ) -> model::Result<CausalLM> {
+        if self == TrainMode::Lora {
+            let config = LoraConfig {
+                r: 16,
+                alpha: 32.0,
+                target_modules: TargetModules::AllLinear,
+                use_rslora: false,
+            };
+            let device = weights
+                .iter()
+                .next()
+                .map_or(Device::Cpu, |(_, t)| t.device().clone());
+            let fresh = config.init(cfg, 0, &device, dtype)?;
+            let (_vars, adapters) = trainable(&fresh)?;
+            return CausalLM::with_lora(cfg, weights, &Lora { config, adapters });
+        }
+        let (_vars, view) = trainable(weights)?;
+        let mut lm = CausalLM::new(cfg, &view)?;
         lm.set_gradient_checkpointing(self == TrainMode::LayersRecomputed);
         Ok(lm)
     }
@@ -135,8 +164,7 @@ fn peak_memory_of(preset: Preset, mode: TrainMode) -> model::Result<()> {
     };
     let cfg = presets::config(preset, 100, 1, 0)?;
     let weights = Weights::random(&cfg, 0, &Device::Cpu, DType::F32)?;
-    let (_vars, view) = trainable(&weights)?;
-    let lm = mode.model(&cfg, &view)?;
+    let lm = mode.model(&cfg, &weights, DType::F32)?;
     let (b, t) = (8, 128);
     let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu)?;
@@ -288,11 +316,10 @@ fn main() -> model::Result<()> {
         // Forward + backward of completion log-probs, batch 8 x 128, in each
         // TrainMode.
         if wanted("train") {
-            let (_vars, view) = trainable(&weights)?;
             let ids = Tensor::from_vec(random_ids(b * t, cfg.vocab_size, 1), (b, t), &dev)?;
             let mask = Tensor::ones((b, t), DType::U32, &dev)?;
             for mode in TrainMode::ALL {
-                let lm = mode.model(&cfg, &view)?;
+                let lm = mode.model(&cfg, &weights, DType::F32)?;
                 let mut step = || train_step(&lm, &ids, &mask, mode);
                 let memory = if dev.is_cpu() {
                     peak_memory_growth(preset, mode).map(|b| ("peak", b))
