@@ -114,12 +114,20 @@ impl TrainerState {
 /// (`train.sync_ref_model`); the index keeps vLLM from loading them.
 pub const REF_MODEL_FILE: &str = "ref_model.safetensors";
 
+/// A LoRA run's adapter in a checkpoint, in PEFT's format (a folder of its
+/// own: transformers would take an `adapter_config.json` beside the model
+/// for an adapter to load on a base).
+pub const ADAPTER_DIR: &str = "adapter";
+
 /// What one checkpoint holds: a Hugging Face model folder (config,
 /// weights, tokenizer), the optimizer, the trainer state and, when the run
-/// syncs it, the KL reference's weights.
+/// syncs it, the KL reference's weights; a LoRA run's adapter.
 pub struct Checkpoint<'a> {
     pub cfg: &'a ModelConfig,
+    /// The whole model (a LoRA run's merged).
     pub weights: &'a Weights,
+    /// A LoRA run's adapter and the base model it goes on.
+    pub adapter: Option<(&'a model::lora::Lora, &'a str)>,
     pub tokenizer: &'a Tokenizer,
     pub optimizer: &'a AdamW,
     pub state: &'a TrainerState,
@@ -136,6 +144,7 @@ pub fn save_checkpoint(
     let Checkpoint {
         cfg,
         weights,
+        adapter,
         tokenizer,
         optimizer,
         state,
@@ -148,6 +157,9 @@ pub fn save_checkpoint(
     // loading it as weights.
     model::pretrained::write_single_file_index(pending.path(), weights)?;
     optimizer.save(pending.path())?;
+    if let Some((lora, base_model)) = adapter {
+        lora.save_peft(&pending.path().join(ADAPTER_DIR), base_model)?;
+    }
     if let Some(reference) = reference {
         reference.save(&pending.path().join(REF_MODEL_FILE))?;
     }
@@ -298,8 +310,11 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
             t.lr_scheduler_type.decays() || (t.warmup_steps == 0 && t.warmup_ratio > 0.0)
         }
         // The starting weights come from the checkpoint; the model keys
-        // only build the KL reference.
-        "model.path" | "model.preset" | "model.init_seed" => t.loss.beta > 0.0,
+        // only build the KL reference, but for LoRA, where they are the
+        // frozen base the adapters train on.
+        "model.path" | "model.preset" | "model.init_seed" => {
+            t.loss.beta > 0.0 || recipe.model.use_peft
+        }
         _ => true,
     }
 }
@@ -354,6 +369,23 @@ mod tests {
         );
         assert!(!c.is_empty());
         assert!(c.iter().all(|(_, t)| !t), "{c:?}");
+    }
+
+    #[test]
+    fn the_model_changes_training_where_it_is_the_kl_reference_or_the_lora_base() {
+        let c = changes(&[], &["model.init_seed=3"]);
+        assert_eq!(c, [("model.init_seed".to_string(), false)]);
+        let c = changes(
+            &["train.beta=0.04"],
+            &["train.beta=0.04", "model.init_seed=3"],
+        );
+        assert_eq!(c, [("model.init_seed".to_string(), true)]);
+        let lora = ["model.use_peft=true"];
+        let c = changes(&lora, &["model.use_peft=true", "model.init_seed=3"]);
+        assert_eq!(c, [("model.init_seed".to_string(), true)]);
+        // And the adapters' shape always does.
+        let c = changes(&lora, &["model.use_peft=true", "model.lora_r=8"]);
+        assert_eq!(c, [("model.lora_r".to_string(), true)]);
     }
 
     #[test]

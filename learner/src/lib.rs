@@ -22,6 +22,7 @@ pub mod metrics;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
+pub mod parameters;
 pub mod recipe;
 pub mod recipe_import;
 pub mod rewards;

@@ -195,6 +195,31 @@ pub struct ModelSection {
     /// `auto` (the first GPU when this build has CUDA and one answers),
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// TRL's `use_peft`: train LoRA adapters on a frozen base model (the
+    /// `lora_*` keys below, as TRL's ModelConfig names them). Only the
+    /// adapters have gradients, optimizer state and an all-reduce; the
+    /// rollout servers get the merged weights; checkpoints hold the merged
+    /// model and the adapter in PEFT's format (`adapter/`).
+    pub use_peft: bool,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA scale numerator: the update is `lora_alpha / lora_r * B A`.
+    pub lora_alpha: f64,
+    /// Only 0: Tandem's LoRA has no dropout (verl's and OpenRLHF's GRPO
+    /// recipes train without it).
+    pub lora_dropout: f64,
+    /// PEFT's `target_modules`: a list of module names (`q_proj`,
+    /// `mlp.down_proj`, ...), `all-linear`, or one string taken as a regular
+    /// expression over whole module names. Unset: PEFT's default for these
+    /// architectures, `[q_proj, v_proj]`.
+    pub lora_target_modules: Option<StringOrList>,
+    /// rsLoRA: scale by `lora_alpha / sqrt(lora_r)`.
+    pub use_rslora: bool,
+    /// PEFT's `modules_to_save` (whole modules trained beside the
+    /// adapters): not supported; must be unset or empty.
+    pub lora_modules_to_save: Option<Vec<String>>,
+    /// PEFT's task type: only `CAUSAL_LM`.
+    pub lora_task_type: String,
 }
 
 impl Default for ModelSection {
@@ -205,7 +230,45 @@ impl Default for ModelSection {
             init_seed: 0,
             dtype: Dtype::Auto,
             device: "auto".into(),
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_target_modules: None,
+            use_rslora: false,
+            lora_modules_to_save: None,
+            lora_task_type: "CAUSAL_LM".into(),
         }
+    }
+}
+
+/// One string or a list of them (PEFT's `target_modules`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ModelSection {
+    /// The LoRA adapters' shape when `use_peft` is on.
+    pub fn lora(&self) -> Option<model::lora::LoraConfig> {
+        use model::lora::TargetModules;
+        if !self.use_peft {
+            return None;
+        }
+        let target_modules = match &self.lora_target_modules {
+            None => TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            Some(StringOrList::One(s)) if s == "all-linear" => TargetModules::AllLinear,
+            Some(StringOrList::One(s)) => TargetModules::Regex(s.clone()),
+            Some(StringOrList::Many(v)) => TargetModules::Names(v.clone()),
+        };
+        Some(model::lora::LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            target_modules,
+            use_rslora: self.use_rslora,
+        })
     }
 }
 
@@ -1021,6 +1084,52 @@ impl Recipe {
         ensure(valid_device(&m.device), "model.device", || {
             format!("expected auto, cpu, cuda or cuda:N, got {:?}", m.device)
         })?;
+        if m.use_peft {
+            ensure(m.lora_r >= 1, "model.lora_r", || "must be >= 1".into())?;
+            ensure(pos(m.lora_alpha), "model.lora_alpha", || {
+                format!("must be > 0, got {}", m.lora_alpha)
+            })?;
+            ensure(m.lora_dropout == 0.0, "model.lora_dropout", || {
+                format!(
+                    "is {}: Tandem's LoRA has no dropout (verl and OpenRLHF train GRPO \
+                     adapters without it); set 0",
+                    m.lora_dropout
+                )
+            })?;
+            ensure(
+                m.lora_modules_to_save.as_ref().is_none_or(Vec::is_empty),
+                "model.lora_modules_to_save",
+                || {
+                    "training whole modules beside the adapters is not supported; remove the \
+                     key (embeddings and lm_head stay frozen)"
+                        .into()
+                },
+            )?;
+            ensure(
+                m.lora_task_type.eq_ignore_ascii_case("CAUSAL_LM"),
+                "model.lora_task_type",
+                || format!("only CAUSAL_LM, got {:?}", m.lora_task_type),
+            )?;
+            if let Some(StringOrList::Many(v)) = &m.lora_target_modules {
+                ensure(!v.is_empty(), "model.lora_target_modules", || {
+                    "is empty: name modules (q_proj, v_proj, ...) or all-linear".into()
+                })?;
+            }
+            if let Some(StringOrList::One(s)) = &m.lora_target_modules
+                && s != "all-linear"
+            {
+                ensure(
+                    regex::Regex::new(s).is_ok(),
+                    "model.lora_target_modules",
+                    || {
+                        format!(
+                            "{s:?} is neither all-linear nor a valid regular expression (a \
+                             list names modules: [q_proj, v_proj])"
+                        )
+                    },
+                )?;
+            }
+        }
 
         let d = &self.data;
         ensure(!d.train_files.is_empty(), "data.train_files", || {
@@ -1181,6 +1290,15 @@ impl Recipe {
             !t.sync_ref_model || t.loss.beta > 0.0,
             "train.sync_ref_model",
             || "needs train.beta > 0: with beta 0 there is no reference model to sync".into(),
+        )?;
+        ensure(
+            !(t.sync_ref_model && m.use_peft),
+            "train.sync_ref_model",
+            || {
+                "does not go with model.use_peft (as in TRL): the reference of a LoRA run is \
+                 the frozen base model"
+                    .into()
+            },
         )?;
         for (key, value) in &self.rollout.generation_kwargs {
             if let Some(instead) = generation_kwarg_owner(key) {
@@ -1863,19 +1981,9 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "train.recompute_logits (on by default) keeps the logits out of memory \
              as Liger's fused loss does; remove the key"
         }
-        "use_peft"
-        | "lora_r"
-        | "lora_alpha"
-        | "lora_dropout"
-        | "lora_target_modules"
-        | "lora_modules_to_save"
-        | "lora_task_type"
-        | "use_rslora"
-        | "use_dora"
-        | "load_in_4bit"
-        | "load_in_8bit" => {
-            "Tandem trains every weight (LoRA / PEFT is not supported yet): remove the key; \
-             train.gradient_checkpointing and recompute_logits bound the memory"
+        "use_dora" | "load_in_4bit" | "load_in_8bit" => {
+            "LoRA is model.use_peft (plain LoRA on a base in model.dtype: no DoRA, no \
+             quantized base); remove the key"
         }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",

@@ -125,6 +125,47 @@ impl Source {
             other => other.to_string(),
         })
     }
+    /// verl's / OpenRLHF's LoRA keys `[rank, alpha, target_modules,
+    /// dropout]` (rank 0 or unset: LoRA off, the keys stay to be listed) as
+    /// `model.use_peft` and the `lora_*` keys. Both default alpha to 16 and
+    /// the targets to all-linear, where Tandem (as TRL) has 32 and
+    /// `[q_proj, v_proj]`: written out.
+    fn lora(&mut self, out: &mut Output, keys: [&str; 4], name: fn(&str) -> String, source: &str) {
+        let [rank, alpha, targets, dropout] = keys;
+        let Some(r) = self.0.get(rank).and_then(Value::as_u64).filter(|r| *r > 0) else {
+            return;
+        };
+        self.take(rank);
+        out.put(
+            "model.use_peft",
+            json!(true),
+            Some(format!("{} {r}", name(rank))),
+        );
+        out.put("model.lora_r", json!(r), Some(name(rank)));
+        let default_note = |key: &str| format!("{source}'s default (for {})", name(key));
+        let (a, note) = match self.num(alpha) {
+            Some(a) => (a, name(alpha)),
+            None => (16.0, default_note(alpha)),
+        };
+        out.put("model.lora_alpha", json!(a), Some(note));
+        let (t, note) = match self.take(targets) {
+            // OpenRLHF's flag takes several names; one is still a list.
+            Some(Value::String(one)) if one != "all-linear" && !one.contains(['*', '.', '|']) => {
+                (json!([one]), name(targets))
+            }
+            Some(v) => (v, name(targets)),
+            None => (json!("all-linear"), default_note(targets)),
+        };
+        out.put("model.lora_target_modules", t, Some(note));
+        if let Some(d) = self.num(dropout).filter(|d| *d > 0.0) {
+            out.leave_out(
+                &name(dropout),
+                &json!(d),
+                "Tandem's LoRA has no dropout: the adapters train without it",
+            );
+        }
+    }
+
     /// Each `(from, to)` moved as it is, commented with `note(from)`.
     fn direct(&mut self, out: &mut Output, pairs: &[(&str, &str)], note: fn(&str) -> String) {
         for (from, to) in pairs {
@@ -423,6 +464,21 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
 fn convert_model(map: &mut Map<String, Value>, out: &mut Output) {
     if let Some(v) = map.remove("model_name_or_path") {
         out.put_model_path(v, "model_name_or_path");
+    }
+    // TRL's LoRA keys are Tandem's under model, but for dropout (TRL's
+    // default 0.05): Tandem's adapters train without it.
+    if map.get("use_peft") == Some(&Value::Bool(true)) {
+        let dropout = map.remove("lora_dropout");
+        let d = dropout.as_ref().and_then(Value::as_f64).unwrap_or(0.05);
+        if d > 0.0 {
+            let why = if dropout.is_some() {
+                "Tandem's LoRA has no dropout: the adapters train without it"
+            } else {
+                "TRL's default lora_dropout; Tandem's LoRA has no dropout: the adapters train \
+                 without it"
+            };
+            out.leave_out("lora_dropout", &json!(d), why);
+        }
     }
     let dtype = match map.remove("torch_dtype") {
         Some(Value::String(d)) => match d.as_str() {

@@ -63,6 +63,7 @@ use crate::loss::{
 };
 use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
+use crate::parameters::PolicyParameters;
 use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
 use crate::rewards::{RewardInput, RewardRegistry};
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
@@ -166,6 +167,64 @@ impl WeightsFingerprint {
 fn tensor_bytes(t: &Tensor) -> anyhow::Result<(WireDType, model::weights::HostValues)> {
     let wire = WireDType::try_from(t.dtype()).map_err(anyhow::Error::msg)?;
     Ok((wire, model::weights::host_values(t)?))
+}
+
+/// The policy's trainable parameters: every weight of the model folder (a
+/// checkpoint's when resuming), or, with `model.use_peft`, LoRA adapters
+/// (fresh, seeded by `train.seed`, or the checkpoint's) on the starting
+/// model's weights.
+fn policy_parameters(
+    recipe: &Recipe,
+    cfg: &ModelConfig,
+    initial_dir: &Path,
+    resume_dir: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<PolicyParameters> {
+    let saved_adapter = resume_dir.map(|d| d.join(crate::checkpoint::ADAPTER_DIR));
+    let Some(config) = recipe.model.lora() else {
+        if let Some(folder) = saved_adapter.as_ref().filter(|f| f.exists()) {
+            bail!(
+                "{} holds a LoRA adapter: the checkpoint was trained with model.use_peft; \
+                 resume with it on (or start a full fine-tuning run from the merged model: \
+                 model.path={})",
+                folder.display(),
+                resume_dir
+                    .map(Path::display)
+                    .map(|d| d.to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let dir = resume_dir.unwrap_or(initial_dir);
+        return PolicyParameters::full(&Weights::load(dir, device, dtype)?);
+    };
+    config.adapted(cfg).context("model.lora_target_modules")?;
+    let base = Weights::load(initial_dir, device, dtype)?;
+    let adapters = match (resume_dir, saved_adapter) {
+        (Some(dir), Some(folder)) => {
+            if !folder.exists() {
+                bail!(
+                    "{} has no LoRA adapter ({}/): it was trained without model.use_peft; \
+                     resume without it, or start a LoRA run on its weights with model.path={}",
+                    dir.display(),
+                    crate::checkpoint::ADAPTER_DIR,
+                    dir.display()
+                );
+            }
+            let saved = model::lora::Lora::load_peft(&folder, device, dtype)?;
+            if saved.config != config {
+                bail!(
+                    "the checkpoint's adapter ({}) is {:?}; the recipe's model.lora_* keys ask \
+                     for {config:?}: resume with the checkpoint's",
+                    folder.display(),
+                    saved.config
+                );
+            }
+            saved.adapters
+        }
+        _ => config.init(cfg, recipe.train.seed, device, dtype)?,
+    };
+    PolicyParameters::lora(base, config, &adapters)
 }
 
 /// The starting model folder: `model.path`, or `model.preset` written (once,
@@ -571,6 +630,9 @@ pub struct TrainArgs {
 struct WeightPusher {
     clients: Vec<(String, WeightSyncClient)>,
     deadline: Duration,
+    /// Whether a push of this run has sent every weight: LoRA pushes after
+    /// that send only the adapted (merged) weights.
+    whole_pushed: std::sync::atomic::AtomicBool,
 }
 
 impl WeightPusher {
@@ -584,7 +646,11 @@ impl WeightPusher {
                 .with_context(|| format!("connecting to the WeightSync service at {e}"))?;
             clients.push((e.clone(), c));
         }
-        Ok(WeightPusher { clients, deadline })
+        Ok(WeightPusher {
+            clients,
+            deadline,
+            whole_pushed: false.into(),
+        })
     }
 
     /// The largest version the servers report.
@@ -600,6 +666,22 @@ impl WeightPusher {
         Ok(v)
     }
 
+    /// Pushes the policy's weights as `version`: every weight the first
+    /// time (the servers may hold another run's), then what changes.
+    async fn push_policy(
+        &self,
+        params: &PolicyParameters,
+        cfg: &ModelConfig,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        let whole = !self.whole_pushed.load(Ordering::Relaxed);
+        let tensors = push_tensors(&params.push_weights(cfg, whole)?)?;
+        self.push(&tensors, version).await?;
+        self.whole_pushed.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn push(&self, tensors: &[TensorBytes], version: u64) -> anyhow::Result<()> {
         let pushes = self.clients.iter().map(|(e, c)| async move {
             c.push(tensors.iter().cloned(), version, self.deadline)
@@ -611,15 +693,16 @@ impl WeightPusher {
     }
 }
 
-fn push_tensors(vars: &[(String, Var)]) -> anyhow::Result<Vec<TensorBytes>> {
-    vars.iter()
-        .map(|(name, var)| {
-            let (dtype, values) = tensor_bytes(var.as_tensor())?;
+fn push_tensors(weights: &[(String, Tensor)]) -> anyhow::Result<Vec<TensorBytes>> {
+    weights
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, values) = tensor_bytes(t)?;
             // The chunks sent are slices of these values: no copy to bytes.
             Ok(TensorBytes::new(
                 name.clone(),
                 dtype,
-                var.dims().to_vec(),
+                t.dims().to_vec(),
                 Bytes::from_owner(values),
             ))
         })
@@ -640,7 +723,7 @@ fn sft_warmup(
     recipe: &Recipe,
     c: &dyn Collective,
     policy: &CausalLM,
-    vars: &[(String, Var)],
+    (params, cfg): (&PolicyParameters, &ModelConfig),
     tokenizer: &Tokenizer,
     source: &mut PromptSource,
     (pad_id, eos): (u32, Option<u32>),
@@ -658,6 +741,7 @@ fn sft_warmup(
     ocfg.learning_rate = t.sft_learning_rate.unwrap_or(t.learning_rate);
     let lr = ocfg.learning_rate;
     let batch_size = t.sft_batch_size.unwrap_or(t.per_device_train_batch_size);
+    let vars = &params.vars;
     let mut optimizer = AdamW::new(vars.to_vec(), ocfg.adamw())?;
     let started = Instant::now();
     for s in 1..=t.sft_warmup_steps {
@@ -743,7 +827,7 @@ fn sft_warmup(
         && !pusher.clients.is_empty()
     {
         weight_version += 1;
-        rt.block_on(pusher.push(&push_tensors(vars)?, weight_version))?;
+        rt.block_on(pusher.push_policy(params, cfg, weight_version))?;
     }
     let mut wv = [if c.rank() == 0 {
         weight_version as f64
@@ -822,31 +906,46 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .or(tokenizer.pad_token_id())
         .or(tokenizer.eos_token_id())
         .unwrap_or(0);
-    let weights = Weights::load(&model_dir, &device, dtype)?;
-    let (vars, view) = model::decoder::trainable(&weights)?;
-    let mut policy = CausalLM::new(&cfg, &view)?;
+    let params = policy_parameters(
+        &recipe,
+        &cfg,
+        &initial_dir,
+        resume.as_ref().map(|r| r.1.as_path()),
+        &device,
+        dtype,
+    )?;
+    let vars = params.vars.clone();
+    // What a LoRA checkpoint's adapter_config.json names as its base.
+    let base_model = initial_dir.display().to_string();
+    let trainable_parameters: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut policy = params.policy(&cfg)?;
     policy.set_gradient_checkpointing(t.gradient_checkpointing);
     let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let loss_cfg = t.loss.clone();
     loss_cfg.validate()?;
     // The KL reference: the starting model, or, when the run syncs it, the
     // reference its checkpoint recorded.
-    let mut reference: Option<(Weights, CausalLM)> = if loss_cfg.beta > 0.0 {
-        let synced = resume
-            .as_ref()
-            .map(|(_, dir, _)| dir.join(crate::checkpoint::REF_MODEL_FILE))
-            .filter(|f| t.sync_ref_model && f.exists());
-        let w = match &synced {
-            Some(file) => {
-                Weights::load_files(std::slice::from_ref(file), &model_dir, &device, dtype)?
-            }
-            None => Weights::load(&initial_dir, &device, dtype)?,
+    let mut reference: Option<(Weights, CausalLM)> =
+        if let (true, Some(base)) = (loss_cfg.beta > 0.0, params.frozen_base()) {
+            // LoRA: the policy with its adapters off (the base, shared), as
+            // TRL's PEFT runs take the reference.
+            Some((base.clone(), policy.without_lora()))
+        } else if loss_cfg.beta > 0.0 {
+            let synced = resume
+                .as_ref()
+                .map(|(_, dir, _)| dir.join(crate::checkpoint::REF_MODEL_FILE))
+                .filter(|f| t.sync_ref_model && f.exists());
+            let w = match &synced {
+                Some(file) => {
+                    Weights::load_files(std::slice::from_ref(file), &model_dir, &device, dtype)?
+                }
+                None => Weights::load(&initial_dir, &device, dtype)?,
+            };
+            let lm = CausalLM::new(&ModelConfig::from_dir(&initial_dir)?, &w)?;
+            Some((w, lm))
+        } else {
+            None
         };
-        let lm = CausalLM::new(&ModelConfig::from_dir(&initial_dir)?, &w)?;
-        Some((w, lm))
-    } else {
-        None
-    };
 
     // ---- data, rewards, rollouts, optimizer
     let mut source =
@@ -967,10 +1066,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "backend": c.backend(),
                 "model": model_dir,
                 "parameters": cfg.num_parameters(),
+                "trainable_parameters": trainable_parameters,
                 "resume_from": resume.as_ref().map(|(_, d, _)| d.clone()),
                 "max_steps": max_steps,
             }),
         )?;
+        if let Some(lora) = params.adapter() {
+            // PEFT's print_trainable_parameters, in words.
+            let total = cfg.num_parameters();
+            eprintln!(
+                "note: LoRA r {} alpha {} on {} linears: {trainable_parameters} trainable \
+                 parameters of {total} ({:.3}%); the base stays frozen",
+                lora.config.r,
+                lora.config.alpha,
+                lora.config.adapted(&cfg)?.len(),
+                100.0 * trainable_parameters as f64 / total.max(1) as f64
+            );
+        }
         if let Some(epochs) = t.num_train_epochs {
             let prompts = source.epoch_prompts();
             let note = if t.max_steps == 0 {
@@ -1059,7 +1171,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         } else {
             weight_version
         };
-        rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+        rt.block_on(pusher.push_policy(&params, &cfg, version))?;
         weight_version = version;
     } else if let Some(pusher) = pusher.as_ref().filter(|p| !p.clients.is_empty()) {
         // A fresh run: a server past version 0 holds other weights (an earlier
@@ -1067,7 +1179,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let server = rt.block_on(pusher.server_version())?;
         if server > 0 {
             let version = server + 1;
-            rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+            rt.block_on(pusher.push_policy(&params, &cfg, version))?;
             if let Some(run) = &run {
                 run.event(
                     "initial_weights_pushed",
@@ -1085,7 +1197,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             &recipe,
             c,
             &policy,
-            &vars,
+            (&params, &cfg),
             &tokenizer,
             &mut source,
             (
@@ -1575,7 +1687,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             && !pusher.clients.is_empty()
         {
             let version = step.max(weight_version + 1);
-            rt.block_on(pusher.push(&push_tensors(&vars)?, version))?;
+            rt.block_on(pusher.push_policy(&params, &cfg, version))?;
             weight_version = version;
         }
         // Rank 0's version reaches every rank: the others add nothing.
@@ -1778,15 +1890,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     &given,
                     world,
                 );
-                let w: BTreeMap<String, Tensor> = vars
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                    .collect();
                 let dir = save_checkpoint(
                     run.path(),
                     &Checkpoint {
                         cfg: &cfg,
-                        weights: &Weights::new(w),
+                        weights: &params.model_weights(&cfg)?,
+                        adapter: params.adapter().map(|a| (a, base_model.as_str())),
                         tokenizer: &tokenizer,
                         optimizer: &optimizer,
                         state: &state,

@@ -306,16 +306,93 @@ fn what_cannot_be_carried_over_is_said() {
     let c = convert_trl_recipe(&format!("{trl}num_generations_eval: 2\n"), "t.yaml").unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
     assert_eq!(r.eval.num_samples, 2);
-    // LoRA is said to be missing, not guessed at.
-    let c = convert_trl_recipe(&format!("{trl}use_peft: true\nlora_r: 16\n"), "t.yaml").unwrap();
-    let why: Vec<&str> = c
+    // TRL's LoRA keys are Tandem's; its default dropout is said to be dropped.
+    let c = convert_trl_recipe(
+        &format!("{trl}use_peft: true\nlora_r: 8\nlora_target_modules: [q_proj, o_proj]\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let lora = r.model.lora().unwrap();
+    assert_eq!((lora.r, lora.alpha), (8, 32.0));
+    assert_eq!(
+        lora.target_modules,
+        model::lora::TargetModules::Names(vec!["q_proj".into(), "o_proj".into()])
+    );
+    let dropout: Vec<&(String, String)> = c
         .left_out
         .iter()
-        .filter(|(kv, _)| kv.starts_with("use_peft") || kv.starts_with("lora_r"))
-        .map(|(_, why)| why.as_str())
+        .filter(|(kv, _)| kv.starts_with("lora_dropout"))
         .collect();
-    assert_eq!(why.len(), 2, "{:?}", c.left_out);
-    assert!(why.iter().all(|w| w.contains("LoRA")), "{why:?}");
+    assert_eq!(dropout.len(), 1, "{:?}", c.left_out);
+    assert!(dropout[0].0.contains("0.05") && dropout[0].1.contains("TRL's default"));
+    // What plain LoRA is not (DoRA, a 4-bit base) is said.
+    let c =
+        convert_trl_recipe(&format!("{trl}use_peft: true\nuse_dora: true\n"), "t.yaml").unwrap();
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.starts_with("use_dora") && why.contains("no DoRA")),
+        "{:?}",
+        c.left_out
+    );
+}
+
+/// verl's and OpenRLHF's LoRA (lora_rank > 0) become model.use_peft with
+/// their defaults (alpha 16, all-linear) written out; rank 0 leaves LoRA off.
+#[test]
+fn verl_and_openrlhf_lora_convert_with_their_defaults() {
+    let verl = "python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\\n  \
+                actor_rollout_ref.model.path=/models/m data.train_files=/d/t.parquet \\\n  \
+                actor_rollout_ref.model.lora_rank=32 data.train_batch_size=8 \\\n  \
+                actor_rollout_ref.rollout.n=4 actor_rollout_ref.actor.ppo_mini_batch_size=8\n";
+    let c = convert_recipe(verl, "run.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let lora = r.model.lora().unwrap();
+    assert_eq!((lora.r, lora.alpha), (32, 16.0));
+    assert_eq!(lora.target_modules, model::lora::TargetModules::AllLinear);
+    assert!(c.yaml.contains("verl's default"), "{}", c.yaml);
+
+    let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
+    let with_lora = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --lora_rank 64 --lora_alpha 128 --target_modules q_proj v_proj \\\n   \
+         --lora_dropout 0.1 \\\n",
+    );
+    assert_ne!(with_lora, script);
+    let c = convert_recipe(&with_lora, "s.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let lora = r.model.lora().unwrap();
+    assert_eq!((lora.r, lora.alpha), (64, 128.0));
+    assert_eq!(
+        lora.target_modules,
+        model::lora::TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+    );
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.starts_with("--lora_dropout") && why.contains("no dropout")),
+        "{:?}",
+        c.left_out
+    );
+    // Rank 0: LoRA off, its other keys listed as such.
+    let off = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --lora_alpha 8 \\\n",
+    );
+    let c = convert_recipe(&off, "s.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert!(r.model.lora().is_none());
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.starts_with("--lora_alpha") && why.contains("LoRA is off")),
+        "{:?}",
+        c.left_out
+    );
 }
 
 /// With generation_batch_size the updates per step depend on the ranks:

@@ -455,6 +455,183 @@ fn resume_continues_exactly_with_async_lag_1() {
     resume_case(&["rollout.async_lag=1"]);
 }
 
+/// TRL's use_peft: the adapters (and their AdamW moments) come back from
+/// the checkpoint's PEFT folder, the base from the starting model; the KL
+/// reference is the base.
+#[test]
+fn resume_continues_exactly_with_lora() {
+    resume_case(&[
+        "model.use_peft=true",
+        "model.lora_r=4",
+        "model.lora_target_modules=[q_proj, v_proj, down_proj]",
+        "train.beta=0.04",
+    ]);
+}
+
+/// A LoRA run's all-reduce carries only the adapters' gradients: two ranks
+/// still train as one.
+#[test]
+fn two_ranks_equal_one_rank_with_lora() {
+    two_ranks_vs_one(&[
+        "model.use_peft=true",
+        "model.lora_target_modules=all-linear",
+    ]);
+}
+
+/// TRL's use_peft end to end: only the adapters train (optimizer state and
+/// the start event say so), the servers get merged weights (their log-probs
+/// agree with the adapted policy's: IS ratio ~1 at every step), the KL term
+/// is against the frozen base, and a checkpoint holds the merged model
+/// beside the adapter in PEFT's format.
+#[test]
+fn a_lora_run_trains_adapters_pushes_merged_weights_and_saves_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let output = Learner::spawn(
+        &recipe,
+        &[
+            "model.use_peft=true".into(),
+            "model.lora_r=4".into(),
+            "model.lora_alpha=8".into(),
+            "train.learning_rate=2.0e-2".into(),
+            "train.beta=0.04".into(),
+        ],
+        &[],
+    )
+    .wait(120);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let cfg = model::ModelConfig::from_dir(&model).unwrap();
+    let layers = cfg.num_hidden_layers;
+    assert!(
+        stderr.contains(&format!("note: LoRA r 4 alpha 8 on {} linears", 2 * layers)),
+        "{stderr}"
+    );
+
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+            "{l}"
+        );
+    }
+    // The policy leaves the base: the KL term grows from zero.
+    assert!(f(&lines[0], "kl").abs() < 1e-6, "{}", lines[0]);
+    assert!(f(&lines[2], "kl") > 1e-7, "{}", lines[2]);
+    assert_eq!(server.weight_version(), 3);
+    let start = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .unwrap();
+    // q and v of each layer adapted at rank 4: r x (in + out) each.
+    let h = cfg.hidden_size;
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    assert_eq!(start["trainable_parameters"], layers * 4 * (h + q + h + kv));
+
+    let ck = out.join("checkpoints/step_000003");
+    let cpu = candle_core::Device::Cpu;
+    let load = |dir: &std::path::Path| model::Weights::load(dir, &cpu, model::DType::F32).unwrap();
+    let (base, merged) = (load(&model), load(&ck));
+    assert_eq!(merged.len(), base.len());
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (name, w) in merged.iter() {
+        let moved = diff(w, base.get(name).unwrap());
+        if name.ends_with("q_proj.weight") || name.ends_with("v_proj.weight") {
+            assert!(moved > 0.0, "{name} did not train");
+        } else {
+            assert_eq!(moved, 0.0, "{name} is frozen but changed");
+        }
+    }
+    // Optimizer state only for the adapters.
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(ck.join("optimizer.json")).unwrap()).unwrap();
+    let names: Vec<&str> = state["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4 * layers, "{names:?}");
+    assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+    // PEFT's folder: config and prefixed adapter names.
+    let adapter = ck.join("adapter");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 8.0);
+    assert_eq!(config["target_modules"], json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        config["base_model_name_or_path"],
+        model.display().to_string()
+    );
+    let saved =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &cpu).unwrap();
+    assert_eq!(saved.len(), 4 * layers);
+    assert!(saved.contains_key("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
+    // The adapter on the base is the merged model: W + alpha/r B A.
+    let name = "model.layers.0.self_attn.q_proj";
+    let a = &saved[&format!("base_model.model.{name}.lora_A.weight")];
+    let b = &saved[&format!("base_model.model.{name}.lora_B.weight")];
+    let w = base.get(&format!("{name}.weight")).unwrap();
+    let expected = (w + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
+    let got = merged.get(&format!("{name}.weight")).unwrap();
+    assert!(diff(got, &expected) < 1e-6);
+}
+
+/// Recipe keys of a LoRA run that Tandem does not do are refused by name,
+/// before anything starts.
+#[test]
+fn unsupported_lora_settings_are_refused_by_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    for (setting, says) in [
+        ("model.lora_dropout=0.05", "model.lora_dropout"),
+        (
+            "model.lora_modules_to_save=[lm_head]",
+            "model.lora_modules_to_save",
+        ),
+        ("model.lora_target_modules=[lm_head]", "lm_head"),
+        ("train.sync_ref_model=true", "train.sync_ref_model"),
+    ] {
+        let output = Learner::spawn(
+            &recipe,
+            &[
+                "model.use_peft=true".into(),
+                "train.beta=0.04".into(),
+                setting.into(),
+            ],
+            &[],
+        )
+        .wait(60);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{setting} was accepted");
+        assert!(stderr.contains(says), "{setting}: {stderr}");
+    }
+    assert_eq!(server.weight_version(), 0);
+    assert!(!out.join("train_log.jsonl").exists());
+}
+
 /// TRL's sync_ref_model: the reference (and so the KL term) continues
 /// exactly after a resume, from the checkpoint's ref_model.safetensors.
 #[test]

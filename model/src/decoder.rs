@@ -744,6 +744,27 @@ impl CausalLM {
         })
     }
 
+    /// The model without its LoRA adapters: the frozen base, sharing its
+    /// tensors (PEFT's `disable_adapter`).
+    pub fn without_lora(&self) -> CausalLM {
+        let mut base = self.clone();
+        for layer in &mut base.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for l in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                l.lora = None;
+            }
+        }
+        base
+    }
+
     /// Loads a Hugging Face model folder.
     pub fn from_dir(dir: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;

@@ -659,10 +659,8 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
         }
         let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
         let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
-        let adapted = CausalLM::with_lora(&cfg, &w, &lora)
-            .unwrap()
-            .forward(&x, &m)
-            .unwrap();
+        let lora_model = CausalLM::with_lora(&cfg, &w, &lora).unwrap();
+        let adapted = lora_model.forward(&x, &m).unwrap();
         let plain = CausalLM::new(&cfg, &merged_weights)
             .unwrap()
             .forward(&x, &m)
@@ -676,6 +674,9 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
             max_abs_diff_f64(&adapted, &plain) < 1e-10,
             "{arch} {targets:?}"
         );
+        // Adapters off: the base model exactly (the KL reference of a LoRA run).
+        let off = lora_model.without_lora().forward(&x, &m).unwrap();
+        assert_eq!(max_abs_diff_f64(&off, &base), 0.0, "{arch}");
     }
 }
 

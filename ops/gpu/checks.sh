@@ -30,3 +30,8 @@ run python3 ops/gpu/torch_reference.py $model | tee "$res/bench_torch.md"
 # A short GRPO run: rollout server and learner on the same GPU (colocated).
 run "$b"/launcher --config ops/gpu/grpo_0.5b.yaml --device cuda \
   --out "$res/grpo-run"
+# The same with LoRA (model.use_peft): adapters on the frozen bf16 base, the
+# custom frozen-linear ops on CUDA, merged weights pushed to the server.
+run "$b"/launcher --config ops/gpu/grpo_0.5b.yaml --device cuda \
+  --out "$res/grpo-lora" model.use_peft=true model.lora_target_modules=all-linear \
+  train.learning_rate=1.0e-5 train.max_steps=10

@@ -26,6 +26,9 @@ const PAIRS: &[&str] = &[
     "dynamic_filtering_reward_range",
 ];
 
+/// Flags that take any number of values (argparse's `nargs="*"`).
+const LISTS: &[&str] = &["target_modules"];
+
 /// OpenRLHF's flags, by name without the dashes (`true` for a bare flag);
 /// `None` when `text` does not run `openrlhf.cli.train_ppo(_ray)`.
 pub(super) fn parse(text: &str) -> Option<Map<String, Value>> {
@@ -45,7 +48,13 @@ pub(super) fn parse(text: &str) -> Option<Map<String, Value>> {
             flags.insert(name.to_string(), scalar(value));
             continue;
         }
-        let takes = if PAIRS.contains(&flag) { 2 } else { 1 };
+        let takes = if PAIRS.contains(&flag) {
+            2
+        } else if LISTS.contains(&flag) {
+            usize::MAX
+        } else {
+            1
+        };
         let values: Vec<Value> = words[i..]
             .iter()
             .take(takes)
@@ -56,6 +65,7 @@ pub(super) fn parse(text: &str) -> Option<Map<String, Value>> {
         let value = match values.len() {
             0 => Value::Bool(true),
             1 if takes == 1 => values.into_iter().next().unwrap_or(Value::Null),
+            // One name of a list flag is a list of one.
             _ => Value::Array(values),
         };
         flags.insert(flag.to_string(), value);
@@ -87,6 +97,12 @@ pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Co
     let mut f = Source(flags);
     let mut out = Output::new();
     convert_model_and_data(&mut f, &mut out);
+    f.lora(
+        &mut out,
+        ["lora_rank", "lora_alpha", "target_modules", "lora_dropout"],
+        flag,
+        "OpenRLHF",
+    );
     let n = convert_generation(&mut f, &mut out);
     convert_batches(&mut f, &mut out, n);
     convert_optimizer(&mut f, &mut out);
@@ -707,8 +723,11 @@ fn left_out_reason(key: &str) -> &'static str {
             "groups whose rewards all tie carry no gradient (advantage 0) but are kept; \
              frac_reward_zero_std in the train log counts them"
         }
-        "lora_rank" | "lora_alpha" | "target_modules" | "lora_dropout" | "load_in_4bit" => {
-            "Tandem trains every weight (no LoRA yet)"
+        "lora_rank" | "lora_alpha" | "target_modules" | "lora_dropout" => {
+            "LoRA is off (--lora_rank 0): every weight trains"
+        }
+        "load_in_4bit" => {
+            "no quantized base: LoRA (model.use_peft) trains on a base in model.dtype"
         }
         "agent_func_path" | "async_train" | "async_queue_size" => {
             "multi-turn agents are not supported; rollout.async_lag: 1 overlaps generation \

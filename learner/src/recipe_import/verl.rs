@@ -169,6 +169,17 @@ pub(super) fn convert(flat: Map<String, Value>, source_name: &str) -> Result<Con
     let mut keys = Source(flat);
     let mut out = Output::new();
     convert_model_and_data(&mut keys, &mut out);
+    keys.lora(
+        &mut out,
+        [
+            "actor_rollout_ref.model.lora_rank",
+            "actor_rollout_ref.model.lora_alpha",
+            "actor_rollout_ref.model.target_modules",
+            "actor_rollout_ref.model.lora_dropout",
+        ],
+        short,
+        "verl",
+    );
     let n = convert_rollout(&mut keys, &mut out);
     let learner_ranks = convert_topology(&mut keys, &mut out);
     convert_batches(&mut keys, &mut out, n, learner_ranks);
@@ -890,6 +901,11 @@ fn left_out_reason(key: &str) -> &'static str {
     {
         "an engine or memory setting of verl's (FSDP, vLLM, Ray); Tandem's learners and \
          rollout servers manage their own"
+    } else if last == "exclude_modules" {
+        "PEFT's exclude_modules is not read: list the adapted modules in \
+         model.lora_target_modules"
+    } else if matches!(last, "lora_rank" | "lora_alpha" | "target_modules") {
+        "LoRA is off (lora_rank 0): every weight trains"
     } else if key.starts_with("critic.") || key == "trainer.critic_warmup" {
         "GRPO and RLOO have no critic"
     } else if matches!(
