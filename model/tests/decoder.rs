@@ -252,36 +252,48 @@ fn gradients_of_log_probs_match_finite_differences() {
             .unwrap()
         };
         let grads = objective(&lm).backward().unwrap();
-        let mut checked = 0;
-        for (name, var) in &vars {
-            // One element of every tensor kind: embeddings, projections, biases, norms.
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
-            let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-            let orig = var.as_tensor().copy().unwrap();
-            let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
-            let k = (name.len() * 7919) % flat.len();
-            let eps = 1e-5;
-            let eval_at = |delta: f64| -> f64 {
-                let mut p = flat.clone();
-                p[k] += delta;
-                var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                objective(&lm).to_scalar::<f64>().unwrap()
-            };
-            let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-            var.set(&orig).unwrap();
-            let tol = 1e-5 * (1.0 + fd.abs());
-            assert!(
-                (fd - flat_g[k]).abs() < tol,
-                "{arch} {name}[{k}]: autograd {} vs fd {fd}",
-                flat_g[k]
-            );
-            checked += 1;
-        }
+        // One element of every tensor kind: embeddings, projections, biases, norms.
+        let checked = check_against_finite_differences(arch, &vars, &grads, || {
+            objective(&lm).to_scalar::<f64>().unwrap()
+        });
         assert_eq!(checked, cfg.tensor_shapes().len());
     }
+}
+
+/// Checks one element of each variable's autograd gradient against a
+/// central finite difference of `objective` (f64); returns how many were
+/// checked.
+fn check_against_finite_differences(
+    arch: &str,
+    vars: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+    objective: impl Fn() -> f64,
+) -> usize {
+    for (name, var) in vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
+        let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        let k = (name.len() * 7919) % flat.len();
+        let eps = 1e-5;
+        let eval_at = |delta: f64| -> f64 {
+            let mut p = flat.clone();
+            p[k] += delta;
+            var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            objective()
+        };
+        let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
+        var.set(&orig).unwrap();
+        assert!(
+            (fd - flat_g[k]).abs() < 1e-5 * (1.0 + fd.abs()),
+            "{arch} {name}[{k}]: autograd {} vs fd {fd}",
+            flat_g[k]
+        );
+    }
+    vars.len()
 }
 
 /// Max |a - b| over every element, read in f64 whatever the dtype.
@@ -707,30 +719,9 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
                 "{arch}: frozen {name} got a gradient"
             );
         }
-        for (name, var) in &vars {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{arch}: no gradient for {name}"));
-            let flat_g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-            let orig = var.as_tensor().copy().unwrap();
-            let flat: Vec<f64> = orig.flatten_all().unwrap().to_vec1().unwrap();
-            let k = (name.len() * 7919) % flat.len();
-            let eps = 1e-5;
-            let eval_at = |delta: f64| -> f64 {
-                let mut p = flat.clone();
-                p[k] += delta;
-                var.set(&Tensor::from_vec(p, orig.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                objective(&lm).to_scalar::<f64>().unwrap()
-            };
-            let fd = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps);
-            var.set(&orig).unwrap();
-            assert!(
-                (fd - flat_g[k]).abs() < 1e-5 * (1.0 + fd.abs()),
-                "{arch} {name}[{k}]: autograd {} vs fd {fd}",
-                flat_g[k]
-            );
-        }
+        check_against_finite_differences(arch, &vars, &grads, || {
+            objective(&lm).to_scalar::<f64>().unwrap()
+        });
         // The checkpointed paths (logits, and the layers with gradient
         // checkpointing) give the adapters the same gradients.
         for layers in [false, true] {
