@@ -2,15 +2,17 @@
 //!
 //! Two forward paths share every weight and every formula:
 //! - [`CausalLM::forward`] / [`CausalLM::completion_logprobs`]: full sequences,
-//!   differentiable with respect to every parameter (built only from candle ops
-//!   that have a backward), for the learner; [`CausalLM::checkpointed_logprobs`]
-//!   is the same with the logits (and, with gradient checkpointing, the
-//!   decoder layers) recomputed in the backward pass;
+//!   differentiable with respect to every parameter (built from candle ops
+//!   that have a backward and from the ops of the `autograd` module, whose
+//!   backward makes only the gradients that are needed), for the learner;
+//!   [`CausalLM::checkpointed_logprobs`] is the same with the logits (and,
+//!   with gradient checkpointing, the decoder layers) recomputed in the
+//!   backward pass;
 //! - [`CausalLM::forward_cached`]: appends tokens of many sequences to a
 //!   [`KvCache`] in one batched forward (prefill and decode alike), for the
-//!   rollout server. It may use candle's fused kernels (rms_norm, softmax,
-//!   rope), which have no backward but agree with the differentiable ops to
-//!   ~1e-6.
+//!   rollout server. It may use candle's fused rms_norm and softmax, which
+//!   have no backward but agree with the differentiable ops to ~1e-6 (the
+//!   rotary embedding is the same fused kernel in both).
 //!
 //! Positions count only real tokens (`cumsum(attention_mask) - 1`), so a
 //! left-padded sequence gets the same log-probs as the sequence alone.
@@ -18,6 +20,7 @@
 use candle_core::{D, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::autograd::{ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope};
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -50,7 +53,12 @@ impl RmsNorm {
         let xf = logprobs::upcast(x)?;
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+        let normed = normed.to_dtype(dtype)?;
+        if normed.track_op() && !self.weight.is_variable() {
+            // A frozen weight (LoRA): no gradient for it is made or kept.
+            return Ok(normed.apply_op1(ConstOperand::mul(&self.weight))?);
+        }
+        Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
 
@@ -121,18 +129,21 @@ fn llama3_scale(inv_freq: f64, s: &Llama3RopeScaling) -> f64 {
 
 /// Rotary embedding, transformers' `rotate_half` convention.
 /// `x`: `[B, heads, T, d]`; `cos`, `sin`: `[B, T, d/2]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
-    if fused {
-        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+///
+/// candle's fused kernel in both paths; where `x` needs a gradient it runs
+/// as [`Rope`], whose backward is the inverse rotation, so the graph keeps
+/// `x` alone (spelt out in candle's ops, the rotation kept its halves, four
+/// products and a cat per call, plus a gradient of the tables' size that
+/// candle makes for every broadcast of them and never frees).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.track_op() {
+        return Ok(x.apply_op1(Rope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })?);
     }
-    let half = x.dim(D::Minus1)? / 2;
-    let cos = cos.unsqueeze(1)?;
-    let sin = sin.unsqueeze(1)?;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?)
 }
 
 /// `y = x W^T + b`, the weight in Hugging Face's `[out, in]` layout.
@@ -190,12 +201,14 @@ impl Linear {
             weight_t: self.weight_t.clone(),
         };
         let y = match &self.lora {
-            // u = s x A^T is [rows, r]: scaling it, not the [rows, out]
-            // update, keeps the graph small.
-            Some(l) => {
-                let u = (x2.matmul(&l.a.t()?)? * l.scaling)?;
-                x2.apply_op3(&u, &l.b, FrozenLinearWithLora(frozen))?
-            }
+            Some(l) => x2.apply_op3(
+                &l.a,
+                &l.b,
+                FrozenLinearWithLora {
+                    frozen,
+                    scaling: l.scaling,
+                },
+            )?,
             None if x2.track_op() && !self.weight.is_variable() => x2.apply_op1(frozen)?,
             None => frozen.product(&x2)?,
         };
@@ -203,175 +216,10 @@ impl Linear {
         shape.push(y.dim(1)?);
         let y = y.reshape(shape)?;
         Ok(match &self.bias {
+            Some(b) if y.track_op() && !b.is_variable() => y.apply_op1(ConstOperand::add(b))?,
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
-    }
-}
-
-/// `x W^T` for a weight that does not train (LoRA's base weights, a frozen
-/// output head). candle's matmul back-propagates into both operands; for a
-/// frozen weight that is a product as large as the input's gradient, and a
-/// weight-sized gradient kept per layer, both thrown away. This op's
-/// backward makes only the input's gradient, `dy W`.
-struct FrozenLinear {
-    /// `[out, in]`
-    weight: Tensor,
-    /// `[in, out]`, contiguous, where kept (see [`Linear`]).
-    weight_t: Option<Tensor>,
-}
-
-/// [`FrozenLinear`] plus LoRA's low-rank update: `x W^T + u B^T` with
-/// `u = s x A^T` (`[rows, r]`). One op, so that the graph keeps only `x`,
-/// `u` and `B` (as a full fine-tuning keeps `x` and `W`), not the base
-/// product and the `[rows, out]` update besides the sum.
-struct FrozenLinearWithLora(FrozenLinear);
-
-impl FrozenLinear {
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.weight_t {
-            Some(wt) => x.matmul(wt),
-            None => x.matmul(&self.weight.t()?),
-        }
-    }
-
-    /// The gradient of `x` given that of `x W^T`, when `x` needs one.
-    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(if x.track_op() {
-            Some(dy.matmul(&self.weight)?)
-        } else {
-            None
-        })
-    }
-}
-
-impl FrozenLinearWithLora {
-    fn product(&self, x: &Tensor, u: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.product(x)? + u.matmul(&b.t()?)?
-    }
-}
-
-/// An input of a custom op's forward as a tensor of its own (a copy of its
-/// storage, viewed through its layout), for candle's ops to run on.
-fn op_input(
-    storage: candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<Tensor> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("frozen-linear takes contiguous inputs")
-    };
-    let flat = Tensor::from_storage(storage, end, candle_core::op::BackpropOp::none(), false);
-    flat.narrow(0, start, end - start)?.reshape(layout.shape())
-}
-
-/// A custom op's result on the CPU: the storage of `y`.
-fn cpu_output(y: Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-    let (out, _) = y.storage_and_layout();
-    match &*out {
-        candle_core::Storage::Cpu(s) => Ok((s.clone(), y.shape().clone())),
-        _ => candle_core::bail!("frozen-linear: CPU inputs gave a non-CPU product"),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_input(
-    s: &candle_core::CudaStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<Tensor> {
-    use candle_core::backend::BackendStorage;
-    op_input(candle_core::Storage::Cuda(s.try_clone(l)?), l)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_output(y: Tensor) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-    use candle_core::backend::BackendStorage;
-    let (out, layout) = y.storage_and_layout();
-    match &*out {
-        candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-        _ => candle_core::bail!("frozen-linear: CUDA inputs gave a non-CUDA product"),
-    }
-}
-
-fn cpu_input(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
-    op_input(candle_core::Storage::Cpu(s.clone()), l)
-}
-
-impl candle_core::CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_output(self.product(&cpu_input(s, l)?)?)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda_output(self.product(&cuda_input(s, l)?)?)
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.input_grad(x, dy)
-    }
-}
-
-impl candle_core::CustomOp3 for FrozenLinearWithLora {
-    fn name(&self) -> &'static str {
-        "frozen-linear-with-lora"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, u, b) = (cpu_input(s1, l1)?, cpu_input(s2, l2)?, cpu_input(s3, l3)?);
-        cpu_output(self.product(&x, &u, &b)?)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let (x, u, b) = (
-            cuda_input(s1, l1)?,
-            cuda_input(s2, l2)?,
-            cuda_input(s3, l3)?,
-        );
-        cuda_output(self.product(&x, &u, &b)?)
-    }
-
-    /// `d x = dy W` (the LoRA path's share reaches `x` through `u`),
-    /// `d u = dy B`, `d B = dy^T u`.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        u: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let du = dy.matmul(b)?;
-        let db = dy.t()?.matmul(u)?;
-        Ok((self.0.input_grad(x, dy)?, Some(du), Some(db)))
     }
 }
 
@@ -454,8 +302,8 @@ impl Attention {
             q = qn.forward(&q, fused)?;
             k = kn.forward(&k, fused)?;
         }
-        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin, fused)?;
-        let k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin, fused)?;
+        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         Ok((q, k, v))
     }
@@ -481,7 +329,12 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, heads, tq, tk))?;
         let scores = logprobs::upcast(&scores)?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let mask = mask.to_dtype(scores.dtype())?;
+        let scores = if scores.track_op() {
+            scores.contiguous()?.apply_op1(ConstOperand::add(&mask))?
+        } else {
+            scores.broadcast_add(&mask)?
+        };
         let probs = if fused {
             candle_nn::ops::softmax_last_dim(&scores)?
         } else {
@@ -624,7 +477,15 @@ impl DecoderLayer {
 
     /// The feed-forward half, after attention produced `attn_out`.
     fn finish(&self, residual: &Tensor, attn_out: Tensor, fused: bool) -> Result<Tensor> {
-        let x = (residual + attn_out)?;
+        // The first layer's residual (the embeddings) of a LoRA model takes
+        // no gradient: none is made for it.
+        let x = if attn_out.track_op() && !residual.track_op() {
+            attn_out
+                .contiguous()?
+                .apply_op1(ConstOperand::add(residual))?
+        } else {
+            (residual + attn_out)?
+        };
         let h = self.post_attention_layernorm.forward(&x, fused)?;
         Ok((x + self.mlp.forward(&h)?)?)
     }

@@ -10,6 +10,8 @@
 //!   decode steps (continuous batching);
 //! - [`logprobs`]: log-probs of given tokens and entropy, computed in chunks;
 //! - [`lora`]: LoRA adapters (PEFT's config, names and files), merged weights;
+//! - `autograd` (internal): differentiable ops whose backward makes only the
+//!   gradients training needs (frozen linears, LoRA, rotary embedding, constants);
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;
@@ -19,6 +21,7 @@
 //! Device and dtype are parameters everywhere (`candle_core::Device`,
 //! `DType`): CPU f32 is the default, CUDA bf16 a switch.
 
+pub(crate) mod autograd;
 pub mod config;
 pub mod decoder;
 pub mod device;

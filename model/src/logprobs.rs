@@ -36,9 +36,14 @@ pub fn upcast(t: &Tensor) -> Result<Tensor> {
 pub fn log_softmax(logits: &Tensor, temperature: f64) -> Result<Tensor> {
     check_temperature(temperature)?;
     let scaled = upcast(logits)?.affine(1.0 / temperature, 0.0)?;
-    // The max only shifts for stability: it carries no gradient.
+    // The max only shifts for stability: it carries no gradient (and none
+    // of the logits' size is made for it).
     let max = scaled.max_keepdim(D::Minus1)?.detach();
-    let shifted = scaled.broadcast_sub(&max)?;
+    let shifted = if scaled.track_op() {
+        scaled.apply_op1(crate::autograd::ConstOperand::add(&max.neg()?))?
+    } else {
+        scaled.broadcast_sub(&max)?
+    };
     let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&log_sum_exp)?)
 }

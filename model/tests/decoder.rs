@@ -252,6 +252,17 @@ fn gradients_of_log_probs_match_finite_differences() {
             .unwrap()
         };
         let grads = objective(&lm).backward().unwrap();
+        // The backward keeps the parameters' gradients and nothing else (no
+        // gradient of the attention mask or the rotary tables).
+        let kept: Vec<Vec<usize>> = grads
+            .get_ids()
+            .filter(|id| !vars.iter().any(|(_, v)| v.as_tensor().id() == **id))
+            .filter_map(|id| grads.get_id(*id).map(|t| t.dims().to_vec()))
+            .collect();
+        assert!(
+            kept.is_empty(),
+            "{arch}: gradients kept for non-parameters {kept:?}"
+        );
         // One element of every tensor kind: embeddings, projections, biases, norms.
         let checked = check_against_finite_differences(arch, &vars, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
@@ -712,13 +723,23 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
             .unwrap()
         };
         let grads = objective(&lm).backward().unwrap();
-        // The frozen base gets no gradient at all (not a zero one: none is made).
+        // The frozen base gets no gradient at all (not a zero one: none is
+        // made), nor does anything else but the adapters.
         for (name, t) in w.iter() {
             assert!(
                 grads.get(t).is_none(),
                 "{arch}: frozen {name} got a gradient"
             );
         }
+        let kept: Vec<Vec<usize>> = grads
+            .get_ids()
+            .filter(|id| !vars.iter().any(|(_, v)| v.as_tensor().id() == **id))
+            .filter_map(|id| grads.get_id(*id).map(|t| t.dims().to_vec()))
+            .collect();
+        assert!(
+            kept.is_empty(),
+            "{arch}: gradients kept for non-parameters {kept:?}"
+        );
         check_against_finite_differences(arch, &vars, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
         });

@@ -1,0 +1,298 @@
+//! Differentiable ops whose backward makes only the gradients training
+//! needs. candle's own ops back-propagate into every operand, and keep the
+//! gradient of a constant (a frozen weight, the attention mask, the rotary
+//! tables, a detached max) to the end of the backward pass, since no later
+//! node consumes it: as large as the activation it meets, per use. These
+//! ops run candle's kernels forward (on a copy of their input: a custom op
+//! gets storage, not tensors) and return only the gradient of the input
+//! that needs one.
+
+use candle_core::Tensor;
+
+/// `x W^T` for a weight that does not train (LoRA's base weights, a frozen
+/// output head). candle's matmul back-propagates into both operands; for a
+/// frozen weight that is a product as large as the input's gradient, and a
+/// weight-sized gradient kept per layer, both thrown away. This op's
+/// backward makes only the input's gradient, `dy W`.
+pub(crate) struct FrozenLinear {
+    /// `[out, in]`
+    pub(crate) weight: Tensor,
+    /// `[in, out]`, contiguous, where kept (see `decoder::Linear`).
+    pub(crate) weight_t: Option<Tensor>,
+}
+
+/// [`FrozenLinear`] plus LoRA's low-rank update: `x W^T + s (x A^T) B^T`,
+/// applied to `(x, A, B)`. One op, so that the graph keeps only `x`, `A` and
+/// `B` (as a full fine-tuning keeps `x` and `W`), not the base product, the
+/// low-rank product and the `[rows, out]` update besides the sum; the
+/// backward recomputes `x A^T` (`[rows, r]`, cheap).
+pub(crate) struct FrozenLinearWithLora {
+    pub(crate) frozen: FrozenLinear,
+    pub(crate) scaling: f64,
+}
+
+impl FrozenLinear {
+    pub(crate) fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight_t {
+            Some(wt) => x.matmul(wt),
+            None => x.matmul(&self.weight.t()?),
+        }
+    }
+
+    /// The gradient of `x` given that of `x W^T`, when `x` needs one.
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(if x.track_op() {
+            Some(dy.matmul(&self.weight)?)
+        } else {
+            None
+        })
+    }
+}
+
+impl FrozenLinearWithLora {
+    /// `s x A^T`, `[rows, r]`.
+    fn low_rank(&self, x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&a.t()?)? * self.scaling
+    }
+
+    fn product(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        self.frozen.product(x)? + self.low_rank(x, a)?.matmul(&b.t()?)?
+    }
+}
+
+/// An input of a custom op's forward as a tensor of its own (a copy of its
+/// storage, viewed through its layout), for candle's ops to run on.
+fn op_input(
+    storage: candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("frozen-linear takes contiguous inputs")
+    };
+    let flat = Tensor::from_storage(storage, end, candle_core::op::BackpropOp::none(), false);
+    flat.narrow(0, start, end - start)?.reshape(layout.shape())
+}
+
+/// A custom op's result on the CPU: the storage of `y`.
+fn cpu_output(y: Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let (out, _) = y.storage_and_layout();
+    match &*out {
+        candle_core::Storage::Cpu(s) => Ok((s.clone(), y.shape().clone())),
+        _ => candle_core::bail!("frozen-linear: CPU inputs gave a non-CPU product"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_input(
+    s: &candle_core::CudaStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    use candle_core::backend::BackendStorage;
+    op_input(candle_core::Storage::Cuda(s.try_clone(l)?), l)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_output(y: Tensor) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (out, layout) = y.storage_and_layout();
+    match &*out {
+        candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+        _ => candle_core::bail!("frozen-linear: CUDA inputs gave a non-CUDA product"),
+    }
+}
+
+fn cpu_input(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    op_input(candle_core::Storage::Cpu(s.clone()), l)
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_output(self.product(&cpu_input(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda_output(self.product(&cuda_input(s, l)?)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.input_grad(x, dy)
+    }
+}
+
+impl candle_core::CustomOp3 for FrozenLinearWithLora {
+    fn name(&self) -> &'static str {
+        "frozen-linear-with-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, a, b) = (cpu_input(s1, l1)?, cpu_input(s2, l2)?, cpu_input(s3, l3)?);
+        cpu_output(self.product(&x, &a, &b)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (x, a, b) = (
+            cuda_input(s1, l1)?,
+            cuda_input(s2, l2)?,
+            cuda_input(s3, l3)?,
+        );
+        cuda_output(self.product(&x, &a, &b)?)
+    }
+
+    /// With `u = s x A^T` and `g = s dy B` (`[rows, r]`): `dB = dy^T u`,
+    /// `dA = g^T x`, `dx = dy W + g A` (where `x` needs one).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let u = self.low_rank(x, a)?;
+        let g = (dy.matmul(b)? * self.scaling)?;
+        let db = dy.t()?.matmul(&u)?;
+        let da = g.t()?.matmul(x)?;
+        let dx = match self.frozen.input_grad(x, dy)? {
+            Some(base) => Some((base + g.matmul(a)?)?),
+            None => None,
+        };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// The rotary embedding as a differentiable op: a rotation of each pair
+/// `(x_i, x_{i + d/2})` by the position's angle, whose gradient is the
+/// rotation back (the same kernel with `-sin`).
+pub(crate) struct Rope {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+}
+
+impl Rope {
+    fn rotate(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+    }
+}
+
+impl candle_core::CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_output(self.rotate(&cpu_input(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda_output(self.rotate(&cuda_input(s, l)?)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = candle_nn::rotary_emb::rope(&dy.contiguous()?, &self.cos, &self.sin.neg()?)?;
+        Ok(Some(back))
+    }
+}
+
+/// `x + c` or `x * c` for a `c` that takes no gradient (the attention mask,
+/// a frozen norm weight or bias), broadcast to `x`. candle back-propagates
+/// into both operands of its binary ops and keeps the gradient of a
+/// constant's broadcast, `x`'s size, to the end of the backward pass; this
+/// op makes only `x`'s.
+pub(crate) struct ConstOperand {
+    c: Tensor,
+    multiply: bool,
+}
+
+impl ConstOperand {
+    pub(crate) fn add(c: &Tensor) -> Self {
+        ConstOperand {
+            c: c.clone(),
+            multiply: false,
+        }
+    }
+
+    pub(crate) fn mul(c: &Tensor) -> Self {
+        ConstOperand {
+            c: c.clone(),
+            multiply: true,
+        }
+    }
+
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.multiply {
+            x.broadcast_mul(&self.c)
+        } else {
+            x.broadcast_add(&self.c)
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for ConstOperand {
+    fn name(&self) -> &'static str {
+        "const-operand"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        cpu_output(self.apply(&cpu_input(s, l)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda_output(self.apply(&cuda_input(s, l)?)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(if self.multiply {
+            dy.broadcast_mul(&self.c)?
+        } else {
+            dy.clone()
+        }))
+    }
+}
