@@ -67,18 +67,28 @@ fn op_input(
     layout: &candle_core::Layout,
 ) -> candle_core::Result<Tensor> {
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("frozen-linear takes contiguous inputs")
+        candle_core::bail!("a custom op of the learner's graph takes contiguous inputs")
     };
     let flat = Tensor::from_storage(storage, end, candle_core::op::BackpropOp::none(), false);
     flat.narrow(0, start, end - start)?.reshape(layout.shape())
 }
 
+/// `y` laid out from the start of its storage, as a custom op's result is
+/// read (a fresh product is; a view is copied).
+fn from_start(y: Tensor) -> candle_core::Result<Tensor> {
+    match y.layout().contiguous_offsets() {
+        Some((0, _)) => Ok(y),
+        _ => y.force_contiguous(),
+    }
+}
+
 /// A custom op's result on the CPU: the storage of `y`.
 fn cpu_output(y: Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let y = from_start(y)?;
     let (out, _) = y.storage_and_layout();
     match &*out {
         candle_core::Storage::Cpu(s) => Ok((s.clone(), y.shape().clone())),
-        _ => candle_core::bail!("frozen-linear: CPU inputs gave a non-CPU product"),
+        _ => candle_core::bail!("a custom op's CPU inputs gave a result off the CPU"),
     }
 }
 
@@ -94,10 +104,11 @@ fn cuda_input(
 #[cfg(feature = "cuda")]
 fn cuda_output(y: Tensor) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
     use candle_core::backend::BackendStorage;
+    let y = from_start(y)?;
     let (out, layout) = y.storage_and_layout();
     match &*out {
         candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-        _ => candle_core::bail!("frozen-linear: CUDA inputs gave a non-CUDA product"),
+        _ => candle_core::bail!("a custom op's CUDA inputs gave a result off the GPU"),
     }
 }
 
