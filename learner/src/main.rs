@@ -61,6 +61,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Merge a PEFT LoRA adapter folder (adapter_config.json,
+    /// adapter_model.safetensors; a Tandem checkpoint's adapter/ or TRL's)
+    /// into its base model and write the merged model folder, as PEFT's
+    /// merge_and_unload does: what vLLM and Tandem's rollout server serve.
+    MergeAdapter {
+        /// The base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a randomly initialised Qwen2-architecture model folder (Hugging
     /// Face format, character-level tokenizer, ChatML chat template).
     InitModel {
@@ -139,6 +154,22 @@ fn main() -> anyhow::Result<()> {
                 "the converted recipe's reward functions do not load yet; edit them where the \
                  error says",
             )?;
+        }
+        Command::MergeAdapter { base, adapter, out } => {
+            let cfg =
+                model::lora::Lora::merge_folders(&base, &adapter, &out).with_context(|| {
+                    format!(
+                        "merging the adapter {} into {}",
+                        adapter.display(),
+                        base.display()
+                    )
+                })?;
+            println!(
+                "wrote {} with the adapter merged ({} parameters) to {}",
+                cfg.architecture.hf_name(),
+                cfg.num_parameters(),
+                out.display()
+            );
         }
         Command::InitModel { preset, out, seed } => {
             let cfg = presets::init_model(preset, &out, seed)

@@ -594,6 +594,29 @@ fn a_lora_run_trains_adapters_pushes_merged_weights_and_saves_a_peft_adapter() {
     let expected = (w + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
     let got = merged.get(&format!("{name}.weight")).unwrap();
     assert!(diff(got, &expected) < 1e-6);
+
+    // `learner merge-adapter` on the checkpoint's adapter and the base gives
+    // the checkpoint's merged model.
+    let again = tmp.path().join("merged");
+    let output = std::process::Command::new(learner_bin())
+        .args(["merge-adapter", "--base"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let again = load(&again);
+    assert_eq!(again.len(), merged.len());
+    for (name, w) in merged.iter() {
+        assert!(diff(w, again.get(name).unwrap()) < 1e-6, "{name}");
+    }
 }
 
 /// Recipe keys of a LoRA run that Tandem does not do are refused by name,

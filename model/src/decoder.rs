@@ -536,26 +536,7 @@ impl CausalLM {
     /// are what trains: `weights` are the frozen base). Every adapter of
     /// `lora.config` must be there, and nothing else.
     pub fn with_lora(cfg: &ModelConfig, weights: &Weights, lora: &Lora) -> Result<Self> {
-        let adapted = lora.config.adapted(cfg)?;
-        let expected: std::collections::BTreeSet<String> = adapted
-            .iter()
-            .flat_map(|l| [l.lora_a(), l.lora_b()])
-            .collect();
-        if let Some(extra) = lora.adapters.names().find(|n| !expected.contains(*n)) {
-            return Err(ModelError::Invalid(format!(
-                "adapter tensor `{extra}` belongs to no linear the LoRA config targets"
-            )));
-        }
-        for l in &adapted {
-            for name in [l.lora_a(), l.lora_b()] {
-                if lora.adapters.get(&name).is_none() {
-                    return Err(ModelError::MissingTensor {
-                        name,
-                        location: lora.adapters.location().to_string(),
-                    });
-                }
-            }
-        }
+        lora.check(cfg)?;
         Self::build(cfg, weights, Some(lora))
     }
 

@@ -355,6 +355,48 @@ pub struct Lora {
 }
 
 impl Lora {
+    /// Every adapter of the config is there, with nothing else: the linears
+    /// it adapts in `cfg`.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<Vec<AdaptedLinear>> {
+        let adapted = self.config.adapted(cfg)?;
+        let expected: std::collections::BTreeSet<String> = adapted
+            .iter()
+            .flat_map(|l| [l.lora_a(), l.lora_b()])
+            .collect();
+        if let Some(extra) = self.adapters.names().find(|n| !expected.contains(*n)) {
+            return Err(ModelError::Invalid(format!(
+                "adapter tensor `{extra}` belongs to no linear the LoRA config targets"
+            )));
+        }
+        for name in expected {
+            if self.adapters.get(&name).is_none() {
+                return Err(ModelError::MissingTensor {
+                    name,
+                    location: self.adapters.location().to_string(),
+                });
+            }
+        }
+        Ok(adapted)
+    }
+
+    /// PEFT's `merge_and_unload` on folders: the model folder `base` with the
+    /// PEFT adapter folder `adapter` merged in, written to `out` as a model
+    /// folder (config and tokenizer from `base`, weights in the dtype its
+    /// config.json names), for vLLM or Tandem's rollout server to serve.
+    pub fn merge_folders(base: &Path, adapter: &Path, out: &Path) -> Result<ModelConfig> {
+        let cfg = ModelConfig::from_dir(base)?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_dir(base)?;
+        let dtype = crate::pretrained::config_dtype(&cfg).unwrap_or(DType::F32);
+        let mut weights = Weights::load(base, &Device::Cpu, DType::F32)?;
+        let lora = Lora::load_peft(adapter, &Device::Cpu, DType::F32)?;
+        lora.check(&cfg)?;
+        for (name, merged) in lora.config.merge(&cfg, &weights, &lora.adapters)? {
+            weights.insert(name, merged);
+        }
+        crate::pretrained::save_pretrained(out, &cfg, &weights.to_dtype(dtype)?, &tokenizer)?;
+        Ok(cfg)
+    }
+
     /// Writes PEFT's adapter folder: `adapter_config.json` and
     /// `adapter_model.safetensors` (names prefixed `base_model.model.`), which
     /// `PeftModel.from_pretrained(base, dir)` loads.

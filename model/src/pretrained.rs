@@ -23,6 +23,19 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// The dtype config.json names (`torch_dtype`, or transformers 5's
+/// `dtype`), if it is one Tandem computes in.
+pub fn config_dtype(cfg: &ModelConfig) -> Option<DType> {
+    let name = cfg
+        .raw
+        .get("torch_dtype")
+        .or_else(|| cfg.raw.get("dtype"))
+        .and_then(Value::as_str)?;
+    [DType::BF16, DType::F16, DType::F32, DType::F64]
+        .into_iter()
+        .find(|d| torch_dtype_name(*d) == name)
+}
+
 /// Writes a model folder into `dir` (created if missing). The config's dtype
 /// field is set to the dtype the weights are saved in.
 pub fn save_pretrained(

@@ -96,6 +96,31 @@ fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
     }
 }
 
+/// `learner merge-adapter`'s library half: PEFT's folder merged into the
+/// base and written as a model folder gives PEFT's logits as a plain model.
+#[test]
+fn a_merged_folder_gives_pefts_logits() {
+    let record = read_json(&fixtures().join("logits.json"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("tiny");
+    presets::init_model(Preset::Tiny, &base_dir, 0).unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap();
+    let name = "qv_down";
+    let out = tmp.path().join("merged");
+    Lora::merge_folders(&base_dir, &fixtures().join(name), &out).unwrap();
+    let expected: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(record["adapters"][name]["logits"].clone()).unwrap();
+    let expected = Tensor::new(expected, &Device::Cpu).unwrap();
+    let merged = CausalLM::from_dir(&out, &Device::Cpu, DType::F32).unwrap();
+    let d = max_abs_diff(&merged.forward(&ids, &mask).unwrap(), &expected);
+    assert!(d < TOL, "the merged folder differs from PEFT by {d}");
+    // The tokenizer and config came along.
+    assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());
+}
+
 #[test]
 fn tandem_writes_adapters_as_peft_does() {
     let tmp = tempfile::tempdir().unwrap();
