@@ -315,6 +315,8 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
         "model.path" | "model.preset" | "model.init_seed" => {
             t.loss.beta > 0.0 || recipe.model.use_peft
         }
+        // A resume takes the checkpoint's adapters, whatever it names.
+        "model.lora_adapter_path" => false,
         _ => true,
     }
 }

@@ -220,6 +220,12 @@ pub struct ModelSection {
     pub lora_modules_to_save: Option<Vec<String>>,
     /// PEFT's task type: only `CAUSAL_LM`.
     pub lora_task_type: String,
+    /// A PEFT LoRA adapter folder to start from instead of fresh adapters
+    /// (verl's `lora_adapter_path`; an adapter trained with TRL's SFT, a
+    /// checkpoint's `adapter/`), on `model.path` as its base. Its r, alpha,
+    /// targets and rsLoRA must be the `lora_*` keys'. A resume takes the
+    /// checkpoint's adapters instead.
+    pub lora_adapter_path: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -238,6 +244,7 @@ impl Default for ModelSection {
             use_rslora: false,
             lora_modules_to_save: None,
             lora_task_type: "CAUSAL_LM".into(),
+            lora_adapter_path: None,
         }
     }
 }
@@ -1084,6 +1091,11 @@ impl Recipe {
         ensure(valid_device(&m.device), "model.device", || {
             format!("expected auto, cpu, cuda or cuda:N, got {:?}", m.device)
         })?;
+        ensure(
+            m.use_peft || m.lora_adapter_path.is_none(),
+            "model.lora_adapter_path",
+            || "needs model.use_peft: true".into(),
+        )?;
         if m.use_peft {
             ensure(m.lora_r >= 1, "model.lora_r", || "must be >= 1".into())?;
             ensure(pos(m.lora_alpha), "model.lora_alpha", || {

@@ -212,7 +212,7 @@ fn policy_parameters(
                 );
             }
             let saved = model::lora::Lora::load_peft(&folder, device, dtype)?;
-            if saved.config != config {
+            if !saved.config.same_adapters(&config, cfg)? {
                 bail!(
                     "the checkpoint's adapter ({}) is {:?}; the recipe's model.lora_* keys ask \
                      for {config:?}: resume with the checkpoint's",
@@ -222,7 +222,36 @@ fn policy_parameters(
             }
             saved.adapters
         }
-        _ => config.init(cfg, recipe.train.seed, device, dtype)?,
+        _ => match &recipe.model.lora_adapter_path {
+            Some(path) => {
+                let start = model::lora::Lora::load_peft(path, device, dtype)
+                    .context("model.lora_adapter_path")?;
+                // A config that matches none of cfg's linears is the
+                // recipe's to report: it is checked first.
+                if !start.config.same_adapters(&config, cfg).unwrap_or(false) {
+                    let c = &start.config;
+                    bail!(
+                        "model.lora_adapter_path: {} is r {}, alpha {}, targets {:?}, rsLoRA {}; \
+                         set model.lora_r, lora_alpha, lora_target_modules and use_rslora to \
+                         match (the recipe asks for {config:?})",
+                        path.display(),
+                        c.r,
+                        c.alpha,
+                        c.target_modules,
+                        c.use_rslora
+                    );
+                }
+                start.check(cfg).with_context(|| {
+                    format!(
+                        "model.lora_adapter_path: {} does not fit {}",
+                        path.display(),
+                        initial_dir.display()
+                    )
+                })?;
+                start.adapters
+            }
+            None => config.init(cfg, recipe.train.seed, device, dtype)?,
+        },
     };
     PolicyParameters::lora(base, config, &adapters)
 }
@@ -1175,9 +1204,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         weight_version = version;
     } else if let Some(pusher) = pusher.as_ref().filter(|p| !p.clients.is_empty()) {
         // A fresh run: a server past version 0 holds other weights (an earlier
-        // run's), so it gets ours first; pushes then count on from its version.
+        // run's), and one at version 0 the base, where a run starting from a
+        // LoRA adapter is already off it; so it gets ours first; pushes then
+        // count on from its version.
         let server = rt.block_on(pusher.server_version())?;
-        if server > 0 {
+        if server > 0 || recipe.model.lora_adapter_path.is_some() {
             let version = server + 1;
             rt.block_on(pusher.push_policy(&params, &cfg, version))?;
             if let Some(run) = &run {

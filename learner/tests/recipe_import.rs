@@ -346,6 +346,7 @@ fn verl_and_openrlhf_lora_convert_with_their_defaults() {
     let verl = "python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\\n  \
                 actor_rollout_ref.model.path=/models/m data.train_files=/d/t.parquet \\\n  \
                 actor_rollout_ref.model.lora_rank=32 data.train_batch_size=8 \\\n  \
+                actor_rollout_ref.model.lora_adapter_path=/adapters/sft \\\n  \
                 actor_rollout_ref.rollout.n=4 actor_rollout_ref.actor.ppo_mini_batch_size=8\n";
     let c = convert_recipe(verl, "run.sh").unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
@@ -354,6 +355,10 @@ fn verl_and_openrlhf_lora_convert_with_their_defaults() {
     assert_eq!((lora.r, lora.alpha), (32, 16.0));
     assert_eq!(lora.target_modules, model::lora::TargetModules::AllLinear);
     assert!(c.yaml.contains("verl's default"), "{}", c.yaml);
+    assert_eq!(
+        r.model.lora_adapter_path.as_deref(),
+        Some(std::path::Path::new("/adapters/sft"))
+    );
 
     let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
     let with_lora = script.replace(

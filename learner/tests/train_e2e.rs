@@ -619,6 +619,62 @@ fn a_lora_run_trains_adapters_pushes_merged_weights_and_saves_a_peft_adapter() {
     }
 }
 
+/// A LoRA run may start from a PEFT adapter (verl's lora_adapter_path; here
+/// the one PEFT made on this very tiny base for the model tests): the
+/// servers get the adapted weights before step 1 (its importance ratio is
+/// ~1 and the KL against the base is already there); an adapter of another
+/// shape than the recipe's is refused, naming its values.
+#[test]
+fn a_lora_run_starts_from_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let adapter = repo_root().join("model/tests/fixtures/peft/qv_down");
+    let start = |extra: &[&str]| {
+        let mut o: Vec<String> = vec![
+            "model.use_peft=true".into(),
+            format!("model.lora_adapter_path={}", adapter.display()),
+            "model.lora_r=4".into(),
+            "model.lora_alpha=8".into(),
+            "train.beta=0.04".into(),
+            "train.max_steps=1".into(),
+        ];
+        o.extend(extra.iter().map(|s| s.to_string()));
+        Learner::spawn(&recipe, &o, &[]).wait(120)
+    };
+    let output = start(&["model.lora_target_modules=[down_proj, q_proj, v_proj]"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    assert!(
+        (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+        "{l}"
+    );
+    assert!(f(l, "kl") > 1e-4, "{l}");
+    assert!(
+        read_jsonl(&out.join("run_log.jsonl"))
+            .iter()
+            .any(|e| e["event"] == "initial_weights_pushed"),
+    );
+    assert_eq!(server.weight_version(), 2);
+
+    let output = start(&[
+        "model.lora_target_modules=[q_proj, v_proj]",
+        "checkpoint.output_dir=/nonexistent/never-written",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("model.lora_adapter_path") && stderr.contains("r 4, alpha 8"),
+        "{stderr}"
+    );
+    assert_eq!(server.weight_version(), 2);
+}
+
 /// Recipe keys of a LoRA run that Tandem does not do are refused by name,
 /// before anything starts.
 #[test]

@@ -142,6 +142,16 @@ impl LoraConfig {
         Ok(out)
     }
 
+    /// Whether `other` puts the same adapters on `cfg`: rank, scale and the
+    /// linears adapted, however the targets are spelt (PEFT saves
+    /// `all-linear` as the module names it found, in no fixed order).
+    pub fn same_adapters(&self, other: &LoraConfig, cfg: &ModelConfig) -> Result<bool> {
+        Ok(self.r == other.r
+            && self.alpha == other.alpha
+            && self.use_rslora == other.use_rslora
+            && self.adapted(cfg)? == other.adapted(cfg)?)
+    }
+
     /// Fresh adapters as PEFT initialises them: `A` Kaiming-uniform
     /// (`a = sqrt(5)`: uniform in `±1/sqrt(in)`), `B` zero, so the adapted
     /// model starts as the base model. The same seed gives the same bytes.

@@ -180,6 +180,16 @@ pub(super) fn convert(flat: Map<String, Value>, source_name: &str) -> Result<Con
         short,
         "verl",
     );
+    if out.has("model.use_peft") {
+        direct(
+            &mut keys,
+            &mut out,
+            &[(
+                "actor_rollout_ref.model.lora_adapter_path",
+                "model.lora_adapter_path",
+            )],
+        );
+    }
     let n = convert_rollout(&mut keys, &mut out);
     let learner_ranks = convert_topology(&mut keys, &mut out);
     convert_batches(&mut keys, &mut out, n, learner_ranks);
