@@ -38,15 +38,6 @@ impl FrozenLinear {
             None => x.matmul(&self.weight.t()?),
         }
     }
-
-    /// The gradient of `x` given that of `x W^T`, when `x` needs one.
-    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(if x.track_op() {
-            Some(dy.matmul(&self.weight)?)
-        } else {
-            None
-        })
-    }
 }
 
 impl FrozenLinearWithLora {
@@ -116,9 +107,26 @@ fn cpu_input(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_cor
     op_input(candle_core::Storage::Cpu(s.clone()), l)
 }
 
-impl candle_core::CustomOp1 for FrozenLinear {
+/// A one-input op of the learner's graph: a forward made of candle's ops
+/// and the gradient of its input. [`apply`] runs it as a candle custom op.
+pub(crate) trait InputOp: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// `x`'s gradient given `dy`'s (`None`: `x` needs none).
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>>;
+}
+
+/// `op` applied to `x`, with `op`'s gradient in the backward pass.
+pub(crate) fn apply<T: InputOp>(x: &Tensor, op: T) -> candle_core::Result<Tensor> {
+    x.apply_op1(Custom(op))
+}
+
+/// [`InputOp`] as candle's custom op.
+struct Custom<T>(T);
+
+impl<T: InputOp> candle_core::CustomOp1 for Custom<T> {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        T::NAME
     }
 
     fn cpu_fwd(
@@ -126,7 +134,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_output(self.product(&cpu_input(s, l)?)?)
+        cpu_output(self.0.forward(&cpu_input(s, l)?)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -135,11 +143,27 @@ impl candle_core::CustomOp1 for FrozenLinear {
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda_output(self.product(&cuda_input(s, l)?)?)
+        cuda_output(self.0.forward(&cuda_input(s, l)?)?)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.input_grad(x, dy)
+        self.0.input_grad(x, dy)
+    }
+}
+
+impl InputOp for FrozenLinear {
+    const NAME: &'static str = "frozen-linear";
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(x)
+    }
+
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(if x.track_op() {
+            Some(dy.matmul(&self.weight)?)
+        } else {
+            None
+        })
     }
 }
 
@@ -209,35 +233,14 @@ pub(crate) struct Rope {
     pub(crate) sin: Tensor,
 }
 
-impl Rope {
-    fn rotate(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl InputOp for Rope {
+    const NAME: &'static str = "rope";
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
     }
-}
 
-impl candle_core::CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_output(self.rotate(&cpu_input(s, l)?)?)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda_output(self.rotate(&cuda_input(s, l)?)?)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn input_grad(&self, _x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let back = candle_nn::rotary_emb::rope(&dy.contiguous()?, &self.cos, &self.sin.neg()?)?;
         Ok(Some(back))
     }
@@ -267,39 +270,20 @@ impl ConstOperand {
             multiply: true,
         }
     }
+}
 
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl InputOp for ConstOperand {
+    const NAME: &'static str = "const-operand";
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.multiply {
             x.broadcast_mul(&self.c)
         } else {
             x.broadcast_add(&self.c)
         }
     }
-}
 
-impl candle_core::CustomOp1 for ConstOperand {
-    fn name(&self) -> &'static str {
-        "const-operand"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        cpu_output(self.apply(&cpu_input(s, l)?)?)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda_output(self.apply(&cuda_input(s, l)?)?)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn input_grad(&self, _x: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(if self.multiply {
             dy.broadcast_mul(&self.c)?
         } else {

@@ -20,7 +20,7 @@
 use candle_core::{D, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::autograd::{ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope};
+use crate::autograd::{ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope, apply};
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -56,7 +56,7 @@ impl RmsNorm {
         let normed = normed.to_dtype(dtype)?;
         if normed.track_op() && !self.weight.is_variable() {
             // A frozen weight (LoRA): no gradient for it is made or kept.
-            return Ok(normed.apply_op1(ConstOperand::mul(&self.weight))?);
+            return Ok(apply(&normed, ConstOperand::mul(&self.weight))?);
         }
         Ok(normed.broadcast_mul(&self.weight)?)
     }
@@ -138,10 +138,13 @@ fn llama3_scale(inv_freq: f64, s: &Llama3RopeScaling) -> f64 {
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.track_op() {
-        return Ok(x.apply_op1(Rope {
-            cos: cos.contiguous()?,
-            sin: sin.contiguous()?,
-        })?);
+        return Ok(apply(
+            &x,
+            Rope {
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
+            },
+        )?);
     }
     Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?)
 }
@@ -209,14 +212,14 @@ impl Linear {
                     scaling: l.scaling,
                 },
             )?,
-            None if x2.track_op() && !self.weight.is_variable() => x2.apply_op1(frozen)?,
+            None if x2.track_op() && !self.weight.is_variable() => apply(&x2, frozen)?,
             None => frozen.product(&x2)?,
         };
         let mut shape = lead.to_vec();
         shape.push(y.dim(1)?);
         let y = y.reshape(shape)?;
         Ok(match &self.bias {
-            Some(b) if y.track_op() && !b.is_variable() => y.apply_op1(ConstOperand::add(b))?,
+            Some(b) if y.track_op() && !b.is_variable() => apply(&y, ConstOperand::add(b))?,
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
@@ -331,7 +334,7 @@ impl Attention {
         let scores = logprobs::upcast(&scores)?;
         let mask = mask.to_dtype(scores.dtype())?;
         let scores = if scores.track_op() {
-            scores.contiguous()?.apply_op1(ConstOperand::add(&mask))?
+            apply(&scores.contiguous()?, ConstOperand::add(&mask))?
         } else {
             scores.broadcast_add(&mask)?
         };
@@ -480,9 +483,7 @@ impl DecoderLayer {
         // The first layer's residual (the embeddings) of a LoRA model takes
         // no gradient: none is made for it.
         let x = if attn_out.track_op() && !residual.track_op() {
-            attn_out
-                .contiguous()?
-                .apply_op1(ConstOperand::add(residual))?
+            apply(&attn_out.contiguous()?, ConstOperand::add(residual))?
         } else {
             (residual + attn_out)?
         };

@@ -40,7 +40,7 @@ pub fn log_softmax(logits: &Tensor, temperature: f64) -> Result<Tensor> {
     // of the logits' size is made for it).
     let max = scaled.max_keepdim(D::Minus1)?.detach();
     let shifted = if scaled.track_op() {
-        scaled.apply_op1(crate::autograd::ConstOperand::add(&max.neg()?))?
+        crate::autograd::apply(&scaled, crate::autograd::ConstOperand::add(&max.neg()?))?
     } else {
         scaled.broadcast_sub(&max)?
     };

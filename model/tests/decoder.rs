@@ -244,31 +244,43 @@ fn gradients_of_log_probs_match_finite_differences() {
         let lm = CausalLM::new(&cfg, &view).unwrap();
         let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
         let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
-        let objective = |lm: &CausalLM| -> Tensor {
-            let lp = lm.completion_logprobs(&x, &m, 4, 0.9, true).unwrap();
-            // Log-probs and entropy both carry gradients to the loss.
-            (lp.logprobs.sum_all().unwrap()
-                + (lp.entropy.unwrap().sum_all().unwrap() * 0.3).unwrap())
-            .unwrap()
-        };
+        let objective = |lm: &CausalLM| logprob_entropy_objective(lm, &x, &m);
         let grads = objective(&lm).backward().unwrap();
         // The backward keeps the parameters' gradients and nothing else (no
         // gradient of the attention mask or the rotary tables).
-        let kept: Vec<Vec<usize>> = grads
-            .get_ids()
-            .filter(|id| !vars.iter().any(|(_, v)| v.as_tensor().id() == **id))
-            .filter_map(|id| grads.get_id(*id).map(|t| t.dims().to_vec()))
-            .collect();
-        assert!(
-            kept.is_empty(),
-            "{arch}: gradients kept for non-parameters {kept:?}"
-        );
+        assert_only_parameter_gradients(arch, &vars, &grads);
         // One element of every tensor kind: embeddings, projections, biases, norms.
         let checked = check_against_finite_differences(arch, &vars, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
         });
         assert_eq!(checked, cfg.tensor_shapes().len());
     }
+}
+
+/// Summed completion log-probs plus 0.3 x summed entropy of the last 4
+/// positions: both carry gradients to it.
+fn logprob_entropy_objective(lm: &CausalLM, x: &Tensor, m: &Tensor) -> Tensor {
+    let lp = lm.completion_logprobs(x, m, 4, 0.9, true).unwrap();
+    (lp.logprobs.sum_all().unwrap() + (lp.entropy.unwrap().sum_all().unwrap() * 0.3).unwrap())
+        .unwrap()
+}
+
+/// The backward's store holds the variables' gradients and nothing else
+/// (none kept for the attention mask, the rotary tables, a frozen weight).
+fn assert_only_parameter_gradients(
+    arch: &str,
+    vars: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+) {
+    let kept: Vec<Vec<usize>> = grads
+        .get_ids()
+        .filter(|id| !vars.iter().any(|(_, v)| v.as_tensor().id() == **id))
+        .filter_map(|id| grads.get_id(*id).map(|t| t.dims().to_vec()))
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "{arch}: gradients kept for non-parameters {kept:?}"
+    );
 }
 
 /// Checks one element of each variable's autograd gradient against a
@@ -716,12 +728,7 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
         let mut lm = CausalLM::with_lora(&cfg, &w, &trained).unwrap();
         let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
         let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
-        let objective = |lm: &CausalLM| -> Tensor {
-            let lp = lm.completion_logprobs(&x, &m, 4, 0.9, true).unwrap();
-            (lp.logprobs.sum_all().unwrap()
-                + (lp.entropy.unwrap().sum_all().unwrap() * 0.3).unwrap())
-            .unwrap()
-        };
+        let objective = |lm: &CausalLM| logprob_entropy_objective(lm, &x, &m);
         let grads = objective(&lm).backward().unwrap();
         // The frozen base gets no gradient at all (not a zero one: none is
         // made), nor does anything else but the adapters.
@@ -731,15 +738,7 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
                 "{arch}: frozen {name} got a gradient"
             );
         }
-        let kept: Vec<Vec<usize>> = grads
-            .get_ids()
-            .filter(|id| !vars.iter().any(|(_, v)| v.as_tensor().id() == **id))
-            .filter_map(|id| grads.get_id(*id).map(|t| t.dims().to_vec()))
-            .collect();
-        assert!(
-            kept.is_empty(),
-            "{arch}: gradients kept for non-parameters {kept:?}"
-        );
+        assert_only_parameter_gradients(arch, &vars, &grads);
         check_against_finite_differences(arch, &vars, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
         });

@@ -32,6 +32,19 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The fixture's record, a folder holding the tiny base PEFT's adapters
+/// were made on (`tiny/`), and the record's input ids with their mask.
+fn setup() -> (Value, tempfile::TempDir, Tensor, Tensor) {
+    let record = read_json(&fixtures().join("logits.json"));
+    let tmp = tempfile::tempdir().unwrap();
+    presets::init_model(Preset::Tiny, &tmp.path().join("tiny"), 0).unwrap();
+    let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap();
+    (record, tmp, ids, mask)
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -45,15 +58,10 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
-    let record = read_json(&fixtures().join("logits.json"));
-    let tmp = tempfile::tempdir().unwrap();
+    let (record, tmp, ids, mask) = setup();
     let base_dir = tmp.path().join("tiny");
-    let cfg = presets::init_model(Preset::Tiny, &base_dir, 0).unwrap();
+    let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
     let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
-    let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
-    let (b, t) = (rows.len(), rows[0].len());
-    let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
-    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap();
     let adapters = record["adapters"].as_object().unwrap();
     assert_eq!(adapters.len(), 2);
     for (name, case) in adapters {
@@ -100,14 +108,8 @@ fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
 /// base and written as a model folder gives PEFT's logits as a plain model.
 #[test]
 fn a_merged_folder_gives_pefts_logits() {
-    let record = read_json(&fixtures().join("logits.json"));
-    let tmp = tempfile::tempdir().unwrap();
+    let (record, tmp, ids, mask) = setup();
     let base_dir = tmp.path().join("tiny");
-    presets::init_model(Preset::Tiny, &base_dir, 0).unwrap();
-    let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
-    let (b, t) = (rows.len(), rows[0].len());
-    let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
-    let mask = Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap();
     let name = "qv_down";
     let out = tmp.path().join("merged");
     Lora::merge_folders(&base_dir, &fixtures().join(name), &out).unwrap();
