@@ -765,6 +765,21 @@ mod tests {
             e.contains("2 learner rank(s)") && e.contains("multiple of 128"),
             "{e}"
         );
+        // Dynamic sampling's rounds split over the ranks too.
+        let rounds = |n: &str| {
+            let mut args = demo_args(
+                out.path(),
+                &format!("train.dynamic_sampling_batch_prompts={n}"),
+            );
+            args.overrides.push("train.dynamic_sampling=true".into());
+            args
+        };
+        let e = format!("{:#}", prepare(&rounds("7")).err().unwrap());
+        assert!(
+            e.contains("train.dynamic_sampling_batch_prompts") && e.contains("multiple of 2"),
+            "{e}"
+        );
+        assert!(prepare(&rounds("8")).is_ok());
     }
 
     #[test]

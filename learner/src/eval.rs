@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::data::Example;
 use crate::recipe::{ClientTagEcho, Recipe};
-use crate::rewards::{RewardInput, RewardRegistry};
+use crate::rewards::RewardRegistry;
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 
 /// The result of one validation.
@@ -103,19 +103,7 @@ pub async fn evaluate(
     let mut dropped = 0;
     for (q, (example, outcome)) in examples.iter().zip(&outcomes).enumerate() {
         match outcome {
-            GroupOutcome::Kept(group) => {
-                for c in &group.completions {
-                    inputs.push(
-                        RewardInput::new(
-                            example.prompt_text.clone(),
-                            c.text.clone(),
-                            Some(example.answer.clone()),
-                        )
-                        .with_completion_tokens(c.completion_ids.len())
-                        .in_group(q),
-                    );
-                }
-            }
+            GroupOutcome::Kept(group) => inputs.extend(group.reward_inputs(example, q)),
             GroupOutcome::Dropped { .. } => dropped += 1,
         }
     }

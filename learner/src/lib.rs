@@ -13,6 +13,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod dynamic_sampling;
 pub mod eval;
 pub mod grpo_config;
 pub mod grpo_error;

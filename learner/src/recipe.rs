@@ -609,6 +609,33 @@ pub struct TrainSection {
     /// completions cut at `rollout.max_completion_length` are left out of
     /// the loss. They still count in their group's advantages.
     pub mask_truncated_completions: bool,
+    /// DAPO's dynamic sampling (verl's `algorithm.filter_groups.enable`,
+    /// OpenRLHF's `--dynamic_filtering`): a group without a learning signal
+    /// (its `dynamic_sampling_metric` values all equal, or their mean
+    /// outside `dynamic_sampling_reward_range`) is left out, and more
+    /// prompts are generated, round after round, until the step holds as
+    /// many groups as it would without the filter (the first that pass, in
+    /// order; any beyond are dropped, as verl trims its batch). A run sized
+    /// by `num_train_epochs` keeps its number of steps and so draws more
+    /// prompts than that many passes hold.
+    pub dynamic_sampling: bool,
+    /// The values that decide: `reward` (none: the same; the weighted
+    /// total, verl's `score` / `seq_reward`) or one reward function's
+    /// label (verl's `acc`: the correctness function).
+    pub dynamic_sampling_metric: Option<String>,
+    /// OpenRLHF's `dynamic_filtering_reward_range` `[low, high]`: a group is
+    /// kept when its mean metric lies strictly between them; none: when its
+    /// metric values are not all equal (verl: std > 0).
+    pub dynamic_sampling_reward_range: Option<[f64; 2]>,
+    /// Prompts per generation round over all learner ranks (verl's
+    /// `data.gen_batch_size`, DAPO's 3x the step's prompts: fewer, larger
+    /// rounds); none: the step's prompts. A multiple of the learner ranks.
+    pub dynamic_sampling_batch_prompts: Option<usize>,
+    /// verl's `max_num_gen_batches`: generation rounds a step may make; 0:
+    /// as many as one pass over the training prompts takes. A step that
+    /// found fewer groups than it holds trains on those (a `warn` event
+    /// says so); one that found none stops the run with an error.
+    pub max_num_gen_batches: u32,
     /// TRL's `sync_ref_model` (TR-DPO's reference updates): every
     /// `ref_model_sync_steps` steps the KL reference becomes `alpha x policy
     /// + (1 - alpha) x reference`, `alpha` = `ref_model_mixup_alpha`.
@@ -648,6 +675,11 @@ impl Default for TrainSection {
             recompute_logits: true,
             gradient_checkpointing: false,
             mask_truncated_completions: false,
+            dynamic_sampling: false,
+            dynamic_sampling_metric: None,
+            dynamic_sampling_reward_range: None,
+            dynamic_sampling_batch_prompts: None,
+            max_num_gen_batches: 10,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
@@ -1298,6 +1330,45 @@ impl Recipe {
             "train.ref_model_sync_steps",
             || "must be >= 1".into(),
         )?;
+        for (key, set) in [
+            (
+                "train.dynamic_sampling_metric",
+                t.dynamic_sampling_metric.is_some(),
+            ),
+            (
+                "train.dynamic_sampling_reward_range",
+                t.dynamic_sampling_reward_range.is_some(),
+            ),
+            (
+                "train.dynamic_sampling_batch_prompts",
+                t.dynamic_sampling_batch_prompts.is_some(),
+            ),
+        ] {
+            ensure(!set || t.dynamic_sampling, key, || {
+                "acts only with train.dynamic_sampling: true (remove it, or turn dynamic \
+                 sampling on)"
+                    .into()
+            })?;
+        }
+        ensure(
+            t.dynamic_sampling_metric
+                .as_deref()
+                .is_none_or(|m| !m.trim().is_empty()),
+            "train.dynamic_sampling_metric",
+            || "must name a reward function's label or `reward`".into(),
+        )?;
+        if let Some([lo, hi]) = t.dynamic_sampling_reward_range {
+            ensure(
+                lo.is_finite() && hi.is_finite() && lo < hi,
+                "train.dynamic_sampling_reward_range",
+                || format!("must be [low, high] with low < high, both finite, got [{lo}, {hi}]"),
+            )?;
+        }
+        ensure(
+            t.dynamic_sampling_batch_prompts != Some(0),
+            "train.dynamic_sampling_batch_prompts",
+            || "must be >= 1 (prompts per generation round, over all learner ranks)".into(),
+        )?;
         ensure(
             !t.sync_ref_model || t.loss.beta > 0.0,
             "train.sync_ref_model",
@@ -1672,9 +1743,24 @@ impl Recipe {
     /// The recipe as `world_size` learner ranks run it:
     /// `train.generation_batch_size` turned into `steps_per_generation`
     /// (an error naming the key when it does not split into whole
-    /// micro-batches per rank and whole updates).
+    /// micro-batches per rank and whole updates); also an error naming
+    /// `train.dynamic_sampling_batch_prompts` when its prompts do not split
+    /// over the ranks.
     pub fn for_world_size(&self, world_size: usize) -> Result<Recipe> {
         let t = &self.train;
+        if let Some(n) = t.dynamic_sampling_batch_prompts
+            && !n.is_multiple_of(world_size.max(1))
+        {
+            return Err(RecipeError::Invalid {
+                key: "train.dynamic_sampling_batch_prompts".into(),
+                message: format!(
+                    "{n} prompts do not split over {} learner ranks (every rank generates the \
+                     same number per round); use a multiple of {}",
+                    world_size.max(1),
+                    world_size.max(1)
+                ),
+            });
+        }
         let Some(gbs) = t.generation_batch_size else {
             return Ok(self.clone());
         };

@@ -18,6 +18,8 @@ use model::tokenizer::Tokenizer;
 use proto::openai::{CompletionRequest, CompletionResponse, Prompt, SamplingFields};
 use serde::{Deserialize, Serialize};
 
+use crate::rewards::RewardInput;
+
 pub use crate::recipe::ClientTagEcho;
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,25 @@ pub struct Completion {
 pub struct Group {
     pub prompt_ids: Vec<u32>,
     pub completions: Vec<Completion>,
+}
+
+impl Group {
+    /// What the reward functions score: each completion of `example`'s
+    /// group, the `index`-th group of the batch.
+    pub fn reward_inputs(&self, example: &crate::data::Example, index: usize) -> Vec<RewardInput> {
+        self.completions
+            .iter()
+            .map(|c| {
+                RewardInput::new(
+                    example.prompt_text.clone(),
+                    c.text.clone(),
+                    Some(example.answer.clone()),
+                )
+                .with_completion_tokens(c.completion_ids.len())
+                .in_group(index)
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -429,6 +429,14 @@ impl RunDir {
         self.event("warn", serde_json::json!({ "message": message }))
     }
 
+    /// A `warn` event of a step, with a `kind` to find it by.
+    pub fn warn_at(&self, step: u64, kind: &str, message: &str) -> Result<()> {
+        self.event(
+            "warn",
+            serde_json::json!({"step": step, "message": message, "kind": kind}),
+        )
+    }
+
     /// Appends one step's line to train_log.jsonl, as given.
     pub fn log_train<T: Serialize + ?Sized>(&self, line: &T) -> Result<()> {
         append_line(&self.train_log, &self.root.join(TRAIN_LOG), line)?;

@@ -11,7 +11,10 @@
 //!    and logged;
 //! 3. score; the rewards are all-gathered (a zero-padded global vector
 //!    summed over ranks, in the global strided order) so the advantages are
-//!    computed on the global batch, bit-identically on every rank;
+//!    computed on the global batch, bit-identically on every rank; with
+//!    `train.dynamic_sampling`, groups without a learning signal are left
+//!    out and further rounds of prompts generated (steps 1-3 again) until the
+//!    step's groups are found ([`crate::dynamic_sampling`]);
 //! 4. pad; policy log-probs (with the sampling temperature), old log-probs
 //!    when the policy will move before the batch is used up
 //!    (`num_iterations > 1`, or more than one update per generation),
@@ -54,6 +57,9 @@ use crate::batch::{SequenceTokens, pad_batch};
 use crate::checkpoint::{Checkpoint, LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
 use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
+use crate::dynamic_sampling::{
+    GroupFilter, GroupSelection, decode_round, encode_slots, max_rounds, round_prompts_per_rank,
+};
 use crate::eval::evaluate;
 use crate::grpo_config::MultiObjectiveAggregation;
 use crate::grpo_error::GrpoError;
@@ -65,7 +71,7 @@ use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::parameters::PolicyParameters;
 use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
-use crate::rewards::{RewardInput, RewardRegistry};
+use crate::rewards::RewardRegistry;
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
 
@@ -82,6 +88,22 @@ pub fn hash_u64(bytes: &[u8]) -> u64 {
 pub fn request_seed(seed: u64, step: u64, example: &Example) -> u64 {
     let key = format!(
         "train|{seed}|{step}|{}|{}",
+        example.source_file.display(),
+        example.row
+    );
+    hash_u64(key.as_bytes())
+}
+
+/// The seed of a prompt's request in generation round `round` of a step:
+/// round 0's is [`request_seed`]; dynamic sampling's later rounds may draw
+/// the same prompt again (a small dataset wraps around) and must not repeat
+/// its completions.
+pub fn request_seed_in_round(seed: u64, step: u64, round: usize, example: &Example) -> u64 {
+    if round == 0 {
+        return request_seed(seed, step, example);
+    }
+    let key = format!(
+        "train|{seed}|{step}|round {round}|{}|{}",
         example.source_file.display(),
         example.row
     );
@@ -982,6 +1004,19 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     let reward_weights = rewards.weights();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
+    let group_filter = GroupFilter::from_recipe(t, &labels)?;
+    // Prompts per rank per generation round: the step's, or dynamic
+    // sampling's own round size.
+    let round_prompts = round_prompts_per_rank(t, world, recipe.prompts_per_rank_per_step());
+    let max_gen_rounds = if group_filter.is_some() {
+        max_rounds(
+            t.max_num_gen_batches,
+            source.epoch_prompts(),
+            round_prompts * world,
+        )
+    } else {
+        1
+    };
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
         .with_max_prompt_length(recipe.rollout.max_prompt_length);
@@ -1124,6 +1159,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 format!("max_steps {max_steps} overrides num_train_epochs {epochs}, as in TRL")
             };
             eprintln!("note: {note}");
+            if t.dynamic_sampling && t.max_steps == 0 {
+                let msg = "train.dynamic_sampling draws more prompts per step than the step \
+                           trains on, so these steps take more than num_train_epochs passes \
+                           over the training prompts (verl would stop at the passes' end)";
+                eprintln!("note: {msg}");
+                run.warn(msg)?;
+            }
         }
         for advice in t.loss.advisories() {
             eprintln!("note: {advice}");
@@ -1307,29 +1349,70 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // One generation round of this rank: its next prompts, each request
+    // seeded by the step, the round and the prompt.
+    let generate_round = |source: &mut PromptSource,
+                          step: u64,
+                          round: usize|
+     -> anyhow::Result<(Vec<Example>, Vec<GroupOutcome>)> {
+        let examples = source.next_batch(round_prompts);
+        let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
+        let seeds: Vec<u64> = examples
+            .iter()
+            .map(|e| request_seed_in_round(t.seed, step, round, e))
+            .collect();
+        let outcomes = rt.block_on(client.generate(&prompts, &seeds))?;
+        Ok((examples, outcomes))
+    };
+    // A round's rewards as this rank's share of the gather.
+    let score_round =
+        |examples: &[Example], outcomes: &[GroupOutcome]| -> anyhow::Result<Vec<f64>> {
+            let mut inputs = Vec::new();
+            let mut kept = Vec::new();
+            for (i, (ex, o)) in examples.iter().zip(outcomes).enumerate() {
+                if let GroupOutcome::Kept(group) = o {
+                    if group.completions.len() != g {
+                        bail!(
+                            "a group has {} completions, expected {g}",
+                            group.completions.len()
+                        );
+                    }
+                    kept.push(i);
+                    inputs.extend(group.reward_inputs(ex, i));
+                }
+            }
+            let mut slots = vec![None; examples.len()];
+            if !inputs.is_empty() {
+                let scores = rt.block_on(rewards.score(&inputs))?;
+                for (n, &i) in kept.iter().enumerate() {
+                    let part = n * g..(n + 1) * g;
+                    slots[i] = Some((
+                        scores.total[part.clone()].to_vec(),
+                        scores
+                            .per_function
+                            .iter()
+                            .map(|f| f.values[part.clone()].to_vec())
+                            .collect::<Vec<_>>(),
+                    ));
+                }
+            }
+            Ok(encode_slots(&slots, g, num_functions))
+        };
     let run_started = Instant::now();
     for step in start_step + 1..=max_steps {
         let step_started = Instant::now();
-        // 1-2. prompts and completions
+        // 1-2. prompts and completions: the first round (prefetched, or
+        // generated now); dynamic sampling asks for more below.
         let t_gen = Instant::now();
-        let (examples, outcomes) = match prefetched.take() {
+        let first_round = match prefetched.take() {
             Some(b) if b.step == step => (b.examples, b.outcomes),
-            _ => {
-                let examples = source.next_batch(prompts_per_rank);
-                let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
-                let seeds: Vec<u64> = examples
-                    .iter()
-                    .map(|e| request_seed(t.seed, step, e))
-                    .collect();
-                let outcomes = rt.block_on(client.generate(&prompts, &seeds))?;
-                (examples, outcomes)
-            }
+            _ => generate_round(&mut source, step, 0)?,
         };
-        let generate_s = t_gen.elapsed();
+        let mut generate_s = t_gen.elapsed();
         // Also after the last step: the final checkpoint then holds the next
         // batch, and a run extended with --resume-from stays exact.
         let pending = if recipe.rollout.async_lag == 1 {
-            let next = source.next_batch(prompts_per_rank);
+            let next = source.next_batch(round_prompts);
             let prompts: Vec<String> = next.iter().map(|e| e.prompt_text.clone()).collect();
             let seeds: Vec<u64> = next
                 .iter()
@@ -1342,87 +1425,80 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             None
         };
 
-        // 3. rewards, gathered over ranks in the global order
+        // 3. rewards, gathered over ranks in the global order; with dynamic
+        // sampling, round after round until enough groups carry a signal.
         let t_score = Instant::now();
-        let mut inputs = Vec::new();
-        let mut kept_local = vec![0.0; prompts_per_rank];
-        for (i, (ex, o)) in examples.iter().zip(&outcomes).enumerate() {
-            if let GroupOutcome::Kept(group) = o {
-                if group.completions.len() != g {
-                    bail!(
-                        "a group has {} completions, expected {g}",
-                        group.completions.len()
-                    );
-                }
-                kept_local[i] = 1.0;
-                for comp in &group.completions {
-                    inputs.push(
-                        RewardInput::new(
-                            ex.prompt_text.clone(),
-                            comp.text.clone(),
-                            Some(ex.answer.clone()),
-                        )
-                        .with_completion_tokens(comp.completion_ids.len())
-                        .in_group(i),
-                    );
-                }
+        let mut more_rounds_s = Duration::ZERO;
+        let mut rounds = vec![first_round];
+        let mut selection = GroupSelection::new(group_filter.clone(), prompts_per_rank * world);
+        loop {
+            let round = rounds.len() - 1;
+            let (examples, outcomes) = &rounds[round];
+            let local = score_round(examples, outcomes)?;
+            let gathered = all_gather_f64(c, &local)?;
+            selection.add_round(decode_round(
+                &gathered,
+                round,
+                round_prompts,
+                g,
+                num_functions,
+            )?);
+            if !selection.wants_more() || rounds.len() >= max_gen_rounds {
+                break;
             }
+            let t_more = Instant::now();
+            rounds.push(generate_round(&mut source, step, rounds.len())?);
+            more_rounds_s += t_more.elapsed();
         }
-        let scores = if inputs.is_empty() {
-            None
-        } else {
-            Some(rt.block_on(rewards.score(&inputs))?)
-        };
-        // Per prompt slot: kept flag, then G x (total, f_1..f_F).
-        let width = 1 + g * (1 + num_functions);
-        let mut local = vec![0.0; prompts_per_rank * width];
-        let mut k = 0;
-        for (i, kept) in kept_local.iter().enumerate() {
-            if *kept == 0.0 {
-                continue;
-            }
-            let base = i * width;
-            local[base] = 1.0;
-            for j in 0..g {
-                let s = scores.as_ref().map_or(0.0, |s| s.total[k]);
-                local[base + 1 + j * (1 + num_functions)] = s;
-                for f in 0..num_functions {
-                    local[base + 2 + j * (1 + num_functions) + f] =
-                        scores.as_ref().map_or(0.0, |s| s.per_function[f].values[k]);
-                }
-                k += 1;
-            }
+        let dropped_global = world * round_prompts * selection.rounds - selection.received;
+        let kept_global = selection.chosen.len();
+        if kept_global == 0 && selection.received > 0 {
+            bail!(
+                "step {step}: none of the {} groups generated in {} rounds has a learning signal \
+                 by train.dynamic_sampling (every group's {} ties{}); raise \
+                 train.max_num_gen_batches ({}), train on prompts the policy solves sometimes \
+                 but not always, or turn train.dynamic_sampling off",
+                selection.received,
+                selection.rounds,
+                t.dynamic_sampling_metric.as_deref().unwrap_or("reward"),
+                t.dynamic_sampling_reward_range
+                    .map(|[lo, hi]| format!(" or has a mean outside ({lo}, {hi})"))
+                    .unwrap_or_default(),
+                t.max_num_gen_batches,
+            );
         }
-        let gathered = all_gather_f64(c, &local)?;
-        // Global prompt index gi = i * W + r.
-        let mut totals = Vec::new();
-        let mut per_fn: Vec<Vec<f64>> = vec![Vec::new(); num_functions];
-        let mut my_offsets = Vec::new(); // (local i, offset in totals)
-        let mut kept_global = 0usize;
-        for i in 0..prompts_per_rank {
-            for (r, rank_values) in gathered.iter().enumerate() {
-                let slot = &rank_values[i * width..(i + 1) * width];
-                if slot[0] == 0.0 {
-                    continue;
-                }
-                if r == rank {
-                    my_offsets.push((i, totals.len()));
-                }
-                kept_global += 1;
-                for j in 0..g {
-                    let b = 1 + j * (1 + num_functions);
-                    totals.push(slot[b]);
-                    for (f, v) in per_fn.iter_mut().enumerate() {
-                        v.push(slot[b + 1 + f]);
-                    }
-                }
-            }
-        }
-        let dropped_global = world * prompts_per_rank - kept_global;
         if kept_global == 0 {
             bail!(
                 "step {step}: every group was dropped ({dropped_global} groups; foreign client tags?)"
             );
+        }
+        if selection.wants_more() {
+            let msg = format!(
+                "step {step}: dynamic sampling found {kept_global} of {} groups with a learning \
+                 signal in {} generation rounds (train.max_num_gen_batches {}); the step trains \
+                 on those",
+                prompts_per_rank * world,
+                selection.rounds,
+                t.max_num_gen_batches
+            );
+            tracing::warn!("{msg}");
+            if let Some(run) = &run {
+                run.warn_at(step, "dynamic_sampling_short", &msg)?;
+            }
+        }
+        // The chosen groups' rewards in the global order; this rank's groups
+        // as (round, prompt slot, offset in `totals`).
+        let mut totals = Vec::new();
+        let mut per_fn: Vec<Vec<f64>> = vec![Vec::new(); num_functions];
+        let mut my_offsets = Vec::new();
+        for group in &selection.chosen {
+            if group.rank == rank {
+                my_offsets.push((group.round, group.slot, totals.len()));
+            }
+            totals.extend_from_slice(&group.totals);
+            for (v, values) in per_fn.iter_mut().zip(&group.per_function) {
+                v.extend_from_slice(values);
+            }
         }
         let adv = match loss_cfg.multi_objective_aggregation {
             MultiObjectiveAggregation::SumThenNormalize => {
@@ -1432,13 +1508,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 compute_gdpo_advantages(&totals, &per_fn, &reward_weights, g, &loss_cfg)?
             }
         };
-        let score_s = t_score.elapsed();
+        let score_s = t_score.elapsed().saturating_sub(more_rounds_s);
+        generate_s += more_rounds_s;
         let log_step = step % logging_steps == 0
             || step == max_steps
             || (step == 1 && recipe.log.logging_first_step);
         let completion_records: Vec<Value> = if recipe.log.log_completions && log_step {
             let mut records = Vec::new();
-            for &(i, off) in &my_offsets {
+            for &(round, i, off) in &my_offsets {
+                let (examples, outcomes) = &rounds[round];
                 let GroupOutcome::Kept(group) = &outcomes[i] else {
                     continue;
                 };
@@ -1474,8 +1552,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let t_fb = Instant::now();
         let mut rows = Vec::new();
         let mut lengths = CompletionLengths::default();
-        for &(i, off) in &my_offsets {
-            let GroupOutcome::Kept(group) = &outcomes[i] else {
+        for &(round, i, off) in &my_offsets {
+            let GroupOutcome::Kept(group) = &rounds[round].1[i] else {
                 continue;
             };
             for (j, comp) in group.completions.iter().enumerate() {
@@ -1498,11 +1576,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         // TRL's steps_per_generation: the rows in `updates` consecutive
         // parts (whole prompts when no group was dropped), one per optimizer
-        // update, each in `ga` micro-batches.
+        // update, each in `ga` micro-batches. A rank holding more rows than
+        // per_device_train_batch_size x ga (dynamic sampling keeps the first
+        // groups that pass, wherever they were generated) makes more
+        // micro-batches, not larger ones.
         let mut updates: Vec<Vec<MicroBatch>> = Vec::with_capacity(num_updates);
         for part in micro_batch_ranges(rows.len(), num_updates) {
             let mut mbs = Vec::new();
-            for range in micro_batch_ranges(part.len(), ga) {
+            let count = ga.max(part.len().div_ceil(t.per_device_train_batch_size.max(1)));
+            for range in micro_batch_ranges(part.len(), count) {
                 if range.is_empty() {
                     continue;
                 }
@@ -1522,6 +1604,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                  correction needs (train.vllm_importance_sampling_correction)"
             );
         }
+        // Every rank takes part in as many entropy-threshold gathers per
+        // update as the rank with the most micro-batches makes.
+        let threshold_gathers: Vec<usize> = if loss_cfg.top_entropy_quantile < 1.0 {
+            let counts: Vec<f64> = updates.iter().map(|m| m.len() as f64).collect();
+            let gathered = all_gather_f64(c, &counts)?;
+            (0..updates.len())
+                .map(|u| gathered.iter().map(|r| r[u] as usize).fold(ga, usize::max))
+                .collect()
+        } else {
+            vec![0; updates.len()]
+        };
         let beta = kl.value();
         for mb in updates.iter_mut().flatten() {
             // Values only: the checkpointed path drops each chunk's logits
@@ -1572,10 +1665,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             updates
                 .iter()
                 .zip(&norms)
-                .map(move |(mbs, norm)| (pass + 1 == mu, mbs, norm))
+                .zip(&threshold_gathers)
+                .map(move |((mbs, norm), gathers)| (pass + 1 == mu, mbs, norm, *gathers))
         });
         let mut last_pass = LossMetrics::default();
-        for (k, (in_last_pass, mbs, norm)) in passes.enumerate() {
+        for (k, (in_last_pass, mbs, norm, gathers)) in passes.enumerate() {
             lr = schedule.lr_at(first_update + k);
             let t0 = Instant::now();
             let (store, m) = if mbs.is_empty() {
@@ -1615,10 +1709,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     })
                 })?
             };
-            // Every rank takes part in `ga` threshold gathers per update,
-            // also when dropped groups left it fewer micro-batches.
+            // Every rank takes part in the same number of threshold gathers
+            // per update, also when dropped groups left it fewer
+            // micro-batches.
             if loss_cfg.top_entropy_quantile < 1.0 {
-                for _ in mbs.len()..ga {
+                for _ in mbs.len()..gathers {
                     entropy_threshold(c, None, loss_cfg.top_entropy_quantile)?;
                 }
             }
@@ -1649,10 +1744,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 );
                 tracing::warn!("{msg}");
                 if let Some(run) = &run {
-                    run.event(
-                        "warn",
-                        json!({"step": step, "message": msg, "kind": "nonfinite"}),
-                    )?;
+                    run.warn_at(step, "nonfinite", &msg)?;
                 }
                 if streak >= t.max_nonfinite_steps.max(1) {
                     bail!(
@@ -1798,8 +1890,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             writeln!(f, "{line}")?;
         }
         let total_s = step_started.elapsed();
-        let versions: Vec<u64> = outcomes
+        let versions: Vec<u64> = rounds
             .iter()
+            .flat_map(|(_, outcomes)| outcomes)
             .filter_map(|o| match o {
                 GroupOutcome::Kept(g) => Some(g.completions.iter().map(|c| c.weight_version)),
                 GroupOutcome::Dropped { .. } => None,
@@ -1884,10 +1977,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             if let Some((key, d)) = &digest {
                 line[*key] = json!(d);
             }
+            if group_filter.is_some() {
+                // verl's num_gen_batches; the reward above is the trained
+                // groups', this one every generated completion's.
+                line["dynamic_sampling"] = json!({
+                    "gen_batches": selection.rounds,
+                    "groups_received": selection.received,
+                    "groups_filtered": selection.filtered,
+                    "groups_surplus": selection.surplus,
+                    "reward_received": selection.received_reward_mean(),
+                });
+            }
             run.log_train(&line)?;
+            let rounds_note = if group_filter.is_some() {
+                format!(
+                    " gen_batches {} (filtered {})",
+                    selection.rounds, selection.filtered
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
                 "step {step}/{} reward {rm:.4} loss {:.5} grad_norm {grad_norm:.4} lr {lr:.3e} \
-                 dropped {dropped_global} {:.2}s",
+                 dropped {dropped_global}{rounds_note} {:.2}s",
                 max_steps,
                 summary.loss,
                 total_s.as_secs_f64()

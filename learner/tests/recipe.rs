@@ -313,6 +313,29 @@ fn validation_names_the_key() {
     );
     let e = err(BASE, &["rollout.generation_kwargs.n=2"]);
     assert!(e.contains("rollout.num_generations"), "{e}");
+    // Dynamic sampling's settings act only with it on, and must make sense.
+    for key in [
+        "train.dynamic_sampling_metric=format",
+        "train.dynamic_sampling_reward_range=[0, 1]",
+        "train.dynamic_sampling_batch_prompts=12",
+    ] {
+        let e = err(BASE, &[key]);
+        let name = key.split('=').next().unwrap();
+        assert!(
+            e.contains(name) && e.contains("train.dynamic_sampling: true"),
+            "{e}"
+        );
+    }
+    let on = "train.dynamic_sampling=true";
+    let e = err(BASE, &[on, "train.dynamic_sampling_reward_range=[1, 0]"]);
+    assert!(
+        e.contains("train.dynamic_sampling_reward_range") && e.contains("low < high"),
+        "{e}"
+    );
+    let e = err(BASE, &[on, "train.dynamic_sampling_batch_prompts=0"]);
+    assert!(e.contains("train.dynamic_sampling_batch_prompts"), "{e}");
+    let e = err(BASE, &[on, "train.dynamic_sampling_metric=' '"]);
+    assert!(e.contains("train.dynamic_sampling_metric"), "{e}");
 }
 
 /// generation_kwargs is open: any vLLM sampling parameter, from YAML or an
@@ -382,6 +405,27 @@ fn the_shipped_recipes_load_and_validate() {
         .map(|f| serde_json::to_value(f).unwrap())
         .collect();
     learner::rewards::RewardRegistry::from_configs(&functions).unwrap();
+
+    // verl's DAPO test recipe: dynamic sampling in rounds of 96 prompts over
+    // its 2 learner ranks, the metric a reward it has.
+    let dapo = Recipe::load(&configs().join("dapo_gsm8k.yaml"), NO_OVERRIDES).unwrap();
+    let dapo = dapo.for_world_size(dapo.topology.learner_ranks).unwrap();
+    assert!(dapo.train.dynamic_sampling);
+    assert_eq!(dapo.train.dynamic_sampling_batch_prompts, Some(96));
+    assert_eq!(dapo.prompts_per_rank_per_step() * 2, 32);
+    let functions: Vec<serde_json::Value> = dapo
+        .reward
+        .functions
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
+    let rewards = learner::rewards::RewardRegistry::from_configs(&functions).unwrap();
+    let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
+    assert!(
+        learner::dynamic_sampling::GroupFilter::from_recipe(&dapo.train, &labels)
+            .unwrap()
+            .is_some()
+    );
 
     let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(ext.rollout.client_tag_echo, ClientTagEcho::Ignore);

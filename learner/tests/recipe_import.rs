@@ -685,3 +685,73 @@ async fn open_r1_format_rewards_match_as_open_r1_matches() {
     assert_eq!(s.per_function[0].values, vec![1.0, 1.0, 0.0, 1.0]);
     assert_eq!(s.per_function[1].values, vec![0.0, 0.0, 0.0, 1.0]);
 }
+
+/// DAPO's dynamic sampling: verl's algorithm.filter_groups (with its
+/// gen_batch_size and the dapo reward manager's overlong buffer) and
+/// OpenRLHF's --dynamic_filtering become train.dynamic_sampling and its keys.
+#[test]
+fn verl_filter_groups_and_openrlhf_dynamic_filtering_convert() {
+    let verl = "python3 -m recipe.dapo.main_dapo algorithm.adv_estimator=grpo \\\n  \
+                actor_rollout_ref.model.path=/models/m data.train_files=/d/gsm8k/train.parquet \\\n  \
+                data.max_response_length=512 data.train_batch_size=32 \\\n  \
+                data.gen_batch_size=96 actor_rollout_ref.rollout.n=4 \\\n  \
+                actor_rollout_ref.actor.ppo_mini_batch_size=16 \\\n  \
+                algorithm.filter_groups.enable=True algorithm.filter_groups.metric=acc \\\n  \
+                algorithm.filter_groups.max_num_gen_batches=10 \\\n  \
+                reward_model.overlong_buffer.enable=True reward_model.overlong_buffer.len=128 \\\n  \
+                reward_model.overlong_buffer.penalty_factor=1.0\n";
+    let c = convert_recipe(verl, "run_dapo.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert!(r.train.dynamic_sampling);
+    assert_eq!(
+        r.train.dynamic_sampling_metric.as_deref(),
+        Some("exact_match")
+    );
+    assert_eq!(r.train.max_num_gen_batches, 10);
+    assert_eq!(r.train.dynamic_sampling_batch_prompts, Some(96));
+    let labels: Vec<&str> = r.reward.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(labels, ["exact_match", "length_penalty"]);
+    let overlong = &r.reward.functions[1];
+    assert_eq!(overlong.params["mode"], "overlong");
+    assert_eq!(overlong.params["max_length"], 512);
+    assert_eq!(overlong.params["cache_length"], 128);
+    // The metric names a function the recipe has.
+    let rewards = learner::rewards::RewardRegistry::from_section(&r.reward).unwrap();
+    let names: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
+    learner::dynamic_sampling::GroupFilter::from_recipe(&r.train, &names).unwrap();
+
+    // Off: its keys are listed, not applied.
+    let off = verl.replace("filter_groups.enable=True", "filter_groups.enable=False");
+    let c = convert_recipe(&off, "run.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert!(!r.train.dynamic_sampling);
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.starts_with("data.gen_batch_size") && why.contains("off")),
+        "{:?}",
+        c.left_out
+    );
+
+    let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
+    let with = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --dynamic_filtering --dynamic_filtering_reward_range 0.1 0.9 \\\n",
+    );
+    assert_ne!(with, script);
+    let c = convert_recipe(&with, "s.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert!(r.train.dynamic_sampling);
+    assert_eq!(r.train.dynamic_sampling_reward_range, Some([0.1, 0.9]));
+    assert_eq!(r.train.max_num_gen_batches, 0);
+    // OpenRLHF's default range when only the switch is given.
+    let bare = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --dynamic_filtering \\\n",
+    );
+    let c = convert_recipe(&bare, "s.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!(r.train.dynamic_sampling_reward_range, Some([0.0, 1.0]));
+}

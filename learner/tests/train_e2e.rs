@@ -990,6 +990,177 @@ fn groups_with_a_foreign_client_tag_are_dropped_and_counted() {
     }
 }
 
+/// Dynamic sampling's settings for the shared recipe, whose reward (exact
+/// match + "starts with a digit") ties in most groups of the random tiny
+/// model.
+const DYNAMIC_SAMPLING: &[&str] = &[
+    "train.dynamic_sampling=true",
+    "train.max_num_gen_batches=30",
+];
+
+#[test]
+fn dynamic_sampling_fills_every_step_with_groups_that_carry_a_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("dapo");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let mut overrides: Vec<String> = DYNAMIC_SAMPLING.iter().map(|s| s.to_string()).collect();
+    overrides.extend([
+        "log.log_completions=true".into(),
+        // Rounds of 6 prompts for a step of 4.
+        "train.dynamic_sampling_batch_prompts=6".into(),
+    ]);
+    train(&r, &overrides);
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    let mut rounds = 0;
+    for l in &lines {
+        let ds = &l["dynamic_sampling"];
+        let n = ds["gen_batches"].as_u64().unwrap();
+        rounds += n;
+        // The step holds its 4 groups, none of them tied.
+        assert_eq!(l["kept_groups"], 4, "{l}");
+        assert_eq!(f(l, "frac_reward_zero_std"), 0.0, "{l}");
+        assert_eq!(ds["groups_received"], 6 * n, "{l}");
+        assert_eq!(
+            ds["groups_filtered"].as_u64().unwrap() + ds["groups_surplus"].as_u64().unwrap() + 4,
+            6 * n,
+            "{l}"
+        );
+        assert!(ds["reward_received"].is_number(), "{l}");
+    }
+    // Most groups tie here: some step needed a second round.
+    assert!(rounds > 3, "{lines:?}");
+    // The logged completions: 4 groups of 4 per step, rewards varied in each.
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 3 * 16);
+    for group in completions.chunks(4) {
+        let rewards: Vec<f64> = group.iter().map(|c| f(c, "reward")).collect();
+        assert!(rewards.iter().any(|r| *r != rewards[0]), "{group:?}");
+    }
+    // Every round's prompts were drawn: the checkpoint's data cursor says
+    // how many.
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(out.join("checkpoints/step_000003/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["data_cursor"]["position"], 6 * rounds, "{state}");
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_dynamic_sampling() {
+    // Each rank trains on the groups the filter chose among its own, so the
+    // ranks' shares differ; the sums over them must not.
+    let mut extra = DYNAMIC_SAMPLING.to_vec();
+    extra.push("train.dynamic_sampling_batch_prompts=10");
+    two_ranks_vs_one(&extra);
+}
+
+/// The chosen groups need not split evenly over the ranks: a rank with more
+/// rows makes more micro-batches, and with top_entropy_quantile every rank
+/// still takes part in each micro-batch's threshold gather (no hang).
+#[test]
+fn two_ranks_with_uneven_shares_of_the_chosen_groups_train_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("uneven");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let mut overrides: Vec<String> = DYNAMIC_SAMPLING.iter().map(|s| s.to_string()).collect();
+    overrides.extend([
+        "train.dynamic_sampling_batch_prompts=10".into(),
+        "train.per_device_train_batch_size=8".into(),
+        "train.top_entropy_quantile=0.2".into(),
+        "log.log_completions=true".into(),
+    ]);
+    let (o0, o1) = train_two_ranks(&r, &overrides, &[]);
+    for (rank, o) in [(0, &o0), (1, &o1)] {
+        assert!(
+            o.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["kept_groups"] == 4), "{lines:?}");
+    // Completions per rank and step: 16 a step, not always 8 and 8.
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 3 * 16);
+    let uneven = (1..=3).any(|step| {
+        let on_rank_0 = completions
+            .iter()
+            .filter(|c| c["step"] == step && c["rank"] == 0)
+            .count();
+        on_rank_0 != 8
+    });
+    assert!(uneven, "every step split its groups evenly");
+}
+
+#[test]
+fn resume_continues_exactly_with_dynamic_sampling_and_async_lag_1() {
+    let mut extra = DYNAMIC_SAMPLING.to_vec();
+    extra.push("rollout.async_lag=1");
+    resume_case(&extra);
+}
+
+#[test]
+fn dynamic_sampling_trains_on_a_short_batch_or_stops_when_nothing_has_a_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+
+    // One round of 8 prompts a step (about a third of the groups pass):
+    // what it found is trained on, and said.
+    let out = tmp.path().join("short");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &r,
+        &[
+            "train.dynamic_sampling=true".into(),
+            "train.max_num_gen_batches=1".into(),
+            "train.dynamic_sampling_batch_prompts=8".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    let short: Vec<u64> = lines
+        .iter()
+        .map(|l| l["kept_groups"].as_u64().unwrap())
+        .collect();
+    assert!(
+        short.iter().all(|&k| k <= 4) && short.iter().any(|&k| k < 4),
+        "{short:?}"
+    );
+    let warned = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .filter(|e| e["kind"] == "dynamic_sampling_short")
+        .count();
+    assert_eq!(warned, short.iter().filter(|&&k| k < 4).count());
+
+    // A reward that ties in every group: the step stops the run, naming the
+    // limit, after its rounds.
+    let out = tmp.path().join("none");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let o = Learner::spawn(
+        &r,
+        &[
+            "train.dynamic_sampling=true".into(),
+            "train.max_num_gen_batches=2".into(),
+            "reward.functions=[{name: format, pattern: \"^never$\"}]".into(),
+        ],
+        &[],
+    )
+    .wait(120);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("none of the 8 groups generated in 2 rounds")
+            && stderr.contains("train.max_num_gen_batches (2)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn the_nan_guard_skips_steps_then_stops() {
     let tmp = tempfile::tempdir().unwrap();

@@ -109,6 +109,7 @@ pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Co
     convert_loss(&mut f, &mut out)?;
     convert_run(&mut f, &mut out);
     convert_reward(&mut f, &mut out);
+    convert_dynamic_filtering(&mut f, &mut out);
     for (key, value) in std::mem::take(&mut f.0) {
         let why = left_out_reason(&key);
         // A wandb key is a secret: not copied into the recipe.
@@ -645,6 +646,46 @@ fn convert_reward(f: &mut Source, out: &mut Output) {
     out.put("reward.functions", Value::Array(functions), note);
 }
 
+/// DAPO's dynamic sampling: `--dynamic_filtering` keeps a group whose mean
+/// reward lies strictly inside `--dynamic_filtering_reward_range` (default
+/// 0 1) and generates replacements until the rollout batch is full.
+fn convert_dynamic_filtering(f: &mut Source, out: &mut Output) {
+    let range = f.take("dynamic_filtering_reward_range");
+    if !f.set("dynamic_filtering") {
+        if let Some(r) = range {
+            out.leave_out(
+                &flag("dynamic_filtering_reward_range"),
+                &r,
+                "dynamic sampling is off (no --dynamic_filtering)",
+            );
+        }
+        return;
+    }
+    out.put(
+        "train.dynamic_sampling",
+        json!(true),
+        Some("--dynamic_filtering".into()),
+    );
+    let bounds: Option<Vec<f64>> = range
+        .as_ref()
+        .and_then(Value::as_array)
+        .map(|v| v.iter().filter_map(Value::as_f64).collect());
+    let (value, note) = match bounds {
+        Some(b) if b.len() == 2 => (json!(b), "--dynamic_filtering_reward_range"),
+        _ => (json!([0.0, 1.0]), "OpenRLHF's default range"),
+    };
+    out.put(
+        "train.dynamic_sampling_reward_range",
+        value,
+        Some(note.into()),
+    );
+    out.put(
+        "train.max_num_gen_batches",
+        json!(0),
+        Some("OpenRLHF sets no limit (Tandem stops a step after one pass over the prompts)".into()),
+    );
+}
+
 /// Why an OpenRLHF flag has no Tandem key.
 fn left_out_reason(key: &str) -> &'static str {
     match key {
@@ -718,10 +759,6 @@ fn left_out_reason(key: &str) -> &'static str {
         }
         "normalize_reward" | "reward_clip_range" => {
             "rewards are used as the functions give them (their weights scale them)"
-        }
-        "dynamic_filtering" | "dynamic_filtering_reward_range" => {
-            "groups whose rewards all tie carry no gradient (advantage 0) but are kept; \
-             frac_reward_zero_std in the train log counts them"
         }
         "lora_rank" | "lora_alpha" | "target_modules" | "lora_dropout" => {
             "LoRA is off (--lora_rank 0): every weight trains"

@@ -197,6 +197,7 @@ pub(super) fn convert(flat: Map<String, Value>, source_name: &str) -> Result<Con
     convert_loss(&mut keys, &mut out)?;
     convert_trainer(&mut keys, &mut out);
     convert_reward(&mut keys, &mut out);
+    convert_filter_groups(&mut keys, &mut out, learner_ranks);
     for (key, value) in std::mem::take(&mut keys.0) {
         let why = left_out_reason(&key);
         out.leave_out(&key, &value, why);
@@ -871,7 +872,104 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
     };
     let item = json!({"function": {"name": "exact_match", "extract": extract, "weight": 1.0},
                       "note": Value::Null});
-    out.put("reward.functions", json!([item]), Some(note));
+    let mut functions = vec![item];
+    // DAPO's soft overlong punishment, which verl's dapo reward manager adds
+    // to the score.
+    let overlong = "reward_model.overlong_buffer.";
+    if keys.bool(&format!("{overlong}enable")) == Some(true) {
+        let buffer = keys.num(&format!("{overlong}len")).unwrap_or(0.0) as u64;
+        let factor = keys
+            .num(&format!("{overlong}penalty_factor"))
+            .unwrap_or(0.0);
+        let max = out
+            .get("rollout.max_completion_length")
+            .and_then(Value::as_u64)
+            .unwrap_or(512);
+        functions.push(json!({
+            "function": {"name": "length_penalty", "mode": "overlong", "max_length": max,
+                         "cache_length": buffer, "weight": factor},
+            "note": "reward_model.overlong_buffer (len, penalty_factor)",
+        }));
+    }
+    keys.take(&format!("{overlong}log"));
+    if let Some(manager) = keys.take("reward_model.reward_manager") {
+        out.leave_out(
+            "reward_model.reward_manager",
+            &manager,
+            "the reward is the recipe's functions, summed with their weights (verl's dapo \
+             manager scores DAPO-Math's data_source 1 / -1, where exact_match gives 1 / 0: \
+             weight exact_match 2 to keep its spread against the overlong penalty)",
+        );
+    }
+    out.put("reward.functions", Value::Array(functions), Some(note));
+}
+
+/// DAPO's dynamic sampling: `algorithm.filter_groups` and the generation
+/// batch of `data.gen_batch_size` prompts.
+fn convert_filter_groups(keys: &mut Source, out: &mut Output, learner_ranks: u64) {
+    let group = "algorithm.filter_groups.";
+    keys.take(&format!("{group}_target_"));
+    let enable = keys.bool(&format!("{group}enable")) == Some(true);
+    let metric = keys.str(&format!("{group}metric"));
+    let max = keys.num(&format!("{group}max_num_gen_batches"));
+    let gen_batch = keys.num("data.gen_batch_size");
+    if !enable {
+        let off = "dynamic sampling is off (algorithm.filter_groups.enable)";
+        for (key, value) in [
+            (format!("{group}metric"), metric.map(Value::from)),
+            (format!("{group}max_num_gen_batches"), max.map(Value::from)),
+            (
+                "data.gen_batch_size".to_string(),
+                gen_batch.map(Value::from),
+            ),
+        ] {
+            if let Some(v) = value {
+                out.leave_out(&key, &v, off);
+            }
+        }
+        return;
+    }
+    out.put(
+        "train.dynamic_sampling",
+        json!(true),
+        Some("algorithm.filter_groups.enable".into()),
+    );
+    let (value, note) = match metric.as_deref() {
+        None => (
+            "reward",
+            "verl's metric must be set; the weighted total".to_string(),
+        ),
+        Some(m @ ("score" | "seq_reward" | "seq_final_reward")) => (
+            "reward",
+            format!("algorithm.filter_groups.metric {m}: the weighted total"),
+        ),
+        Some("acc") => (
+            "exact_match",
+            "algorithm.filter_groups.metric acc: the correctness function".to_string(),
+        ),
+        Some(other) => (
+            other,
+            format!("TODO: verl's metric {other}; the label of the reward function that gives it"),
+        ),
+    };
+    out.put("train.dynamic_sampling_metric", json!(value), Some(note));
+    let (max, note) = match max {
+        Some(m) if m > 0.0 => (m as u64, "algorithm.filter_groups.max_num_gen_batches"),
+        _ => (
+            0,
+            "verl's 0: no limit (Tandem stops a step after one pass over the prompts)",
+        ),
+    };
+    out.put("train.max_num_gen_batches", json!(max), Some(note.into()));
+    if let Some(n) = gen_batch {
+        let n = n as u64;
+        let note = if n.is_multiple_of(learner_ranks.max(1)) {
+            "data.gen_batch_size".to_string()
+        } else {
+            format!("data.gen_batch_size; TODO: a multiple of the {learner_ranks} learner ranks")
+        };
+        out.put("train.dynamic_sampling_batch_prompts", json!(n), Some(note));
+    }
 }
 
 /// Why a verl key has no Tandem key.
