@@ -589,6 +589,19 @@ impl PromptFormat {
         row: &RawRow,
         tokenizer: Option<&Tokenizer>,
     ) -> Result<String> {
+        self.build_with_messages(path, row, tokenizer)
+            .map(|(text, _)| text)
+    }
+
+    /// [`Self::build`], and the messages the chat template rendered (a
+    /// conversational row, or the `chat` template); none for a text
+    /// template. A reward model renders them with its own template.
+    pub fn build_with_messages(
+        &self,
+        path: &Path,
+        row: &RawRow,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<(String, Option<Vec<ChatMessage>>)> {
         if let Some(messages) = &row.messages {
             return self.build_conversation(path, row, messages, tokenizer);
         }
@@ -624,7 +637,7 @@ impl PromptFormat {
                 } else if !system.is_empty() {
                     text = format!("{system}\n{text}");
                 }
-                Ok(text)
+                Ok((text, None))
             }
             PromptTemplate::Chat => {
                 let tokenizer = tokenizer.ok_or_else(|| {
@@ -637,7 +650,8 @@ impl PromptFormat {
                     messages.push(ChatMessage::system(s.clone()));
                 }
                 messages.push(ChatMessage::user(question.to_string()));
-                self.render_chat(path, row, &messages, tokenizer)
+                let text = self.render_chat(path, row, &messages, tokenizer)?;
+                Ok((text, Some(messages)))
             }
         }
     }
@@ -655,7 +669,7 @@ impl PromptFormat {
         row: &RawRow,
         messages: &[ChatMessage],
         tokenizer: Option<&Tokenizer>,
-    ) -> Result<String> {
+    ) -> Result<(String, Option<Vec<ChatMessage>>)> {
         let tokenizer = tokenizer.ok_or_else(|| {
             DataError::Template(
                 "a conversational prompt needs the model's tokenizer (and its chat template)"
@@ -669,7 +683,8 @@ impl PromptFormat {
             all.push(ChatMessage::system(s.clone()));
         }
         all.extend(messages.iter().cloned());
-        self.render_chat(path, row, &all, tokenizer)
+        let text = self.render_chat(path, row, &all, tokenizer)?;
+        Ok((text, Some(all)))
     }
 }
 
@@ -689,6 +704,11 @@ pub struct Example {
     pub source_file: PathBuf,
     /// 0-based row in `source_file` (blank JSONL lines not counted).
     pub row: usize,
+    /// The messages the chat template rendered into `prompt_text` (a
+    /// conversational row, or the `chat` template); none for a text
+    /// template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
 }
 
 /// What the manifest records of each data file.
@@ -742,7 +762,7 @@ impl Dataset {
         }
         let mut examples = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
-            let prompt_text = format.build(path, row, tokenizer)?;
+            let (prompt_text, messages) = format.build_with_messages(path, row, tokenizer)?;
             let question = match format.max_prompt_chars {
                 Some(max) => row.question.chars().take(max).collect(),
                 None => row.question.clone(),
@@ -753,6 +773,7 @@ impl Dataset {
                 answer: row.answer.clone(),
                 source_file: path.clone(),
                 row: i,
+                messages,
             });
         }
         Ok(Dataset {

@@ -607,7 +607,7 @@ fn convert_dataset(map: &mut Map<String, Value>, out: &mut Output) {
 
 /// open-r1's `reward_funcs` + `reward_weights` + reward arguments.
 fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
-    let names: Vec<String> = match map.remove("reward_funcs") {
+    let mut names: Vec<String> = match map.remove("reward_funcs") {
         Some(Value::Array(items)) => items
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
@@ -623,6 +623,11 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         }
         None => Vec::new(),
     };
+    // TRL's grpo script puts its reward model first (its weight is the first
+    // of reward_weights).
+    if let Some(Value::String(path)) = map.remove("reward_model_name_or_path") {
+        names.insert(0, path);
+    }
     let weights: Vec<f64> = match map.remove("reward_weights") {
         Some(Value::Array(items))
             if items.len() == names.len() && items.iter().all(Value::is_number) =>
@@ -716,6 +721,21 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                 f.insert("max_length".into(), json!(16384));
                 f.insert("cache_length".into(), json!(4096));
                 Some("soft_overlong_punishment (DAPO's overlong penalty)".to_string())
+            }
+            // A model id or folder (GRPOTrainer loads one as a sequence
+            // classifier with one label).
+            path if path.contains('/') => {
+                f.insert("name".into(), json!("reward_model"));
+                f.insert("path".into(), json!(path));
+                let local = path.starts_with('/') || path.starts_with('.');
+                Some(if local {
+                    "a reward model (a *ForSequenceClassification folder)".to_string()
+                } else {
+                    format!(
+                        "TODO: a local folder: download the reward model {path} first (nothing \
+                         is downloaded)"
+                    )
+                })
             }
             _ => {
                 out.leave_out(

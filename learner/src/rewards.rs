@@ -15,6 +15,7 @@
 //! | `repetition_penalty` | open-r1's: `max_penalty x` the share of repeated word n-grams |
 //! | `cosine`         | open-r1's cosine-scaled reward: correct answers gain, wrong ones lose less, the shorter they are |
 //! | `length`         | open-r1's `len_reward` (Kimi k1.5): in [-0.5, 0.5] by length among the batch; a wrong answer never gains |
+//! | `reward_model`   | a `*ForSequenceClassification` folder's score of prompt + completion (TRL's reward model in `reward_funcs`, OpenRLHF's `--reward_pretrain`) |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
 //! `gate` is the product of the `blocklist` gates (1 when there are none).
@@ -27,6 +28,7 @@ use std::collections::HashSet;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use model::tokenizer::ChatMessage;
 use regex::Regex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -60,6 +62,10 @@ pub struct RewardInput {
     /// scored together (for `length` with `scope: group`).
     #[serde(default)]
     pub group: Option<usize>,
+    /// The prompt as chat messages, when the chat template made it (for
+    /// `reward_model`, which renders them with its own template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
 }
 
 impl RewardInput {
@@ -74,7 +80,13 @@ impl RewardInput {
             answer,
             completion_tokens: None,
             group: None,
+            messages: None,
         }
+    }
+
+    pub fn with_messages(mut self, messages: Option<Vec<ChatMessage>>) -> Self {
+        self.messages = messages;
+        self
     }
 
     pub fn with_completion_tokens(mut self, n: usize) -> Self {
@@ -144,6 +156,7 @@ enum Kind {
     RepetitionPenalty(RepetitionPenalty),
     Cosine(Cosine),
     Length(Length),
+    RewardModel(Box<RewardModel>),
 }
 
 /// Names of the built-in functions.
@@ -158,6 +171,7 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "repetition_penalty",
     "cosine",
     "length",
+    "reward_model",
 ];
 
 impl RewardRegistry {
@@ -360,6 +374,9 @@ impl RewardFunction {
                 Cosine::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             ),
             "length" => Kind::Length(params(index, &label, rest)?),
+            "reward_model" => Kind::RewardModel(Box::new(
+                RewardModel::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
+            )),
             other => {
                 return Err(cfg_err(
                     other,
@@ -426,6 +443,7 @@ impl RewardFunction {
             }
             Kind::Cosine(f) => self.each(batch, |x| f.score(x)),
             Kind::Length(f) => f.score(batch).map_err(|m| self.fail(m)),
+            Kind::RewardModel(f) => f.score(batch).map_err(|m| self.fail(m)),
         }
     }
 }
@@ -1211,6 +1229,148 @@ impl Blocklist {
             (BlocklistMode::Penalty, true) => self.penalty,
             (BlocklistMode::Penalty, false) => 0.0,
         }
+    }
+}
+
+// ---------------------------------------------------------------- reward_model
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewardModelParams {
+    /// A Hugging Face folder of a `*ForSequenceClassification` (config.json,
+    /// safetensors, tokenizer.json, its chat template).
+    path: std::path::PathBuf,
+    /// `auto` (the first GPU of the learner's, else the CPU), `cpu`,
+    /// `cuda`, `cuda:N`.
+    #[serde(default = "default_auto")]
+    device: String,
+    /// `auto` (bf16 on a GPU, f32 on the CPU), `bfloat16`, `float16`,
+    /// `float32`.
+    #[serde(default = "default_auto")]
+    dtype: String,
+    /// Sequences per forward pass.
+    #[serde(default = "default_reward_batch")]
+    batch_size: usize,
+}
+
+fn default_auto() -> String {
+    "auto".into()
+}
+
+fn default_reward_batch() -> usize {
+    16
+}
+
+/// A sequence classifier scoring prompt + completion, as TRL scores with a
+/// reward model in `reward_funcs`: the prompt's chat messages and the
+/// completion as the assistant's message through the reward model's own
+/// chat template (or, for a text prompt, the prompt and completion texts
+/// joined), tokenized without special tokens, the first label's logit.
+struct RewardModel {
+    path: std::path::PathBuf,
+    tokenizer: model::tokenizer::Tokenizer,
+    device: model::device::DeviceSpec,
+    dtype: model::device::DTypeSpec,
+    batch_size: usize,
+    /// Loaded on first use: building the registry (recipe checks,
+    /// convert-recipe) reads only config.json and the tokenizer.
+    classifier: std::sync::OnceLock<model::SequenceClassifier>,
+}
+
+impl std::fmt::Debug for RewardModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RewardModel")
+            .field("path", &self.path)
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+impl RewardModel {
+    fn new(p: RewardModelParams) -> Result<Self, String> {
+        let shown = p.path.display();
+        let cfg = model::ModelConfig::from_dir(&p.path).map_err(|e| {
+            format!("`path` {shown}: {e} (a local Hugging Face folder: nothing is downloaded)")
+        })?;
+        if let model::ModelHead::CausalLm = cfg.head {
+            return Err(format!(
+                "`path` {shown} holds a {}, a language model; a reward model is a \
+                 *ForSequenceClassification (transformers' AutoModelForSequenceClassification \
+                 saves one)",
+                cfg.architecture.hf_name()
+            ));
+        }
+        let tokenizer = model::tokenizer::Tokenizer::from_dir(&p.path)
+            .map_err(|e| format!("`path` {shown}: {e}"))?;
+        let device = p.device.parse().map_err(|e| format!("`device`: {e}"))?;
+        let dtype = p.dtype.parse().map_err(|e| format!("`dtype`: {e}"))?;
+        if p.batch_size == 0 {
+            return Err("`batch_size` must be >= 1".into());
+        }
+        Ok(RewardModel {
+            path: p.path,
+            tokenizer,
+            device,
+            dtype,
+            batch_size: p.batch_size,
+            classifier: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn classifier(&self) -> Result<&model::SequenceClassifier, String> {
+        if let Some(c) = self.classifier.get() {
+            return Ok(c);
+        }
+        let device = self.device.open().map_err(|e| e.to_string())?;
+        let dtype = self.dtype.resolve(&device).map_err(|e| e.to_string())?;
+        let c = model::SequenceClassifier::from_dir(&self.path, &device, dtype)
+            .map_err(|e| format!("loading {}: {e}", self.path.display()))?;
+        Ok(self.classifier.get_or_init(|| c))
+    }
+
+    /// The text the reward model reads for one completion.
+    fn text(&self, x: &RewardInput) -> Result<String, String> {
+        match &x.messages {
+            Some(messages) => {
+                let mut all = messages.clone();
+                all.push(ChatMessage::assistant(x.completion_text.clone()));
+                self.tokenizer
+                    .apply_chat_template(&all, false)
+                    .map_err(|e| format!("the reward model's chat template: {e}"))
+            }
+            None => Ok(format!("{}{}", x.prompt, x.completion_text)),
+        }
+    }
+
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+        let classifier = self.classifier()?;
+        let mut ids = Vec::with_capacity(batch.len());
+        for (i, x) in batch.iter().enumerate() {
+            let text = self.text(x).map_err(|m| format!("completion {i}: {m}"))?;
+            let tokens = self
+                .tokenizer
+                .encode(&text, false)
+                .map_err(|e| format!("completion {i}: {e}"))?;
+            ids.push(tokens);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (k, chunk) in ids.chunks(self.batch_size).enumerate() {
+            let scores = classifier.scores(chunk).map_err(|e| {
+                format!(
+                    "completions {}..{}: {e}",
+                    k * self.batch_size,
+                    k * self.batch_size + chunk.len()
+                )
+            })?;
+            out.extend(
+                scores
+                    .iter()
+                    .map(|s| s.first().copied().unwrap_or(f32::NAN) as f64),
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -76,6 +76,7 @@ impl Group {
                 )
                 .with_completion_tokens(c.completion_ids.len())
                 .in_group(index)
+                .with_messages(example.messages.clone())
             })
             .collect()
     }

@@ -755,3 +755,66 @@ fn verl_filter_groups_and_openrlhf_dynamic_filtering_convert() {
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
     assert_eq!(r.train.dynamic_sampling_reward_range, Some([0.0, 1.0]));
 }
+
+/// A reward model: TRL's grpo script's reward_model_name_or_path (first, its
+/// weight the first of reward_weights) or a model id in reward_funcs,
+/// OpenRLHF's --reward_pretrain, verl's reward_model.model.path (whose score
+/// is verl's whole reward) become `reward_model` functions.
+#[test]
+fn reward_models_convert_to_reward_model_functions() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\n\
+               reward_model_name_or_path: Skywork/Skywork-Reward-V2-Qwen3-0.6B\n\
+               reward_funcs: [accuracy, /models/second-rm]\nreward_weights: [0.5, 1.0, 2.0]\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let f = &r.reward.functions;
+    let names: Vec<&str> = f.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["reward_model", "exact_match", "reward_model"]);
+    assert_eq!(f[0].params["path"], "Skywork/Skywork-Reward-V2-Qwen3-0.6B");
+    assert_eq!((f[0].weight, f[1].weight, f[2].weight), (0.5, 1.0, 2.0));
+    assert!(c.yaml.contains("TODO: a local folder"), "{}", c.yaml);
+
+    let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
+    let with_rm = script
+        .lines()
+        .filter(|l| !l.contains("--remote_rm_url"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "--use_kl_loss \\\n",
+            "--use_kl_loss \\\n   --reward_pretrain /models/rm \\\n",
+        );
+    assert!(with_rm.contains("--reward_pretrain"));
+    let c = convert_recipe(&with_rm, "s.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(r.reward.functions.len(), 1, "{}", c.yaml);
+    assert_eq!(r.reward.functions[0].name, "reward_model");
+    assert_eq!(r.reward.functions[0].params["path"], "/models/rm");
+
+    let verl = "python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\\n  \
+                actor_rollout_ref.model.path=/models/m data.train_files=/d/gsm8k/train.parquet \\\n  \
+                data.train_batch_size=8 actor_rollout_ref.rollout.n=4 \\\n  \
+                actor_rollout_ref.actor.ppo_mini_batch_size=8 reward_model.enable=True \\\n  \
+                reward_model.model.path=/models/rm reward_model.micro_batch_size_per_gpu=8\n";
+    let c = convert_recipe(verl, "run.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(r.reward.functions.len(), 1, "{}", c.yaml);
+    let f = &r.reward.functions[0];
+    assert_eq!(f.name, "reward_model");
+    assert_eq!(f.params["batch_size"], 8);
+    // Off: the rule-based scorer, the switch listed.
+    let off = verl.replace("reward_model.enable=True", "reward_model.enable=False");
+    let c = convert_recipe(&off, "run.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!(r.reward.functions[0].name, "exact_match");
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, _)| kv.starts_with("reward_model.enable")),
+        "{:?}",
+        c.left_out
+    );
+}

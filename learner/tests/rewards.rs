@@ -677,3 +677,68 @@ async fn math_answers_compare_as_the_math_benchmark_compares_them() {
         vec![1.0]
     );
 }
+
+/// The reward-model fixtures transformers made (model/tests/fixtures/
+/// make_reward_model_fixture.py): random classifiers with the tiny preset's
+/// tokenizer, and transformers' scores of a few texts and a conversation.
+fn reward_model_fixture(name: &str) -> (std::path::PathBuf, Value) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures");
+    let dir = root.join("reward_model");
+    let scores: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scores.json")).unwrap()).unwrap();
+    (dir.join(name), scores)
+}
+
+/// As TRL scores with a reward model: a text prompt and its completion
+/// joined, a chat prompt's messages with the completion as the assistant's
+/// through the reward model's chat template; the first label's logit, the
+/// same in batches of any size.
+#[tokio::test]
+async fn reward_model_scores_prompt_and_completion_as_trl_does() {
+    for name in ["qwen2", "llama"] {
+        let (dir, record) = reward_model_fixture(name);
+        let logits = &record["models"][name]["logits"];
+        let want = |i: usize| logits[i][0].as_f64().unwrap();
+        // "12+7=19", "What is 3*4? 12", then the conversation (index 4).
+        let batch = vec![
+            RewardInput::new("12+7=", "19", None),
+            RewardInput::new("What is 3*4?", " 12", None),
+            // The prompt text (the policy's rendering) is not what it reads.
+            RewardInput::new("(rendered)", "4", None).with_messages(Some(vec![
+                model::tokenizer::ChatMessage::system("Answer with a number."),
+                model::tokenizer::ChatMessage::user("2+2="),
+            ])),
+        ];
+        for batch_size in [1, 2, 16] {
+            let got = values(
+                json!({"name": "reward_model", "path": dir, "batch_size": batch_size}),
+                &batch,
+            )
+            .await;
+            for (g, w) in got.iter().zip([want(0), want(1), want(4)]) {
+                assert!((g - w).abs() <= 1e-4, "{name} batch {batch_size}: {got:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reward_model_configs_name_what_is_wrong() {
+    let (dir, _) = reward_model_fixture("qwen2");
+    // A language model's folder.
+    let lm = dir.join("../../hf/qwen2");
+    let e = config_error(json!({"name": "reward_model", "path": lm}));
+    assert!(
+        e.contains("reward_model") && e.contains("a language model"),
+        "{e}"
+    );
+    // No such folder: nothing is downloaded.
+    let e = config_error(json!({"name": "reward_model", "path": "Skywork/Skywork-Reward"}));
+    assert!(e.contains("nothing is downloaded"), "{e}");
+    let e = config_error(json!({"name": "reward_model", "path": dir, "device": "gpu"}));
+    assert!(e.contains("`device`"), "{e}");
+    let e = config_error(json!({"name": "reward_model", "path": dir, "batch_size": 0}));
+    assert!(e.contains("batch_size"), "{e}");
+    let e = config_error(json!({"name": "reward_model", "path": dir, "label_index": 1}));
+    assert!(e.contains("label_index"), "{e}");
+}

@@ -1161,6 +1161,61 @@ fn dynamic_sampling_trains_on_a_short_batch_or_stops_when_nothing_has_a_signal()
     );
 }
 
+/// TRL's reward model in reward_funcs: a sequence classifier (the fixture
+/// transformers made, with the tiny preset's tokenizer) scores each chat
+/// prompt's messages plus the completion through its own chat template; the
+/// logged rewards are what the classifier gives for exactly that text.
+#[test]
+fn a_reward_model_scores_the_conversation_through_its_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("rm");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let rm = repo_root().join("model/tests/fixtures/reward_model/qwen2");
+    train(
+        &r,
+        &[
+            "data.prompt_template=chat".into(),
+            format!(
+                "reward.functions=[{{name: reward_model, path: \"{}\", batch_size: 5}}]",
+                rm.display()
+            ),
+            "train.max_steps=2".into(),
+            "log.log_completions=true".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 2);
+    assert!(
+        f(&lines[0]["rewards"]["reward_model"], "std") > 0.0,
+        "{lines:?}"
+    );
+
+    let classifier =
+        model::SequenceClassifier::from_dir(&rm, &model::Device::Cpu, model::DType::F32).unwrap();
+    let tokenizer = model::tokenizer::Tokenizer::from_dir(&rm).unwrap();
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 2 * 16);
+    for c in &completions {
+        // The tiny template: <|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n
+        let prompt = c["prompt"].as_str().unwrap();
+        let question = prompt
+            .strip_prefix("<|im_start|>user\n")
+            .and_then(|p| p.strip_suffix("<|im_end|>\n<|im_start|>assistant\n"))
+            .unwrap_or_else(|| panic!("not the chat template's prompt: {prompt:?}"));
+        let messages = [
+            model::tokenizer::ChatMessage::user(question),
+            model::tokenizer::ChatMessage::assistant(c["completion"].as_str().unwrap()),
+        ];
+        let text = tokenizer.apply_chat_template(&messages, false).unwrap();
+        let ids = tokenizer.encode(&text, false).unwrap();
+        let want = classifier.scores(&[ids]).unwrap()[0][0] as f64;
+        let got = f(&c["rewards"], "reward_model");
+        assert!((got - want).abs() <= 1e-4, "{got} vs {want}: {c}");
+    }
+}
+
 #[test]
 fn the_nan_guard_skips_steps_then_stops() {
     let tmp = tempfile::tempdir().unwrap();

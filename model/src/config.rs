@@ -39,15 +39,33 @@ impl Architecture {
         }
     }
 
-    fn from_hf_name(name: &str) -> Option<Self> {
+    /// The family and head of an `architectures` name: `Qwen2ForCausalLM`,
+    /// or `Qwen2ForSequenceClassification` (a reward model).
+    fn from_hf_name(name: &str) -> Option<(Self, bool)> {
+        let (family, classifier) = match name.strip_suffix("ForSequenceClassification") {
+            Some(family) => (family, true),
+            None => (name.strip_suffix("ForCausalLM")?, false),
+        };
         [
             Architecture::Qwen2,
             Architecture::Llama,
             Architecture::Qwen3,
         ]
         .into_iter()
-        .find(|a| a.hf_name() == name)
+        .find(|a| a.hf_name().strip_suffix("ForCausalLM") == Some(family))
+        .map(|a| (a, classifier))
     }
+}
+
+/// What sits on top of the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelHead {
+    /// The vocabulary projection (`lm_head`): a language model.
+    CausalLm,
+    /// transformers' `*ForSequenceClassification`: a `score` projection to
+    /// `num_labels` values, read at each sequence's last token (a reward
+    /// model, num_labels 1).
+    SequenceClassification { num_labels: usize },
 }
 
 /// Llama 3.x frequency-dependent rope scaling (`rope_type: llama3`).
@@ -62,6 +80,7 @@ pub struct Llama3RopeScaling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
+    pub head: ModelHead,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -112,7 +131,7 @@ impl ModelConfig {
 
     pub fn from_map(raw: Map<String, Value>, path: &Path) -> Result<Self> {
         let f = Fields { raw: &raw, path };
-        let architecture = f.architecture()?;
+        let (architecture, head) = f.architecture()?;
 
         let hidden_act = f.opt_str("hidden_act")?.unwrap_or("silu");
         if hidden_act != "silu" {
@@ -192,6 +211,7 @@ impl ModelConfig {
 
         let cfg = ModelConfig {
             architecture,
+            head,
             vocab_size: f.usize("vocab_size")?,
             hidden_size,
             intermediate_size: f.usize("intermediate_size")?,
@@ -289,27 +309,47 @@ impl Fields<'_> {
         ModelError::config(PathBuf::from(self.path), field, message)
     }
 
-    fn architecture(&self) -> Result<Architecture> {
+    fn architecture(&self) -> Result<(Architecture, ModelHead)> {
         let unsupported = |value: String| ModelError::UnsupportedArchitecture {
             path: self.path.to_path_buf(),
             value,
         };
-        match self.raw.get("architectures") {
+        let (architecture, classifier) = match self.raw.get("architectures") {
             Some(Value::Array(items)) if items.len() == 1 => match items[0].as_str() {
-                Some(name) => Architecture::from_hf_name(name).ok_or(unsupported(name.into())),
-                None => Err(unsupported(items[0].to_string())),
+                Some(name) => Architecture::from_hf_name(name).ok_or(unsupported(name.into()))?,
+                None => return Err(unsupported(items[0].to_string())),
             },
-            Some(other) => Err(unsupported(other.to_string())),
+            Some(other) => return Err(unsupported(other.to_string())),
             None => {
                 // Older folders name only `model_type`.
-                match self.opt_str("model_type")? {
-                    Some("qwen2") => Ok(Architecture::Qwen2),
-                    Some("llama") => Ok(Architecture::Llama),
-                    Some("qwen3") => Ok(Architecture::Qwen3),
-                    other => Err(unsupported(format!("missing (model_type {other:?})"))),
-                }
+                let family = match self.opt_str("model_type")? {
+                    Some("qwen2") => Architecture::Qwen2,
+                    Some("llama") => Architecture::Llama,
+                    Some("qwen3") => Architecture::Qwen3,
+                    other => return Err(unsupported(format!("missing (model_type {other:?})"))),
+                };
+                (family, false)
             }
+        };
+        if !classifier {
+            return Ok((architecture, ModelHead::CausalLm));
         }
+        // transformers keeps no num_labels in config.json: id2label says it
+        // (2 labels when absent, transformers' default).
+        let num_labels = match self.raw.get("id2label") {
+            None | Some(Value::Null) => 2,
+            Some(Value::Object(labels)) if !labels.is_empty() => labels.len(),
+            Some(other) => {
+                return Err(self.err(
+                    "id2label",
+                    format!("expected a non-empty mapping of labels, got {other}"),
+                ));
+            }
+        };
+        Ok((
+            architecture,
+            ModelHead::SequenceClassification { num_labels },
+        ))
     }
 
     fn opt_usize(&self, field: &str) -> Result<Option<usize>> {

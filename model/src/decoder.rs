@@ -21,7 +21,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::autograd::{ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope, apply};
-use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::config::{Llama3RopeScaling, ModelConfig, ModelHead};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::logprobs::{self, TokenLogProbs};
@@ -530,18 +530,37 @@ impl CausalLM {
     /// the weights; extra tensors (e.g. a redundant `lm_head.weight` next to
     /// tied embeddings) are ignored.
     pub fn new(cfg: &ModelConfig, weights: &Weights) -> Result<Self> {
+        Self::require_lm_head(cfg)?;
         Self::build(cfg, weights, None)
+    }
+
+    /// A classifier's folder (a reward model) is not a language model: said,
+    /// instead of generating from its score head.
+    fn require_lm_head(cfg: &ModelConfig) -> Result<()> {
+        match cfg.head {
+            ModelHead::CausalLm => Ok(()),
+            ModelHead::SequenceClassification { .. } => Err(ModelError::Invalid(format!(
+                "config.json names {}ForSequenceClassification, a classifier (a reward model), \
+                 not a language model: give a *ForCausalLM folder here, and use this one as a \
+                 `reward_model` reward function",
+                cfg.architecture.hf_name().trim_end_matches("ForCausalLM")
+            ))),
+        }
     }
 
     /// The model with LoRA adapters on the linears `lora` names (its tensors
     /// are what trains: `weights` are the frozen base). Every adapter of
     /// `lora.config` must be there, and nothing else.
     pub fn with_lora(cfg: &ModelConfig, weights: &Weights, lora: &Lora) -> Result<Self> {
+        Self::require_lm_head(cfg)?;
         lora.check(cfg)?;
         Self::build(cfg, weights, Some(lora))
     }
 
-    fn build(cfg: &ModelConfig, weights: &Weights, lora: Option<&Lora>) -> Result<Self> {
+    /// The decoder and its head; a classifier's head is its `score`
+    /// projection `[num_labels, hidden]` in place of the vocabulary's, so
+    /// that [`Self::logits`] gives its scores.
+    pub(crate) fn build(cfg: &ModelConfig, weights: &Weights, lora: Option<&Lora>) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = weights
             .require("model.embed_tokens.weight", &[v, h])?
@@ -558,10 +577,12 @@ impl CausalLM {
             .collect::<Vec<Result<_>>>()
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            weights.require("lm_head.weight", &[v, h])?.clone()
+        let lm_head = match cfg.head {
+            ModelHead::SequenceClassification { num_labels } => {
+                weights.require("score.weight", &[num_labels, h])?.clone()
+            }
+            ModelHead::CausalLm if cfg.tie_word_embeddings => embed_tokens.clone(),
+            ModelHead::CausalLm => weights.require("lm_head.weight", &[v, h])?.clone(),
         };
         let adapters = lora.into_iter().flat_map(|l| l.adapters.iter());
         for (name, t) in weights.iter().chain(adapters) {

@@ -10,6 +10,8 @@
 //!   decode steps (continuous batching);
 //! - [`logprobs`]: log-probs of given tokens and entropy, computed in chunks;
 //! - [`lora`]: LoRA adapters (PEFT's config, names and files), merged weights;
+//! - [`reward_model`]: `*ForSequenceClassification` folders (reward models):
+//!   the decoder with a score head, read at each sequence's last token;
 //! - `autograd` (internal): differentiable ops whose backward makes only the
 //!   gradients training needs (frozen linears, LoRA, rotary embedding, constants);
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
@@ -31,13 +33,15 @@ pub mod logprobs;
 pub mod lora;
 pub mod presets;
 pub mod pretrained;
+pub mod reward_model;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, ModelHead};
 pub use decoder::CausalLM;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
+pub use reward_model::SequenceClassifier;
 pub use weights::Weights;

@@ -615,11 +615,25 @@ fn convert_reward(f: &mut Source, out: &mut Output) {
             }
             note = Some("OpenRLHF sums the servers' rewards".to_string());
         }
+    } else if let Some(models) = f.str("reward_pretrain") {
+        let models: Vec<&str> = models.split(',').map(str::trim).collect();
+        for (i, path) in models.iter().enumerate() {
+            let mut function = json!({"name": "reward_model", "path": path, "weight": 1.0});
+            if models.len() > 1 {
+                function["label"] = json!(format!("reward_model_{i}"));
+            }
+            functions.push(json!({"function": function, "note": Value::Null}));
+        }
+        note = Some(
+            "--reward_pretrain; TODO: local *ForSequenceClassification folders (nothing is \
+             downloaded; a model OpenRLHF trained keeps its score head as `score` and reads it \
+             at the appended EOS token: check its config.json names \
+             ...ForSequenceClassification)"
+                .to_string(),
+        );
     } else {
         note = Some(
-            "TODO: no --remote_rm_url; pick the reward functions (reward models are served \
-             as `remote`)"
-                .to_string(),
+            "TODO: no --remote_rm_url or --reward_pretrain; pick the reward functions".to_string(),
         );
         functions.push(json!({
             "function": {"name": "exact_match", "extract": "any", "weight": 1.0},
@@ -742,7 +756,7 @@ fn left_out_reason(key: &str) -> &'static str {
         | "save_value_network"
         | "freezing_actor_steps"
         | "value_head_prefix" => "GRPO and RLOO have no critic",
-        "reward_pretrain" => "a reward model is served as a `remote` reward function",
+        "reward_pretrain" => "--remote_rm_url scores instead (OpenRLHF uses it when given)",
         "ref_num_nodes" | "ref_num_gpus_per_node" => {
             "each learner rank holds the reference model itself when train.beta > 0"
         }

@@ -830,11 +830,47 @@ fn convert_trainer(keys: &mut Source, out: &mut Output) {
 fn convert_reward(keys: &mut Source, out: &mut Output) {
     let custom = keys.take("custom_reward_function.path");
     let custom_name = keys.take("custom_reward_function.name");
-    if keys.bool("reward_model.enable") == Some(true) {
+    // With a reward model on, verl's reward is its score alone (the reward
+    // manager returns rm_scores when they are there).
+    let enable = keys.take("reward_model.enable");
+    if enable.as_ref().and_then(Value::as_bool) == Some(true)
+        && let Some(path) = keys.take("reward_model.model.path")
+    {
+        let mut function = json!({"name": "reward_model", "path": path, "weight": 1.0});
+        if let Some(b) = keys.num("reward_model.micro_batch_size_per_gpu") {
+            function["batch_size"] = json!(b as u64);
+        }
+        if let Some(t) = keys.take("reward_model.model.input_tokenizer") {
+            out.leave_out(
+                "reward_model.model.input_tokenizer",
+                &t,
+                "the reward model reads the conversation through its own tokenizer and chat \
+                 template, as verl does when the tokenizers differ",
+            );
+        }
+        out.put(
+            "reward.functions",
+            json!([{"function": function, "note": Value::Null}]),
+            Some(
+                "reward_model.model.path (verl's reward is its score when it is on); TODO: a \
+                 local *ForSequenceClassification folder (nothing is downloaded)"
+                    .into(),
+            ),
+        );
+        for key in [&custom, &custom_name].into_iter().flatten() {
+            out.leave_out(
+                "custom_reward_function",
+                key,
+                "verl uses the reward model's score when it is on",
+            );
+        }
+        return;
+    }
+    if let Some(v) = enable {
         out.leave_out(
             "reward_model.enable",
-            &json!(true),
-            "a reward model is served as a `remote` reward function (an HTTP scorer)",
+            &v,
+            "no reward model (reward_model.model.path) is on: the rule-based scorer below",
         );
     }
     // verl's default scorer goes by each row's data_source; the files'
