@@ -178,3 +178,109 @@ pub fn pad_batch(
         completion_lengths: sequences.iter().map(|s| s.completion_ids.len()).collect(),
     })
 }
+
+/// Which rows (indices into a rank's rows, in the batch's order) go into
+/// which micro-batch of which optimizer update.
+///
+/// TRL's `steps_per_generation`: the rows in `num_updates` consecutive
+/// parts, one per update, each in `ga` micro-batches; a part holding more
+/// than `max_rows x ga` rows (dynamic sampling may give a rank more) makes
+/// more micro-batches, not larger ones. With `by_length`, the rows of a part
+/// are ordered by length (`(prompt, completion)` tokens) before they are cut
+/// into micro-batches, so that each micro-batch pads to rows of about its
+/// own length instead of to the part's longest: fewer padded tokens to run
+/// through the model, for the same gradients (the loss is normalized over
+/// the whole update, whatever the micro-batches hold).
+pub fn plan_micro_batches(
+    lengths: &[(usize, usize)],
+    num_updates: usize,
+    ga: usize,
+    max_rows: usize,
+    by_length: bool,
+) -> Vec<Vec<Vec<usize>>> {
+    let mut updates = Vec::with_capacity(num_updates.max(1));
+    for part in crate::loss::micro_batch_ranges(lengths.len(), num_updates) {
+        let mut order: Vec<usize> = part.clone().collect();
+        if by_length {
+            // Stable: equal lengths keep the batch's order.
+            order.sort_by_key(|&i| (lengths[i].1, lengths[i].0));
+        }
+        let count = ga.max(part.len().div_ceil(max_rows.max(1)));
+        let micro_batches = crate::loss::micro_batch_ranges(order.len(), count)
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| order[r].to_vec())
+            .collect();
+        updates.push(micro_batches);
+    }
+    updates
+}
+
+/// Tokens a plan runs through the model, padding included: each micro-batch
+/// is `rows x (longest prompt + longest completion)`.
+pub fn padded_tokens(lengths: &[(usize, usize)], plan: &[Vec<Vec<usize>>]) -> usize {
+    plan.iter()
+        .flatten()
+        .map(|mb| {
+            let p = mb.iter().map(|&i| lengths[i].0).max().unwrap_or(0);
+            let k = mb.iter().map(|&i| lengths[i].1).max().unwrap_or(0).max(1);
+            mb.len() * (p + k)
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    #[test]
+    fn each_update_keeps_its_rows_and_micro_batches_follow_length() {
+        // Two updates of 4 rows, 2 micro-batches each.
+        let lengths = [
+            (5, 9),
+            (5, 1),
+            (5, 8),
+            (5, 2),
+            (3, 7),
+            (3, 7),
+            (4, 1),
+            (3, 3),
+        ];
+        let plan = plan_micro_batches(&lengths, 2, 2, 4, true);
+        assert_eq!(
+            plan,
+            vec![vec![vec![1, 3], vec![2, 0]], vec![vec![6, 7], vec![4, 5]],]
+        );
+        // In the batch's order: consecutive rows, as before.
+        let plain = plan_micro_batches(&lengths, 2, 2, 4, false);
+        assert_eq!(
+            plain,
+            vec![vec![vec![0, 1], vec![2, 3]], vec![vec![4, 5], vec![6, 7]]]
+        );
+        // The same rows either way, each once; fewer padded tokens sorted.
+        let mut all: Vec<usize> = plan.iter().flatten().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert_eq!(
+            padded_tokens(&lengths, &plain),
+            2 * 14 + 2 * 13 + 2 * 10 + 2 * 7
+        );
+        assert_eq!(
+            padded_tokens(&lengths, &plan),
+            2 * 7 + 2 * 14 + 2 * 7 + 2 * 10
+        );
+    }
+
+    #[test]
+    fn a_rank_with_more_rows_makes_more_micro_batches() {
+        let lengths = vec![(2, 2); 10];
+        let plan = plan_micro_batches(&lengths, 1, 2, 3, true);
+        let sizes: Vec<usize> = plan[0].iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![3, 3, 2, 2]);
+        // Fewer rows than micro-batches: no empty one.
+        let plan = plan_micro_batches(&lengths[..1], 1, 4, 3, true);
+        assert_eq!(plan, vec![vec![vec![0]]]);
+        let empty: Vec<Vec<Vec<usize>>> = vec![vec![], vec![]];
+        assert_eq!(plan_micro_batches(&[], 2, 2, 3, true), empty);
+    }
+}

@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 
 use crate::accumulation::{MicroBatchForward, accumulate_gradients};
 use crate::advantages::{compute_advantages, compute_gdpo_advantages};
-use crate::batch::{SequenceTokens, pad_batch};
+use crate::batch::{SequenceTokens, pad_batch, plan_micro_batches};
 use crate::checkpoint::{Checkpoint, LoopState, PrefetchedBatch, TrainerState, save_checkpoint};
 use crate::collective::{Collective, TcpRingConfig};
 use crate::data::{Example, PromptSource, load_eval_examples};
@@ -64,9 +64,7 @@ use crate::eval::evaluate;
 use crate::grpo_config::MultiObjectiveAggregation;
 use crate::grpo_error::GrpoError;
 use crate::kl::KlController;
-use crate::loss::{
-    LossInputs, Normalizers, entropy_quantile, high_entropy_mask, micro_batch_ranges,
-};
+use crate::loss::{LossInputs, Normalizers, entropy_quantile, high_entropy_mask};
 use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::parameters::PolicyParameters;
@@ -570,6 +568,7 @@ impl MicroBatch {
 }
 
 /// A row of the local batch: one completion of a kept group.
+#[derive(Clone, Copy)]
 struct Row<'a> {
     prompt_ids: &'a [u32],
     completion_ids: &'a [u32],
@@ -1574,22 +1573,27 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             local_tokens[0] += r.prompt_ids.len() as f64;
             local_tokens[1] += r.completion_ids.len() as f64;
         }
-        // TRL's steps_per_generation: the rows in `updates` consecutive
-        // parts (whole prompts when no group was dropped), one per optimizer
-        // update, each in `ga` micro-batches. A rank holding more rows than
-        // per_device_train_batch_size x ga (dynamic sampling keeps the first
-        // groups that pass, wherever they were generated) makes more
-        // micro-batches, not larger ones.
-        let mut updates: Vec<Vec<MicroBatch>> = Vec::with_capacity(num_updates);
-        for part in micro_batch_ranges(rows.len(), num_updates) {
-            let mut mbs = Vec::new();
-            let count = ga.max(part.len().div_ceil(t.per_device_train_batch_size.max(1)));
-            for range in micro_batch_ranges(part.len(), count) {
-                if range.is_empty() {
-                    continue;
-                }
-                let rows = &rows[part.start + range.start..part.start + range.end];
-                mbs.push(build_micro_batch(rows, pad_id, &device)?);
+        // The updates' micro-batches (batch::plan_micro_batches), their
+        // rows ordered by length, except where top_entropy_quantile computes
+        // a threshold per micro-batch (TRL's micro-batches hold consecutive
+        // rows).
+        let row_lengths: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|r| (r.prompt_ids.len(), r.completion_ids.len()))
+            .collect();
+        let plan = plan_micro_batches(
+            &row_lengths,
+            num_updates,
+            ga,
+            t.per_device_train_batch_size,
+            loss_cfg.top_entropy_quantile >= 1.0,
+        );
+        let mut updates: Vec<Vec<MicroBatch>> = Vec::with_capacity(plan.len());
+        for micro_batches in &plan {
+            let mut mbs = Vec::with_capacity(micro_batches.len());
+            for indices in micro_batches {
+                let rows: Vec<Row> = indices.iter().map(|&i| rows[i]).collect();
+                mbs.push(build_micro_batch(&rows, pad_id, &device)?);
             }
             updates.push(mbs);
         }
