@@ -191,12 +191,20 @@ pub fn pad_batch(
 /// own length instead of to the part's longest: fewer padded tokens to run
 /// through the model, for the same gradients (the loss is normalized over
 /// the whole update, whatever the micro-batches hold).
+///
+/// With `max_tokens` (verl's `use_dynamic_bsz` + `ppo_max_token_len_per_gpu`,
+/// OpenRLHF's `--use_dynamic_batch` + `--train_max_tokens_per_gpu`) the
+/// micro-batches are cut by size instead of by count: each takes rows, in
+/// that order, while `rows x (longest prompt + longest completion)` stays
+/// within it (a row longer than that alone); many short rows then share a
+/// forward pass, and the memory a micro-batch needs is bounded.
 pub fn plan_micro_batches(
     lengths: &[(usize, usize)],
     num_updates: usize,
     ga: usize,
     max_rows: usize,
     by_length: bool,
+    max_tokens: Option<usize>,
 ) -> Vec<Vec<Vec<usize>>> {
     let mut updates = Vec::with_capacity(num_updates.max(1));
     for part in crate::loss::micro_batch_ranges(lengths.len(), num_updates) {
@@ -205,15 +213,42 @@ pub fn plan_micro_batches(
             // Stable: equal lengths keep the batch's order.
             order.sort_by_key(|&i| (lengths[i].1, lengths[i].0));
         }
-        let count = ga.max(part.len().div_ceil(max_rows.max(1)));
-        let micro_batches = crate::loss::micro_batch_ranges(order.len(), count)
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| order[r].to_vec())
-            .collect();
+        let micro_batches = match max_tokens {
+            Some(budget) => cut_by_tokens(lengths, &order, budget),
+            None => {
+                let count = ga.max(part.len().div_ceil(max_rows.max(1)));
+                crate::loss::micro_batch_ranges(order.len(), count)
+                    .into_iter()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| order[r].to_vec())
+                    .collect()
+            }
+        };
         updates.push(micro_batches);
     }
     updates
+}
+
+/// `order` cut into consecutive micro-batches of at most `budget` padded
+/// tokens each (a row over it alone).
+fn cut_by_tokens(lengths: &[(usize, usize)], order: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let (mut p, mut k) = (0, 0);
+    for &i in order {
+        let (pi, ki) = (p.max(lengths[i].0), k.max(lengths[i].1.max(1)));
+        if !current.is_empty() && (current.len() + 1) * (pi + ki) > budget {
+            out.push(std::mem::take(&mut current));
+            (p, k) = (lengths[i].0, lengths[i].1.max(1));
+        } else {
+            (p, k) = (pi, ki);
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// Tokens a plan runs through the model, padding included: each micro-batch
@@ -234,6 +269,35 @@ mod plan_tests {
     use super::*;
 
     #[test]
+    fn a_token_budget_cuts_micro_batches_by_size() {
+        // Ordered by (completion, prompt): 6, 1, 3, 7, 4, 5, 2, 0.
+        let lengths = [
+            (5, 9),
+            (5, 1),
+            (5, 8),
+            (5, 2),
+            (3, 7),
+            (3, 7),
+            (4, 1),
+            (3, 3),
+        ];
+        let plan = plan_micro_batches(&lengths, 1, 2, 4, true, Some(30));
+        // [6, 1, 3] is 3 x (5 + 2) = 21, with 7 it would be 4 x 8 = 32;
+        // [7, 4, 5] is 3 x (3 + 7) = 30; [2, 0] is 2 x (5 + 9) = 28.
+        assert_eq!(plan, vec![vec![vec![6, 1, 3], vec![7, 4, 5], vec![2, 0]]]);
+        for mb in &plan[0] {
+            let one = vec![vec![mb.clone()]];
+            assert!(mb.len() == 1 || padded_tokens(&lengths, &one) <= 30);
+        }
+        // A budget under one row: one row each; every row once.
+        let tight = plan_micro_batches(&lengths, 2, 2, 4, false, Some(4));
+        assert_eq!(tight.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4]);
+        let mut all: Vec<usize> = tight.iter().flatten().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn each_update_keeps_its_rows_and_micro_batches_follow_length() {
         // Two updates of 4 rows, 2 micro-batches each.
         let lengths = [
@@ -246,13 +310,13 @@ mod plan_tests {
             (4, 1),
             (3, 3),
         ];
-        let plan = plan_micro_batches(&lengths, 2, 2, 4, true);
+        let plan = plan_micro_batches(&lengths, 2, 2, 4, true, None);
         assert_eq!(
             plan,
             vec![vec![vec![1, 3], vec![2, 0]], vec![vec![6, 7], vec![4, 5]],]
         );
         // In the batch's order: consecutive rows, as before.
-        let plain = plan_micro_batches(&lengths, 2, 2, 4, false);
+        let plain = plan_micro_batches(&lengths, 2, 2, 4, false, None);
         assert_eq!(
             plain,
             vec![vec![vec![0, 1], vec![2, 3]], vec![vec![4, 5], vec![6, 7]]]
@@ -274,13 +338,13 @@ mod plan_tests {
     #[test]
     fn a_rank_with_more_rows_makes_more_micro_batches() {
         let lengths = vec![(2, 2); 10];
-        let plan = plan_micro_batches(&lengths, 1, 2, 3, true);
+        let plan = plan_micro_batches(&lengths, 1, 2, 3, true, None);
         let sizes: Vec<usize> = plan[0].iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![3, 3, 2, 2]);
         // Fewer rows than micro-batches: no empty one.
-        let plan = plan_micro_batches(&lengths[..1], 1, 4, 3, true);
+        let plan = plan_micro_batches(&lengths[..1], 1, 4, 3, true, None);
         assert_eq!(plan, vec![vec![vec![0]]]);
         let empty: Vec<Vec<Vec<usize>>> = vec![vec![], vec![]];
-        assert_eq!(plan_micro_batches(&[], 2, 2, 3, true), empty);
+        assert_eq!(plan_micro_batches(&[], 2, 2, 3, true, None), empty);
     }
 }

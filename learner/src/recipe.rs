@@ -554,6 +554,18 @@ pub struct TrainSection {
     pub per_device_train_batch_size: usize,
     /// Micro-batches per optimizer update.
     pub gradient_accumulation_steps: usize,
+    /// Micro-batches cut by size instead of by count (verl's
+    /// `use_dynamic_bsz` + `ppo_max_token_len_per_gpu`, OpenRLHF's
+    /// `--use_dynamic_batch` + `--train_max_tokens_per_gpu`): each takes an
+    /// update's rows, ordered by length, while `rows x (longest prompt +
+    /// longest completion)` stays within this many tokens (a longer row goes
+    /// alone). Short completions then share a forward pass, and a
+    /// micro-batch's memory is bounded whatever the lengths. The updates and
+    /// their rows are unchanged (per_device_train_batch_size and
+    /// gradient_accumulation_steps still size them), and so are the
+    /// gradients. None: `gradient_accumulation_steps` micro-batches of
+    /// `per_device_train_batch_size` rows.
+    pub max_tokens_per_micro_batch: Option<usize>,
     /// TRL's `steps_per_generation`: micro-batches generated at once, a
     /// multiple of `gradient_accumulation_steps`; none: equal to it. Each
     /// step generates this many micro-batches and makes
@@ -659,6 +671,7 @@ impl Default for TrainSection {
             num_train_epochs: None,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
+            max_tokens_per_micro_batch: None,
             steps_per_generation: None,
             generation_batch_size: None,
             num_iterations: 1,
@@ -1364,6 +1377,11 @@ impl Recipe {
                 || format!("must be [low, high] with low < high, both finite, got [{lo}, {hi}]"),
             )?;
         }
+        ensure(
+            t.max_tokens_per_micro_batch != Some(0),
+            "train.max_tokens_per_micro_batch",
+            || "must be >= 1 (padded tokens per micro-batch)".into(),
+        )?;
         ensure(
             t.dynamic_sampling_batch_prompts != Some(0),
             "train.dynamic_sampling_batch_prompts",

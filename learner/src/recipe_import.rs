@@ -677,7 +677,11 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         let weight = weights.get(i).copied().unwrap_or(1.0);
         let mut f = Map::new();
         let note = match name.as_str() {
-            "accuracy" => {
+            "think_format_reward" | "trl.rewards.think_format_reward" => {
+                f.insert("name".into(), json!("think_format"));
+                Some("TRL's think_format_reward".to_string())
+            }
+            "accuracy" | "trl.rewards.accuracy_reward" => {
                 f.insert("name".into(), json!("exact_match"));
                 f.insert("extract".into(), json!("any"));
                 Some(
@@ -758,7 +762,11 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
     if functions.is_empty() {
         return;
     }
-    if names.iter().any(|n| n == "accuracy") && !map.contains_key("dataset_solution_column") {
+    if names
+        .iter()
+        .any(|n| n == "accuracy" || n == "trl.rewards.accuracy_reward")
+        && !map.contains_key("dataset_solution_column")
+    {
         out.put(
             "data.answer_column",
             json!("solution"),

@@ -10,6 +10,7 @@
 //! | `length_penalty` | DAPO's soft overlong penalty in [-1, 0], or linear in [-1, 0]     |
 //! | `blocklist`      | `gate`: 1 clean / 0 blocked, and a blocked completion's total is 0; `penalty`: 0 clean / `penalty` blocked |
 //! | `remote`         | whatever the user's HTTP server returns (`protocol: openrlhf`: an OpenRLHF `--remote_rm_url` server) |
+//! | `think_format`   | TRL's `think_format_reward`: 1 if the completion opens with `<think>`, opens no other, and closes it |
 //! | `tag_count`      | open-r1's: 0.25 per think/answer tag line that appears exactly once |
 //! | `reasoning_steps`| open-r1's: `min(1, step markers / 3)`                             |
 //! | `repetition_penalty` | open-r1's: `max_penalty x` the share of repeated word n-grams |
@@ -151,6 +152,7 @@ enum Kind {
     LengthPenalty(LengthPenalty),
     Blocklist(Blocklist),
     Remote(Remote),
+    ThinkFormat,
     TagCount,
     ReasoningSteps,
     RepetitionPenalty(RepetitionPenalty),
@@ -166,6 +168,7 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "length_penalty",
     "blocklist",
     "remote",
+    "think_format",
     "tag_count",
     "reasoning_steps",
     "repetition_penalty",
@@ -358,6 +361,10 @@ impl RewardFunction {
             "remote" => Kind::Remote(
                 Remote::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             ),
+            "think_format" => {
+                params::<NoParams>(index, &label, rest)?;
+                Kind::ThinkFormat
+            }
             "tag_count" => {
                 params::<NoParams>(index, &label, rest)?;
                 Kind::TagCount
@@ -430,6 +437,10 @@ impl RewardFunction {
             Kind::LengthPenalty(f) => self.each(batch, |x| f.score(x)),
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+            Kind::ThinkFormat => Ok(batch
+                .iter()
+                .map(|x| think_format(&x.completion_text))
+                .collect()),
             Kind::TagCount => Ok(batch
                 .iter()
                 .map(|x| tag_count(&x.completion_text))
@@ -910,6 +921,16 @@ impl LengthPenalty {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
+
+/// TRL's `think_format_reward` (`^<think>(?!.*<think>)(.*?)</think>.*$`,
+/// DOTALL, matched at the start): the completion opens with `<think>`,
+/// opens no other after it, and closes it.
+fn think_format(completion: &str) -> f64 {
+    match completion.strip_prefix("<think>") {
+        Some(rest) if !rest.contains("<think>") && rest.contains("</think>") => 1.0,
+        _ => 0.0,
+    }
+}
 
 /// open-r1's `tag_count_reward`: 0.25 for each of `<think>\n`,
 /// `\n</think>\n`, `\n<answer>\n` and `\n</answer>` that appears exactly

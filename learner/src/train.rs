@@ -1576,7 +1576,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // The updates' micro-batches (batch::plan_micro_batches), their
         // rows ordered by length, except where top_entropy_quantile computes
         // a threshold per micro-batch (TRL's micro-batches hold consecutive
-        // rows).
+        // rows); cut by count, or by train.max_tokens_per_micro_batch.
         let row_lengths: Vec<(usize, usize)> = rows
             .iter()
             .map(|r| (r.prompt_ids.len(), r.completion_ids.len()))
@@ -1587,7 +1587,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ga,
             t.per_device_train_batch_size,
             loss_cfg.top_entropy_quantile >= 1.0,
+            t.max_tokens_per_micro_batch,
         );
+        let micro_batch_count: usize = plan.iter().map(Vec::len).sum();
         let mut updates: Vec<Vec<MicroBatch>> = Vec::with_capacity(plan.len());
         for micro_batches in &plan {
             let mut mbs = Vec::with_capacity(micro_batches.len());
@@ -1954,6 +1956,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 "completions": completions,
                 "kept_groups": kept_global,
                 "dropped_groups": dropped_global,
+                // This rank's (rank 0's) micro-batches over the step's updates.
+                "micro_batches": micro_batch_count,
                 "retries": client.counters.retries.load(std::sync::atomic::Ordering::Relaxed),
                 "generated_by_version": {
                     "min": versions.iter().min(), "max": versions.iter().max()

@@ -440,7 +440,7 @@ fn micro_batches_of_rows_ordered_by_length_accumulate_to_the_full_batch_gradient
         .iter()
         .map(|&k| (3, k))
         .collect();
-    let plan = learner::batch::plan_micro_batches(&lengths, 1, 3, 4, true);
+    let plan = learner::batch::plan_micro_batches(&lengths, 1, 3, 4, true, None);
     let micro_batches = &plan[0];
     assert_eq!(
         micro_batches,

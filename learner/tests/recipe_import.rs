@@ -818,3 +818,67 @@ fn reward_models_convert_to_reward_model_functions() {
         c.left_out
     );
 }
+
+/// verl's use_dynamic_bsz and OpenRLHF's --use_dynamic_batch, with their
+/// token budgets (or their defaults), become train.max_tokens_per_micro_batch.
+#[test]
+fn dynamic_batch_sizes_become_a_token_budget_per_micro_batch() {
+    let verl = "python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\\n  \
+                actor_rollout_ref.model.path=/models/m data.train_files=/d/gsm8k/train.parquet \\\n  \
+                data.train_batch_size=8 actor_rollout_ref.rollout.n=4 \\\n  \
+                actor_rollout_ref.actor.ppo_mini_batch_size=8 \\\n  \
+                actor_rollout_ref.actor.use_dynamic_bsz=True \\\n  \
+                actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000\n";
+    let load = |text: &str| {
+        let c = convert_recipe(text, "run.sh").unwrap();
+        let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+        (c, r)
+    };
+    assert_eq!(load(verl).1.train.max_tokens_per_micro_batch, Some(24000));
+    let default = verl.replace(
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000",
+        "",
+    );
+    assert_eq!(
+        load(&default).1.train.max_tokens_per_micro_batch,
+        Some(16384)
+    );
+    let off = verl.replace("use_dynamic_bsz=True", "use_dynamic_bsz=False");
+    let (c, r) = load(&off);
+    assert_eq!(r.train.max_tokens_per_micro_batch, None);
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.contains("ppo_max_token_len_per_gpu") && why.contains("only")),
+        "{:?}",
+        c.left_out
+    );
+
+    let script = include_str!("reference/openrlhf_train_grpo_ray.sh");
+    let with = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --use_dynamic_batch --train_max_tokens_per_gpu 32768 \\\n",
+    );
+    assert_ne!(with, script);
+    assert_eq!(load(&with).1.train.max_tokens_per_micro_batch, Some(32768));
+    let bare = script.replace(
+        "--use_kl_loss \\\n",
+        "--use_kl_loss \\\n   --use_dynamic_batch \\\n",
+    );
+    assert_eq!(load(&bare).1.train.max_tokens_per_micro_batch, Some(16192));
+}
+
+/// TRL's own reward functions by their grpo-script names.
+#[test]
+fn trls_reward_functions_convert_by_name() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\n\
+               reward_funcs: [think_format_reward, trl.rewards.accuracy_reward]\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let names: Vec<&str> = r.reward.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["think_format", "exact_match"]);
+    assert_eq!(r.data.answer_column, "solution");
+    assert!(c.left_out.is_empty(), "{:?}", c.left_out);
+}

@@ -742,3 +742,27 @@ fn reward_model_configs_name_what_is_wrong() {
     let e = config_error(json!({"name": "reward_model", "path": dir, "label_index": 1}));
     assert!(e.contains("label_index"), "{e}");
 }
+
+/// TRL's think_format_reward, on the examples of its docstring and the
+/// edges of its pattern `^<think>(?!.*<think>)(.*?)</think>.*$`.
+#[tokio::test]
+async fn think_format_is_trls_think_format_reward() {
+    let cases = [
+        (
+            "<think>\nThis is my reasoning.\n</think>\nThis is my answer.",
+            1.0,
+        ),
+        ("<think>\nThis is my reasoning.\nThis is my answer.", 0.0),
+        ("<think></think>", 1.0),
+        (" <think>x</think>", 0.0),
+        ("<think>a<think>b</think>", 0.0),
+        ("<think>a</think> then <think>", 0.0),
+        ("<think>a</think>\n</think>", 1.0),
+    ];
+    let batch: Vec<RewardInput> = cases.iter().map(|(c, _)| input(c, None)).collect();
+    let got = values(json!({"name": "think_format"}), &batch).await;
+    let want: Vec<f64> = cases.iter().map(|(_, v)| *v).collect();
+    assert_eq!(got, want);
+    let e = config_error(json!({"name": "think_format", "pattern": "x"}));
+    assert!(e.contains("pattern"), "{e}");
+}

@@ -170,6 +170,18 @@ fn two_ranks_equal_one_rank_with_top_entropy_quantile() {
     ]);
 }
 
+/// verl's use_dynamic_bsz: micro-batches cut by padded tokens, not by
+/// count (here ~4 rows of ~14 tokens each), on one rank as on two.
+#[test]
+fn two_ranks_equal_one_rank_with_a_token_budget_per_micro_batch() {
+    let (one, two) = two_ranks_vs_one(&["train.max_tokens_per_micro_batch=64"]);
+    for (l1, l2) in one.iter().zip(&two) {
+        // 32 rows on one rank, 16 on each of two: several micro-batches.
+        assert!(l1["micro_batches"].as_u64().unwrap() >= 4, "{l1}");
+        assert!(l2["micro_batches"].as_u64().unwrap() >= 2, "{l2}");
+    }
+}
+
 /// TRL's steps_per_generation: each step generates two micro-batches and
 /// makes an optimizer update on each, on one rank as on two.
 #[test]
@@ -232,7 +244,8 @@ fn train_two_ranks(
     (rank0.wait(120), rank1.wait(120))
 }
 
-fn two_ranks_vs_one(extra: &[&str]) {
+/// Returns both runs' train logs (one rank's, two ranks').
+fn two_ranks_vs_one(extra: &[&str]) -> (Vec<Value>, Vec<Value>) {
     // Sums over 1 or 2 ranks (and the server's log-probs, batched
     // differently) agree to float rounding; AdamW divides by sqrt(v), which
     // can turn a rounding difference in a near-zero gradient element into
@@ -359,6 +372,7 @@ fn two_ranks_vs_one(extra: &[&str]) {
     assert!(d <= 1e-5, "final weights differ by {d}");
     assert_eq!(server1.weight_version(), 3);
     assert_eq!(server2.weight_version(), 3);
+    (a, b)
 }
 
 fn resume_case(extra: &[&str]) {

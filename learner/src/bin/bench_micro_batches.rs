@@ -23,6 +23,7 @@ struct Args {
     group_size: usize,
     micro_batches: usize,
     max_completion: usize,
+    max_tokens: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -32,6 +33,7 @@ fn parse_args() -> anyhow::Result<Args> {
         group_size: 8,
         micro_batches: 4,
         max_completion: 256,
+        max_tokens: 4096,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,9 +50,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--group-size" => a.group_size = number("--group-size")?,
             "--micro-batches" => a.micro_batches = number("--micro-batches")?,
             "--max-completion" => a.max_completion = number("--max-completion")?,
+            "--max-tokens" => a.max_tokens = number("--max-tokens")?,
             other => bail!(
                 "unknown argument {other:?}: expected tiny|small, --groups N, --group-size N, \
-                 --micro-batches N, --max-completion N"
+                 --micro-batches N, --max-completion N, --max-tokens N"
             ),
         }
     }
@@ -135,8 +138,14 @@ fn main() -> anyhow::Result<()> {
         "| model | rows | micro-batches | micro-batch rows | padded tokens | forward+backward (s) |"
     );
     println!("|---|---|---|---|---|---|");
-    for (label, by_length) in [("batch order", false), ("ordered by length", true)] {
-        let plan = plan_micro_batches(&lengths, 1, a.micro_batches, max_rows, by_length);
+    let budget_label = format!("ordered by length, <= {} tokens", a.max_tokens);
+    for (label, by_length, budget) in [
+        ("batch order", false, None),
+        ("ordered by length", true, None),
+        (budget_label.as_str(), true, Some(a.max_tokens)),
+    ] {
+        let plan = plan_micro_batches(&lengths, 1, a.micro_batches, max_rows, by_length, budget);
+        let count: usize = plan.iter().map(Vec::len).sum();
         // Warm-up, then the median of three.
         run(&lm, &rows, &plan, &device)?;
         let mut times: Vec<f64> = (0..3)
@@ -144,9 +153,8 @@ fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?;
         times.sort_by(f64::total_cmp);
         println!(
-            "| {name} | {} | {} | {label} | {} | {:.2} |",
+            "| {name} | {} | {count} | {label} | {} | {:.2} |",
             rows.len(),
-            a.micro_batches,
             padded_tokens(&lengths, &plan),
             times[1]
         );

@@ -105,6 +105,7 @@ pub(super) fn convert(flags: Map<String, Value>, source_name: &str) -> Result<Co
     );
     let n = convert_generation(&mut f, &mut out);
     convert_batches(&mut f, &mut out, n);
+    convert_dynamic_batch(&mut f, &mut out);
     convert_optimizer(&mut f, &mut out);
     convert_loss(&mut f, &mut out)?;
     convert_run(&mut f, &mut out);
@@ -246,6 +247,29 @@ fn convert_generation(f: &mut Source, out: &mut Output) -> u64 {
 }
 
 /// The GPUs and the batch sizes (see the module docs).
+/// OpenRLHF's dynamic batch: micro-batches by tokens (its default budget
+/// 16192).
+fn convert_dynamic_batch(f: &mut Source, out: &mut Output) {
+    let budget = f.take("train_max_tokens_per_gpu");
+    if f.set("use_dynamic_batch") {
+        let tokens = budget.as_ref().and_then(Value::as_u64).unwrap_or(16192);
+        out.put(
+            "train.max_tokens_per_micro_batch",
+            json!(tokens),
+            Some(format!(
+                "--use_dynamic_batch --train_max_tokens_per_gpu {tokens} (OpenRLHF packs rows \
+                 without padding; Tandem counts the padded tokens of rows ordered by length)"
+            )),
+        );
+    } else if let Some(v) = budget {
+        out.leave_out(
+            &flag("train_max_tokens_per_gpu"),
+            &v,
+            "only read with --use_dynamic_batch",
+        );
+    }
+}
+
 fn convert_batches(f: &mut Source, out: &mut Output, n: u64) {
     let nodes = f.num("actor_num_nodes").map_or(1, |v| v.max(1.0) as u64);
     let per_node = f
@@ -719,9 +743,7 @@ fn left_out_reason(key: &str) -> &'static str {
         | "colocate_critic_reward"
         | "ring_attn_size"
         | "ring_head_stride"
-        | "use_dynamic_batch"
         | "rollout_max_tokens_per_gpu"
-        | "train_max_tokens_per_gpu"
         | "overlap_comm"
         | "gradient_checkpointing_use_reentrant"
         | "use_liger_kernel"

@@ -442,20 +442,44 @@ fn convert_batches(keys: &mut Source, out: &mut Output, n: u64, ranks: u64) {
         json!(accumulation),
         Some(note),
     );
-    for key in [
-        "use_dynamic_bsz",
-        "ppo_max_token_len_per_gpu",
-        "ppo_micro_batch_size",
-    ] {
-        if let Some(v) = keys.take(&format!("{ACTOR}{key}")) {
-            out.leave_out(
-                &format!("{ACTOR}{key}"),
-                &v,
-                "Tandem's micro-batches count samples \
-                 (train.per_device_train_batch_size); train.recompute_logits and \
-                 gradient_checkpointing bound the memory",
+    // verl's dynamic batch size: micro-batches by tokens (verl's default
+    // budget 16384).
+    let dynamic = keys.take(&format!("{ACTOR}use_dynamic_bsz"));
+    let budget = keys.take(&format!("{ACTOR}ppo_max_token_len_per_gpu"));
+    match (dynamic.as_ref().and_then(Value::as_bool), budget) {
+        (Some(true), budget) => {
+            let tokens = budget.as_ref().and_then(Value::as_u64).unwrap_or(16384);
+            out.put(
+                "train.max_tokens_per_micro_batch",
+                json!(tokens),
+                Some(format!(
+                    "actor.use_dynamic_bsz with ppo_max_token_len_per_gpu {tokens} (verl packs \
+                     rows without padding; Tandem counts the padded tokens of rows ordered by \
+                     length)"
+                )),
             );
         }
+        (_, Some(v)) => out.leave_out(
+            &format!("{ACTOR}ppo_max_token_len_per_gpu"),
+            &v,
+            "only read with actor.use_dynamic_bsz",
+        ),
+        (_, None) => {}
+    }
+    if let Some(v) = dynamic.filter(|v| v.as_bool() != Some(true)) {
+        out.leave_out(
+            &format!("{ACTOR}use_dynamic_bsz"),
+            &v,
+            "micro-batches of per_device_train_batch_size rows",
+        );
+    }
+    if let Some(v) = keys.take(&format!("{ACTOR}ppo_micro_batch_size")) {
+        out.leave_out(
+            &format!("{ACTOR}ppo_micro_batch_size"),
+            &v,
+            "Tandem's micro-batches count samples per rank \
+             (train.per_device_train_batch_size, from ppo_micro_batch_size_per_gpu)",
+        );
     }
 }
 
