@@ -141,6 +141,7 @@ mod tests {
             alpha: 4.0,
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
+            dropout: 0.0,
         };
         let adapters = config.init(&cfg, 5, &Device::Cpu, DType::F32).unwrap();
         let p = PolicyParameters::lora(w.clone(), config, &adapters).unwrap();

@@ -205,8 +205,12 @@ pub struct ModelSection {
     pub lora_r: usize,
     /// LoRA scale numerator: the update is `lora_alpha / lora_r * B A`.
     pub lora_alpha: f64,
-    /// Only 0: Tandem's LoRA has no dropout (verl's and OpenRLHF's GRPO
-    /// recipes train without it).
+    /// PEFT's `lora_dropout`: each adapter's input is dropped out with this
+    /// probability in the forwards that make the loss's gradients (PEFT's
+    /// train mode), with masks seeded by the step, update, micro-batch and
+    /// rank (a resumed run draws the same ones); never in generation, in the
+    /// old and reference log-probs, or in the supervised warm-up. TRL's
+    /// default is 0.05; Tandem's, as verl's and OpenRLHF's, 0.
     pub lora_dropout: f64,
     /// PEFT's `target_modules`: a list of module names (`q_proj`,
     /// `mlp.down_proj`, ...), `all-linear`, or one string taken as a regular
@@ -275,6 +279,7 @@ impl ModelSection {
             alpha: self.lora_alpha,
             target_modules,
             use_rslora: self.use_rslora,
+            dropout: self.lora_dropout,
         })
     }
 }
@@ -1146,13 +1151,11 @@ impl Recipe {
             ensure(pos(m.lora_alpha), "model.lora_alpha", || {
                 format!("must be > 0, got {}", m.lora_alpha)
             })?;
-            ensure(m.lora_dropout == 0.0, "model.lora_dropout", || {
-                format!(
-                    "is {}: Tandem's LoRA has no dropout (verl and OpenRLHF train GRPO \
-                     adapters without it); set 0",
-                    m.lora_dropout
-                )
-            })?;
+            ensure(
+                (0.0..1.0).contains(&m.lora_dropout),
+                "model.lora_dropout",
+                || format!("must be in [0, 1), got {}", m.lora_dropout),
+            )?;
             ensure(
                 m.lora_modules_to_save.as_ref().is_none_or(Vec::is_empty),
                 "model.lora_modules_to_save",

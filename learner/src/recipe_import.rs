@@ -158,11 +158,7 @@ impl Source {
         };
         out.put("model.lora_target_modules", t, Some(note));
         if let Some(d) = self.num(dropout).filter(|d| *d > 0.0) {
-            out.leave_out(
-                &name(dropout),
-                &json!(d),
-                "Tandem's LoRA has no dropout: the adapters train without it",
-            );
+            out.put("model.lora_dropout", json!(d), Some(name(dropout)));
         }
     }
 
@@ -465,20 +461,14 @@ fn convert_model(map: &mut Map<String, Value>, out: &mut Output) {
     if let Some(v) = map.remove("model_name_or_path") {
         out.put_model_path(v, "model_name_or_path");
     }
-    // TRL's LoRA keys are Tandem's under model, but for dropout (TRL's
-    // default 0.05): Tandem's adapters train without it.
-    if map.get("use_peft") == Some(&Value::Bool(true)) {
-        let dropout = map.remove("lora_dropout");
-        let d = dropout.as_ref().and_then(Value::as_f64).unwrap_or(0.05);
-        if d > 0.0 {
-            let why = if dropout.is_some() {
-                "Tandem's LoRA has no dropout: the adapters train without it"
-            } else {
-                "TRL's default lora_dropout; Tandem's LoRA has no dropout: the adapters train \
-                 without it"
-            };
-            out.leave_out("lora_dropout", &json!(d), why);
-        }
+    // TRL's LoRA keys are Tandem's under model; TRL's default dropout
+    // (0.05) is not Tandem's (0, as verl's and OpenRLHF's): written out.
+    if map.get("use_peft") == Some(&Value::Bool(true)) && !map.contains_key("lora_dropout") {
+        out.put(
+            "model.lora_dropout",
+            json!(0.05),
+            Some("TRL's default lora_dropout".into()),
+        );
     }
     let dtype = match map.remove("torch_dtype") {
         Some(Value::String(d)) => match d.as_str() {

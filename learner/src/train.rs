@@ -1684,10 +1684,26 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     LossMetrics::default(),
                 )
             } else {
+                // PEFT's lora_dropout, in the forwards that make gradients
+                // (the model in train mode): masks seeded by the step, the
+                // update, the micro-batch and the rank, the same in a
+                // resumed run.
+                let dropped: Vec<CausalLM> =
+                    if recipe.model.use_peft && recipe.model.lora_dropout > 0.0 {
+                        (0..mbs.len())
+                            .map(|i| {
+                                let key = format!("lora-dropout|{}|{step}|{k}|{i}|{rank}", t.seed);
+                                policy.with_dropout(hash_u64(key.as_bytes()))
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                 accumulate_gradients(&loss_cfg, beta, norm, &var_list, mbs.len(), |i| {
                     let mb = &mbs[i];
+                    let lm = dropped.get(i).unwrap_or(&policy);
                     let (lp, checkpointed) =
-                        mb.logprobs(&policy, temperature, true, t.recompute_logits)?;
+                        mb.logprobs(lm, temperature, true, t.recompute_logits)?;
                     let mut inputs = LossInputs::new(
                         lp.logprobs,
                         mb.response_mask.clone(),

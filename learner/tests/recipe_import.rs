@@ -306,7 +306,7 @@ fn what_cannot_be_carried_over_is_said() {
     let c = convert_trl_recipe(&format!("{trl}num_generations_eval: 2\n"), "t.yaml").unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
     assert_eq!(r.eval.num_samples, 2);
-    // TRL's LoRA keys are Tandem's; its default dropout is said to be dropped.
+    // TRL's LoRA keys are Tandem's; its default dropout (0.05) is written out.
     let c = convert_trl_recipe(
         &format!("{trl}use_peft: true\nlora_r: 8\nlora_target_modules: [q_proj, o_proj]\n"),
         "t.yaml",
@@ -320,13 +320,19 @@ fn what_cannot_be_carried_over_is_said() {
         lora.target_modules,
         model::lora::TargetModules::Names(vec!["q_proj".into(), "o_proj".into()])
     );
-    let dropout: Vec<&(String, String)> = c
-        .left_out
-        .iter()
-        .filter(|(kv, _)| kv.starts_with("lora_dropout"))
-        .collect();
-    assert_eq!(dropout.len(), 1, "{:?}", c.left_out);
-    assert!(dropout[0].0.contains("0.05") && dropout[0].1.contains("TRL's default"));
+    assert_eq!(lora.dropout, 0.05);
+    assert!(c.yaml.contains("TRL's default lora_dropout"), "{}", c.yaml);
+    let c = convert_trl_recipe(
+        &format!(
+            "{trl}use_peft: true
+lora_dropout: 0.1
+"
+        ),
+        "t.yaml",
+    )
+    .unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert_eq!(r.model.lora().unwrap().dropout, 0.1);
     // What plain LoRA is not (DoRA, a 4-bit base) is said.
     let c =
         convert_trl_recipe(&format!("{trl}use_peft: true\nuse_dora: true\n"), "t.yaml").unwrap();
@@ -376,13 +382,7 @@ fn verl_and_openrlhf_lora_convert_with_their_defaults() {
         lora.target_modules,
         model::lora::TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
     );
-    assert!(
-        c.left_out
-            .iter()
-            .any(|(kv, why)| kv.starts_with("--lora_dropout") && why.contains("no dropout")),
-        "{:?}",
-        c.left_out
-    );
+    assert_eq!(lora.dropout, 0.1);
     // Rank 0: LoRA off, its other keys listed as such.
     let off = script.replace(
         "--use_kl_loss \\\n",

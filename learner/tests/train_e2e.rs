@@ -471,15 +471,51 @@ fn resume_continues_exactly_with_async_lag_1() {
 
 /// TRL's use_peft: the adapters (and their AdamW moments) come back from
 /// the checkpoint's PEFT folder, the base from the starting model; the KL
-/// reference is the base.
+/// reference is the base; lora_dropout's masks are drawn again as the first
+/// run drew them.
 #[test]
 fn resume_continues_exactly_with_lora() {
     resume_case(&[
         "model.use_peft=true",
         "model.lora_r=4",
         "model.lora_target_modules=[q_proj, v_proj, down_proj]",
+        "model.lora_dropout=0.1",
         "train.beta=0.04",
     ]);
+}
+
+/// PEFT's lora_dropout acts in the training forwards: step 1 (B is zero, the
+/// adapters add nothing yet) is the same with and without it, the adapters
+/// it trains are not.
+#[test]
+fn lora_dropout_changes_the_adapters_gradients_not_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let run = |name: &str, dropout: &str| {
+        let server = rollout_server(&model);
+        let out = tmp.path().join(name);
+        let r = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &r,
+            &[
+                "model.use_peft=true".into(),
+                "model.lora_target_modules=all-linear".into(),
+                format!("model.lora_dropout={dropout}"),
+                "train.max_steps=2".into(),
+                "train.vllm_importance_sampling_correction=false".into(),
+            ],
+        );
+        (
+            read_jsonl(&out.join("train_log.jsonl")),
+            // The merged model: base + s B A.
+            load_weights(&out.join("checkpoints/step_000002")),
+        )
+    };
+    let (plain_log, plain) = run("plain", "0.0");
+    let (dropped_log, dropped) = run("dropped", "0.3");
+    assert_eq!(plain_log[0]["loss"], dropped_log[0]["loss"]);
+    assert_eq!(plain_log[0]["rewards"], dropped_log[0]["rewards"]);
+    assert!(max_abs_diff(&plain, &dropped) > 0.0);
 }
 
 /// A LoRA run's all-reduce carries only the adapters' gradients: two ranks
@@ -699,7 +735,7 @@ fn unsupported_lora_settings_are_refused_by_key() {
     let out = tmp.path().join("run");
     let recipe = recipe(tmp.path(), &model, &server, &out);
     for (setting, says) in [
-        ("model.lora_dropout=0.05", "model.lora_dropout"),
+        ("model.lora_dropout=1.0", "model.lora_dropout"),
         (
             "model.lora_modules_to_save=[lm_head]",
             "model.lora_modules_to_save",

@@ -29,6 +29,9 @@ pub(crate) struct FrozenLinear {
 pub(crate) struct FrozenLinearWithLora {
     pub(crate) frozen: FrozenLinear,
     pub(crate) scaling: f64,
+    /// LoRA dropout's mask on the adapter's input (`[rows, in]`: 0, or
+    /// `1 / (1 - p)`; PEFT's `lora_B(lora_A(dropout(x)))`); none: no dropout.
+    pub(crate) dropout_mask: Option<Tensor>,
 }
 
 impl FrozenLinear {
@@ -41,14 +44,66 @@ impl FrozenLinear {
 }
 
 impl FrozenLinearWithLora {
-    /// `s x A^T`, `[rows, r]`.
-    fn low_rank(&self, x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&a.t()?)? * self.scaling
+    /// The adapter's input: `x`, dropped out where there is a mask.
+    fn adapter_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.dropout_mask {
+            Some(m) => x.mul(m),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `s x' A^T`, `[rows, r]`, for the adapter's input `x'`.
+    fn low_rank(&self, x_in: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
+        x_in.matmul(&a.t()?)? * self.scaling
     }
 
     fn product(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        self.frozen.product(x)? + self.low_rank(x, a)?.matmul(&b.t()?)?
+        let low = self.low_rank(&self.adapter_input(x)?, a)?;
+        self.frozen.product(x)? + low.matmul(&b.t()?)?
     }
+}
+
+/// Inverted dropout's mask `[rows, cols]`: each element 0 with probability
+/// `p`, else `1 / (1 - p)`, a function of `seed` alone, so that a layer run
+/// again (gradient checkpointing) draws the same mask. On the CPU from a
+/// counter-based hash of (seed, element); on a GPU from cuRAND seeded with
+/// `seed`.
+pub(crate) fn dropout_mask(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    seed: u64,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    if device.is_cpu() {
+        let mut values = vec![0f32; rows * cols];
+        values
+            .par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                for (j, v) in out.iter_mut().enumerate() {
+                    let i = (chunk * 4096 + j) as u64;
+                    let bits = splitmix64(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let u = (bits >> 11) as f64 / (1u64 << 53) as f64;
+                    *v = if u < p { 0.0 } else { keep };
+                }
+            });
+        return Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype);
+    }
+    device.set_seed(seed)?;
+    let u = Tensor::rand(0f32, 1f32, (rows, cols), device)?;
+    (u.ge(p)?.to_dtype(candle_core::DType::F32)? * keep as f64)?.to_dtype(dtype)
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit hash of `x`.
+pub(crate) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// An input of a custom op's forward as a tensor of its own (a copy of its
@@ -203,8 +258,9 @@ impl candle_core::CustomOp3 for FrozenLinearWithLora {
         cuda_output(self.product(&x, &a, &b)?)
     }
 
-    /// With `u = s x A^T` and `g = s dy B` (`[rows, r]`): `dB = dy^T u`,
-    /// `dA = g^T x`, `dx = dy W + g A` (where `x` needs one).
+    /// With `x'` the adapter's input (`x` times the dropout mask `M`, or
+    /// `x`), `u = s x' A^T` and `g = s dy B` (`[rows, r]`): `dB = dy^T u`,
+    /// `dA = g^T x'`, `dx = dy W + (g A) M` (where `x` needs one).
     fn bwd(
         &self,
         x: &Tensor,
@@ -213,12 +269,13 @@ impl candle_core::CustomOp3 for FrozenLinearWithLora {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let u = self.low_rank(x, a)?;
+        let x_in = self.adapter_input(x)?;
+        let u = self.low_rank(&x_in, a)?;
         let g = (dy.matmul(b)? * self.scaling)?;
         let db = dy.t()?.matmul(&u)?;
-        let da = g.t()?.matmul(x)?;
+        let da = g.t()?.matmul(&x_in)?;
         let dx = match self.frozen.input_grad(x, dy)? {
-            Some(base) => Some((base + g.matmul(a)?)?),
+            Some(base) => Some((base + self.adapter_input(&g.matmul(a)?)?)?),
             None => None,
         };
         Ok((dx, Some(da), Some(db)))
@@ -289,5 +346,54 @@ impl InputOp for ConstOperand {
         } else {
             dy.clone()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_drop_p_and_scale_the_rest_by_one_over_one_minus_p() {
+        let (rows, cols, p) = (300, 400, 0.25);
+        let m = dropout_mask(
+            rows,
+            cols,
+            p,
+            42,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let zeros = v.iter().filter(|x| **x == 0.0).count() as f64 / v.len() as f64;
+        assert!((zeros - p).abs() < 0.01, "{zeros}");
+        assert!(
+            v.iter()
+                .all(|x| *x == 0.0 || *x == (1.0 / (1.0 - p)) as f32)
+        );
+        // E[mask] = 1: the adapter's input keeps its expected value.
+        let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+        assert!((mean - 1.0).abs() < 0.02, "{mean}");
+        let again = dropout_mask(
+            rows,
+            cols,
+            p,
+            42,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let other = dropout_mask(
+            rows,
+            cols,
+            p,
+            43,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+        assert_ne!(other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
     }
 }

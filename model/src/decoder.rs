@@ -20,7 +20,9 @@
 use candle_core::{D, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::autograd::{ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope, apply};
+use crate::autograd::{
+    ConstOperand, FrozenLinear, FrozenLinearWithLora, Rope, apply, dropout_mask, splitmix64,
+};
 use crate::config::{Llama3RopeScaling, ModelConfig, ModelHead};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -165,6 +167,9 @@ struct Linear {
     bias: Option<Tensor>,
     /// A LoRA adapter: `+ s B A x` (see [`crate::lora`]).
     lora: Option<LoraPair>,
+    /// A hash of the linear's name: its dropout masks differ from the other
+    /// linears' under one seed.
+    site: u64,
 }
 
 #[derive(Clone)]
@@ -174,6 +179,8 @@ struct LoraPair {
     /// `[out, r]`
     b: Tensor,
     scaling: f64,
+    /// PEFT's `lora_dropout` on the adapter's input, in training forwards.
+    dropout: f64,
 }
 
 impl Linear {
@@ -188,10 +195,18 @@ impl Linear {
             weight_t,
             bias,
             lora: None,
+            site: 0,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_dropped(x, None)
+    }
+
+    /// The linear; with a `dropout` seed (a training forward,
+    /// [`CausalLM::with_dropout`]) its LoRA adapter's input is dropped out
+    /// with the mask that seed and this linear's name give.
+    fn forward_dropped(&self, x: &Tensor, dropout: Option<u64>) -> Result<Tensor> {
         // One 2-D product over all leading dimensions.
         let dims = x.dims();
         let (lead, k) = dims.split_at(dims.len().saturating_sub(1));
@@ -204,14 +219,28 @@ impl Linear {
             weight_t: self.weight_t.clone(),
         };
         let y = match &self.lora {
-            Some(l) => x2.apply_op3(
-                &l.a,
-                &l.b,
-                FrozenLinearWithLora {
-                    frozen,
-                    scaling: l.scaling,
-                },
-            )?,
+            Some(l) => {
+                let dropout_mask = match dropout {
+                    Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
+                        x2.dim(0)?,
+                        x2.dim(1)?,
+                        l.dropout,
+                        splitmix64(seed ^ self.site),
+                        x2.device(),
+                        x2.dtype(),
+                    )?),
+                    _ => None,
+                };
+                x2.apply_op3(
+                    &l.a,
+                    &l.b,
+                    FrozenLinearWithLora {
+                        frozen,
+                        scaling: l.scaling,
+                        dropout_mask,
+                    },
+                )?
+            }
             None if x2.track_op() && !self.weight.is_variable() => apply(&x2, frozen)?,
             None => frozen.product(&x2)?,
         };
@@ -243,6 +272,10 @@ fn linear(
         None
     };
     let mut linear = Linear::new(w, b)?;
+    // FNV-1a of the name.
+    linear.site = prefix.bytes().fold(0xcbf2_9ce4_8422_2325, |h, c| {
+        (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)
+    });
     if let Some(lora) = lora {
         let (a, b) = (
             lora.adapters.get(&format!("{prefix}.lora_A.weight")),
@@ -260,6 +293,7 @@ fn linear(
                     .require(&format!("{prefix}.lora_B.weight"), &[out, r])?
                     .clone(),
                 scaling: lora.config.scaling(),
+                dropout: lora.config.dropout,
             });
         }
     }
@@ -295,12 +329,22 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         fused: bool,
+        dropout: Option<u64>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let shape = |heads| (b, t, heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?.reshape(shape(self.num_heads))?;
-        let mut k = self.k_proj.forward(x)?.reshape(shape(self.num_kv_heads))?;
-        let v = self.v_proj.forward(x)?.reshape(shape(self.num_kv_heads))?;
+        let mut q = self
+            .q_proj
+            .forward_dropped(x, dropout)?
+            .reshape(shape(self.num_heads))?;
+        let mut k = self
+            .k_proj
+            .forward_dropped(x, dropout)?
+            .reshape(shape(self.num_kv_heads))?;
+        let v = self
+            .v_proj
+            .forward_dropped(x, dropout)?
+            .reshape(shape(self.num_kv_heads))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q, fused)?;
             k = kn.forward(&k, fused)?;
@@ -320,6 +364,7 @@ impl Attention {
         v: Tensor,
         mask: &Tensor,
         fused: bool,
+        dropout: Option<u64>,
     ) -> Result<Tensor> {
         let (b, heads, tq, d) = q.dims4()?;
         let (kvh, tk) = (self.num_kv_heads, k.dim(2)?);
@@ -351,7 +396,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, tq, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward_dropped(&out, dropout)
     }
 }
 
@@ -363,9 +408,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, dropout: Option<u64>) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward_dropped(x, dropout)?)?;
+        let up = self.up_proj.forward_dropped(x, dropout)?;
+        self.down_proj.forward_dropped(&(gate * up)?, dropout)
     }
 }
 
@@ -445,9 +491,13 @@ impl DecoderLayer {
     /// differentiable ops only).
     fn forward_sequence(&self, x: &Tensor, ctx: &SequenceContext) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x, false)?;
-        let (q, k, v) = self.self_attn.qkv(&h, &ctx.cos, &ctx.sin, false)?;
-        let attn = self.self_attn.attend(&q, k, v, &ctx.attn_mask, false)?;
-        self.finish(x, attn, false)
+        // Each linear's name (its `site`) tells its masks apart.
+        let dropout = ctx.dropout;
+        let (q, k, v) = self.self_attn.qkv(&h, &ctx.cos, &ctx.sin, false, dropout)?;
+        let attn = self
+            .self_attn
+            .attend(&q, k, v, &ctx.attn_mask, false, dropout)?;
+        self.finish(x, attn, false, dropout)
     }
 
     /// Every parameter tensor of the layer.
@@ -479,7 +529,13 @@ impl DecoderLayer {
     }
 
     /// The feed-forward half, after attention produced `attn_out`.
-    fn finish(&self, residual: &Tensor, attn_out: Tensor, fused: bool) -> Result<Tensor> {
+    fn finish(
+        &self,
+        residual: &Tensor,
+        attn_out: Tensor,
+        fused: bool,
+        dropout: Option<u64>,
+    ) -> Result<Tensor> {
         // The first layer's residual (the embeddings) of a LoRA model takes
         // no gradient: none is made for it.
         let x = if attn_out.track_op() && !residual.track_op() {
@@ -488,7 +544,7 @@ impl DecoderLayer {
             (residual + attn_out)?
         };
         let h = self.post_attention_layernorm.forward(&x, fused)?;
-        Ok((x + self.mlp.forward(&h)?)?)
+        Ok((x + self.mlp.forward(&h, dropout)?)?)
     }
 }
 
@@ -522,6 +578,8 @@ pub struct CausalLM {
     logits_chunk_elements: usize,
     /// [`Self::checkpointed_logprobs`] recomputes the decoder layers too.
     gradient_checkpointing: bool,
+    /// LoRA dropout's seed of the full-sequence forwards ([`Self::with_dropout`]).
+    dropout_seed: Option<u64>,
 }
 
 impl CausalLM {
@@ -605,6 +663,7 @@ impl CausalLM {
             dtype,
             logits_chunk_elements: LOGITS_CHUNK_ELEMENTS,
             gradient_checkpointing: false,
+            dropout_seed: None,
         })
     }
 
@@ -661,6 +720,19 @@ impl CausalLM {
     /// depth times the width of the layers. The other paths ignore it.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    /// The model for one training forward with LoRA dropout (PEFT's
+    /// `lora_dropout`, the model in train mode): its full-sequence forwards
+    /// drop out each adapter's input with masks drawn from `seed` and the
+    /// linear's name, the same masks each time (gradient checkpointing runs
+    /// a layer again). Shares the weights; without adapters or with
+    /// `lora_dropout` 0 it computes what `self` does. Generation never
+    /// drops out.
+    pub fn with_dropout(&self, seed: u64) -> CausalLM {
+        let mut lm = self.clone();
+        lm.dropout_seed = Some(seed);
+        lm
     }
 
     pub fn dtype(&self) -> DType {
@@ -744,6 +816,7 @@ impl CausalLM {
             cos,
             sin,
             attn_mask: causal.broadcast_add(&pad)?,
+            dropout: self.dropout_seed,
         })
     }
 
@@ -977,11 +1050,13 @@ impl CausalLM {
         let mut x = self.embed(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x, true)?;
-            let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, true)?;
+            let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, true, None)?;
             cache.write(l, &write, &k, &v)?;
             let (k_all, v_all) = cache.gather(l, &gather, b, tk)?;
-            let attn = layer.self_attn.attend(&q, k_all, v_all, &mask, true)?;
-            x = layer.finish(&x, attn, true)?;
+            let attn = layer
+                .self_attn
+                .attend(&q, k_all, v_all, &mask, true, None)?;
+            x = layer.finish(&x, attn, true, None)?;
         }
         for ((slot, toks), &s) in entries.iter().zip(&starts) {
             cache.commit(*slot, s + toks.len());
@@ -1013,6 +1088,9 @@ struct SequenceContext {
     sin: Tensor,
     /// `[B, 1, T, T]` f32: 0 or [`MASKED`].
     attn_mask: Tensor,
+    /// LoRA dropout's seed of this forward ([`CausalLM::with_dropout`]);
+    /// kept here so that a layer run again draws the same masks.
+    dropout: Option<u64>,
 }
 
 /// What the backward pass of a layer-checkpointed forward needs to run the

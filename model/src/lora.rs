@@ -59,6 +59,11 @@ pub struct LoraConfig {
     pub target_modules: TargetModules,
     /// rsLoRA (Kalajdzievski 2023): scale `alpha / sqrt(r)`.
     pub use_rslora: bool,
+    /// PEFT's `lora_dropout`: the probability that an element of the
+    /// adapter's input is zeroed (the rest scaled by `1 / (1 - p)`) in a
+    /// training forward ([`crate::CausalLM::with_dropout`]); never when
+    /// generating, scoring or merging.
+    pub dropout: f64,
 }
 
 /// One adapted linear: its full name and `[out, in]`.
@@ -220,7 +225,7 @@ impl LoraConfig {
             "base_model_name_or_path": base_model,
             "r": self.r,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": targets,
             "use_rslora": self.use_rslora,
             "bias": "none",
@@ -301,10 +306,18 @@ impl LoraConfig {
             ),
             _ => return Err(bad("target_modules is missing".into())),
         };
+        let dropout = match v.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(d) => d
+                .as_f64()
+                .filter(|d| (0.0..1.0).contains(d))
+                .ok_or_else(|| bad(format!("lora_dropout {d} is not a number in [0, 1)")))?,
+        };
         Ok(LoraConfig {
             r,
             alpha,
             target_modules,
+            dropout,
             use_rslora: v
                 .get("use_rslora")
                 .and_then(Value::as_bool)

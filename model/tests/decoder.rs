@@ -601,6 +601,7 @@ fn lora_config(targets: TargetModules, r: usize) -> LoraConfig {
         alpha: 6.0,
         target_modules: targets,
         use_rslora: false,
+        dropout: 0.0,
     }
 }
 
@@ -717,15 +718,31 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
 
 #[test]
 fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
-    for arch in ARCHS {
+    // Without dropout, and with PEFT's lora_dropout under one seed (the same
+    // masks on every forward: finite differences see one function, and the
+    // layers run again by gradient checkpointing draw the masks again).
+    let cases = ARCHS
+        .iter()
+        .map(|a| (*a, 0.0))
+        .chain([(ARCHS[0], 0.3), (ARCHS[2], 0.5)]);
+    for (arch, dropout) in cases {
         let (cfg, w) = random_model(arch, 23, DType::F64);
-        let lora = random_lora(&cfg, lora_config(TargetModules::AllLinear, 2), DType::F64);
+        let mut config = lora_config(TargetModules::AllLinear, 2);
+        config.dropout = dropout;
+        let lora = random_lora(&cfg, config, DType::F64);
         let (vars, view) = trainable(&lora.adapters).unwrap();
         let trained = Lora {
             config: lora.config.clone(),
             adapters: view,
         };
         let mut lm = CausalLM::with_lora(&cfg, &w, &trained).unwrap();
+        if dropout > 0.0 {
+            let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4]]);
+            let m = ids(&[vec![1; 7]]);
+            let plain = lm.forward(&x, &m).unwrap();
+            lm = lm.with_dropout(77);
+            assert!(max_abs_diff_f64(&lm.forward(&x, &m).unwrap(), &plain) > 1e-6);
+        }
         let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
         let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
         let objective = |lm: &CausalLM| logprob_entropy_objective(lm, &x, &m);
@@ -768,6 +785,33 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
             }
         }
     }
+}
+
+#[test]
+fn lora_dropout_is_seeded_and_off_outside_training_forwards() {
+    let (cfg, w) = random_model(ARCHS[0], 24, DType::F32);
+    let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+    let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+    let forward = |lm: &CausalLM| lm.forward(&x, &m).unwrap();
+    let mut config = lora_config(TargetModules::AllLinear, 4);
+    config.dropout = 0.2;
+    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, config, DType::F32)).unwrap();
+    let plain = forward(&lm);
+    // One seed, one set of masks; another seed, others.
+    let (a, b) = (forward(&lm.with_dropout(1)), forward(&lm.with_dropout(1)));
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(max_abs_diff(&a, &forward(&lm.with_dropout(2))) > 1e-4);
+    assert!(max_abs_diff(&a, &plain) > 1e-4);
+    // Without a seed (scoring, old and reference log-probs) nothing drops.
+    assert_eq!(max_abs_diff(&forward(&lm), &plain), 0.0);
+    // lora_dropout 0: a seed changes nothing.
+    let mut config = lora_config(TargetModules::AllLinear, 4);
+    config.dropout = 0.0;
+    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, config, DType::F32)).unwrap();
+    assert_eq!(
+        max_abs_diff(&forward(&lm.with_dropout(9)), &forward(&lm)),
+        0.0
+    );
 }
 
 #[test]

@@ -94,6 +94,7 @@ impl TrainMode {
                 alpha: 32.0,
                 target_modules: TargetModules::AllLinear,
                 use_rslora: false,
+                dropout: 0.0,
             };
             let device = weights
                 .iter()
