@@ -217,6 +217,70 @@ mod cuda {
         );
     }
 
+    /// LoRA dropout on the GPU (cuRAND masks seeded per linear): one seed
+    /// gives one forward, another seed another, and gradient
+    /// checkpointing's second pass over the layers draws the same masks (its
+    /// gradients are the full graph's).
+    #[test]
+    fn cuda_lora_dropout_is_seeded_and_replayed_by_gradient_checkpointing() {
+        use model::lora::{Lora, LoraConfig, TargetModules};
+        let dev = gpu();
+        let cfg = config();
+        let w = Weights::random(&cfg, 3, &dev, DType::F32).unwrap();
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            dropout: 0.3,
+        };
+        let fresh = config.init(&cfg, 1, &dev, DType::F32).unwrap();
+        let mut adapters = fresh.clone();
+        for (name, t) in fresh.iter() {
+            if name.contains(".lora_B.") {
+                let noise = Tensor::randn(0f32, 0.3, t.shape(), &dev).unwrap();
+                adapters.insert(name.clone(), noise);
+            }
+        }
+        let (vars, view) = trainable(&adapters).unwrap();
+        let base = CausalLM::with_lora(
+            &cfg,
+            &w,
+            &Lora {
+                config,
+                adapters: view,
+            },
+        )
+        .unwrap();
+        let x = Tensor::new(&[[0u32, 3, 5, 7, 9, 2, 4], [0, 0, 8, 6, 1, 30, 31]], &dev).unwrap();
+        let m = Tensor::new(&[[1u32; 7], [0, 0, 1, 1, 1, 1, 1]], &dev).unwrap();
+        let mut lm = base.with_dropout(5);
+        let forward = |lm: &CausalLM| host(&lm.forward(&x, &m).unwrap());
+        let a = forward(&lm);
+        assert_eq!(a, forward(&lm));
+        assert!(abs_diff(&a, &forward(&base.with_dropout(6))).0 > 1e-4);
+        assert!(abs_diff(&a, &forward(&base)).0 > 1e-4);
+        for layers in [false, true] {
+            lm.set_gradient_checkpointing(layers);
+            let full = lm.completion_logprobs(&x, &m, 5, 0.9, false).unwrap();
+            let expected = full.logprobs.sum_all().unwrap().backward().unwrap();
+            let ck = lm.checkpointed_logprobs(&x, &m, 5, 0.9, false).unwrap();
+            let ones = ck.logprobs().ones_like().unwrap();
+            let got = ck.backward(Some(&ones), None).unwrap();
+            for (name, var) in &vars {
+                let (g, e) = (
+                    host(got.get(var.as_tensor()).unwrap()),
+                    host(expected.get(var.as_tensor()).unwrap()),
+                );
+                let (max, _) = abs_diff(&g, &e);
+                assert!(
+                    max <= 1e-4 * (1.0 + norm(&e)),
+                    "{name} (layers checkpointed {layers}): differs by {max}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn cuda_bf16_matches_cpu_f32() {
         // bf16 keeps 8 significant bits to f16's 11: about 8x the error

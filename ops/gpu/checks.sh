@@ -31,7 +31,9 @@ run python3 ops/gpu/torch_reference.py $model | tee "$res/bench_torch.md"
 run "$b"/launcher --config ops/gpu/grpo_0.5b.yaml --device cuda \
   --out "$res/grpo-run"
 # The same with LoRA (model.use_peft): adapters on the frozen bf16 base, the
-# custom frozen-linear ops on CUDA, merged weights pushed to the server.
+# custom frozen-linear ops on CUDA, merged weights pushed to the server, TRL's
+# lora_dropout (cuRAND masks), the rows cut by a token budget.
 run "$b"/launcher --config ops/gpu/grpo_0.5b.yaml --device cuda \
   --out "$res/grpo-lora" model.use_peft=true model.lora_target_modules=all-linear \
+  model.lora_dropout=0.05 train.max_tokens_per_micro_batch=8192 \
   train.learning_rate=1.0e-5 train.max_steps=10
