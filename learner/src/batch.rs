@@ -268,19 +268,22 @@ pub fn padded_tokens(lengths: &[(usize, usize)], plan: &[Vec<Vec<usize>>]) -> us
 mod plan_tests {
     use super::*;
 
+    /// `(prompt, completion)` tokens of 8 rows.
+    const LENGTHS: [(usize, usize); 8] = [
+        (5, 9),
+        (5, 1),
+        (5, 8),
+        (5, 2),
+        (3, 7),
+        (3, 7),
+        (4, 1),
+        (3, 3),
+    ];
+
     #[test]
     fn a_token_budget_cuts_micro_batches_by_size() {
         // Ordered by (completion, prompt): 6, 1, 3, 7, 4, 5, 2, 0.
-        let lengths = [
-            (5, 9),
-            (5, 1),
-            (5, 8),
-            (5, 2),
-            (3, 7),
-            (3, 7),
-            (4, 1),
-            (3, 3),
-        ];
+        let lengths = LENGTHS;
         let plan = plan_micro_batches(&lengths, 1, 2, 4, true, Some(30));
         // [6, 1, 3] is 3 x (5 + 2) = 21, with 7 it would be 4 x 8 = 32;
         // [7, 4, 5] is 3 x (3 + 7) = 30; [2, 0] is 2 x (5 + 9) = 28.
@@ -300,16 +303,7 @@ mod plan_tests {
     #[test]
     fn each_update_keeps_its_rows_and_micro_batches_follow_length() {
         // Two updates of 4 rows, 2 micro-batches each.
-        let lengths = [
-            (5, 9),
-            (5, 1),
-            (5, 8),
-            (5, 2),
-            (3, 7),
-            (3, 7),
-            (4, 1),
-            (3, 3),
-        ];
+        let lengths = LENGTHS;
         let plan = plan_micro_batches(&lengths, 2, 2, 4, true, None);
         assert_eq!(
             plan,

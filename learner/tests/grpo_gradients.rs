@@ -9,7 +9,7 @@ use learner::grpo_config::{
     AdvantageEstimator, GrpoConfig, ImportanceSamplingLevel, KlEstimator, LossType, PolicyLoss,
     ScaleRewards, VllmImportanceSamplingMode,
 };
-use learner::loss::{LossInputs, Normalizers, grpo_loss, micro_batch_ranges};
+use learner::loss::{LossInputs, LossOutput, Normalizers, grpo_loss, micro_batch_ranges};
 
 const DEV: Device = Device::Cpu;
 
@@ -312,17 +312,17 @@ impl Toy {
 
     /// Runs the model on rows `rows` and assembles the loss inputs.
     fn forward(&self, rows: std::ops::Range<usize>) -> LossInputs {
-        let n = rows.len();
-        let h = self.h.narrow(0, rows.start, n).unwrap();
-        let logits = h.broadcast_matmul(self.w.as_tensor()).unwrap();
-        let (lp, ent) = token_logprobs(&logits, &self.targets.narrow(0, rows.start, n).unwrap());
-        let nr = |x: &Tensor| x.narrow(0, rows.start, n).unwrap();
-        let mut inputs = LossInputs::new(lp, nr(&self.mask), nr(&self.adv));
-        inputs.old_logprobs = Some(nr(&self.old));
-        inputs.ref_logprobs = Some(nr(&self.refp));
-        inputs.rollout_logprobs = Some(nr(&self.rollout));
-        inputs.entropy = Some(ent);
-        inputs
+        self.forward_rows(&rows.collect::<Vec<_>>())
+    }
+
+    /// The whole batch at once: `w`'s gradient, the loss and its normalisers.
+    fn full_batch(&self, cfg: &GrpoConfig, max_len: usize) -> (Tensor, LossOutput, Normalizers) {
+        let full = self.forward(0..self.b);
+        let norm = Normalizers::for_batch(&full.response_mask, max_len).unwrap();
+        let out = grpo_loss(cfg, &full, &norm, cfg.beta).unwrap();
+        let grads = out.loss.backward().unwrap();
+        let g = grads.get(self.w.as_tensor()).unwrap().clone();
+        (g, out, norm)
     }
 }
 
@@ -375,12 +375,7 @@ fn four_micro_batches_accumulate_to_the_full_batch_gradient() {
     let toy = Toy::new();
     let max_len = 8;
     for cfg in accumulation_configs() {
-        // Full batch.
-        let full = toy.forward(0..toy.b);
-        let norm_full = Normalizers::for_batch(&full.response_mask, max_len).unwrap();
-        let out_full = grpo_loss(&cfg, &full, &norm_full, cfg.beta).unwrap();
-        let g_full = out_full.loss.backward().unwrap();
-        let g_full = g_full.get(toy.w.as_tensor()).unwrap().clone();
+        let (g_full, out_full, norm_full) = toy.full_batch(&cfg, max_len);
 
         // Four uneven micro-batches (3, 3, 2, 2 rows), global normalisers.
         let ranges = micro_batch_ranges(toy.b, 4);
@@ -447,11 +442,7 @@ fn micro_batches_of_rows_ordered_by_length_accumulate_to_the_full_batch_gradient
         &vec![vec![2, 4, 1, 9], vec![6, 7, 3], vec![0, 5, 8]]
     );
     for cfg in accumulation_configs() {
-        let full = toy.forward(0..toy.b);
-        let norm_full = Normalizers::for_batch(&full.response_mask, max_len).unwrap();
-        let out_full = grpo_loss(&cfg, &full, &norm_full, cfg.beta).unwrap();
-        let g_full = out_full.loss.backward().unwrap();
-        let g_full = g_full.get(toy.w.as_tensor()).unwrap().clone();
+        let (g_full, out_full, _) = toy.full_batch(&cfg, max_len);
 
         let idx_mask = |rows: &[usize]| toy.forward_rows(rows).response_mask;
         let masks: Vec<Tensor> = micro_batches.iter().map(|r| idx_mask(r)).collect();

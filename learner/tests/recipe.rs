@@ -415,13 +415,7 @@ fn the_shipped_recipes_load_and_validate() {
     assert!(dapo.train.dynamic_sampling);
     assert_eq!(dapo.train.dynamic_sampling_batch_prompts, Some(96));
     assert_eq!(dapo.prompts_per_rank_per_step() * 2, 32);
-    let functions: Vec<serde_json::Value> = dapo
-        .reward
-        .functions
-        .iter()
-        .map(|f| serde_json::to_value(f).unwrap())
-        .collect();
-    let rewards = learner::rewards::RewardRegistry::from_configs(&functions).unwrap();
+    let rewards = learner::rewards::RewardRegistry::from_section(&dapo.reward).unwrap();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     assert!(
         learner::dynamic_sampling::GroupFilter::from_recipe(&dapo.train, &labels)

@@ -353,47 +353,27 @@ impl InputOp for ConstOperand {
 mod tests {
     use super::*;
 
+    /// A CPU mask of 300 x 400, as a vector.
+    fn mask(p: f64, seed: u64) -> Vec<f32> {
+        let cpu = candle_core::Device::Cpu;
+        dropout_mask(300, 400, p, seed, &cpu, candle_core::DType::F32)
+            .and_then(|m| m.flatten_all())
+            .and_then(|m| m.to_vec1())
+            .unwrap()
+    }
+
     #[test]
     fn dropout_masks_drop_p_and_scale_the_rest_by_one_over_one_minus_p() {
-        let (rows, cols, p) = (300, 400, 0.25);
-        let m = dropout_mask(
-            rows,
-            cols,
-            p,
-            42,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
-        let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let p = 0.25;
+        let v = mask(p, 42);
         let zeros = v.iter().filter(|x| **x == 0.0).count() as f64 / v.len() as f64;
         assert!((zeros - p).abs() < 0.01, "{zeros}");
-        assert!(
-            v.iter()
-                .all(|x| *x == 0.0 || *x == (1.0 / (1.0 - p)) as f32)
-        );
+        let keep = (1.0 / (1.0 - p)) as f32;
+        assert!(v.iter().all(|x| *x == 0.0 || *x == keep));
         // E[mask] = 1: the adapter's input keeps its expected value.
         let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
         assert!((mean - 1.0).abs() < 0.02, "{mean}");
-        let again = dropout_mask(
-            rows,
-            cols,
-            p,
-            42,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
-        let other = dropout_mask(
-            rows,
-            cols,
-            p,
-            43,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .unwrap();
-        assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
-        assert_ne!(other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+        assert_eq!(mask(p, 42), v);
+        assert_ne!(mask(p, 43), v);
     }
 }

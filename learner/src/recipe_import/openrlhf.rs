@@ -246,7 +246,6 @@ fn convert_generation(f: &mut Source, out: &mut Output) -> u64 {
     n
 }
 
-/// The GPUs and the batch sizes (see the module docs).
 /// OpenRLHF's dynamic batch: micro-batches by tokens (its default budget
 /// 16192).
 fn convert_dynamic_batch(f: &mut Source, out: &mut Output) {
@@ -270,6 +269,7 @@ fn convert_dynamic_batch(f: &mut Source, out: &mut Output) {
     }
 }
 
+/// The GPUs and the batch sizes (see the module docs).
 fn convert_batches(f: &mut Source, out: &mut Output, n: u64) {
     let nodes = f.num("actor_num_nodes").map_or(1, |v| v.max(1.0) as u64);
     let per_node = f

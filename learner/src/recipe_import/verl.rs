@@ -881,12 +881,14 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
                     .into(),
             ),
         );
-        for key in [&custom, &custom_name].into_iter().flatten() {
-            out.leave_out(
-                "custom_reward_function",
-                key,
-                "verl uses the reward model's score when it is on",
-            );
+        for (key, value) in [("path", &custom), ("name", &custom_name)] {
+            if let Some(v) = value {
+                out.leave_out(
+                    &format!("custom_reward_function.{key}"),
+                    v,
+                    "verl uses the reward model's score when it is on",
+                );
+            }
         }
         return;
     }
@@ -945,11 +947,19 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
             .get("rollout.max_completion_length")
             .and_then(Value::as_u64)
             .unwrap_or(512);
-        functions.push(json!({
-            "function": {"name": "length_penalty", "mode": "overlong", "max_length": max,
-                         "cache_length": buffer, "weight": factor},
-            "note": "reward_model.overlong_buffer (len, penalty_factor)",
-        }));
+        if (1..=max).contains(&buffer) {
+            functions.push(json!({
+                "function": {"name": "length_penalty", "mode": "overlong", "max_length": max,
+                             "cache_length": buffer, "weight": factor},
+                "note": "reward_model.overlong_buffer (len, penalty_factor)",
+            }));
+        } else {
+            out.leave_out(
+                &format!("{overlong}len"),
+                &json!(buffer),
+                format!("the overlong buffer must be 1 to max_response_length ({max}) tokens"),
+            );
+        }
     }
     keys.take(&format!("{overlong}log"));
     if let Some(manager) = keys.take("reward_model.reward_manager") {
