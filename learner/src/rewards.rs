@@ -1376,20 +1376,19 @@ impl RewardModel {
                 .map_err(|e| format!("completion {i}: {e}"))?;
             ids.push(tokens);
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for (k, chunk) in ids.chunks(self.batch_size).enumerate() {
-            let scores = classifier.scores(chunk).map_err(|e| {
-                format!(
-                    "completions {}..{}: {e}",
-                    k * self.batch_size,
-                    k * self.batch_size + chunk.len()
-                )
-            })?;
-            out.extend(
-                scores
-                    .iter()
-                    .map(|s| s.first().copied().unwrap_or(f32::NAN) as f64),
-            );
+        // Batches of similar lengths pad less; a sequence's score does not
+        // depend on its batch (causal attention, right padding).
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![f64::NAN; batch.len()];
+        for chunk in order.chunks(self.batch_size) {
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let scores = classifier
+                .scores(&seqs)
+                .map_err(|e| format!("completions {chunk:?}: {e}"))?;
+            for (&i, s) in chunk.iter().zip(&scores) {
+                out[i] = s.first().copied().map_or(f64::NAN, f64::from);
+            }
         }
         Ok(out)
     }

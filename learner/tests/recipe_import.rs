@@ -721,6 +721,18 @@ fn verl_filter_groups_and_openrlhf_dynamic_filtering_convert() {
     let names: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     learner::dynamic_sampling::GroupFilter::from_recipe(&r.train, &names).unwrap();
 
+    // With a reward model (verl's reward is then its score) `acc` has no
+    // correctness function to name: the total decides.
+    let with_rm = verl.replace(
+        "reward_model.overlong_buffer.enable=True",
+        "reward_model.enable=True reward_model.model.path=/models/rm",
+    );
+    let c = convert_recipe(&with_rm, "run_dapo.sh").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(r.reward.functions[0].name, "reward_model");
+    assert_eq!(r.train.dynamic_sampling_metric.as_deref(), Some("reward"));
+
     // Off: its keys are listed, not applied.
     let off = verl.replace("filter_groups.enable=True", "filter_groups.enable=False");
     let c = convert_recipe(&off, "run.sh").unwrap();

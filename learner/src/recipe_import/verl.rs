@@ -974,6 +974,13 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
     out.put("reward.functions", Value::Array(functions), Some(note));
 }
 
+/// Whether the converted reward functions include one named `name`.
+fn has_function(out: &Output, name: &str) -> bool {
+    out.get("reward.functions")
+        .and_then(Value::as_array)
+        .is_some_and(|items| items.iter().any(|i| i["function"]["name"] == name))
+}
+
 /// DAPO's dynamic sampling: `algorithm.filter_groups` and the generation
 /// batch of `data.gen_batch_size` prompts.
 fn convert_filter_groups(keys: &mut Source, out: &mut Output, learner_ranks: u64) {
@@ -1013,9 +1020,15 @@ fn convert_filter_groups(keys: &mut Source, out: &mut Output, learner_ranks: u64
             "reward",
             format!("algorithm.filter_groups.metric {m}: the weighted total"),
         ),
-        Some("acc") => (
+        Some("acc") if has_function(out, "exact_match") => (
             "exact_match",
             "algorithm.filter_groups.metric acc: the correctness function".to_string(),
+        ),
+        Some("acc") => (
+            "reward",
+            "algorithm.filter_groups.metric acc, with no correctness function here: the \
+             weighted total"
+                .to_string(),
         ),
         Some(other) => (
             other,
