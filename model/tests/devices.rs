@@ -195,6 +195,42 @@ fn f16_on_the_cpu_matches_f32() {
     );
 }
 
+/// The scores of a few sequences by a reward model (`*ForSequenceClassification`)
+/// of [`config`]'s shape on `dev` in `dtype`, the same weights whatever the
+/// device.
+fn reward_scores(dev: &Device, dtype: DType) -> Vec<f32> {
+    let mut raw = config().raw.clone();
+    raw.insert(
+        "architectures".into(),
+        json!(["Qwen2ForSequenceClassification"]),
+    );
+    raw.insert("id2label".into(), json!({"0": "LABEL_0"}));
+    raw.insert("pad_token_id".into(), json!(0));
+    let cfg = ModelConfig::from_map(raw, Path::new("test")).unwrap();
+    let mut w = Weights::random(&cfg, 4, dev, dtype).unwrap();
+    let head: Vec<f32> = (0..cfg.hidden_size)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05)
+        .collect();
+    let head = Tensor::from_vec(head, (1, cfg.hidden_size), dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    w.insert("score.weight", head);
+    let seqs = vec![vec![5u32, 9, 13, 2], vec![7, 8, 9, 10, 11, 12, 0], vec![3]];
+    let rm = model::SequenceClassifier::new(&cfg, &w).unwrap();
+    rm.scores(&seqs).unwrap().concat()
+}
+
+#[test]
+fn a_reward_model_in_f16_on_the_cpu_matches_f32() {
+    let f32s = reward_scores(&Device::Cpu, DType::F32);
+    let f16s = reward_scores(&Device::Cpu, DType::F16);
+    let scale = f32s.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(scale > 1e-3, "{f32s:?}");
+    let (max, _) = abs_diff(&f32s, &f16s);
+    assert!(max <= 1e-2 * (1.0 + scale), "{f32s:?} vs {f16s:?}");
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -278,6 +314,19 @@ mod cuda {
                     "{name} (layers checkpointed {layers}): differs by {max}"
                 );
             }
+        }
+    }
+
+    /// A reward model on the GPU scores as on the CPU: f32 to summation
+    /// order, bf16 within its 8 bits.
+    #[test]
+    fn cuda_reward_model_scores_match_the_cpu() {
+        let cpu = reward_scores(&Device::Cpu, DType::F32);
+        let scale = cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (dtype, rel) in [(DType::F32, 1e-5), (DType::BF16, 5e-2)] {
+            let gpu = reward_scores(&gpu(), dtype);
+            let (max, _) = abs_diff(&cpu, &gpu);
+            assert!(max <= rel * (1.0 + scale), "{dtype:?}: {cpu:?} vs {gpu:?}");
         }
     }
 

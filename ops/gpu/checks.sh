@@ -17,7 +17,8 @@ export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$res/gpu.txt"
 
 run() { echo "== $*" | tee -a "$res/log.txt"; "$@" 2>&1 | tee -a "$res/log.txt"; }
-# Correctness: CUDA f32/bf16 against CPU f32; server vs learner log-probs; NCCL (world size 1).
+# Correctness: CUDA f32/bf16 against CPU f32 (the model, a reward model, LoRA dropout);
+# server vs learner log-probs; NCCL (world size 1).
 for t in "$b"/deps/devices-* "$b"/deps/cuda_logprobs-* "$b"/deps/nccl_cuda-*; do
   run "$t" --test-threads 1 --nocapture
 done
