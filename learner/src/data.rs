@@ -803,7 +803,8 @@ impl Dataset {
 }
 
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
-/// shuffle), the first `eval.max_examples` if set, with their fingerprints.
+/// shuffle), the first `eval.max_examples` of each file if set, with their
+/// fingerprints.
 pub fn load_eval_examples(
     data: &DataSection,
     max_examples: Option<usize>,
@@ -813,10 +814,14 @@ pub fn load_eval_examples(
     let format = PromptFormat::from_recipe(data)?;
     let sets = Dataset::load_all(&data.eval_files, &mapping, &format, tokenizer)?;
     let fingerprints = sets.iter().map(|d| d.fingerprint.clone()).collect();
-    let mut examples: Vec<Example> = sets.into_iter().flat_map(|d| d.examples).collect();
-    if let Some(max) = max_examples {
-        examples.truncate(max);
-    }
+    // The first `max_examples` of each file: each benchmark keeps its share.
+    let examples: Vec<Example> = sets
+        .into_iter()
+        .flat_map(|d| {
+            let keep = max_examples.unwrap_or(d.examples.len());
+            d.examples.into_iter().take(keep)
+        })
+        .collect();
     Ok((examples, fingerprints))
 }
 

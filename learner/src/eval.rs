@@ -42,7 +42,86 @@ pub struct EvalResult {
     pub reward_per_function: BTreeMap<String, f64>,
     /// How a pass was decided: `exact_match == 1` or `total_reward > 0`.
     pub pass_rule: String,
+    /// With several eval files (benchmarks), each one's numbers, by file
+    /// name without its extension (the whole path where two names clash).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_file: BTreeMap<String, FileScores>,
     pub seconds: f64,
+}
+
+/// One eval file's numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileScores {
+    pub num_questions: usize,
+    pub pass_at_k: BTreeMap<String, f64>,
+    pub mean_at_k: f64,
+    pub reward_mean: f64,
+}
+
+/// `pass@k` for the reported k of `n` samples, `mean@k` and the mean total
+/// reward over questions whose `n` passes and rewards are consecutive.
+fn scores_of(passes: &[bool], totals: &[f64], n: usize) -> FileScores {
+    let num_questions = passes.len() / n.max(1);
+    let mut pass_at = BTreeMap::new();
+    for k in reported_ks(n) {
+        let mean = passes
+            .chunks(n.max(1))
+            .map(|g| pass_at_k(n, g.iter().filter(|p| **p).count(), k))
+            .sum::<f64>()
+            / num_questions.max(1) as f64;
+        pass_at.insert(format!("pass@{k}"), mean);
+    }
+    let total = passes.len().max(1) as f64;
+    FileScores {
+        num_questions,
+        pass_at_k: pass_at,
+        mean_at_k: passes.iter().filter(|p| **p).count() as f64 / total,
+        reward_mean: totals.iter().sum::<f64>() / total,
+    }
+}
+
+/// Each source file's [`scores_of`] when the questions (`files[q]` the file
+/// of question `q`, in order) come from more than one; empty otherwise.
+fn per_file_scores(
+    files: &[&std::path::Path],
+    passes: &[bool],
+    totals: &[f64],
+    n: usize,
+) -> BTreeMap<String, FileScores> {
+    let mut distinct: Vec<&std::path::Path> = Vec::new();
+    for f in files {
+        if !distinct.contains(f) {
+            distinct.push(f);
+        }
+    }
+    if distinct.len() < 2 {
+        return BTreeMap::new();
+    }
+    let stem = |p: &std::path::Path| {
+        p.file_stem()
+            .map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into())
+    };
+    let clash = distinct
+        .iter()
+        .any(|a| distinct.iter().filter(|b| stem(a) == stem(b)).count() > 1);
+    distinct
+        .iter()
+        .map(|file| {
+            let (mut p, mut t) = (Vec::new(), Vec::new());
+            for (q, f) in files.iter().enumerate() {
+                if f == file {
+                    p.extend_from_slice(&passes[q * n..(q + 1) * n]);
+                    t.extend_from_slice(&totals[q * n..(q + 1) * n]);
+                }
+            }
+            let name = if clash {
+                file.display().to_string()
+            } else {
+                stem(file)
+            };
+            (name, scores_of(&p, &t, n))
+        })
+        .collect()
 }
 
 /// `1 - C(n - c, k) / C(n, k)`, computed as a product (numerically stable).
@@ -101,9 +180,14 @@ pub async fn evaluate(
     let outcomes = client.generate(&prompts, &seeds).await?;
     let mut inputs = Vec::new();
     let mut dropped = 0;
+    // The file of each question that got completions, in order.
+    let mut files: Vec<&std::path::Path> = Vec::new();
     for (q, (example, outcome)) in examples.iter().zip(&outcomes).enumerate() {
         match outcome {
-            GroupOutcome::Kept(group) => inputs.extend(group.reward_inputs(example, q)),
+            GroupOutcome::Kept(group) => {
+                inputs.extend(group.reward_inputs(example, q));
+                files.push(&example.source_file);
+            }
             GroupOutcome::Dropped { .. } => dropped += 1,
         }
     }
@@ -129,18 +213,8 @@ pub async fn evaluate(
             scores.total.iter().map(|v| *v > 0.0).collect(),
         ),
     };
-    let mut pass_at = BTreeMap::new();
-    for k in reported_ks(n) {
-        let mean = passes
-            .chunks(n)
-            .map(|g| pass_at_k(n, g.iter().filter(|p| **p).count(), k))
-            .sum::<f64>()
-            / num_questions as f64;
-        pass_at.insert(format!("pass@{k}"), mean);
-    }
-    let total = passes.len().max(1) as f64;
-    let mean_at_k = passes.iter().filter(|p| **p).count() as f64 / total;
-    let reward_mean = scores.total.iter().sum::<f64>() / total;
+    let all = scores_of(&passes, &scores.total, n);
+    let per_file = per_file_scores(&files, &passes, &scores.total, n);
     let reward_per_function = scores
         .summary()
         .into_iter()
@@ -150,11 +224,12 @@ pub async fn evaluate(
         num_samples: n,
         num_questions,
         dropped_groups: dropped,
-        pass_at_k: pass_at,
-        mean_at_k,
-        reward_mean,
+        pass_at_k: all.pass_at_k,
+        mean_at_k: all.mean_at_k,
+        reward_mean: all.reward_mean,
         reward_per_function,
         pass_rule: pass_rule.into(),
+        per_file,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -162,6 +237,38 @@ pub async fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_files_are_scored_each_on_its_own_too() {
+        use std::path::Path;
+        let (a, b) = (
+            Path::new("data/aime24.jsonl"),
+            Path::new("data/math500.parquet"),
+        );
+        // Two samples per question: a's two questions pass 1 and 2 of 2, b's
+        // one question 0 of 2.
+        let files = [a, b, a];
+        let passes = [true, false, false, false, true, true];
+        let totals = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let per = per_file_scores(&files, &passes, &totals, 2);
+        assert_eq!(per.len(), 2);
+        let (sa, sb) = (&per["aime24"], &per["math500"]);
+        assert_eq!((sa.num_questions, sb.num_questions), (2, 1));
+        assert_eq!(sa.mean_at_k, 0.75);
+        assert_eq!(sa.pass_at_k["pass@1"], 0.75);
+        assert_eq!(sa.pass_at_k["pass@2"], 1.0);
+        assert_eq!((sb.mean_at_k, sb.reward_mean), (0.0, 0.0));
+        // The whole set weighs the files by their questions.
+        let all = scores_of(&passes, &totals, 2);
+        assert_eq!(all.mean_at_k, 0.5);
+        // One file: no breakdown; two of one name: by path.
+        assert!(per_file_scores(&[a, a], &passes[..4], &totals[..4], 2).is_empty());
+        let other = Path::new("other/aime24.jsonl");
+        let clash = per_file_scores(&[a, other], &passes[..4], &totals[..4], 2);
+        assert!(
+            clash.contains_key("data/aime24.jsonl") && clash.contains_key("other/aime24.jsonl")
+        );
+    }
 
     #[test]
     fn pass_at_k_matches_the_closed_form() {
@@ -183,10 +290,11 @@ pub struct EvalArgs {
     /// Base URL (`http://host:8000`).
     #[arg(long)]
     pub endpoint: String,
-    /// Questions: JSONL or Parquet with the recipe's column mapping
-    /// (default `prompt` and `answer`).
-    #[arg(long)]
-    pub tasks: PathBuf,
+    /// Questions: JSONL or Parquet files with the recipe's column mapping
+    /// (default `prompt` and `answer`); several files (a space-separated
+    /// list, or the flag repeated) are reported each on its own too.
+    #[arg(long, num_args = 1.., required = true)]
+    pub tasks: Vec<PathBuf>,
     /// Samples per question (the k of pass@k).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -202,7 +310,7 @@ pub struct EvalArgs {
     /// `model` field of the requests (vLLM's --served-model-name).
     #[arg(long)]
     pub model: Option<String>,
-    /// Evaluate the first N questions only.
+    /// Evaluate the first N questions of each file only.
     #[arg(long)]
     pub max_examples: Option<usize>,
     /// Sampling temperature (default: the recipe's eval.temperature).
@@ -245,7 +353,10 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
             &[] as &[&str],
         )?,
     };
-    recipe.data.eval_files = vec![crate::recipe::DataFile::new(tasks)];
+    recipe.data.eval_files = tasks
+        .into_iter()
+        .map(crate::recipe::DataFile::new)
+        .collect();
     let tokenizer = match &recipe.model.path {
         Some(p) => Some(Arc::new(model::tokenizer::Tokenizer::from_dir(p)?)),
         None => None,

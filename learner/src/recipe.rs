@@ -856,7 +856,9 @@ pub struct EvalSection {
     pub eval_steps: StepInterval,
     /// Samples per question (the k of pass@k and mean@k).
     pub num_samples: usize,
-    /// Evaluate on the first N questions only; none: all.
+    /// Evaluate on the first N questions of each eval file only (each
+    /// benchmark keeps its share); none: all. With several eval files,
+    /// eval_log.jsonl also reports each on its own (`per_file`).
     pub max_examples: Option<usize>,
     /// 0: greedy.
     pub temperature: f64,

@@ -1318,12 +1318,25 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         run.log_eval(&line)?;
         run.event("eval", json!({"step": step, "mean_at_k": result.mean_at_k}))?;
         tracing::info!(step, pass = ?result.pass_at_k, "eval");
+        let per_file: Vec<String> = result
+            .per_file
+            .iter()
+            .map(|(name, f)| {
+                let p1 = f.pass_at_k.get("pass@1").copied().unwrap_or(f64::NAN);
+                format!("{name} {p1:.3}")
+            })
+            .collect();
         eprintln!(
-            "eval step {step}: pass@1 {:.3} ({} questions x {} samples, {:.1}s)",
+            "eval step {step}: pass@1 {:.3} ({} questions x {} samples, {:.1}s){}",
             result.pass_at_k.get("pass@1").copied().unwrap_or(f64::NAN),
             result.num_questions,
             result.num_samples,
-            result.seconds
+            result.seconds,
+            if per_file.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", per_file.join(", "))
+            }
         );
         Ok(())
     };

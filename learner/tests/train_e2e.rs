@@ -127,11 +127,13 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         assert!(events.iter().any(|x| x == e), "{e} missing from {events:?}");
     }
 
-    // `learner eval` against the same server, by hand.
+    // `learner eval` against the same server, by hand, on two files (the
+    // first 3 questions of each).
     let eval_out = tmp.path().join("eval");
     let out = std::process::Command::new(learner_bin())
         .args(["eval", "--endpoint", &server.url(""), "--tasks"])
         .arg(repo_root().join("configs/data/arith_eval.jsonl"))
+        .arg(ten_prompts(tmp.path()))
         .args(["--samples", "2", "--max-examples", "3", "--max-tokens", "8"])
         .arg("--out")
         .arg(&eval_out)
@@ -143,8 +145,13 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         String::from_utf8_lossy(&out.stderr)
     );
     let line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line["num_questions"], 3);
+    assert_eq!(line["num_questions"], 6);
     assert_eq!(line["pass_rule"], "exact_match == 1");
+    for file in ["arith_eval", "first_10"] {
+        let f = &line["per_file"][file];
+        assert_eq!(f["num_questions"], 3, "{line}");
+        assert!(f["pass_at_k"]["pass@2"].is_number(), "{line}");
+    }
     assert_eq!(read_jsonl(&eval_out.join("eval_log.jsonl")).len(), 1);
 }
 
