@@ -96,6 +96,9 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 pub struct ColumnMapping {
     pub prompt_column: String,
     pub answer_column: String,
+    /// The column naming each row's source (verl's `data_source`), read
+    /// when set.
+    pub source_column: Option<String>,
 }
 
 impl Default for ColumnMapping {
@@ -109,11 +112,14 @@ impl ColumnMapping {
         ColumnMapping {
             prompt_column: prompt_column.into(),
             answer_column: answer_column.into(),
+            source_column: None,
         }
     }
 
     pub fn from_recipe(data: &DataSection) -> Self {
-        ColumnMapping::new(&data.prompt_column, &data.answer_column)
+        let mut m = ColumnMapping::new(&data.prompt_column, &data.answer_column);
+        m.source_column = data.data_source_column.clone();
+        m
     }
 }
 
@@ -129,6 +135,8 @@ pub struct RawRow {
     /// A conversational prompt (TRL's format: a list of `{"role",
     /// "content"}` messages), which goes through the chat template as is.
     pub messages: Option<Vec<ChatMessage>>,
+    /// The source column's text, when the mapping names one.
+    pub data_source: Option<String>,
 }
 
 /// A conversational prompt: `[{"role": ..., "content": ...}, ...]`, where
@@ -300,11 +308,16 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
             }
             _ => (get(&mapping.prompt_column, false)?, None),
         };
+        let data_source = match &mapping.source_column {
+            Some(column) => Some(get(column, true)?),
+            None => None,
+        };
         rows.push(RawRow {
             question,
             answer: get(&mapping.answer_column, true)?,
             location: location.clone(),
             messages,
+            data_source,
         });
     }
     Ok(rows)
@@ -354,6 +367,16 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
     };
     let prompt_at = resolve(&mapping.prompt_column)?;
     let answer_at = resolve(&mapping.answer_column)?;
+    if let Some(column) = &mapping.source_column
+        && !columns.contains(column)
+    {
+        return Err(DataError::MissingColumn {
+            path: path.to_path_buf(),
+            location: "schema".into(),
+            column: column.clone(),
+            available: columns.join(", "),
+        });
+    }
     let iter = reader
         .get_row_iter(None)
         .map_err(|e| parse_err("schema".into(), e.to_string()))?;
@@ -364,6 +387,7 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         let mut question = None;
         let mut answer = None;
         let mut messages = None;
+        let mut data_source = None;
         for (name, field) in row.get_column_iter() {
             // Inside a struct column: its JSON, walked, read as JSONL reads it.
             for (at, is_answer) in [(&prompt_at, false), (&answer_at, true)] {
@@ -415,6 +439,8 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
                 &mut question
             } else if *name == mapping.answer_column {
                 &mut answer
+            } else if mapping.source_column.as_ref() == Some(name) {
+                &mut data_source
             } else {
                 continue;
             };
@@ -453,11 +479,16 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
             column: column.to_string(),
             available: format!("{} (the value is null)", columns.join(", ")),
         };
+        let data_source = match &mapping.source_column {
+            Some(column) => Some(data_source.ok_or_else(|| missing(column))?),
+            None => None,
+        };
         rows.push(RawRow {
             question: question.ok_or_else(|| missing(&mapping.prompt_column))?,
             answer: answer.ok_or_else(|| missing(&mapping.answer_column))?,
             location,
             messages,
+            data_source,
         });
     }
     Ok(rows)
@@ -709,6 +740,10 @@ pub struct Example {
     /// template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// The row's source (`data.data_source_column`, verl's `data_source`),
+    /// for rewards that score by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source: Option<String>,
 }
 
 /// What the manifest records of each data file.
@@ -774,6 +809,7 @@ impl Dataset {
                 source_file: path.clone(),
                 row: i,
                 messages,
+                data_source: row.data_source.clone(),
             });
         }
         Ok(Dataset {

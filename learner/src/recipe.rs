@@ -342,6 +342,10 @@ pub struct DataSection {
     /// struct (Parquet) or object (JSONL) column when no column has the
     /// name itself: verl's datasets use `reward_model.ground_truth`.
     pub answer_column: String,
+    /// The column naming each row's source (verl's `data_source`), for
+    /// `exact_match` with `extract: data_source` (verl's default scorer,
+    /// chosen by it); none: not read.
+    pub data_source_column: Option<String>,
     /// A system message (chat template), or text put before the prompt
     /// (plain template: at `{system_prompt}`, else on its own line first).
     pub system_prompt: Option<String>,
@@ -367,6 +371,7 @@ impl Default for DataSection {
             eval_files: Vec::new(),
             prompt_column: "prompt".into(),
             answer_column: "answer".into(),
+            data_source_column: None,
             system_prompt: None,
             prompt_template: "chat".into(),
             chat_template_kwargs: Map::new(),

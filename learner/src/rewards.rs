@@ -67,6 +67,10 @@ pub struct RewardInput {
     /// `reward_model`, which renders them with its own template).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// The row's source (`data.data_source_column`), for `exact_match` with
+    /// `extract: data_source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_source: Option<String>,
 }
 
 impl RewardInput {
@@ -82,7 +86,13 @@ impl RewardInput {
             completion_tokens: None,
             group: None,
             messages: None,
+            data_source: None,
         }
+    }
+
+    pub fn with_data_source(mut self, data_source: Option<String>) -> Self {
+        self.data_source = data_source;
+        self
     }
 
     pub fn with_messages(mut self, messages: Option<Vec<ChatMessage>>) -> Self {
@@ -478,6 +488,31 @@ pub enum Extract {
     /// The number after the last `#### ` (GSM8K's answer line; verl's
     /// gsm8k scorer, strict: no such line, no answer).
     Gsm8k,
+    /// The text after the last `Answer:` on its line, in the last 300
+    /// characters (case-insensitive; verl's math_dapo scorer, DAPO-Math's
+    /// format).
+    AnswerLine,
+    /// Chosen per row by its `data_source` (`data.data_source_column`), as
+    /// verl's default scorer chooses: `openai/gsm8k` as `gsm8k`; MATH's
+    /// sources (`lighteval/MATH`, `DigitalLearningGmbH/MATH-lighteval`,
+    /// `HuggingFaceH4/MATH-500`) as `boxed`; `math_dapo` and `aime*` as
+    /// `answer_line`. Another source is an error naming it.
+    DataSource,
+}
+
+impl Extract {
+    /// The extract for a row from `data_source`, as verl's
+    /// `default_compute_score` picks its scorer.
+    pub fn for_data_source(data_source: &str) -> Option<Extract> {
+        match data_source {
+            "openai/gsm8k" => Some(Extract::Gsm8k),
+            "lighteval/MATH" | "DigitalLearningGmbH/MATH-lighteval" | "HuggingFaceH4/MATH-500" => {
+                Some(Extract::Boxed)
+            }
+            s if s == "math_dapo" || s.starts_with("aime") => Some(Extract::AnswerLine),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -492,7 +527,25 @@ impl ExactMatch {
         let Some(reference) = &x.answer else {
             return Err("no reference answer (map the dataset's answer column)".into());
         };
-        let Some(predicted) = extract_answer(&x.completion_text, self.extract) else {
+        let extract = match self.extract {
+            Extract::DataSource => {
+                let Some(source) = &x.data_source else {
+                    return Err("`extract: data_source` needs each row's source: set \
+                         data.data_source_column (verl's datasets: data_source)"
+                        .into());
+                };
+                Extract::for_data_source(source).ok_or_else(|| {
+                    format!(
+                        "data_source {source:?} has no scorer here (openai/gsm8k; \
+                         lighteval/MATH, DigitalLearningGmbH/MATH-lighteval, \
+                         HuggingFaceH4/MATH-500; math_dapo, aime*): choose an `extract` for it, \
+                         or score it with a `remote` function"
+                    )
+                })?
+            }
+            e => e,
+        };
+        let Some(predicted) = extract_answer(&x.completion_text, extract) else {
             return Ok(0.0);
         };
         Ok(if answers_match(predicted, reference_answer(reference)) {
@@ -514,13 +567,23 @@ pub fn reference_answer(reference: &str) -> &str {
     last_boxed(reference).unwrap_or(reference)
 }
 
-/// The completion's final answer, per `extract`.
+/// The completion's final answer, per `extract` (`data_source`, which a
+/// row resolves, reads as `any` here).
 pub fn extract_answer(text: &str, extract: Extract) -> Option<&str> {
     match extract {
         Extract::AnswerTag => last_answer_tag(text),
         Extract::Boxed => last_boxed(text),
         Extract::LastNumber => last_number(text),
-        Extract::Any => last_answer_tag(text).or_else(|| last_boxed(text)),
+        Extract::Any | Extract::DataSource => last_answer_tag(text).or_else(|| last_boxed(text)),
+        Extract::AnswerLine => {
+            // verl's math_dapo reads the last 300 characters.
+            let start = text.char_indices().rev().nth(299).map_or(0, |(i, _)| i);
+            ANSWER_LINE
+                .captures_iter(&text[start..])
+                .last()
+                .and_then(|c| c.get(1))
+                .map(|m| m.as_str().trim())
+        }
         Extract::Gsm8k => GSM8K_ANSWER
             .captures_iter(text)
             .last()
@@ -528,6 +591,10 @@ pub fn extract_answer(text: &str, extract: Extract) -> Option<&str> {
             .map(|m| m.as_str()),
     }
 }
+
+static ANSWER_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)Answer\s*:\s*([^\n]+)").unwrap_or_else(|e| unreachable!("{e}"))
+});
 
 static GSM8K_ANSWER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"#### (-?[0-9.,]+)").unwrap_or_else(|e| unreachable!("{e}")));

@@ -77,6 +77,7 @@ impl Group {
                 .with_completion_tokens(c.completion_ids.len())
                 .in_group(index)
                 .with_messages(example.messages.clone())
+                .with_data_source(example.data_source.clone())
             })
             .collect()
     }

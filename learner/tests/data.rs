@@ -588,6 +588,20 @@ fn dotted_columns_read_inside_struct_columns() {
         assert_eq!(row.question, want["prompt"].as_str().unwrap());
         assert_eq!(row.messages.as_ref().map(Vec::len), Some(1));
     }
+    // verl's data_source column, read when the mapping names it (Parquet
+    // and JSONL); a missing one is named.
+    let mut with_source = verl.clone();
+    with_source.source_column = Some("data_source".into());
+    let rows = read_rows(&parquet, &with_source).unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.data_source.as_deref() == Some("arith"))
+    );
+    assert!(read_rows(&parquet, &verl).unwrap()[0].data_source.is_none());
+    let mut wrong = verl.clone();
+    wrong.source_column = Some("source".into());
+    let e = read_rows(&parquet, &wrong).unwrap_err().to_string();
+    assert!(e.contains("\"source\"") && e.contains("data_source"), "{e}");
     // A number inside the struct reads as text; a missing inner key names
     // the ones there are.
     let by_index = ColumnMapping::new("prompt", "extra_info.index");
@@ -617,6 +631,13 @@ fn dotted_columns_read_inside_struct_columns() {
         (rows[0].answer.as_str(), rows[1].answer.as_str()),
         ("2", "4")
     );
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"1+1\", \"data_source\": \"openai/gsm8k\", \"reward_model\": {\"ground_truth\": \"2\"}}\n",
+    )
+    .unwrap();
+    let rows = read_rows(&path, &with_source).unwrap();
+    assert_eq!(rows[0].data_source.as_deref(), Some("openai/gsm8k"));
     // A key with a dot in its name is still read as it is.
     std::fs::write(&path, "{\"prompt\": \"x\", \"a.b\": \"literal\"}\n").unwrap();
     let rows = read_rows(&path, &ColumnMapping::new("prompt", "a.b")).unwrap();

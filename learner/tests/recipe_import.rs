@@ -444,10 +444,9 @@ fn a_verl_launch_script_converts_to_the_same_steps() {
         c.yaml
     );
     assert_eq!(r.data.answer_column, "reward_model.ground_truth");
-    assert_eq!(
-        r.reward.functions[0].params["extract"], "gsm8k",
-        "the files are GSM8K's"
-    );
+    // verl's default scorer: by each row's data_source.
+    assert_eq!(r.reward.functions[0].params["extract"], "data_source");
+    assert_eq!(r.data.data_source_column.as_deref(), Some("data_source"));
     assert_eq!(r.rollout.num_generations, 5);
     assert_eq!(
         (r.rollout.max_prompt_length, r.rollout.max_completion_length),
@@ -553,10 +552,7 @@ trainer:
     assert_eq!(r.train.num_iterations, 2);
     assert_eq!(r.train.max_steps, 300);
     assert_eq!(r.data.prompt_column, "question");
-    assert_eq!(
-        r.reward.functions[0].params["extract"], "boxed",
-        "MATH files"
-    );
+    assert_eq!(r.reward.functions[0].params["extract"], "data_source");
     assert_eq!((r.eval.temperature, r.eval.num_samples), (0.6, 4));
     assert_eq!(r.checkpoint.save_strategy, IntervalStrategy::No);
     assert_eq!(r.log.report_to, vec!["tensorboard".to_string()]);

@@ -766,3 +766,55 @@ async fn think_format_is_trls_think_format_reward() {
     let e = config_error(json!({"name": "think_format", "pattern": "x"}));
     assert!(e.contains("pattern"), "{e}");
 }
+
+/// verl's default scorer, by each row's data_source: GSM8K's `#### n`,
+/// MATH's last `\boxed{}`, DAPO-Math's `Answer:` line; a source it does not
+/// know, or a row without one, is an error naming what to set.
+#[tokio::test]
+async fn exact_match_by_data_source_scores_as_verl_chooses() {
+    let row = |source: Option<&str>, completion: &str, answer: &str| {
+        input(completion, Some(answer)).with_data_source(source.map(str::to_string))
+    };
+    let batch = vec![
+        row(Some("openai/gsm8k"), "so 3 + 4 = 7\n#### 7", "7"),
+        row(Some("openai/gsm8k"), "the answer is \\boxed{7}", "7"),
+        row(
+            Some("lighteval/MATH"),
+            "so \\boxed{\\frac{1}{2}}",
+            "\\frac12",
+        ),
+        row(Some("HuggingFaceH4/MATH-500"), "#### 7", "7"),
+        row(Some("math_dapo"), "work...\nAnswer: 42", "42"),
+        row(Some("aime2024"), "answer: 41", "42"),
+    ];
+    let got = values(
+        json!({"name": "exact_match", "extract": "data_source"}),
+        &batch,
+    )
+    .await;
+    assert_eq!(got, vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+    let registry = registry(json!({"name": "exact_match", "extract": "data_source"}));
+    let e = registry
+        .score(&[row(Some("my_task"), "#### 1", "1")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"my_task\"") && e.contains("openai/gsm8k"),
+        "{e}"
+    );
+    let e = registry
+        .score(&[row(None, "#### 1", "1")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.data_source_column"), "{e}");
+    // The Answer: line is read in the last 300 characters, as verl reads it.
+    let long = format!("Answer: 42\n{}", "x".repeat(400));
+    let got = values(
+        json!({"name": "exact_match", "extract": "answer_line"}),
+        &[input(&long, Some("42")), input("Answer: 42", Some("42"))],
+    )
+    .await;
+    assert_eq!(got, vec![0.0, 1.0]);
+}

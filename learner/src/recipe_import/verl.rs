@@ -899,9 +899,9 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
             "no reward model (reward_model.model.path) is on: the rule-based scorer below",
         );
     }
-    // verl's default scorer goes by each row's data_source; the files'
-    // names say which of its scorers a run used.
-    let files = out.get("data.train_files").map(inline).unwrap_or_default();
+    // verl's default scorer goes by each row's data_source (its
+    // preprocessed datasets carry the column): so does exact_match's
+    // `data_source` extract.
     let (extract, note) = match &custom {
         Some(p) => (
             "any",
@@ -914,23 +914,20 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
                     .unwrap_or_default()
             ),
         ),
-        None if files.contains("gsm8k") => (
-            "gsm8k",
-            "verl's gsm8k scorer: the number after the last `#### `, 1 if it is the answer"
-                .to_string(),
-        ),
-        None if files.to_lowercase().contains("math") => (
-            "boxed",
-            "verl's MATH scorer: the last \\boxed{} against the answer, equal as its \
-             is_equiv says"
-                .to_string(),
-        ),
-        None => (
-            "any",
-            "TODO: verl scores by data_source (GSM8K's `#### n`, MATH's \\boxed{}); pick \
-             the extract that reads your answers (gsm8k, boxed, answer_tag, last_number)"
-                .to_string(),
-        ),
+        None => {
+            out.put(
+                "data.data_source_column",
+                json!("data_source"),
+                Some("where verl's preprocessing names each row's source".into()),
+            );
+            (
+                "data_source",
+                "verl's default scorer, chosen by each row's data_source (openai/gsm8k: the \
+                 number after `#### `; MATH: the last \\boxed{}; math_dapo, aime*: the \
+                 `Answer:` line), 1 if it is the answer"
+                    .to_string(),
+            )
+        }
     };
     let item = json!({"function": {"name": "exact_match", "extract": extract, "weight": 1.0},
                       "note": Value::Null});
