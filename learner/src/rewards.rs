@@ -496,20 +496,22 @@ pub enum Extract {
     /// verl's default scorer chooses: `openai/gsm8k` as `gsm8k`; MATH's
     /// sources (`lighteval/MATH`, `DigitalLearningGmbH/MATH-lighteval`,
     /// `HuggingFaceH4/MATH-500`) as `boxed`; `math_dapo` and `aime*` as
-    /// `answer_line`. Another source is an error naming it.
+    /// `answer_line`, a wrong answer scoring -1 as verl's math_dapo scores
+    /// it. Another source is an error naming it.
     DataSource,
 }
 
 impl Extract {
     /// The extract for a row from `data_source`, as verl's
-    /// `default_compute_score` picks its scorer.
-    pub fn for_data_source(data_source: &str) -> Option<Extract> {
+    /// `default_compute_score` picks its scorer, and the value of a wrong
+    /// answer there (its math_dapo scorer gives -1).
+    pub fn for_data_source(data_source: &str) -> Option<(Extract, f64)> {
         match data_source {
-            "openai/gsm8k" => Some(Extract::Gsm8k),
+            "openai/gsm8k" => Some((Extract::Gsm8k, 0.0)),
             "lighteval/MATH" | "DigitalLearningGmbH/MATH-lighteval" | "HuggingFaceH4/MATH-500" => {
-                Some(Extract::Boxed)
+                Some((Extract::Boxed, 0.0))
             }
-            s if s == "math_dapo" || s.starts_with("aime") => Some(Extract::AnswerLine),
+            s if s == "math_dapo" || s.starts_with("aime") => Some((Extract::AnswerLine, -1.0)),
             _ => None,
         }
     }
@@ -527,7 +529,7 @@ impl ExactMatch {
         let Some(reference) = &x.answer else {
             return Err("no reference answer (map the dataset's answer column)".into());
         };
-        let extract = match self.extract {
+        let (extract, wrong) = match self.extract {
             Extract::DataSource => {
                 let Some(source) = &x.data_source else {
                     return Err("`extract: data_source` needs each row's source: set \
@@ -543,15 +545,15 @@ impl ExactMatch {
                     )
                 })?
             }
-            e => e,
+            e => (e, 0.0),
         };
         let Some(predicted) = extract_answer(&x.completion_text, extract) else {
-            return Ok(0.0);
+            return Ok(wrong);
         };
         Ok(if answers_match(predicted, reference_answer(reference)) {
             1.0
         } else {
-            0.0
+            wrong
         })
     }
 }

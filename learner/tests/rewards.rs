@@ -792,7 +792,8 @@ async fn exact_match_by_data_source_scores_as_verl_chooses() {
         &batch,
     )
     .await;
-    assert_eq!(got, vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+    // math_dapo's wrong answers score -1, as verl's math_dapo scores them.
+    assert_eq!(got, vec![1.0, 0.0, 1.0, 0.0, 1.0, -1.0]);
     let registry = registry(json!({"name": "exact_match", "extract": "data_source"}));
     let e = registry
         .score(&[row(Some("my_task"), "#### 1", "1")])

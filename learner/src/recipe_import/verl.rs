@@ -963,9 +963,9 @@ fn convert_reward(keys: &mut Source, out: &mut Output) {
         out.leave_out(
             "reward_model.reward_manager",
             &manager,
-            "the reward is the recipe's functions, summed with their weights (verl's dapo \
-             manager scores DAPO-Math's data_source 1 / -1, where exact_match gives 1 / 0: \
-             weight exact_match 2 to keep its spread against the overlong penalty)",
+            "the reward is the recipe's functions, summed with their weights; exact_match \
+             with extract: data_source scores as the managers' default scorer does \
+             (math_dapo: 1 / -1), length_penalty adds the dapo manager's overlong penalty",
         );
     }
     out.put("reward.functions", Value::Array(functions), Some(note));
