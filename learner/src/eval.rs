@@ -390,6 +390,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
     };
     let client = RolloutClient::new(settings, tokenizer)?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
+    rewards.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -241,6 +241,17 @@ impl RewardRegistry {
         self.functions.iter().map(|f| f.weight).collect()
     }
 
+    /// Loads what the functions load on first use (reward models' weights),
+    /// so that a broken one stops the run before its first generation.
+    pub fn prepare(&self) -> Result<()> {
+        for f in &self.functions {
+            if let Kind::RewardModel(rm) = &f.kind {
+                rm.classifier().map_err(|m| f.fail(m))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The logged names, in recipe order.
     pub fn labels(&self) -> Vec<&str> {
         self.functions.iter().map(|f| f.label.as_str()).collect()

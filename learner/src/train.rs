@@ -1001,6 +1001,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut source =
         PromptSource::from_recipe(&recipe.data, t.seed, rank, world, Some(&tokenizer))?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
+    rewards.prepare()?;
     let reward_weights = rewards.weights();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     let group_filter = GroupFilter::from_recipe(t, &labels)?;

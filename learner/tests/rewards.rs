@@ -819,3 +819,29 @@ async fn exact_match_by_data_source_scores_as_verl_chooses() {
     .await;
     assert_eq!(got, vec![0.0, 1.0]);
 }
+
+/// A reward model's weights load on first use, or up front with `prepare`
+/// (what `learner train` and `learner eval` do): a folder without them
+/// builds, and `prepare` names the function and the folder.
+#[test]
+fn a_reward_model_without_weights_fails_up_front() {
+    let (dir, _) = reward_model_fixture("qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let weightless = registry(json!({"name": "reward_model", "path": tmp.path()}));
+    let e = weightless.prepare().unwrap_err().to_string();
+    assert!(
+        e.contains("reward_model") && e.contains(&tmp.path().display().to_string()),
+        "{e}"
+    );
+    registry(json!({"name": "reward_model", "path": dir}))
+        .prepare()
+        .unwrap();
+}
