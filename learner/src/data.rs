@@ -752,8 +752,17 @@ pub struct FileFingerprint {
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
+    /// Rows used (after `data.filter_overlong_prompts`).
     pub rows: usize,
     pub weight: f64,
+    /// Rows left out as longer than `rollout.max_prompt_length` tokens
+    /// (`data.filter_overlong_prompts`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overlong_prompts: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A loaded data file: its fingerprint and every example, in file order.
@@ -771,6 +780,19 @@ impl Dataset {
         mapping: &ColumnMapping,
         format: &PromptFormat,
         tokenizer: Option<&Tokenizer>,
+    ) -> Result<Dataset> {
+        Dataset::load_within(file, mapping, format, tokenizer, None)
+    }
+
+    /// [`Self::load`], leaving out the rows whose prompt is longer than
+    /// `max_prompt_tokens` tokens (verl's `filter_overlong_prompts`;
+    /// counted in the fingerprint). Row numbers stay those of the file.
+    pub fn load_within(
+        file: &DataFile,
+        mapping: &ColumnMapping,
+        format: &PromptFormat,
+        tokenizer: Option<&Tokenizer>,
+        max_prompt_tokens: Option<usize>,
     ) -> Result<Dataset> {
         let path = &file.path;
         let kind = Format::of(path)?;
@@ -796,8 +818,22 @@ impl Dataset {
             return Err(DataError::Empty { path: path.clone() });
         }
         let mut examples = Vec::with_capacity(rows.len());
+        let mut overlong_prompts = 0;
         for (i, row) in rows.iter().enumerate() {
             let (prompt_text, messages) = format.build_with_messages(path, row, tokenizer)?;
+            if let (Some(max), Some(tok)) = (max_prompt_tokens, tokenizer) {
+                let n = tok
+                    .encode(&prompt_text, false)
+                    .map_err(|e| DataError::Prompt {
+                        path: path.clone(),
+                        location: row.location.clone(),
+                        message: e.to_string(),
+                    })?;
+                if n.len() > max {
+                    overlong_prompts += 1;
+                    continue;
+                }
+            }
             let question = match format.max_prompt_chars {
                 Some(max) => row.question.chars().take(max).collect(),
                 None => row.question.clone(),
@@ -812,6 +848,15 @@ impl Dataset {
                 data_source: row.data_source.clone(),
             });
         }
+        if examples.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "every prompt of {} is longer than rollout.max_prompt_length ({} tokens): \
+                 data.filter_overlong_prompts leaves none; raise the limit or turn the \
+                 filter off (prompts are then cut to their last tokens)",
+                path.display(),
+                max_prompt_tokens.unwrap_or(0)
+            )));
+        }
         Ok(Dataset {
             fingerprint: FileFingerprint {
                 path: path.clone(),
@@ -819,21 +864,23 @@ impl Dataset {
                 bytes: bytes.len() as u64,
                 rows: examples.len(),
                 weight: file.weight,
+                overlong_prompts,
             },
             examples,
         })
     }
 
-    /// Loads each file of a list.
+    /// Loads each file of a list ([`Self::load_within`]).
     pub fn load_all(
         files: &[DataFile],
         mapping: &ColumnMapping,
         format: &PromptFormat,
         tokenizer: Option<&Tokenizer>,
+        max_prompt_tokens: Option<usize>,
     ) -> Result<Vec<Dataset>> {
         files
             .iter()
-            .map(|f| Dataset::load(f, mapping, format, tokenizer))
+            .map(|f| Dataset::load_within(f, mapping, format, tokenizer, max_prompt_tokens))
             .collect()
     }
 }
@@ -845,10 +892,17 @@ pub fn load_eval_examples(
     data: &DataSection,
     max_examples: Option<usize>,
     tokenizer: Option<&Tokenizer>,
+    max_prompt_tokens: Option<usize>,
 ) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
     let mapping = ColumnMapping::from_recipe(data);
     let format = PromptFormat::from_recipe(data)?;
-    let sets = Dataset::load_all(&data.eval_files, &mapping, &format, tokenizer)?;
+    let sets = Dataset::load_all(
+        &data.eval_files,
+        &mapping,
+        &format,
+        tokenizer,
+        max_prompt_tokens,
+    )?;
     let fingerprints = sets.iter().map(|d| d.fingerprint.clone()).collect();
     // The first `max_examples` of each file: each benchmark keeps its share.
     let examples: Vec<Example> = sets
@@ -968,10 +1022,17 @@ impl PromptSource {
         rank: usize,
         world_size: usize,
         tokenizer: Option<&Tokenizer>,
+        max_prompt_tokens: Option<usize>,
     ) -> Result<PromptSource> {
         let mapping = ColumnMapping::from_recipe(data);
         let format = PromptFormat::from_recipe(data)?;
-        let sets = Dataset::load_all(&data.train_files, &mapping, &format, tokenizer)?;
+        let sets = Dataset::load_all(
+            &data.train_files,
+            &mapping,
+            &format,
+            tokenizer,
+            max_prompt_tokens,
+        )?;
         PromptSource::new(sets, seed, data.shuffle, rank, world_size)
     }
 

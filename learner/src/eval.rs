@@ -361,8 +361,12 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         Some(p) => Some(Arc::new(model::tokenizer::Tokenizer::from_dir(p)?)),
         None => None,
     };
-    let (examples, _) =
-        crate::data::load_eval_examples(&recipe.data, max_examples, tokenizer.as_deref())?;
+    let (examples, _) = crate::data::load_eval_examples(
+        &recipe.data,
+        max_examples,
+        tokenizer.as_deref(),
+        recipe.overlong_prompt_limit(),
+    )?;
     let settings = RolloutSettings {
         endpoints: vec![endpoint],
         api_key,

@@ -360,6 +360,12 @@ pub struct DataSection {
     /// template); `rollout.max_prompt_length` limits tokens of any prompt.
     pub max_prompt_chars: Option<usize>,
     pub on_long_prompt: OnLongPrompt,
+    /// verl's `filter_overlong_prompts`: rows whose prompt (templated) is
+    /// longer than `rollout.max_prompt_length` tokens are left out of the
+    /// training and eval files when they load (each file's count is printed
+    /// and in the manifest); off: such prompts keep their last tokens, as
+    /// TRL cuts them.
+    pub filter_overlong_prompts: bool,
     /// Reshuffle each file every epoch (from `train.seed`); file order otherwise.
     pub shuffle: bool,
 }
@@ -377,6 +383,7 @@ impl Default for DataSection {
             chat_template_kwargs: Map::new(),
             max_prompt_chars: None,
             on_long_prompt: OnLongPrompt::Reject,
+            filter_overlong_prompts: false,
             shuffle: true,
         }
     }
@@ -1388,6 +1395,11 @@ impl Recipe {
             )?;
         }
         ensure(
+            !self.data.filter_overlong_prompts || self.rollout.max_prompt_length.is_some(),
+            "data.filter_overlong_prompts",
+            || "needs rollout.max_prompt_length (the limit in tokens)".into(),
+        )?;
+        ensure(
             t.max_tokens_per_micro_batch != Some(0),
             "train.max_tokens_per_micro_batch",
             || "must be >= 1 (padded tokens per micro-batch)".into(),
@@ -1725,6 +1737,14 @@ impl Recipe {
                 )),
             },
         }
+    }
+
+    /// The prompt length in tokens over which loading leaves a row out
+    /// (`data.filter_overlong_prompts` with `rollout.max_prompt_length`).
+    pub fn overlong_prompt_limit(&self) -> Option<usize> {
+        self.rollout
+            .max_prompt_length
+            .filter(|_| self.data.filter_overlong_prompts)
     }
 
     /// Prompts per rank per optimizer step.

@@ -998,8 +998,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         };
 
     // ---- data, rewards, rollouts, optimizer
-    let mut source =
-        PromptSource::from_recipe(&recipe.data, t.seed, rank, world, Some(&tokenizer))?;
+    let mut source = PromptSource::from_recipe(
+        &recipe.data,
+        t.seed,
+        rank,
+        world,
+        Some(&tokenizer),
+        recipe.overlong_prompt_limit(),
+    )?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
     let reward_weights = rewards.weights();
@@ -1171,6 +1177,20 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             eprintln!("note: {advice}");
             run.warn(&advice)?;
         }
+        for f in source.fingerprints() {
+            if f.overlong_prompts > 0 {
+                let msg = format!(
+                    "data.filter_overlong_prompts: {} of the {} prompts of {} are longer than \
+                     rollout.max_prompt_length ({} tokens) and left out",
+                    f.overlong_prompts,
+                    f.rows + f.overlong_prompts,
+                    f.path.display(),
+                    recipe.overlong_prompt_limit().unwrap_or(0)
+                );
+                eprintln!("note: {msg}");
+                run.warn(&msg)?;
+            }
+        }
         // TRL counts optimizer updates in max_steps; Tandem counts steps
         // (a generation and its updates). Said once, where it differs.
         if updates_per_step > 1 {
@@ -1291,7 +1311,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // ---- eval setup
     let eval_examples = if rank == 0 && recipe.eval.enabled() && !recipe.data.eval_files.is_empty()
     {
-        Some(load_eval_examples(&recipe.data, recipe.eval.max_examples, Some(&tokenizer))?.0)
+        Some(
+            load_eval_examples(
+                &recipe.data,
+                recipe.eval.max_examples,
+                Some(&tokenizer),
+                recipe.overlong_prompt_limit(),
+            )?
+            .0,
+        )
     } else {
         None
     };

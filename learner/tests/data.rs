@@ -347,6 +347,48 @@ fn long_prompts_are_truncated_or_rejected() {
     assert_eq!(set.examples[1].question, "12+");
 }
 
+/// verl's filter_overlong_prompts: rows whose templated prompt is longer than
+/// the limit in tokens are left out (counted), the others keep their row
+/// numbers; a file with none left is an error that says what to change.
+#[test]
+fn overlong_prompts_are_left_out_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"1+2\", \"answer\": \"3\"}\n\
+         {\"prompt\": \"12+75\", \"answer\": \"87\"}\n\
+         {\"prompt\": \"4*5\", \"answer\": \"20\"}\n",
+    )
+    .unwrap();
+    let tok = model::presets::tokenizer().unwrap();
+    let fmt = PromptFormat::plain("{question}=");
+    let file = DataFile::new(&path);
+    let mapping = ColumnMapping::default();
+    // "1+2=" and "4*5=" are 4 characters (4 tokens here), "12+75=" 6.
+    let set = Dataset::load_within(&file, &mapping, &fmt, Some(&tok), Some(4)).unwrap();
+    let kept: Vec<(usize, &str)> = set
+        .examples
+        .iter()
+        .map(|e| (e.row, e.prompt_text.as_str()))
+        .collect();
+    assert_eq!(kept, vec![(0, "1+2="), (2, "4*5=")]);
+    assert_eq!(
+        (set.fingerprint.rows, set.fingerprint.overlong_prompts),
+        (2, 1)
+    );
+    // No limit: every row.
+    let all = Dataset::load_within(&file, &mapping, &fmt, Some(&tok), None).unwrap();
+    assert_eq!(all.examples.len(), 3);
+    let e = Dataset::load_within(&file, &mapping, &fmt, Some(&tok), Some(3))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mixed.jsonl") && e.contains("data.filter_overlong_prompts"),
+        "{e}"
+    );
+}
+
 #[test]
 fn prompts_from_chat_template_system_prompt_and_template_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -412,7 +454,8 @@ fn the_demo_recipe_data_loads() {
     {
         f.path = repo().join(&f.path);
     }
-    let mut src = PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None).unwrap();
+    let mut src =
+        PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None, None).unwrap();
     let fp = src.fingerprints();
     assert_eq!(fp[0].rows, 6000);
     assert_eq!(
@@ -423,7 +466,8 @@ fn the_demo_recipe_data_loads() {
     assert_eq!(batch.len(), 8);
     assert!(batch.iter().all(|e| e.prompt_text.ends_with('=')));
 
-    let (eval, efp) = load_eval_examples(&recipe.data, recipe.eval.max_examples, None).unwrap();
+    let (eval, efp) =
+        load_eval_examples(&recipe.data, recipe.eval.max_examples, None, None).unwrap();
     assert_eq!(eval.len(), 500);
     assert_eq!(efp[0].rows, 500);
     // Held out: no training question is an eval question.

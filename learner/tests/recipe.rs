@@ -313,6 +313,17 @@ fn validation_names_the_key() {
     );
     let e = err(BASE, &["rollout.generation_kwargs.n=2"]);
     assert!(e.contains("rollout.num_generations"), "{e}");
+    let e = err(
+        BASE,
+        &[
+            "data.filter_overlong_prompts=true",
+            "rollout.max_prompt_length=null",
+        ],
+    );
+    assert!(
+        e.contains("data.filter_overlong_prompts") && e.contains("rollout.max_prompt_length"),
+        "{e}"
+    );
     let e = err(BASE, &["train.max_tokens_per_micro_batch=0"]);
     assert!(e.contains("train.max_tokens_per_micro_batch"), "{e}");
     // Dynamic sampling's settings act only with it on, and must make sense.

@@ -695,11 +695,13 @@ fn verl_filter_groups_and_openrlhf_dynamic_filtering_convert() {
                 algorithm.filter_groups.enable=True algorithm.filter_groups.metric=acc \\\n  \
                 algorithm.filter_groups.max_num_gen_batches=10 \\\n  \
                 reward_model.overlong_buffer.enable=True reward_model.overlong_buffer.len=128 \\\n  \
-                reward_model.overlong_buffer.penalty_factor=1.0\n";
+                reward_model.overlong_buffer.penalty_factor=1.0 \\\n  \
+                data.filter_overlong_prompts=True\n";
     let c = convert_recipe(verl, "run_dapo.sh").unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
         .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
     assert!(r.train.dynamic_sampling);
+    assert!(r.data.filter_overlong_prompts);
     assert_eq!(
         r.train.dynamic_sampling_metric.as_deref(),
         Some("exact_match")

@@ -27,6 +27,7 @@ fn manifest() -> Manifest {
         bytes: 10,
         rows: 2,
         weight: 1.0,
+        overlong_prompts: 0,
     }];
     let topology = RunTopology {
         rank: 0,

@@ -1273,6 +1273,36 @@ fn a_reward_model_scores_the_conversation_through_its_chat_template() {
     }
 }
 
+/// verl's filter_overlong_prompts: the training prompts over
+/// rollout.max_prompt_length tokens ("70+87=" is 6) are left out, said at
+/// the start and counted in the manifest; the run trains on the others.
+#[test]
+fn overlong_prompts_are_left_out_of_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("short");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let o = train(
+        &r,
+        &[
+            "data.filter_overlong_prompts=true".into(),
+            "rollout.max_prompt_length=5".into(),
+            "train.max_steps=1".into(),
+            "log.log_completions=true".into(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("data.filter_overlong_prompts:"), "{stderr}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let text = manifest.to_string();
+    assert!(text.contains("\"overlong_prompts\""), "{text}");
+    for c in read_jsonl(&out.join("completions.jsonl")) {
+        assert!(c["prompt"].as_str().unwrap().chars().count() <= 5, "{c}");
+    }
+}
+
 #[test]
 fn the_nan_guard_skips_steps_then_stops() {
     let tmp = tempfile::tempdir().unwrap();

@@ -244,11 +244,10 @@ fn convert_model_and_data(keys: &mut Source, out: &mut Output) {
         Some("where verl's preprocessing puts the reference answer".into()),
     );
     if let Some(v) = keys.take("data.filter_overlong_prompts") {
-        out.leave_out(
+        out.put(
             "data.filter_overlong_prompts",
-            &v,
-            "prompts longer than rollout.max_prompt_length keep their last tokens (counted \
-             as truncated_prompts), as TRL's max_prompt_length; none is dropped",
+            v,
+            Some("data.filter_overlong_prompts (over rollout.max_prompt_length)".into()),
         );
     }
 }
