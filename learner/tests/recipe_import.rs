@@ -433,6 +433,15 @@ fn a_verl_launch_script_converts_to_the_same_steps() {
         r.model.path.as_deref(),
         Some(std::path::Path::new("Qwen/Qwen2-7B-Instruct"))
     );
+    // verl's filter_overlong_prompts carries over; its truncation is said.
+    assert!(r.data.filter_overlong_prompts);
+    assert!(
+        c.left_out
+            .iter()
+            .any(|(kv, why)| kv.starts_with("data.truncation") && why.contains("last tokens")),
+        "{:?}",
+        c.left_out
+    );
     assert_eq!(
         r.data.train_files[0].path,
         std::path::Path::new("$HOME/data/gsm8k/train.parquet"),

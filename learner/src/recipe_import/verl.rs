@@ -1109,6 +1109,10 @@ fn left_out_reason(key: &str) -> &'static str {
          launcher and Slurm wrapper resume by themselves)"
     } else if key == "trainer.val_before_train" {
         "evaluation runs every eval.eval_steps steps and after the last one"
+    } else if key == "data.truncation" {
+        "a prompt longer than rollout.max_prompt_length keeps its last tokens (verl's `left`); \
+         data.filter_overlong_prompts leaves such prompts out when the files load (verl's \
+         `error` would stop at the first)"
     } else if key.starts_with("data.") {
         "Tandem reads the files as they are (data.prompt_column / answer_column name the \
          columns)"
