@@ -292,8 +292,9 @@ pub struct EvalArgs {
     pub endpoint: String,
     /// Questions: JSONL or Parquet files with the recipe's column mapping
     /// (default `prompt` and `answer`); several files (a space-separated
-    /// list, or the flag repeated) are reported each on its own too.
-    #[arg(long, num_args = 1.., required = true)]
+    /// list, or the flag repeated) are reported each on its own too. None:
+    /// the `--config` recipe's `data.eval_files`.
+    #[arg(long, num_args = 1..)]
     pub tasks: Vec<PathBuf>,
     /// Samples per question (the k of pass@k).
     #[arg(long, default_value_t = 1)]
@@ -353,10 +354,16 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
             &[] as &[&str],
         )?,
     };
-    recipe.data.eval_files = tasks
-        .into_iter()
-        .map(crate::recipe::DataFile::new)
-        .collect();
+    if !tasks.is_empty() {
+        recipe.data.eval_files = tasks
+            .into_iter()
+            .map(crate::recipe::DataFile::new)
+            .collect();
+    } else if recipe.data.eval_files.is_empty() {
+        anyhow::bail!(
+            "no questions: give --tasks FILE..., or a --config whose data.eval_files lists them"
+        );
+    }
     let tokenizer = match &recipe.model.path {
         Some(p) => Some(Arc::new(model::tokenizer::Tokenizer::from_dir(p)?)),
         None => None,

@@ -152,6 +152,26 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         assert_eq!(f["num_questions"], 3, "{line}");
         assert!(f["pass_at_k"]["pass@2"].is_number(), "{line}");
     }
+    // Without --tasks: the recipe's eval files; with neither, an error.
+    let eval = |args: &[&str]| {
+        std::process::Command::new(learner_bin())
+            .args(["eval", "--endpoint", &server.url("")])
+            .args(args)
+            .args(["--max-examples", "2", "--max-tokens", "4"])
+            .output()
+            .unwrap()
+    };
+    let out = eval(&["--config", &recipe.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["num_questions"], 2);
+    let out = eval(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tasks"));
     assert_eq!(read_jsonl(&eval_out.join("eval_log.jsonl")).len(), 1);
 }
 
