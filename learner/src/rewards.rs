@@ -506,9 +506,11 @@ pub enum Extract {
     /// Chosen per row by its `data_source` (`data.data_source_column`), as
     /// verl's default scorer chooses: `openai/gsm8k` as `gsm8k`; MATH's
     /// sources (`lighteval/MATH`, `DigitalLearningGmbH/MATH-lighteval`,
-    /// `HuggingFaceH4/MATH-500`) as `boxed`; `math_dapo` and `aime*` as
-    /// `answer_line`, a wrong answer scoring -1 as verl's math_dapo scores
-    /// it. Another source is an error naming it.
+    /// `HuggingFaceH4/MATH-500`), NuminaMath's `numina_*` and
+    /// `hiyouga/geometry3k` as `boxed` (MATH's `is_equiv` standing in for
+    /// the latter two's checks); `math_dapo` and `aime*` as `answer_line`, a
+    /// wrong answer scoring -1 as verl's math_dapo scores it. Another source
+    /// is an error naming it.
     DataSource,
 }
 
@@ -520,6 +522,11 @@ impl Extract {
         match data_source {
             "openai/gsm8k" => Some((Extract::Gsm8k, 0.0)),
             "lighteval/MATH" | "DigitalLearningGmbH/MATH-lighteval" | "HuggingFaceH4/MATH-500" => {
+                Some((Extract::Boxed, 0.0))
+            }
+            // verl's prime_math (NuminaMath) and geo3k scorers also read the
+            // last \boxed{}; their equivalence checks are MATH's is_equiv here.
+            s if s.starts_with("numina_") || s == "hiyouga/geometry3k" => {
                 Some((Extract::Boxed, 0.0))
             }
             s if s == "math_dapo" || s.starts_with("aime") => Some((Extract::AnswerLine, -1.0)),
@@ -551,8 +558,9 @@ impl ExactMatch {
                     format!(
                         "data_source {source:?} has no scorer here (openai/gsm8k; \
                          lighteval/MATH, DigitalLearningGmbH/MATH-lighteval, \
-                         HuggingFaceH4/MATH-500; math_dapo, aime*): choose an `extract` for it, \
-                         or score it with a `remote` function"
+                         HuggingFaceH4/MATH-500, numina_*, hiyouga/geometry3k; math_dapo, \
+                         aime*): choose an `extract` for it, or score it with a `remote` \
+                         function"
                     )
                 })?
             }

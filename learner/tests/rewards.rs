@@ -786,6 +786,7 @@ async fn exact_match_by_data_source_scores_as_verl_chooses() {
         row(Some("HuggingFaceH4/MATH-500"), "#### 7", "7"),
         row(Some("math_dapo"), "work...\nAnswer: 42", "42"),
         row(Some("aime2024"), "answer: 41", "42"),
+        row(Some("numina_olympiads"), "so \\boxed{5}", "5"),
     ];
     let got = values(
         json!({"name": "exact_match", "extract": "data_source"}),
@@ -793,7 +794,7 @@ async fn exact_match_by_data_source_scores_as_verl_chooses() {
     )
     .await;
     // math_dapo's wrong answers score -1, as verl's math_dapo scores them.
-    assert_eq!(got, vec![1.0, 0.0, 1.0, 0.0, 1.0, -1.0]);
+    assert_eq!(got, vec![1.0, 0.0, 1.0, 0.0, 1.0, -1.0, 1.0]);
     let registry = registry(json!({"name": "exact_match", "extract": "data_source"}));
     let e = registry
         .score(&[row(Some("my_task"), "#### 1", "1")])
