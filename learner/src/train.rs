@@ -1392,16 +1392,21 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     // One generation round of this rank: its next prompts, each request
     // seeded by the step, the round and the prompt.
-    let generate_round = |source: &mut PromptSource,
-                          step: u64,
-                          round: usize|
-     -> anyhow::Result<(Vec<Example>, Vec<GroupOutcome>)> {
+    // (The same draw, spawned, prefetches the next step with async_lag 1.)
+    let draw_round = |source: &mut PromptSource, step: u64, round: usize| {
         let examples = source.next_batch(round_prompts);
         let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
         let seeds: Vec<u64> = examples
             .iter()
             .map(|e| request_seed_in_round(t.seed, step, round, e))
             .collect();
+        (examples, prompts, seeds)
+    };
+    let generate_round = |source: &mut PromptSource,
+                          step: u64,
+                          round: usize|
+     -> anyhow::Result<(Vec<Example>, Vec<GroupOutcome>)> {
+        let (examples, prompts, seeds) = draw_round(source, step, round);
         let outcomes = rt.block_on(client.generate(&prompts, &seeds))?;
         Ok((examples, outcomes))
     };
@@ -1453,12 +1458,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // Also after the last step: the final checkpoint then holds the next
         // batch, and a run extended with --resume-from stays exact.
         let pending = if recipe.rollout.async_lag == 1 {
-            let next = source.next_batch(round_prompts);
-            let prompts: Vec<String> = next.iter().map(|e| e.prompt_text.clone()).collect();
-            let seeds: Vec<u64> = next
-                .iter()
-                .map(|e| request_seed(t.seed, step + 1, e))
-                .collect();
+            let (next, prompts, seeds) = draw_round(&mut source, step + 1, 0);
             let cl = client.clone();
             let handle = rt.spawn(async move { cl.generate(&prompts, &seeds).await });
             Some((next, handle))
