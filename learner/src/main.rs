@@ -93,6 +93,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any tensor exists: see model::allocator.
+    model::allocator::keep_freed_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

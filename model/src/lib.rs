@@ -18,11 +18,13 @@
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;
 //! - [`presets`]: the embedded tiny/small models with a character tokenizer;
-//! - [`device`]: `--device` / `--dtype` parsing, `auto` resolution, GPU memory.
+//! - [`device`]: `--device` / `--dtype` parsing, `auto` resolution, GPU memory;
+//! - [`allocator`]: the host allocator kept from returning freed tensor buffers.
 //!
 //! Device and dtype are parameters everywhere (`candle_core::Device`,
 //! `DType`): CPU f32 is the default, CUDA bf16 a switch.
 
+pub mod allocator;
 pub(crate) mod autograd;
 pub mod config;
 pub mod decoder;

@@ -103,6 +103,7 @@ fn run(
 }
 
 fn main() -> anyhow::Result<()> {
+    model::allocator::keep_freed_buffers();
     let a = parse_args()?;
     let device = Device::Cpu;
     let cfg = presets::config(a.preset, 100, 1, 0)?;

@@ -254,6 +254,7 @@ fn random_ids(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
 }
 
 fn main() -> model::Result<()> {
+    model::allocator::keep_freed_buffers();
     let mut presets: Vec<Preset> = Vec::new();
     let (mut device, mut dtype, mut bandwidth_gbs) = (DeviceSpec::Cpu, DTypeSpec::Auto, None);
     let mut only: Option<String> = None;

@@ -133,6 +133,7 @@ async fn bench(name: &str, preset: Preset) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    model::allocator::keep_freed_buffers();
     let mut which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
         which = vec!["tiny".into(), "small".into()];

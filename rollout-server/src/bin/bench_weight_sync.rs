@@ -64,6 +64,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    model::allocator::keep_freed_buffers();
     // RUST_LOG=info shows the server's receive / apply split per push.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
