@@ -49,6 +49,12 @@ impl RmsNorm {
         if fused {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
+        if crate::fused::applies(x) {
+            let op = crate::fused::RmsNorm {
+                eps: self.eps as f32,
+            };
+            return Ok(x.contiguous()?.apply_op2(&self.weight, op)?);
+        }
         // As transformers: the variance in (at least) f32, then back to the
         // input dtype.
         let dtype = x.dtype();
@@ -207,6 +213,13 @@ impl Linear {
     /// [`CausalLM::with_dropout`]) its LoRA adapter's input is dropped out
     /// with the mask that seed and this linear's name give.
     fn forward_dropped(&self, x: &Tensor, dropout: Option<u64>) -> Result<Tensor> {
+        if self.lora.is_none() && self.weight.is_variable() && crate::fused::applies(x) {
+            // A trainable weight on the CPU: one graph node (see fused::Linear).
+            let y = x
+                .contiguous()?
+                .apply_op2(&self.weight, crate::fused::Linear)?;
+            return self.add_bias(y);
+        }
         // One 2-D product over all leading dimensions.
         let dims = x.dims();
         let (lead, k) = dims.split_at(dims.len().saturating_sub(1));
@@ -246,7 +259,10 @@ impl Linear {
         };
         let mut shape = lead.to_vec();
         shape.push(y.dim(1)?);
-        let y = y.reshape(shape)?;
+        self.add_bias(y.reshape(shape)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) if y.track_op() && !b.is_variable() => apply(&y, ConstOperand::add(b))?,
             Some(b) => y.broadcast_add(b)?,
@@ -355,6 +371,29 @@ impl Attention {
         Ok((q, k, v))
     }
 
+    /// The projections, [`crate::fused::Attention`] and the output
+    /// projection, over whole sequences on the CPU (no q/k norms).
+    fn attend_fused(
+        &self,
+        x: &Tensor,
+        ctx: &SequenceContext,
+        dropout: Option<u64>,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward_dropped(x, dropout)?;
+        let k = self.k_proj.forward_dropped(x, dropout)?;
+        let v = self.v_proj.forward_dropped(x, dropout)?;
+        let op = crate::fused::Attention::new(
+            (self.num_heads, self.num_kv_heads, self.head_dim),
+            &ctx.cos,
+            &ctx.sin,
+            &ctx.attn_mask,
+        )?;
+        let out = q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+        self.o_proj.forward_dropped(&out, dropout)
+    }
+
     /// Scaled dot-product attention with an additive mask `[B, 1, Tq, Tk]` (f32),
     /// then the output projection. Returns `[B, Tq, hidden]`.
     fn attend(
@@ -375,18 +414,26 @@ impl Attention {
         // n_rep times fewer (and larger) products and no copies of K and V.
         let q = q.contiguous()?.reshape((b, kvh, n_rep * tq, d))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, heads, tq, tk))?;
-        let scores = logprobs::upcast(&scores)?;
-        let mask = mask.to_dtype(scores.dtype())?;
-        let scores = if scores.track_op() {
-            apply(&scores.contiguous()?, ConstOperand::add(&mask))?
+        let scores = q.matmul(&k.t()?)?.reshape((b, heads, tq, tk))?;
+        let probs = if !fused && crate::fused::applies(&scores) {
+            let op = crate::fused::AttentionSoftmax {
+                scale: scale as f32,
+                mask: mask.to_dtype(DType::F32)?.contiguous()?,
+            };
+            scores.contiguous()?.apply_op1(op)?
         } else {
-            scores.broadcast_add(&mask)?
-        };
-        let probs = if fused {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            let scores = logprobs::upcast(&(scores * scale)?)?;
+            let mask = mask.to_dtype(scores.dtype())?;
+            let scores = if scores.track_op() {
+                apply(&scores.contiguous()?, ConstOperand::add(&mask))?
+            } else {
+                scores.broadcast_add(&mask)?
+            };
+            if fused {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            }
         };
         let out = probs
             .to_dtype(q.dtype())?
@@ -409,9 +456,15 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, dropout: Option<u64>) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward_dropped(x, dropout)?)?;
+        let gate = self.gate_proj.forward_dropped(x, dropout)?;
         let up = self.up_proj.forward_dropped(x, dropout)?;
-        self.down_proj.forward_dropped(&(gate * up)?, dropout)
+        let act = if crate::fused::applies(&gate) {
+            gate.contiguous()?
+                .apply_op2(&up.contiguous()?, crate::fused::SwiGlu)?
+        } else {
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
+        self.down_proj.forward_dropped(&act, dropout)
     }
 }
 
@@ -493,10 +546,13 @@ impl DecoderLayer {
         let h = self.input_layernorm.forward(x, false)?;
         // Each linear's name (its `site`) tells its masks apart.
         let dropout = ctx.dropout;
-        let (q, k, v) = self.self_attn.qkv(&h, &ctx.cos, &ctx.sin, false, dropout)?;
-        let attn = self
-            .self_attn
-            .attend(&q, k, v, &ctx.attn_mask, false, dropout)?;
+        let a = &self.self_attn;
+        let attn = if crate::fused::applies(&h) && a.q_norm.is_none() {
+            a.attend_fused(&h, ctx, dropout)?
+        } else {
+            let (q, k, v) = a.qkv(&h, &ctx.cos, &ctx.sin, false, dropout)?;
+            a.attend(&q, k, v, &ctx.attn_mask, false, dropout)?
+        };
         self.finish(x, attn, false, dropout)
     }
 

@@ -14,6 +14,8 @@
 //!   the decoder with a score head, read at each sequence's last token;
 //! - `autograd` (internal): differentiable ops whose backward makes only the
 //!   gradients training needs (frozen linears, LoRA, rotary embedding, constants);
+//! - `fused` (internal): one-pass CPU kernels, forward and backward, for the
+//!   attention softmax, RMSNorm and SwiGLU;
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;
@@ -30,6 +32,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod error;
+pub(crate) mod fused;
 pub mod kv_cache;
 pub mod logprobs;
 pub mod lora;

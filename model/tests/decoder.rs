@@ -257,6 +257,47 @@ fn gradients_of_log_probs_match_finite_differences() {
     }
 }
 
+/// On the CPU in f32 the full-sequence forward runs fused kernels (RMSNorm,
+/// attention, SwiGLU, linears: `model::fused`); in f64 it runs candle's ops
+/// spelled out. The two give the same log-probs and gradients, for every
+/// architecture, padded rows included.
+#[test]
+fn fused_f32_kernels_give_the_spelled_out_f64_gradients() {
+    for arch in ARCHS {
+        let (cfg, w64) = random_model(arch, 5, DType::F64);
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let run = |w: &Weights| {
+            let (vars, view) = trainable(w).unwrap();
+            let lm = CausalLM::new(&cfg, &view).unwrap();
+            let lp = lm.completion_logprobs(&x, &m, 4, 0.9, true).unwrap();
+            let objective = logprob_entropy_objective(&lm, &x, &m);
+            let grads = objective.backward().unwrap();
+            let grads: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(name, v)| {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    (name.clone(), g.to_dtype(DType::F64).unwrap())
+                })
+                .collect();
+            (lp.logprobs.to_dtype(DType::F64).unwrap(), grads)
+        };
+        let (lp64, g64) = run(&w64);
+        let (lp32, g32) = run(&w64.to_dtype(DType::F32).unwrap());
+        let d = max_abs_diff_f64(&lp32, &lp64);
+        assert!(d < 1e-4, "{arch} log-probs: {d}");
+        for ((name, a), (_, r)) in g32.iter().zip(&g64) {
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f64>().unwrap().max(1e-3);
+            let diff = max_abs_diff_f64(a, r);
+            assert!(
+                diff < 1e-3 * scale,
+                "{arch} {name}: {diff} (largest {scale})"
+            );
+        }
+    }
+}
+
 /// Summed completion log-probs plus 0.3 x summed entropy of the last 4
 /// positions: both carry gradients to it.
 fn logprob_entropy_objective(lm: &CausalLM, x: &Tensor, m: &Tensor) -> Tensor {
