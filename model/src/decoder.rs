@@ -604,6 +604,16 @@ impl DecoderLayer {
     }
 }
 
+/// Where a cached step's attention reads its keys and values.
+enum StepKeys {
+    /// Each sequence's own rows of the cache, `(first row, length)`: a
+    /// decode step on the CPU in f32 (`fused::decode_attention`).
+    CacheRows(Vec<(usize, usize)>),
+    /// The cache rows of every sequence gathered to the longest length (the
+    /// index of [`KvCache::gather`]).
+    Gathered(Tensor),
+}
+
 /// Which logits [`CausalLM::forward_cached`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -1092,7 +1102,20 @@ impl CausalLM {
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, 1, t, tk), &self.device)?;
         let (cos, sin) = self.rope.at(&positions, self.dtype)?;
-        let gather = cache.gather_index(entries.iter().map(|(slot, _)| *slot), tk)?;
+        // A decode step (one new token each) on the CPU in f32 reads each
+        // sequence's own cache rows (fused::decode_attention); otherwise the
+        // rows are gathered to the longest sequence's length.
+        let keys = if t == 1 && self.device.is_cpu() && self.dtype == DType::F32 {
+            StepKeys::CacheRows(
+                entries
+                    .iter()
+                    .zip(&starts)
+                    .map(|(&(slot, _), &s)| (cache.first_row(slot), s + 1))
+                    .collect(),
+            )
+        } else {
+            StepKeys::Gathered(cache.gather_index(entries.iter().map(|(slot, _)| *slot), tk)?)
+        };
         let write = cache.write_index(
             entries
                 .iter()
@@ -1108,10 +1131,19 @@ impl CausalLM {
             let h = layer.input_layernorm.forward(&x, true)?;
             let (q, k, v) = layer.self_attn.qkv(&h, &cos, &sin, true, None)?;
             cache.write(l, &write, &k, &v)?;
-            let (k_all, v_all) = cache.gather(l, &gather, b, tk)?;
-            let attn = layer
-                .self_attn
-                .attend(&q, k_all, v_all, &mask, true, None)?;
+            let attn = match &keys {
+                StepKeys::CacheRows(rows) => {
+                    let (k_cache, v_cache) = cache.layer(l)?;
+                    let out = crate::fused::decode_attention(&q, k_cache, v_cache, rows)?;
+                    layer.self_attn.o_proj.forward(&out)?
+                }
+                StepKeys::Gathered(index) => {
+                    let (k_all, v_all) = cache.gather(l, index, b, tk)?;
+                    layer
+                        .self_attn
+                        .attend(&q, k_all, v_all, &mask, true, None)?
+                }
+            };
             x = layer.finish(&x, attn, true, None)?;
         }
         for ((slot, toks), &s) in entries.iter().zip(&starts) {

@@ -29,6 +29,25 @@ fn rows_per_task(len: usize) -> usize {
     (TASK_ELEMENTS / len.max(1)).max(1)
 }
 
+/// `sum(a * b)` in eight lanes, so that the compiler vectorizes it (an
+/// iterator's `sum` adds in order, one element at a time).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// The f32 values a custom op's input holds, in its (contiguous) layout.
 fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -141,9 +160,9 @@ fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
                 .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))
                 .for_each(|(ds, (p, dp))| {
                     for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
-                        let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
+                        let pdp = dot(p, dp);
                         for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
-                            *ds = scale * p * (dp - dot);
+                            *ds = scale * p * (dp - pdp);
                         }
                     }
                 });
@@ -163,7 +182,7 @@ pub(crate) struct RmsNorm {
 
 /// `1 / sqrt(mean(x^2) + eps)` of one row.
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ms = dot(x, x) / x.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -574,6 +593,77 @@ impl candle_core::CustomOp3 for Attention {
         let keep = |x: &Tensor, g: Tensor| if x.track_op() { Some(g) } else { None };
         Ok((keep(q_in, dq), keep(k_in, dk), keep(v_in, dv)))
     }
+}
+
+/// One decode step's attention read straight from the KV cache: each
+/// sequence's one new query against its own keys and values, the cache's
+/// rows `first..first + len` (`[rows, kv_heads, d]`, the step's own key
+/// already written). Replaces gathering every sequence's rows to the
+/// batch's longest length, two batched products of a few rows each per
+/// sequence and head, and the masked softmax between them: per sequence
+/// and head, a dot product per key, a softmax and a weighted sum of values.
+/// `q`: `[B, heads, 1, d]` with the rotary embedding applied; returns
+/// `[B, 1, heads * d]`. Inference only (no backward).
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    rows: &[(usize, usize)],
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let (cache_rows, kvh, dk) = k_cache.dims3()?;
+    if t != 1 || dk != d || rows.len() != b || heads % kvh != 0 {
+        candle_core::bail!(
+            "decode attention: queries {:?}, cache {:?}, {} sequences",
+            q.dims(),
+            k_cache.dims(),
+            rows.len()
+        )
+    }
+    if let Some((first, len)) = rows
+        .iter()
+        .find(|(first, len)| *len == 0 || first + len > cache_rows)
+    {
+        candle_core::bail!(
+            "decode attention: rows {first}..{} of {cache_rows}",
+            first + len
+        )
+    }
+    let rep = heads / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; b * heads * d];
+    with_values(&[q, k_cache, v_cache], |v| {
+        let (q, k, v) = (v[0], v[1], v[2]);
+        out.par_chunks_mut(heads * d)
+            .zip(q.par_chunks(heads * d))
+            .zip(rows)
+            .for_each(|((out, q), &(first, len))| {
+                let mut p = vec![0f32; len];
+                for (h, (out, q)) in out.chunks_mut(d).zip(q.chunks(d)).enumerate() {
+                    let g = h / rep;
+                    let at = |j: usize| ((first + j) * kvh + g) * d;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, p) in p.iter_mut().enumerate() {
+                        *p = dot(q, &k[at(j)..at(j) + d]) * scale;
+                        max = max.max(*p);
+                    }
+                    let mut sum = 0f32;
+                    for p in p.iter_mut() {
+                        *p = (*p - max).exp();
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    for (j, &p) in p.iter().enumerate() {
+                        let w = p * inv;
+                        for (o, &x) in out.iter_mut().zip(&v[at(j)..at(j) + d]) {
+                            *o += w * x;
+                        }
+                    }
+                }
+            });
+        Ok(())
+    })?;
+    tensor(out, &Shape::from((b, 1, heads * d)))
 }
 
 #[cfg(test)]

@@ -232,6 +232,21 @@ impl KvCache {
         Ok((pick(&self.k[layer])?, pick(&self.v[layer])?))
     }
 
+    /// The cache row of `slot`'s first position.
+    pub(crate) fn first_row(&self, slot: usize) -> usize {
+        slot * self.max_len
+    }
+
+    /// Layer `layer`'s keys and values, `[num_slots * max_len, kv_heads, d]`.
+    pub(crate) fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(ModelError::Invalid(format!(
+                "the KV cache has no layer {layer}"
+            ))),
+        }
+    }
+
     pub(crate) fn commit(&mut self, slot: usize, len: usize) {
         if let Some(l) = self.lens.get_mut(slot) {
             *l = Some(len);
