@@ -5,8 +5,8 @@
 //! and goes back with `munmap` (the mmap threshold only rises to the largest
 //! size freed so far, and the heap's free top is trimmed at 128 KiB), so a
 //! training step page-faults and zeroes its activations afresh at every
-//! forward and backward: a quarter of a CPU forward+backward's time, measured
-//! on the `small` preset (README, Benchmarks). Keeping freed memory in the
+//! forward and backward (keeping them made the `small` preset's CPU
+//! forward+backward 30% faster: README, Benchmarks). Keeping freed memory in the
 //! heap lets the next op reuse it, as PyTorch's caching allocator does on a GPU.
 
 /// Buffers up to this size come from the heap, not `mmap`: glibc's largest

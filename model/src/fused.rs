@@ -1,14 +1,18 @@
-//! One-pass CPU kernels, forward and backward, for the elementwise chains of
-//! the full-sequence forward (training and scoring): the attention softmax
-//! (scale, additive mask, softmax), RMSNorm and SwiGLU's `silu(gate) * up`.
+//! CPU kernels, forward and backward, for the full-sequence forward
+//! (training and scoring) and for decode steps:
+//! - [`Attention`]: a layer's attention between its projections (rotary
+//!   embedding, grouped-query products, [`AttentionSoftmax`]), one node;
+//! - [`RmsNorm`], [`SwiGlu`] (`silu(gate) * up`), [`Linear`] (`x W^T` for a
+//!   trainable weight);
+//! - [`decode_attention`]: a decode step's attention read from the KV cache.
 //!
 //! candle spells each of these as several ops (RMSNorm: square, mean, add,
 //! sqrt, divide, multiply), each writing a new activation-sized tensor, and
 //! its backward adds a few more per op (silu's alone makes seven), each
-//! summed into a zeroed gradient. These ops read their inputs once and
-//! write their output once, and their backward likewise (README,
-//! Benchmarks). CPU f32, the CPU's training dtype ([`applies`]); other
-//! devices and dtypes keep candle's ops, which the tests compare these with.
+//! summed into a zeroed gradient. These read their inputs once and write
+//! their output once, and their backward likewise (README, Benchmarks).
+//! CPU f32, the CPU's training dtype ([`applies`]); other devices and dtypes
+//! keep candle's ops, which the tests compare these with.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
@@ -75,6 +79,11 @@ fn with_values<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Res
 
 fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
+}
+
+/// An operand's gradient from its values, where the operand takes one.
+fn gradient(wanted: bool, v: Vec<f32>, shape: &Shape) -> Result<Option<Tensor>> {
+    wanted.then(|| tensor(v, shape)).transpose()
 }
 
 /// `softmax(scale * scores + mask)` over the last dimension, for scores
@@ -151,25 +160,23 @@ impl CustomOp1 for AttentionSoftmax {
 /// `scale * p * (dp - rowsum(dp * p))`.
 fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
     let tk = p.dim(candle_core::D::Minus1)?;
-    {
-        let ds = with_values(&[p, dp], |v| {
-            let (p, dp) = (v[0], v[1]);
-            let mut ds = vec![0f32; p.len()];
-            let rows = rows_per_task(tk);
-            ds.par_chunks_mut(rows * tk)
-                .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))
-                .for_each(|(ds, (p, dp))| {
-                    for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
-                        let pdp = dot(p, dp);
-                        for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
-                            *ds = scale * p * (dp - pdp);
-                        }
+    let ds = with_values(&[p, dp], |v| {
+        let (p, dp) = (v[0], v[1]);
+        let mut ds = vec![0f32; p.len()];
+        let rows = rows_per_task(tk);
+        ds.par_chunks_mut(rows * tk)
+            .zip(p.par_chunks(rows * tk).zip(dp.par_chunks(rows * tk)))
+            .for_each(|(ds, (p, dp))| {
+                for ((ds, p), dp) in ds.chunks_mut(tk).zip(p.chunks(tk)).zip(dp.chunks(tk)) {
+                    let pdp = dot(p, dp);
+                    for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
+                        *ds = scale * p * (dp - pdp);
                     }
-                });
-            Ok(ds)
-        })?;
-        tensor(ds, p.shape())
-    }
+                }
+            });
+        Ok(ds)
+    })?;
+    tensor(ds, p.shape())
 }
 
 /// RMSNorm over the last dimension, `y = w * x / sqrt(mean(x^2) + eps)`, for
@@ -261,12 +268,10 @@ impl CustomOp2 for RmsNorm {
                 });
             Ok((dx, dw))
         })?;
-        let dw = if want_dw {
-            Some(tensor(dw, w.shape())?)
-        } else {
-            None
-        };
-        Ok((Some(tensor(dx, x.shape())?), dw))
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            gradient(want_dw, dw, w.shape())?,
+        ))
     }
 }
 
@@ -345,17 +350,10 @@ impl CustomOp2 for SwiGlu {
                 });
             Ok((dg, du))
         })?;
-        let dg = if want_dg {
-            Some(tensor(dg, gate.shape())?)
-        } else {
-            None
-        };
-        let du = if want_du {
-            Some(tensor(du, up.shape())?)
-        } else {
-            None
-        };
-        Ok((dg, du))
+        Ok((
+            gradient(want_dg, dg, gate.shape())?,
+            gradient(want_du, du, up.shape())?,
+        ))
     }
 }
 

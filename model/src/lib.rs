@@ -14,8 +14,8 @@
 //!   the decoder with a score head, read at each sequence's last token;
 //! - `autograd` (internal): differentiable ops whose backward makes only the
 //!   gradients training needs (frozen linears, LoRA, rotary embedding, constants);
-//! - `fused` (internal): one-pass CPU kernels, forward and backward, for the
-//!   attention softmax, RMSNorm and SwiGLU;
+//! - `fused` (internal): CPU kernels, forward and backward, for attention,
+//!   RMSNorm, SwiGLU and linears, and decode attention read from the KV cache;
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
 //! - [`pretrained`]: whole model folders in and out;

@@ -7,6 +7,11 @@ side-by-side numbers (ops/gpu/checks.sh runs it after Tandem's own bench):
 
     python3 ops/gpu/torch_reference.py MODEL_DIR [--dtype bfloat16]
 
+On the CPU, next to `bench --only train` (f32, torch's threads as given):
+
+    python3 ops/gpu/torch_reference.py MODEL_DIR --device cpu --dtype float32 \
+        --threads 2 --no-generate
+
 Prints Markdown rows in bench's columns.
 """
 
@@ -17,13 +22,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, min_secs=3.0):
     fn()  # warm-up (kernels, allocator)
-    torch.cuda.synchronize()
+    synchronize()
     start, n = time.perf_counter(), 0
     while n == 0 or time.perf_counter() - start < min_secs:
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         n += 1
     return (time.perf_counter() - start) / n
 
@@ -33,18 +43,24 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-generate", action="store_true", help="forward+backward only")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(dev).eval()
     vocab = model.config.vocab_size
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}")
     print("| model | measure | shape | tokens/s |")
     print("|---|---|---|---|")
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for batch in (1, 64, 256):
-        prompt = torch.randint(0, vocab, (batch, 16), device="cuda", generator=g)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for batch in () if args.no_generate else (1, 64, 256):
+        prompt = torch.randint(0, vocab, (batch, 16), device=dev, generator=g)
         mask = torch.ones_like(prompt)
         n = args.new_tokens
 
@@ -64,7 +80,7 @@ def main():
 
     model.train()
     b, t, k = 8, 128, 127
-    ids = torch.randint(0, vocab, (b, t), device="cuda", generator=g)
+    ids = torch.randint(0, vocab, (b, t), device=dev, generator=g)
 
     def fwd_bwd():
         logits = model(input_ids=ids).logits[:, -k - 1 : -1].float()
