@@ -1249,7 +1249,17 @@ impl CompletionHead<'_> {
         range: std::ops::Range<usize>,
         with_entropy: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let logits = self.model.logits(hidden)?;
+        self.logprobs_of_logits(&self.model.logits(hidden)?, range, with_entropy)
+    }
+
+    /// [`Self::chunk_logprobs`] from the chunk's logits.
+    fn logprobs_of_logits(
+        &self,
+        logits: &Tensor,
+        range: std::ops::Range<usize>,
+        with_entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let logits = logits.clone();
         let targets = self.targets.narrow(1, range.start, range.len())?;
         let lp = logprobs::selective_log_softmax(&logits, &targets, self.temperature)?;
         let ent = if with_entropy {
@@ -1304,26 +1314,65 @@ impl CheckpointedLogProbs<'_> {
             return Ok(candle_core::backprop::GradStore::default());
         }
         let head = &self.head;
-        let lm_head = &head.model.lm_head.weight;
+        let lm = &head.model.lm_head;
+        let lm_head = &lm.weight;
         let detached = head.hidden.detach();
+        // On the CPU in f32 each chunk's logits are a leaf: their gradient
+        // gives the hidden states' (`d_logits W`) and adds into one output
+        // embedding gradient in place (fused::AddTransposedProduct), instead
+        // of a `[vocab, hidden]` gradient made, zeroed and summed per chunk.
+        let in_place = crate::fused::applies(&detached) && lm.bias.is_none() && lm.lora.is_none();
+        let mut head_sum = if in_place && lm_head.is_variable() {
+            Some(lm_head.zeros_like()?)
+        } else {
+            None
+        };
         let mut d_hidden = Vec::new();
         let mut d_lm_head: Option<Tensor> = None;
         for range in head.chunks() {
-            let hidden = Var::from_tensor(&detached.narrow(1, range.start, range.len())?)?;
+            let chunk = detached.narrow(1, range.start, range.len())?;
+            // The loss's gradients of this chunk's log-probs and entropies,
+            // as a surrogate whose backward starts from them.
+            let surrogate = |lp: Tensor, ent: Option<Tensor>| -> Result<Tensor> {
+                let weighted = |x: &Tensor, d: &Tensor| -> Result<Tensor> {
+                    let d = d.narrow(1, range.start, range.len())?.to_dtype(x.dtype())?;
+                    Ok((x * d.detach())?.sum_all()?)
+                };
+                let mut surrogate = match d_logprobs {
+                    Some(d) => weighted(&lp, d)?,
+                    None => lp.zeros_like()?.sum_all()?,
+                };
+                if let (Some(ent), Some(d)) = (&ent, d_entropy) {
+                    surrogate = (surrogate + weighted(ent, d)?)?;
+                }
+                Ok(surrogate)
+            };
+            if in_place {
+                let logits = Var::from_tensor(&head.model.logits(&chunk)?.detach())?;
+                let (lp, ent) = head.logprobs_of_logits(
+                    logits.as_tensor(),
+                    range.clone(),
+                    d_entropy.is_some(),
+                )?;
+                let mut grads = surrogate(lp, ent)?.backward()?;
+                let Some(d_logits) = grads.remove(logits.as_tensor()) else {
+                    d_hidden.push(chunk.zeros_like()?);
+                    continue;
+                };
+                let (b, len, h) = chunk.dims3()?;
+                let d_logits = d_logits.contiguous()?.reshape((b * len, ()))?;
+                let d_chunk = d_logits.matmul(&lm_head.detach())?;
+                d_hidden.push(d_chunk.reshape((b, len, h))?);
+                if let Some(sum) = &mut head_sum {
+                    let x = chunk.contiguous()?.reshape((b * len, h))?;
+                    sum.inplace_op3(&d_logits, &x, &crate::fused::AddTransposedProduct)?;
+                }
+                continue;
+            }
+            let hidden = Var::from_tensor(&chunk)?;
             let (lp, ent) =
                 head.chunk_logprobs(hidden.as_tensor(), range.clone(), d_entropy.is_some())?;
-            let weighted = |x: &Tensor, d: &Tensor| -> Result<Tensor> {
-                let d = d.narrow(1, range.start, range.len())?.to_dtype(x.dtype())?;
-                Ok((x * d.detach())?.sum_all()?)
-            };
-            let mut surrogate = match d_logprobs {
-                Some(d) => weighted(&lp, d)?,
-                None => lp.zeros_like()?.sum_all()?,
-            };
-            if let (Some(ent), Some(d)) = (&ent, d_entropy) {
-                surrogate = (surrogate + weighted(ent, d)?)?;
-            }
-            let mut grads = surrogate.backward()?;
+            let mut grads = surrogate(lp, ent)?.backward()?;
             d_hidden.push(match grads.remove(hidden.as_tensor()) {
                 Some(g) => g.detach(),
                 None => hidden.as_tensor().zeros_like()?,
@@ -1334,6 +1383,9 @@ impl CheckpointedLogProbs<'_> {
                     None => g.detach(),
                 });
             }
+        }
+        if let Some(sum) = head_sum {
+            d_lm_head = Some(sum);
         }
         let d_hidden = Tensor::cat(&d_hidden, 1)?;
         let mut grads = (&head.hidden * d_hidden)?.sum_all()?.backward()?;

@@ -664,6 +664,79 @@ pub(crate) fn decode_attention(
     tensor(out, &Shape::from((b, 1, heads * d)))
 }
 
+/// `dst += a^T b` in place, for `dst [m, n]`, `a [k, m]`, `b [k, n]` (all
+/// contiguous): the output embedding's gradient summed over chunks of
+/// logits (`a` the logits' gradient, `b` the hidden states). A sum of
+/// products made one by one writes a `[vocab, hidden]` product per chunk,
+/// then a zeroed gradient and a sum of it (545 MB each for Qwen2.5's
+/// 151,936 x 896): gemm adds into one buffer instead.
+pub(crate) struct AddTransposedProduct;
+
+impl candle_core::InplaceOp3 for AddTransposedProduct {
+    fn name(&self) -> &'static str {
+        "add-transposed-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (m, n) = l1.shape().dims2()?;
+        let ((k, ma), (kb, nb)) = (l2.shape().dims2()?, l3.shape().dims2()?);
+        if (ma, nb, kb) != (m, n, k) {
+            candle_core::bail!(
+                "dst {:?} += a^T b: a {:?}, b {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let (a, b) = (values(s2, l2)?, values(s3, l3)?);
+        let (CpuStorage::F32(dst), Some((start, end))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("add-transposed-product: dst must be contiguous f32")
+        };
+        let dst = &mut dst[start..end];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: dst holds m x n values (row stride n), a k x m (read as
+        // its transpose: element (i, r) at r * m + i), b k x n (row stride
+        // n), checked above; gemm reads and writes only within them.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.as_ptr(),
+                m as isize,
+                1,
+                b.as_ptr(),
+                1,
+                n as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Each kernel against candle's ops spelled out, forward and gradients
@@ -904,5 +977,16 @@ mod tests {
         for c in [&mask, &cos, &sin] {
             assert!(g_fused.get(c).is_none());
         }
+    }
+
+    #[test]
+    fn add_transposed_product_accumulates_in_place() {
+        let dst = randn(&[6, 5], 20);
+        let before = dst.copy().unwrap();
+        let (a, b) = (randn(&[4, 6], 21), randn(&[4, 5], 22));
+        dst.inplace_op3(&a, &b, &AddTransposedProduct).unwrap();
+        let want = (before + a.t().unwrap().matmul(&b).unwrap()).unwrap();
+        assert!(max_diff(&dst, &want) < 1e-5);
+        assert!(dst.inplace_op3(&b, &a, &AddTransposedProduct).is_err());
     }
 }

@@ -381,6 +381,7 @@ fn nonlinear_loss(lp: &Tensor, entropy: Option<&Tensor>) -> Tensor {
         lp.shape(),
         &Device::Cpu,
     )
+    .and_then(|w| w.to_dtype(lp.dtype()))
     .unwrap();
     let mut loss = (lp.exp().unwrap() * &weights).unwrap().sum_all().unwrap();
     if let Some(ent) = entropy {
@@ -392,9 +393,20 @@ fn nonlinear_loss(lp: &Tensor, entropy: Option<&Tensor>) -> Tensor {
 #[test]
 fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
     // With the decoder layers checkpointed too (gradient checkpointing) and
-    // without: the same values and gradients as the full autograd graph.
-    for (arch, layers) in ARCHS.iter().flat_map(|a| [(*a, false), (*a, true)]) {
-        let (cfg, w) = random_model(arch, 5, DType::F64);
+    // without: the same values and gradients as the full autograd graph. In
+    // f32 on the CPU the output embedding's gradient is summed over chunks
+    // in place (fused kernels): to f32's precision.
+    let cases = ARCHS
+        .iter()
+        .flat_map(|a| [(*a, false), (*a, true)])
+        .flat_map(|(a, l)| [(a, l, DType::F64), (a, l, DType::F32)]);
+    for (arch, layers, dtype) in cases {
+        let (tol_values, tol_grads) = if dtype == DType::F64 {
+            (1e-12, 1e-10)
+        } else {
+            (1e-5, 1e-5)
+        };
+        let (cfg, w) = random_model(arch, 5, dtype);
         let (vars, view) = trainable(&w).unwrap();
         let mut lm = CausalLM::new(&cfg, &view).unwrap();
         lm.set_gradient_checkpointing(layers);
@@ -413,9 +425,9 @@ fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
                 let ck = lm
                     .checkpointed_logprobs(&x, &m, 5, 0.9, with_entropy)
                     .unwrap();
-                assert!(max_abs_diff_f64(ck.logprobs(), &full.logprobs) < 1e-12);
+                assert!(max_abs_diff_f64(ck.logprobs(), &full.logprobs) < tol_values);
                 if let (Some(a), Some(b)) = (ck.entropy(), &full.entropy) {
-                    assert!(max_abs_diff_f64(a, b) < 1e-12);
+                    assert!(max_abs_diff_f64(a, b) < tol_values);
                 }
                 let leaf = nonlinear_loss(ck.logprobs(), ck.entropy())
                     .backward()
@@ -434,13 +446,15 @@ fn checkpointed_logits_give_the_same_log_probs_and_gradients() {
                         .unwrap()
                         .max_all()
                         .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
                         .to_scalar::<f64>()
                         .unwrap();
                     let diff = max_abs_diff_f64(a, b);
                     assert!(
-                        diff <= 1e-10 * (1.0 + scale),
-                        "{arch} {name} (chunks of {positions}, entropy {with_entropy}, \
-                         layers checkpointed {layers}): differs by {diff}"
+                        diff <= tol_grads * (1.0 + scale),
+                        "{arch} {name} ({dtype:?}, chunks of {positions}, entropy \
+                         {with_entropy}, layers checkpointed {layers}): differs by {diff}"
                     );
                 }
             }
