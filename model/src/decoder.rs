@@ -1259,11 +1259,10 @@ impl CompletionHead<'_> {
         range: std::ops::Range<usize>,
         with_entropy: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let logits = logits.clone();
         let targets = self.targets.narrow(1, range.start, range.len())?;
-        let lp = logprobs::selective_log_softmax(&logits, &targets, self.temperature)?;
+        let lp = logprobs::selective_log_softmax(logits, &targets, self.temperature)?;
         let ent = if with_entropy {
-            Some(logprobs::entropy(&logits, self.temperature)?)
+            Some(logprobs::entropy(logits, self.temperature)?)
         } else {
             None
         };
@@ -1322,7 +1321,7 @@ impl CheckpointedLogProbs<'_> {
         // embedding gradient in place (fused::AddTransposedProduct), instead
         // of a `[vocab, hidden]` gradient made, zeroed and summed per chunk.
         let in_place = crate::fused::applies(&detached) && lm.bias.is_none() && lm.lora.is_none();
-        let mut head_sum = if in_place && lm_head.is_variable() {
+        let head_sum = if in_place && lm_head.is_variable() {
             Some(lm_head.zeros_like()?)
         } else {
             None
@@ -1363,7 +1362,7 @@ impl CheckpointedLogProbs<'_> {
                 let d_logits = d_logits.contiguous()?.reshape((b * len, ()))?;
                 let d_chunk = d_logits.matmul(&lm_head.detach())?;
                 d_hidden.push(d_chunk.reshape((b, len, h))?);
-                if let Some(sum) = &mut head_sum {
+                if let Some(sum) = &head_sum {
                     let x = chunk.contiguous()?.reshape((b * len, h))?;
                     sum.inplace_op3(&d_logits, &x, &crate::fused::AddTransposedProduct)?;
                 }
