@@ -129,7 +129,9 @@ fn from_start(y: Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// A custom op's result on the CPU: the storage of `y`.
-fn cpu_output(y: Tensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+pub(crate) fn cpu_output(
+    y: Tensor,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
     let y = from_start(y)?;
     let (out, _) = y.storage_and_layout();
     match &*out {
@@ -158,7 +160,10 @@ fn cuda_output(y: Tensor) -> candle_core::Result<(candle_core::CudaStorage, cand
     }
 }
 
-fn cpu_input(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+pub(crate) fn cpu_input(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
     op_input(candle_core::Storage::Cpu(s.clone()), l)
 }
 

@@ -1105,7 +1105,7 @@ impl CausalLM {
         // A decode step (one new token each) on the CPU in f32 reads each
         // sequence's own cache rows (fused::decode_attention); otherwise the
         // rows are gathered to the longest sequence's length.
-        let keys = if t == 1 && self.device.is_cpu() && self.dtype == DType::F32 {
+        let keys = if t == 1 && crate::fused::applies_to(&self.device, self.dtype) {
             StepKeys::CacheRows(
                 entries
                     .iter()

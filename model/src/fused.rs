@@ -25,7 +25,12 @@ const TASK_ELEMENTS: usize = 16 * 1024;
 
 /// Whether these kernels run for `x`: on the CPU, in f32.
 pub(crate) fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    applies_to(x.device(), x.dtype())
+}
+
+/// [`applies`] for tensors on `device` in `dtype`.
+pub(crate) fn applies_to(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
 }
 
 /// Rows per rayon task for rows of `len` elements.
@@ -542,17 +547,13 @@ impl candle_core::CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input = |s: &CpuStorage, l: &Layout| -> Result<Tensor> {
-            tensor(values(s, l)?.to_vec(), l.shape())
-        };
-        let (q, k, v) = (input(s1, l1)?, input(s2, l2)?, input(s3, l3)?);
+        use crate::autograd::{cpu_input, cpu_output};
+        let (q, k, v) = (cpu_input(s1, l1)?, cpu_input(s2, l2)?, cpu_input(s3, l3)?);
         let (out, saved) = self.forward(&q, &k, &v)?;
         if let Ok(mut slot) = self.saved.lock() {
             *slot = Some(saved);
         }
-        let shape = out.shape().clone();
-        let out = out.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(out), shape))
+        cpu_output(out)
     }
 
     fn bwd(
