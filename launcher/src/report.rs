@@ -926,7 +926,7 @@ fn render_markdown(read: &Read) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| run_dir.display().to_string());
     let _ = writeln!(md, "# Tandem run report: {name}\n");
-    render_run(&mut md, manifest, m, train_rows, eval_rows);
+    render_run(&mut md, manifest, m, (train_rows, eval_rows), events);
     render_summary(&mut md, m);
     render_first_last(&mut md, m);
     render_curves(&mut md, svgs, m);
@@ -1010,12 +1010,46 @@ fn render_events(md: &mut String, events: &[serde_json::Map<String, Value>]) {
     md.push('\n');
 }
 
+/// The `sft_warmup` event in words: how many steps, and why it ended.
+fn warm_up_text(e: &serde_json::Map<String, Value>) -> String {
+    let num = |k: &str| e.get(k).and_then(Value::as_f64);
+    // Recipe values as the recipe wrote them.
+    let written = |k: &str| e.get(k).filter(|v| v.is_number()).map(scalar_text);
+    let mut text = match num("steps") {
+        Some(steps) => format!("{} steps", fmt_plain(steps)),
+        None => "steps not logged".to_string(),
+    };
+    if let (Some(steps), Some(most), Some(target)) =
+        (num("steps"), num("max_steps"), written("target_loss"))
+    {
+        if steps < most {
+            let _ = write!(
+                text,
+                " of at most {}, stopped at its target loss {target}",
+                fmt_plain(most)
+            );
+        } else {
+            let _ = write!(text, ", its target loss {target} not reached");
+        }
+    }
+    if let Some(lr) = written("learning_rate") {
+        let _ = write!(text, "; learning rate {lr}");
+        if let Some(kind) = e.get("lr_scheduler_type").and_then(Value::as_str) {
+            let _ = write!(text, " ({kind})");
+        }
+    }
+    if let Some(secs) = num("elapsed_s") {
+        let _ = write!(text, "; {} s", fmt_num(secs));
+    }
+    text
+}
+
 fn render_run(
     md: &mut String,
     manifest: Option<&Value>,
     m: &Metrics,
-    train_rows: usize,
-    eval_rows: usize,
+    (train_rows, eval_rows): (usize, usize),
+    events: Option<&[serde_json::Map<String, Value>]>,
 ) {
     md.push_str("## Run\n\n");
     let mut items: Vec<(String, String)> = Vec::new();
@@ -1064,6 +1098,13 @@ fn render_run(
         items.push(("Steps logged".into(), train_rows.to_string()));
     }
     items.push(("Validations logged".into(), eval_rows.to_string()));
+    let warm_up = events.and_then(|evs| {
+        evs.iter()
+            .find(|e| e.get("event").and_then(Value::as_str) == Some("sft_warmup"))
+    });
+    if let Some(e) = warm_up {
+        items.push(("Supervised warm-up".into(), warm_up_text(e)));
+    }
     if let Some(t) = &m.step_time {
         let total: f64 = t.values().iter().sum();
         items.push((
@@ -1074,7 +1115,13 @@ fn render_run(
     if let Some((step, secs)) = m.elapsed.as_ref().and_then(|s| s.points.last()) {
         items.push((
             "Wall time".into(),
-            format!("{} s (at step {})", fmt_num(*secs), fmt_plain(*step)),
+            // The learner counts it from its first step, after the
+            // warm-up and the first eval (and again from a resume).
+            format!(
+                "{} s (at step {}, since the first step of this start)",
+                fmt_num(*secs),
+                fmt_plain(*step)
+            ),
         ));
     }
     for (k, v) in items {
@@ -1717,6 +1764,33 @@ mod tests {
         let one = bootstrap_mean(&[2.5]).unwrap();
         assert_eq!((one.lo, one.mean, one.hi), (2.5, 2.5, 2.5));
         assert!(bootstrap_mean(&[]).is_none());
+    }
+
+    #[test]
+    fn the_warm_up_says_how_it_ended() {
+        let event = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!("an object literal"),
+        };
+        let e = event(serde_json::json!({"event": "sft_warmup", "steps": 1266,
+            "max_steps": 2000, "target_loss": 0.45, "learning_rate": 0.001,
+            "lr_scheduler_type": "constant", "elapsed_s": 59.37}));
+        assert_eq!(
+            warm_up_text(&e),
+            "1266 steps of at most 2000, stopped at its target loss 0.45; \
+             learning rate 0.001 (constant); 59.37 s"
+        );
+        let e = event(serde_json::json!({"event": "sft_warmup", "steps": 80,
+            "max_steps": 80, "target_loss": 0.001, "learning_rate": 0.003,
+            "lr_scheduler_type": "linear"}));
+        assert_eq!(
+            warm_up_text(&e),
+            "80 steps, its target loss 0.001 not reached; learning rate 0.003 (linear)"
+        );
+        // Without a target (and as older runs logged it).
+        let e = event(serde_json::json!({"event": "sft_warmup", "steps": 1000,
+            "learning_rate": 0.001, "elapsed_s": 47.0}));
+        assert_eq!(warm_up_text(&e), "1000 steps; learning rate 0.001; 47.00 s");
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn the_demo_runs_end_to_end_with_few_steps() {
         .arg(&out)
         .args([
             "train.sft_warmup_steps=4",
+            "train.sft_target_loss=null",
             "train.max_steps=3",
             "train.warmup_steps=1",
             "eval.eval_steps=2",
@@ -102,6 +103,10 @@ fn check_run_folder(out: &Path) {
 
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("pass@1"), "{report}");
+    assert!(
+        report.contains("- **Supervised warm-up**: 4 steps; learning rate 0.001 (constant); "),
+        "{report}"
+    );
     for ckpt in ["step_000002", "step_000003"] {
         let dir = out.join("checkpoints").join(ckpt);
         assert!(dir.join("config.json").is_file(), "{}", dir.display());

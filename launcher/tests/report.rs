@@ -235,7 +235,9 @@ fn the_summary_has_the_hand_computed_means() {
     assert!(md.contains("`0123456789abcdef...`"));
     assert!(md.contains("- **Steps logged**: 8 (step 1 to 8)"));
     assert!(md.contains("- **Training time**: 28.00 s"));
-    assert!(md.contains("- **Wall time**: 32.00 s (at step 8)"));
+    assert!(
+        md.contains("- **Wall time**: 32.00 s (at step 8, since the first step of this start)")
+    );
     for svg in ["reward.svg", "eval.svg", "kl.svg", "step_time.svg"] {
         assert!(md.contains(&format!("]({svg})")), "no link to {svg}");
         assert!(dir.path().join(svg).is_file(), "{svg}");

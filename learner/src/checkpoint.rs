@@ -275,6 +275,8 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "rollout.gpu_memory_utilization",
     "train.sft_warmup_steps",
     "train.sft_learning_rate",
+    "train.sft_lr_scheduler_type",
+    "train.sft_target_loss",
     "train.sft_batch_size",
     "train.recompute_logits",
     "train.gradient_checkpointing",
@@ -367,6 +369,8 @@ mod tests {
                 "log.logging_steps=5",
                 "model.device=cpu",
                 "train.sft_warmup_steps=3",
+                "train.sft_target_loss=null",
+                "train.sft_lr_scheduler_type=linear",
             ],
         );
         assert!(!c.is_empty());

@@ -534,6 +534,10 @@ impl LrSchedulerType {
     }
 }
 
+/// Warm-up steps whose mean loss `train.sft_target_loss` compares: long
+/// enough to average out one batch's luck, short enough to follow the curve.
+pub const SFT_TARGET_LOSS_WINDOW: u64 = 50;
+
 /// Optimization. The GRPO numerics ([`GrpoConfig`]: `loss_type`, `beta`,
 /// `epsilon`...) sit flat here, as in TRL's `GRPOConfig`.
 ///
@@ -616,9 +620,22 @@ pub struct TrainSection {
     /// first eval. Logged to train_log with `phase: "sft"` (and `sft_step`,
     /// no `step`). 0: none.
     pub sft_warmup_steps: u64,
-    /// Constant learning rate of the warm-up (its own AdamW, dropped after
-    /// it); none: `learning_rate`.
+    /// Peak learning rate of the warm-up (its own AdamW, dropped after it);
+    /// none: `learning_rate`.
     pub sft_learning_rate: Option<f64>,
+    /// How the warm-up's rate moves over its `sft_warmup_steps` (no warmup
+    /// of its own): `constant`, or `linear` / `cosine` down to 0 at its last
+    /// step, as `lr_scheduler_type` does over the GRPO steps. A decaying
+    /// rate ends the warm-up in a minimum rather than wherever its last
+    /// noisy step left it.
+    pub sft_lr_scheduler_type: LrSchedulerType,
+    /// Early stop of the warm-up: it ends at the first step where its
+    /// loss, averaged over the last [`SFT_TARGET_LOSS_WINDOW`] steps, is at
+    /// or below this; `sft_warmup_steps` stays the most it runs. The loss
+    /// says how far the warm-up got, which a fixed number of steps does not:
+    /// the same steps end far apart with another seed or other
+    /// floating-point kernels. None: all `sft_warmup_steps`.
+    pub sft_target_loss: Option<f64>,
     /// Pairs per rank per warm-up step; none: `per_device_train_batch_size`.
     pub sft_batch_size: Option<usize>,
     /// Recompute the vocabulary logits in the backward pass instead of
@@ -701,6 +718,8 @@ impl Default for TrainSection {
             max_nonfinite_steps: 3,
             sft_warmup_steps: 0,
             sft_learning_rate: None,
+            sft_lr_scheduler_type: LrSchedulerType::Constant,
+            sft_target_loss: None,
             sft_batch_size: None,
             recompute_logits: true,
             gradient_checkpointing: false,
@@ -1459,6 +1478,35 @@ impl Recipe {
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
         })?;
+        ensure(
+            t.sft_lr_scheduler_type != LrSchedulerType::CosineWithMinLr,
+            "train.sft_lr_scheduler_type",
+            || {
+                "cosine_with_min_lr takes its floor from train.lr_scheduler_kwargs, which \
+                 belong to the GRPO steps; use constant, linear or cosine"
+                    .into()
+            },
+        )?;
+        if let Some(target) = t.sft_target_loss {
+            ensure(
+                target.is_finite() && target > 0.0,
+                "train.sft_target_loss",
+                || format!("must be > 0 (or null: no early stop), got {target}"),
+            )?;
+            ensure(
+                t.sft_warmup_steps == 0 || t.sft_warmup_steps >= SFT_TARGET_LOSS_WINDOW,
+                "train.sft_target_loss",
+                || {
+                    format!(
+                        "stops the warm-up on the mean loss of its last \
+                         {SFT_TARGET_LOSS_WINDOW} steps, but train.sft_warmup_steps is {}: \
+                         raise train.sft_warmup_steps to at least {SFT_TARGET_LOSS_WINDOW}, \
+                         or remove train.sft_target_loss",
+                        t.sft_warmup_steps
+                    )
+                },
+            )?;
+        }
         if let Some(lr) = t.sft_learning_rate {
             ensure(
                 lr.is_finite() && lr > 0.0,

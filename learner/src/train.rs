@@ -68,7 +68,7 @@ use crate::loss::{LossInputs, Normalizers, entropy_quantile, high_entropy_mask};
 use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::parameters::PolicyParameters;
-use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe};
+use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe, SFT_TARGET_LOSS_WINDOW};
 use crate::rewards::RewardRegistry;
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
@@ -338,19 +338,22 @@ fn optimizer_config(recipe: &Recipe) -> OptimizerConfig {
         adam_beta2: t.adam_beta2,
         adam_epsilon: t.adam_epsilon,
         weight_decay: t.weight_decay,
-        lr_scheduler_type: match t.lr_scheduler_type {
-            LrSchedulerType::Constant => crate::optim::LrSchedulerType::Constant,
-            LrSchedulerType::ConstantWithWarmup => {
-                crate::optim::LrSchedulerType::ConstantWithWarmup
-            }
-            LrSchedulerType::Linear => crate::optim::LrSchedulerType::Linear,
-            LrSchedulerType::Cosine => crate::optim::LrSchedulerType::Cosine,
-            LrSchedulerType::CosineWithMinLr => crate::optim::LrSchedulerType::CosineWithMinLr,
-        },
+        lr_scheduler_type: schedule_kind(t.lr_scheduler_type),
         min_lr_rate: t.min_lr_rate(),
         warmup_steps: t.warmup_steps as usize,
         warmup_ratio: t.warmup_ratio,
         max_grad_norm: t.max_grad_norm,
+    }
+}
+
+/// The recipe's scheduler name as the optimizer's schedule kind.
+fn schedule_kind(kind: LrSchedulerType) -> crate::optim::LrSchedulerType {
+    match kind {
+        LrSchedulerType::Constant => crate::optim::LrSchedulerType::Constant,
+        LrSchedulerType::ConstantWithWarmup => crate::optim::LrSchedulerType::ConstantWithWarmup,
+        LrSchedulerType::Linear => crate::optim::LrSchedulerType::Linear,
+        LrSchedulerType::Cosine => crate::optim::LrSchedulerType::Cosine,
+        LrSchedulerType::CosineWithMinLr => crate::optim::LrSchedulerType::CosineWithMinLr,
     }
 }
 
@@ -765,8 +768,9 @@ fn secs(d: Duration) -> f64 {
 
 /// `train.sft_warmup_steps` cross-entropy steps on `prompt + answer + EOS`
 /// pairs from `source` (`train.sft_batch_size` per rank, each rank its
-/// shard, gradients all-reduced, clipped, a constant rate on an AdamW of its
-/// own), then rank 0 pushes the weights.
+/// shard, gradients all-reduced, clipped, on an AdamW of its own at
+/// `train.sft_learning_rate` along `train.sft_lr_scheduler_type`), then
+/// rank 0 pushes the weights.
 /// Returns the weight version the servers now hold.
 #[allow(clippy::too_many_arguments)]
 fn sft_warmup(
@@ -789,11 +793,17 @@ fn sft_warmup(
     };
     let mut ocfg = optimizer_config(recipe);
     ocfg.learning_rate = t.sft_learning_rate.unwrap_or(t.learning_rate);
-    let lr = ocfg.learning_rate;
+    ocfg.lr_scheduler_type = schedule_kind(t.sft_lr_scheduler_type);
+    (ocfg.warmup_steps, ocfg.warmup_ratio, ocfg.min_lr_rate) = (0, 0.0, 0.0);
+    let schedule = LrSchedule::new(&ocfg, t.sft_warmup_steps as usize)?;
     let batch_size = t.sft_batch_size.unwrap_or(t.per_device_train_batch_size);
     let vars = &params.vars;
     let mut optimizer = AdamW::new(vars.to_vec(), ocfg.adamw())?;
     let started = Instant::now();
+    // The last SFT_TARGET_LOSS_WINDOW losses, all-reduced: every rank sees
+    // the same values and so stops at the same step.
+    let mut recent_losses = std::collections::VecDeque::new();
+    let mut steps_run = 0;
     for s in 1..=t.sft_warmup_steps {
         let step_started = Instant::now();
         let examples = source.next_batch(batch_size);
@@ -848,10 +858,21 @@ fn sft_warmup(
         if !grad_norm.is_finite() {
             bail!("supervised warm-up step {s}: non-finite gradient norm ({grad_norm})");
         }
+        let lr = schedule.lr_at(s as usize - 1);
         optimizer.step(&grads, lr)?;
+        steps_run = s;
+        if recent_losses.len() == SFT_TARGET_LOSS_WINDOW as usize {
+            recent_losses.pop_front();
+        }
+        recent_losses.push_back(sums[1]);
+        let window_mean = recent_losses.iter().sum::<f64>() / recent_losses.len() as f64;
+        let reached_target = t.sft_target_loss.is_some_and(|target| {
+            recent_losses.len() == SFT_TARGET_LOSS_WINDOW as usize && window_mean <= target
+        });
         if let Some(run) = run
             && (s % recipe.log.logging_steps.steps(t.sft_warmup_steps).max(1) == 0
-                || s == t.sft_warmup_steps)
+                || s == t.sft_warmup_steps
+                || reached_target)
         {
             let total_s = step_started.elapsed();
             run.log_train(&json!({
@@ -871,6 +892,31 @@ fn sft_warmup(
                 total_s.as_secs_f64()
             );
         }
+        if reached_target {
+            eprintln!(
+                "sft: mean loss of the last {SFT_TARGET_LOSS_WINDOW} steps {window_mean:.4} <= \
+                 train.sft_target_loss {}: the warm-up ends at step {s} of {}",
+                t.sft_target_loss.unwrap_or_default(),
+                t.sft_warmup_steps
+            );
+            break;
+        }
+    }
+    if let Some(target) = t.sft_target_loss
+        && steps_run == t.sft_warmup_steps
+    {
+        let window_mean = recent_losses.iter().sum::<f64>() / recent_losses.len().max(1) as f64;
+        if window_mean > target {
+            let msg = format!(
+                "the supervised warm-up ran all its {steps_run} steps (train.sft_warmup_steps) \
+                 without reaching train.sft_target_loss {target}: the mean loss of its last \
+                 {SFT_TARGET_LOSS_WINDOW} steps is {window_mean:.4}; GRPO starts from there"
+            );
+            eprintln!("note: {msg}");
+            if let Some(run) = run {
+                run.warn(&msg)?;
+            }
+        }
     }
     c.barrier()?;
     if let Some(pusher) = pusher
@@ -888,7 +934,10 @@ fn sft_warmup(
     if let Some(run) = run {
         run.event(
             "sft_warmup",
-            json!({"steps": t.sft_warmup_steps, "learning_rate": lr,
+            json!({"steps": steps_run, "max_steps": t.sft_warmup_steps,
+                   "target_loss": t.sft_target_loss,
+                   "learning_rate": schedule.base_lr,
+                   "lr_scheduler_type": t.sft_lr_scheduler_type,
                    "weight_version": wv[0] as u64, "elapsed_s": secs(started.elapsed())}),
         )?;
     }

@@ -295,6 +295,25 @@ fn validation_names_the_key() {
     assert!(e.contains("reward.functions"), "{e}");
     let e = err(BASE, &["model.device=gpu"]);
     assert!(e.contains("model.device"), "{e}");
+    // The warm-up's early stop needs a window's worth of steps.
+    let e = err(
+        BASE,
+        &["train.sft_warmup_steps=20", "train.sft_target_loss=0.5"],
+    );
+    assert!(
+        e.contains("train.sft_target_loss") && e.contains("at least 50"),
+        "{e}"
+    );
+    let e = err(
+        BASE,
+        &["train.sft_warmup_steps=100", "train.sft_target_loss=0"],
+    );
+    assert!(
+        e.contains("train.sft_target_loss") && e.contains("> 0"),
+        "{e}"
+    );
+    let e = err(BASE, &["train.sft_lr_scheduler_type=cosine_with_min_lr"]);
+    assert!(e.contains("train.sft_lr_scheduler_type"), "{e}");
     let e = err(BASE, &["train.sync_ref_model=true"]);
     assert!(
         e.contains("train.sync_ref_model") && e.contains("beta"),

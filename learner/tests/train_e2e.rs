@@ -1537,6 +1537,95 @@ fn gradient_checkpointing_trains_like_the_full_graph() {
     assert!(d <= 1e-5, "final weights differ by {d}");
 }
 
+/// The supervised warm-up's rate follows `train.sft_lr_scheduler_type`
+/// over its steps, and `train.sft_target_loss` ends it at the first step
+/// whose last 50 losses average at or below the target: the same losses up
+/// to there as a run without the early stop, and GRPO after it. A target
+/// never reached runs every step and says so.
+#[test]
+fn the_warm_up_decays_its_rate_and_stops_at_its_target_loss() {
+    const STEPS: usize = 80;
+    const PEAK: f64 = 3e-3;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let run = |name: &str, target: f64| {
+        let out = tmp.path().join(name);
+        let recipe = recipe(tmp.path(), &model, &server, &out);
+        train(
+            &recipe,
+            &[
+                format!("train.sft_warmup_steps={STEPS}"),
+                format!("train.sft_learning_rate={PEAK}"),
+                "train.sft_lr_scheduler_type=linear".into(),
+                "train.sft_batch_size=8".into(),
+                format!("train.sft_target_loss={target}"),
+                "train.max_steps=1".into(),
+            ],
+        );
+        let lines = read_jsonl(&out.join("train_log.jsonl"));
+        let events = read_jsonl(&out.join("run_log.jsonl"));
+        (lines, events)
+    };
+    // A target below any loss the tiny model reaches in 80 steps.
+    let (full, events) = run("full", 1e-3);
+    let sft: Vec<&Value> = full.iter().filter(|l| l["phase"] == "sft").collect();
+    assert_eq!(sft.len(), STEPS);
+    for (k, l) in sft.iter().enumerate() {
+        // transformers' linear decay without warmup: step k (from 0) at
+        // (STEPS - k) / STEPS of the peak.
+        let want = PEAK * (STEPS - k) as f64 / STEPS as f64;
+        assert!((f(l, "lr") - want).abs() <= 1e-12, "step {k}: {l}");
+    }
+    let losses: Vec<f64> = sft.iter().map(|l| f(l, "loss")).collect();
+    assert!(losses[STEPS - 1] < losses[0], "{losses:?}");
+    assert!(
+        events.iter().any(|e| e["event"] == "warn"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("without reaching train.sft_target_loss"))),
+        "{events:?}"
+    );
+    let warm_up = |events: &[Value]| {
+        events
+            .iter()
+            .find(|e| e["event"] == "sft_warmup")
+            .cloned()
+            .expect("an sft_warmup event")
+    };
+    assert_eq!(warm_up(&events)["steps"], json!(STEPS));
+
+    // The mean of the 50 losses before each step, as the learner sums them.
+    let window_mean = |last: usize| losses[last + 1 - 50..=last].iter().sum::<f64>() / 50.0;
+    let target = window_mean(64) * (1.0 + 1e-9);
+    let stop = (49..STEPS)
+        .find(|&k| window_mean(k) <= target)
+        .expect("the target is reached");
+    assert!(stop < STEPS - 1, "stops early ({stop})");
+    let (early, events) = run("early", target);
+    let sft_early: Vec<&Value> = early.iter().filter(|l| l["phase"] == "sft").collect();
+    assert_eq!(sft_early.len(), stop + 1, "ends at its step {}", stop + 1);
+    for (a, b) in sft.iter().zip(&sft_early) {
+        assert_eq!(
+            (a["loss"].clone(), a["lr"].clone()),
+            (b["loss"].clone(), b["lr"].clone())
+        );
+    }
+    let said = warm_up(&events);
+    assert_eq!(
+        (&said["steps"], &said["max_steps"]),
+        (&json!(stop + 1), &json!(STEPS))
+    );
+    assert!(!events.iter().any(|e| {
+        e["event"] == "warn"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("sft_target_loss"))
+    }));
+    // GRPO runs after it.
+    assert_eq!(early.iter().filter(|l| l.get("step").is_some()).count(), 1);
+}
+
 /// TRL's other loss types train end to end: CISPO (its weight cap at the
 /// paper's epsilon_high of 5), SAPO, LUSPO (at token level, which the run
 /// log says is not the paper's setup) and VESPO (with a token-level rollout
