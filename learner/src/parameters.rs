@@ -142,8 +142,9 @@ mod tests {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
             dropout: 0.0,
+            use_dora: false,
         };
-        let adapters = config.init(&cfg, 5, &Device::Cpu, DType::F32).unwrap();
+        let adapters = config.init(&cfg, &w, 5, &Device::Cpu, DType::F32).unwrap();
         let p = PolicyParameters::lora(w.clone(), config, &adapters).unwrap();
         let layers = cfg.num_hidden_layers;
         assert_eq!(p.vars.len(), 4 * layers);

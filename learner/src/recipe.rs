@@ -219,6 +219,12 @@ pub struct ModelSection {
     pub lora_target_modules: Option<StringOrList>,
     /// rsLoRA: scale by `lora_alpha / sqrt(lora_r)`.
     pub use_rslora: bool,
+    /// DoRA (TRL's and PEFT's `use_dora`): each adapted linear also trains
+    /// a magnitude per output row, `m / ||W + s B A|| * (W + s B A)`, the
+    /// norms constant in the backward pass, as PEFT computes it. Each
+    /// forward pays for the `B A` product and its row norms; the rollout
+    /// servers get the merged weights as with LoRA.
+    pub use_dora: bool,
     /// PEFT's `modules_to_save` (whole modules trained beside the
     /// adapters): not supported; must be unset or empty.
     pub lora_modules_to_save: Option<Vec<String>>,
@@ -227,7 +233,7 @@ pub struct ModelSection {
     /// A PEFT LoRA adapter folder to start from instead of fresh adapters
     /// (verl's `lora_adapter_path`; an adapter trained with TRL's SFT, a
     /// checkpoint's `adapter/`), on `model.path` as its base. Its r, alpha,
-    /// targets and rsLoRA must be the `lora_*` keys'. A resume takes the
+    /// targets, rsLoRA and DoRA must be the `lora_*` keys'. A resume takes the
     /// checkpoint's adapters instead.
     pub lora_adapter_path: Option<PathBuf>,
 }
@@ -246,6 +252,7 @@ impl Default for ModelSection {
             lora_dropout: 0.0,
             lora_target_modules: None,
             use_rslora: false,
+            use_dora: false,
             lora_modules_to_save: None,
             lora_task_type: "CAUSAL_LM".into(),
             lora_adapter_path: None,
@@ -280,6 +287,7 @@ impl ModelSection {
             target_modules,
             use_rslora: self.use_rslora,
             dropout: self.lora_dropout,
+            use_dora: self.use_dora,
         })
     }
 }
@@ -1179,6 +1187,9 @@ impl Recipe {
             "model.lora_adapter_path",
             || "needs model.use_peft: true".into(),
         )?;
+        ensure(m.use_peft || !m.use_dora, "model.use_dora", || {
+            "DoRA trains adapters: it needs model.use_peft: true".into()
+        })?;
         if m.use_peft {
             ensure(m.lora_r >= 1, "model.lora_r", || "must be >= 1".into())?;
             ensure(pos(m.lora_alpha), "model.lora_alpha", || {
@@ -2175,9 +2186,9 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "train.recompute_logits (on by default) keeps the logits out of memory \
              as Liger's fused loss does; remove the key"
         }
-        "use_dora" | "load_in_4bit" | "load_in_8bit" => {
-            "LoRA is model.use_peft (plain LoRA on a base in model.dtype: no DoRA, no \
-             quantized base); remove the key"
+        "load_in_4bit" | "load_in_8bit" => {
+            "LoRA is model.use_peft (LoRA or DoRA on a base in model.dtype: no quantized \
+             base); remove the key"
         }
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",

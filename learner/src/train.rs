@@ -251,14 +251,15 @@ fn policy_parameters(
                 if !start.config.same_adapters(&config, cfg).unwrap_or(false) {
                     let c = &start.config;
                     bail!(
-                        "model.lora_adapter_path: {} is r {}, alpha {}, targets {:?}, rsLoRA {}; \
-                         set model.lora_r, lora_alpha, lora_target_modules and use_rslora to \
-                         match (the recipe asks for {config:?})",
+                        "model.lora_adapter_path: {} is r {}, alpha {}, targets {:?}, rsLoRA {}, \
+                         DoRA {}; set model.lora_r, lora_alpha, lora_target_modules, use_rslora \
+                         and use_dora to match (the recipe asks for {config:?})",
                         path.display(),
                         c.r,
                         c.alpha,
                         c.target_modules,
-                        c.use_rslora
+                        c.use_rslora,
+                        c.use_dora
                     );
                 }
                 start.check(cfg).with_context(|| {
@@ -270,7 +271,7 @@ fn policy_parameters(
                 })?;
                 start.adapters
             }
-            None => config.init(cfg, recipe.train.seed, device, dtype)?,
+            None => config.init(cfg, &base, recipe.train.seed, device, dtype)?,
         },
     };
     PolicyParameters::lora(base, config, &adapters)

@@ -312,6 +312,11 @@ fn validation_names_the_key() {
         e.contains("train.sft_target_loss") && e.contains("> 0"),
         "{e}"
     );
+    let e = err(BASE, &["model.use_dora=true"]);
+    assert!(
+        e.contains("model.use_dora") && e.contains("use_peft"),
+        "{e}"
+    );
     let e = err(BASE, &["train.sft_lr_scheduler_type=cosine_with_min_lr"]);
     assert!(e.contains("train.sft_lr_scheduler_type"), "{e}");
     let e = err(BASE, &["train.sync_ref_model=true"]);

@@ -333,13 +333,18 @@ lora_dropout: 0.1
     .unwrap();
     let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
     assert_eq!(r.model.lora().unwrap().dropout, 0.1);
-    // What plain LoRA is not (DoRA, a 4-bit base) is said.
-    let c =
-        convert_trl_recipe(&format!("{trl}use_peft: true\nuse_dora: true\n"), "t.yaml").unwrap();
+    // DoRA comes along; a 4-bit base is said to be left out.
+    let c = convert_trl_recipe(
+        &format!("{trl}use_peft: true\nuse_dora: true\nload_in_4bit: true\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str]).unwrap();
+    assert!(r.model.lora().unwrap().use_dora);
     assert!(
         c.left_out
             .iter()
-            .any(|(kv, why)| kv.starts_with("use_dora") && why.contains("no DoRA")),
+            .any(|(kv, why)| kv.starts_with("load_in_4bit") && why.contains("no quantized")),
         "{:?}",
         c.left_out
     );

@@ -511,6 +511,97 @@ fn resume_continues_exactly_with_lora() {
     ]);
 }
 
+/// DoRA: the magnitudes (and their AdamW moments) come back from the
+/// checkpoint's PEFT folder beside A and B.
+#[test]
+fn resume_continues_exactly_with_dora() {
+    resume_case(&[
+        "model.use_peft=true",
+        "model.use_dora=true",
+        "model.lora_r=4",
+        "model.lora_target_modules=[q_proj, v_proj, down_proj]",
+        "model.lora_dropout=0.1",
+        "train.learning_rate=2.0e-2",
+    ]);
+}
+
+/// TRL's use_dora end to end: the magnitudes train beside A and B, the
+/// servers get the merged weights (their log-probs agree with the adapted
+/// policy's: IS ratio ~1 at every step), and the checkpoint's adapter is
+/// PEFT's DoRA folder.
+#[test]
+fn a_dora_run_trains_magnitudes_and_pushes_merged_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &recipe,
+        &[
+            "model.use_peft=true".into(),
+            "model.use_dora=true".into(),
+            "model.lora_r=4".into(),
+            "train.learning_rate=2.0e-2".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+            "{l}"
+        );
+    }
+    let cfg = model::ModelConfig::from_dir(&model).unwrap();
+    let (h, q, kv) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let start = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .unwrap();
+    // q and v adapted at rank 4, with a magnitude per output row.
+    assert_eq!(
+        start["trainable_parameters"],
+        cfg.num_hidden_layers * (4 * (h + q + h + kv) + q + kv)
+    );
+    let adapter = out.join("checkpoints/step_000003/adapter");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    // The magnitudes moved off the base's row norms they started at.
+    let cpu = candle_core::Device::Cpu;
+    let saved = model::lora::Lora::load_peft(&adapter, &cpu, model::DType::F32).unwrap();
+    let base = model::Weights::load(&model, &cpu, model::DType::F32).unwrap();
+    let name = "model.layers.0.self_attn.q_proj";
+    let m = saved
+        .adapters
+        .get(&format!("{name}.lora_magnitude_vector"))
+        .unwrap();
+    let norms = base
+        .get(&format!("{name}.weight"))
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let moved = (m - norms)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-4, "the magnitudes did not train ({moved})");
+}
+
 /// PEFT's lora_dropout acts in the training forwards: step 1 (B is zero, the
 /// adapters add nothing yet) is the same with and without it, the adapters
 /// it trains are not.

@@ -187,6 +187,8 @@ struct LoraPair {
     scaling: f64,
     /// PEFT's `lora_dropout` on the adapter's input, in training forwards.
     dropout: f64,
+    /// DoRA's magnitude `m`, `[out]` (see [`crate::lora`]).
+    magnitude: Option<Tensor>,
 }
 
 impl Linear {
@@ -232,6 +234,7 @@ impl Linear {
             weight_t: self.weight_t.clone(),
         };
         let y = match &self.lora {
+            Some(l) if l.magnitude.is_some() => self.dora(&x2, l, dropout)?,
             Some(l) => {
                 let dropout_mask = match dropout {
                     Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
@@ -260,6 +263,72 @@ impl Linear {
         let mut shape = lead.to_vec();
         shape.push(y.dim(1)?);
         self.add_bias(y.reshape(shape)?)
+    }
+
+    /// DoRA as PEFT computes it, on `[rows, in]` inputs: `W x + (k - 1) W
+    /// x' + k s B A x'`, with `k = m / ||W + s B A||` per output row (the
+    /// norms constant in the backward pass) and `x'` the adapter's input
+    /// (`x` dropped out in a training forward, else `x`, where the whole
+    /// is `k (W + s B A) x`, what the merged weight computes).
+    fn dora(&self, x2: &Tensor, l: &LoraPair, dropout: Option<u64>) -> Result<Tensor> {
+        let Some(m) = &l.magnitude else {
+            return Err(ModelError::Invalid(
+                "DoRA forward of a linear without a magnitude".into(),
+            ));
+        };
+        // The norms as a constant operand: candle would keep a gradient
+        // for them to the end of the backward pass.
+        let norm = crate::lora::dora_weight_norm(&self.weight, &l.a, &l.b, l.scaling)?;
+        let k = apply(m, ConstOperand::mul(&norm.to_dtype(m.dtype())?.recip()?))?.unsqueeze(0)?;
+        let frozen = || FrozenLinear {
+            weight: self.weight.clone(),
+            weight_t: self.weight_t.clone(),
+        };
+        let mask = match dropout {
+            Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
+                x2.dim(0)?,
+                x2.dim(1)?,
+                l.dropout,
+                splitmix64(seed ^ self.site),
+                x2.device(),
+                x2.dtype(),
+            )?),
+            _ => None,
+        };
+        let base = |x: &Tensor| -> Result<Tensor> {
+            Ok(if x.track_op() {
+                apply(x, frozen())?
+            } else {
+                frozen().product(x)?
+            })
+        };
+        let with_lora = x2.apply_op3(
+            &l.a,
+            &l.b,
+            FrozenLinearWithLora {
+                frozen: frozen(),
+                scaling: l.scaling,
+                dropout_mask: mask.clone(),
+            },
+        )?;
+        Ok(match mask {
+            // k (W x + s B A x)
+            None => with_lora.broadcast_mul(&k)?,
+            // k (W x' + s B A x') + (W x - W x'); a constant term (the
+            // first layer's input takes no gradient) as a constant operand.
+            Some(mask) => {
+                let dropped = base(&apply(x2, ConstOperand::mul(&mask))?)?;
+                let plus = |y: Tensor, c: Tensor| -> Result<Tensor> {
+                    Ok(if c.track_op() {
+                        (y + c)?
+                    } else {
+                        apply(&y, ConstOperand::add(&c))?
+                    })
+                };
+                let y = plus(with_lora, dropped.neg()?)?.broadcast_mul(&k)?;
+                plus(y, (base(x2)? - dropped)?)?
+            }
+        })
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -310,6 +379,15 @@ fn linear(
                     .clone(),
                 scaling: lora.config.scaling(),
                 dropout: lora.config.dropout,
+                magnitude: if lora.config.use_dora {
+                    Some(
+                        lora.adapters
+                            .require(&format!("{prefix}.lora_magnitude_vector"), &[out])?
+                            .clone(),
+                    )
+                } else {
+                    None
+                },
             });
         }
     }
@@ -579,6 +657,7 @@ impl DecoderLayer {
             if let Some(lora) = &l.lora {
                 out.push(&lora.a);
                 out.push(&lora.b);
+                out.extend(&lora.magnitude);
             }
         }
         out

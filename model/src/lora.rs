@@ -4,9 +4,15 @@
 //! and `B` train; `W` stays frozen, so gradients, optimizer state and the
 //! all-reduce shrink to the adapters' size.
 //!
+//! DoRA (Liu et al. 2024, PEFT's `use_dora`) also trains a magnitude `m`
+//! per output row: `y = m / ||W + s B A|| * (W + s B A) x`, the row norms
+//! taken as constants in the backward pass (the paper's section 4.3, as
+//! PEFT does), `m` starting at the base's row norms.
+//!
 //! Names: an adapter of the linear `model.layers.0.self_attn.q_proj` is
-//! `model.layers.0.self_attn.q_proj.lora_A.weight` / `.lora_B.weight`;
-//! PEFT's `adapter_model.safetensors` prefixes them with `base_model.model.`.
+//! `model.layers.0.self_attn.q_proj.lora_A.weight` / `.lora_B.weight`
+//! (and `.lora_magnitude_vector` with DoRA); PEFT's
+//! `adapter_model.safetensors` prefixes them with `base_model.model.`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -64,6 +70,8 @@ pub struct LoraConfig {
     /// training forward ([`crate::CausalLM::with_dropout`]); never when
     /// generating, scoring or merging.
     pub dropout: f64,
+    /// DoRA: a trained magnitude per output row (see the module's doc).
+    pub use_dora: bool,
 }
 
 /// One adapted linear: its full name and `[out, in]`.
@@ -84,6 +92,27 @@ impl AdaptedLinear {
     pub fn weight(&self) -> String {
         format!("{}.weight", self.module)
     }
+    /// DoRA's magnitude `m`, `[out]` (PEFT's name on disk).
+    pub fn magnitude(&self) -> String {
+        format!("{}.lora_magnitude_vector", self.module)
+    }
+}
+
+/// DoRA's row norms `||W + s B A||` (`[out]`, over the input dimension),
+/// computed in f32 or wider and returned in `w`'s dtype, detached: the
+/// backward pass takes them as constants.
+pub fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+    let wide = if w.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let delta = b
+        .detach()
+        .to_dtype(wide)?
+        .matmul(&a.detach().to_dtype(wide)?)?;
+    let adapted = (w.detach().to_dtype(wide)? + (delta * scaling)?)?;
+    Ok(adapted.sqr()?.sum(1)?.sqrt()?.to_dtype(w.dtype())?)
 }
 
 impl LoraConfig {
@@ -154,15 +183,18 @@ impl LoraConfig {
         Ok(self.r == other.r
             && self.alpha == other.alpha
             && self.use_rslora == other.use_rslora
+            && self.use_dora == other.use_dora
             && self.adapted(cfg)? == other.adapted(cfg)?)
     }
 
     /// Fresh adapters as PEFT initialises them: `A` Kaiming-uniform
     /// (`a = sqrt(5)`: uniform in `±1/sqrt(in)`), `B` zero, so the adapted
-    /// model starts as the base model. The same seed gives the same bytes.
+    /// model starts as the base model; DoRA's magnitudes are the row norms
+    /// of `base`'s weights. The same seed gives the same bytes.
     pub fn init(
         &self,
         cfg: &ModelConfig,
+        base: &Weights,
         seed: u64,
         device: &Device,
         dtype: DType,
@@ -178,13 +210,19 @@ impl LoraConfig {
                 .collect();
             let a = Tensor::from_vec(a, (self.r, l.in_features), device)?.to_dtype(dtype)?;
             let b = Tensor::zeros((l.out_features, self.r), dtype, device)?;
+            if self.use_dora {
+                let w = base.require(&l.weight(), &[l.out_features, l.in_features])?;
+                let m = dora_weight_norm(w, &a, &b, self.scaling())?;
+                tensors.insert(l.magnitude(), m.to_device(device)?.to_dtype(dtype)?);
+            }
             tensors.insert(l.lora_a(), a);
             tensors.insert(l.lora_b(), b);
         }
         Ok(Weights::new(tensors))
     }
 
-    /// The adapted weights merged, `W + s B A` (computed in f32 or wider, returned in
+    /// The adapted weights merged, `W + s B A` (with DoRA scaled to
+    /// `m / ||W + s B A||` per row; computed in f32 or wider, returned in
     /// `W`'s dtype), by the base weight's name. Other weights are unchanged
     /// and not returned.
     pub fn merge(
@@ -206,8 +244,14 @@ impl LoraConfig {
                 DType::F32
             };
             let delta = b.to_dtype(wide)?.matmul(&a.to_dtype(wide)?)?;
-            let merged = (w.to_dtype(wide)? + (delta * s)?)?.to_dtype(w.dtype())?;
-            out.insert(l.weight(), merged);
+            let mut merged = (w.to_dtype(wide)? + (delta * s)?)?;
+            if self.use_dora {
+                let m = adapters.require(&l.magnitude(), &[l.out_features])?;
+                let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                let factor = m.to_dtype(wide)?.unsqueeze(1)?.div(&norm)?;
+                merged = merged.broadcast_mul(&factor)?;
+            }
+            out.insert(l.weight(), merged.to_dtype(w.dtype())?);
         }
         Ok(out)
     }
@@ -233,11 +277,11 @@ impl LoraConfig {
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": null,
-            "use_dora": false,
+            "use_dora": self.use_dora,
         })
     }
 
-    /// Reads PEFT's `adapter_config.json` (LoRA, no DoRA, no bias, no
+    /// Reads PEFT's `adapter_config.json` (LoRA or DoRA, no bias, no
     /// `modules_to_save`: what Tandem trains).
     pub fn from_peft_config(v: &Value, path: &Path) -> Result<Self> {
         let bad = |what: String| ModelError::Invalid(format!("{}: {what}", path.display()));
@@ -245,11 +289,12 @@ impl LoraConfig {
         if peft_type != "LORA" {
             return Err(bad(format!("peft_type is `{peft_type}`, not LORA")));
         }
+        let use_dora = match v.get("use_dora") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(d)) => *d,
+            Some(other) => return Err(bad(format!("use_dora {other} is not true or false"))),
+        };
         for (key, ok) in [
-            (
-                "use_dora",
-                v.get("use_dora").is_none_or(|d| d == &json!(false)),
-            ),
             ("bias", v.get("bias").is_none_or(|b| b == "none")),
             (
                 "modules_to_save",
@@ -322,6 +367,7 @@ impl LoraConfig {
                 .get("use_rslora")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            use_dora,
         })
     }
 }
@@ -384,7 +430,10 @@ impl Lora {
         let adapted = self.config.adapted(cfg)?;
         let expected: std::collections::BTreeSet<String> = adapted
             .iter()
-            .flat_map(|l| [l.lora_a(), l.lora_b()])
+            .flat_map(|l| {
+                let magnitude = self.config.use_dora.then(|| l.magnitude());
+                [l.lora_a(), l.lora_b()].into_iter().chain(magnitude)
+            })
             .collect();
         if let Some(extra) = self.adapters.names().find(|n| !expected.contains(*n)) {
             return Err(ModelError::Invalid(format!(
@@ -451,13 +500,18 @@ impl Lora {
             .iter()
             .map(|(k, t)| {
                 // PEFT names an adapter with its adapter name inside
-                // (`lora_A.default.weight`) in memory, without it on disk.
+                // (`lora_A.default.weight`, DoRA's
+                // `lora_magnitude_vector.default.weight`) in memory, without
+                // it (and without the magnitude's `.weight`) on disk.
                 let k = k.strip_prefix(PEFT_PREFIX).unwrap_or(k);
-                (
-                    k.replace(".lora_A.default.", ".lora_A.")
-                        .replace(".lora_B.default.", ".lora_B."),
-                    t.clone(),
-                )
+                let k = k
+                    .replace(".lora_A.default.", ".lora_A.")
+                    .replace(".lora_B.default.", ".lora_B.");
+                let k = match k.strip_suffix(".lora_magnitude_vector.default.weight") {
+                    Some(module) => format!("{module}.lora_magnitude_vector"),
+                    None => k,
+                };
+                (k, t.clone())
             })
             .collect();
         Ok(Lora {

@@ -657,18 +657,25 @@ fn lora_config(targets: TargetModules, r: usize) -> LoraConfig {
         target_modules: targets,
         use_rslora: false,
         dropout: 0.0,
+        use_dora: false,
     }
 }
 
 /// Adapters with a random `B` too (a fresh one is zero), so that the
-/// adapters change the output.
-fn random_lora(cfg: &ModelConfig, config: LoraConfig, dtype: DType) -> Lora {
-    let fresh = config.init(cfg, 11, &Device::Cpu, dtype).unwrap();
+/// adapters change the output; DoRA's magnitudes moved off the row norms
+/// they start at (0.5x to 1.5x), so that they change it too.
+fn random_lora(cfg: &ModelConfig, base: &Weights, config: LoraConfig, dtype: DType) -> Lora {
+    let fresh = config.init(cfg, base, 11, &Device::Cpu, dtype).unwrap();
     let mut adapters = fresh.clone();
     for (name, t) in fresh.iter() {
         if name.contains(".lora_B.") {
             let noise = Tensor::randn(0f32, 0.3, t.shape(), &Device::Cpu).unwrap();
             adapters.insert(name.clone(), noise.to_dtype(dtype).unwrap());
+        }
+        if name.ends_with(".lora_magnitude_vector") {
+            let factor = Tensor::rand(0.5f32, 1.5, t.shape(), &Device::Cpu).unwrap();
+            let moved = (t * factor.to_dtype(dtype).unwrap()).unwrap();
+            adapters.insert(name.clone(), moved);
         }
     }
     Lora { config, adapters }
@@ -679,9 +686,9 @@ fn fresh_lora_adapters_leave_the_model_as_it_was() {
     for arch in ARCHS {
         let (cfg, w) = random_model(arch, 21, DType::F32);
         let config = lora_config(TargetModules::AllLinear, 4);
-        let adapters = config.init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
+        let adapters = config.init(&cfg, &w, 3, &Device::Cpu, DType::F32).unwrap();
         // Seeded: the same bytes again; B starts at zero, A does not.
-        let again = config.init(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
+        let again = config.init(&cfg, &w, 3, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(adapters.len(), 2 * 7 * cfg.num_hidden_layers);
         for (name, t) in adapters.iter() {
             let a = max_abs_diff_f64(t, again.get(name).unwrap());
@@ -729,15 +736,21 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
         ]),
         TargetModules::Regex(r"model\.layers\.0\..*_proj".into()),
     ];
-    for (arch, targets) in ARCHS
+    let cases = ARCHS
         .iter()
         .zip(targets.iter().cycle())
-        .chain([(&ARCHS[0], &targets[3])])
+        .chain([(&ARCHS[0], &targets[3])]);
+    // Each also with DoRA: `m / ||W + s B A|| (W + s B A)` per row merged.
+    for ((arch, targets), use_dora) in cases
+        .clone()
+        .map(|c| (c, false))
+        .chain(cases.map(|c| (c, true)))
     {
         let (cfg, w) = random_model(arch, 22, DType::F64);
         let mut config = lora_config(targets.clone(), 3);
         config.use_rslora = *arch == "LlamaForCausalLM";
-        let lora = random_lora(&cfg, config.clone(), DType::F64);
+        config.use_dora = use_dora;
+        let lora = random_lora(&cfg, &w, config.clone(), DType::F64);
         let merged = config.merge(&cfg, &w, &lora.adapters).unwrap();
         assert_eq!(merged.len(), config.adapted(&cfg).unwrap().len());
         let mut merged_weights = w.clone();
@@ -763,7 +776,7 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
         );
         assert!(
             max_abs_diff_f64(&adapted, &plain) < 1e-10,
-            "{arch} {targets:?}"
+            "{arch} {targets:?} DoRA {use_dora}"
         );
         // Adapters off: the base model exactly (the KL reference of a LoRA run).
         let off = lora_model.without_lora().forward(&x, &m).unwrap();
@@ -776,15 +789,21 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
     // Without dropout, and with PEFT's lora_dropout under one seed (the same
     // masks on every forward: finite differences see one function, and the
     // layers run again by gradient checkpointing draw the masks again).
+    // DoRA's row norms are constants of its backward pass (as PEFT has
+    // it), which finite differences of the whole cannot see: its
+    // magnitudes are checked against them, its A and B against PEFT's
+    // gradients (peft_reference.rs).
     let cases = ARCHS
         .iter()
-        .map(|a| (*a, 0.0))
-        .chain([(ARCHS[0], 0.3), (ARCHS[2], 0.5)]);
-    for (arch, dropout) in cases {
+        .map(|a| (*a, 0.0, false))
+        .chain([(ARCHS[0], 0.3, false), (ARCHS[2], 0.5, false)])
+        .chain([(ARCHS[1], 0.0, true), (ARCHS[0], 0.3, true)]);
+    for (arch, dropout, use_dora) in cases {
         let (cfg, w) = random_model(arch, 23, DType::F64);
         let mut config = lora_config(TargetModules::AllLinear, 2);
         config.dropout = dropout;
-        let lora = random_lora(&cfg, config, DType::F64);
+        config.use_dora = use_dora;
+        let lora = random_lora(&cfg, &w, config, DType::F64);
         let (vars, view) = trainable(&lora.adapters).unwrap();
         let trained = Lora {
             config: lora.config.clone(),
@@ -811,7 +830,12 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
             );
         }
         assert_only_parameter_gradients(arch, &vars, &grads);
-        check_against_finite_differences(arch, &vars, &grads, || {
+        let checked: Vec<(String, candle_core::Var)> = vars
+            .iter()
+            .filter(|(name, _)| !use_dora || name.ends_with(".lora_magnitude_vector"))
+            .cloned()
+            .collect();
+        check_against_finite_differences(arch, &checked, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
         });
         // The checkpointed paths (logits, and the layers with gradient
@@ -850,7 +874,7 @@ fn lora_dropout_is_seeded_and_off_outside_training_forwards() {
     let forward = |lm: &CausalLM| lm.forward(&x, &m).unwrap();
     let mut config = lora_config(TargetModules::AllLinear, 4);
     config.dropout = 0.2;
-    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, config, DType::F32)).unwrap();
+    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, &w, config, DType::F32)).unwrap();
     let plain = forward(&lm);
     // One seed, one set of masks; another seed, others.
     let (a, b) = (forward(&lm.with_dropout(1)), forward(&lm.with_dropout(1)));
@@ -862,7 +886,7 @@ fn lora_dropout_is_seeded_and_off_outside_training_forwards() {
     // lora_dropout 0: a seed changes nothing.
     let mut config = lora_config(TargetModules::AllLinear, 4);
     config.dropout = 0.0;
-    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, config, DType::F32)).unwrap();
+    let lm = CausalLM::with_lora(&cfg, &w, &random_lora(&cfg, &w, config, DType::F32)).unwrap();
     assert_eq!(
         max_abs_diff(&forward(&lm.with_dropout(9)), &forward(&lm)),
         0.0
@@ -913,6 +937,7 @@ fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
     // PEFT's folder: prefixed names, its config keys; read back as written.
     let lora = random_lora(
         &cfg,
+        &w,
         lora_config(
             TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             2,
@@ -972,7 +997,7 @@ fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
         e.contains("lora_A.weight") || e.contains("lora_B.weight"),
         "{e}"
     );
-    // A DoRA or bias-training PEFT adapter is not what Tandem trains.
+    // A DoRA config without its magnitudes is refused by name.
     let mut v = config.clone();
     v["use_dora"] = json!(true);
     std::fs::write(
@@ -981,7 +1006,34 @@ fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
     )
     .unwrap();
     let e = Lora::load_peft(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap()
+        .check(&cfg)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("use_dora"), "{e}");
+    assert!(e.contains(".lora_magnitude_vector"), "{e}");
+    // DoRA's folder: PEFT's magnitude names (no `.weight`), `use_dora`.
+    let mut config = lora_config(TargetModules::Names(vec!["v_proj".into()]), 2);
+    config.use_dora = true;
+    let lora = random_lora(&cfg, &w, config, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    lora.save_peft(dir.path(), "/models/base").unwrap();
+    let file = Weights::load_files(
+        &[dir.path().join(model::lora::ADAPTER_WEIGHTS_FILE)],
+        dir.path(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let magnitude = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector";
+    assert_eq!(file.get(magnitude).unwrap().dims(), [16]);
+    let back = Lora::load_peft(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert!(back.config.use_dora);
+    assert_eq!(back.check(&cfg).unwrap().len(), 2);
+    for (name, t) in lora.adapters.iter() {
+        assert_eq!(
+            max_abs_diff(t, back.adapters.get(name).unwrap()),
+            0.0,
+            "{name}"
+        );
+    }
 }

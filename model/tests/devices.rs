@@ -269,8 +269,9 @@ mod cuda {
             target_modules: TargetModules::AllLinear,
             use_rslora: false,
             dropout: 0.3,
+            use_dora: false,
         };
-        let fresh = config.init(&cfg, 1, &dev, DType::F32).unwrap();
+        let fresh = config.init(&cfg, &w, 1, &dev, DType::F32).unwrap();
         let mut adapters = fresh.clone();
         for (name, t) in fresh.iter() {
             if name.contains(".lora_B.") {

@@ -63,7 +63,7 @@ fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
     let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
     let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
     let adapters = record["adapters"].as_object().unwrap();
-    assert_eq!(adapters.len(), 2);
+    assert_eq!(adapters.len(), 3);
     for (name, case) in adapters {
         let expected: Vec<Vec<Vec<f32>>> = serde_json::from_value(case["logits"].clone()).unwrap();
         let expected = Tensor::new(expected, &Device::Cpu).unwrap();
@@ -100,6 +100,66 @@ fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
         assert!(
             d < TOL,
             "{name}: Tandem's merged weights differ from PEFT's by {d}"
+        );
+    }
+}
+
+/// DoRA's gradients, which finite differences cannot check (its row norms
+/// are constants of the backward pass): PEFT's, of the sum of
+/// `log_softmax(logits) w` with the fixture script's pattern
+/// `w = ((7 b + 3 t + v) mod 5 - 2) / 2`, for every A, B and magnitude.
+#[test]
+fn dora_gradients_are_pefts() {
+    let (record, tmp, ids, mask) = setup();
+    let base_dir = tmp.path().join("tiny");
+    let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
+    let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
+    let name = "dora_qv_down";
+    let lora = Lora::load_peft(&fixtures().join(name), &Device::Cpu, DType::F32).unwrap();
+    assert!(lora.config.use_dora);
+    let (vars, adapters) = model::decoder::trainable(&lora.adapters).unwrap();
+    let trained = Lora {
+        config: lora.config.clone(),
+        adapters,
+    };
+    let logits = CausalLM::with_lora(&cfg, &base, &trained)
+        .unwrap()
+        .forward(&ids, &mask)
+        .unwrap();
+    let (b, t, v) = logits.dims3().unwrap();
+    let pattern: Vec<f32> = (0..b * t * v)
+        .map(|i| {
+            let (bi, ti, vi) = (i / (t * v), (i / v) % t, i % v);
+            (((7 * bi + 3 * ti + vi) % 5) as f32 - 2.0) / 2.0
+        })
+        .collect();
+    let w = Tensor::from_vec(pattern, (b, t, v), &Device::Cpu).unwrap();
+    let objective = (candle_nn::ops::log_softmax(&logits, 2).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = objective.backward().unwrap();
+    let expected = record["adapters"][name]["gradients"].as_object().unwrap();
+    assert_eq!(expected.len(), vars.len());
+    for (var_name, var) in &vars {
+        let theirs: Vec<f32> =
+            serde_json::from_value(expected[&format!("base_model.model.{var_name}")].clone())
+                .unwrap_or_else(|e| panic!("{var_name}: {e}"));
+        let ours: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {var_name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = theirs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = ours
+            .iter()
+            .zip(&theirs)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            scale > 0.0 && d <= 1e-4 * scale + 1e-6,
+            "{var_name}: Tandem's gradient differs from PEFT's by {d} (largest {scale})"
         );
     }
 }

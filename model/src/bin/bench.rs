@@ -95,12 +95,13 @@ impl TrainMode {
                 target_modules: TargetModules::AllLinear,
                 use_rslora: false,
                 dropout: 0.0,
+                use_dora: false,
             };
             let device = weights
                 .iter()
                 .next()
                 .map_or(Device::Cpu, |(_, t)| t.device().clone());
-            let fresh = config.init(cfg, 0, &device, dtype)?;
+            let fresh = config.init(cfg, weights, 0, &device, dtype)?;
             let (_vars, adapters) = trainable(&fresh)?;
             return CausalLM::with_lora(cfg, weights, &Lora { config, adapters });
         }
