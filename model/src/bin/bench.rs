@@ -51,14 +51,18 @@ enum TrainMode {
     /// LoRA (`model.use_peft`, rank 16 on every linear) on a frozen base,
     /// logits recomputed: only the adapters get gradients.
     Lora,
+    /// The same with DoRA (`model.use_dora`): each forward also makes
+    /// every adapted linear's `B A` and its row norms.
+    Dora,
 }
 
 impl TrainMode {
-    const ALL: [TrainMode; 4] = [
+    const ALL: [TrainMode; 5] = [
         TrainMode::LogitsKept,
         TrainMode::LogitsRecomputed,
         TrainMode::LayersRecomputed,
         TrainMode::Lora,
+        TrainMode::Dora,
     ];
 
     /// The `--peak-memory-of` argument.
@@ -68,6 +72,7 @@ impl TrainMode {
             TrainMode::LogitsRecomputed => "recomputed",
             TrainMode::LayersRecomputed => "layers",
             TrainMode::Lora => "lora",
+            TrainMode::Dora => "dora",
         }
     }
 
@@ -77,6 +82,7 @@ impl TrainMode {
             TrainMode::LogitsRecomputed => "forward+backward, logits recomputed",
             TrainMode::LayersRecomputed => "forward+backward, logits and layers recomputed",
             TrainMode::Lora => "forward+backward, LoRA r 16 all-linear, logits recomputed",
+            TrainMode::Dora => "forward+backward, DoRA r 16 all-linear, logits recomputed",
         }
     }
 
@@ -88,14 +94,14 @@ impl TrainMode {
         weights: &Weights,
         dtype: DType,
     ) -> model::Result<CausalLM> {
-        if self == TrainMode::Lora {
+        if matches!(self, TrainMode::Lora | TrainMode::Dora) {
             let config = LoraConfig {
                 r: 16,
                 alpha: 32.0,
                 target_modules: TargetModules::AllLinear,
                 use_rslora: false,
                 dropout: 0.0,
-                use_dora: false,
+                use_dora: self == TrainMode::Dora,
             };
             let device = weights
                 .iter()
