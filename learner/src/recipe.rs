@@ -2186,6 +2186,11 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "train.recompute_logits (on by default) keeps the logits out of memory \
              as Liger's fused loss does; remove the key"
         }
+        "use_liger_kernel" => {
+            "transformers' switch to Liger's kernels has none here: train.recompute_logits \
+             (on by default) keeps the logits out of memory as Liger's fused linear \
+             cross-entropy does; remove the key"
+        }
         "load_in_4bit" | "load_in_8bit" => {
             "LoRA is model.use_peft (LoRA or DoRA on a base in model.dtype: no quantized \
              base); remove the key"

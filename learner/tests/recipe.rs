@@ -86,6 +86,9 @@ fn unknown_key_names_the_path_and_the_closest_key() {
     let text = format!("{BASE}  use_liger_loss: true\n");
     let e = err(&text, NO_OVERRIDES);
     assert!(e.contains("train.recompute_logits"), "{e}");
+    let text = format!("{BASE}  use_liger_kernel: true\n");
+    let e = err(&text, NO_OVERRIDES);
+    assert!(e.contains("Liger's kernels"), "{e}");
     // TRL's newer loss types and their knobs parse; a bad temperature names
     // its key.
     let text = format!("{BASE}  loss_type: sapo\n  sapo_temperature_neg: 1.2\n");
