@@ -1022,7 +1022,11 @@ fn warm_up_text(e: &serde_json::Map<String, Value>) -> String {
     if let (Some(steps), Some(most), Some(target)) =
         (num("steps"), num("max_steps"), written("target_loss"))
     {
-        if steps < most {
+        let stopped = match e.get("stopped_at_target_loss").and_then(Value::as_bool) {
+            Some(stopped) => stopped,
+            None => steps < most,
+        };
+        if stopped {
             let _ = write!(
                 text,
                 " of at most {}, stopped at its target loss {target}",
@@ -1773,7 +1777,8 @@ mod tests {
             _ => unreachable!("an object literal"),
         };
         let e = event(serde_json::json!({"event": "sft_warmup", "steps": 1266,
-            "max_steps": 2000, "target_loss": 0.45, "learning_rate": 0.001,
+            "max_steps": 2000, "target_loss": 0.45, "stopped_at_target_loss": true,
+            "learning_rate": 0.001,
             "lr_scheduler_type": "constant", "elapsed_s": 59.37}));
         assert_eq!(
             warm_up_text(&e),
@@ -1781,11 +1786,18 @@ mod tests {
              learning rate 0.001 (constant); 59.37 s"
         );
         let e = event(serde_json::json!({"event": "sft_warmup", "steps": 80,
-            "max_steps": 80, "target_loss": 0.001, "learning_rate": 0.003,
-            "lr_scheduler_type": "linear"}));
+            "max_steps": 80, "target_loss": 0.001, "stopped_at_target_loss": false,
+            "learning_rate": 0.003, "lr_scheduler_type": "linear"}));
         assert_eq!(
             warm_up_text(&e),
             "80 steps, its target loss 0.001 not reached; learning rate 0.003 (linear)"
+        );
+        // Reached at the last step allowed.
+        let e = event(serde_json::json!({"event": "sft_warmup", "steps": 80,
+            "max_steps": 80, "target_loss": 0.5, "stopped_at_target_loss": true}));
+        assert_eq!(
+            warm_up_text(&e),
+            "80 steps of at most 80, stopped at its target loss 0.5"
         );
         // Without a target (and as older runs logged it).
         let e = event(serde_json::json!({"event": "sft_warmup", "steps": 1000,

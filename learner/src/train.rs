@@ -804,7 +804,7 @@ fn sft_warmup(
     // The last SFT_TARGET_LOSS_WINDOW losses, all-reduced: every rank sees
     // the same values and so stops at the same step.
     let mut recent_losses = std::collections::VecDeque::new();
-    let mut steps_run = 0;
+    let (mut steps_run, mut stopped_at_target) = (0, false);
     for s in 1..=t.sft_warmup_steps {
         let step_started = Instant::now();
         let examples = source.next_batch(batch_size);
@@ -894,6 +894,7 @@ fn sft_warmup(
             );
         }
         if reached_target {
+            stopped_at_target = true;
             eprintln!(
                 "sft: mean loss of the last {SFT_TARGET_LOSS_WINDOW} steps {window_mean:.4} <= \
                  train.sft_target_loss {}: the warm-up ends at step {s} of {}",
@@ -904,19 +905,17 @@ fn sft_warmup(
         }
     }
     if let Some(target) = t.sft_target_loss
-        && steps_run == t.sft_warmup_steps
+        && !stopped_at_target
     {
         let window_mean = recent_losses.iter().sum::<f64>() / recent_losses.len().max(1) as f64;
-        if window_mean > target {
-            let msg = format!(
-                "the supervised warm-up ran all its {steps_run} steps (train.sft_warmup_steps) \
-                 without reaching train.sft_target_loss {target}: the mean loss of its last \
-                 {SFT_TARGET_LOSS_WINDOW} steps is {window_mean:.4}; GRPO starts from there"
-            );
-            eprintln!("note: {msg}");
-            if let Some(run) = run {
-                run.warn(&msg)?;
-            }
+        let msg = format!(
+            "the supervised warm-up ran all its {steps_run} steps (train.sft_warmup_steps) \
+             without reaching train.sft_target_loss {target}: the mean loss of its last \
+             {SFT_TARGET_LOSS_WINDOW} steps is {window_mean:.4}; GRPO starts from there"
+        );
+        eprintln!("note: {msg}");
+        if let Some(run) = run {
+            run.warn(&msg)?;
         }
     }
     c.barrier()?;
@@ -936,7 +935,7 @@ fn sft_warmup(
         run.event(
             "sft_warmup",
             json!({"steps": steps_run, "max_steps": t.sft_warmup_steps,
-                   "target_loss": t.sft_target_loss,
+                   "target_loss": t.sft_target_loss, "stopped_at_target_loss": stopped_at_target,
                    "learning_rate": schedule.base_lr,
                    "lr_scheduler_type": t.sft_lr_scheduler_type,
                    "weight_version": wv[0] as u64, "elapsed_s": secs(started.elapsed())}),

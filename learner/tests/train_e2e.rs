@@ -1685,6 +1685,7 @@ fn the_warm_up_decays_its_rate_and_stops_at_its_target_loss() {
             .expect("an sft_warmup event")
     };
     assert_eq!(warm_up(&events)["steps"], json!(STEPS));
+    assert_eq!(warm_up(&events)["stopped_at_target_loss"], json!(false));
 
     // The mean of the 50 losses before each step, as the learner sums them.
     let window_mean = |last: usize| losses[last + 1 - 50..=last].iter().sum::<f64>() / 50.0;
@@ -1707,6 +1708,7 @@ fn the_warm_up_decays_its_rate_and_stops_at_its_target_loss() {
         (&said["steps"], &said["max_steps"]),
         (&json!(stop + 1), &json!(STEPS))
     );
+    assert_eq!(said["stopped_at_target_loss"], json!(true));
     assert!(!events.iter().any(|e| {
         e["event"] == "warn"
             && e["message"]
