@@ -229,24 +229,11 @@ impl Linear {
         let x2 = x
             .contiguous()?
             .reshape((rows, k.first().copied().unwrap_or(1)))?;
-        let frozen = FrozenLinear {
-            weight: self.weight.clone(),
-            weight_t: self.weight_t.clone(),
-        };
+        let frozen = self.frozen();
         let y = match &self.lora {
             Some(l) if l.magnitude.is_some() => self.dora(&x2, l, dropout)?,
             Some(l) => {
-                let dropout_mask = match dropout {
-                    Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
-                        x2.dim(0)?,
-                        x2.dim(1)?,
-                        l.dropout,
-                        splitmix64(seed ^ self.site),
-                        x2.device(),
-                        x2.dtype(),
-                    )?),
-                    _ => None,
-                };
+                let dropout_mask = self.adapter_dropout_mask(&x2, l, dropout)?;
                 x2.apply_op3(
                     &l.a,
                     &l.b,
@@ -265,6 +252,36 @@ impl Linear {
         self.add_bias(y.reshape(shape)?)
     }
 
+    /// The frozen weight as the op that back-propagates only into its input.
+    fn frozen(&self) -> FrozenLinear {
+        FrozenLinear {
+            weight: self.weight.clone(),
+            weight_t: self.weight_t.clone(),
+        }
+    }
+
+    /// LoRA dropout's mask on the adapter's `[rows, in]` input in a training
+    /// forward (a `dropout` seed): drawn from the seed and this linear's
+    /// name; none otherwise or at `lora_dropout` 0.
+    fn adapter_dropout_mask(
+        &self,
+        x2: &Tensor,
+        l: &LoraPair,
+        dropout: Option<u64>,
+    ) -> Result<Option<Tensor>> {
+        Ok(match dropout {
+            Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
+                x2.dim(0)?,
+                x2.dim(1)?,
+                l.dropout,
+                splitmix64(seed ^ self.site),
+                x2.device(),
+                x2.dtype(),
+            )?),
+            _ => None,
+        })
+    }
+
     /// DoRA as PEFT computes it, on `[rows, in]` inputs: `W x + (k - 1) W
     /// x' + k s B A x'`, with `k = m / ||W + s B A||` per output row (the
     /// norms constant in the backward pass) and `x'` the adapter's input
@@ -280,33 +297,19 @@ impl Linear {
         // for them to the end of the backward pass.
         let norm = crate::lora::dora_weight_norm(&self.weight, &l.a, &l.b, l.scaling)?;
         let k = apply(m, ConstOperand::mul(&norm.to_dtype(m.dtype())?.recip()?))?.unsqueeze(0)?;
-        let frozen = || FrozenLinear {
-            weight: self.weight.clone(),
-            weight_t: self.weight_t.clone(),
-        };
-        let mask = match dropout {
-            Some(seed) if l.dropout > 0.0 => Some(dropout_mask(
-                x2.dim(0)?,
-                x2.dim(1)?,
-                l.dropout,
-                splitmix64(seed ^ self.site),
-                x2.device(),
-                x2.dtype(),
-            )?),
-            _ => None,
-        };
+        let mask = self.adapter_dropout_mask(x2, l, dropout)?;
         let base = |x: &Tensor| -> Result<Tensor> {
             Ok(if x.track_op() {
-                apply(x, frozen())?
+                apply(x, self.frozen())?
             } else {
-                frozen().product(x)?
+                self.frozen().product(x)?
             })
         };
         let with_lora = x2.apply_op3(
             &l.a,
             &l.b,
             FrozenLinearWithLora {
-                frozen: frozen(),
+                frozen: self.frozen(),
                 scaling: l.scaling,
                 dropout_mask: mask.clone(),
             },
