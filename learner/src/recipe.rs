@@ -2277,8 +2277,8 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "nothing is sent to wandb (log.report_to: tensorboard or none)"
         }
         "vllm_guided_decoding_regex" | "vllm_structured_outputs_regex" => {
-            "not supported: Tandem's rollout server has no guided decoding; reward the format \
-             instead (a `format` reward function with the regex)"
+            "it is rollout.generation_kwargs: {structured_outputs: {regex: ...}} (sent with \
+             every request; Tandem's rollout server and vLLM both read it)"
         }
         "model_init_kwargs"
         | "remove_unused_columns"

@@ -357,6 +357,16 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
     convert_model(&mut map, &mut out);
     convert_dataset(&mut map, &mut out);
     convert_rewards(&mut map, &mut out);
+    // TRL sends its guided-decoding regex to vLLM with every request: so
+    // does rollout.generation_kwargs (merged in after the other keys).
+    let guided: Vec<(String, Value)> = [
+        "vllm_guided_decoding_regex",
+        "vllm_structured_outputs_regex",
+    ]
+    .into_iter()
+    .filter_map(|k| map.remove(k).map(|v| (k.to_string(), v)))
+    .filter(|(_, v)| !v.is_null())
+    .collect();
     if let Some(v) = map.remove("report_to") {
         let all: Vec<Value> = match &v {
             Value::Array(items) => items.clone(),
@@ -434,6 +444,21 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
                 out.leave_out(&key, &value, why);
             }
         }
+    }
+    if let Some((key, regex)) = guided.into_iter().last() {
+        let mut kwargs = out
+            .get("rollout.generation_kwargs")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        kwargs.insert("structured_outputs".into(), json!({ "regex": regex }));
+        out.put(
+            "rollout.generation_kwargs",
+            Value::Object(kwargs),
+            Some(format!(
+                "TRL's {key}: guided decoding on the rollout servers"
+            )),
+        );
     }
     // TRL samples eval completions as it samples training ones.
     if out

@@ -839,24 +839,35 @@ fn gdpo_refuses_a_gate() {
     .unwrap();
 }
 
-/// A generation_kwargs entry that Tandem's rollout server refuses (guided
-/// decoding...) is refused up front when the launcher's servers generate,
-/// and passed on to an external vLLM.
+/// A generation_kwargs entry that Tandem's rollout server refuses (a JSON
+/// schema...) is refused up front when the launcher's servers generate,
+/// and passed on to an external vLLM; guided decoding by a regex passes.
 #[test]
 fn generation_kwargs_tandem_servers_refuse_are_refused_up_front() {
     let e = err(
         BASE,
-        &["rollout.generation_kwargs={guided_regex: \"[0-9]+\"}"],
+        &["rollout.generation_kwargs={guided_json: {type: object}}"],
     );
     assert!(
-        e.contains("rollout.generation_kwargs.guided_regex") && e.contains("structured output"),
+        e.contains("rollout.generation_kwargs.guided_json") && e.contains("structured output"),
         "{e}"
     );
+    let e = err(
+        BASE,
+        &["rollout.generation_kwargs={structured_outputs: {grammar: \"root ::= x\"}}"],
+    );
+    assert!(e.contains("generation_kwargs.structured_outputs"), "{e}");
+    Recipe::from_yaml_str(
+        BASE,
+        "demo.yaml",
+        &["rollout.generation_kwargs={structured_outputs: {regex: \"[0-9]+\"}}"],
+    )
+    .unwrap();
     Recipe::from_yaml_str(
         BASE,
         "demo.yaml",
         &[
-            "rollout.generation_kwargs={guided_regex: \"[0-9]+\", response_format: {type: text}}",
+            "rollout.generation_kwargs={guided_json: {type: object}, response_format: {type: text}}",
             "rollout.endpoints=[\"http://127.0.0.1:8000\"]",
             "rollout.client_tag_echo=ignore",
         ],

@@ -352,6 +352,26 @@ lora_dropout: 0.1
 
 /// verl's and OpenRLHF's LoRA (lora_rank > 0) become model.use_peft with
 /// their defaults (alpha 16, all-linear) written out; rank 0 leaves LoRA off.
+/// TRL's guided-decoding regex goes with every request, as TRL sends it to
+/// vLLM: into rollout.generation_kwargs, beside what the recipe had there.
+#[test]
+fn trls_guided_decoding_regex_becomes_a_generation_kwarg() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/train.jsonl\n\
+               reward_funcs: [format]\n\
+               vllm_structured_outputs_regex: \"<answer>[0-9]+</answer>\"\n\
+               generation_kwargs: {min_tokens: 2}\n";
+    let c = convert_trl_recipe(trl, "trl.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let kwargs = &r.rollout.generation_kwargs;
+    assert_eq!(
+        kwargs["structured_outputs"]["regex"],
+        "<answer>[0-9]+</answer>"
+    );
+    assert_eq!(kwargs["min_tokens"], 2);
+    assert!(c.left_out.is_empty(), "{:?}", c.left_out);
+}
+
 #[test]
 fn verl_and_openrlhf_lora_convert_with_their_defaults() {
     let verl = "python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\\n  \

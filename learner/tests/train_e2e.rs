@@ -602,6 +602,36 @@ fn a_dora_run_trains_magnitudes_and_pushes_merged_weights() {
     assert!(moved > 1e-4, "the magnitudes did not train ({moved})");
 }
 
+/// Guided decoding from the recipe (TRL's vllm_structured_outputs_regex,
+/// converted to rollout.generation_kwargs): every completion the learners
+/// train on matches the pattern as a whole.
+#[test]
+fn a_guided_decoding_regex_shapes_every_completion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &recipe,
+        &[
+            "rollout.generation_kwargs={structured_outputs: {regex: \"[0-9]{1,3}\"}}".into(),
+            "log.log_completions=true".into(),
+            "train.max_steps=2".into(),
+        ],
+    );
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 2 * 16);
+    let re = regex::Regex::new("^[0-9]{1,3}$").unwrap();
+    for c in &completions {
+        let text = c["completion"].as_str().unwrap();
+        assert!(re.is_match(text), "{c}");
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+    }
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert!(lines.iter().all(|l| f(l, "loss").is_finite()), "{lines:?}");
+}
+
 /// PEFT's lora_dropout acts in the training forwards: step 1 (B is zero, the
 /// adapters add nothing yet) is the same with and without it, the adapters
 /// it trains are not.

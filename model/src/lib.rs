@@ -33,6 +33,7 @@ pub mod decoder;
 pub mod device;
 pub mod error;
 pub(crate) mod fused;
+pub mod guided;
 pub mod kv_cache;
 pub mod logprobs;
 pub mod lora;

@@ -17,12 +17,15 @@
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::guided::RegexGuide;
+use regex_automata::util::primitives::StateID;
 
 /// Below this temperature sampling is greedy (vLLM's `_SAMPLING_EPS`).
 pub const SAMPLING_EPS: f32 = 1e-5;
@@ -198,6 +201,8 @@ pub struct Sampler {
     /// and the stop token ids) cannot be sampled.
     min_tokens: usize,
     stop_ids: Vec<u32>,
+    /// Guided decoding: the pattern and where the output has taken it.
+    guide: Option<(Arc<RegexGuide>, StateID)>,
 }
 
 impl Sampler {
@@ -210,7 +215,18 @@ impl Sampler {
             rng: ChaCha8Rng::seed_from_u64(seed),
             min_tokens: 0,
             stop_ids: Vec::new(),
+            guide: None,
         }
+    }
+
+    /// Guided decoding (vLLM's `guided_regex`): only tokens that keep the
+    /// output on the way to matching `guide` have a probability, and the
+    /// end of the sequence only once it matches. Raw log-probs are the
+    /// model's all the same.
+    pub fn with_guide(mut self, guide: Arc<RegexGuide>) -> Self {
+        let start = guide.start();
+        self.guide = Some((guide, start));
+        self
     }
 
     /// vLLM's `min_tokens`: the tokens that would end the sequence
@@ -280,6 +296,25 @@ impl Sampler {
                     penalized = true;
                 }
             }
+        }
+        if let Some((guide, state)) = &self.guide {
+            let allowed = guide.allowed(*state);
+            if allowed.is_empty() {
+                return Err(ModelError::Invalid(format!(
+                    "guided decoding: no token continues the output toward a match of {:?}",
+                    guide.pattern()
+                )));
+            }
+            // `allowed` is ascending: keep those, mask the rest.
+            let mut next = allowed.iter().copied().peekable();
+            for (id, x) in s.work.iter_mut().enumerate() {
+                if next.peek() == Some(&(id as u32)) {
+                    next.next();
+                } else {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            penalized = true;
         }
         let none_left = || {
             ModelError::Invalid("logits: every token has probability zero after penalties".into())
@@ -363,6 +398,9 @@ impl Sampler {
         let top_logprobs = top_k_sorted(source, k, &mut s.heap, &mut s.keys)
             .map(|i| (i, source[i as usize] - lse))
             .collect();
+        if let Some((guide, state)) = &mut self.guide {
+            *state = guide.advance(*state, token as u32);
+        }
         Ok(SampledToken {
             token: token as u32,
             logprob,

@@ -62,11 +62,13 @@ pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("suffix", "text after the insertion point"),
     ("use_beam_search", "beam search"),
     ("response_format", "structured output"),
-    ("guided_json", "structured output"),
-    ("guided_regex", "structured output"),
-    ("guided_choice", "structured output"),
-    ("guided_grammar", "structured output"),
-    ("structured_outputs", "structured output"),
+    ("guided_json", "structured output by a JSON schema"),
+    ("guided_grammar", "structured output by a grammar"),
+    (
+        "structured_outputs",
+        "structured output by a JSON schema, a grammar or a structural tag (regex and choice are \
+         supported)",
+    ),
     ("bad_words", "banned words"),
     ("allowed_token_ids", "a token allow-list"),
     ("prompt_embeds", "embedding prompts"),
@@ -80,6 +82,14 @@ pub fn unsupported_field(field: &str, value: &Value) -> Option<&'static str> {
         Value::Null | Value::Bool(false) => false,
         // Plain text is what every response is anyway.
         v if field == "response_format" => v.get("type") != Some(&Value::from("text")),
+        // Guided decoding by a regex or a choice is done; the rest is not.
+        Value::Object(kinds) if field == "structured_outputs" => kinds.iter().any(|(k, v)| {
+            !v.is_null()
+                && !matches!(
+                    k.as_str(),
+                    "regex" | "choice" | "disable_fallback" | "disable_any_whitespace"
+                )
+        }),
         _ => true,
     };
     asks.then_some(*what)
@@ -127,6 +137,14 @@ pub struct SamplingFields {
     /// vLLM extension: keep only the prompt's last this many tokens (-1:
     /// the model's length).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM's guided decoding: the completion matches this regular
+    /// expression as a whole.
+    pub guided_regex: Option<String>,
+    /// vLLM's guided decoding: the completion is one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM's newer form of both: `{"regex": ...}` or `{"choice": [...]}`
+    /// (its `json` / `grammar` / `structural_tag` are refused).
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

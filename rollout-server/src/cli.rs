@@ -229,6 +229,12 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         engine: engine.clone(),
         tokenizer: tokenizer.clone(),
         validator: Validator {
+            token_bytes: Arc::new(
+                model::guided::TokenBytes::from_tokenizer(&tokenizer)
+                    .context("reading the tokenizer's token bytes (guided decoding)")?,
+            ),
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            guides: Default::default(),
             tokenizer,
             served_model_name: served_model_name.clone(),
             max_model_len,

@@ -65,6 +65,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// EOS and `stop_token_ids` cannot be sampled before this many tokens.
     pub min_tokens: usize,
+    /// Guided decoding: only tokens on the way to a match are sampled.
+    pub guide: Option<std::sync::Arc<model::guided::RegexGuide>>,
     /// Log-probs of the prompt tokens with this many top entries (vLLM's
     /// `prompt_logprobs`, or `echo` with `logprobs`).
     pub prompt_logprobs: Option<usize>,

@@ -457,15 +457,19 @@ impl Scheduler {
 
     /// Sample `j` of `g` in `slot`, seeded with `g.seed + j`.
     fn sequence(&self, g: &Group, j: usize, slot: usize) -> Sequence {
+        let mut sampler = Sampler::new(
+            g.request.params.clone(),
+            g.seed.wrapping_add(j as u64),
+            self.config.logprobs_mode,
+        )
+        .with_min_tokens(g.request.min_tokens, self.stop_ids(&g.request));
+        if let Some(guide) = &g.request.guide {
+            sampler = sampler.with_guide(guide.clone());
+        }
         Sequence {
             sample: j,
             slot,
-            sampler: Sampler::new(
-                g.request.params.clone(),
-                g.seed.wrapping_add(j as u64),
-                self.config.logprobs_mode,
-            )
-            .with_min_tokens(g.request.min_tokens, self.stop_ids(&g.request)),
+            sampler,
             output: Vec::new(),
             pending: 0,
             // Time to first token counts from the request's arrival.

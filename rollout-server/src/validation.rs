@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use model::guided::{RegexGuide, TokenBytes};
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
 use proto::openai::{
@@ -33,7 +34,22 @@ pub struct Validator {
     pub vocab_size: usize,
     /// Most top log-probs a request may ask for (vLLM's `--max-logprobs`).
     pub max_logprobs: usize,
+    /// The model's end-of-sequence ids: where a guided completion may end.
+    pub eos_token_ids: Vec<u32>,
+    /// Each token's bytes, for guided decoding.
+    pub token_bytes: Arc<TokenBytes>,
+    /// Compiled guides by pattern and end ids: a learner sends the same
+    /// pattern with every request, and a guide keeps the tokens it found
+    /// allowed from each state.
+    pub guides: GuideCache,
 }
+
+/// Compiled guides by pattern and end ids.
+pub type GuideCache =
+    std::sync::Mutex<std::collections::HashMap<(String, Vec<u32>), Arc<RegexGuide>>>;
+
+/// Compiled guides kept at most (the cache starts over past it).
+const MAX_CACHED_GUIDES: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ValidPrompt {
@@ -76,6 +92,8 @@ pub struct ValidRequest {
     pub return_tokens_as_token_ids: bool,
     pub return_token_ids: bool,
     pub client_tag: Option<String>,
+    /// Guided decoding (`guided_regex`, `guided_choice`, `structured_outputs`).
+    pub guide: Option<Arc<RegexGuide>>,
 }
 
 impl ValidRequest {
@@ -103,6 +121,7 @@ impl ValidRequest {
                 stop_token_ids: self.stop_token_ids.clone(),
                 ignore_eos: self.ignore_eos,
                 min_tokens: self.min_tokens,
+                guide: self.guide.clone(),
                 // One prefill serves both: the larger count, each response
                 // part cut to its own.
                 prompt_logprobs: self.prompt_logprobs.max(if self.echo {
@@ -643,6 +662,9 @@ impl Validator {
                 .as_ref()
                 .and_then(|o| o.continuous_usage_stats)
                 .unwrap_or(false);
+        let ignore_eos = f.ignore_eos.unwrap_or(false);
+        let guided = (&f.guided_regex, &f.guided_choice, &f.structured_outputs);
+        let guide = self.guide(guided, ignore_eos, &stop_token_ids)?;
         let client_tag = f.client_tag.or(header_tag);
         let truncate_prompt_tokens = match f.truncate_prompt_tokens {
             None => None,
@@ -670,7 +692,7 @@ impl Validator {
                 params,
                 stop,
                 stop_token_ids,
-                ignore_eos: f.ignore_eos.unwrap_or(false),
+                ignore_eos,
                 min_tokens,
                 include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
                 skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
@@ -684,9 +706,128 @@ impl Validator {
                 return_tokens_as_token_ids: f.return_tokens_as_token_ids.unwrap_or(false),
                 return_token_ids: f.return_token_ids.unwrap_or(false),
                 client_tag,
+                guide,
             },
         })
     }
+
+    /// The request's guided decoding, compiled (or from the cache): one of
+    /// `guided_regex`, `guided_choice`, `structured_outputs.regex` /
+    /// `.choice`.
+    fn guide(
+        &self,
+        (guided_regex, guided_choice, structured_outputs): (
+            &Option<String>,
+            &Option<Vec<String>>,
+            &Option<Value>,
+        ),
+        ignore_eos: bool,
+        stop_token_ids: &[u32],
+    ) -> Result<Option<Arc<RegexGuide>>, ApiError> {
+        let mut asked: Vec<(String, &str)> = Vec::new();
+        if let Some(p) = guided_regex {
+            asked.push((p.clone(), "guided_regex"));
+        }
+        if let Some(c) = guided_choice {
+            asked.push((choices(c, "guided_choice")?, "guided_choice"));
+        }
+        match structured_outputs {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(so)) => {
+                for (key, value) in so {
+                    let param = format!("structured_outputs.{key}");
+                    match (key.as_str(), value) {
+                        (_, Value::Null) | ("disable_fallback" | "disable_any_whitespace", _) => {}
+                        ("regex", Value::String(p)) => {
+                            asked.push((p.clone(), "structured_outputs.regex"))
+                        }
+                        ("choice", Value::Array(items)) => {
+                            let c: Vec<String> = items
+                                .iter()
+                                .map(|v| v.as_str().map(str::to_string))
+                                .collect::<Option<_>>()
+                                .ok_or_else(|| bad("choices must be strings", &param))?;
+                            asked.push((choices(&c, &param)?, "structured_outputs.choice"));
+                        }
+                        ("regex" | "choice", _) => {
+                            return Err(bad(
+                                format!(
+                                    "{param} must be a string (regex) or a list of strings (choice)"
+                                ),
+                                &param,
+                            ));
+                        }
+                        _ => {
+                            return Err(bad(
+                                format!(
+                                    "{param} is not supported by this server: guided decoding \
+                                     takes a regex or a choice"
+                                ),
+                                &param,
+                            ));
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(bad(
+                    "structured_outputs must be an object",
+                    "structured_outputs",
+                ));
+            }
+        }
+        let (pattern, param) = match asked.len() {
+            0 => return Ok(None),
+            1 => asked.remove(0),
+            _ => {
+                let names: Vec<&str> = asked.iter().map(|(_, p)| *p).collect();
+                return Err(bad(
+                    format!(
+                        "one guided decoding at a time; the request has {}",
+                        names.join(", ")
+                    ),
+                    names[1],
+                ));
+            }
+        };
+        let mut end_ids: Vec<u32> = if ignore_eos {
+            Vec::new()
+        } else {
+            self.eos_token_ids.clone()
+        };
+        end_ids.extend(stop_token_ids);
+        if end_ids.is_empty() {
+            return Err(bad(
+                format!(
+                    "{param}: a guided completion ends with EOS once it matches, which \
+                     ignore_eos takes away; drop ignore_eos or give stop_token_ids"
+                ),
+                "ignore_eos",
+            ));
+        }
+        let key = (pattern, end_ids);
+        if let Some(g) = self.guides.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(Some(g));
+        }
+        let guide = RegexGuide::new(&key.0, self.token_bytes.clone(), key.1.clone())
+            .map(Arc::new)
+            .map_err(|e| bad(format!("{param}: {e}"), param))?;
+        if let Ok(mut m) = self.guides.lock() {
+            if m.len() >= MAX_CACHED_GUIDES {
+                m.clear();
+            }
+            m.insert(key, guide.clone());
+        }
+        Ok(Some(guide))
+    }
+}
+
+/// vLLM's `guided_choice` as a pattern; at least one choice.
+fn choices(c: &[String], param: &str) -> Result<String, ApiError> {
+    if c.is_empty() {
+        return Err(bad("needs at least one choice", param));
+    }
+    Ok(model::guided::choice_pattern(c))
 }
 
 struct PartialValid {

@@ -24,6 +24,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         ignore_eos: true,
         min_tokens: 0,
         prompt_logprobs: None,
+        guide: None,
     }
 }
 

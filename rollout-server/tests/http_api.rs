@@ -1164,7 +1164,7 @@ async fn truncated_prompts_and_refused_fields() {
         ("truncate_prompt_tokens", json!(100000)),
         ("suffix", json!("!")),
         ("response_format", json!({"type": "json_object"})),
-        ("guided_regex", json!("[0-9]+")),
+        ("guided_json", json!({"type": "object"})),
         ("use_beam_search", json!(true)),
         ("tool_choice", json!("required")),
     ] {
@@ -1179,4 +1179,90 @@ async fn truncated_prompts_and_refused_fields() {
         )
         .await;
     assert_eq!(st, 200, "{r}");
+}
+
+/// vLLM's guided decoding: `guided_regex`, `guided_choice` and their
+/// `structured_outputs` forms. Every sample matches the whole pattern and
+/// ends with EOS once it does (finish_reason `stop`); a pattern that does
+/// not compile, another kind of structured output, two at once, or
+/// `ignore_eos` (no way to end) are 400s naming the field.
+#[tokio::test]
+async fn guided_decoding_keeps_every_sample_in_the_pattern() {
+    let s = Server::start(&[]).await;
+    let cases = [
+        (json!({"guided_regex": "[0-9]{2}"}), "^[0-9]{2}$"),
+        (
+            json!({"guided_choice": ["yes", "no", "1+1"]}),
+            "^(yes|no|1\\+1)$",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "(ab|ba)c?"}}),
+            "^(ab|ba)c?$",
+        ),
+        (
+            json!({"structured_outputs": {"choice": ["x.y"]}}),
+            "^x\\.y$",
+        ),
+    ];
+    for (guided, expect) in cases {
+        let mut body = json!({"prompt": "12+7=", "n": 16, "max_tokens": 6,
+                              "temperature": 1.5, "seed": 3});
+        for (k, v) in guided.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, r) = s.post("/v1/completions", &body).await;
+        assert_eq!(st, 200, "{guided}: {r}");
+        let re = regex::Regex::new(expect).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..16 {
+            let t = text(&r, i);
+            assert!(re.is_match(&t), "{guided}: {t:?}");
+            assert_eq!(r["choices"][i]["finish_reason"], "stop", "{guided}: {r}");
+            seen.insert(t);
+        }
+        // Sampled, not forced to one string.
+        assert!(seen.len() > 1 || expect == "^x\\.y$", "{guided}: {seen:?}");
+    }
+    // Chat completions take it too.
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "2+2"}], "max_tokens": 4,
+                    "guided_regex": "[0-9]"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let content = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        content.len() == 1 && content.as_bytes()[0].is_ascii_digit(),
+        "{r}"
+    );
+    for (extra, param) in [
+        (json!({"guided_regex": "("}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"structured_outputs": {"json": {"type": "object"}}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"regex": 3}}),
+            "structured_outputs.regex",
+        ),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["b"]}),
+            "guided_choice",
+        ),
+        (
+            json!({"guided_regex": "a", "ignore_eos": true}),
+            "ignore_eos",
+        ),
+    ] {
+        let mut body = json!({"prompt": "ab", "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, b) = s.post("/v1/completions", &body).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], param, "{extra}: {b}");
+    }
 }

@@ -1,0 +1,345 @@
+//! Guided decoding by a regular expression, as vLLM's `guided_regex` /
+//! `structured_outputs: {"regex": ...}` (and `guided_choice`, a regex of the
+//! choices): a completion must match the whole pattern. The pattern becomes
+//! a DFA over bytes; at each step a token is allowed when its bytes keep
+//! the DFA alive, and the end of the sequence (EOS) when the text so far
+//! matches. The tokens allowed from a DFA state are found once per state,
+//! by walking every token's bytes, and shared by every sequence of the
+//! request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use regex_automata::dfa::{Automaton, dense};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::{Anchored, util::syntax};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+
+/// The largest DFA a pattern may make (vLLM bounds its grammars too): a
+/// request past it gets an error, not a server out of memory.
+const DFA_SIZE_LIMIT: usize = 16 << 20;
+
+/// DFA states whose allowed tokens a guide keeps (up to a vocabulary's
+/// worth of ids each); past them it finds them again at each step.
+const MAX_CACHED_STATES: usize = 1024;
+
+/// The bytes each token id stands for in generated text (none for special
+/// tokens, which a guided completion never contains).
+#[derive(Debug)]
+pub struct TokenBytes {
+    bytes: Vec<Option<Box<[u8]>>>,
+}
+
+/// How a tokenizer's vocabulary spells bytes (its tokenizer.json decoder).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Spelling {
+    /// GPT-2's byte-level alphabet (Qwen, Llama 3): each char one byte.
+    ByteLevel,
+    /// SentencePiece (Llama 2): `▁` is a space, `<0xNN>` one byte.
+    Metaspace,
+    /// The token's text as it is.
+    Plain,
+}
+
+fn spelling(decoder: &Value) -> Spelling {
+    let kind = decoder.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "ByteLevel" => Spelling::ByteLevel,
+        "Metaspace" | "ByteFallback" => Spelling::Metaspace,
+        "Sequence" => {
+            let parts: Vec<Spelling> = decoder
+                .get("decoders")
+                .and_then(Value::as_array)
+                .map(|d| d.iter().map(spelling).collect())
+                .unwrap_or_default();
+            if parts.contains(&Spelling::ByteLevel) {
+                Spelling::ByteLevel
+            } else if parts.contains(&Spelling::Metaspace)
+                || decoder.to_string().contains('\u{2581}')
+            {
+                Spelling::Metaspace
+            } else {
+                Spelling::Plain
+            }
+        }
+        _ => Spelling::Plain,
+    }
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the byte a byte-level char stands for.
+fn byte_level_table() -> HashMap<char, u8> {
+    let mut table = HashMap::with_capacity(256);
+    let mut shifted = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            char::from(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted).unwrap_or(char::REPLACEMENT_CHARACTER)
+        };
+        table.insert(c, b);
+    }
+    table
+}
+
+impl TokenBytes {
+    /// The table of `tokenizer`'s vocabulary, added tokens included.
+    pub fn from_tokenizer(tokenizer: &Tokenizer) -> Result<Self> {
+        let json: Value = serde_json::from_str(tokenizer.tokenizer_json())
+            .map_err(|e| ModelError::Invalid(format!("tokenizer.json: {e}")))?;
+        let how = json.get("decoder").map_or(Spelling::Plain, spelling);
+        let inner = tokenizer.inner();
+        let size = inner.get_vocab_size(true);
+        let mut bytes: Vec<Option<Box<[u8]>>> = vec![None; size];
+        let table = byte_level_table();
+        for (token, id) in inner.get_vocab(false) {
+            let spelt: Option<Vec<u8>> = match how {
+                Spelling::ByteLevel => token.chars().map(|c| table.get(&c).copied()).collect(),
+                Spelling::Metaspace => Some(metaspace_bytes(&token)),
+                Spelling::Plain => Some(token.into_bytes()),
+            };
+            if let (Some(slot), Some(b)) = (bytes.get_mut(id as usize), spelt) {
+                *slot = Some(b.into_boxed_slice());
+            }
+        }
+        // Added tokens are their content as written; special ones are no text.
+        for (id, added) in inner.get_added_tokens_decoder() {
+            if let Some(slot) = bytes.get_mut(id as usize) {
+                *slot = (!added.special).then(|| added.content.clone().into_bytes().into());
+            }
+        }
+        Ok(TokenBytes { bytes })
+    }
+
+    /// The bytes of `id` (none: a special token or an id outside the table).
+    pub fn get(&self, id: u32) -> Option<&[u8]> {
+        self.bytes.get(id as usize).and_then(|b| b.as_deref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// A SentencePiece piece's bytes: `<0xNN>` is byte NN, `▁` a space.
+fn metaspace_bytes(token: &str) -> Vec<u8> {
+    if let Some(hex) = token
+        .strip_prefix("<0x")
+        .and_then(|t| t.strip_suffix('>'))
+        .filter(|h| h.len() == 2)
+        && let Ok(b) = u8::from_str_radix(hex, 16)
+    {
+        return vec![b];
+    }
+    token.replace('\u{2581}', " ").into_bytes()
+}
+
+/// A compiled pattern over one vocabulary, shared by the sequences of a
+/// request (and by requests with the same pattern).
+pub struct RegexGuide {
+    pattern: String,
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+    tokens: Arc<TokenBytes>,
+    /// The ids that end a sequence (EOS and the request's stop token ids):
+    /// allowed where the text so far matches the whole pattern.
+    end_ids: Vec<u32>,
+    allowed: Mutex<HashMap<StateID, Arc<[u32]>>>,
+}
+
+impl std::fmt::Debug for RegexGuide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegexGuide")
+            .field("pattern", &self.pattern)
+            .finish_non_exhaustive()
+    }
+}
+
+/// vLLM's `guided_choice` as a pattern: one of the strings, literally.
+pub fn choice_pattern<S: AsRef<str>>(choices: &[S]) -> String {
+    let alternatives: Vec<String> = choices.iter().map(|c| regex::escape(c.as_ref())).collect();
+    format!("(?:{})", alternatives.join("|"))
+}
+
+impl RegexGuide {
+    /// Compiles `pattern` (Rust `regex` syntax, matched against the whole
+    /// completion) for `tokens`; `end_ids` end a sequence.
+    pub fn new(pattern: &str, tokens: Arc<TokenBytes>, end_ids: Vec<u32>) -> Result<Self> {
+        let invalid = |e: String| ModelError::Invalid(format!("regex {pattern:?}: {e}"));
+        let dfa = dense::Builder::new()
+            .configure(
+                dense::DFA::config()
+                    .dfa_size_limit(Some(DFA_SIZE_LIMIT))
+                    .determinize_size_limit(Some(DFA_SIZE_LIMIT))
+                    .start_kind(regex_automata::dfa::StartKind::Anchored),
+            )
+            .syntax(syntax::Config::new().utf8(true))
+            // The whole completion matches: past a match the DFA would go
+            // on (its matches are reported a byte late), so the pattern
+            // ends at the end of the text.
+            .build(&format!("(?:{pattern})\\z"))
+            .map_err(|e| invalid(e.to_string()))?;
+        let start = dfa
+            .start_state(&start::Config::new().anchored(Anchored::Yes))
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(RegexGuide {
+            pattern: pattern.to_string(),
+            dfa,
+            start,
+            tokens,
+            end_ids,
+            allowed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// The state before any output.
+    pub fn start(&self) -> StateID {
+        self.start
+    }
+
+    /// The state after `bytes` from `state`; none when no text that starts
+    /// so can match.
+    fn walk(&self, mut state: StateID, bytes: &[u8]) -> Option<StateID> {
+        for &b in bytes {
+            state = self.dfa.next_state(state, b);
+            if self.dfa.is_dead_state(state) || self.dfa.is_quit_state(state) {
+                return None;
+            }
+        }
+        Some(state)
+    }
+
+    /// Whether the text that led to `state` matches the whole pattern.
+    pub fn is_complete(&self, state: StateID) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    }
+
+    /// The ids that may come next from `state`, ascending: the tokens whose
+    /// bytes keep the pattern reachable, and the end ids once it matches.
+    pub fn allowed(&self, state: StateID) -> Arc<[u32]> {
+        if let Some(ids) = self
+            .allowed
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&state).cloned())
+        {
+            return ids;
+        }
+        let mut ids: Vec<u32> = (0..self.tokens.len() as u32)
+            .filter(|&id| {
+                self.tokens
+                    .get(id)
+                    .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
+            })
+            .collect();
+        if self.is_complete(state) {
+            ids.extend(&self.end_ids);
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        let ids: Arc<[u32]> = ids.into();
+        if let Ok(mut m) = self.allowed.lock()
+            && m.len() < MAX_CACHED_STATES
+        {
+            m.insert(state, ids.clone());
+        }
+        ids
+    }
+
+    /// The state after `token` (an end id leaves it where it is).
+    pub fn advance(&self, state: StateID, token: u32) -> StateID {
+        match self.tokens.get(token) {
+            Some(b) if !self.end_ids.contains(&token) => self.walk(state, b).unwrap_or(state),
+            _ => state,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guide(pattern: &str) -> (Tokenizer, RegexGuide) {
+        let tok = crate::presets::tokenizer().unwrap();
+        let bytes = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let eos = tok.eos_token_id().unwrap();
+        let g = RegexGuide::new(pattern, bytes, vec![eos]).unwrap();
+        (tok, g)
+    }
+
+    fn text(tok: &Tokenizer, ids: &[u32]) -> String {
+        ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect()
+    }
+
+    #[test]
+    fn byte_level_tokens_are_their_bytes_and_specials_none() {
+        let tok = crate::presets::tokenizer().unwrap();
+        let bytes = TokenBytes::from_tokenizer(&tok).unwrap();
+        let space = tok.encode(" ", false).unwrap();
+        assert_eq!(bytes.get(space[0]), Some(&b" "[..]));
+        let seven = tok.encode("7", false).unwrap();
+        assert_eq!(bytes.get(seven[0]), Some(&b"7"[..]));
+        assert_eq!(bytes.get(tok.eos_token_id().unwrap()), None);
+        // Every byte of GPT-2's alphabet maps back to one byte.
+        assert_eq!(byte_level_table().len(), 256);
+        assert_eq!(byte_level_table()[&'\u{120}'], b' ');
+        assert_eq!(byte_level_table()[&'\u{10a}'], b'\n');
+        assert_eq!(metaspace_bytes("\u{2581}the"), b" the");
+        assert_eq!(metaspace_bytes("<0x0A>"), b"\n");
+    }
+
+    #[test]
+    fn allowed_tokens_follow_the_pattern_and_eos_waits_for_a_match() {
+        let (tok, g) = guide("[0-9]{2}|yes");
+        let eos = tok.eos_token_id().unwrap();
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let start = g.start();
+        let first = g.allowed(start);
+        let first_text = text(&tok, &first);
+        assert_eq!(first.len(), 11, "{first_text}"); // ten digits and `y`
+        assert!(!first.contains(&eos));
+        let one = g.advance(start, id("4"));
+        assert!(!g.is_complete(one));
+        assert!(!g.allowed(one).contains(&eos));
+        let two = g.advance(one, id("2"));
+        assert!(g.is_complete(two));
+        // After two digits only the end is left.
+        assert_eq!(&*g.allowed(two), &[eos]);
+        // The cache answers the same.
+        assert_eq!(g.allowed(start), first);
+        let y = g.advance(start, id("y"));
+        assert_eq!(text(&tok, &g.allowed(y)), "e");
+    }
+
+    #[test]
+    fn choices_are_literal_and_bad_patterns_are_errors() {
+        let p = choice_pattern(&["1+1", "a.b"]);
+        let (tok, g) = guide(&p);
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let s = g.advance(g.start(), id("a"));
+        // `.` is a literal dot, not any character.
+        assert_eq!(text(&tok, &g.allowed(s)), ".");
+        let tokens = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        let e = RegexGuide::new("(", tokens.clone(), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("regex \"(\""), "{e}");
+        let e = RegexGuide::new("[0-9]{1000}{1000}", tokens, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("regex"), "{e}");
+    }
+}
