@@ -324,6 +324,40 @@ mod tests {
         assert_eq!(text(&tok, &g.allowed(y)), "e");
     }
 
+    /// A SentencePiece vocabulary with byte fallback (Llama 2's shape):
+    /// `▁` is a space, `<0xC3>` `<0xA9>` spell `é` over two tokens, and the
+    /// DFA follows UTF-8 through them.
+    #[test]
+    fn sentencepiece_bytes_and_a_character_over_two_tokens() {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 4, "content": "</s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": {"<0xC3>": 0, "<0xA9>": 1, "a": 2, "\u{2581}a": 3, "</s>": 4},
+                      "merges": []}
+        });
+        let tok = Tokenizer::from_json(&json.to_string(), None).unwrap();
+        let bytes = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
+        assert_eq!(bytes.get(0), Some(&[0xC3u8][..]));
+        assert_eq!(bytes.get(3), Some(&b" a"[..]));
+        assert_eq!(bytes.get(4), None);
+        let g = RegexGuide::new("é a", bytes, vec![4]).unwrap();
+        assert_eq!(&*g.allowed(g.start()), &[0]);
+        let s = g.advance(g.start(), 0);
+        assert_eq!(&*g.allowed(s), &[1]);
+        let s = g.advance(s, 1);
+        assert_eq!(&*g.allowed(s), &[3]);
+        let s = g.advance(s, 3);
+        assert_eq!(&*g.allowed(s), &[4]);
+    }
+
     #[test]
     fn choices_are_literal_and_bad_patterns_are_errors() {
         let p = choice_pattern(&["1+1", "a.b"]);
