@@ -52,6 +52,9 @@ pub struct SamplingParams {
     /// OpenAI's `logit_bias`: added to these tokens' logits before the
     /// penalties (vLLM's order), so processed log-probs include it.
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`, ascending: only these can be sampled
+    /// (empty: any).
+    pub allowed_token_ids: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +70,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             logit_bias: Vec::new(),
+            allowed_token_ids: Vec::new(),
         }
     }
 }
@@ -305,15 +309,11 @@ impl Sampler {
                     guide.pattern()
                 )));
             }
-            // `allowed` is ascending: keep those, mask the rest.
-            let mut next = allowed.iter().copied().peekable();
-            for (id, x) in s.work.iter_mut().enumerate() {
-                if next.peek() == Some(&(id as u32)) {
-                    next.next();
-                } else {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
+            keep_only(&mut s.work, &allowed);
+            penalized = true;
+        }
+        if !p.allowed_token_ids.is_empty() {
+            keep_only(&mut s.work, &p.allowed_token_ids);
             penalized = true;
         }
         let none_left = || {
@@ -406,6 +406,18 @@ impl Sampler {
             logprob,
             top_logprobs,
         })
+    }
+}
+
+/// Masks every logit but those of `allowed` (ascending ids).
+fn keep_only(work: &mut [f32], allowed: &[u32]) {
+    let mut next = allowed.iter().copied().peekable();
+    for (id, x) in work.iter_mut().enumerate() {
+        if next.peek() == Some(&(id as u32)) {
+            next.next();
+        } else {
+            *x = f32::NEG_INFINITY;
+        }
     }
 }
 

@@ -70,7 +70,6 @@ pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
          supported)",
     ),
     ("bad_words", "banned words"),
-    ("allowed_token_ids", "a token allow-list"),
     ("prompt_embeds", "embedding prompts"),
 ];
 
@@ -137,6 +136,8 @@ pub struct SamplingFields {
     /// vLLM extension: keep only the prompt's last this many tokens (-1:
     /// the model's length).
     pub truncate_prompt_tokens: Option<i64>,
+    /// vLLM: only these token ids can be sampled.
+    pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's guided decoding: the completion matches this regular
     /// expression as a whole.
     pub guided_regex: Option<String>,

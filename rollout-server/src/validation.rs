@@ -609,6 +609,31 @@ impl Validator {
             }
         };
         let logit_bias = self.logit_bias(f.logit_bias.as_ref())?;
+        let allowed_token_ids = match &f.allowed_token_ids {
+            None => Vec::new(),
+            Some(ids) if ids.is_empty() => {
+                return Err(bad(
+                    "allowed_token_ids must not be empty",
+                    "allowed_token_ids",
+                ));
+            }
+            Some(ids) => {
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+                    return Err(bad(
+                        format!(
+                            "allowed_token_ids names token id {id}, out of vocabulary \
+                             (vocab_size {})",
+                            self.vocab_size
+                        ),
+                        "allowed_token_ids",
+                    ));
+                }
+                let mut ids = ids.clone();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }
+        };
         let d = SamplingParams::default();
         let params = SamplingParams {
             temperature: f.temperature.unwrap_or(d.temperature),
@@ -621,6 +646,7 @@ impl Validator {
             seed: f.seed.map(|s| s as u64),
             logprobs,
             logit_bias,
+            allowed_token_ids,
         };
         params.validate().map_err(|e| {
             let msg = e.to_string();

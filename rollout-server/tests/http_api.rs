@@ -1266,3 +1266,52 @@ async fn guided_decoding_keeps_every_sample_in_the_pattern() {
         assert_eq!(b["error"]["param"], param, "{extra}: {b}");
     }
 }
+
+/// vLLM's `allowed_token_ids`: only those ids are sampled; an empty list or
+/// an id outside the vocabulary is a 400 naming the field.
+#[tokio::test]
+async fn allowed_token_ids_restrict_sampling() {
+    let s = Server::start(&[]).await;
+    let (st, r) = s
+        .post(
+            "/tokenize",
+            &json!({"prompt": "78", "add_special_tokens": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let allowed: Vec<u64> = r["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(allowed.len(), 2);
+    let (st, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "12+7=", "n": 4, "max_tokens": 6, "ignore_eos": true,
+                    "temperature": 1.5, "seed": 1, "return_token_ids": true,
+                    "allowed_token_ids": allowed}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let mut seen = std::collections::BTreeSet::new();
+    for c in r["choices"].as_array().unwrap() {
+        let ids = c["token_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 6, "{c}");
+        for id in ids {
+            assert!(allowed.contains(&id.as_u64().unwrap()), "{c}");
+            seen.insert(id.as_u64().unwrap());
+        }
+    }
+    assert_eq!(seen.len(), 2, "{r}");
+    for value in [json!([]), json!([1_000_000])] {
+        assert_refused(
+            &s,
+            json!({"prompt": "ab", "max_tokens": 1}),
+            "allowed_token_ids",
+            value,
+        )
+        .await;
+    }
+}
