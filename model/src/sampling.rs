@@ -55,6 +55,10 @@ pub struct SamplingParams {
     /// vLLM's `allowed_token_ids`, ascending: only these can be sampled
     /// (empty: any).
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words` as token sequences: a sequence's last token
+    /// cannot follow an output that ends with the rest of it (a one-token
+    /// word is never sampled).
+    pub bad_words_token_ids: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +75,7 @@ impl Default for SamplingParams {
             logprobs: None,
             logit_bias: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words_token_ids: Vec::new(),
         }
     }
 }
@@ -315,6 +320,15 @@ impl Sampler {
         if !p.allowed_token_ids.is_empty() {
             keep_only(&mut s.work, &p.allowed_token_ids);
             penalized = true;
+        }
+        for word in &p.bad_words_token_ids {
+            if let Some((&last, rest)) = word.split_last()
+                && output_tokens.ends_with(rest)
+                && let Some(x) = s.work.get_mut(last as usize)
+            {
+                *x = f32::NEG_INFINITY;
+                penalized = true;
+            }
         }
         let none_left = || {
             ModelError::Invalid("logits: every token has probability zero after penalties".into())

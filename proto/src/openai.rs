@@ -69,7 +69,6 @@ pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
         "structured output by a JSON schema, a grammar or a structural tag (regex and choice are \
          supported)",
     ),
-    ("bad_words", "banned words"),
     ("prompt_embeds", "embedding prompts"),
 ];
 
@@ -138,6 +137,9 @@ pub struct SamplingFields {
     pub truncate_prompt_tokens: Option<i64>,
     /// vLLM: only these token ids can be sampled.
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM: words never generated (as they tokenize at the start of the
+    /// text and after a space).
+    pub bad_words: Option<Vec<String>>,
     /// vLLM's guided decoding: the completion matches this regular
     /// expression as a whole.
     pub guided_regex: Option<String>,

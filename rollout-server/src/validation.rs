@@ -634,6 +634,7 @@ impl Validator {
                 ids
             }
         };
+        let bad_words_token_ids = self.bad_words(f.bad_words.as_deref().unwrap_or_default())?;
         let d = SamplingParams::default();
         let params = SamplingParams {
             temperature: f.temperature.unwrap_or(d.temperature),
@@ -647,6 +648,7 @@ impl Validator {
             logprobs,
             logit_bias,
             allowed_token_ids,
+            bad_words_token_ids,
         };
         params.validate().map_err(|e| {
             let msg = e.to_string();
@@ -735,6 +737,36 @@ impl Validator {
                 guide,
             },
         })
+    }
+
+    /// vLLM's `bad_words` as token sequences: each word as it tokenizes at
+    /// the start of a text, and after a space where that makes other
+    /// tokens of the same count (vLLM's `update_from_tokenizer`).
+    fn bad_words(&self, words: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+        let mut out: Vec<Vec<u32>> = Vec::new();
+        for word in words {
+            let word = word.trim_start();
+            let ids = self
+                .tokenizer
+                .encode(word, false)
+                .map_err(|e| bad(format!("bad_words {word:?}: {e}"), "bad_words"))?;
+            if ids.is_empty() {
+                return Err(bad(
+                    format!("bad_words {word:?} is no token (empty after tokenizing)"),
+                    "bad_words",
+                ));
+            }
+            let spaced = self
+                .tokenizer
+                .encode(&format!(" {word}"), false)
+                .map_err(|e| bad(format!("bad_words {word:?}: {e}"), "bad_words"))?;
+            let other_word = spaced.len() == ids.len() && spaced.first() != ids.first();
+            out.push(ids);
+            if other_word {
+                out.push(spaced);
+            }
+        }
+        Ok(out)
     }
 
     /// The request's guided decoding, compiled (or from the cache): one of

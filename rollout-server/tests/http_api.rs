@@ -1315,3 +1315,42 @@ async fn allowed_token_ids_restrict_sampling() {
         .await;
     }
 }
+
+/// vLLM's `bad_words`: a banned sequence's last token cannot follow the
+/// rest of it. Sampling only `1` and `2` with `12` banned: once a `1` is
+/// out, only `1`s follow; `2` alone stays free.
+#[tokio::test]
+async fn bad_words_never_appear() {
+    let s = Server::start(&[]).await;
+    let (_, r) = s
+        .post(
+            "/tokenize",
+            &json!({"prompt": "12", "add_special_tokens": false}),
+        )
+        .await;
+    let ids = r["tokens"].clone();
+    let body = |bad: Value| {
+        json!({"prompt": "12+7=", "n": 8, "max_tokens": 8, "ignore_eos": true,
+               "temperature": 2.0, "seed": 5, "allowed_token_ids": ids, "bad_words": bad})
+    };
+    let (st, r) = s.post("/v1/completions", &body(json!(["12"]))).await;
+    assert_eq!(st, 200, "{r}");
+    let texts: Vec<String> = (0..8).map(|i| text(&r, i)).collect();
+    assert!(texts.iter().all(|t| !t.contains("12")), "{texts:?}");
+    assert!(texts.iter().any(|t| t.contains('2')), "{texts:?}");
+    // Without the ban the same samples say it.
+    let (st, r) = s.post("/v1/completions", &body(json!([]))).await;
+    assert_eq!(st, 200, "{r}");
+    assert!((0..8).any(|i| text(&r, i).contains("12")), "{r}");
+    // A one-token word is never sampled.
+    let (st, r) = s.post("/v1/completions", &body(json!(["2"]))).await;
+    assert_eq!(st, 200, "{r}");
+    assert!((0..8).all(|i| text(&r, i) == "11111111"), "{r}");
+    assert_refused(
+        &s,
+        json!({"prompt": "ab", "max_tokens": 1}),
+        "bad_words",
+        json!([""]),
+    )
+    .await;
+}
