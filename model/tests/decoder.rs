@@ -893,6 +893,18 @@ fn lora_dropout_is_seeded_and_off_outside_training_forwards() {
     );
 }
 
+/// The tensors of the `adapter_model.safetensors` PEFT's folder `dir` holds,
+/// by the names written there.
+fn saved_adapter_file(dir: &Path) -> Weights {
+    Weights::load_files(
+        &[dir.join(model::lora::ADAPTER_WEIGHTS_FILE)],
+        dir,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
 #[test]
 fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
     let (cfg, w) = random_model("Qwen2ForCausalLM", 24, DType::F32);
@@ -946,13 +958,7 @@ fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
     );
     let dir = tempfile::tempdir().unwrap();
     lora.save_peft(dir.path(), "/models/base").unwrap();
-    let file = Weights::load_files(
-        &[dir.path().join(model::lora::ADAPTER_WEIGHTS_FILE)],
-        dir.path(),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let file = saved_adapter_file(dir.path());
     let names: Vec<&String> = file.names().collect();
     assert!(
         names.contains(
@@ -1017,13 +1023,7 @@ fn lora_targets_and_adapter_folders_are_checked_and_round_trip() {
     let lora = random_lora(&cfg, &w, config, DType::F32);
     let dir = tempfile::tempdir().unwrap();
     lora.save_peft(dir.path(), "/models/base").unwrap();
-    let file = Weights::load_files(
-        &[dir.path().join(model::lora::ADAPTER_WEIGHTS_FILE)],
-        dir.path(),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let file = saved_adapter_file(dir.path());
     let magnitude = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector";
     assert_eq!(file.get(magnitude).unwrap().dims(), [16]);
     let back = Lora::load_peft(dir.path(), &Device::Cpu, DType::F32).unwrap();
