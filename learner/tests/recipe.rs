@@ -839,17 +839,17 @@ fn gdpo_refuses_a_gate() {
     .unwrap();
 }
 
-/// A generation_kwargs entry that Tandem's rollout server refuses (a JSON
-/// schema...) is refused up front when the launcher's servers generate,
+/// A generation_kwargs entry that Tandem's rollout server refuses (a
+/// grammar...) is refused up front when the launcher's servers generate,
 /// and passed on to an external vLLM; guided decoding by a regex passes.
 #[test]
 fn generation_kwargs_tandem_servers_refuse_are_refused_up_front() {
     let e = err(
         BASE,
-        &["rollout.generation_kwargs={guided_json: {type: object}}"],
+        &["rollout.generation_kwargs={guided_grammar: \"root ::= x\"}"],
     );
     assert!(
-        e.contains("rollout.generation_kwargs.guided_json") && e.contains("structured output"),
+        e.contains("rollout.generation_kwargs.guided_grammar") && e.contains("structured output"),
         "{e}"
     );
     let e = err(
@@ -867,7 +867,7 @@ fn generation_kwargs_tandem_servers_refuse_are_refused_up_front() {
         BASE,
         "demo.yaml",
         &[
-            "rollout.generation_kwargs={guided_json: {type: object}, response_format: {type: text}}",
+            "rollout.generation_kwargs={guided_grammar: \"root ::= x\", response_format: {type: text}}",
             "rollout.endpoints=[\"http://127.0.0.1:8000\"]",
             "rollout.client_tag_echo=ignore",
         ],

@@ -377,3 +377,352 @@ mod tests {
         assert!(e.contains("regex"), "{e}");
     }
 }
+
+// ------------------------------------------------------------ JSON schema
+
+/// Whitespace allowed between JSON tokens: at most one space (a DFA that
+/// allowed any run would let a sample wander in blanks).
+const JSON_WS: &str = "[ ]?";
+const JSON_STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+const JSON_INTEGER: &str = "-?(?:0|[1-9][0-9]*)";
+const JSON_NUMBER: &str = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
+/// How deep `$ref`s may nest before a schema counts as recursive.
+const MAX_REF_DEPTH: usize = 8;
+
+/// A JSON schema (vLLM's `guided_json`, `response_format: json_schema`,
+/// `structured_outputs.json`) as a pattern that the JSON texts it accepts
+/// match: `type` (one or a list), `enum`, `const`, `properties` (in their
+/// order; those not in `required` may be left out), `items` with
+/// `minItems` / `maxItems`, strings' `minLength` / `maxLength` / `pattern`,
+/// `anyOf` / `oneOf`, and local `$ref`s (`#/$defs/...`). A keyword that
+/// would constrain values beyond these (`minimum`, `format`,
+/// `additionalProperties: {schema}`, ...) is an error naming it, never
+/// ignored.
+pub fn json_schema_pattern(schema: &Value) -> Result<String> {
+    JsonSchema { root: schema }.pattern(schema, 0)
+}
+
+struct JsonSchema<'a> {
+    root: &'a Value,
+}
+
+fn unsupported(keyword: &str) -> ModelError {
+    ModelError::Invalid(format!(
+        "JSON schema keyword `{keyword}` is not supported by guided decoding here"
+    ))
+}
+
+/// A JSON value written out, as a literal pattern.
+fn literal(v: &Value) -> String {
+    regex::escape(&v.to_string())
+}
+
+impl JsonSchema<'_> {
+    fn pattern(&self, s: &Value, depth: usize) -> Result<String> {
+        let obj = match s {
+            Value::Bool(true) => return Err(unsupported("true (any value)")),
+            Value::Object(o) => o,
+            _ => {
+                return Err(ModelError::Invalid(format!(
+                    "a JSON schema is an object, got {s}"
+                )));
+            }
+        };
+        for k in obj.keys() {
+            let known = matches!(
+                k.as_str(),
+                "type"
+                    | "enum"
+                    | "const"
+                    | "properties"
+                    | "required"
+                    | "items"
+                    | "minItems"
+                    | "maxItems"
+                    | "minLength"
+                    | "maxLength"
+                    | "pattern"
+                    | "anyOf"
+                    | "oneOf"
+                    | "$ref"
+                    | "$defs"
+                    | "definitions"
+                    | "title"
+                    | "description"
+                    | "default"
+                    | "examples"
+                    | "$schema"
+                    | "$id"
+                    | "additionalProperties"
+                    | "strict"
+            );
+            if !known {
+                return Err(unsupported(k));
+            }
+        }
+        if let Some(extra) = obj.get("additionalProperties")
+            && extra != &Value::Bool(false)
+            && extra != &Value::Bool(true)
+        {
+            return Err(unsupported("additionalProperties"));
+        }
+        if let Some(r) = obj.get("$ref") {
+            if depth >= MAX_REF_DEPTH {
+                return Err(ModelError::Invalid(format!(
+                    "JSON schema: $ref {r} nests more than {MAX_REF_DEPTH} deep (a recursive \
+                     schema has no regular pattern)"
+                )));
+            }
+            let target = r
+                .as_str()
+                .and_then(|r| r.strip_prefix("#/"))
+                .and_then(|path| {
+                    path.split('/').try_fold(self.root, |v, key| {
+                        v.get(key.replace("~1", "/").replace("~0", "~"))
+                    })
+                })
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!("JSON schema: $ref {r} is not a local definition"))
+                })?;
+            return self.pattern(target, depth + 1);
+        }
+        if let Some(c) = obj.get("const") {
+            return Ok(literal(c));
+        }
+        if let Some(e) = obj.get("enum") {
+            let values = e
+                .as_array()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| ModelError::Invalid("JSON schema: enum is not a list".into()))?;
+            let alternatives: Vec<String> = values.iter().map(literal).collect();
+            return Ok(format!("(?:{})", alternatives.join("|")));
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(options) = obj.get(key) {
+                let options = options
+                    .as_array()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        ModelError::Invalid(format!("JSON schema: {key} is not a list"))
+                    })?;
+                let alternatives = options
+                    .iter()
+                    .map(|o| self.pattern(o, depth))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(format!("(?:{})", alternatives.join("|")));
+            }
+        }
+        let types: Vec<&str> = match obj.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            None if obj.contains_key("properties") => vec!["object"],
+            None if obj.contains_key("items") => vec!["array"],
+            _ => return Err(unsupported("a schema without a type")),
+        };
+        let alternatives = types
+            .iter()
+            .map(|t| self.typed(obj, t, depth))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(format!("(?:{})", alternatives.join("|")))
+    }
+
+    fn typed(&self, obj: &serde_json::Map<String, Value>, t: &str, depth: usize) -> Result<String> {
+        let count = |k: &str| obj.get(k).and_then(Value::as_u64);
+        Ok(match t {
+            "string" => {
+                if let Some(p) = obj.get("pattern").and_then(Value::as_str) {
+                    let p = p.strip_prefix('^').unwrap_or(p);
+                    let p = p.strip_suffix('$').unwrap_or(p);
+                    format!("\"(?:{p})\"")
+                } else {
+                    let (lo, hi) = (count("minLength").unwrap_or(0), count("maxLength"));
+                    match hi {
+                        Some(hi) => format!("\"{JSON_STRING_CHAR}{{{lo},{hi}}}\""),
+                        None => format!("\"{JSON_STRING_CHAR}{{{lo},}}\""),
+                    }
+                }
+            }
+            "integer" => JSON_INTEGER.to_string(),
+            "number" => JSON_NUMBER.to_string(),
+            "boolean" => "(?:true|false)".to_string(),
+            "null" => "null".to_string(),
+            "array" => {
+                let item = match obj.get("items") {
+                    Some(items) => self.pattern(items, depth)?,
+                    None => return Err(unsupported("an array without items")),
+                };
+                let (lo, hi) = (count("minItems").unwrap_or(0), count("maxItems"));
+                let more = format!("{JSON_WS},{JSON_WS}{item}");
+                let tail = match hi {
+                    Some(hi) if hi < lo => {
+                        return Err(ModelError::Invalid(
+                            "JSON schema: maxItems is below minItems".into(),
+                        ));
+                    }
+                    Some(hi) => format!(
+                        "(?:{more}){{{},{}}}",
+                        lo.saturating_sub(1),
+                        hi.saturating_sub(1)
+                    ),
+                    None => format!("(?:{more}){{{},}}", lo.saturating_sub(1)),
+                };
+                let some = format!("{item}{tail}");
+                let body = if lo == 0 {
+                    format!("(?:{some})?")
+                } else {
+                    some
+                };
+                if hi == Some(0) {
+                    format!("\\[{JSON_WS}\\]")
+                } else {
+                    format!("\\[{JSON_WS}{body}{JSON_WS}\\]")
+                }
+            }
+            "object" => {
+                let props = match obj.get("properties") {
+                    Some(Value::Object(p)) => p,
+                    None => &serde_json::Map::new(),
+                    Some(_) => {
+                        return Err(ModelError::Invalid(
+                            "JSON schema: properties is not an object".into(),
+                        ));
+                    }
+                };
+                let required: Vec<&str> = obj
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|r| r.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let members = props
+                    .iter()
+                    .map(|(name, schema)| {
+                        Ok((
+                            format!(
+                                "{}{JSON_WS}:{JSON_WS}{}",
+                                literal(&Value::String(name.clone())),
+                                self.pattern(schema, depth)?
+                            ),
+                            required.contains(&name.as_str()),
+                        ))
+                    })
+                    .collect::<Result<Vec<(String, bool)>>>()?;
+                let first_required = members
+                    .iter()
+                    .position(|(_, r)| *r)
+                    .unwrap_or(members.len());
+                // The first member written is any one up to the first
+                // required; each later one is there if required, else may be.
+                let mut alternatives: Vec<String> = (0..members.len().min(first_required + 1))
+                    .map(|j| {
+                        let mut p = members[j].0.clone();
+                        for (m, req) in &members[j + 1..] {
+                            let one = format!("{JSON_WS},{JSON_WS}{m}");
+                            if *req {
+                                p.push_str(&one);
+                            } else {
+                                p.push_str(&format!("(?:{one})?"));
+                            }
+                        }
+                        p
+                    })
+                    .collect();
+                if first_required == members.len() {
+                    alternatives.push(String::new());
+                }
+                format!("\\{{{JSON_WS}(?:{}){JSON_WS}\\}}", alternatives.join("|"))
+            }
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "JSON schema: unknown type {other:?}"
+                )));
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod json_schema_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn matcher(schema: Value) -> regex::Regex {
+        let p = json_schema_pattern(&schema).unwrap();
+        regex::Regex::new(&format!("^(?:{p})$")).unwrap()
+    }
+
+    #[test]
+    fn objects_take_their_properties_in_order_and_may_leave_out_the_optional() {
+        let m = matcher(json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 5},
+                "age": {"type": "integer"},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+                "ok": {"type": ["boolean", "null"]}
+            },
+            "required": ["age"]
+        }));
+        for good in [
+            r#"{"name": "Ann", "age": 7, "tags": ["a", "b"], "ok": true}"#,
+            r#"{"age":-12}"#,
+            r#"{"name":"","age":0,"ok":null}"#,
+            r#"{ "age": 3, "tags": [] }"#,
+            r#"{"name": "\u00e9\n", "age": 1}"#,
+        ] {
+            assert!(m.is_match(good), "{good}");
+            serde_json::from_str::<Value>(good).unwrap();
+        }
+        for bad in [
+            r#"{"name": "Ann"}"#,                     // age is required
+            r#"{"age": 7, "name": "Ann"}"#,           // out of order
+            r#"{"age": 07}"#,                         // not JSON
+            r#"{"age": 1.5}"#,                        // not an integer
+            r#"{"name": "toolong", "age": 1}"#,       // maxLength 5
+            r#"{"age": 1, "tags": ["a", "b", "a"]}"#, // maxItems 2
+            r#"{"age": 1, "tags": ["c"]}"#,           // enum
+            r#"{"age": 1,}"#,
+            r#"{"age": 1, "extra": 2}"#,
+        ] {
+            assert!(!m.is_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refs_any_of_and_numbers() {
+        let m = matcher(json!({
+            "$defs": {"point": {"type": "object",
+                                "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                                "required": ["x", "y"]}},
+            "anyOf": [{"$ref": "#/$defs/point"}, {"const": "none"}]
+        }));
+        assert!(m.is_match(r#"{"x": 1.5e-3, "y": -2}"#));
+        assert!(m.is_match(r#""none""#));
+        assert!(!m.is_match(r#"{"x": 1}"#));
+        let m = matcher(json!({"type": "array", "items": {"type": "integer"},
+                               "minItems": 2, "maxItems": 3}));
+        assert!(m.is_match("[1, 2]") && m.is_match("[1,2,3]"));
+        assert!(!m.is_match("[1]") && !m.is_match("[1,2,3,4]"));
+    }
+
+    #[test]
+    fn what_would_be_ignored_is_an_error() {
+        for (schema, says) in [
+            (json!({"type": "integer", "minimum": 0}), "minimum"),
+            (json!({"type": "string", "format": "date-time"}), "format"),
+            (
+                json!({"type": "object", "additionalProperties": {"type": "string"}}),
+                "additionalProperties",
+            ),
+            (json!({"$ref": "#/$defs/missing"}), "not a local definition"),
+            (
+                json!({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
+                    "$ref": "#/$defs/n"}),
+                "recursive",
+            ),
+            (json!({"type": "widget"}), "widget"),
+        ] {
+            let e = json_schema_pattern(&schema).unwrap_err().to_string();
+            assert!(e.contains(says), "{schema}: {e}");
+        }
+    }
+}

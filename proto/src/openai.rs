@@ -61,12 +61,14 @@ pub struct StreamOptions {
 pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("suffix", "text after the insertion point"),
     ("use_beam_search", "beam search"),
-    ("response_format", "structured output"),
-    ("guided_json", "structured output by a JSON schema"),
+    (
+        "response_format",
+        "any JSON object (json_object; json_schema with a schema is supported)",
+    ),
     ("guided_grammar", "structured output by a grammar"),
     (
         "structured_outputs",
-        "structured output by a JSON schema, a grammar or a structural tag (regex and choice are \
+        "structured output by a grammar or a structural tag (regex, choice and json are \
          supported)",
     ),
     ("prompt_embeds", "embedding prompts"),
@@ -78,14 +80,18 @@ pub fn unsupported_field(field: &str, value: &Value) -> Option<&'static str> {
     let (_, what) = UNSUPPORTED_FIELDS.iter().find(|(f, _)| *f == field)?;
     let asks = match value {
         Value::Null | Value::Bool(false) => false,
-        // Plain text is what every response is anyway.
-        v if field == "response_format" => v.get("type") != Some(&Value::from("text")),
+        // Plain text is what every response is anyway; a schema is guided
+        // decoding.
+        v if field == "response_format" => !matches!(
+            v.get("type").and_then(Value::as_str),
+            Some("text" | "json_schema")
+        ),
         // Guided decoding by a regex or a choice is done; the rest is not.
         Value::Object(kinds) if field == "structured_outputs" => kinds.iter().any(|(k, v)| {
             !v.is_null()
                 && !matches!(
                     k.as_str(),
-                    "regex" | "choice" | "disable_fallback" | "disable_any_whitespace"
+                    "regex" | "choice" | "json" | "disable_fallback" | "disable_any_whitespace"
                 )
         }),
         _ => true,
@@ -145,6 +151,12 @@ pub struct SamplingFields {
     pub guided_regex: Option<String>,
     /// vLLM's guided decoding: the completion is one of these strings.
     pub guided_choice: Option<Vec<String>>,
+    /// vLLM's guided decoding: the completion is JSON that this schema
+    /// accepts (the schema, or its text).
+    pub guided_json: Option<Value>,
+    /// OpenAI's `{"type": "json_schema", "json_schema": {"schema": ...}}`
+    /// (or `text`).
+    pub response_format: Option<Value>,
     /// vLLM's newer form of both: `{"regex": ...}` or `{"choice": [...]}`
     /// (its `json` / `grammar` / `structural_tag` are refused).
     pub structured_outputs: Option<Value>,

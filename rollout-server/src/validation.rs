@@ -691,7 +691,13 @@ impl Validator {
                 .and_then(|o| o.continuous_usage_stats)
                 .unwrap_or(false);
         let ignore_eos = f.ignore_eos.unwrap_or(false);
-        let guided = (&f.guided_regex, &f.guided_choice, &f.structured_outputs);
+        let guided = GuidedFields {
+            regex: &f.guided_regex,
+            choice: &f.guided_choice,
+            json: &f.guided_json,
+            response_format: &f.response_format,
+            structured_outputs: &f.structured_outputs,
+        };
         let guide = self.guide(guided, ignore_eos, &stop_token_ids)?;
         let client_tag = f.client_tag.or(header_tag);
         let truncate_prompt_tokens = match f.truncate_prompt_tokens {
@@ -774,22 +780,36 @@ impl Validator {
     /// `.choice`.
     fn guide(
         &self,
-        (guided_regex, guided_choice, structured_outputs): (
-            &Option<String>,
-            &Option<Vec<String>>,
-            &Option<Value>,
-        ),
+        fields: GuidedFields,
         ignore_eos: bool,
         stop_token_ids: &[u32],
     ) -> Result<Option<Arc<RegexGuide>>, ApiError> {
         let mut asked: Vec<(String, &str)> = Vec::new();
-        if let Some(p) = guided_regex {
+        if let Some(p) = fields.regex {
             asked.push((p.clone(), "guided_regex"));
         }
-        if let Some(c) = guided_choice {
+        if let Some(c) = fields.choice {
             asked.push((choices(c, "guided_choice")?, "guided_choice"));
         }
-        match structured_outputs {
+        if let Some(schema) = fields.json.as_ref().filter(|v| !v.is_null()) {
+            asked.push((schema_pattern(schema, "guided_json")?, "guided_json"));
+        }
+        if let Some(rf) = fields.response_format.as_ref().filter(|v| !v.is_null())
+            && rf.get("type").and_then(Value::as_str) == Some("json_schema")
+        {
+            let param = "response_format.json_schema.schema";
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
+                    bad(
+                        "response_format json_schema needs json_schema.schema",
+                        param,
+                    )
+                })?;
+            asked.push((schema_pattern(schema, param)?, "response_format"));
+        }
+        match fields.structured_outputs {
             None | Some(Value::Null) => {}
             Some(Value::Object(so)) => {
                 for (key, value) in so {
@@ -798,6 +818,9 @@ impl Validator {
                         (_, Value::Null) | ("disable_fallback" | "disable_any_whitespace", _) => {}
                         ("regex", Value::String(p)) => {
                             asked.push((p.clone(), "structured_outputs.regex"))
+                        }
+                        ("json", schema) => {
+                            asked.push((schema_pattern(schema, &param)?, "structured_outputs.json"))
                         }
                         ("choice", Value::Array(items)) => {
                             let c: Vec<String> = items
@@ -878,6 +901,29 @@ impl Validator {
         }
         Ok(Some(guide))
     }
+}
+
+/// The guided-decoding fields of a request.
+struct GuidedFields<'a> {
+    regex: &'a Option<String>,
+    choice: &'a Option<Vec<String>>,
+    json: &'a Option<Value>,
+    response_format: &'a Option<Value>,
+    structured_outputs: &'a Option<Value>,
+}
+
+/// A JSON schema (or its text, as vLLM also takes it) as a pattern.
+fn schema_pattern(schema: &Value, param: &str) -> Result<String, ApiError> {
+    let parsed;
+    let schema = match schema {
+        Value::String(text) => {
+            parsed = serde_json::from_str::<Value>(text)
+                .map_err(|e| bad(format!("{param}: not a JSON schema: {e}"), param))?;
+            &parsed
+        }
+        other => other,
+    };
+    model::guided::json_schema_pattern(schema).map_err(|e| bad(format!("{param}: {e}"), param))
 }
 
 /// vLLM's `guided_choice` as a pattern; at least one choice.

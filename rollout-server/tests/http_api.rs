@@ -1164,7 +1164,7 @@ async fn truncated_prompts_and_refused_fields() {
         ("truncate_prompt_tokens", json!(100000)),
         ("suffix", json!("!")),
         ("response_format", json!({"type": "json_object"})),
-        ("guided_json", json!({"type": "object"})),
+        ("guided_grammar", json!("root ::= \"a\"")),
         ("use_beam_search", json!(true)),
         ("tool_choice", json!("required")),
     ] {
@@ -1241,7 +1241,7 @@ async fn guided_decoding_keeps_every_sample_in_the_pattern() {
         (json!({"guided_regex": "("}), "guided_regex"),
         (json!({"guided_choice": []}), "guided_choice"),
         (
-            json!({"structured_outputs": {"json": {"type": "object"}}}),
+            json!({"structured_outputs": {"grammar": "root ::= \"a\""}}),
             "structured_outputs",
         ),
         (
@@ -1353,4 +1353,66 @@ async fn bad_words_never_appear() {
         json!([""]),
     )
     .await;
+}
+
+/// JSON-schema guided decoding (vLLM's `guided_json`, OpenAI's
+/// `response_format: json_schema`, `structured_outputs.json`): every
+/// finished sample is JSON the schema accepts; a keyword the server would
+/// have to ignore is a 400 naming the field.
+#[tokio::test]
+async fn json_schema_guided_decoding_gives_valid_json() {
+    let s = Server::start(&[]).await;
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "answer": {"type": "integer"},
+            "unit": {"enum": ["m", "s"]},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["answer", "ok"]
+    });
+    for guided in [
+        json!({"guided_json": schema}),
+        json!({"guided_json": schema.to_string()}),
+        json!({"response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "a", "schema": schema}}}),
+        json!({"structured_outputs": {"json": schema}}),
+    ] {
+        let mut body = json!({"prompt": "12+7=", "n": 8, "max_tokens": 120, "seed": 9});
+        for (k, v) in guided.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, r) = s.post("/v1/completions", &body).await;
+        assert_eq!(st, 200, "{guided}: {r}");
+        for i in 0..8 {
+            let t = text(&r, i);
+            assert_eq!(r["choices"][i]["finish_reason"], "stop", "{t:?}");
+            let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            assert!(v["answer"].is_i64() && v["ok"].is_boolean(), "{t}");
+            assert!(v.get("unit").is_none_or(|u| u == "m" || u == "s"), "{t}");
+        }
+    }
+    for (extra, param) in [
+        (
+            json!({"guided_json": {"type": "integer", "minimum": 0}}),
+            "guided_json",
+        ),
+        (json!({"guided_json": "{not json"}), "guided_json"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"structured_outputs": {"json": {"type": "string", "format": "email"}}}),
+            "structured_outputs.json",
+        ),
+    ] {
+        let mut body = json!({"prompt": "ab", "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, b) = s.post("/v1/completions", &body).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], param, "{extra}: {b}");
+    }
 }
