@@ -7,7 +7,7 @@
 //! by walking every token's bytes, and shared by every sequence of the
 //! request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use regex_automata::dfa::{Automaton, dense};
@@ -154,6 +154,9 @@ pub struct RegexGuide {
     /// allowed where the text so far matches the whole pattern.
     end_ids: Vec<u32>,
     allowed: Mutex<HashMap<StateID, Arc<[u32]>>>,
+    /// The states from which some text still reaches a match: a token that
+    /// leads anywhere else is a dead end, never allowed.
+    live: HashSet<StateID>,
 }
 
 impl std::fmt::Debug for RegexGuide {
@@ -191,6 +194,7 @@ impl RegexGuide {
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| invalid(e.to_string()))?;
+        let live = live_states(&dfa, start);
         Ok(RegexGuide {
             pattern: pattern.to_string(),
             dfa,
@@ -198,6 +202,7 @@ impl RegexGuide {
             tokens,
             end_ids,
             allowed: Mutex::new(HashMap::new()),
+            live,
         })
     }
 
@@ -219,7 +224,9 @@ impl RegexGuide {
                 return None;
             }
         }
-        Some(state)
+        // Liveness goes backwards: a live end means every state on the
+        // way was live too.
+        self.live.contains(&state).then_some(state)
     }
 
     /// Whether the text that led to `state` matches the whole pattern.
@@ -266,6 +273,46 @@ impl RegexGuide {
             _ => state,
         }
     }
+}
+
+/// The states reachable from `start` from which some text reaches a match
+/// (`x[a&&b]` starts fine but has none): found over the DFA's byte classes,
+/// forwards from `start`, then backwards from the states where the text
+/// may end.
+fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> HashSet<StateID> {
+    let bytes: Vec<u8> = dfa
+        .byte_classes()
+        .representatives(0..=255)
+        .filter_map(|u| u.as_u8())
+        .collect();
+    let mut seen = HashSet::from([start]);
+    let mut todo = vec![start];
+    let mut into: HashMap<StateID, Vec<StateID>> = HashMap::new();
+    let mut ends = Vec::new();
+    while let Some(s) = todo.pop() {
+        if dfa.is_match_state(dfa.next_eoi_state(s)) {
+            ends.push(s);
+        }
+        for &b in &bytes {
+            let t = dfa.next_state(s, b);
+            if dfa.is_dead_state(t) || dfa.is_quit_state(t) {
+                continue;
+            }
+            into.entry(t).or_default().push(s);
+            if seen.insert(t) {
+                todo.push(t);
+            }
+        }
+    }
+    let mut live: HashSet<StateID> = ends.iter().copied().collect();
+    while let Some(t) = ends.pop() {
+        for &s in into.get(&t).into_iter().flatten() {
+            if live.insert(s) {
+                ends.push(s);
+            }
+        }
+    }
+    live
 }
 
 #[cfg(test)]
@@ -358,6 +405,18 @@ mod tests {
         assert_eq!(&*g.allowed(s), &[4]);
     }
 
+    /// A branch that can never match is no way on: `c` would lead into
+    /// `[a&&b]`, a class with nothing in it.
+    #[test]
+    fn dead_ends_are_not_allowed() {
+        let (tok, g) = guide("a(?:b|c[a&&b])");
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let a = g.advance(g.start(), id("a"));
+        assert_eq!(text(&tok, &g.allowed(a)), "b");
+        let (_, g) = guide("x[a&&b]");
+        assert!(g.allowed(g.start()).is_empty());
+    }
+
     #[test]
     fn choices_are_literal_and_bad_patterns_are_errors() {
         let p = choice_pattern(&["1+1", "a.b"]);
@@ -381,13 +440,21 @@ mod tests {
 // ------------------------------------------------------------ JSON schema
 
 /// Whitespace allowed between JSON tokens: at most one space (a DFA that
-/// allowed any run would let a sample wander in blanks).
+/// allowed any run would let a sample wander in blanks); none with vLLM's
+/// `disable_any_whitespace`.
 const JSON_WS: &str = "[ ]?";
-const JSON_STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})"#;
+/// A character of a JSON string; `\u` escapes leave out the UTF-16
+/// surrogates, which alone are no character (strict parsers refuse them).
+const JSON_STRING_CHAR: &str = r#"(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-Ce-fE-F][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2}))"#;
 const JSON_INTEGER: &str = "-?(?:0|[1-9][0-9]*)";
-const JSON_NUMBER: &str = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?";
+/// Exponents have at most two digits: every number is a finite double.
+const JSON_NUMBER: &str = "-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]{1,2})?";
 /// How deep `$ref`s may nest before a schema counts as recursive.
 const MAX_REF_DEPTH: usize = 8;
+/// How many containers deep "any JSON" (`response_format: json_object`, a
+/// schema's bare `object` / `array` / `{}`) may nest: a regular pattern
+/// cannot count brackets without bound, and each level multiplies the DFA.
+pub const ANY_JSON_DEPTH: usize = 4;
 
 /// A JSON schema (vLLM's `guided_json`, `response_format: json_schema`,
 /// `structured_outputs.json`) as a pattern that the JSON texts it accepts
@@ -397,13 +464,68 @@ const MAX_REF_DEPTH: usize = 8;
 /// `anyOf` / `oneOf`, and local `$ref`s (`#/$defs/...`). A keyword that
 /// would constrain values beyond these (`minimum`, `format`,
 /// `additionalProperties: {schema}`, ...) is an error naming it, never
-/// ignored.
-pub fn json_schema_pattern(schema: &Value) -> Result<String> {
-    JsonSchema { root: schema }.pattern(schema, 0)
+/// ignored. A schema that leaves a value open (`{}`, `true`, an object
+/// without `properties`, an array without `items`) takes any JSON of that
+/// kind up to [`ANY_JSON_DEPTH`] containers deep. `compact`: no whitespace
+/// between tokens (vLLM's `disable_any_whitespace`).
+pub fn json_schema_pattern(schema: &Value, compact: bool) -> Result<String> {
+    let ws = if compact { "" } else { JSON_WS };
+    JsonSchema { root: schema, ws }.pattern(schema, 0)
 }
+
+/// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`,
+/// vLLM's `structured_outputs.json_object`), up to [`ANY_JSON_DEPTH`]
+/// containers deep.
+pub fn json_object_pattern(compact: bool) -> String {
+    let ws = if compact { "" } else { JSON_WS };
+    any_object(&any_json(ANY_JSON_DEPTH - 1, ws), ws)
+}
+
+/// A JSON string.
+fn json_string() -> String {
+    format!("\"{JSON_STRING_CHAR}*\"")
+}
+
+/// `open item, item, ... close`, maybe empty.
+fn json_list(open: &str, close: &str, item: &str, ws: &str) -> String {
+    format!("{open}{ws}(?:{item}(?:{ws},{ws}{item})*)?{ws}{close}")
+}
+
+/// An object whose members' values match `value`.
+fn any_object(value: &str, ws: &str) -> String {
+    json_list(
+        "\\{",
+        "\\}",
+        &format!("{}{ws}:{ws}{value}", json_string()),
+        ws,
+    )
+}
+
+/// Any JSON value with at most `depth` containers nested.
+fn any_json(depth: usize, ws: &str) -> String {
+    let scalar = format!("{}|{JSON_NUMBER}|true|false|null", json_string());
+    (0..depth).fold(format!("(?:{scalar})"), |inner, _| {
+        let array = json_list("\\[", "\\]", &inner, ws);
+        format!("(?:{scalar}|{array}|{})", any_object(&inner, ws))
+    })
+}
+
+/// Schema keywords that say nothing about the values a schema accepts.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$defs",
+    "definitions",
+    "strict",
+];
 
 struct JsonSchema<'a> {
     root: &'a Value,
+    ws: &'a str,
 }
 
 fn unsupported(keyword: &str) -> ModelError {
@@ -420,7 +542,7 @@ fn literal(v: &Value) -> String {
 impl JsonSchema<'_> {
     fn pattern(&self, s: &Value, depth: usize) -> Result<String> {
         let obj = match s {
-            Value::Bool(true) => return Err(unsupported("true (any value)")),
+            Value::Bool(true) => return Ok(any_json(ANY_JSON_DEPTH, self.ws)),
             Value::Object(o) => o,
             _ => {
                 return Err(ModelError::Invalid(format!(
@@ -445,17 +567,8 @@ impl JsonSchema<'_> {
                     | "anyOf"
                     | "oneOf"
                     | "$ref"
-                    | "$defs"
-                    | "definitions"
-                    | "title"
-                    | "description"
-                    | "default"
-                    | "examples"
-                    | "$schema"
-                    | "$id"
                     | "additionalProperties"
-                    | "strict"
-            );
+            ) || ANNOTATIONS.contains(&k.as_str());
             if !known {
                 return Err(unsupported(k));
             }
@@ -517,6 +630,9 @@ impl JsonSchema<'_> {
             Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
             None if obj.contains_key("properties") => vec!["object"],
             None if obj.contains_key("items") => vec!["array"],
+            None if obj.keys().all(|k| ANNOTATIONS.contains(&k.as_str())) => {
+                return Ok(any_json(ANY_JSON_DEPTH, self.ws));
+            }
             _ => return Err(unsupported("a schema without a type")),
         };
         let alternatives = types
@@ -528,6 +644,7 @@ impl JsonSchema<'_> {
 
     fn typed(&self, obj: &serde_json::Map<String, Value>, t: &str, depth: usize) -> Result<String> {
         let count = |k: &str| obj.get(k).and_then(Value::as_u64);
+        let ws = self.ws;
         Ok(match t {
             "string" => {
                 if let Some(p) = obj.get("pattern").and_then(Value::as_str) {
@@ -549,10 +666,10 @@ impl JsonSchema<'_> {
             "array" => {
                 let item = match obj.get("items") {
                     Some(items) => self.pattern(items, depth)?,
-                    None => return Err(unsupported("an array without items")),
+                    None => any_json(ANY_JSON_DEPTH - 1, self.ws),
                 };
                 let (lo, hi) = (count("minItems").unwrap_or(0), count("maxItems"));
-                let more = format!("{JSON_WS},{JSON_WS}{item}");
+                let more = format!("{ws},{ws}{item}");
                 let tail = match hi {
                     Some(hi) if hi < lo => {
                         return Err(ModelError::Invalid(
@@ -573,14 +690,17 @@ impl JsonSchema<'_> {
                     some
                 };
                 if hi == Some(0) {
-                    format!("\\[{JSON_WS}\\]")
+                    format!("\\[{ws}\\]")
                 } else {
-                    format!("\\[{JSON_WS}{body}{JSON_WS}\\]")
+                    format!("\\[{ws}{body}{ws}\\]")
                 }
             }
             "object" => {
                 let props = match obj.get("properties") {
                     Some(Value::Object(p)) => p,
+                    None if obj.get("additionalProperties") != Some(&Value::Bool(false)) => {
+                        return Ok(any_object(&any_json(ANY_JSON_DEPTH - 1, self.ws), self.ws));
+                    }
                     None => &serde_json::Map::new(),
                     Some(_) => {
                         return Err(ModelError::Invalid(
@@ -598,7 +718,7 @@ impl JsonSchema<'_> {
                     .map(|(name, schema)| {
                         Ok((
                             format!(
-                                "{}{JSON_WS}:{JSON_WS}{}",
+                                "{}{ws}:{ws}{}",
                                 literal(&Value::String(name.clone())),
                                 self.pattern(schema, depth)?
                             ),
@@ -616,7 +736,7 @@ impl JsonSchema<'_> {
                     .map(|j| {
                         let mut p = members[j].0.clone();
                         for (m, req) in &members[j + 1..] {
-                            let one = format!("{JSON_WS},{JSON_WS}{m}");
+                            let one = format!("{ws},{ws}{m}");
                             if *req {
                                 p.push_str(&one);
                             } else {
@@ -629,7 +749,7 @@ impl JsonSchema<'_> {
                 if first_required == members.len() {
                     alternatives.push(String::new());
                 }
-                format!("\\{{{JSON_WS}(?:{}){JSON_WS}\\}}", alternatives.join("|"))
+                format!("\\{{{ws}(?:{}){ws}\\}}", alternatives.join("|"))
             }
             other => {
                 return Err(ModelError::Invalid(format!(
@@ -646,7 +766,7 @@ mod json_schema_tests {
     use serde_json::json;
 
     fn matcher(schema: Value) -> regex::Regex {
-        let p = json_schema_pattern(&schema).unwrap();
+        let p = json_schema_pattern(&schema, false).unwrap();
         regex::Regex::new(&format!("^(?:{p})$")).unwrap()
     }
 
@@ -705,6 +825,50 @@ mod json_schema_tests {
     }
 
     #[test]
+    fn open_schemas_take_any_json_up_to_the_depth() {
+        let whole = |p: &str| regex::Regex::new(&format!("^(?:{p})$")).unwrap();
+        let object = whole(&json_object_pattern(false));
+        let nested = r#"{"a": [1, {"b": null, "c": [true, -2.5e-3]}], "d": "x\"y", "e": {}}"#;
+        for good in [nested, "{}", r#"{"k":"\u00e9"}"#] {
+            assert!(object.is_match(good), "{good}");
+        }
+        let too_deep = r#"{"a": {"b": {"c": {"d": {"e": 1}}}}}"#;
+        for bad in [
+            "[1]",
+            "1",
+            r#"{"a": 1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"k": "\ud800"}"#,
+            too_deep,
+        ] {
+            assert!(!object.is_match(bad), "{bad}");
+        }
+        let compact = whole(&json_object_pattern(true));
+        assert!(compact.is_match(r#"{"a":[1,2],"b":{}}"#));
+        assert!(!compact.is_match(r#"{"a": 1}"#));
+        for (schema, good, bad) in [
+            (json!({}), "[1, \"x\"]", "[1,]"),
+            (json!(true), "null", "nul"),
+            (json!({"description": "anything"}), "{\"a\": 1}", "{a: 1}"),
+            (json!({"type": "object"}), "{\"a\": [1]}", "[]"),
+            (
+                json!({"type": "object", "additionalProperties": false}),
+                "{}",
+                "{\"a\": 1}",
+            ),
+            (
+                json!({"type": "array", "maxItems": 2}),
+                "[{}, []]",
+                "[1, 2, 3]",
+            ),
+        ] {
+            let m = matcher(schema.clone());
+            assert!(m.is_match(good), "{schema}: {good}");
+            assert!(!m.is_match(bad), "{schema}: {bad}");
+        }
+    }
+
+    #[test]
     fn what_would_be_ignored_is_an_error() {
         for (schema, says) in [
             (json!({"type": "integer", "minimum": 0}), "minimum"),
@@ -721,7 +885,7 @@ mod json_schema_tests {
             ),
             (json!({"type": "widget"}), "widget"),
         ] {
-            let e = json_schema_pattern(&schema).unwrap_err().to_string();
+            let e = json_schema_pattern(&schema, false).unwrap_err().to_string();
             assert!(e.contains(says), "{schema}: {e}");
         }
     }

@@ -330,8 +330,22 @@ impl Sampler {
                 penalized = true;
             }
         }
-        let none_left = || {
-            ModelError::Invalid("logits: every token has probability zero after penalties".into())
+        let none_left = || match &self.guide {
+            // The guide's tokens are all banned by the other rules: say
+            // which, since neither alone is wrong.
+            Some((guide, state)) => ModelError::Invalid(format!(
+                "guided decoding: every token that continues {:?} here{} is banned by \
+                 min_tokens, bad_words, allowed_token_ids or logit_bias",
+                guide.pattern(),
+                if guide.is_complete(*state) {
+                    " (the text so far matches, so its end is among them)"
+                } else {
+                    ""
+                }
+            )),
+            None => ModelError::Invalid(
+                "logits: every token has probability zero after penalties".into(),
+            ),
         };
 
         // Log-softmax normalizers (max + ln(sum exp(x - max))) found on the way.

@@ -63,13 +63,13 @@ pub const UNSUPPORTED_FIELDS: &[(&str, &str)] = &[
     ("use_beam_search", "beam search"),
     (
         "response_format",
-        "any JSON object (json_object; json_schema with a schema is supported)",
+        "structured output by a structural tag (text, json_object and json_schema are supported)",
     ),
     ("guided_grammar", "structured output by a grammar"),
     (
         "structured_outputs",
-        "structured output by a grammar or a structural tag (regex, choice and json are \
-         supported)",
+        "structured output by a grammar or a structural tag (regex, choice, json and json_object \
+         are supported)",
     ),
     ("prompt_embeds", "embedding prompts"),
 ];
@@ -80,18 +80,24 @@ pub fn unsupported_field(field: &str, value: &Value) -> Option<&'static str> {
     let (_, what) = UNSUPPORTED_FIELDS.iter().find(|(f, _)| *f == field)?;
     let asks = match value {
         Value::Null | Value::Bool(false) => false,
-        // Plain text is what every response is anyway; a schema is guided
+        // Plain text is what every response is anyway; JSON is guided
         // decoding.
         v if field == "response_format" => !matches!(
             v.get("type").and_then(Value::as_str),
-            Some("text" | "json_schema")
+            Some("text" | "json_schema" | "json_object")
         ),
-        // Guided decoding by a regex or a choice is done; the rest is not.
+        // Guided decoding by a regex, a choice or JSON is done; the rest is
+        // not.
         Value::Object(kinds) if field == "structured_outputs" => kinds.iter().any(|(k, v)| {
             !v.is_null()
                 && !matches!(
                     k.as_str(),
-                    "regex" | "choice" | "json" | "disable_fallback" | "disable_any_whitespace"
+                    "regex"
+                        | "choice"
+                        | "json"
+                        | "json_object"
+                        | "disable_fallback"
+                        | "disable_any_whitespace"
                 )
         }),
         _ => true,
@@ -154,11 +160,13 @@ pub struct SamplingFields {
     /// vLLM's guided decoding: the completion is JSON that this schema
     /// accepts (the schema, or its text).
     pub guided_json: Option<Value>,
-    /// OpenAI's `{"type": "json_schema", "json_schema": {"schema": ...}}`
-    /// (or `text`).
+    /// OpenAI's `{"type": "json_schema", "json_schema": {"schema": ...}}`,
+    /// `{"type": "json_object"}` (any JSON object) or `text`.
     pub response_format: Option<Value>,
-    /// vLLM's newer form of both: `{"regex": ...}` or `{"choice": [...]}`
-    /// (its `json` / `grammar` / `structural_tag` are refused).
+    /// vLLM's newer form of these: `{"regex": ...}`, `{"choice": [...]}`,
+    /// `{"json": schema}`, `{"json_object": true}`, with
+    /// `disable_any_whitespace` (its `grammar` / `structural_tag` are
+    /// refused).
     pub structured_outputs: Option<Value>,
 }
 

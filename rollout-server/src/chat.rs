@@ -19,7 +19,7 @@ use proto::openai::{
 
 use crate::completions::{finite, metadata, prompt_logprobs, text_options};
 use crate::error::ApiError;
-use crate::server::{SharedState, header_client_tag, response_id, sse, unix_now};
+use crate::server::{SharedState, blocking, header_client_tag, response_id, sse, unix_now};
 use crate::text::{self, ChoiceUpdate, FinishInfo, TokenOut, Update};
 use crate::validation::{ValidRequest, parse_json};
 
@@ -31,8 +31,12 @@ pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, body: 
 }
 
 async fn run(state: SharedState, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse_json(&body)?;
-    let valid = state.validator.chat(req, header_client_tag(&headers))?;
+    let tag = header_client_tag(&headers);
+    let valid = blocking(&state, move |state| {
+        let req: ChatCompletionRequest = parse_json(&body)?;
+        state.validator.chat(req, tag)
+    })
+    .await?;
     let streams = state.engine.submit(valid.engine_requests())?;
     let updates = text::updates(
         streams,

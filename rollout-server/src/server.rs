@@ -43,6 +43,20 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// Runs `f` (parsing and validating a request: tokenizing prompts, chat
+/// templates, compiling a guided-decoding DFA) on tokio's blocking pool, so
+/// that a big batch of prompts or a new JSON schema does not hold up the
+/// streams served from this worker thread.
+pub async fn blocking<T: Send + 'static>(
+    state: &SharedState,
+    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| ApiError::Internal(format!("validating the request: {e}")))?
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use model::guided::{RegexGuide, TokenBytes};
+use model::guided::{RegexGuide, TokenBytes, json_object_pattern};
 use model::sampling::SamplingParams;
 use model::tokenizer::Tokenizer;
 use proto::openai::{
@@ -776,8 +776,9 @@ impl Validator {
     }
 
     /// The request's guided decoding, compiled (or from the cache): one of
-    /// `guided_regex`, `guided_choice`, `structured_outputs.regex` /
-    /// `.choice`.
+    /// `guided_regex`, `guided_choice`, `guided_json`, `response_format`
+    /// (`json_schema` / `json_object`) and `structured_outputs` (`regex`,
+    /// `choice`, `json`, `json_object`).
     fn guide(
         &self,
         fields: GuidedFields,
@@ -785,6 +786,13 @@ impl Validator {
         stop_token_ids: &[u32],
     ) -> Result<Option<Arc<RegexGuide>>, ApiError> {
         let mut asked: Vec<(String, &str)> = Vec::new();
+        // vLLM's `disable_any_whitespace`: JSON without blanks.
+        let compact = fields
+            .structured_outputs
+            .as_ref()
+            .and_then(|so| so.get("disable_any_whitespace"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if let Some(p) = fields.regex {
             asked.push((p.clone(), "guided_regex"));
         }
@@ -792,22 +800,33 @@ impl Validator {
             asked.push((choices(c, "guided_choice")?, "guided_choice"));
         }
         if let Some(schema) = fields.json.as_ref().filter(|v| !v.is_null()) {
-            asked.push((schema_pattern(schema, "guided_json")?, "guided_json"));
+            asked.push((
+                schema_pattern(schema, compact, "guided_json")?,
+                "guided_json",
+            ));
         }
-        if let Some(rf) = fields.response_format.as_ref().filter(|v| !v.is_null())
-            && rf.get("type").and_then(Value::as_str) == Some("json_schema")
+        let response_format = fields.response_format.as_ref().filter(|v| !v.is_null());
+        match response_format
+            .and_then(|rf| rf.get("type"))
+            .and_then(Value::as_str)
         {
-            let param = "response_format.json_schema.schema";
-            let schema = rf
-                .get("json_schema")
-                .and_then(|j| j.get("schema"))
-                .ok_or_else(|| {
-                    bad(
-                        "response_format json_schema needs json_schema.schema",
-                        param,
-                    )
-                })?;
-            asked.push((schema_pattern(schema, param)?, "response_format"));
+            Some("json_schema") => {
+                let param = "response_format.json_schema.schema";
+                let schema = response_format
+                    .and_then(|rf| rf.get("json_schema"))
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| {
+                        bad(
+                            "response_format json_schema needs json_schema.schema",
+                            param,
+                        )
+                    })?;
+                asked.push((schema_pattern(schema, compact, param)?, "response_format"));
+            }
+            Some("json_object") => {
+                asked.push((json_object_pattern(compact), "response_format"));
+            }
+            _ => {}
         }
         match fields.structured_outputs {
             None | Some(Value::Null) => {}
@@ -819,9 +838,15 @@ impl Validator {
                         ("regex", Value::String(p)) => {
                             asked.push((p.clone(), "structured_outputs.regex"))
                         }
-                        ("json", schema) => {
-                            asked.push((schema_pattern(schema, &param)?, "structured_outputs.json"))
-                        }
+                        ("json", schema) => asked.push((
+                            schema_pattern(schema, compact, &param)?,
+                            "structured_outputs.json",
+                        )),
+                        ("json_object", Value::Bool(false)) => {}
+                        ("json_object", Value::Bool(true)) => asked.push((
+                            json_object_pattern(compact),
+                            "structured_outputs.json_object",
+                        )),
                         ("choice", Value::Array(items)) => {
                             let c: Vec<String> = items
                                 .iter()
@@ -830,10 +855,11 @@ impl Validator {
                                 .ok_or_else(|| bad("choices must be strings", &param))?;
                             asked.push((choices(&c, &param)?, "structured_outputs.choice"));
                         }
-                        ("regex" | "choice", _) => {
+                        ("regex" | "choice" | "json_object", _) => {
                             return Err(bad(
                                 format!(
-                                    "{param} must be a string (regex) or a list of strings (choice)"
+                                    "{param} must be a string (regex), a list of strings \
+                                     (choice) or a boolean (json_object)"
                                 ),
                                 &param,
                             ));
@@ -842,7 +868,7 @@ impl Validator {
                             return Err(bad(
                                 format!(
                                     "{param} is not supported by this server: guided decoding \
-                                     takes a regex or a choice"
+                                     takes a regex, a choice, a JSON schema or json_object"
                                 ),
                                 &param,
                             ));
@@ -893,6 +919,17 @@ impl Validator {
         let guide = RegexGuide::new(&key.0, self.token_bytes.clone(), key.1.clone())
             .map(Arc::new)
             .map_err(|e| bad(format!("{param}: {e}"), param))?;
+        // Caught here with a 400, not at the first sampled token.
+        if guide.allowed(guide.start()).is_empty() {
+            return Err(bad(
+                format!(
+                    "{param}: no token of this model's vocabulary begins a text that matches \
+                     {:?}",
+                    key.0
+                ),
+                param,
+            ));
+        }
         if let Ok(mut m) = self.guides.lock() {
             if m.len() >= MAX_CACHED_GUIDES {
                 m.clear();
@@ -913,7 +950,7 @@ struct GuidedFields<'a> {
 }
 
 /// A JSON schema (or its text, as vLLM also takes it) as a pattern.
-fn schema_pattern(schema: &Value, param: &str) -> Result<String, ApiError> {
+fn schema_pattern(schema: &Value, compact: bool, param: &str) -> Result<String, ApiError> {
     let parsed;
     let schema = match schema {
         Value::String(text) => {
@@ -923,7 +960,8 @@ fn schema_pattern(schema: &Value, param: &str) -> Result<String, ApiError> {
         }
         other => other,
     };
-    model::guided::json_schema_pattern(schema).map_err(|e| bad(format!("{param}: {e}"), param))
+    model::guided::json_schema_pattern(schema, compact)
+        .map_err(|e| bad(format!("{param}: {e}"), param))
 }
 
 /// vLLM's `guided_choice` as a pattern; at least one choice.

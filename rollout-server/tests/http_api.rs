@@ -1163,7 +1163,10 @@ async fn truncated_prompts_and_refused_fields() {
         ("truncate_prompt_tokens", json!(0)),
         ("truncate_prompt_tokens", json!(100000)),
         ("suffix", json!("!")),
-        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "structural_tag", "structures": [], "triggers": []}),
+        ),
         ("guided_grammar", json!("root ::= \"a\"")),
         ("use_beam_search", json!(true)),
         ("tool_choice", json!("required")),
@@ -1415,4 +1418,74 @@ async fn json_schema_guided_decoding_gives_valid_json() {
         assert_error(st, &b, 400);
         assert_eq!(b["error"]["param"], param, "{extra}: {b}");
     }
+}
+
+/// `response_format: json_object` (and vLLM's `structured_outputs.json_object`)
+/// gives JSON objects; `disable_any_whitespace` gives JSON without blanks; a
+/// pattern no token can begin is a 400 up front; a guide whose only way on
+/// another rule bans fails the request with both named.
+#[tokio::test]
+async fn json_object_compact_json_and_guides_that_cannot_go_on() {
+    let s = Server::start(&[]).await;
+    for guided in [
+        json!({"response_format": {"type": "json_object"}}),
+        json!({"structured_outputs": {"json_object": true}}),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "JSON please"}],
+                              "n": 8, "max_tokens": 220, "seed": 3});
+        for (k, v) in guided.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, r) = s.post("/v1/chat/completions", &body).await;
+        assert_eq!(st, 200, "{guided}: {r}");
+        let mut objects = 0;
+        for c in r["choices"].as_array().unwrap() {
+            let t = c["message"]["content"].as_str().unwrap();
+            assert!(t.starts_with('{'), "{t:?}");
+            if c["finish_reason"] == "stop" {
+                let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+                assert!(v.is_object(), "{t}");
+                objects += 1;
+            }
+        }
+        assert!(objects > 0, "{guided}: no choice finished: {r}");
+    }
+
+    let schema = json!({"type": "object",
+                        "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"},
+                                       "xs": {"type": "array", "items": {"type": "integer"}}},
+                        "required": ["n", "ok", "xs"]});
+    let body = json!({"prompt": "12+7=", "n": 8, "max_tokens": 120, "seed": 9,
+                      "structured_outputs": {"json": schema, "disable_any_whitespace": true}});
+    let (st, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    for i in 0..8 {
+        let t = text(&r, i);
+        assert_eq!(r["choices"][i]["finish_reason"], "stop", "{t:?}");
+        let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+        assert!(v["xs"].is_array(), "{t}");
+        // No string in the schema: a blank could only be whitespace.
+        assert!(!t.contains(char::is_whitespace), "{t:?}");
+    }
+
+    // `[a&&b]` is a character class with nothing in it.
+    let body = json!({"prompt": "ab", "max_tokens": 4, "guided_regex": "x[a&&b]"});
+    let (st, b) = s.post("/v1/completions", &body).await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "guided_regex", "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("no token"),
+        "{b}"
+    );
+
+    // "yes" is whole after a token or two; min_tokens 6 then bans its end.
+    let body = json!({"prompt": "ab", "max_tokens": 8, "min_tokens": 6,
+                      "guided_choice": ["yes"]});
+    let (st, b) = s.post("/v1/completions", &body).await;
+    assert!(st >= 400, "{st}: {b}");
+    let m = b["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        m.contains("guided decoding") && m.contains("min_tokens"),
+        "{st}: {b}"
+    );
 }
