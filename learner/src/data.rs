@@ -558,6 +558,18 @@ impl PromptTemplate {
     }
 }
 
+/// The policy's tokenizer: the model folder's, with `data.chat_template`
+/// (when the recipe gives one) in place of the folder's template.
+pub fn policy_tokenizer(dir: &Path, data: &DataSection) -> anyhow::Result<Tokenizer> {
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    match &data.chat_template {
+        None => Ok(tokenizer),
+        Some(spec) => model::tokenizer::chat_template_text(spec)
+            .and_then(|text| tokenizer.with_chat_template(&text))
+            .map_err(|e| anyhow::anyhow!("data.chat_template: {e}")),
+    }
+}
+
 /// The prompt recipe: template, system prompt, length limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptFormat {

@@ -365,7 +365,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         );
     }
     let tokenizer = match &recipe.model.path {
-        Some(p) => Some(Arc::new(model::tokenizer::Tokenizer::from_dir(p)?)),
+        Some(p) => Some(Arc::new(crate::data::policy_tokenizer(p, &recipe.data)?)),
         None => None,
     };
     let (examples, _) = crate::data::load_eval_examples(

@@ -364,6 +364,11 @@ pub struct DataSection {
     /// (`prompt_template: chat`, conversational rows), as TRL's and vLLM's
     /// `chat_template_kwargs`: e.g. `{enable_thinking: false}` for Qwen3.
     pub chat_template_kwargs: Map<String, Value>,
+    /// A chat template in place of the model folder's (TRL's and open-r1's
+    /// `chat_template`): the Jinja text, or the path of a file holding it
+    /// (vLLM's `--chat-template` rule: text with `{` or a line break is the
+    /// template). Checkpoints save it as their `chat_template.jinja`.
+    pub chat_template: Option<String>,
     /// Longest question of a text column, in characters (before the
     /// template); `rollout.max_prompt_length` limits tokens of any prompt.
     pub max_prompt_chars: Option<usize>,
@@ -389,6 +394,7 @@ impl Default for DataSection {
             system_prompt: None,
             prompt_template: "chat".into(),
             chat_template_kwargs: Map::new(),
+            chat_template: None,
             max_prompt_chars: None,
             on_long_prompt: OnLongPrompt::Reject,
             filter_overlong_prompts: false,
@@ -1485,6 +1491,16 @@ impl Recipe {
                 },
             )?;
         }
+        if let Some(spec) = &self.data.chat_template {
+            // Checked here, before servers start, with no tokenizer at hand:
+            // a syntax error is the template's whatever its tokens.
+            model::tokenizer::chat_template_text(spec)
+                .and_then(|text| model::tokenizer::ChatTemplate::new(&text, None, None))
+                .map_err(|e| RecipeError::Invalid {
+                    key: "data.chat_template".into(),
+                    message: e.to_string(),
+                })?;
+        }
         self.validate_lr_scheduler_kwargs()?;
         ensure(t.sft_batch_size != Some(0), "train.sft_batch_size", || {
             "must be >= 1 (or null: train.per_device_train_batch_size)".into()
@@ -2236,9 +2252,6 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
         "shuffle_dataset" => "it is data.shuffle",
         "dataset_prompt_column" => "it is data.prompt_column",
         "do_eval" => "eval runs as eval.eval_strategy and eval.eval_steps say",
-        "chat_template" => {
-            "the chat template is the model folder's (tokenizer_config.json chat_template)"
-        }
         "logging_strategy" => "logs are taken every log.logging_steps steps",
         "evaluation_strategy" => "it is eval.eval_strategy (transformers' newer name)",
         "per_device_eval_batch_size" => {

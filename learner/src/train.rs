@@ -996,7 +996,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .as_ref()
         .map_or(initial_dir.clone(), |(_, d, _)| d.clone());
     let cfg = ModelConfig::from_dir(&model_dir)?;
-    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let tokenizer = crate::data::policy_tokenizer(&model_dir, &recipe.data)?;
     let pad_id = cfg
         .raw
         .get("pad_token_id")

@@ -616,6 +616,54 @@ fn chat_template_kwargs_reach_the_chat_template() {
     );
 }
 
+/// `data.chat_template` (text or a file) takes the model folder's place
+/// when prompts are rendered; one that does not compile is a recipe error
+/// naming the key.
+#[test]
+fn a_recipe_chat_template_replaces_the_model_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("model");
+    model::presets::tokenizer().unwrap().save(&folder).unwrap();
+    let rows = write_jsonl(dir.path(), "a.jsonl", 1, "7+");
+    let row = &read_rows(&rows, &ColumnMapping::default()).unwrap()[0];
+    let file = dir.path().join("t.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}<{{ m.content }}>{% endfor %}=",
+    )
+    .unwrap();
+    let base = "version: 1\nmodel: {preset: tiny}\ndata: {train_files: [t.jsonl]}\n\
+                reward: {functions: [{name: exact_match}]}\n";
+    for spec in [
+        "\"{% for m in messages %}<{{ m.content }}>{% endfor %}=\"".to_string(),
+        file.display().to_string(),
+    ] {
+        let r =
+            Recipe::from_yaml_str(base, "r.yaml", &[format!("data.chat_template={spec}")]).unwrap();
+        let tok = learner::data::policy_tokenizer(&folder, &r.data).unwrap();
+        let chat = PromptFormat::from_recipe(&r.data).unwrap();
+        assert_eq!(
+            chat.build(&rows, row, Some(&tok)).unwrap(),
+            "<7+0>=",
+            "{spec}"
+        );
+    }
+    // Without it, the folder's own (ChatML) template.
+    let r = Recipe::from_yaml_str(base, "r.yaml", &[] as &[&str]).unwrap();
+    let tok = learner::data::policy_tokenizer(&folder, &r.data).unwrap();
+    let own = PromptFormat::from_recipe(&r.data)
+        .unwrap()
+        .build(&rows, row, Some(&tok))
+        .unwrap();
+    assert!(own.starts_with("<|im_start|>"), "{own:?}");
+    for bad in ["\"{% if x %}\"", "no/such/template.jinja"] {
+        let e = Recipe::from_yaml_str(base, "r.yaml", &[format!("data.chat_template={bad}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.chat_template"), "{bad}: {e}");
+    }
+}
+
 /// verl's datasets keep the reference answer inside a struct column
 /// (`reward_model.ground_truth`): a dotted column name reads it, from
 /// Parquet (as verl's preprocessing writes it) and from JSONL objects.

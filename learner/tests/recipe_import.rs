@@ -175,6 +175,37 @@ fn an_open_r1_recipe_converts_to_one_that_loads() {
     }
 }
 
+/// open-r1's DeepSeek-R1 recipes give their own `chat_template` (reduced
+/// here): it becomes data.chat_template, which the recipe checks compiles.
+#[test]
+fn an_open_r1_chat_template_carries_over() {
+    let template = "{{bos_token}}{%- for message in messages %}{{'<｜User｜>' + \
+                    message['content']}}{%- endfor %}{% if add_generation_prompt %}\
+                    {{'<｜Assistant｜><think>\\n'}}{% endif %}";
+    let trl = format!(
+        "{OPEN_R1}chat_template: {}\n",
+        serde_json::to_string(template).unwrap()
+    );
+    let c = convert_trl_recipe(&trl, "config_demo.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    assert_eq!(r.data.chat_template.as_deref(), Some(template));
+    assert!(
+        c.left_out
+            .iter()
+            .all(|(kv, _)| !kv.starts_with("chat_template")),
+        "{:?}",
+        c.left_out
+    );
+
+    let broken = format!("{OPEN_R1}chat_template: \"{{% for m in messages %}}\"\n");
+    let c = convert_trl_recipe(&broken, "config_demo.yaml").unwrap();
+    let e = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.chat_template"), "{e}");
+}
+
 #[test]
 fn what_is_not_a_trl_recipe_is_refused() {
     let e = convert_trl_recipe("version: 1\ntrain: {learning_rate: 1.0e-3}\n", "r.yaml")

@@ -1414,6 +1414,49 @@ fn a_reward_model_scores_the_conversation_through_its_chat_template() {
     }
 }
 
+/// `data.chat_template` (TRL's / open-r1's `chat_template`) renders every
+/// prompt in place of the model folder's template, and the checkpoint keeps
+/// it as its chat_template.jinja.
+#[test]
+fn a_recipe_chat_template_renders_the_prompts_and_is_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &server, &out);
+    let template = "{% for m in messages %}Q: {{ m.content }}{% endfor %}|{{ eos_token }}A:";
+    train(
+        &r,
+        &[
+            "data.prompt_template=chat".into(),
+            format!(
+                "data.chat_template={}",
+                serde_json::to_string(template).unwrap()
+            ),
+            "train.max_steps=1".into(),
+            "log.log_completions=true".into(),
+        ],
+    );
+    let eos = model::tokenizer::Tokenizer::from_dir(&model)
+        .unwrap()
+        .eos_token()
+        .unwrap()
+        .to_string();
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 16);
+    for c in &completions {
+        let prompt = c["prompt"].as_str().unwrap();
+        assert!(
+            prompt.starts_with("Q: ") && prompt.ends_with(&format!("|{eos}A:")),
+            "{prompt:?}"
+        );
+    }
+    let names = checkpoint_names(&out);
+    let last = out.join("checkpoints").join(names.last().unwrap());
+    let saved = std::fs::read_to_string(last.join("chat_template.jinja")).unwrap();
+    assert_eq!(saved, template);
+}
+
 /// verl's filter_overlong_prompts: the training prompts over
 /// rollout.max_prompt_length tokens ("70+87=" is 6) are left out, said at
 /// the start and counted in the manifest; the run trains on the others.

@@ -122,6 +122,32 @@ fn config_template(config: &Map<String, Json>) -> Option<String> {
     }
 }
 
+/// A chat template given by its text or by the path of a file holding it,
+/// as vLLM's `--chat-template` takes it: text with `{` or a line break is
+/// the template itself; anything else names a file (transformers' saved
+/// `chat_template.jinja`, or a `.json` with a `chat_template` key).
+pub fn chat_template_text(spec: &str) -> Result<String> {
+    if spec.contains(['{', '\n']) {
+        return Ok(spec.to_string());
+    }
+    let path = Path::new(spec);
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ModelError::ChatTemplate(format!(
+            "{spec:?} is neither a template (no `{{`) nor a readable file: {e}"
+        ))
+    })?;
+    if path.extension().is_some_and(|x| x == "json") {
+        let json: Json = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        return json.as_object().and_then(config_template).ok_or_else(|| {
+            ModelError::ChatTemplate(format!("{spec} has no `chat_template` string"))
+        });
+    }
+    Ok(text)
+}
+
 fn read_optional(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
@@ -256,22 +282,8 @@ impl Tokenizer {
         if let Some(source) = source {
             // A broken template must not stop the model from serving
             // completions, so its error waits until the template is used.
-            match ChatTemplate::new(
-                &source,
-                tokenizer.bos_token.clone(),
-                tokenizer.eos_token.clone(),
-            ) {
-                Ok(t) => {
-                    let t = match &tokenizer.pad_token {
-                        Some(p) => t.with_token("pad_token", p),
-                        None => t,
-                    };
-                    let t = match &tokenizer.unk_token {
-                        Some(u) => t.with_token("unk_token", u),
-                        None => t,
-                    };
-                    tokenizer.chat_template = Some(t);
-                }
+            match tokenizer.compile_template(&source) {
+                Ok(t) => tokenizer.chat_template = Some(t),
                 Err(e) => {
                     tracing::warn!("chat template does not compile: {e}");
                     tokenizer.template_error = Some(e.to_string());
@@ -279,6 +291,39 @@ impl Tokenizer {
             }
         }
         Ok(tokenizer)
+    }
+
+    /// `source` as this tokenizer's template, with its special tokens.
+    fn compile_template(&self, source: &str) -> Result<ChatTemplate> {
+        let t = ChatTemplate::new(source, self.bos_token.clone(), self.eos_token.clone())?;
+        let t = match &self.pad_token {
+            Some(p) => t.with_token("pad_token", p),
+            None => t,
+        };
+        Ok(match &self.unk_token {
+            Some(u) => t.with_token("unk_token", u),
+            None => t,
+        })
+    }
+
+    /// This tokenizer with `source` as its chat template instead of the
+    /// folder's, as transformers' `tokenizer.chat_template = ...` (TRL's and
+    /// open-r1's `chat_template` argument, vLLM's `--chat-template`). A
+    /// template that does not compile is an error here, not at first use.
+    /// [`Self::save`] writes it to `chat_template.jinja`, as transformers
+    /// saves a template, so a saved model renders prompts as it was trained.
+    pub fn with_chat_template(mut self, source: &str) -> Result<Self> {
+        let template = self.compile_template(source)?;
+        self.chat_template = Some(template);
+        self.template_error = None;
+        self.template_source = Some(source.to_string());
+        // The saved tokenizer_config.json must not carry the old one.
+        self.config.remove("chat_template");
+        self.template_file = Some(TemplateFile::File {
+            name: CHAT_TEMPLATE_FILE,
+            raw: source.to_string(),
+        });
+        Ok(self)
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` (and the chat
@@ -382,7 +427,8 @@ impl Tokenizer {
         self.unk_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
-    /// The chat template's source, if the folder has one.
+    /// The chat template's source, if the folder (or
+    /// [`Self::with_chat_template`]) gives one.
     pub fn chat_template(&self) -> Option<&str> {
         self.template_source.as_deref()
     }
@@ -1321,6 +1367,61 @@ mod tests {
             std::fs::read(a.join(CHAT_TEMPLATE_FILE)).unwrap(),
             std::fs::read(b.join(CHAT_TEMPLATE_FILE)).unwrap()
         );
+    }
+
+    /// A template given in place of the folder's renders with the
+    /// tokenizer's special tokens, is saved as chat_template.jinja (and no
+    /// longer in tokenizer_config.json), and comes back on reload.
+    #[test]
+    fn a_given_chat_template_replaces_the_folders_and_is_saved() {
+        let template = "{{ bos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}\
+                        {% if add_generation_prompt %}{{ eos_token }}{% endif %}";
+        let t = char_tok().with_chat_template(template).unwrap();
+        let out = t
+            .apply_chat_template(&[ChatMessage::user("hi")], true)
+            .unwrap();
+        let (bos, eos) = (t.bos_token().unwrap_or(""), t.eos_token().unwrap());
+        assert_eq!(out, format!("{bos}[hi]{eos}"));
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CHAT_TEMPLATE_FILE)).unwrap(),
+            template
+        );
+        let config = std::fs::read_to_string(dir.path().join(TOKENIZER_CONFIG_FILE)).unwrap();
+        assert!(!config.contains("chat_template"), "{config}");
+        let reloaded = Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(reloaded.chat_template(), Some(template));
+        assert_eq!(
+            reloaded
+                .apply_chat_template(&[ChatMessage::user("hi")], true)
+                .unwrap(),
+            out
+        );
+        let err = char_tok()
+            .with_chat_template("{% for m in messages %}")
+            .unwrap_err();
+        assert!(matches!(err, ModelError::ChatTemplate(_)), "{err}");
+    }
+
+    #[test]
+    fn a_chat_template_is_its_text_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let jinja = dir.path().join("t.jinja");
+        std::fs::write(&jinja, "{{ messages[0].content }}").unwrap();
+        let json = dir.path().join("tokenizer_config.json");
+        std::fs::write(&json, r#"{"chat_template": "{{ 1 }}"}"#).unwrap();
+        assert_eq!(chat_template_text("{{ x }}").unwrap(), "{{ x }}");
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        assert_eq!(
+            chat_template_text(&path(&jinja)).unwrap(),
+            "{{ messages[0].content }}"
+        );
+        assert_eq!(chat_template_text(&path(&json)).unwrap(), "{{ 1 }}");
+        let err = chat_template_text("no/such/file.jinja")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no/such/file.jinja"), "{err}");
     }
 
     #[test]

@@ -85,6 +85,11 @@ pub struct Args {
     /// flag and default).
     #[arg(long, default_value_t = crate::validation::MAX_LOGPROBS as i64, allow_negative_numbers = true)]
     pub max_logprobs: i64,
+    /// The chat template for `/v1/chat/completions` in place of the model
+    /// folder's: a file's path, or the template itself (text with `{` or a
+    /// line break), as vLLM's flag.
+    #[arg(long)]
+    pub chat_template: Option<String>,
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -157,10 +162,14 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
     let cfg = model::ModelConfig::from_dir(&model_dir)
         .with_context(|| format!("loading the model config from {}", model_dir.display()))?;
     let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings);
-    let tokenizer = Arc::new(
-        Tokenizer::from_dir(&model_dir)
-            .with_context(|| format!("loading the tokenizer from {}", model_dir.display()))?,
-    );
+    let mut tokenizer = Tokenizer::from_dir(&model_dir)
+        .with_context(|| format!("loading the tokenizer from {}", model_dir.display()))?;
+    if let Some(spec) = &args.chat_template {
+        tokenizer = model::tokenizer::chat_template_text(spec)
+            .and_then(|text| tokenizer.with_chat_template(&text))
+            .context("--chat-template")?;
+    }
+    let tokenizer = Arc::new(tokenizer);
     // As vLLM: the `--model` argument as given, unless a name is set.
     let served_model_name = args
         .served_model_name

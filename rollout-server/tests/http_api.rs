@@ -1489,3 +1489,47 @@ async fn json_object_compact_json_and_guides_that_cannot_go_on() {
         "{st}: {b}"
     );
 }
+
+/// vLLM's `--chat-template` (the template's text, or a file) renders chat
+/// requests in place of the model folder's; a template that does not load
+/// stops the server at start, naming the flag.
+#[tokio::test]
+async fn chat_template_flag_replaces_the_folders_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.jinja");
+    let template = "{% for m in messages %}[{{ m.content }}]{% endfor %}=>";
+    std::fs::write(&file, template).unwrap();
+    let path = file.display().to_string();
+    for spec in [template, path.as_str()] {
+        let s = Server::start(&["--chat-template", spec]).await;
+        let messages = json!([{"role": "user", "content": "12+34"}]);
+        let (st, chat) = s.post("/tokenize", &json!({"messages": messages})).await;
+        assert_eq!(st, 200, "{chat}");
+        let (_, text) = s
+            .post(
+                "/tokenize",
+                &json!({"prompt": "[12+34]=>", "add_special_tokens": false}),
+            )
+            .await;
+        assert_eq!(chat["tokens"], text["tokens"], "{spec}");
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
+        .args([
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--chat-template",
+            "no/such.jinja",
+        ])
+        .arg(e2e::tiny_model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--chat-template") && err.contains("no/such.jinja"),
+        "{err}"
+    );
+}
