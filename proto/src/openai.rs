@@ -195,6 +195,10 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<Value>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
+    /// `"none"`, `"auto"` (the default with `tools`), `"required"` or
+    /// `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -413,6 +417,10 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls, each with its `index` (a call's `arguments` may come in
+    /// pieces over several chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,11 +16,13 @@ use proto::openai::{
     ChatCompletionResponse, ChatDelta, ChatLogprobToken, ChatLogprobs, ChatMessageOut, TopLogprob,
     Usage,
 };
+use serde_json::{Value, json};
 
 use crate::completions::{finite, metadata, prompt_logprobs, text_options};
 use crate::error::ApiError;
 use crate::server::{SharedState, blocking, header_client_tag, response_id, sse, unix_now};
 use crate::text::{self, ChoiceUpdate, FinishInfo, TokenOut, Update};
+use crate::tools::{self, ToolMode};
 use crate::validation::{ValidRequest, parse_json};
 
 pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -71,6 +73,20 @@ struct Acc {
     logprobs: Vec<ChatLogprobToken>,
     finish: Option<FinishInfo>,
     versions: BTreeSet<u64>,
+    /// Streaming with tools: text not sent yet (a possible call's start,
+    /// or the calls themselves).
+    held: String,
+    /// The text so far reached a tool call: the rest is not content.
+    in_calls: bool,
+    /// A named call's first delta (id, name) has gone out.
+    call_started: bool,
+}
+
+/// One streamed choice's delta under its request's tool mode.
+struct DeltaOut {
+    content: Option<String>,
+    tool_calls: Option<Vec<Value>>,
+    finish_reason: Option<String>,
 }
 
 impl Formatter {
@@ -121,6 +137,64 @@ impl Formatter {
             u.tokens.iter().map(|t| self.logprob_entry(t)).collect();
         acc.logprobs.extend(entries.iter().cloned());
         entries
+    }
+
+    /// What update `u` (already applied to `acc`) streams: its text as
+    /// content, or, with tools, content up to a call and the calls once
+    /// whole (a named call's arguments as they come).
+    fn delta(&self, acc: &mut Acc, u: &ChoiceUpdate) -> DeltaOut {
+        let mut finish_reason = u.finish.as_ref().map(|f| f.reason.to_string());
+        let mode = &self.valid.tool_mode;
+        let (mut content, mut tool_calls) = (None, None);
+        match mode {
+            ToolMode::Text => content = Some(u.text.clone()),
+            ToolMode::Named(name) => {
+                let mut call = json!({"index": 0, "function": {"arguments": u.text}});
+                if !acc.call_started {
+                    let first = tools::tool_call(name, &u.text);
+                    call["id"] = first["id"].clone();
+                    call["type"] = json!("function");
+                    call["function"]["name"] = json!(name);
+                    acc.call_started = true;
+                }
+                if !u.text.is_empty() || call.get("id").is_some() {
+                    tool_calls = Some(vec![call]);
+                }
+            }
+            ToolMode::Auto | ToolMode::Required => {
+                acc.held.push_str(&u.text);
+                if *mode == ToolMode::Required {
+                    acc.in_calls = true;
+                } else if !acc.in_calls {
+                    let k = tools::streamable_prefix(&acc.held);
+                    let out: String = acc.held.drain(..k).collect();
+                    acc.in_calls = tools::starts_call(&acc.held);
+                    content = (!out.is_empty()).then_some(out);
+                }
+                if finish_reason.is_some() {
+                    match tools::extract(mode, &acc.text).filter(|_| acc.in_calls) {
+                        Some((_, calls)) => {
+                            tool_calls = Some(tools::indexed(calls));
+                            if *mode == ToolMode::Auto {
+                                finish_reason = Some("tool_calls".into());
+                            }
+                        }
+                        // Not calls after all: the held text is content.
+                        None => {
+                            let mut text = content.take().unwrap_or_default();
+                            text.push_str(&acc.held);
+                            content = Some(text);
+                        }
+                    }
+                    acc.held.clear();
+                }
+            }
+        }
+        DeltaOut {
+            content,
+            tool_calls,
+            finish_reason,
+        }
     }
 
     fn usage(&self, accs: &[Acc]) -> Usage {
@@ -183,20 +257,33 @@ async fn collect(
     let choices = accs
         .into_iter()
         .enumerate()
-        .map(|(index, a)| ChatChoice {
-            index,
-            message: ChatMessageOut {
-                role: "assistant".into(),
-                content: Some(a.text),
-                tool_calls: Vec::new(),
-            },
-            logprobs: with_logprobs.then_some(ChatLogprobs {
-                content: Some(a.logprobs),
-            }),
-            finish_reason: a.finish.as_ref().map(|f| f.reason.to_string()),
-            stop_reason: a.finish.and_then(|f| f.stop_reason),
-            token_ids: fmt.valid.return_token_ids.then_some(a.token_ids),
-            metadata: Some(metadata(tag, &a.versions, current)),
+        .map(|(index, a)| {
+            let mut finish_reason = a.finish.as_ref().map(|f| f.reason.to_string());
+            let mode = &fmt.valid.tool_mode;
+            let (content, tool_calls) = match tools::extract(mode, &a.text) {
+                Some((content, calls)) => {
+                    if *mode == ToolMode::Auto {
+                        finish_reason = Some("tool_calls".into());
+                    }
+                    (content, calls)
+                }
+                None => (Some(a.text), Vec::new()),
+            };
+            ChatChoice {
+                index,
+                message: ChatMessageOut {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls,
+                },
+                logprobs: with_logprobs.then_some(ChatLogprobs {
+                    content: Some(a.logprobs),
+                }),
+                finish_reason,
+                stop_reason: a.finish.and_then(|f| f.stop_reason),
+                token_ids: fmt.valid.return_token_ids.then_some(a.token_ids),
+                metadata: Some(metadata(tag, &a.versions, current)),
+            }
         })
         .collect();
     Ok(ChatCompletionResponse {
@@ -229,6 +316,7 @@ fn stream_chunks(
                     delta: ChatDelta {
                         role: Some("assistant".into()),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -255,17 +343,28 @@ fn stream_chunks(
                 }
             };
             let entries = fmt.apply(&mut accs[u.index], &u);
+            let delta = fmt.delta(&mut accs[u.index], &u);
+            let with_tokens = fmt.valid.logprobs.is_some() || fmt.valid.return_token_ids;
+            if delta.content.is_none()
+                && delta.tool_calls.is_none()
+                && delta.finish_reason.is_none()
+                && !with_tokens
+            {
+                // Text held back for a tool call: nothing to say yet.
+                continue;
+            }
             let md = metadata(&tag, &BTreeSet::from([u.weight_version]), u.weight_version);
             let choice = ChatChunkChoice {
                 index: u.index,
                 delta: ChatDelta {
                     role: None,
-                    content: Some(u.text.clone()),
+                    content: delta.content,
+                    tool_calls: delta.tool_calls,
                 },
                 logprobs: fmt.valid.logprobs.is_some().then_some(ChatLogprobs {
                     content: Some(entries),
                 }),
-                finish_reason: u.finish.as_ref().map(|f| f.reason.to_string()),
+                finish_reason: delta.finish_reason,
                 stop_reason: u.finish.as_ref().and_then(|f| f.stop_reason.clone()),
                 token_ids: fmt
                     .valid

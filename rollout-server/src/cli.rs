@@ -90,6 +90,14 @@ pub struct Args {
     /// line break), as vLLM's flag.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Serve `tool_choice: "auto"`: the calls the model writes come back as
+    /// `tool_calls` (needs `--tool-call-parser`).
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`:
+    /// Qwen2.5, Qwen3, Hermes), as vLLM's flag.
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -157,6 +165,18 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         "--max-logprobs must be >= 0, or -1 for the whole vocabulary; got {}",
         args.max_logprobs
     );
+    if let Some(p) = &args.tool_call_parser {
+        anyhow::ensure!(
+            crate::tools::PARSERS.contains(&p.as_str()),
+            "--tool-call-parser {p} is not one this server has; it has {}",
+            crate::tools::PARSERS.join(", ")
+        );
+    }
+    anyhow::ensure!(
+        !args.enable_auto_tool_choice || args.tool_call_parser.is_some(),
+        "--enable-auto-tool-choice needs --tool-call-parser (hermes)"
+    );
+    let auto_tools = args.enable_auto_tool_choice;
     let device = args.device.open()?;
     let dtype = args.dtype.resolve(&device)?;
     let cfg = model::ModelConfig::from_dir(&model_dir)
@@ -244,6 +264,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             ),
             eos_token_ids: cfg.eos_token_ids.clone(),
             guides: Default::default(),
+            auto_tools,
             tokenizer,
             served_model_name: served_model_name.clone(),
             max_model_len,

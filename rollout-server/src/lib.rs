@@ -25,5 +25,6 @@ pub mod scheduler;
 pub mod server;
 pub mod text;
 pub mod tokenize;
+pub mod tools;
 pub mod validation;
 pub mod weight_sync;

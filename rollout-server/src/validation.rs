@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::engine::GenerateRequest;
 use crate::error::ApiError;
+use crate::tools::ToolMode;
 
 /// vLLM's default `--max-logprobs`.
 /// Most top log-probs a request may ask for by default (vLLM's
@@ -42,6 +43,9 @@ pub struct Validator {
     /// pattern with every request, and a guide keeps the tokens it found
     /// allowed from each state.
     pub guides: GuideCache,
+    /// `--enable-auto-tool-choice` with a `--tool-call-parser`: `tool_choice:
+    /// "auto"` is served.
+    pub auto_tools: bool,
 }
 
 /// Compiled guides by pattern and end ids.
@@ -94,6 +98,8 @@ pub struct ValidRequest {
     pub client_tag: Option<String>,
     /// Guided decoding (`guided_regex`, `guided_choice`, `structured_outputs`).
     pub guide: Option<Arc<RegexGuide>>,
+    /// What the chat request's `tool_choice` makes of the output.
+    pub tool_mode: ToolMode,
 }
 
 impl ValidRequest {
@@ -214,18 +220,7 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
             ));
         }
     }
-    // Tools are rendered into the prompt; nothing forces a call.
-    match map.get("tool_choice") {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s == "auto" || s == "none" => Ok(()),
-        Some(other) => Err(bad(
-            format!(
-                "tool_choice {other} is not supported by this server (nothing forces a tool \
-                 call); use \"auto\" or \"none\""
-            ),
-            "tool_choice",
-        )),
-    }
+    Ok(())
 }
 
 /// Parses a JSON body once; malformed JSON is a 400 that says where, a
@@ -357,6 +352,39 @@ impl Validator {
         };
         let prompt = self.render_chat(&req.messages, &req.template)?;
         let mut sampling = req.sampling;
+        let (tool_mode, tool_schema) = crate::tools::tool_mode(
+            req.template.tools.as_ref(),
+            req.tool_choice.as_ref(),
+            self.auto_tools,
+        )?;
+        if let Some(schema) = tool_schema {
+            // A named function or "required" is guided decoding by a schema.
+            let rf_json = sampling
+                .response_format
+                .as_ref()
+                .and_then(|rf| rf.get("type"))
+                .and_then(Value::as_str)
+                .is_some_and(|t| t != "text");
+            let so = sampling
+                .structured_outputs
+                .as_ref()
+                .is_some_and(|v| !v.is_null());
+            if sampling.guided_regex.is_some()
+                || sampling.guided_choice.is_some()
+                || sampling.guided_json.as_ref().is_some_and(|v| !v.is_null())
+                || so
+                || rf_json
+            {
+                return Err(bad(
+                    "tool_choice \"required\" or a named function guides the output to a tool \
+                     call; drop the request's guided_* / structured_outputs / response_format",
+                    "tool_choice",
+                ));
+            }
+            model::guided::json_schema_pattern(&schema, false)
+                .map_err(|e| bad(format!("tools: a function's parameters: {e}"), "tools"))?;
+            sampling.guided_json = Some(schema);
+        }
         if req.max_completion_tokens.is_some() {
             sampling.max_tokens = req.max_completion_tokens;
         }
@@ -371,6 +399,7 @@ impl Validator {
         v.valid.max_tokens =
             vec![self.check_context(len, max_tokens, v.valid.min_tokens, "messages")?];
         v.valid.prompts = vec![prompt];
+        v.valid.tool_mode = tool_mode;
         Ok(v.valid)
     }
 
@@ -741,6 +770,7 @@ impl Validator {
                 return_token_ids: f.return_token_ids.unwrap_or(false),
                 client_tag,
                 guide,
+                tool_mode: ToolMode::Text,
             },
         })
     }

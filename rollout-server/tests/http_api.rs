@@ -1169,7 +1169,6 @@ async fn truncated_prompts_and_refused_fields() {
         ),
         ("guided_grammar", json!("root ::= \"a\"")),
         ("use_beam_search", json!(true)),
-        ("tool_choice", json!("required")),
     ] {
         assert_refused(&s, json!({"prompt": "ab", "max_tokens": 1}), field, value).await;
     }
@@ -1532,4 +1531,245 @@ async fn chat_template_flag_replaces_the_folders_template() {
         err.contains("--chat-template") && err.contains("no/such.jinja"),
         "{err}"
     );
+}
+
+/// A streamed chat folded into one message per choice: content joined,
+/// tool calls merged by their index (arguments joined), the last
+/// finish_reason.
+fn fold_chat_stream(events: &[String]) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            while out.len() <= i {
+                out.push(json!({"content": null, "tool_calls": [], "finish_reason": null}));
+            }
+            let m = &mut out[i];
+            if let Some(t) = ch["delta"]["content"].as_str() {
+                let joined = format!("{}{t}", m["content"].as_str().unwrap_or(""));
+                m["content"] = json!(joined);
+            }
+            for call in ch["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                let j = call["index"].as_u64().unwrap() as usize;
+                let calls = m["tool_calls"].as_array_mut().unwrap();
+                if calls.len() <= j {
+                    calls.push(json!({"id": call["id"], "name": call["function"]["name"],
+                                      "arguments": ""}));
+                }
+                let args = call["function"]["arguments"].as_str().unwrap_or("");
+                let joined = format!("{}{args}", calls[j]["arguments"].as_str().unwrap());
+                calls[j]["arguments"] = json!(joined);
+            }
+            if !ch["finish_reason"].is_null() {
+                m["finish_reason"] = ch["finish_reason"].clone();
+            }
+        }
+    }
+    out
+}
+
+/// vLLM's tool calling. `tool_choice: "auto"` (the default with tools)
+/// needs `--enable-auto-tool-choice --tool-call-parser hermes`, as in vLLM;
+/// then the calls the model writes come back as `tool_calls` (the model is
+/// made to write one here by a guided regex), streamed or whole. A named
+/// function or `"required"` guides the output to a call, no parser needed.
+#[tokio::test]
+async fn tool_calls_auto_named_and_required() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time",
+                                          "parameters": {"type": "object", "properties": {}}}}
+    ]);
+    let messages = json!([{"role": "user", "content": "weather?"}]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": messages, "tools": tools, "max_tokens": 150,
+                              "n": 3, "seed": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let args_of = |arguments: &Value| -> Value {
+        serde_json::from_str(arguments.as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{arguments}: {e}"))
+    };
+
+    let plain = Server::start(&[]).await;
+    let (st, b) = plain.post("/v1/chat/completions", &chat(json!({}))).await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "tool_choice", "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--enable-auto-tool-choice")
+    );
+    let (st, r) = plain
+        .post(
+            "/v1/chat/completions",
+            &chat(json!({"tool_choice": "none", "max_tokens": 4})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    assert_eq!(r["choices"][0]["message"]["tool_calls"], json!([]));
+
+    // A named function: the output is its arguments.
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let (st, r) = plain
+        .post("/v1/chat/completions", &chat(named.clone()))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let mut streamed = chat(named.clone());
+    streamed["stream"] = json!(true);
+    let folded = fold_chat_stream(
+        &plain
+            .post_stream("/v1/chat/completions", &streamed, &[])
+            .await,
+    );
+    for (i, folded) in folded.iter().enumerate() {
+        let c = &r["choices"][i];
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(
+            call["id"].as_str().unwrap().starts_with("chatcmpl-tool-"),
+            "{call}"
+        );
+        assert_eq!(call["function"]["name"], "get_weather");
+        let args = args_of(&call["function"]["arguments"]);
+        assert!(
+            args["city"].as_str().unwrap().chars().count() <= 8,
+            "{args}"
+        );
+        assert_eq!(folded["tool_calls"][0]["name"], "get_weather", "{folded}");
+        assert_eq!(
+            folded["tool_calls"][0]["arguments"],
+            call["function"]["arguments"]
+        );
+        // The first chunk's role comes with an empty content, as vLLM's.
+        assert_eq!(folded["content"], "", "{folded}");
+    }
+
+    // "required": one or more calls, each of a defined function.
+    let (st, r) = plain
+        .post(
+            "/v1/chat/completions",
+            &chat(json!({"tool_choice": "required"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let finished: Vec<&Value> = r["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["finish_reason"] == "stop")
+        .collect();
+    assert!(!finished.is_empty(), "{r}");
+    for c in finished {
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty(), "{c}");
+        for call in calls {
+            let name = call["function"]["name"].as_str().unwrap();
+            let args = args_of(&call["function"]["arguments"]);
+            match name {
+                "get_weather" => assert!(args["city"].is_string(), "{args}"),
+                "get_time" => assert_eq!(args, json!({})),
+                other => panic!("{other}"),
+            }
+        }
+    }
+
+    for (body, param) in [
+        (
+            chat(json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}})),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": messages, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            chat(json!({"tool_choice": "required", "guided_regex": "a"})),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": messages, "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]}),
+            "tools",
+        ),
+    ] {
+        let (st, b) = plain.post("/v1/chat/completions", &body).await;
+        assert_error(st, &b, 400);
+        assert_eq!(b["error"]["param"], param, "{body}: {b}");
+    }
+
+    // "auto" with the hermes parser.
+    let s = Server::start(&["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]).await;
+    let call = r#"Sure\. <tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,6}"\}\}\n</tool_call>"#;
+    let body = chat(json!({"guided_regex": call}));
+    let (st, r) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let folded = fold_chat_stream(&s.post_stream("/v1/chat/completions", &streamed, &[]).await);
+    for (i, folded) in folded.iter().enumerate() {
+        let c = &r["choices"][i];
+        assert_eq!(c["finish_reason"], "tool_calls", "{c}");
+        assert_eq!(c["message"]["content"], "Sure. ", "{c}");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        let city = args_of(&call["function"]["arguments"])["city"].clone();
+        assert!(
+            city.as_str()
+                .unwrap()
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase()),
+            "{city}"
+        );
+        assert_eq!(folded["content"], "Sure. ", "{folded}");
+        assert_eq!(folded["finish_reason"], "tool_calls");
+        assert_eq!(folded["tool_calls"][0]["name"], "get_weather");
+        assert_eq!(
+            folded["tool_calls"][0]["arguments"],
+            call["function"]["arguments"]
+        );
+    }
+    // Text that holds no call stays text.
+    let (st, r) = s
+        .post(
+            "/v1/chat/completions",
+            &chat(json!({"guided_regex": "[a-z]{3} <tool"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["message"]["tool_calls"], json!([]));
+    assert!(
+        c["message"]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with(" <tool"),
+        "{c}"
+    );
+
+    for (flags, says) in [
+        (&["--enable-auto-tool-choice"][..], "--tool-call-parser"),
+        (&["--tool-call-parser", "mistral"][..], "hermes"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
+            .args(["--port", "0", "--grpc-port", "0"])
+            .args(flags)
+            .arg(e2e::tiny_model())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
 }

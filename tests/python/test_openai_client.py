@@ -6,6 +6,7 @@ Standalone: python tests/python/test_openai_client.py after exporting those.
 Exits non-zero on the first failed check.
 """
 
+import json
 import os
 import sys
 
@@ -66,6 +67,36 @@ def chat_streaming(client, model):
     check(isinstance(content, str), "streamed content")
 
 
+def tool_call_and_json_schema(client, model):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                       "required": ["city"]}}}]
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=150,
+        seed=5,
+    )
+    calls = r.choices[0].message.tool_calls
+    check(calls and calls[0].type == "function", "a named tool_choice returns a tool call")
+    check(calls[0].function.name == "get_weather", "the call names the function")
+    check("city" in json.loads(calls[0].function.arguments), "its arguments are JSON")
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "json?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+            "type": "object", "properties": {"answer": {"type": "integer"}},
+            "required": ["answer"]}}},
+        max_tokens=150,
+        seed=5,
+    )
+    check(isinstance(json.loads(r.choices[0].message.content)["answer"], int),
+          "response_format json_schema gives JSON of the schema")
+
+
 def error_case(client, model):
     try:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
@@ -98,6 +129,7 @@ def main():
     check([m.id for m in models.data] == [model], "models list")
     completions_with_n_and_logprobs(client, model)
     chat_streaming(client, model)
+    tool_call_and_json_schema(client, model)
     error_case(client, model)
     print(f"python openai {openai.__version__}: all checks passed")
 
