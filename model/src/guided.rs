@@ -23,9 +23,64 @@ use crate::tokenizer::Tokenizer;
 /// request past it gets an error, not a server out of memory.
 const DFA_SIZE_LIMIT: usize = 16 << 20;
 
-/// DFA states whose allowed tokens a guide keeps (up to a vocabulary's
-/// worth of ids each); past them it finds them again at each step.
-const MAX_CACHED_STATES: usize = 1024;
+/// Bytes of allowed-token sets a guide keeps (a bitset over the vocabulary
+/// per DFA state: 19 KiB for Qwen's); past them it finds a state's set again
+/// at each step rather than grow without bound.
+const MAX_CACHED_BYTES: usize = 16 << 20;
+
+/// The token ids that may come next from one DFA state, as a bitset over
+/// the vocabulary: inside a JSON string nearly every token is allowed, and a
+/// list of ids would take 4 bytes for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedTokens {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl AllowedTokens {
+    fn with_capacity(ids: usize) -> Self {
+        AllowedTokens {
+            bits: vec![0; ids.div_ceil(64)],
+            count: 0,
+        }
+    }
+
+    fn insert(&mut self, id: u32) {
+        let (word, bit) = (id as usize / 64, id % 64);
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & (1 << bit) == 0 {
+            self.bits[word] |= 1 << bit;
+            self.count += 1;
+        }
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.bits
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The ids, ascending.
+    pub fn ids(&self) -> Vec<u32> {
+        (0..self.bits.len() as u32 * 64)
+            .filter(|&id| self.contains(id))
+            .collect()
+    }
+
+    fn bytes(&self) -> usize {
+        self.bits.len() * 8
+    }
+}
 
 /// The bytes each token id stands for in generated text (none for special
 /// tokens, which a guided completion never contains).
@@ -153,7 +208,7 @@ pub struct RegexGuide {
     /// The ids that end a sequence (EOS and the request's stop token ids):
     /// allowed where the text so far matches the whole pattern.
     end_ids: Vec<u32>,
-    allowed: Mutex<HashMap<StateID, Arc<[u32]>>>,
+    allowed: Mutex<AllowedCache>,
     /// The states from which some text still reaches a match: a token that
     /// leads anywhere else is a dead end, never allowed.
     live: HashSet<StateID>,
@@ -165,6 +220,13 @@ impl std::fmt::Debug for RegexGuide {
             .field("pattern", &self.pattern)
             .finish_non_exhaustive()
     }
+}
+
+/// A guide's allowed-token sets by DFA state, and their size.
+#[derive(Default)]
+struct AllowedCache {
+    sets: HashMap<StateID, Arc<AllowedTokens>>,
+    bytes: usize,
 }
 
 /// vLLM's `guided_choice` as a pattern: one of the strings, literally.
@@ -201,7 +263,7 @@ impl RegexGuide {
             start,
             tokens,
             end_ids,
-            allowed: Mutex::new(HashMap::new()),
+            allowed: Mutex::new(AllowedCache::default()),
             live,
         })
     }
@@ -234,34 +296,38 @@ impl RegexGuide {
         self.dfa.is_match_state(self.dfa.next_eoi_state(state))
     }
 
-    /// The ids that may come next from `state`, ascending: the tokens whose
-    /// bytes keep the pattern reachable, and the end ids once it matches.
-    pub fn allowed(&self, state: StateID) -> Arc<[u32]> {
+    /// The ids that may come next from `state`: the tokens whose bytes
+    /// keep the pattern reachable, and the end ids once it matches.
+    pub fn allowed(&self, state: StateID) -> Arc<AllowedTokens> {
         if let Some(ids) = self
             .allowed
             .lock()
             .ok()
-            .and_then(|m| m.get(&state).cloned())
+            .and_then(|c| c.sets.get(&state).cloned())
         {
             return ids;
         }
-        let mut ids: Vec<u32> = (0..self.tokens.len() as u32)
-            .filter(|&id| {
-                self.tokens
-                    .get(id)
-                    .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
-            })
-            .collect();
-        if self.is_complete(state) {
-            ids.extend(&self.end_ids);
-            ids.sort_unstable();
-            ids.dedup();
+        let mut ids = AllowedTokens::with_capacity(self.tokens.len());
+        for id in 0..self.tokens.len() as u32 {
+            if self
+                .tokens
+                .get(id)
+                .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
+            {
+                ids.insert(id);
+            }
         }
-        let ids: Arc<[u32]> = ids.into();
-        if let Ok(mut m) = self.allowed.lock()
-            && m.len() < MAX_CACHED_STATES
+        if self.is_complete(state) {
+            for &id in &self.end_ids {
+                ids.insert(id);
+            }
+        }
+        let ids = Arc::new(ids);
+        if let Ok(mut c) = self.allowed.lock()
+            && c.bytes + ids.bytes() <= MAX_CACHED_BYTES
         {
-            m.insert(state, ids.clone());
+            c.bytes += ids.bytes();
+            c.sets.insert(state, ids.clone());
         }
         ids
     }
@@ -354,21 +420,21 @@ mod tests {
         let eos = tok.eos_token_id().unwrap();
         let id = |s: &str| tok.encode(s, false).unwrap()[0];
         let start = g.start();
-        let first = g.allowed(start);
+        let first = g.allowed(start).ids();
         let first_text = text(&tok, &first);
         assert_eq!(first.len(), 11, "{first_text}"); // ten digits and `y`
         assert!(!first.contains(&eos));
         let one = g.advance(start, id("4"));
         assert!(!g.is_complete(one));
-        assert!(!g.allowed(one).contains(&eos));
+        assert!(!g.allowed(one).contains(eos));
         let two = g.advance(one, id("2"));
         assert!(g.is_complete(two));
         // After two digits only the end is left.
-        assert_eq!(&*g.allowed(two), &[eos]);
+        assert_eq!(g.allowed(two).ids(), [eos]);
         // The cache answers the same.
-        assert_eq!(g.allowed(start), first);
+        assert_eq!(g.allowed(start).ids(), first);
         let y = g.advance(start, id("y"));
-        assert_eq!(text(&tok, &g.allowed(y)), "e");
+        assert_eq!(text(&tok, &g.allowed(y).ids()), "e");
     }
 
     /// A SentencePiece vocabulary with byte fallback (Llama 2's shape):
@@ -396,13 +462,33 @@ mod tests {
         assert_eq!(bytes.get(3), Some(&b" a"[..]));
         assert_eq!(bytes.get(4), None);
         let g = RegexGuide::new("é a", bytes, vec![4]).unwrap();
-        assert_eq!(&*g.allowed(g.start()), &[0]);
+        assert_eq!(g.allowed(g.start()).ids(), [0]);
         let s = g.advance(g.start(), 0);
-        assert_eq!(&*g.allowed(s), &[1]);
+        assert_eq!(g.allowed(s).ids(), [1]);
         let s = g.advance(s, 1);
-        assert_eq!(&*g.allowed(s), &[3]);
+        assert_eq!(g.allowed(s).ids(), [3]);
         let s = g.advance(s, 3);
-        assert_eq!(&*g.allowed(s), &[4]);
+        assert_eq!(g.allowed(s).ids(), [4]);
+    }
+
+    /// An allowed set is a bitset: a JSON string's state allows nearly the
+    /// whole vocabulary in vocabulary / 8 bytes, not 4 bytes an id.
+    #[test]
+    fn allowed_sets_are_bitsets_over_the_vocabulary() {
+        let (tok, g) = guide(&json_string());
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let inside = g.advance(g.start(), id("\""));
+        let set = g.allowed(inside);
+        let vocab = TokenBytes::from_tokenizer(&tok).unwrap().len();
+        assert!(set.len() > vocab / 2, "{} of {vocab}", set.len());
+        assert_eq!(set.bytes(), vocab.div_ceil(64) * 8);
+        assert_eq!(set.ids().len(), set.len());
+        assert!(set.contains(id("a")) && !set.contains(u32::MAX));
+        let mut ids = AllowedTokens::with_capacity(3);
+        ids.insert(200);
+        ids.insert(200);
+        ids.insert(2);
+        assert_eq!((ids.len(), ids.ids()), (2, vec![2, 200]));
     }
 
     /// A branch that can never match is no way on: `c` would lead into
@@ -412,7 +498,7 @@ mod tests {
         let (tok, g) = guide("a(?:b|c[a&&b])");
         let id = |s: &str| tok.encode(s, false).unwrap()[0];
         let a = g.advance(g.start(), id("a"));
-        assert_eq!(text(&tok, &g.allowed(a)), "b");
+        assert_eq!(text(&tok, &g.allowed(a).ids()), "b");
         let (_, g) = guide("x[a&&b]");
         assert!(g.allowed(g.start()).is_empty());
     }
@@ -424,7 +510,7 @@ mod tests {
         let id = |s: &str| tok.encode(s, false).unwrap()[0];
         let s = g.advance(g.start(), id("a"));
         // `.` is a literal dot, not any character.
-        assert_eq!(text(&tok, &g.allowed(s)), ".");
+        assert_eq!(text(&tok, &g.allowed(s).ids()), ".");
         let tokens = Arc::new(TokenBytes::from_tokenizer(&tok).unwrap());
         let e = RegexGuide::new("(", tokens.clone(), vec![])
             .unwrap_err()

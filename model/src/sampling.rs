@@ -314,7 +314,11 @@ impl Sampler {
                     guide.pattern()
                 )));
             }
-            keep_only(&mut s.work, &allowed);
+            for (id, x) in s.work.iter_mut().enumerate() {
+                if !allowed.contains(id as u32) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
             penalized = true;
         }
         if !p.allowed_token_ids.is_empty() {

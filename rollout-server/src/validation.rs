@@ -52,8 +52,10 @@ pub struct Validator {
 pub type GuideCache =
     std::sync::Mutex<std::collections::HashMap<(String, Vec<u32>), Arc<RegexGuide>>>;
 
-/// Compiled guides kept at most (the cache starts over past it).
-const MAX_CACHED_GUIDES: usize = 64;
+/// Compiled guides kept at most (the cache starts over past it). Each holds
+/// up to 16 MiB of DFA and 16 MiB of allowed-token sets, so at most 512 MiB
+/// in all; a learner sends one pattern, an eval a few schemas.
+const MAX_CACHED_GUIDES: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ValidPrompt {
