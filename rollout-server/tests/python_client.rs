@@ -1,6 +1,6 @@
 //! The official `openai` Python package against the real server:
-//! completions with n > 1 and logprobs, chat streaming, error cases
-//! (tests/python/test_openai_client.py). The virtualenv comes from
+//! completions with n > 1 and logprobs, chat streaming, tool calls and
+//! JSON-schema replies, error cases (tests/python/test_openai_client.py). The virtualenv comes from
 //! tests/python/setup.sh (at $TANDEM_PYENV or <repo>/target/pyenv). Without
 //! it the test is skipped loudly, unless CI is set: then it fails.
 
@@ -34,7 +34,14 @@ async fn openai_python_client_talks_to_the_server() {
         );
         return;
     }
-    let s = Server::start(&["--api-key", "py-key"]).await;
+    let s = Server::start(&[
+        "--api-key",
+        "py-key",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+    ])
+    .await;
     let script = root.join("tests/python/test_openai_client.py");
     let out = tokio::task::spawn_blocking({
         let base = s.url("/v1");

@@ -84,6 +84,55 @@ def tool_call_and_json_schema(client, model):
     check(calls and calls[0].type == "function", "a named tool_choice returns a tool call")
     check(calls[0].function.name == "get_weather", "the call names the function")
     check("city" in json.loads(calls[0].function.arguments), "its arguments are JSON")
+    # Streamed, the client's delta types parse every piece of the call.
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=150,
+        seed=5,
+        stream=True,
+    )
+    name, arguments = None, ""
+    for chunk in stream:
+        for ch in chunk.choices:
+            for call in ch.delta.tool_calls or []:
+                check(call.index == 0, "one call, index 0")
+                if call.function and call.function.name:
+                    name = call.function.name
+                arguments += (call.function.arguments or "") if call.function else ""
+    check(name == "get_weather", "the streamed call names the function")
+    check(arguments == calls[0].function.arguments, "streamed arguments join to the whole call's")
+    # "auto": the server runs with --enable-auto-tool-choice --tool-call-parser
+    # hermes; a guided regex makes the model write one hermes call.
+    hermes = (r'<tool_call>\n\{"name": "get_weather", "arguments": '
+              r'\{"city": "[a-z]{1,6}"\}\}\n</tool_call>')
+    for stream in (False, True):
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=tools,
+            max_tokens=150,
+            seed=5,
+            stream=stream,
+            extra_body={"guided_regex": hermes},
+        )
+        if stream:
+            got, finish = {}, None
+            for chunk in r:
+                for ch in chunk.choices:
+                    finish = ch.finish_reason or finish
+                    for call in ch.delta.tool_calls or []:
+                        got.setdefault(call.index, [call.id, call.function.name, ""])
+                        got[call.index][2] += call.function.arguments or ""
+            calls = [(name, args) for _, name, args in got.values()]
+        else:
+            finish = r.choices[0].finish_reason
+            calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+        check(finish == "tool_calls", f"auto tool choice finishes with tool_calls (stream={stream})")
+        check(len(calls) == 1 and calls[0][0] == "get_weather", f"one parsed call (stream={stream})")
+        check(json.loads(calls[0][1])["city"].isalpha(), f"its arguments are JSON (stream={stream})")
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "json?"}],
