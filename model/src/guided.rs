@@ -24,8 +24,8 @@ use crate::tokenizer::Tokenizer;
 const DFA_SIZE_LIMIT: usize = 16 << 20;
 
 /// Bytes of allowed-token sets a guide keeps (a bitset over the vocabulary
-/// per DFA state: 19 KiB for Qwen's); past them it finds a state's set again
-/// at each step rather than grow without bound.
+/// per DFA state: 19 KiB for Qwen's); past them it starts over rather than
+/// grow without bound.
 const MAX_CACHED_BYTES: usize = 16 << 20;
 
 /// The token ids that may come next from one DFA state, as a bitset over
@@ -209,6 +209,8 @@ pub struct RegexGuide {
     /// allowed where the text so far matches the whole pattern.
     end_ids: Vec<u32>,
     allowed: Mutex<AllowedCache>,
+    /// [`MAX_CACHED_BYTES`] (smaller in tests).
+    cache_limit: usize,
     /// The states from which some text still reaches a match: a token that
     /// leads anywhere else is a dead end, never allowed.
     live: HashSet<StateID>,
@@ -264,6 +266,7 @@ impl RegexGuide {
             tokens,
             end_ids,
             allowed: Mutex::new(AllowedCache::default()),
+            cache_limit: MAX_CACHED_BYTES,
             live,
         })
     }
@@ -323,9 +326,13 @@ impl RegexGuide {
             }
         }
         let ids = Arc::new(ids);
-        if let Ok(mut c) = self.allowed.lock()
-            && c.bytes + ids.bytes() <= MAX_CACHED_BYTES
-        {
+        if let Ok(mut c) = self.allowed.lock() {
+            // Full: start over, so that the states requests visit now are
+            // the ones kept (not those of the first requests, forever).
+            if c.bytes + ids.bytes() > self.cache_limit {
+                c.sets.clear();
+                c.bytes = 0;
+            }
             c.bytes += ids.bytes();
             c.sets.insert(state, ids.clone());
         }
@@ -489,6 +496,30 @@ mod tests {
         ids.insert(200);
         ids.insert(2);
         assert_eq!((ids.len(), ids.ids()), (2, vec![2, 200]));
+    }
+
+    /// A full cache starts over: it never holds more than its bytes, and
+    /// the sets it gives are the same either way.
+    #[test]
+    fn a_full_allowed_cache_starts_over() {
+        let (tok, mut g) = guide("[0-9]{3}");
+        let one = g.allowed(g.start()).bytes();
+        g.cache_limit = 2 * one;
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let mut state = g.start();
+        let mut sets = Vec::new();
+        for _ in 0..3 {
+            sets.push(g.allowed(state).ids());
+            state = g.advance(state, id("7"));
+            let c = g.allowed.lock().unwrap();
+            assert!(c.bytes <= g.cache_limit && c.sets.len() <= 2, "{}", c.bytes);
+        }
+        let (_, fresh) = guide("[0-9]{3}");
+        let mut state = fresh.start();
+        for set in sets {
+            assert_eq!(fresh.allowed(state).ids(), set);
+            state = fresh.advance(state, id("7"));
+        }
     }
 
     /// A branch that can never match is no way on: `c` would lead into
