@@ -199,6 +199,12 @@ pub struct ChatCompletionRequest {
     /// `{"type": "function", "function": {"name": ...}}`.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// OpenAI's: false keeps only the first of the calls the model wrote.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// vLLM: with a reasoning parser, false leaves `reasoning_content` out.
+    #[serde(default)]
+    pub include_reasoning: Option<bool>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -376,6 +382,9 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessageOut {
     pub role: String,
+    /// vLLM's `--reasoning-parser`: the thinking, apart from `content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     pub content: Option<String>,
     #[serde(default)]
     pub tool_calls: Vec<Value>,
@@ -415,6 +424,8 @@ pub struct ChatCompletionResponse {
 pub struct ChatDelta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// Tool calls, each with its `index` (a call's `arguments` may come in

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use crate::completions::{finite, metadata, prompt_logprobs, text_options};
 use crate::error::ApiError;
+use crate::reasoning::ReasoningStream;
 use crate::server::{SharedState, blocking, header_client_tag, response_id, sse, unix_now};
 use crate::text::{self, ChoiceUpdate, FinishInfo, TokenOut, Update};
 use crate::tools::{self, ToolMode};
@@ -80,10 +81,16 @@ struct Acc {
     in_calls: bool,
     /// A named call's first delta (id, name) has gone out.
     call_started: bool,
+    /// Streaming with a reasoning parser: the split so far, and the answer
+    /// (the text after the thinking) so far.
+    reasoning: ReasoningStream,
+    answer: String,
 }
 
-/// One streamed choice's delta under its request's tool mode.
+/// One streamed choice's delta under its request's reasoning parser and
+/// tool mode.
 struct DeltaOut {
+    reasoning_content: Option<String>,
     content: Option<String>,
     tool_calls: Option<Vec<Value>>,
     finish_reason: Option<String>,
@@ -140,29 +147,46 @@ impl Formatter {
     }
 
     /// What update `u` (already applied to `acc`) streams: its text as
-    /// content, or, with tools, content up to a call and the calls once
-    /// whole (a named call's arguments as they come).
+    /// content (the thinking apart, with a reasoning parser), or, with
+    /// tools, content up to a call and the calls once whole (a named call's
+    /// arguments as they come).
     fn delta(&self, acc: &mut Acc, u: &ChoiceUpdate) -> DeltaOut {
         let mut finish_reason = u.finish.as_ref().map(|f| f.reason.to_string());
-        let mode = &self.valid.tool_mode;
+        let (reasoning_content, piece) = match self.valid.reasoning {
+            None => (None, u.text.clone()),
+            Some((parser, include)) => {
+                let (mut r, mut c) = acc.reasoning.push(parser, &u.text);
+                if u.finish.is_some() {
+                    let (r2, c2) = acc.reasoning.finish(parser);
+                    r.push_str(&r2);
+                    c.push_str(&c2);
+                }
+                ((include && !r.is_empty()).then_some(r), c)
+            }
+        };
+        acc.answer.push_str(&piece);
+        let mode = &self.valid.tools.mode;
         let (mut content, mut tool_calls) = (None, None);
         match mode {
-            ToolMode::Text => content = Some(u.text.clone()),
+            ToolMode::Text if self.valid.reasoning.is_some() => {
+                content = (!piece.is_empty()).then_some(piece);
+            }
+            ToolMode::Text => content = Some(piece),
             ToolMode::Named(name) => {
-                let mut call = json!({"index": 0, "function": {"arguments": u.text}});
+                let mut call = json!({"index": 0, "function": {"arguments": piece}});
                 if !acc.call_started {
-                    let first = tools::tool_call(name, &u.text);
+                    let first = tools::tool_call(name, &piece);
                     call["id"] = first["id"].clone();
                     call["type"] = json!("function");
                     call["function"]["name"] = json!(name);
                     acc.call_started = true;
                 }
-                if !u.text.is_empty() || call.get("id").is_some() {
+                if !piece.is_empty() || call.get("id").is_some() {
                     tool_calls = Some(vec![call]);
                 }
             }
             ToolMode::Auto | ToolMode::Required => {
-                acc.held.push_str(&u.text);
+                acc.held.push_str(&piece);
                 if *mode == ToolMode::Required {
                     acc.in_calls = true;
                 } else if !acc.in_calls {
@@ -172,7 +196,7 @@ impl Formatter {
                     content = (!out.is_empty()).then_some(out);
                 }
                 if finish_reason.is_some() {
-                    match tools::extract(mode, &acc.text).filter(|_| acc.in_calls) {
+                    match tools::extract(&self.valid.tools, &acc.answer).filter(|_| acc.in_calls) {
                         Some((_, calls)) => {
                             tool_calls = Some(tools::indexed(calls));
                             if *mode == ToolMode::Auto {
@@ -191,6 +215,7 @@ impl Formatter {
             }
         }
         DeltaOut {
+            reasoning_content,
             content,
             tool_calls,
             finish_reason,
@@ -259,20 +284,31 @@ async fn collect(
         .enumerate()
         .map(|(index, a)| {
             let mut finish_reason = a.finish.as_ref().map(|f| f.reason.to_string());
-            let mode = &fmt.valid.tool_mode;
-            let (content, tool_calls) = match tools::extract(mode, &a.text) {
+            let (reasoning_content, answer) = match fmt.valid.reasoning {
+                None => (None, Some(a.text)),
+                Some((parser, include)) => {
+                    let (r, c) = parser.split(&a.text);
+                    (r.filter(|_| include), c)
+                }
+            };
+            let mode = &fmt.valid.tools.mode;
+            let found = answer
+                .as_deref()
+                .and_then(|t| tools::extract(&fmt.valid.tools, t));
+            let (content, tool_calls) = match found {
                 Some((content, calls)) => {
                     if *mode == ToolMode::Auto {
                         finish_reason = Some("tool_calls".into());
                     }
                     (content, calls)
                 }
-                None => (Some(a.text), Vec::new()),
+                None => (answer, Vec::new()),
             };
             ChatChoice {
                 index,
                 message: ChatMessageOut {
                     role: "assistant".into(),
+                    reasoning_content,
                     content,
                     tool_calls,
                 },
@@ -315,6 +351,7 @@ fn stream_chunks(
                     index,
                     delta: ChatDelta {
                         role: Some("assistant".into()),
+                        reasoning_content: None,
                         content: Some(String::new()),
                         tool_calls: None,
                     },
@@ -346,6 +383,7 @@ fn stream_chunks(
             let delta = fmt.delta(&mut accs[u.index], &u);
             let with_tokens = fmt.valid.logprobs.is_some() || fmt.valid.return_token_ids;
             if delta.content.is_none()
+                && delta.reasoning_content.is_none()
                 && delta.tool_calls.is_none()
                 && delta.finish_reason.is_none()
                 && !with_tokens
@@ -358,6 +396,7 @@ fn stream_chunks(
                 index: u.index,
                 delta: ChatDelta {
                     role: None,
+                    reasoning_content: delta.reasoning_content,
                     content: delta.content,
                     tool_calls: delta.tool_calls,
                 },

@@ -98,6 +98,11 @@ pub struct Args {
     /// Qwen2.5, Qwen3, Hermes), as vLLM's flag.
     #[arg(long)]
     pub tool_call_parser: Option<String>,
+    /// Send a reasoning model's thinking as `reasoning_content`, apart from
+    /// `content`: `deepseek_r1` or `qwen3` (`<think>...</think>`), as
+    /// vLLM's flag.
+    #[arg(long)]
+    pub reasoning_parser: Option<String>,
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -177,6 +182,17 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         "--enable-auto-tool-choice needs --tool-call-parser (hermes)"
     );
     let auto_tools = args.enable_auto_tool_choice;
+    let reasoning_parser = match &args.reasoning_parser {
+        None => None,
+        Some(name) => Some(
+            crate::reasoning::ReasoningParser::from_name(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--reasoning-parser {name} is not one this server has; it has {}",
+                    crate::reasoning::PARSERS.join(", ")
+                )
+            })?,
+        ),
+    };
     let device = args.device.open()?;
     let dtype = args.dtype.resolve(&device)?;
     let cfg = model::ModelConfig::from_dir(&model_dir)
@@ -265,6 +281,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             eos_token_ids: cfg.eos_token_ids.clone(),
             guides: Default::default(),
             auto_tools,
+            reasoning_parser,
             tokenizer,
             served_model_name: served_model_name.clone(),
             max_model_len,

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_budget;
 pub mod metrics;
+pub mod reasoning;
 pub mod scheduler;
 pub mod server;
 pub mod text;

@@ -30,6 +30,14 @@ pub enum ToolMode {
     Required,
 }
 
+/// What a request asks of tool calls: the mode, and whether more than one
+/// call is kept (OpenAI's `parallel_tool_calls`, true by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolUse {
+    pub mode: ToolMode,
+    pub parallel: bool,
+}
+
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message, Some("tool_choice"))
 }
@@ -140,7 +148,15 @@ pub fn tool_call(name: &str, arguments: &str) -> Value {
 /// calls for `Auto` (none found, or one that is not JSON: no calls, as
 /// vLLM's parser), the guided list for `Required`, the arguments for
 /// `Named`.
-pub fn extract(mode: &ToolMode, text: &str) -> Option<(Option<String>, Vec<Value>)> {
+pub fn extract(tools: &ToolUse, text: &str) -> Option<(Option<String>, Vec<Value>)> {
+    let (content, mut calls) = extract_all(&tools.mode, text)?;
+    if !tools.parallel {
+        calls.truncate(1);
+    }
+    Some((content, calls))
+}
+
+fn extract_all(mode: &ToolMode, text: &str) -> Option<(Option<String>, Vec<Value>)> {
     match mode {
         ToolMode::Text => None,
         ToolMode::Named(name) => Some((None, vec![tool_call(name, text)])),
@@ -279,12 +295,20 @@ mod tests {
         assert!(re.is_match(r#"[{"name": "time", "parameters": {}}]"#));
         assert!(!re.is_match(r#"[{"name": "other", "parameters": {}}]"#));
         assert!(!re.is_match("[]"));
-        let (_, calls) = extract(
-            &ToolMode::Required,
-            r#"[{"name": "weather", "parameters": {"city": "Oslo"}}]"#,
-        )
-        .unwrap();
+        let two = r#"[{"name": "weather", "parameters": {"city": "Oslo"}},
+                      {"name": "time", "parameters": {}}]"#;
+        let mut tools = ToolUse {
+            mode: ToolMode::Required,
+            parallel: true,
+        };
+        let (_, calls) = extract(&tools, two).unwrap();
+        assert_eq!(calls.len(), 2);
         assert_eq!(call_parts(&calls[0]), ("weather", json!({"city": "Oslo"})));
+        // parallel_tool_calls: false keeps the first.
+        tools.parallel = false;
+        let (_, calls) = extract(&tools, two).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(call_parts(&calls[0]).0, "weather");
     }
 
     #[test]

@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use crate::engine::GenerateRequest;
 use crate::error::ApiError;
-use crate::tools::ToolMode;
+use crate::reasoning::ReasoningParser;
+use crate::tools::{ToolMode, ToolUse};
 
 /// vLLM's default `--max-logprobs`.
 /// Most top log-probs a request may ask for by default (vLLM's
@@ -46,6 +47,8 @@ pub struct Validator {
     /// `--enable-auto-tool-choice` with a `--tool-call-parser`: `tool_choice:
     /// "auto"` is served.
     pub auto_tools: bool,
+    /// `--reasoning-parser`.
+    pub reasoning_parser: Option<ReasoningParser>,
 }
 
 /// Compiled guides by pattern and end ids.
@@ -100,8 +103,13 @@ pub struct ValidRequest {
     pub client_tag: Option<String>,
     /// Guided decoding (`guided_regex`, `guided_choice`, `structured_outputs`).
     pub guide: Option<Arc<RegexGuide>>,
-    /// What the chat request's `tool_choice` makes of the output.
-    pub tool_mode: ToolMode,
+    /// What the chat request's `tool_choice` and `parallel_tool_calls` make
+    /// of the output.
+    pub tools: ToolUse,
+    /// `--reasoning-parser` for this chat request (none with guided
+    /// decoding, whose pattern covers the whole output), and whether the
+    /// reasoning is sent (`include_reasoning`).
+    pub reasoning: Option<(ReasoningParser, bool)>,
 }
 
 impl ValidRequest {
@@ -401,7 +409,15 @@ impl Validator {
         v.valid.max_tokens =
             vec![self.check_context(len, max_tokens, v.valid.min_tokens, "messages")?];
         v.valid.prompts = vec![prompt];
-        v.valid.tool_mode = tool_mode;
+        v.valid.tools = ToolUse {
+            mode: tool_mode,
+            parallel: req.parallel_tool_calls.unwrap_or(true),
+        };
+        if v.valid.guide.is_none() {
+            v.valid.reasoning = self
+                .reasoning_parser
+                .map(|p| (p, req.include_reasoning.unwrap_or(true)));
+        }
         Ok(v.valid)
     }
 
@@ -772,7 +788,11 @@ impl Validator {
                 return_token_ids: f.return_token_ids.unwrap_or(false),
                 client_tag,
                 guide,
-                tool_mode: ToolMode::Text,
+                tools: ToolUse {
+                    mode: ToolMode::Text,
+                    parallel: true,
+                },
+                reasoning: None,
             },
         })
     }

@@ -1773,3 +1773,77 @@ async fn tool_calls_auto_named_and_required() {
         assert!(err.contains(says), "{flags:?}: {err}");
     }
 }
+
+/// vLLM's `--reasoning-parser` (the split itself is checked piece by piece
+/// in reasoning.rs): with `deepseek_r1` an output with no `</think>` yet is
+/// all thinking, whole or streamed (the streamed pieces join to the whole);
+/// `include_reasoning: false` leaves it out; guided decoding's output is all
+/// answer; `qwen3` leaves text that does not open with `<think>` as content.
+#[tokio::test]
+async fn reasoning_parser_puts_the_thinking_apart() {
+    let body = json!({"messages": [{"role": "user", "content": "think"}], "max_tokens": 12,
+                      "ignore_eos": true, "seed": 4});
+    let r1 = Server::start(&["--reasoning-parser", "deepseek_r1"]).await;
+    let (st, r) = r1.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    let m = &r["choices"][0]["message"];
+    let thinking = m["reasoning_content"].as_str().unwrap().to_string();
+    assert!(!thinking.is_empty() && m["content"].is_null(), "{m}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = r1.post_stream("/v1/chat/completions", &streamed, &[]).await;
+    let mut joined = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            joined.push_str(ch["delta"]["reasoning_content"].as_str().unwrap_or(""));
+            assert!(
+                ch["delta"]["content"].as_str().unwrap_or("").is_empty(),
+                "{c}"
+            );
+        }
+    }
+    assert_eq!(joined, thinking);
+    let mut without = body.clone();
+    without["include_reasoning"] = json!(false);
+    let (_, r) = r1.post("/v1/chat/completions", &without).await;
+    assert!(
+        r["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none(),
+        "{r}"
+    );
+    let mut guided = body.clone();
+    guided["guided_regex"] = json!("[0-9]{3}");
+    guided["ignore_eos"] = json!(false);
+    let (_, r) = r1.post("/v1/chat/completions", &guided).await;
+    let m = &r["choices"][0]["message"];
+    assert!(m["content"].as_str().unwrap().len() == 3, "{m}");
+    assert!(m.get("reasoning_content").is_none(), "{m}");
+
+    let qwen3 = Server::start(&["--reasoning-parser", "qwen3"]).await;
+    let (_, r) = qwen3.post("/v1/chat/completions", &body).await;
+    let m = &r["choices"][0]["message"];
+    let content = m["content"].as_str().unwrap();
+    assert!(
+        !content.starts_with("<think>") && !content.is_empty(),
+        "{m}"
+    );
+    assert!(m.get("reasoning_content").is_none(), "{m}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
+        .args([
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--reasoning-parser",
+            "granite",
+        ])
+        .arg(e2e::tiny_model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("deepseek_r1, qwen3"), "{err}");
+}
