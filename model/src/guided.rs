@@ -815,7 +815,12 @@ impl JsonSchema<'_> {
             "object" => {
                 let props = match obj.get("properties") {
                     Some(Value::Object(p)) => p,
-                    None if obj.get("additionalProperties") != Some(&Value::Bool(false)) => {
+                    None if obj.get("additionalProperties") != Some(&Value::Bool(false))
+                        && obj
+                            .get("required")
+                            .and_then(Value::as_array)
+                            .is_none_or(|r| r.is_empty()) =>
+                    {
                         return Ok(any_object(&any_json(ANY_JSON_DEPTH - 1, self.ws), self.ws));
                     }
                     None => &serde_json::Map::new(),
@@ -830,6 +835,14 @@ impl JsonSchema<'_> {
                     .and_then(Value::as_array)
                     .map(|r| r.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
+                // Only declared members are written: one the schema
+                // requires but does not declare could never be there.
+                if let Some(missing) = required.iter().find(|r| !props.contains_key(**r)) {
+                    return Err(ModelError::Invalid(format!(
+                        "JSON schema: required names {missing:?}, which properties does not \
+                         declare; declare it (with its schema) under properties"
+                    )));
+                }
                 let members = props
                     .iter()
                     .map(|(name, schema)| {
@@ -1001,6 +1014,12 @@ mod json_schema_tests {
                 "recursive",
             ),
             (json!({"type": "widget"}), "widget"),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                       "required": ["a", "b"]}),
+                "\"b\"",
+            ),
+            (json!({"type": "object", "required": ["a"]}), "\"a\""),
         ] {
             let e = json_schema_pattern(&schema, false).unwrap_err().to_string();
             assert!(e.contains(says), "{schema}: {e}");
