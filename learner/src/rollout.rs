@@ -217,6 +217,46 @@ impl RolloutClient {
         Ok(Prompt::Tokens(ids))
     }
 
+    /// The completions request of one group. Every sampling field is
+    /// spelled out, the neutral ones too (`top_k: -1`, `min_p: 0`, as TRL
+    /// sends them): a vLLM server fills a field left out from the model's
+    /// generation_config.json (its default `--generation-config auto`:
+    /// top_k 20 for Qwen2.5-Instruct), which would sample another
+    /// distribution than the recipe's without a word.
+    fn request_body(&self, prompt: Prompt, seed: u64) -> Result<serde_json::Value, RolloutError> {
+        let s = &self.settings;
+        let request = CompletionRequest {
+            model: s.model.clone(),
+            prompt,
+            logprobs: Some(0),
+            echo: None,
+            add_special_tokens: Some(false),
+            sampling: SamplingFields {
+                n: Some(s.num_generations as i64),
+                max_tokens: Some(s.max_completion_length as i64),
+                temperature: Some(s.temperature),
+                top_p: Some(s.top_p),
+                top_k: Some(s.top_k.unwrap_or(-1)),
+                min_p: Some(s.min_p.unwrap_or(0.0)),
+                repetition_penalty: Some(s.repetition_penalty),
+                seed: Some((seed & (i64::MAX as u64)) as i64),
+                return_token_ids: Some(true),
+                client_tag: Some(s.client_tag.clone()),
+                ..Default::default()
+            },
+        };
+        let mut body = serde_json::to_value(&request).map_err(|e| RolloutError::Malformed {
+            endpoint: "request".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(fields) = body.as_object_mut() {
+            for (k, v) in &s.generation_kwargs {
+                fields.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(body)
+    }
+
     pub fn settings(&self) -> &RolloutSettings {
         &self.settings
     }
@@ -251,35 +291,7 @@ impl RolloutClient {
         seed: u64,
     ) -> Result<GroupOutcome, RolloutError> {
         let s = &self.settings;
-        let request = CompletionRequest {
-            model: s.model.clone(),
-            prompt: self.request_prompt(&prompt)?,
-            logprobs: Some(0),
-            echo: None,
-            add_special_tokens: Some(false),
-            sampling: SamplingFields {
-                n: Some(s.num_generations as i64),
-                max_tokens: Some(s.max_completion_length as i64),
-                temperature: Some(s.temperature),
-                top_p: Some(s.top_p),
-                top_k: s.top_k,
-                min_p: s.min_p,
-                repetition_penalty: Some(s.repetition_penalty),
-                seed: Some((seed & (i64::MAX as u64)) as i64),
-                return_token_ids: Some(true),
-                client_tag: Some(s.client_tag.clone()),
-                ..Default::default()
-            },
-        };
-        let mut body = serde_json::to_value(&request).map_err(|e| RolloutError::Malformed {
-            endpoint: "request".into(),
-            message: e.to_string(),
-        })?;
-        if let Some(fields) = body.as_object_mut() {
-            for (k, v) in &s.generation_kwargs {
-                fields.insert(k.clone(), v.clone());
-            }
-        }
+        let body = self.request_body(self.request_prompt(&prompt)?, seed)?;
         let started = Instant::now();
         let deadline = s.request_timeout;
         let mut attempt = 0u32;
@@ -450,4 +462,49 @@ impl RolloutClient {
 enum Attempt {
     Retry(String),
     Fatal(RolloutError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampling fields a recipe leaves unset go out as their neutral
+    /// values, never left for the server to fill from a generation config.
+    #[test]
+    fn unset_sampling_fields_are_sent_neutral() {
+        let settings = RolloutSettings {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            api_key: None,
+            model: None,
+            num_generations: 4,
+            max_completion_length: 32,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            client_tag: "rank-0".into(),
+            client_tag_echo: ClientTagEcho::Require,
+            request_timeout: Duration::from_secs(1),
+            max_retries: 0,
+            generation_kwargs: serde_json::Map::new(),
+        };
+        let client = RolloutClient::new(settings.clone(), None).unwrap();
+        let body = client.request_body(Prompt::Text("1+1=".into()), 7).unwrap();
+        assert_eq!(body["top_k"], -1);
+        assert_eq!(body["min_p"], 0.0);
+        assert_eq!(body["temperature"], 1.0);
+        assert_eq!(body["repetition_penalty"], 1.0);
+        let set = RolloutSettings {
+            top_k: Some(20),
+            min_p: Some(0.05),
+            ..settings
+        };
+        let body = RolloutClient::new(set, None)
+            .unwrap()
+            .request_body(Prompt::Text("1+1=".into()), 7)
+            .unwrap();
+        assert_eq!(body["top_k"], 20);
+        assert!((body["min_p"].as_f64().unwrap() - 0.05).abs() < 1e-6);
+    }
 }

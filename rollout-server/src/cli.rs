@@ -103,6 +103,50 @@ pub struct Args {
     /// vLLM's flag.
     #[arg(long)]
     pub reasoning_parser: Option<String>,
+    /// Where the defaults of the sampling fields a request leaves out come
+    /// from, as vLLM's flag: `auto` (the model folder's
+    /// generation_config.json, when it has one: temperature, top_p, top_k,
+    /// min_p, repetition_penalty, max_new_tokens), `vllm` (vLLM's own), or
+    /// a folder holding a generation_config.json.
+    #[arg(long, default_value = "auto")]
+    pub generation_config: String,
+}
+
+/// `--generation-config`: the sampling defaults it names, said in the log
+/// when they are not vLLM's own (as vLLM says it).
+fn default_sampling(
+    spec: &str,
+    model_dir: &std::path::Path,
+) -> anyhow::Result<crate::validation::DefaultSampling> {
+    use crate::validation::DefaultSampling;
+    let file = match spec {
+        "vllm" => return Ok(DefaultSampling::default()),
+        "auto" => {
+            let f = model_dir.join("generation_config.json");
+            if !f.exists() {
+                return Ok(DefaultSampling::default());
+            }
+            f
+        }
+        dir => std::path::Path::new(dir).join("generation_config.json"),
+    };
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "--generation-config {spec}: reading {} (give `auto`, `vllm`, or a folder holding              a generation_config.json)",
+            file.display()
+        )
+    })?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--generation-config: {} is not JSON", file.display()))?;
+    let (defaults, set) = DefaultSampling::from_generation_config(&config);
+    if !set.is_empty() {
+        tracing::warn!(
+            "default sampling parameters are those of {}: {}; a request's own fields still win              (--generation-config vllm keeps vLLM's defaults)",
+            file.display(),
+            set.join(", ")
+        );
+    }
+    Ok(defaults)
 }
 
 /// Resolves once SIGINT or SIGTERM arrives.
@@ -206,6 +250,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             .context("--chat-template")?;
     }
     let tokenizer = Arc::new(tokenizer);
+    let defaults = default_sampling(&args.generation_config, &model_dir)?;
     // As vLLM: the `--model` argument as given, unless a name is set.
     let served_model_name = args
         .served_model_name
@@ -282,6 +327,7 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
             guides: Default::default(),
             auto_tools,
             reasoning_parser,
+            defaults,
             tokenizer,
             served_model_name: served_model_name.clone(),
             max_model_len,

@@ -25,6 +25,71 @@ use crate::tools::{ToolMode, ToolUse};
 pub const MAX_LOGPROBS: usize = 20;
 /// `max_tokens` of a completions request that gives none (OpenAI's default).
 pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The sampling a request gets for the fields it leaves out: vLLM's
+/// defaults, or (vLLM's `--generation-config auto`, its default) those the
+/// model's `generation_config.json` recommends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefaultSampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    /// `max_new_tokens`: caps a request's default `max_tokens`.
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for DefaultSampling {
+    fn default() -> Self {
+        let d = SamplingParams::default();
+        DefaultSampling {
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            min_p: d.min_p,
+            repetition_penalty: d.repetition_penalty,
+            max_tokens: None,
+        }
+    }
+}
+
+impl DefaultSampling {
+    /// vLLM's defaults overridden by a `generation_config.json`'s sampling
+    /// fields (as vLLM reads them: `temperature`, `top_p`, `top_k`, `min_p`,
+    /// `repetition_penalty`, `max_new_tokens`), and what each became. A
+    /// config with `do_sample: false` is greedy.
+    pub fn from_generation_config(config: &Value) -> (Self, Vec<String>) {
+        let mut d = DefaultSampling::default();
+        let mut set = Vec::new();
+        let num = |k: &str| config.get(k).and_then(Value::as_f64);
+        if let Some(t) = num("temperature") {
+            d.temperature = t as f32;
+            set.push(format!("temperature={t}"));
+        }
+        if let Some(p) = num("top_p") {
+            d.top_p = p as f32;
+            set.push(format!("top_p={p}"));
+        }
+        if let Some(k) = config.get("top_k").and_then(Value::as_i64) {
+            d.top_k = i32::try_from(k).unwrap_or(0);
+            set.push(format!("top_k={k}"));
+        }
+        if let Some(p) = num("min_p") {
+            d.min_p = p as f32;
+            set.push(format!("min_p={p}"));
+        }
+        if let Some(r) = num("repetition_penalty") {
+            d.repetition_penalty = r as f32;
+            set.push(format!("repetition_penalty={r}"));
+        }
+        if let Some(m) = config.get("max_new_tokens").and_then(Value::as_u64) {
+            d.max_tokens = Some(m as usize);
+            set.push(format!("max_tokens={m}"));
+        }
+        (d, set)
+    }
+}
 /// Most samples per prompt (`n`).
 pub const MAX_N: i64 = 4096;
 
@@ -49,6 +114,8 @@ pub struct Validator {
     pub auto_tools: bool,
     /// `--reasoning-parser`.
     pub reasoning_parser: Option<ReasoningParser>,
+    /// Sampling for the fields a request leaves out (`--generation-config`).
+    pub defaults: DefaultSampling,
 }
 
 /// Compiled guides by pattern and end ids.
@@ -323,7 +390,9 @@ impl Validator {
             .into_iter()
             .map(|p| v.truncate(p, &self.tokenizer))
             .collect();
-        let max_tokens = v.max_tokens_requested.unwrap_or(DEFAULT_MAX_TOKENS);
+        let max_tokens = v
+            .max_tokens_requested
+            .unwrap_or(DEFAULT_MAX_TOKENS.min(self.defaults.max_tokens.unwrap_or(usize::MAX)));
         v.valid.max_tokens = prompts
             .iter()
             .map(|p| self.check_context(p.ids.len(), max_tokens, v.valid.min_tokens, "prompt"))
@@ -403,7 +472,9 @@ impl Validator {
         let len = prompt.ids.len();
         let max_tokens = match v.max_tokens_requested {
             Some(m) => m,
-            None if len < self.max_model_len => self.max_model_len - len,
+            None if len < self.max_model_len => (self.max_model_len - len)
+                .min(self.defaults.max_tokens.unwrap_or(usize::MAX))
+                .max(1),
             None => 1,
         };
         v.valid.max_tokens =
@@ -649,8 +720,9 @@ impl Validator {
                 ));
             }
         };
+        let d = &self.defaults;
         let top_k = match f.top_k {
-            None => 0,
+            None => d.top_k,
             Some(k) => {
                 i32::try_from(k).map_err(|_| bad(format!("top_k is out of range: {k}"), "top_k"))?
             }
@@ -682,15 +754,15 @@ impl Validator {
             }
         };
         let bad_words_token_ids = self.bad_words(f.bad_words.as_deref().unwrap_or_default())?;
-        let d = SamplingParams::default();
+        let vllm = SamplingParams::default();
         let params = SamplingParams {
             temperature: f.temperature.unwrap_or(d.temperature),
             top_p: f.top_p.unwrap_or(d.top_p),
             top_k,
             min_p: f.min_p.unwrap_or(d.min_p),
             repetition_penalty: f.repetition_penalty.unwrap_or(d.repetition_penalty),
-            presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
-            frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+            presence_penalty: f.presence_penalty.unwrap_or(vllm.presence_penalty),
+            frequency_penalty: f.frequency_penalty.unwrap_or(vllm.frequency_penalty),
             seed: f.seed.map(|s| s as u64),
             logprobs,
             logit_bias,

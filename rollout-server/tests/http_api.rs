@@ -1847,3 +1847,64 @@ async fn reasoning_parser_puts_the_thinking_apart() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("deepseek_r1, qwen3"), "{err}");
 }
+
+/// vLLM's `--generation-config` (default `auto`): the model folder's
+/// generation_config.json gives the sampling of the fields a request leaves
+/// out (here top_k 1, greedy, and max_new_tokens 3); a request's own field
+/// wins; `vllm` keeps vLLM's defaults; a folder without the file is an
+/// error at start.
+#[tokio::test]
+async fn generation_config_gives_the_defaults_a_request_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(e2e::tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let file = model.join("generation_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    config["top_k"] = json!(1);
+    config["max_new_tokens"] = json!(3);
+    std::fs::write(&file, config.to_string()).unwrap();
+    let body = json!({"prompt": "12+3", "n": 4, "max_tokens": 8, "ignore_eos": true, "seed": 1});
+    let distinct = |r: &Value| -> usize {
+        let texts: std::collections::BTreeSet<String> = (0..4).map(|i| text(r, i)).collect();
+        texts.len()
+    };
+
+    let auto = Server::start_on(&model, &[]).await;
+    let (st, r) = auto.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(distinct(&r), 1, "top_k 1 from generation_config.json: {r}");
+    let mut own = body.clone();
+    own["top_k"] = json!(-1);
+    let (_, r) = auto.post("/v1/completions", &own).await;
+    assert!(distinct(&r) > 1, "the request's top_k wins: {r}");
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": true});
+    let (_, r) = auto.post("/v1/chat/completions", &chat).await;
+    assert_eq!(r["usage"]["completion_tokens"], 3, "max_new_tokens: {r}");
+
+    let vllm = Server::start_on(&model, &["--generation-config", "vllm"]).await;
+    let (_, r) = vllm.post("/v1/completions", &body).await;
+    assert!(distinct(&r) > 1, "vLLM's defaults sample: {r}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
+        .args([
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--generation-config",
+            "/no/such",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--generation-config") && err.contains("/no/such"),
+        "{err}"
+    );
+}
