@@ -2293,15 +2293,45 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "it is rollout.generation_kwargs: {structured_outputs: {regex: ...}} (sent with \
              every request; Tandem's rollout server and vLLM both read it)"
         }
+        "resume_from_checkpoint" => {
+            "resuming is the launcher's choice, not the recipe's: `launcher --resume-from DIR` \
+             (a checkpoint or run folder) or `--auto-resume` (the run folder's newest \
+             checkpoint); remove the key"
+        }
+        "deepspeed" | "fsdp" | "fsdp_config" => {
+            "the learners are data-parallel ranks that each hold the whole model and all-reduce \
+             their gradients (no ZeRO / FSDP sharding: the model, its gradients and the AdamW \
+             moments must fit one device; LoRA, model.use_peft, shrinks the last two); remove \
+             the key"
+        }
+        "data_seed" => "the data order follows train.seed (with data.shuffle); remove the key",
+        "logging_dir" => {
+            "the logs go to the run folder, checkpoint.output_dir (TensorBoard scalars under \
+             <output_dir>/runs); remove the key"
+        }
+        "run_name" => "the run is named by its folder, checkpoint.output_dir; remove the key",
+        "bf16_full_eval" | "fp16_full_eval" => {
+            "eval generates on the rollout servers in their dtype; remove the key"
+        }
         "model_init_kwargs"
         | "remove_unused_columns"
+        | "ddp_find_unused_parameters"
+        | "ddp_timeout"
+        | "ddp_backend"
+        | "dataloader_pin_memory"
+        | "dataloader_persistent_workers"
+        | "dataloader_prefetch_factor"
+        | "torch_compile"
+        | "torch_compile_backend"
+        | "tf32"
+        | "disable_tqdm"
         | "dataloader_num_workers"
         | "ds3_gather_for_generation"
         | "vllm_enable_sleep_mode"
         | "vllm_model_impl"
         | "use_transformers_paged"
         | "cache_implementation" => {
-            "a transformers / vLLM setting with no Tandem counterpart; remove the key"
+            "a transformers / PyTorch / vLLM setting with no Tandem counterpart; remove the key"
         }
         "vllm_max_model_length" => {
             "the rollout server's context is the model's max_position_embeddings, or the \

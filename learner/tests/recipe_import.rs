@@ -206,6 +206,35 @@ fn an_open_r1_chat_template_carries_over() {
     assert!(e.contains("data.chat_template"), "{e}");
 }
 
+/// transformers' and PyTorch's training arguments that TRL recipes carry
+/// each get a word on what to do, never a bare "no counterpart".
+#[test]
+fn training_arguments_left_out_say_what_to_do() {
+    let keys = "resume_from_checkpoint: out/checkpoint-10\ndeepspeed: ds.json\n\
+                fsdp: full_shard\ndata_seed: 2\nlogging_dir: logs\nrun_name: x\n\
+                bf16_full_eval: true\nddp_find_unused_parameters: false\nddp_timeout: 1800\n\
+                dataloader_pin_memory: true\ntorch_compile: false\ntf32: true\n\
+                disable_tqdm: true\n";
+    let c = convert_trl_recipe(&format!("{OPEN_R1}{keys}"), "t.yaml").unwrap();
+    for key in keys.lines().map(|l| l.split(':').next().unwrap()) {
+        let (_, why) = c
+            .left_out
+            .iter()
+            .find(|(kv, _)| kv.starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("{key} not listed: {:?}", c.left_out));
+        assert_ne!(why, "no Tandem counterpart", "{key}");
+    }
+    let why = |key: &str| {
+        c.left_out
+            .iter()
+            .find(|(kv, _)| kv.starts_with(key))
+            .map(|(_, w)| w.clone())
+            .unwrap()
+    };
+    assert!(why("resume_from_checkpoint").contains("--resume-from"));
+    assert!(why("deepspeed").contains("no ZeRO"));
+}
+
 #[test]
 fn what_is_not_a_trl_recipe_is_refused() {
     let e = convert_trl_recipe("version: 1\ntrain: {learning_rate: 1.0e-3}\n", "r.yaml")
