@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use rayon::prelude::*;
 use regex_automata::dfa::{Automaton, dense};
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
@@ -38,6 +39,7 @@ pub struct AllowedTokens {
 }
 
 impl AllowedTokens {
+    #[cfg(test)]
     fn with_capacity(ids: usize) -> Self {
         AllowedTokens {
             bits: vec![0; ids.div_ceil(64)],
@@ -310,16 +312,27 @@ impl RegexGuide {
         {
             return ids;
         }
-        let mut ids = AllowedTokens::with_capacity(self.tokens.len());
-        for id in 0..self.tokens.len() as u32 {
-            if self
-                .tokens
-                .get(id)
-                .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
-            {
-                ids.insert(id);
-            }
-        }
+        // 64 ids to a word, the words walked in parallel: a new state's walk
+        // is the one cost a guide has that grows with the vocabulary.
+        let len = self.tokens.len();
+        let bits: Vec<u64> = (0..len.div_ceil(64))
+            .into_par_iter()
+            .map(|word| {
+                let mut bits = 0u64;
+                for id in word * 64..(word * 64 + 64).min(len) {
+                    if self
+                        .tokens
+                        .get(id as u32)
+                        .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
+                    {
+                        bits |= 1 << (id % 64);
+                    }
+                }
+                bits
+            })
+            .collect();
+        let count = bits.iter().map(|w| w.count_ones() as usize).sum();
+        let mut ids = AllowedTokens { bits, count };
         if self.is_complete(state) {
             for &id in &self.end_ids {
                 ids.insert(id);
