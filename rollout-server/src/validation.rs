@@ -57,8 +57,7 @@ impl Default for DefaultSampling {
 impl DefaultSampling {
     /// vLLM's defaults overridden by a `generation_config.json`'s sampling
     /// fields (as vLLM reads them: `temperature`, `top_p`, `top_k`, `min_p`,
-    /// `repetition_penalty`, `max_new_tokens`), and what each became. A
-    /// config with `do_sample: false` is greedy.
+    /// `repetition_penalty`, `max_new_tokens`), and what each became.
     pub fn from_generation_config(config: &Value) -> (Self, Vec<String>) {
         let mut d = DefaultSampling::default();
         let mut set = Vec::new();
@@ -90,6 +89,7 @@ impl DefaultSampling {
         (d, set)
     }
 }
+
 /// Most samples per prompt (`n`).
 pub const MAX_N: i64 = 4096;
 
