@@ -15,6 +15,19 @@ async fn assert_refused(s: &Server, mut body: Value, field: &str, value: Value) 
     assert_eq!(b["error"]["param"], field, "{b}");
 }
 
+/// The stderr of a server started with `flags` on `model`, which must stop
+/// with an error at start.
+fn refused_at_start(flags: &[&str], model: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
+        .args(["--port", "0", "--grpc-port", "0"])
+        .args(flags)
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{flags:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn text(v: &Value, i: usize) -> String {
     v["choices"][i]["text"].as_str().unwrap().to_string()
 }
@@ -1513,20 +1526,7 @@ async fn chat_template_flag_replaces_the_folders_template() {
         assert_eq!(chat["tokens"], text["tokens"], "{spec}");
     }
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
-        .args([
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--chat-template",
-            "no/such.jinja",
-        ])
-        .arg(e2e::tiny_model())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start(&["--chat-template", "no/such.jinja"], &e2e::tiny_model());
     assert!(
         err.contains("--chat-template") && err.contains("no/such.jinja"),
         "{err}"
@@ -1762,14 +1762,7 @@ async fn tool_calls_auto_named_and_required() {
         (&["--enable-auto-tool-choice"][..], "--tool-call-parser"),
         (&["--tool-call-parser", "mistral"][..], "hermes"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
-            .args(["--port", "0", "--grpc-port", "0"])
-            .args(flags)
-            .arg(e2e::tiny_model())
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused_at_start(flags, &e2e::tiny_model());
         assert!(err.contains(says), "{flags:?}: {err}");
     }
 }
@@ -1831,20 +1824,7 @@ async fn reasoning_parser_puts_the_thinking_apart() {
     );
     assert!(m.get("reasoning_content").is_none(), "{m}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
-        .args([
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--reasoning-parser",
-            "granite",
-        ])
-        .arg(e2e::tiny_model())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start(&["--reasoning-parser", "granite"], &e2e::tiny_model());
     assert!(err.contains("deepseek_r1, qwen3"), "{err}");
 }
 
@@ -1889,20 +1869,7 @@ async fn generation_config_gives_the_defaults_a_request_leaves_out() {
     let (_, r) = vllm.post("/v1/completions", &body).await;
     assert!(distinct(&r) > 1, "vLLM's defaults sample: {r}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rollout-server"))
-        .args([
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--generation-config",
-            "/no/such",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start(&["--generation-config", "/no/such"], &model);
     assert!(
         err.contains("--generation-config") && err.contains("/no/such"),
         "{err}"
