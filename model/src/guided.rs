@@ -352,6 +352,16 @@ impl RegexGuide {
         ids
     }
 
+    /// The state after `bytes` from the start; none when no match begins so.
+    pub fn start_with(&self, bytes: &[u8]) -> Option<StateID> {
+        self.walk(self.start, bytes)
+    }
+
+    /// The bytes `id` stands for in generated text (none: a special token).
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        self.tokens.get(id)
+    }
+
     /// The state after `token` (an end id leaves it where it is).
     pub fn advance(&self, state: StateID, token: u32) -> StateID {
         match self.tokens.get(token) {

@@ -212,6 +212,10 @@ pub struct Sampler {
     stop_ids: Vec<u32>,
     /// Guided decoding: the pattern and where the output has taken it.
     guide: Option<(Arc<RegexGuide>, StateID)>,
+    /// Guided decoding that starts once the output has written a marker (a
+    /// reasoning model's `</think>`): the marker, and the output's last
+    /// bytes so far.
+    guide_after: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Sampler {
@@ -225,6 +229,7 @@ impl Sampler {
             min_tokens: 0,
             stop_ids: Vec::new(),
             guide: None,
+            guide_after: None,
         }
     }
 
@@ -236,6 +241,21 @@ impl Sampler {
         let start = guide.start();
         self.guide = Some((guide, start));
         self
+    }
+
+    /// [`Self::with_guide`] from the token after the output writes
+    /// `marker` on: vLLM with a reasoning parser guides the answer, not the
+    /// thinking before its `</think>`. Text the marker's token writes past
+    /// it counts toward the pattern.
+    pub fn with_guide_after(mut self, guide: Arc<RegexGuide>, marker: &str) -> Self {
+        self = self.with_guide(guide);
+        self.guide_after = Some((marker.as_bytes().to_vec(), Vec::new()));
+        self
+    }
+
+    /// Whether the guide is applied now (not waiting for its marker).
+    pub fn guide_active(&self) -> bool {
+        self.guide.is_some() && self.guide_after.is_none()
     }
 
     /// vLLM's `min_tokens`: the tokens that would end the sequence
@@ -254,6 +274,31 @@ impl Sampler {
 
     pub fn logprobs_mode(&self) -> LogprobsMode {
         self.mode
+    }
+
+    /// Moves the guide on by `token`, or, while it waits for its marker,
+    /// looks for the marker in the output's last bytes.
+    fn follow_guide(&mut self, token: u32) {
+        let Some((guide, state)) = &mut self.guide else {
+            return;
+        };
+        let Some((marker, tail)) = &mut self.guide_after else {
+            *state = guide.advance(*state, token);
+            return;
+        };
+        tail.extend_from_slice(guide.token_bytes(token).unwrap_or_default());
+        if let Some(at) = tail
+            .windows(marker.len())
+            .position(|w| w == marker.as_slice())
+        {
+            let after = &tail[at + marker.len()..];
+            *state = guide.start_with(after).unwrap_or(guide.start());
+            self.guide_after = None;
+        } else {
+            // Keep only what a marker cut between tokens may start with.
+            let keep = marker.len().saturating_sub(1).min(tail.len());
+            tail.drain(..tail.len() - keep);
+        }
     }
 
     /// Samples the next token from one row of logits. `prompt_tokens` and
@@ -306,7 +351,7 @@ impl Sampler {
                 }
             }
         }
-        if let Some((guide, state)) = &self.guide {
+        if let Some((guide, state)) = self.guide.as_ref().filter(|_| self.guide_after.is_none()) {
             let allowed = guide.allowed(*state);
             if allowed.is_empty() {
                 return Err(ModelError::Invalid(format!(
@@ -430,9 +475,7 @@ impl Sampler {
         let top_logprobs = top_k_sorted(source, k, &mut s.heap, &mut s.keys)
             .map(|i| (i, source[i as usize] - lse))
             .collect();
-        if let Some((guide, state)) = &mut self.guide {
-            *state = guide.advance(*state, token as u32);
-        }
+        self.follow_guide(token as u32);
         Ok(SampledToken {
             token: token as u32,
             logprob,
@@ -1338,6 +1381,53 @@ mod tests {
         let (mut heap, mut keys) = (BinaryHeap::new(), Vec::new());
         let got: Vec<u32> = top_k_sorted(&with_inf, 4, &mut heap, &mut keys).collect();
         assert_eq!(got, [1, 4, 3, 0]);
+    }
+
+    /// A guide that waits for `</think>`: the thinking before it is free,
+    /// the text after it (the marker's own token's rest included) follows
+    /// the pattern.
+    #[test]
+    fn a_guide_after_a_marker_leaves_the_thinking_free() {
+        let tok = crate::presets::tokenizer().unwrap();
+        let bytes = Arc::new(crate::guided::TokenBytes::from_tokenizer(&tok).unwrap());
+        let eos = tok.eos_token_id().unwrap();
+        let guide = Arc::new(RegexGuide::new("[0-9]{2}", bytes, vec![eos]).unwrap());
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params()
+        };
+        let vocab = tok.vocab_size();
+        // The model wants `z` at every step unless a row says otherwise.
+        let z = tok.encode("z", false).unwrap()[0];
+        let row = |want: u32| {
+            let mut r = vec![0.0f32; vocab];
+            r[z as usize] = 5.0;
+            r[want as usize] = 10.0;
+            r
+        };
+        let mut s =
+            Sampler::new(greedy, 1, LogprobsMode::RawLogprobs).with_guide_after(guide, "</think>");
+        assert!(!s.guide_active());
+        let mut output = Vec::new();
+        let thinking = tok.encode("hmm</think>", false).unwrap();
+        for &want in &thinking {
+            let t = s.sample(&row(want), &[], &output).unwrap();
+            assert_eq!(t.token, want, "the thinking is not guided");
+            output.push(t.token);
+        }
+        assert!(s.guide_active());
+        // Now `z` (the model's favourite) cannot be drawn: digits only.
+        let mut r = vec![0.0f32; vocab];
+        r[z as usize] = 10.0;
+        let seven = tok.encode("7", false).unwrap()[0];
+        r[seven as usize] = 1.0;
+        for _ in 0..2 {
+            let t = s.sample(&r, &[], &output).unwrap();
+            assert_eq!(t.token, seven);
+            output.push(t.token);
+        }
+        // Two digits: only the end is left.
+        assert_eq!(s.sample(&r, &[], &output).unwrap().token, eos);
     }
 
     /// vLLM's `min_tokens`: the stop tokens cannot be drawn (greedy or

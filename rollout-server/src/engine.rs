@@ -67,6 +67,9 @@ pub struct GenerateRequest {
     pub min_tokens: usize,
     /// Guided decoding: only tokens on the way to a match are sampled.
     pub guide: Option<std::sync::Arc<model::guided::RegexGuide>>,
+    /// The guide applies from the token after the output writes this (a
+    /// reasoning model's `</think>`); none: from the first token.
+    pub guide_after: Option<String>,
     /// Log-probs of the prompt tokens with this many top entries (vLLM's
     /// `prompt_logprobs`, or `echo` with `logprobs`).
     pub prompt_logprobs: Option<usize>,

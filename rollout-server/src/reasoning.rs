@@ -8,7 +8,18 @@
 //! none). A thinking block never closed is all reasoning, streamed or not.
 
 const START: &str = "<think>";
-const END: &str = "</think>";
+/// Where the thinking ends (and a guided answer begins).
+pub const END: &str = "</think>";
+
+/// Whether `prompt` ends past a closed thinking block (its last `</think>`
+/// after its last `<think>`): the answer starts at the output's first token.
+pub fn thinking_closed(prompt: &str) -> bool {
+    match (prompt.rfind(START), prompt.rfind(END)) {
+        (Some(open), Some(close)) => close > open,
+        (None, Some(_)) => true,
+        _ => false,
+    }
+}
 
 /// The parsers this server has.
 pub const PARSERS: &[&str] = &["deepseek_r1", "qwen3"];
@@ -176,6 +187,12 @@ mod tests {
             }
         }
         assert_eq!(ReasoningParser::from_name("qwen3"), Some(Qwen3));
+        assert!(thinking_closed(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        ));
+        assert!(!thinking_closed("<｜Assistant｜><think>\n"));
+        assert!(!thinking_closed("<|im_start|>assistant\n"));
+        assert!(!thinking_closed("<think>a</think> then <think>"));
         assert_eq!(ReasoningParser::from_name("granite"), None);
     }
 }

@@ -464,7 +464,10 @@ impl Scheduler {
         )
         .with_min_tokens(g.request.min_tokens, self.stop_ids(&g.request));
         if let Some(guide) = &g.request.guide {
-            sampler = sampler.with_guide(guide.clone());
+            sampler = match &g.request.guide_after {
+                Some(marker) => sampler.with_guide_after(guide.clone(), marker),
+                None => sampler.with_guide(guide.clone()),
+            };
         }
         Sequence {
             sample: j,

@@ -170,11 +170,12 @@ pub struct ValidRequest {
     pub client_tag: Option<String>,
     /// Guided decoding (`guided_regex`, `guided_choice`, `structured_outputs`).
     pub guide: Option<Arc<RegexGuide>>,
+    /// With a reasoning parser: the guide waits for this (`</think>`).
+    pub guide_after: Option<String>,
     /// What the chat request's `tool_choice` and `parallel_tool_calls` make
     /// of the output.
     pub tools: ToolUse,
-    /// `--reasoning-parser` for this chat request (none with guided
-    /// decoding, whose pattern covers the whole output), and whether the
+    /// `--reasoning-parser` for this chat request, and whether the
     /// reasoning is sent (`include_reasoning`).
     pub reasoning: Option<(ReasoningParser, bool)>,
 }
@@ -205,6 +206,7 @@ impl ValidRequest {
                 ignore_eos: self.ignore_eos,
                 min_tokens: self.min_tokens,
                 guide: self.guide.clone(),
+                guide_after: self.guide_after.clone(),
                 // One prefill serves both: the larger count, each response
                 // part cut to its own.
                 prompt_logprobs: self.prompt_logprobs.max(if self.echo {
@@ -479,15 +481,20 @@ impl Validator {
         };
         v.valid.max_tokens =
             vec![self.check_context(len, max_tokens, v.valid.min_tokens, "messages")?];
+        let prompt_text = prompt.text.clone();
         v.valid.prompts = vec![prompt];
         v.valid.tools = ToolUse {
             mode: tool_mode,
             parallel: req.parallel_tool_calls.unwrap_or(true),
         };
-        if v.valid.guide.is_none() {
-            v.valid.reasoning = self
-                .reasoning_parser
-                .map(|p| (p, req.include_reasoning.unwrap_or(true)));
+        if let Some(parser) = self.reasoning_parser {
+            v.valid.reasoning = Some((parser, req.include_reasoning.unwrap_or(true)));
+            // As vLLM: a guide shapes the answer, from after the thinking
+            // (unless the prompt already closed it, as Qwen3's template
+            // does with enable_thinking: false).
+            if v.valid.guide.is_some() && !crate::reasoning::thinking_closed(&prompt_text) {
+                v.valid.guide_after = Some(crate::reasoning::END.to_string());
+            }
         }
         Ok(v.valid)
     }
@@ -860,6 +867,7 @@ impl Validator {
                 return_token_ids: f.return_token_ids.unwrap_or(false),
                 client_tag,
                 guide,
+                guide_after: None,
                 tools: ToolUse {
                     mode: ToolMode::Text,
                     parallel: true,

@@ -25,6 +25,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         min_tokens: 0,
         prompt_logprobs: None,
         guide: None,
+        guide_after: None,
     }
 }
 

@@ -1768,10 +1768,12 @@ async fn tool_calls_auto_named_and_required() {
 }
 
 /// vLLM's `--reasoning-parser` (the split itself is checked piece by piece
-/// in reasoning.rs): with `deepseek_r1` an output with no `</think>` yet is
-/// all thinking, whole or streamed (the streamed pieces join to the whole);
-/// `include_reasoning: false` leaves it out; guided decoding's output is all
-/// answer; `qwen3` leaves text that does not open with `<think>` as content.
+/// in reasoning.rs, a guide waiting for `</think>` in sampling.rs): with
+/// `deepseek_r1` an output with no `</think>` yet is all thinking, whole or
+/// streamed (the streamed pieces join to the whole); `include_reasoning:
+/// false` leaves it out; a guide waits for the thinking to end unless the
+/// prompt closed it; `qwen3` leaves text that does not open with `<think>`
+/// as content.
 #[tokio::test]
 async fn reasoning_parser_puts_the_thinking_apart() {
     let body = json!({"messages": [{"role": "user", "content": "think"}], "max_tokens": 12,
@@ -1806,13 +1808,15 @@ async fn reasoning_parser_puts_the_thinking_apart() {
             .is_none(),
         "{r}"
     );
+    // A guide waits for the thinking's end, as vLLM's: this model never
+    // writes `</think>`, so nothing here is held to the digits.
     let mut guided = body.clone();
     guided["guided_regex"] = json!("[0-9]{3}");
     guided["ignore_eos"] = json!(false);
     let (_, r) = r1.post("/v1/chat/completions", &guided).await;
     let m = &r["choices"][0]["message"];
-    assert!(m["content"].as_str().unwrap().len() == 3, "{m}");
-    assert!(m.get("reasoning_content").is_none(), "{m}");
+    let thought = m["reasoning_content"].as_str().unwrap();
+    assert!(thought.chars().any(|c| !c.is_ascii_digit()), "{m}");
 
     let qwen3 = Server::start(&["--reasoning-parser", "qwen3"]).await;
     let (_, r) = qwen3.post("/v1/chat/completions", &body).await;
@@ -1823,6 +1827,21 @@ async fn reasoning_parser_puts_the_thinking_apart() {
         "{m}"
     );
     assert!(m.get("reasoning_content").is_none(), "{m}");
+
+    // A prompt whose thinking is closed already (Qwen3's template with
+    // enable_thinking: false): the guide holds from the first token.
+    let closed = "{% for m in messages %}{{ m.content }}{% endfor %}<think>\n\n</think>\n\n";
+    let no_thinking =
+        Server::start(&["--reasoning-parser", "qwen3", "--chat-template", closed]).await;
+    let (_, r) = no_thinking.post("/v1/chat/completions", &guided).await;
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{c}");
+    let digits = c["message"]["content"].as_str().unwrap();
+    assert!(
+        digits.len() == 3 && digits.chars().all(|c| c.is_ascii_digit()),
+        "{c}"
+    );
+    assert!(c["message"].get("reasoning_content").is_none(), "{c}");
 
     let err = refused_at_start(&["--reasoning-parser", "granite"], &e2e::tiny_model());
     assert!(err.contains("deepseek_r1, qwen3"), "{err}");
