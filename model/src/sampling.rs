@@ -249,7 +249,8 @@ impl Sampler {
     /// it counts toward the pattern.
     pub fn with_guide_after(mut self, guide: Arc<RegexGuide>, marker: &str) -> Self {
         self = self.with_guide(guide);
-        self.guide_after = Some((marker.as_bytes().to_vec(), Vec::new()));
+        // An empty marker is already written: the guide holds at once.
+        self.guide_after = (!marker.is_empty()).then(|| (marker.as_bytes().to_vec(), Vec::new()));
         self
     }
 
