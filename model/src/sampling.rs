@@ -254,11 +254,6 @@ impl Sampler {
         self
     }
 
-    /// Whether the guide is applied now (not waiting for its marker).
-    pub fn guide_active(&self) -> bool {
-        self.guide.is_some() && self.guide_after.is_none()
-    }
-
     /// vLLM's `min_tokens`: the tokens that would end the sequence
     /// (`stop_ids`: its EOS and stop token ids) get probability zero until
     /// the output has `min_tokens` tokens, as vLLM's min-tokens logits
@@ -352,7 +347,9 @@ impl Sampler {
                 }
             }
         }
-        if let Some((guide, state)) = self.guide.as_ref().filter(|_| self.guide_after.is_none()) {
+        // The guide, unless it waits for its marker.
+        let active = self.guide.as_ref().filter(|_| self.guide_after.is_none());
+        if let Some((guide, state)) = active {
             let allowed = guide.allowed(*state);
             if allowed.is_empty() {
                 return Err(ModelError::Invalid(format!(
@@ -380,7 +377,7 @@ impl Sampler {
                 penalized = true;
             }
         }
-        let none_left = || match &self.guide {
+        let none_left = || match active {
             // The guide's tokens are all banned by the other rules: say
             // which, since neither alone is wrong.
             Some((guide, state)) => ModelError::Invalid(format!(
@@ -1408,7 +1405,7 @@ mod tests {
         };
         let mut s =
             Sampler::new(greedy, 1, LogprobsMode::RawLogprobs).with_guide_after(guide, "</think>");
-        assert!(!s.guide_active());
+        assert!(s.guide_after.is_some());
         let mut output = Vec::new();
         let thinking = tok.encode("hmm</think>", false).unwrap();
         for &want in &thinking {
@@ -1416,7 +1413,7 @@ mod tests {
             assert_eq!(t.token, want, "the thinking is not guided");
             output.push(t.token);
         }
-        assert!(s.guide_active());
+        assert!(s.guide_after.is_none());
         // Now `z` (the model's favourite) cannot be drawn: digits only.
         let mut r = vec![0.0f32; vocab];
         r[z as usize] = 10.0;

@@ -173,16 +173,13 @@ impl Formatter {
             }
             ToolMode::Text => content = Some(piece),
             ToolMode::Named(name) => {
-                let mut call = json!({"index": 0, "function": {"arguments": piece}});
+                // The first piece opens the call (id, name); the rest add
+                // to its arguments.
                 if !acc.call_started {
-                    let first = tools::tool_call(name, &piece);
-                    call["id"] = first["id"].clone();
-                    call["type"] = json!("function");
-                    call["function"]["name"] = json!(name);
                     acc.call_started = true;
-                }
-                if !piece.is_empty() || call.get("id").is_some() {
-                    tool_calls = Some(vec![call]);
+                    tool_calls = Some(tools::indexed(vec![tools::tool_call(name, &piece)]));
+                } else if !piece.is_empty() {
+                    tool_calls = Some(vec![json!({"index": 0, "function": {"arguments": piece}})]);
                 }
             }
             ToolMode::Auto | ToolMode::Required => {

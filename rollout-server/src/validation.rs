@@ -387,7 +387,7 @@ impl Validator {
         if echo_without_generation {
             sampling.max_tokens = Some(1);
         }
-        let mut v = self.sampling(sampling, logprobs, header_tag)?;
+        let mut v = self.sampling(sampling, logprobs, header_tag, None)?;
         let prompts: Vec<ValidPrompt> = prompts
             .into_iter()
             .map(|p| v.truncate(p, &self.tokenizer))
@@ -438,38 +438,11 @@ impl Validator {
             req.tool_choice.as_ref(),
             self.auto_tools,
         )?;
-        if let Some(schema) = tool_schema {
-            // A named function or "required" is guided decoding by a schema.
-            let rf_json = sampling
-                .response_format
-                .as_ref()
-                .and_then(|rf| rf.get("type"))
-                .and_then(Value::as_str)
-                .is_some_and(|t| t != "text");
-            let so = sampling
-                .structured_outputs
-                .as_ref()
-                .is_some_and(|v| !v.is_null());
-            if sampling.guided_regex.is_some()
-                || sampling.guided_choice.is_some()
-                || sampling.guided_json.as_ref().is_some_and(|v| !v.is_null())
-                || so
-                || rf_json
-            {
-                return Err(bad(
-                    "tool_choice \"required\" or a named function guides the output to a tool \
-                     call; drop the request's guided_* / structured_outputs / response_format",
-                    "tool_choice",
-                ));
-            }
-            model::guided::json_schema_pattern(&schema, false)
-                .map_err(|e| bad(format!("tools: a function's parameters: {e}"), "tools"))?;
-            sampling.guided_json = Some(schema);
-        }
         if req.max_completion_tokens.is_some() {
             sampling.max_tokens = req.max_completion_tokens;
         }
-        let mut v = self.sampling(sampling, logprobs, header_tag)?;
+        // A named function or "required" is guided decoding by a schema.
+        let mut v = self.sampling(sampling, logprobs, header_tag, tool_schema.as_ref())?;
         let prompt = v.truncate(prompt, &self.tokenizer);
         let len = prompt.ids.len();
         let max_tokens = match v.max_tokens_requested {
@@ -681,6 +654,7 @@ impl Validator {
         f: SamplingFields,
         logprobs: Option<usize>,
         header_tag: Option<String>,
+        tool_call: Option<&Value>,
     ) -> Result<PartialValid, ApiError> {
         // More samples than --max-num-seqs run in turns, as in vLLM; the
         // bound only keeps one request from holding the engine for ever.
@@ -823,6 +797,7 @@ impl Validator {
             json: &f.guided_json,
             response_format: &f.response_format,
             structured_outputs: &f.structured_outputs,
+            tool_call,
         };
         let guide = self.guide(guided, ignore_eos, &stop_token_ids)?;
         let client_tag = f.client_tag.or(header_tag);
@@ -1015,6 +990,10 @@ impl Validator {
                 ));
             }
         }
+        // Last: beside another kind, the error's param names tool_choice.
+        if let Some(schema) = fields.tool_call {
+            asked.push((schema_pattern(schema, compact, "tools")?, "tool_choice"));
+        }
         let (pattern, param) = match asked.len() {
             0 => return Ok(None),
             1 => asked.remove(0),
@@ -1079,6 +1058,9 @@ struct GuidedFields<'a> {
     json: &'a Option<Value>,
     response_format: &'a Option<Value>,
     structured_outputs: &'a Option<Value>,
+    /// The schema of the call a chat request's `tool_choice` asks for (a
+    /// named function, or `"required"`).
+    tool_call: Option<&'a Value>,
 }
 
 /// A JSON schema (or its text, as vLLM also takes it) as a pattern.
