@@ -652,10 +652,13 @@ fn check_resumed_recipe(
         );
         return Ok(Vec::new());
     };
-    let changes: Vec<_> = crate::checkpoint::recipe_changes(saved, recipe)
+    let mut changes: Vec<_> = crate::checkpoint::recipe_changes(saved, recipe)
         .into_iter()
         .filter(|c| c.changes_training)
         .collect();
+    if !changes.iter().any(|c| c.key == "data.chat_template") {
+        changes.extend(chat_template_file_change(dir, recipe)?);
+    }
     if !changes.is_empty() && !allow {
         let list: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
         bail!(
@@ -669,6 +672,41 @@ fn check_resumed_recipe(
         );
     }
     Ok(changes)
+}
+
+/// `data.chat_template` as a file path: the recipe records the path, so a
+/// file edited between the runs goes unseen by [`recipe_changes`]. Its
+/// text is compared with the template the checkpoint saved (and that the
+/// run trained with) instead, by digest.
+///
+/// [`recipe_changes`]: crate::checkpoint::recipe_changes
+fn chat_template_file_change(
+    dir: &Path,
+    recipe: &Recipe,
+) -> anyhow::Result<Option<crate::checkpoint::RecipeChange>> {
+    let Some(spec) = &recipe.data.chat_template else {
+        return Ok(None);
+    };
+    let now = model::tokenizer::chat_template_text(spec)
+        .map_err(|e| anyhow::anyhow!("data.chat_template: {e}"))?;
+    let saved = Tokenizer::from_dir(dir)
+        .with_context(|| format!("reading the tokenizer of {}", dir.display()))?;
+    let saved = saved.chat_template().unwrap_or_default();
+    if saved == now {
+        return Ok(None);
+    }
+    let digest = |t: &str| {
+        Value::from(format!(
+            "sha256:{}",
+            &crate::data::sha256_hex(t.as_bytes())[..16]
+        ))
+    };
+    Ok(Some(crate::checkpoint::RecipeChange {
+        key: format!("data.chat_template (the text of {spec})"),
+        before: digest(saved),
+        after: digest(&now),
+        changes_training: true,
+    }))
 }
 
 /// The parsed `learner train` request.

@@ -1015,6 +1015,70 @@ fn a_resume_that_changes_training_is_refused_unless_allowed() {
     assert_eq!(changes[0]["after"], 0.5);
 }
 
+/// `data.chat_template` naming a file: the recipe is unchanged when the
+/// file is edited, but the prompts are not, so the resume compares the
+/// file's text with the template the checkpoint saved.
+#[test]
+fn a_resume_whose_chat_template_file_changed_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let s = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let r = recipe(tmp.path(), &model, &s, &out);
+    let file = tmp.path().join("template.jinja");
+    let template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}";
+    std::fs::write(&file, template).unwrap();
+    let with_file = format!("data.chat_template={}", file.display());
+    train(&r, &[with_file.clone(), "train.max_steps=1".into()]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoints/step_000001/chat_template.jinja")).unwrap(),
+        template
+    );
+
+    std::fs::write(&file, format!("SYSTEM\n{template}")).unwrap();
+    let args = |allow: bool| {
+        let mut v = vec![
+            with_file.clone(),
+            "train.max_steps=2".into(),
+            "--resume-from".into(),
+            out.display().to_string(),
+        ];
+        if allow {
+            v.push("--allow-recipe-change".into());
+        }
+        v
+    };
+    let o = Learner::spawn(&r, &args(false), &[]).wait(120);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "data.chat_template (the text of {})",
+            file.display()
+        )),
+        "{err}"
+    );
+    assert!(!out.join("checkpoints/step_000002").exists());
+
+    train(&r, &args(true));
+    let events = read_jsonl(&out.join("run_log.jsonl"));
+    let e = events
+        .iter()
+        .find(|e| e["event"] == "recipe_changed")
+        .unwrap_or_else(|| panic!("no recipe_changed event: {events:?}"));
+    assert!(
+        e["changes"][0]["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("data.chat_template"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoints/step_000002/chat_template.jinja")).unwrap(),
+        format!("SYSTEM\n{template}")
+    );
+}
+
 #[test]
 fn external_endpoint_mode_without_tags_or_weight_sync() {
     let tmp = tempfile::tempdir().unwrap();
