@@ -81,6 +81,8 @@ struct Acc {
     in_calls: bool,
     /// A named call's first delta (id, name) has gone out.
     call_started: bool,
+    /// What of the calls (`auto`, `required`) has gone out.
+    calls: tools::CallStream,
     /// Streaming with a reasoning parser: the split so far, and the answer
     /// (the text after the thinking) so far.
     reasoning: ReasoningStream,
@@ -148,8 +150,8 @@ impl Formatter {
 
     /// What update `u` (already applied to `acc`) streams: its text as
     /// content (the thinking apart, with a reasoning parser), or, with
-    /// tools, content up to a call and the calls once whole (a named call's
-    /// arguments as they come).
+    /// tools, content up to a call and then the calls: each opens once its
+    /// name is whole, and its arguments follow as they come.
     fn delta(&self, acc: &mut Acc, u: &ChoiceUpdate) -> DeltaOut {
         let mut finish_reason = u.finish.as_ref().map(|f| f.reason.to_string());
         let (reasoning_content, piece) = match self.valid.reasoning {
@@ -192,20 +194,20 @@ impl Formatter {
                     acc.in_calls = tools::starts_call(&acc.held);
                     content = (!out.is_empty()).then_some(out);
                 }
+                if acc.in_calls {
+                    let deltas = acc.calls.advance(&self.valid.tools, &acc.answer);
+                    tool_calls = (!deltas.is_empty()).then_some(deltas);
+                }
                 if finish_reason.is_some() {
-                    match tools::extract(&self.valid.tools, &acc.answer).filter(|_| acc.in_calls) {
-                        Some((_, calls)) => {
-                            tool_calls = Some(tools::indexed(calls));
-                            if *mode == ToolMode::Auto {
-                                finish_reason = Some("tool_calls".into());
-                            }
+                    if acc.calls.opened() {
+                        if *mode == ToolMode::Auto {
+                            finish_reason = Some("tool_calls".into());
                         }
+                    } else {
                         // Not calls after all: the held text is content.
-                        None => {
-                            let mut text = content.take().unwrap_or_default();
-                            text.push_str(&acc.held);
-                            content = Some(text);
-                        }
+                        let mut text = content.take().unwrap_or_default();
+                        text.push_str(&acc.held);
+                        content = Some(text);
                     }
                     acc.held.clear();
                 }

@@ -15,7 +15,6 @@ use crate::server::response_id;
 pub const PARSERS: &[&str] = &["hermes"];
 
 const CALL_START: &str = "<tool_call>";
-const CALL_END: &str = "</tool_call>";
 
 /// What a request's `tool_choice` asks of its output.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,61 +144,309 @@ pub fn tool_call(name: &str, arguments: &str) -> Value {
 }
 
 /// The calls in a completed output and the content before them: hermes
-/// calls for `Auto` (none found, or one that is not JSON: no calls, as
-/// vLLM's parser), the guided list for `Required`, the arguments for
-/// `Named`.
+/// calls for `Auto` (none found, or one that is not whole JSON: no calls,
+/// as vLLM's parser), the guided list for `Required`, the arguments for
+/// `Named`. Arguments are the model's own JSON text, as streamed.
 pub fn extract(tools: &ToolUse, text: &str) -> Option<(Option<String>, Vec<Value>)> {
-    let (content, mut calls) = extract_all(&tools.mode, text)?;
+    let (content, mut calls) = match &tools.mode {
+        ToolMode::Text => return None,
+        ToolMode::Named(name) => (None, vec![tool_call(name, text)]),
+        mode => {
+            let written = calls_so_far(mode, text)?;
+            if written.malformed || written.calls.is_empty() {
+                return None;
+            }
+            let calls = written
+                .calls
+                .iter()
+                .map(|c| {
+                    let args = c.arguments.unwrap_or("{}");
+                    let whole = c.closed && serde_json::from_str::<Value>(args).is_ok();
+                    Some(tool_call(c.name.as_deref().filter(|_| whole)?, args))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let content = &text[..written.start];
+            (
+                (!content.trim().is_empty()).then(|| content.to_string()),
+                calls,
+            )
+        }
+    };
     if !tools.parallel {
         calls.truncate(1);
     }
     Some((content, calls))
 }
 
-fn extract_all(mode: &ToolMode, text: &str) -> Option<(Option<String>, Vec<Value>)> {
+/// One call's JSON object (`{"name": ..., "arguments": {...}}`) as far as
+/// the model has written it.
+#[derive(Debug, Default, PartialEq)]
+pub struct PartialCall<'a> {
+    /// Once its string is whole.
+    pub name: Option<String>,
+    /// The raw text of the arguments value so far.
+    pub arguments: Option<&'a str>,
+    /// The object's closing brace has come.
+    pub closed: bool,
+}
+
+/// The calls an output has written so far.
+#[derive(Debug, PartialEq)]
+pub struct WrittenCalls<'a> {
+    /// Where the calls begin (the content is the text before).
+    pub start: usize,
+    pub calls: Vec<PartialCall<'a>>,
+    /// The text stopped being calls (not JSON of a call): the calls before
+    /// are kept, nothing after.
+    pub malformed: bool,
+}
+
+/// The calls in `text` so far: hermes `<tool_call>` objects for `Auto`
+/// (None before the first), the guided `[{"name", "parameters"}, ...]`
+/// list for `Required`. Read without a JSON parser of the whole, so that a
+/// stream can send each call's name and arguments as they come.
+pub fn calls_so_far<'a>(mode: &ToolMode, text: &'a str) -> Option<WrittenCalls<'a>> {
+    let mut written = WrittenCalls {
+        start: 0,
+        calls: Vec::new(),
+        malformed: false,
+    };
     match mode {
-        ToolMode::Text => None,
-        ToolMode::Named(name) => Some((None, vec![tool_call(name, text)])),
-        ToolMode::Required => {
-            let list: Vec<Value> = serde_json::from_str(text).ok()?;
-            let calls = list
-                .iter()
-                .map(|c| {
-                    let name = c.get("name")?.as_str()?;
-                    Some(tool_call(name, &c.get("parameters")?.to_string()))
-                })
-                .collect::<Option<Vec<_>>>()?;
-            Some((None, calls))
-        }
         ToolMode::Auto => {
-            let (content, calls) = parse_hermes(text)?;
-            Some((content, calls))
+            written.start = text.find(CALL_START)?;
+            let mut rest = &text[written.start..];
+            while let Some(s) = rest.find(CALL_START) {
+                let body = &rest[s + CALL_START.len()..];
+                let Some((call, end)) = scan_call(body, "arguments") else {
+                    written.malformed = true;
+                    break;
+                };
+                written.calls.push(call);
+                // The rest of this call's block (`</tool_call>`) is skipped.
+                let Some(end) = end else { break };
+                rest = &body[end..];
+            }
+        }
+        ToolMode::Required => {
+            let b = text.as_bytes();
+            let mut i = skip_ws(b, 0);
+            match b.get(i) {
+                None => return Some(written),
+                Some(b'[') => i += 1,
+                Some(_) => {
+                    written.malformed = true;
+                    return Some(written);
+                }
+            }
+            loop {
+                i = skip_ws(b, i);
+                if matches!(b.get(i), None | Some(b']')) {
+                    break;
+                }
+                let Some((call, end)) = scan_call(&text[i..], "parameters") else {
+                    written.malformed = true;
+                    break;
+                };
+                written.calls.push(call);
+                let Some(end) = end else { break };
+                i = skip_ws(b, i + end);
+                match b.get(i) {
+                    Some(b',') => i += 1,
+                    None | Some(b']') => break,
+                    Some(_) => {
+                        written.malformed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        ToolMode::Text | ToolMode::Named(_) => return None,
+    }
+    Some(written)
+}
+
+/// How far a JSON value reaches: to `Done(end)`, to the end of the text
+/// (`Partial`), or not a value at all (`Bad`).
+enum Scan {
+    Done(usize),
+    Partial,
+    Bad,
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
+/// `b[i]` is a string's opening quote.
+fn scan_string(b: &[u8], i: usize) -> Scan {
+    let mut j = i + 1;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            b'"' => return Scan::Done(j + 1),
+            _ => j += 1,
+        }
+    }
+    Scan::Partial
+}
+
+/// The extent of the value at `b[i]`. Containers are matched by depth
+/// only; a whole value is checked by a JSON parser where it matters.
+fn scan_value(b: &[u8], i: usize) -> Scan {
+    match b.get(i) {
+        None => Scan::Partial,
+        Some(b'"') => scan_string(b, i),
+        Some(b'{' | b'[') => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => match scan_string(b, j) {
+                        Scan::Done(end) => {
+                            j = end;
+                            continue;
+                        }
+                        other => return other,
+                    },
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Scan::Done(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            Scan::Partial
+        }
+        Some(c) if c.is_ascii_alphanumeric() || *c == b'-' => {
+            // A number or literal ends where a delimiter comes; at the end
+            // of the text it may go on.
+            let mut j = i;
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']') && !b[j].is_ascii_whitespace()
+            {
+                j += 1;
+            }
+            if j == b.len() {
+                Scan::Partial
+            } else {
+                Scan::Done(j)
+            }
+        }
+        Some(_) => Scan::Bad,
+    }
+}
+
+/// The call object at the start of `text` (after blanks) so far, and its
+/// end once closed; None when the text is not a call object.
+fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>, Option<usize>)> {
+    let b = text.as_bytes();
+    let mut call = PartialCall::default();
+    let mut i = skip_ws(b, 0);
+    match b.get(i) {
+        None => return Some((call, None)),
+        Some(b'{') => i += 1,
+        Some(_) => return None,
+    }
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i) {
+            None => return Some((call, None)),
+            Some(b'}') => {
+                call.closed = true;
+                return Some((call, Some(i + 1)));
+            }
+            Some(b'"') => {}
+            Some(_) => return None,
+        }
+        let key_end = match scan_string(b, i) {
+            Scan::Done(e) => e,
+            _ => return Some((call, None)),
+        };
+        let key: String = serde_json::from_str(&text[i..key_end]).ok()?;
+        i = skip_ws(b, key_end);
+        match b.get(i) {
+            None => return Some((call, None)),
+            Some(b':') => i = skip_ws(b, i + 1),
+            Some(_) => return None,
+        }
+        let value_end = match scan_value(b, i) {
+            Scan::Done(e) => Some(e),
+            Scan::Partial => None,
+            Scan::Bad => return None,
+        };
+        if key == "name" {
+            if let Some(e) = value_end {
+                call.name = Some(serde_json::from_str(&text[i..e]).ok()?);
+            }
+        } else if key == arguments_key && i < b.len() {
+            call.arguments = Some(&text[i..value_end.unwrap_or(b.len())]);
+        }
+        let Some(e) = value_end else {
+            return Some((call, None));
+        };
+        i = skip_ws(b, e);
+        match b.get(i) {
+            None => return Some((call, None)),
+            Some(b',') => i += 1,
+            Some(b'}') => {
+                call.closed = true;
+                return Some((call, Some(i + 1)));
+            }
+            Some(_) => return None,
         }
     }
 }
 
-/// vLLM's hermes parser: each `<tool_call>...</tool_call>` (the last may be
-/// left open) holds `{"name": ..., "arguments": {...}}`; the content is the
-/// text before the first call (none when blank).
-pub fn parse_hermes(text: &str) -> Option<(Option<String>, Vec<Value>)> {
-    let first = text.find(CALL_START)?;
-    let mut calls = Vec::new();
-    let mut rest = &text[first..];
-    while let Some(start) = rest.find(CALL_START) {
-        let body = &rest[start + CALL_START.len()..];
-        let (inner, after) = match body.find(CALL_END) {
-            Some(end) => (&body[..end], &body[end + CALL_END.len()..]),
-            None => (body, ""),
+/// What of each call a stream has sent: a call opens (id, type, name) once
+/// its name is whole, then its arguments go out as the model writes them,
+/// as vLLM streams tool calls.
+#[derive(Debug, Default)]
+pub struct CallStream {
+    /// Per opened call, the bytes of its arguments sent.
+    sent: Vec<usize>,
+}
+
+impl CallStream {
+    /// The deltas that bring the stream up to `text` (the whole answer so
+    /// far), with their `index`.
+    pub fn advance(&mut self, tools: &ToolUse, text: &str) -> Vec<Value> {
+        let Some(written) = calls_so_far(&tools.mode, text) else {
+            return Vec::new();
         };
-        let call: Value = serde_json::from_str(inner.trim()).ok()?;
-        let name = call.get("name")?.as_str()?;
-        let arguments = call.get("arguments").cloned().unwrap_or(json!({}));
-        calls.push(tool_call(name, &arguments.to_string()));
-        rest = after;
+        let most = if tools.parallel { usize::MAX } else { 1 };
+        let mut out = Vec::new();
+        for (i, call) in written.calls.iter().enumerate().take(most) {
+            let arguments = match call.arguments {
+                Some(a) => a,
+                None if call.closed => "{}",
+                None => "",
+            };
+            if i == self.sent.len() {
+                // Calls open in order: one waiting for its name holds back
+                // the rest.
+                let Some(name) = &call.name else { break };
+                let mut opened = tool_call(name, arguments);
+                opened["index"] = json!(i);
+                out.push(opened);
+                self.sent.push(arguments.len());
+            } else if let Some(piece) = arguments.get(self.sent[i]..).filter(|p| !p.is_empty()) {
+                out.push(json!({"index": i, "function": {"arguments": piece}}));
+                self.sent[i] = arguments.len();
+            }
+        }
+        out
     }
-    let content = &text[..first];
-    let content = (!content.trim().is_empty()).then(|| content.to_string());
-    Some((content, calls))
+
+    /// Whether a call has gone out.
+    pub fn opened(&self) -> bool {
+        !self.sent.is_empty()
+    }
 }
 
 /// Whether `text` starts with a hermes call.
@@ -241,15 +488,24 @@ mod tests {
         (f["name"].as_str().unwrap(), args)
     }
 
+    fn auto() -> ToolUse {
+        ToolUse {
+            mode: ToolMode::Auto,
+            parallel: true,
+        }
+    }
+
     #[test]
     fn hermes_calls_content_and_an_unclosed_last_call() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": \
                     {\"city\": \"Oslo\"}}\n</tool_call>\n<tool_call>{\"name\": \"time\", \
                     \"arguments\": {}}";
-        let (content, calls) = parse_hermes(text).unwrap();
+        let (content, calls) = extract(&auto(), text).unwrap();
         assert_eq!(content.as_deref(), Some("Let me check.\n"));
         assert_eq!(calls.len(), 2);
         assert_eq!(call_parts(&calls[0]), ("weather", json!({"city": "Oslo"})));
+        // The model's own text of the arguments.
+        assert_eq!(calls[0]["function"]["arguments"], "{\"city\": \"Oslo\"}");
         assert_eq!(call_parts(&calls[1]), ("time", json!({})));
         assert!(
             calls[0]["id"]
@@ -258,11 +514,128 @@ mod tests {
                 .starts_with("chatcmpl-tool-")
         );
         assert_ne!(calls[0]["id"], calls[1]["id"]);
-        let (content, _) = parse_hermes("<tool_call>{\"name\": \"t\"}</tool_call>").unwrap();
+        let (content, calls) =
+            extract(&auto(), "<tool_call>{\"name\": \"t\"}</tool_call>").unwrap();
         assert_eq!(content, None);
-        // No call, or one that is not JSON: the text stays content.
-        assert!(parse_hermes("just text").is_none());
-        assert!(parse_hermes("<tool_call>{\"name\": </tool_call>").is_none());
+        assert_eq!(call_parts(&calls[0]), ("t", json!({})));
+        // No call, or one that is not whole JSON: the text stays content.
+        for text in [
+            "just text",
+            "<tool_call>{\"name\": </tool_call>",
+            "<tool_call>{\"name\": \"t\", \"arguments\": {\"a\": }}</tool_call>",
+            "<tool_call>{\"name\": \"t\", \"arguments\": {\"a\": 1}",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+            "<tool_call>[1]</tool_call>",
+        ] {
+            assert!(extract(&auto(), text).is_none(), "{text}");
+        }
+    }
+
+    /// `text` streamed `step` bytes at a time (on char boundaries), the
+    /// deltas folded as a client does: (name, arguments) per index.
+    fn stream(tools: &ToolUse, text: &str, step: usize) -> Vec<(String, String)> {
+        let mut s = CallStream::default();
+        let mut folded: Vec<(String, String)> = Vec::new();
+        let mut end = 0;
+        while end < text.len() {
+            end = (end + step).min(text.len());
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            for d in s.advance(tools, &text[..end]) {
+                let i = d["index"].as_u64().unwrap() as usize;
+                if i == folded.len() {
+                    assert!(d["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+                    assert_eq!(d["type"], "function");
+                    folded.push((
+                        d["function"]["name"].as_str().unwrap().into(),
+                        String::new(),
+                    ));
+                } else {
+                    assert!(d.get("id").is_none(), "{d}");
+                }
+                folded[i].1 += d["function"]["arguments"].as_str().unwrap();
+            }
+        }
+        folded
+    }
+
+    #[test]
+    fn streamed_calls_open_by_name_and_join_to_the_whole_calls() {
+        let text = "Sure.<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \
+                    \"Tromsø \\\"N\\\"\", \"days\": [1, 2], \"x\": -1.5e3}}\n</tool_call>\n\
+                    <tool_call>{\"arguments\": {\"tz\": null}, \"name\": \"time\"}</tool_call>\
+                    <tool_call>{\"name\": \"noargs\"}</tool_call>";
+        let (_, whole) = extract(&auto(), text).unwrap();
+        let whole: Vec<(String, String)> = whole
+            .iter()
+            .map(|c| {
+                let f = &c["function"];
+                (
+                    f["name"].as_str().unwrap().into(),
+                    f["arguments"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[2], ("noargs".into(), "{}".into()));
+        for step in [1, 2, 3, 7, 1000] {
+            assert_eq!(stream(&auto(), text, step), whole, "step {step}");
+        }
+        // The name opens the call before its arguments are whole (the
+        // "time" call above, whose arguments come first, opens with them).
+        let mut s = CallStream::default();
+        let head = "<tool_call>{\"name\": \"weather\", \"arguments\": {\"ci";
+        let d = s.advance(&auto(), head);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0]["function"]["arguments"], "{\"ci");
+        let d = s.advance(&auto(), &format!("{head}ty\""));
+        assert_eq!(
+            d,
+            vec![json!({"index": 0, "function": {"arguments": "ty\""}})]
+        );
+        // parallel_tool_calls: false streams the first call only.
+        let one = ToolUse {
+            mode: ToolMode::Auto,
+            parallel: false,
+        };
+        assert_eq!(stream(&one, text, 1), whole[..1]);
+    }
+
+    #[test]
+    fn a_malformed_call_ends_the_stream_of_calls() {
+        let text = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>\
+                    <tool_call>{\"name\": 5}</tool_call><tool_call>{\"name\": \"c\"}";
+        let got = stream(&auto(), text, 1);
+        assert_eq!(got, vec![("a".to_string(), "{}".to_string())]);
+        let written = calls_so_far(&ToolMode::Auto, text).unwrap();
+        assert!(written.malformed);
+        assert!(extract(&auto(), text).is_none());
+        assert!(calls_so_far(&ToolMode::Auto, "no calls").is_none());
+    }
+
+    #[test]
+    fn required_calls_stream_from_the_guided_list() {
+        let required = ToolUse {
+            mode: ToolMode::Required,
+            parallel: true,
+        };
+        let text = r#"[{"name": "weather", "parameters": {"city": "Oslo"}}, {"name": "time", "parameters": {}}]"#;
+        let (content, whole) = extract(&required, text).unwrap();
+        assert_eq!(content, None);
+        assert_eq!(call_parts(&whole[0]), ("weather", json!({"city": "Oslo"})));
+        assert_eq!(call_parts(&whole[1]), ("time", json!({})));
+        for step in [1, 5] {
+            assert_eq!(
+                stream(&required, text, step),
+                vec![
+                    ("weather".to_string(), r#"{"city": "Oslo"}"#.to_string()),
+                    ("time".to_string(), "{}".to_string())
+                ]
+            );
+        }
+        assert!(extract(&required, "[").is_none());
+        assert!(extract(&required, "{}").is_none());
     }
 
     #[test]

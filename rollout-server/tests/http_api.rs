@@ -1662,16 +1662,35 @@ async fn tool_calls_auto_named_and_required() {
         )
         .await;
     assert_eq!(st, 200, "{r}");
-    let finished: Vec<&Value> = r["choices"]
+    let streamed = chat(json!({"tool_choice": "required", "stream": true}));
+    let folded = fold_chat_stream(
+        &plain
+            .post_stream("/v1/chat/completions", &streamed, &[])
+            .await,
+    );
+    let finished: Vec<(&Value, &Value)> = r["choices"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["finish_reason"] == "stop")
+        .zip(&folded)
+        .filter(|(c, _)| c["finish_reason"] == "stop")
         .collect();
     assert!(!finished.is_empty(), "{r}");
-    for c in finished {
+    for (c, folded) in finished {
         let calls = c["message"]["tool_calls"].as_array().unwrap();
         assert!(!calls.is_empty(), "{c}");
+        // Streamed, the same calls (the same seed), piece by piece.
+        let streamed: Vec<(&Value, &Value)> = folded["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (&f["name"], &f["arguments"]))
+            .collect();
+        let whole: Vec<(&Value, &Value)> = calls
+            .iter()
+            .map(|f| (&f["function"]["name"], &f["function"]["arguments"]))
+            .collect();
+        assert_eq!(streamed, whole, "{folded}");
         for call in calls {
             let name = call["function"]["name"].as_str().unwrap();
             let args = args_of(&call["function"]["arguments"]);
@@ -1716,7 +1735,17 @@ async fn tool_calls_auto_named_and_required() {
     assert_eq!(st, 200, "{r}");
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let folded = fold_chat_stream(&s.post_stream("/v1/chat/completions", &streamed, &[]).await);
+    let events = s.post_stream("/v1/chat/completions", &streamed, &[]).await;
+    let folded = fold_chat_stream(&events);
+    // The call opens once its name is whole and its arguments follow as
+    // they are written, not in one piece at the end.
+    let call_deltas = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|c| c["choices"][0]["index"] == 0)
+        .filter(|c| c["choices"][0]["delta"]["tool_calls"].is_array())
+        .count();
+    assert!(call_deltas > 2, "{events:?}");
     for (i, folded) in folded.iter().enumerate() {
         let c = &r["choices"][i];
         assert_eq!(c["finish_reason"], "tool_calls", "{c}");
