@@ -4,8 +4,8 @@
 //! a DFA over bytes; at each step a token is allowed when its bytes keep
 //! the DFA alive, and the end of the sequence (EOS) when the text so far
 //! matches. The tokens allowed from a DFA state are found once per state,
-//! by walking every token's bytes, and shared by every sequence of the
-//! request.
+//! by walking the vocabulary sorted by bytes (a prefix shared by many
+//! tokens is walked once), and shared by every sequence of the request.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,9 @@ const DFA_SIZE_LIMIT: usize = 16 << 20;
 /// per DFA state: 19 KiB for Qwen's); past them it starts over rather than
 /// grow without bound.
 const MAX_CACHED_BYTES: usize = 16 << 20;
+
+/// Tokens of the sorted vocabulary one rayon task walks.
+const WALK_PIECE: usize = 4096;
 
 /// The token ids that may come next from one DFA state, as a bitset over
 /// the vocabulary: inside a JSON string nearly every token is allowed, and a
@@ -89,6 +92,17 @@ impl AllowedTokens {
 #[derive(Debug)]
 pub struct TokenBytes {
     bytes: Vec<Option<Box<[u8]>>>,
+    /// The ids of the tokens with text, in the order of their bytes, and
+    /// how many leading bytes each shares with the one before (capped at
+    /// u16::MAX): a trie laid flat, so that a walk of the vocabulary takes
+    /// each shared prefix through the DFA once, and a prefix that dies
+    /// skips every token that starts with it.
+    sorted: Vec<u32>,
+    shared: Vec<u16>,
+    /// The sorted tokens' bytes end to end (`starts[i]..starts[i + 1]`):
+    /// read in order by a walk, not from one allocation per token.
+    sorted_bytes: Vec<u8>,
+    starts: Vec<u32>,
 }
 
 /// How a tokenizer's vocabulary spells bytes (its tokenizer.json decoder).
@@ -170,7 +184,44 @@ impl TokenBytes {
                 *slot = (!added.special).then(|| added.content.clone().into_bytes().into());
             }
         }
-        Ok(TokenBytes { bytes })
+        Ok(TokenBytes::new(bytes))
+    }
+
+    fn new(bytes: Vec<Option<Box<[u8]>>>) -> Self {
+        let mut sorted: Vec<u32> = (0..bytes.len() as u32)
+            .filter(|&id| bytes[id as usize].as_deref().is_some_and(|b| !b.is_empty()))
+            .collect();
+        let of = |id: u32| bytes[id as usize].as_deref().unwrap_or_default();
+        sorted.par_sort_unstable_by(|&a, &b| of(a).cmp(of(b)).then(a.cmp(&b)));
+        let shared = std::iter::once(0)
+            .chain(sorted.windows(2).map(|w| {
+                let n = of(w[0])
+                    .iter()
+                    .zip(of(w[1]))
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                n.min(u16::MAX as usize) as u16
+            }))
+            .collect();
+        let mut sorted_bytes = Vec::new();
+        let mut starts = Vec::with_capacity(sorted.len() + 1);
+        for &id in &sorted {
+            starts.push(sorted_bytes.len() as u32);
+            sorted_bytes.extend_from_slice(of(id));
+        }
+        starts.push(sorted_bytes.len() as u32);
+        TokenBytes {
+            bytes,
+            sorted,
+            shared,
+            sorted_bytes,
+            starts,
+        }
+    }
+
+    /// The bytes of the `i`-th token in sorted order.
+    fn sorted_token(&self, i: usize) -> &[u8] {
+        &self.sorted_bytes[self.starts[i] as usize..self.starts[i + 1] as usize]
     }
 
     /// The bytes of `id` (none: a special token or an id outside the table).
@@ -215,7 +266,8 @@ pub struct RegexGuide {
     cache_limit: usize,
     /// The states from which some text still reaches a match: a token that
     /// leads anywhere else is a dead end, never allowed.
-    live: HashSet<StateID>,
+    /// By state index (`id >> stride2`): a lookup per allowed token.
+    live: Vec<bool>,
 }
 
 impl std::fmt::Debug for RegexGuide {
@@ -293,7 +345,14 @@ impl RegexGuide {
         }
         // Liveness goes backwards: a live end means every state on the
         // way was live too.
-        self.live.contains(&state).then_some(state)
+        self.is_live(state).then_some(state)
+    }
+
+    fn is_live(&self, state: StateID) -> bool {
+        self.live
+            .get(state.as_usize() >> self.dfa.stride2())
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Whether the text that led to `state` matches the whole pattern.
@@ -312,25 +371,21 @@ impl RegexGuide {
         {
             return ids;
         }
-        // 64 ids to a word, the words walked in parallel: a new state's walk
-        // is the one cost a guide has that grows with the vocabulary.
-        let len = self.tokens.len();
-        let bits: Vec<u64> = (0..len.div_ceil(64))
+        // The sorted vocabulary in parallel pieces: a new state's walk is
+        // the one cost a guide has that grows with the vocabulary.
+        let tokens = &self.tokens;
+        let pieces = tokens.sorted.len().div_ceil(WALK_PIECE);
+        let found: Vec<Vec<u32>> = (0..pieces)
             .into_par_iter()
-            .map(|word| {
-                let mut bits = 0u64;
-                for id in word * 64..(word * 64 + 64).min(len) {
-                    if self
-                        .tokens
-                        .get(id as u32)
-                        .is_some_and(|b| !b.is_empty() && self.walk(state, b).is_some())
-                    {
-                        bits |= 1 << (id % 64);
-                    }
-                }
-                bits
+            .map(|p| {
+                let end = ((p + 1) * WALK_PIECE).min(tokens.sorted.len());
+                self.walk_sorted(state, p * WALK_PIECE..end)
             })
             .collect();
+        let mut bits = vec![0u64; tokens.len().div_ceil(64)];
+        for id in found.iter().flatten() {
+            bits[*id as usize / 64] |= 1 << (id % 64);
+        }
         let count = bits.iter().map(|w| w.count_ones() as usize).sum();
         let mut ids = AllowedTokens { bits, count };
         if self.is_complete(state) {
@@ -350,6 +405,51 @@ impl RegexGuide {
             c.sets.insert(state, ids.clone());
         }
         ids
+    }
+
+    /// The ids at `range` of the sorted vocabulary whose bytes keep the
+    /// pattern reachable from `state`. `stack[d]` is the state after the
+    /// first `d` bytes of the token before: the bytes a token shares with
+    /// it are not walked again.
+    fn walk_sorted(&self, state: StateID, range: std::ops::Range<usize>) -> Vec<u32> {
+        let TokenBytes { sorted, shared, .. } = &*self.tokens;
+        let mut allowed = Vec::new();
+        let mut stack = vec![state];
+        let mut i = range.start;
+        while i < range.end {
+            let id = sorted[i];
+            let bytes = self.tokens.sorted_token(i);
+            let keep = if i == range.start {
+                0
+            } else {
+                (shared[i] as usize).min(stack.len() - 1)
+            };
+            stack.truncate(keep + 1);
+            let mut died_at = None;
+            for (d, &b) in bytes.iter().enumerate().skip(keep) {
+                let next = self.dfa.next_state(stack[d], b);
+                if self.dfa.is_dead_state(next) || self.dfa.is_quit_state(next) {
+                    died_at = Some(d);
+                    break;
+                }
+                stack.push(next);
+            }
+            i += 1;
+            match died_at {
+                // Every token after it that shares the dead prefix dies too.
+                Some(d) => {
+                    while i < range.end && shared[i] as usize > d {
+                        i += 1;
+                    }
+                }
+                None => {
+                    if stack.last().is_some_and(|&s| self.is_live(s)) {
+                        allowed.push(id);
+                    }
+                }
+            }
+        }
+        allowed
     }
 
     /// The state after `bytes` from the start; none when no match begins so.
@@ -375,7 +475,7 @@ impl RegexGuide {
 /// (`x[a&&b]` starts fine but has none): found over the DFA's byte classes,
 /// forwards from `start`, then backwards from the states where the text
 /// may end.
-fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> HashSet<StateID> {
+fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> Vec<bool> {
     let bytes: Vec<u8> = dfa
         .byte_classes()
         .representatives(0..=255)
@@ -408,7 +508,12 @@ fn live_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> HashSet<StateID> {
             }
         }
     }
-    live
+    let index = |s: &StateID| s.as_usize() >> dfa.stride2();
+    let mut dense = vec![false; live.iter().map(index).max().map_or(0, |i| i + 1)];
+    for s in &live {
+        dense[index(s)] = true;
+    }
+    dense
 }
 
 #[cfg(test)]
@@ -442,6 +547,104 @@ mod tests {
         assert_eq!(byte_level_table()[&'\u{10a}'], b'\n');
         assert_eq!(metaspace_bytes("\u{2581}the"), b" the");
         assert_eq!(metaspace_bytes("<0x0A>"), b"\n");
+    }
+
+    /// The sorted walk (shared prefixes walked once, dead prefixes
+    /// skipped) allows exactly the tokens a walk of each token alone does,
+    /// whatever pieces the vocabulary is cut into.
+    #[test]
+    fn the_sorted_walk_allows_what_token_by_token_walks_do() {
+        let words: Vec<&[u8]> = vec![
+            b"a",
+            b"ab",
+            b"abc",
+            b"abd",
+            b"abcde",
+            b"b",
+            b"ba",
+            b"bab",
+            b"1",
+            b"12",
+            b"123",
+            b"1a",
+            b"1a2",
+            b"{\"",
+            b"{\"a",
+            b"{\"ab",
+            b" ",
+            b"  ",
+            b" 1",
+            b"\"",
+            b"\":",
+            b"\": 1",
+            b"zz",
+            b"z",
+            b"",
+            b"abcdefgh",
+            b"ab1",
+            b"b1",
+            b"b12",
+        ];
+        let mut bytes: Vec<Option<Box<[u8]>>> = words
+            .iter()
+            .map(|w| Some(w.to_vec().into_boxed_slice()))
+            .collect();
+        bytes.push(None);
+        let eos = bytes.len() as u32 - 1;
+        let tokens = Arc::new(TokenBytes::new(bytes));
+        let sorted_bytes: Vec<&[u8]> = tokens
+            .sorted
+            .iter()
+            .map(|&id| tokens.get(id).unwrap())
+            .collect();
+        assert!(sorted_bytes.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            tokens.sorted.len(),
+            words.len() - 1,
+            "the empty token is never allowed"
+        );
+        for pattern in [
+            "ab(c|d)*",
+            "[ab]+1?",
+            r#"\{"a": [0-9]+\}"#,
+            "1[a2]*3?",
+            "(a|b)*",
+            " *1",
+        ] {
+            let g = RegexGuide::new(pattern, tokens.clone(), vec![eos]).unwrap();
+            // Every state a few tokens away from the start.
+            let mut states = vec![g.start()];
+            for _ in 0..3 {
+                let mut next = Vec::new();
+                for &s in &states {
+                    for id in 0..eos {
+                        next.extend(g.walk(s, tokens.get(id).unwrap()));
+                    }
+                }
+                states.extend(next);
+                states.sort();
+                states.dedup();
+            }
+            for &state in &states {
+                let one_by_one: Vec<u32> = (0..eos)
+                    .filter(|&id| {
+                        let b = tokens.get(id).unwrap();
+                        !b.is_empty() && g.walk(state, b).is_some()
+                    })
+                    .collect();
+                let n = tokens.sorted.len();
+                for piece in [1, 2, 3, 7, n] {
+                    let mut got: Vec<u32> = (0..n.div_ceil(piece))
+                        .flat_map(|p| g.walk_sorted(state, p * piece..((p + 1) * piece).min(n)))
+                        .collect();
+                    got.sort();
+                    assert_eq!(got, one_by_one, "{pattern}, pieces of {piece}");
+                }
+                let mut all = g.allowed(state).ids();
+                all.retain(|&id| id != eos);
+                assert_eq!(all, one_by_one, "{pattern}");
+            }
+        }
     }
 
     #[test]
