@@ -12,7 +12,8 @@ use model::{CausalLM, ModelConfig, Weights};
 /// The trainable parameters of the policy and how to turn them into a model.
 pub struct PolicyParameters {
     /// What the optimizer updates, by name: Hugging Face weight names, or
-    /// adapter names (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    /// adapter names (`model.layers.0.self_attn.q_proj.lora_A.weight`) and
+    /// the weights LoRA's `modules_to_save` trains whole (`lm_head.weight`).
     pub vars: Vec<(String, Var)>,
     /// The model's weights as the variables' tensors (full fine-tuning), or
     /// the frozen base (LoRA).
@@ -32,7 +33,8 @@ impl PolicyParameters {
         })
     }
 
-    /// LoRA `adapters` (of `config`) train on the frozen `base`.
+    /// LoRA `adapters` (of `config`, with copies of the modules it trains
+    /// whole) train on the frozen `base`.
     pub fn lora(base: Weights, config: LoraConfig, adapters: &Weights) -> anyhow::Result<Self> {
         let (vars, view) = model::decoder::trainable(adapters)?;
         Ok(PolicyParameters {
@@ -143,6 +145,7 @@ mod tests {
             use_rslora: false,
             dropout: 0.0,
             use_dora: false,
+            modules_to_save: Vec::new(),
         };
         let adapters = config.init(&cfg, &w, 5, &Device::Cpu, DType::F32).unwrap();
         let p = PolicyParameters::lora(w.clone(), config, &adapters).unwrap();

@@ -225,8 +225,10 @@ pub struct ModelSection {
     /// forward pays for the `B A` product and its row norms; the rollout
     /// servers get the merged weights as with LoRA.
     pub use_dora: bool,
-    /// PEFT's `modules_to_save` (whole modules trained beside the
-    /// adapters): not supported; must be unset or empty.
+    /// PEFT's `modules_to_save` (TRL's `lora_modules_to_save`): modules
+    /// trained whole beside the adapters, each matching the modules whose
+    /// name ends with it (`lm_head`, `embed_tokens`: e.g. for tokens a chat
+    /// template adds to a base model). Not with tied embeddings.
     pub lora_modules_to_save: Option<Vec<String>>,
     /// PEFT's task type: only `CAUSAL_LM`.
     pub lora_task_type: String,
@@ -288,6 +290,7 @@ impl ModelSection {
             use_rslora: self.use_rslora,
             dropout: self.lora_dropout,
             use_dora: self.use_dora,
+            modules_to_save: self.lora_modules_to_save.clone().unwrap_or_default(),
         })
     }
 }
@@ -1205,15 +1208,6 @@ impl Recipe {
                 (0.0..1.0).contains(&m.lora_dropout),
                 "model.lora_dropout",
                 || format!("must be in [0, 1), got {}", m.lora_dropout),
-            )?;
-            ensure(
-                m.lora_modules_to_save.as_ref().is_none_or(Vec::is_empty),
-                "model.lora_modules_to_save",
-                || {
-                    "training whole modules beside the adapters is not supported; remove the \
-                     key (embeddings and lm_head stay frozen)"
-                        .into()
-                },
             )?;
             ensure(
                 m.lora_task_type.eq_ignore_ascii_case("CAUSAL_LM"),

@@ -219,6 +219,9 @@ fn policy_parameters(
         return PolicyParameters::full(&Weights::load(dir, device, dtype)?);
     };
     config.adapted(cfg).context("model.lora_target_modules")?;
+    config
+        .saved_weights(cfg)
+        .context("model.lora_modules_to_save")?;
     let base = Weights::load(initial_dir, device, dtype)?;
     let adapters = match (resume_dir, saved_adapter) {
         (Some(dir), Some(folder)) => {
@@ -252,14 +255,16 @@ fn policy_parameters(
                     let c = &start.config;
                     bail!(
                         "model.lora_adapter_path: {} is r {}, alpha {}, targets {:?}, rsLoRA {}, \
-                         DoRA {}; set model.lora_r, lora_alpha, lora_target_modules, use_rslora \
-                         and use_dora to match (the recipe asks for {config:?})",
+                         DoRA {}, modules_to_save {:?}; set model.lora_r, lora_alpha, \
+                         lora_target_modules, use_rslora, use_dora and lora_modules_to_save to \
+                         match (the recipe asks for {config:?})",
                         path.display(),
                         c.r,
                         c.alpha,
                         c.target_modules,
                         c.use_rslora,
-                        c.use_dora
+                        c.use_dora,
+                        c.modules_to_save
                     );
                 }
                 start.check(cfg).with_context(|| {
@@ -1065,8 +1070,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut reference: Option<(Weights, CausalLM)> =
         if let (true, Some(base)) = (loss_cfg.beta > 0.0, params.frozen_base()) {
             // LoRA: the policy with its adapters off (the base, shared), as
-            // TRL's PEFT runs take the reference.
-            Some((base.clone(), policy.without_lora()))
+            // TRL's PEFT runs take the reference; with modules_to_save, the
+            // base's own modules in place of their trained copies.
+            let reference = match policy.without_lora() {
+                Some(m) => m,
+                None => CausalLM::new(&cfg, base)?,
+            };
+            Some((base.clone(), reference))
         } else if loss_cfg.beta > 0.0 {
             let synced = resume
                 .as_ref()

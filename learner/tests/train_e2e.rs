@@ -525,6 +525,116 @@ fn resume_continues_exactly_with_dora() {
     ]);
 }
 
+/// PEFT's modules_to_save: the norms' trained copies (and their AdamW
+/// moments) come back from the checkpoint's PEFT folder beside the
+/// adapters; the KL reference is the base with its own norms.
+#[test]
+fn resume_continues_exactly_with_lora_modules_to_save() {
+    resume_case(&[
+        "model.use_peft=true",
+        "model.lora_r=4",
+        "model.lora_modules_to_save=[norm]",
+        "train.learning_rate=2.0e-2",
+        "train.beta=0.04",
+    ]);
+}
+
+/// TRL's lora_modules_to_save end to end: the saved modules train whole
+/// beside the adapters, the servers get them with the merged weights
+/// (their log-probs agree with the policy's: IS ratio ~1 at every step),
+/// and the checkpoint's adapter holds them under PEFT's names.
+#[test]
+fn lora_modules_to_save_train_whole_and_reach_the_servers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    train(
+        &recipe,
+        &[
+            "model.use_peft=true".into(),
+            "model.lora_r=4".into(),
+            "model.lora_modules_to_save=[model.norm, input_layernorm]".into(),
+            "train.learning_rate=5.0e-2".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+            "{l}"
+        );
+    }
+    let cfg = model::ModelConfig::from_dir(&model).unwrap();
+    let (h, q, kv) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let start = read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .unwrap();
+    // q and v at rank 4, each layer's input norm and the final norm.
+    assert_eq!(
+        start["trainable_parameters"],
+        cfg.num_hidden_layers * (4 * (h + q + h + kv) + h) + h
+    );
+    let adapter = out.join("checkpoints/step_000003/adapter");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["model.norm", "input_layernorm"])
+    );
+    let cpu = candle_core::Device::Cpu;
+    let saved = model::Weights::load_files(
+        &[adapter.join("adapter_model.safetensors")],
+        &adapter,
+        &cpu,
+        model::DType::F32,
+    )
+    .unwrap();
+    let base = model::Weights::load(&model, &cpu, model::DType::F32).unwrap();
+    let merged = model::Weights::load(
+        &out.join("checkpoints/step_000003"),
+        &cpu,
+        model::DType::F32,
+    )
+    .unwrap();
+    for name in ["model.norm.weight", "model.layers.1.input_layernorm.weight"] {
+        let copy = saved.get(&format!("base_model.model.{name}")).unwrap();
+        let moved = (copy - base.get(name).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-4, "{name} did not train ({moved})");
+        // The checkpoint's model folder is the policy: the copy in place.
+        let in_model = merged.get(name).unwrap();
+        let d = (copy - in_model)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+    assert!(
+        saved
+            .get("base_model.model.model.layers.0.post_attention_layernorm.weight")
+            .is_none()
+    );
+}
+
 /// TRL's use_dora end to end: the magnitudes train beside A and B, the
 /// servers get the merged weights (their log-probs agree with the adapted
 /// policy's: IS ratio ~1 at every step), and the checkpoint's adapter is

@@ -728,6 +728,9 @@ pub struct CausalLM {
     gradient_checkpointing: bool,
     /// LoRA dropout's seed of the full-sequence forwards ([`Self::with_dropout`]).
     dropout_seed: Option<u64>,
+    /// Some weights are LoRA's `modules_to_save`, trained copies in place
+    /// of the base's (which this model does not hold).
+    saves_modules: bool,
 }
 
 impl CausalLM {
@@ -755,12 +758,18 @@ impl CausalLM {
     }
 
     /// The model with LoRA adapters on the linears `lora` names (its tensors
-    /// are what trains: `weights` are the frozen base). Every adapter of
-    /// `lora.config` must be there, and nothing else.
+    /// are what trains: `weights` are the frozen base, but for the weights
+    /// `modules_to_save` trains whole, whose copies in `lora` take their
+    /// place). Every adapter of `lora.config` must be there, and nothing else.
     pub fn with_lora(cfg: &ModelConfig, weights: &Weights, lora: &Lora) -> Result<Self> {
         Self::require_lm_head(cfg)?;
         lora.check(cfg)?;
-        Self::build(cfg, weights, Some(lora))
+        if lora.config.modules_to_save.is_empty() {
+            return Self::build(cfg, weights, Some(lora));
+        }
+        let mut lm = Self::build(cfg, &lora.overlay(cfg, weights)?, Some(lora))?;
+        lm.saves_modules = true;
+        Ok(lm)
     }
 
     /// The decoder and its head; a classifier's head is its `score`
@@ -812,12 +821,18 @@ impl CausalLM {
             logits_chunk_elements: LOGITS_CHUNK_ELEMENTS,
             gradient_checkpointing: false,
             dropout_seed: None,
+            saves_modules: false,
         })
     }
 
     /// The model without its LoRA adapters: the frozen base, sharing its
-    /// tensors (PEFT's `disable_adapter`).
-    pub fn without_lora(&self) -> CausalLM {
+    /// tensors (PEFT's `disable_adapter`). None where the adapters train
+    /// `modules_to_save`, whose base weights this model does not hold:
+    /// build the base from its weights then.
+    pub fn without_lora(&self) -> Option<CausalLM> {
+        if self.saves_modules {
+            return None;
+        }
         let mut base = self.clone();
         for layer in &mut base.layers {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
@@ -833,7 +848,7 @@ impl CausalLM {
                 l.lora = None;
             }
         }
-        base
+        Some(base)
     }
 
     /// Loads a Hugging Face model folder.

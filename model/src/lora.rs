@@ -9,6 +9,11 @@
 //! taken as constants in the backward pass (the paper's section 4.3, as
 //! PEFT does), `m` starting at the base's row norms.
 //!
+//! PEFT's `modules_to_save` (`lm_head`, `embed_tokens`, norms...) train
+//! whole beside the adapters: the adapters hold a trainable copy of each
+//! such weight under its model name (`lm_head.weight`), used in place of
+//! the base's, and a merge hands it out as it is.
+//!
 //! Names: an adapter of the linear `model.layers.0.self_attn.q_proj` is
 //! `model.layers.0.self_attn.q_proj.lora_A.weight` / `.lora_B.weight`
 //! (and `.lora_magnitude_vector` with DoRA); PEFT's
@@ -72,6 +77,10 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// DoRA: a trained magnitude per output row (see the module's doc).
     pub use_dora: bool,
+    /// PEFT's `modules_to_save`: modules trained whole, each matching the
+    /// modules whose name ends with it, as PEFT matches them (`lm_head`,
+    /// `embed_tokens`, `norm`).
+    pub modules_to_save: Vec<String>,
 }
 
 /// One adapted linear: its full name and `[out, in]`.
@@ -176,15 +185,78 @@ impl LoraConfig {
         Ok(out)
     }
 
-    /// Whether `other` puts the same adapters on `cfg`: rank, scale and the
-    /// linears adapted, however the targets are spelt (PEFT saves
-    /// `all-linear` as the module names it found, in no fixed order).
+    /// Whether `other` puts the same adapters on `cfg`: rank, scale, the
+    /// linears adapted and the weights trained whole, however the targets
+    /// are spelt (PEFT saves `all-linear` as the module names it found, in no
+    /// fixed order).
     pub fn same_adapters(&self, other: &LoraConfig, cfg: &ModelConfig) -> Result<bool> {
         Ok(self.r == other.r
             && self.alpha == other.alpha
             && self.use_rslora == other.use_rslora
             && self.use_dora == other.use_dora
-            && self.adapted(cfg)? == other.adapted(cfg)?)
+            && self.adapted(cfg)? == other.adapted(cfg)?
+            && self.saved_weights(cfg)? == other.saved_weights(cfg)?)
+    }
+
+    /// The weights `modules_to_save` trains whole, with their shapes, in
+    /// the model's order. A name that matches no module, a module that also
+    /// takes an adapter, or tied embeddings (a trained copy of one would
+    /// untie them) is an error saying so.
+    pub fn saved_weights(&self, cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        if self.modules_to_save.is_empty() {
+            return Ok(Vec::new());
+        }
+        let module = |weight: &str| {
+            weight
+                .strip_suffix(".weight")
+                .or_else(|| weight.strip_suffix(".bias"))
+                .unwrap_or(weight)
+                .to_string()
+        };
+        let mut shapes = cfg.tensor_shapes();
+        if cfg.tie_word_embeddings {
+            shapes.push((
+                "lm_head.weight".into(),
+                vec![cfg.vocab_size, cfg.hidden_size],
+            ));
+        }
+        let adapted = self.adapted(cfg)?;
+        let mut out = Vec::new();
+        for name in &self.modules_to_save {
+            let hits: Vec<&(String, Vec<usize>)> = shapes
+                .iter()
+                .filter(|(w, _)| module(w).ends_with(name.as_str()))
+                .collect();
+            if hits.is_empty() {
+                return Err(ModelError::Invalid(format!(
+                    "modules_to_save `{name}` matches no module of this model (a module \
+                     matches when its name ends with it: lm_head, embed_tokens, norm, \
+                     input_layernorm, ...)"
+                )));
+            }
+            for (w, shape) in hits {
+                let m = module(w);
+                if cfg.tie_word_embeddings && (m == "lm_head" || m == "model.embed_tokens") {
+                    return Err(ModelError::Invalid(format!(
+                        "modules_to_save `{name}`: this model ties lm_head to embed_tokens \
+                         (tie_word_embeddings), and a trained copy of one would untie them; \
+                         leave them out (the adapters train without them)"
+                    )));
+                }
+                if adapted.iter().any(|l| l.module == m) {
+                    return Err(ModelError::Invalid(format!(
+                        "modules_to_save `{name}` names {m}, which target_modules also gives an \
+                         adapter: a module is one or the other"
+                    )));
+                }
+                if !out.iter().any(|(o, _): &(String, Vec<usize>)| o == w) {
+                    out.push((w.clone(), shape.clone()));
+                }
+            }
+        }
+        let order: Vec<&String> = shapes.iter().map(|(w, _)| w).collect();
+        out.sort_by_key(|(w, _)| order.iter().position(|o| *o == w));
+        Ok(out)
     }
 
     /// Fresh adapters as PEFT initialises them: `A` Kaiming-uniform
@@ -218,13 +290,18 @@ impl LoraConfig {
             tensors.insert(l.lora_a(), a);
             tensors.insert(l.lora_b(), b);
         }
+        // Trained whole: a copy of the base's, not the base's own storage.
+        for (name, shape) in self.saved_weights(cfg)? {
+            let w = base.require(&name, &shape)?;
+            tensors.insert(name, w.to_device(device)?.to_dtype(dtype)?.copy()?);
+        }
         Ok(Weights::new(tensors))
     }
 
     /// The adapted weights merged, `W + s B A` (with DoRA scaled to
     /// `m / ||W + s B A||` per row; computed in f32 or wider, returned in
-    /// `W`'s dtype), by the base weight's name. Other weights are unchanged
-    /// and not returned.
+    /// `W`'s dtype), and the weights trained whole as they are, by the base
+    /// weight's name. Other weights are unchanged and not returned.
     pub fn merge(
         &self,
         cfg: &ModelConfig,
@@ -253,6 +330,11 @@ impl LoraConfig {
             }
             out.insert(l.weight(), merged.to_dtype(w.dtype())?);
         }
+        for (name, shape) in self.saved_weights(cfg)? {
+            let dtype = base.get(&name).map_or(DType::F32, Tensor::dtype);
+            let saved = adapters.require(&name, &shape)?.to_dtype(dtype)?;
+            out.insert(name, saved);
+        }
         Ok(out)
     }
 
@@ -276,13 +358,13 @@ impl LoraConfig {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": (!self.modules_to_save.is_empty()).then_some(&self.modules_to_save),
             "use_dora": self.use_dora,
         })
     }
 
-    /// Reads PEFT's `adapter_config.json` (LoRA or DoRA, no bias, no
-    /// `modules_to_save`: what Tandem trains).
+    /// Reads PEFT's `adapter_config.json` (LoRA or DoRA, no bias: what
+    /// Tandem trains).
     pub fn from_peft_config(v: &Value, path: &Path) -> Result<Self> {
         let bad = |what: String| ModelError::Invalid(format!("{}: {what}", path.display()));
         let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
@@ -296,11 +378,6 @@ impl LoraConfig {
         };
         for (key, ok) in [
             ("bias", v.get("bias").is_none_or(|b| b == "none")),
-            (
-                "modules_to_save",
-                v.get("modules_to_save")
-                    .is_none_or(|m| m.is_null() || m == &json!([])),
-            ),
             // Per-module ranks and scales, adapters on some layers only.
             ("rank_pattern", empty_or_absent(v, "rank_pattern")),
             ("alpha_pattern", empty_or_absent(v, "alpha_pattern")),
@@ -358,11 +435,24 @@ impl LoraConfig {
                 .filter(|d| (0.0..1.0).contains(d))
                 .ok_or_else(|| bad(format!("lora_dropout {d} is not a number in [0, 1)")))?,
         };
+        let modules_to_save = match v.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("modules_to_save holds a non-string".into()))
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => return Err(bad(format!("modules_to_save {other} is not a list"))),
+        };
         Ok(LoraConfig {
             r,
             alpha,
             target_modules,
             dropout,
+            modules_to_save,
             use_rslora: v
                 .get("use_rslora")
                 .and_then(Value::as_bool)
@@ -424,16 +514,18 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// Every adapter of the config is there, with nothing else: the linears
-    /// it adapts in `cfg`.
+    /// Every adapter of the config (and weight it trains whole) is there,
+    /// with nothing else: the linears it adapts in `cfg`.
     pub fn check(&self, cfg: &ModelConfig) -> Result<Vec<AdaptedLinear>> {
         let adapted = self.config.adapted(cfg)?;
+        let saved = self.config.saved_weights(cfg)?;
         let expected: std::collections::BTreeSet<String> = adapted
             .iter()
             .flat_map(|l| {
                 let magnitude = self.config.use_dora.then(|| l.magnitude());
                 [l.lora_a(), l.lora_b()].into_iter().chain(magnitude)
             })
+            .chain(saved.iter().map(|(name, _)| name.clone()))
             .collect();
         if let Some(extra) = self.adapters.names().find(|n| !expected.contains(*n)) {
             return Err(ModelError::Invalid(format!(
@@ -448,7 +540,21 @@ impl Lora {
                 });
             }
         }
+        for (name, shape) in &saved {
+            self.adapters.require(name, shape)?;
+        }
         Ok(adapted)
+    }
+
+    /// `base` with the weights trained whole (`modules_to_save`) in place of
+    /// its own: the weights the adapted model runs on.
+    pub fn overlay(&self, cfg: &ModelConfig, base: &Weights) -> Result<Weights> {
+        let mut weights = base.clone();
+        for (name, shape) in self.config.saved_weights(cfg)? {
+            let saved = self.adapters.require(&name, &shape)?.clone();
+            weights.insert(name, saved);
+        }
+        Ok(weights)
     }
 
     /// PEFT's `merge_and_unload` on folders: the model folder `base` with the
@@ -506,7 +612,8 @@ impl Lora {
                 let k = k.strip_prefix(PEFT_PREFIX).unwrap_or(k);
                 let k = k
                     .replace(".lora_A.default.", ".lora_A.")
-                    .replace(".lora_B.default.", ".lora_B.");
+                    .replace(".lora_B.default.", ".lora_B.")
+                    .replace(".modules_to_save.default.", ".");
                 let k = match k.strip_suffix(".lora_magnitude_vector.default.weight") {
                     Some(module) => format!("{module}.lora_magnitude_vector"),
                     None => k,

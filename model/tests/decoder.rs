@@ -658,6 +658,7 @@ fn lora_config(targets: TargetModules, r: usize) -> LoraConfig {
         use_rslora: false,
         dropout: 0.0,
         use_dora: false,
+        modules_to_save: Vec::new(),
     }
 }
 
@@ -779,7 +780,7 @@ fn a_lora_model_computes_what_its_merged_weights_compute() {
             "{arch} {targets:?} DoRA {use_dora}"
         );
         // Adapters off: the base model exactly (the KL reference of a LoRA run).
-        let off = lora_model.without_lora().forward(&x, &m).unwrap();
+        let off = lora_model.without_lora().unwrap().forward(&x, &m).unwrap();
         assert_eq!(max_abs_diff_f64(&off, &base), 0.0, "{arch}");
     }
 }
@@ -864,6 +865,144 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
             }
         }
     }
+}
+
+/// PEFT's `modules_to_save`: whole modules train as copies beside the
+/// adapters (matched as PEFT does, by the end of the module's name). The
+/// model runs on the copies, a merge hands them out, the base gets no
+/// gradient, and the copies' gradients match finite differences.
+#[test]
+fn lora_modules_to_save_train_whole_copies() {
+    for arch in ["LlamaForCausalLM", "Qwen3ForCausalLM"] {
+        let (cfg, w) = random_model(arch, 25, DType::F64);
+        let mut config = lora_config(TargetModules::Names(vec!["q_proj".into()]), 2);
+        config.modules_to_save = vec!["lm_head".into(), "embed_tokens".into(), "norm".into()];
+        let saved: Vec<String> = config
+            .saved_weights(&cfg)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        // "norm" ends every norm's name: the final one and each layer's.
+        let norms = if arch == "Qwen3ForCausalLM" { 4 } else { 2 };
+        assert_eq!(saved.len(), 3 + norms * cfg.num_hidden_layers, "{saved:?}");
+        assert_eq!(saved[0], "model.embed_tokens.weight");
+        assert_eq!(saved[saved.len() - 1], "lm_head.weight");
+        assert!(saved.contains(&"model.layers.1.post_attention_layernorm.weight".into()));
+        let fresh = random_lora(&cfg, &w, config, DType::F64);
+        for name in &saved {
+            let copy = fresh.adapters.get(name).unwrap();
+            assert_eq!(max_abs_diff_f64(copy, w.get(name).unwrap()), 0.0, "{name}");
+        }
+        // Copies moved off the base: the model runs on them, as a plain
+        // model of the merged weights does.
+        let mut adapters = fresh.adapters.clone();
+        for name in &saved {
+            let t = adapters.get(name).unwrap().clone();
+            let noise = Tensor::randn(0f64, 0.2, t.shape(), &Device::Cpu).unwrap();
+            adapters.insert(name.clone(), (t + noise).unwrap());
+        }
+        let lora = Lora {
+            config: fresh.config.clone(),
+            adapters,
+        };
+        let lm = CausalLM::with_lora(&cfg, &w, &lora).unwrap();
+        assert!(
+            lm.without_lora().is_none(),
+            "the base's modules are not held"
+        );
+        let merged = lora.config.merge(&cfg, &w, &lora.adapters).unwrap();
+        for name in &saved {
+            assert_eq!(
+                max_abs_diff_f64(&merged[name], lora.adapters.get(name).unwrap()),
+                0.0
+            );
+        }
+        let mut plain = w.clone();
+        for (name, t) in merged {
+            plain.insert(name, t);
+        }
+        let x = ids(&[vec![0, 3, 5, 7, 9, 2, 4], vec![0, 0, 8, 6, 1, 30, 31]]);
+        let m = ids(&[vec![1; 7], vec![0, 0, 1, 1, 1, 1, 1]]);
+        let adapted = lm.forward(&x, &m).unwrap();
+        let reference = CausalLM::new(&cfg, &plain)
+            .unwrap()
+            .forward(&x, &m)
+            .unwrap();
+        assert!(max_abs_diff_f64(&adapted, &reference) < 1e-10, "{arch}");
+        let base = CausalLM::new(&cfg, &w).unwrap().forward(&x, &m).unwrap();
+        assert!(max_abs_diff_f64(&adapted, &base) > 1e-3, "{arch}");
+
+        let (vars, view) = trainable(&lora.adapters).unwrap();
+        let trained = Lora {
+            config: lora.config.clone(),
+            adapters: view,
+        };
+        let lm = CausalLM::with_lora(&cfg, &w, &trained).unwrap();
+        let objective = |lm: &CausalLM| logprob_entropy_objective(lm, &x, &m);
+        let grads = objective(&lm).backward().unwrap();
+        for (name, t) in w.iter() {
+            assert!(
+                grads.get(t).is_none(),
+                "{arch}: frozen {name} got a gradient"
+            );
+        }
+        assert_only_parameter_gradients(arch, &vars, &grads);
+        check_against_finite_differences(arch, &vars, &grads, || {
+            objective(&lm).to_scalar::<f64>().unwrap()
+        });
+
+        // PEFT's files: the copies under `base_model.model.<name>`, the
+        // list in adapter_config.json; read back the same.
+        let dir = tempfile::tempdir().unwrap();
+        lora.save_peft(dir.path(), "/models/base").unwrap();
+        let file = saved_adapter_file(dir.path());
+        assert!(file.get("base_model.model.lm_head.weight").is_some());
+        assert!(file.get("base_model.model.model.norm.weight").is_some());
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config["modules_to_save"],
+            json!(["lm_head", "embed_tokens", "norm"])
+        );
+        let back = Lora::load_peft(dir.path(), &Device::Cpu, DType::F64).unwrap();
+        assert_eq!(back.config, lora.config);
+        assert!(back.config.same_adapters(&lora.config, &cfg).unwrap());
+        back.check(&cfg).unwrap();
+        for (name, t) in lora.adapters.iter() {
+            assert_eq!(max_abs_diff_f64(back.adapters.get(name).unwrap(), t), 0.0);
+        }
+    }
+
+    // What cannot be: tied embeddings, a name that matches nothing, a
+    // module that is both adapted and saved.
+    let tied = config("Qwen2ForCausalLM");
+    let untied = config("LlamaForCausalLM");
+    for (cfg, targets, save, says) in [
+        (&tied, "q_proj", "lm_head", "tie_word_embeddings"),
+        (&tied, "q_proj", "embed_tokens", "tie_word_embeddings"),
+        (&untied, "q_proj", "score", "matches no module"),
+        (
+            &untied,
+            "q_proj",
+            "self_attn.q_proj",
+            "also gives an adapter",
+        ),
+    ] {
+        let mut config = lora_config(TargetModules::Names(vec![targets.into()]), 2);
+        config.modules_to_save = vec![save.into()];
+        let e = config.saved_weights(cfg).unwrap_err().to_string();
+        assert!(e.contains(says) && e.contains(save), "{save}: {e}");
+    }
+    // A tied model's norms may still train.
+    let mut config = lora_config(TargetModules::AllLinear, 2);
+    config.modules_to_save = vec!["model.norm".into()];
+    assert_eq!(
+        config.saved_weights(&tied).unwrap(),
+        vec![("model.norm.weight".to_string(), vec![32])]
+    );
 }
 
 #[test]

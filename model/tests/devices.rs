@@ -270,6 +270,7 @@ mod cuda {
             use_rslora: false,
             dropout: 0.3,
             use_dora: false,
+            modules_to_save: Vec::new(),
         };
         let fresh = config.init(&cfg, &w, 1, &dev, DType::F32).unwrap();
         let mut adapters = fresh.clone();

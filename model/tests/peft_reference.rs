@@ -1,8 +1,10 @@
 //! Tandem's LoRA against Hugging Face PEFT.
 //!
 //! `tests/fixtures/make_peft_fixture.py` (run by hand) put LoRA adapters on
-//! the tiny preset (`learner init-model --preset tiny --seed 0`) with PEFT's
-//! `get_peft_model` (random A and B), saved them with PEFT's
+//! the tiny preset (`learner init-model --preset tiny --seed 0`; untied for
+//! the head and embeddings' modules_to_save) with PEFT's `get_peft_model`
+//! (random A and B, modules_to_save copies moved off the base), saved them
+//! with PEFT's
 //! `save_pretrained` under `tests/fixtures/peft/<name>/`, and recorded PEFT's
 //! logits in `peft/logits.json`. These tests load PEFT's folders with
 //! [`Lora::load_peft`], compute the logits with the adapters (Tandem's
@@ -32,12 +34,32 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The fixture's record, a folder holding the tiny base PEFT's adapters
-/// were made on (`tiny/`), and the record's input ids with their mask.
+/// The fixture's record, a folder holding the tiny bases PEFT's adapters
+/// were made on (`tiny/`, and `untied/`: the same with lm_head its own copy
+/// of the embeddings, as the fixture script's `untie` makes it), and the
+/// record's input ids with their mask.
 fn setup() -> (Value, tempfile::TempDir, Tensor, Tensor) {
     let record = read_json(&fixtures().join("logits.json"));
     let tmp = tempfile::tempdir().unwrap();
-    presets::init_model(Preset::Tiny, &tmp.path().join("tiny"), 0).unwrap();
+    let tiny = tmp.path().join("tiny");
+    presets::init_model(Preset::Tiny, &tiny, 0).unwrap();
+    let untied = tmp.path().join("untied");
+    std::fs::create_dir(&untied).unwrap();
+    for entry in std::fs::read_dir(&tiny).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, untied.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config = read_json(&untied.join("config.json"));
+    config["tie_word_embeddings"] = Value::Bool(false);
+    std::fs::write(untied.join("config.json"), config.to_string()).unwrap();
+    let mut weights = Weights::load(&tiny, &Device::Cpu, DType::F32).unwrap();
+    let embed = weights
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .copy()
+        .unwrap();
+    weights.insert("lm_head.weight", embed);
+    weights.save(&untied.join("model.safetensors")).unwrap();
     let rows: Vec<Vec<u32>> = serde_json::from_value(record["input_ids"].clone()).unwrap();
     let (b, t) = (rows.len(), rows[0].len());
     let ids = Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap();
@@ -56,15 +78,23 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The base folder an adapter of the record was made on.
+fn base_of(tmp: &tempfile::TempDir, case: &Value) -> PathBuf {
+    match case["base"].as_str() {
+        Some("untied") => tmp.path().join("untied"),
+        _ => tmp.path().join("tiny"),
+    }
+}
+
 #[test]
 fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
     let (record, tmp, ids, mask) = setup();
-    let base_dir = tmp.path().join("tiny");
-    let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
-    let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
     let adapters = record["adapters"].as_object().unwrap();
-    assert_eq!(adapters.len(), 3);
+    assert_eq!(adapters.len(), 5);
     for (name, case) in adapters {
+        let base_dir = base_of(&tmp, case);
+        let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
+        let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
         let expected: Vec<Vec<Vec<f32>>> = serde_json::from_value(case["logits"].clone()).unwrap();
         let expected = Tensor::new(expected, &Device::Cpu).unwrap();
         let lora = Lora::load_peft(&fixtures().join(name), &Device::Cpu, DType::F32)
@@ -104,19 +134,32 @@ fn peft_adapters_give_pefts_logits_with_adapters_and_merged() {
     }
 }
 
-/// DoRA's gradients, which finite differences cannot check (its row norms
-/// are constants of the backward pass): PEFT's, of the sum of
-/// `log_softmax(logits) w` with the fixture script's pattern
-/// `w = ((7 b + 3 t + v) mod 5 - 2) / 2`, for every A, B and magnitude.
+/// PEFT's gradients, of the sum of `log_softmax(logits) w` with the fixture
+/// script's pattern `w = ((7 b + 3 t + v) mod 5 - 2) / 2`, for every
+/// trained tensor: DoRA's (which finite differences cannot check, its row
+/// norms being constants of the backward pass), and the modules_to_save
+/// copies' beside their adapters.
 #[test]
-fn dora_gradients_are_pefts() {
+fn dora_and_saved_module_gradients_are_pefts() {
     let (record, tmp, ids, mask) = setup();
-    let base_dir = tmp.path().join("tiny");
-    let cfg = model::ModelConfig::from_dir(&base_dir).unwrap();
-    let base = Weights::load(&base_dir, &Device::Cpu, DType::F32).unwrap();
-    let name = "dora_qv_down";
+    let mut checked = Vec::new();
+    for (name, case) in record["adapters"].as_object().unwrap() {
+        if case.get("gradients").is_none() {
+            continue;
+        }
+        gradients_are_pefts(name, case, &base_of(&tmp, case), &ids, &mask);
+        checked.push(name.as_str());
+    }
+    assert_eq!(
+        checked,
+        ["dora_qv_down", "saved_norms", "saved_lm_head_embed"]
+    );
+}
+
+fn gradients_are_pefts(name: &str, case: &Value, base_dir: &Path, ids: &Tensor, mask: &Tensor) {
+    let cfg = model::ModelConfig::from_dir(base_dir).unwrap();
+    let base = Weights::load(base_dir, &Device::Cpu, DType::F32).unwrap();
     let lora = Lora::load_peft(&fixtures().join(name), &Device::Cpu, DType::F32).unwrap();
-    assert!(lora.config.use_dora);
     let (vars, adapters) = model::decoder::trainable(&lora.adapters).unwrap();
     let trained = Lora {
         config: lora.config.clone(),
@@ -124,7 +167,7 @@ fn dora_gradients_are_pefts() {
     };
     let logits = CausalLM::with_lora(&cfg, &base, &trained)
         .unwrap()
-        .forward(&ids, &mask)
+        .forward(ids, mask)
         .unwrap();
     let (b, t, v) = logits.dims3().unwrap();
     let pattern: Vec<f32> = (0..b * t * v)
@@ -139,8 +182,8 @@ fn dora_gradients_are_pefts() {
         .sum_all()
         .unwrap();
     let grads = objective.backward().unwrap();
-    let expected = record["adapters"][name]["gradients"].as_object().unwrap();
-    assert_eq!(expected.len(), vars.len());
+    let expected = case["gradients"].as_object().unwrap();
+    assert_eq!(expected.len(), vars.len(), "{name}");
     for (var_name, var) in &vars {
         let theirs: Vec<f32> =
             serde_json::from_value(expected[&format!("base_model.model.{var_name}")].clone())
@@ -159,28 +202,32 @@ fn dora_gradients_are_pefts() {
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(
             scale > 0.0 && d <= 1e-4 * scale + 1e-6,
-            "{var_name}: Tandem's gradient differs from PEFT's by {d} (largest {scale})"
+            "{name} {var_name}: Tandem's gradient differs from PEFT's by {d} (largest {scale})"
         );
     }
 }
 
 /// `learner merge-adapter`'s library half: PEFT's folder merged into the
-/// base and written as a model folder gives PEFT's logits as a plain model.
+/// base and written as a model folder gives PEFT's logits as a plain model
+/// (with modules_to_save, their trained copies in place).
 #[test]
 fn a_merged_folder_gives_pefts_logits() {
     let (record, tmp, ids, mask) = setup();
-    let base_dir = tmp.path().join("tiny");
-    let name = "qv_down";
-    let out = tmp.path().join("merged");
-    Lora::merge_folders(&base_dir, &fixtures().join(name), &out).unwrap();
-    let expected: Vec<Vec<Vec<f32>>> =
-        serde_json::from_value(record["adapters"][name]["logits"].clone()).unwrap();
-    let expected = Tensor::new(expected, &Device::Cpu).unwrap();
-    let merged = CausalLM::from_dir(&out, &Device::Cpu, DType::F32).unwrap();
-    let d = max_abs_diff(&merged.forward(&ids, &mask).unwrap(), &expected);
-    assert!(d < TOL, "the merged folder differs from PEFT by {d}");
-    // The tokenizer and config came along.
-    assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());
+    for name in ["qv_down", "saved_lm_head_embed"] {
+        let case = &record["adapters"][name];
+        let out = tmp.path().join(format!("merged-{name}"));
+        Lora::merge_folders(&base_of(&tmp, case), &fixtures().join(name), &out).unwrap();
+        let expected: Vec<Vec<Vec<f32>>> = serde_json::from_value(case["logits"].clone()).unwrap();
+        let expected = Tensor::new(expected, &Device::Cpu).unwrap();
+        let merged = CausalLM::from_dir(&out, &Device::Cpu, DType::F32).unwrap();
+        let d = max_abs_diff(&merged.forward(&ids, &mask).unwrap(), &expected);
+        assert!(
+            d < TOL,
+            "{name}: the merged folder differs from PEFT by {d}"
+        );
+        // The tokenizer and config came along.
+        assert!(out.join("tokenizer.json").exists() && out.join("config.json").exists());
+    }
 }
 
 #[test]
@@ -226,6 +273,7 @@ fn tandem_writes_adapters_as_peft_does() {
             "bias",
             "fan_in_fan_out",
             "use_dora",
+            "modules_to_save",
             "base_model_name_or_path",
         ] {
             assert_eq!(ours[key], peft_config[key], "{name}: {key}");

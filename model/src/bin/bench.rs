@@ -102,6 +102,7 @@ impl TrainMode {
                 use_rslora: false,
                 dropout: 0.0,
                 use_dora: self == TrainMode::Dora,
+                modules_to_save: Vec::new(),
             };
             let device = weights
                 .iter()
