@@ -803,11 +803,14 @@ pub const ANY_JSON_DEPTH: usize = 4;
 /// `structured_outputs.json`) as a pattern that the JSON texts it accepts
 /// match: `type` (one or a list), `enum`, `const`, `properties` (in their
 /// order; those not in `required` may be left out), `items` with
-/// `minItems` / `maxItems`, strings' `minLength` / `maxLength` / `pattern`,
-/// `anyOf` / `oneOf`, and local `$ref`s (`#/$defs/...`). A keyword that
-/// would constrain values beyond these (`minimum`, `format`,
-/// `additionalProperties: {schema}`, ...) is an error naming it, never
-/// ignored. A schema that leaves a value open (`{}`, `true`, an object
+/// `minItems` / `maxItems`, strings' `minLength` / `maxLength` / `pattern`
+/// or `format` (date, time, date-time, uuid, ipv4, email, hostname),
+/// numbers' `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum`
+/// (any for integers; whole-number bounds for numbers, which are then
+/// written without an exponent), `anyOf` / `oneOf`, and local `$ref`s
+/// (`#/$defs/...`). A keyword that would constrain values beyond these
+/// (`multipleOf`, `additionalProperties: {schema}`, ...) is an error naming
+/// it, never ignored. A schema that leaves a value open (`{}`, `true`, an object
 /// without `properties`, an array without `items`) takes any JSON of that
 /// kind up to [`ANY_JSON_DEPTH`] containers deep. `compact`: no whitespace
 /// between tokens (vLLM's `disable_any_whitespace`).
@@ -871,6 +874,293 @@ struct JsonSchema<'a> {
     ws: &'a str,
 }
 
+/// One end of a numeric range: `minimum` / `maximum` (`strict: false`) or
+/// `exclusiveMinimum` / `exclusiveMaximum`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bound {
+    value: f64,
+    strict: bool,
+}
+
+impl Bound {
+    fn at(value: f64) -> Self {
+        Bound {
+            value,
+            strict: false,
+        }
+    }
+}
+
+/// Of two lower (`lower`) or upper bounds, the one that excludes more.
+fn tighter(a: Option<Bound>, b: Option<Bound>, lower: bool) -> Option<Bound> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let key = |x: Bound| if lower { x.value } else { -x.value };
+            Some(match key(a).total_cmp(&key(b)) {
+                std::cmp::Ordering::Greater => a,
+                std::cmp::Ordering::Less => b,
+                std::cmp::Ordering::Equal => Bound {
+                    value: a.value,
+                    strict: a.strict || b.strict,
+                },
+            })
+        }
+        (a, b) => a.or(b),
+    }
+}
+
+/// The lower and upper bounds a numeric schema gives (draft 6 and later:
+/// `exclusiveMinimum` is a number; a format's own range aside).
+fn numeric_bounds(obj: &serde_json::Map<String, Value>) -> Result<(Option<Bound>, Option<Bound>)> {
+    if let Some(f) = obj.get("format").and_then(Value::as_str)
+        && !matches!(f, "int32" | "int64" | "float" | "double")
+    {
+        return Err(ModelError::Invalid(format!(
+            "JSON schema: numeric format {f:?} is not supported by guided decoding here"
+        )));
+    }
+    let get = |k: &str, strict: bool| -> Result<Option<Bound>> {
+        match obj.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|value| Some(Bound { value, strict }))
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!("JSON schema: {k} {v} is not a finite number"))
+                }),
+        }
+    };
+    Ok((
+        tighter(get("minimum", false)?, get("exclusiveMinimum", true)?, true),
+        tighter(
+            get("maximum", false)?,
+            get("exclusiveMaximum", true)?,
+            false,
+        ),
+    ))
+}
+
+/// Past this a bound is no bound a 64-bit integer meets differently.
+const LARGEST_BOUND: f64 = 9.0e18;
+
+/// The JSON integers within `lo` and `hi`, without leading zeros (nor `-0`).
+fn integer_range(lo: Option<Bound>, hi: Option<Bound>) -> Result<String> {
+    // The least and greatest integers the bounds let in.
+    let lo = lo.filter(|b| b.value > -LARGEST_BOUND).map(|b| {
+        let c = b.value.ceil();
+        (if b.strict && c == b.value { c + 1.0 } else { c }) as i128
+    });
+    let hi = hi.filter(|b| b.value < LARGEST_BOUND).map(|b| {
+        let f = b.value.floor();
+        (if b.strict && f == b.value { f - 1.0 } else { f }) as i128
+    });
+    if let (Some(l), Some(h)) = (lo, hi)
+        && l > h
+    {
+        return Err(ModelError::Invalid(format!(
+            "JSON schema: no integer lies between the minimum and the maximum ({l} > {h})"
+        )));
+    }
+    let mut alternatives = Vec::new();
+    if hi.is_none_or(|h| h >= 0) {
+        let from = lo.map_or(0, |l| l.max(0)) as u64;
+        alternatives.push(uint_range(from, hi.map(|h| h as u64)));
+    }
+    if lo.is_none_or(|l| l < 0) {
+        let from = hi.map_or(1, |h| (-h).max(1)) as u64;
+        alternatives.push(format!("-{}", uint_range(from, lo.map(|l| (-l) as u64))));
+    }
+    Ok(format!("(?:{})", alternatives.join("|")))
+}
+
+/// The decimal numbers within `lo` and `hi` (whole-number bounds only), in
+/// plain notation (no exponent), without `-0`.
+fn number_range(lo: Option<Bound>, hi: Option<Bound>) -> Result<String> {
+    for b in lo.iter().chain(&hi) {
+        if b.value.fract() != 0.0 || b.value.abs() >= LARGEST_BOUND {
+            return Err(ModelError::Invalid(format!(
+                "JSON schema: a number bound of {} is not supported by guided decoding here \
+                 (whole-number bounds are)",
+                b.value
+            )));
+        }
+    }
+    let whole = |b: &Bound| (b.value as i128, b.strict);
+    let (lo, hi) = (lo.as_ref().map(whole), hi.as_ref().map(whole));
+    let mut alternatives = Vec::new();
+    // x >= 0: its magnitude from max(lo, 0) to hi.
+    if hi.is_none_or(|(h, strict)| h > 0 || (h == 0 && !strict)) {
+        let low = match lo {
+            Some((l, strict)) if l >= 0 => (l as u64, strict),
+            _ => (0, false),
+        };
+        alternatives.extend(udecimal_range(low, hi.map(|(h, s)| (h as u64, s))));
+    }
+    // x < 0: its magnitude m > 0, from -hi to -lo.
+    if lo.is_none_or(|(l, _)| l < 0) {
+        let low = match hi {
+            Some((h, strict)) if h < 0 => ((-h) as u64, strict),
+            _ => (0, true),
+        };
+        let high = lo.map(|(l, s)| ((-l) as u64, s));
+        alternatives.extend(udecimal_range(low, high).map(|p| format!("-{p}")));
+    }
+    if alternatives.is_empty() {
+        return Err(ModelError::Invalid(
+            "JSON schema: no number lies between the minimum and the maximum".into(),
+        ));
+    }
+    Ok(format!("(?:{})", alternatives.join("|")))
+}
+
+/// Decimals `I(.F)?` from `low` to `high` (`(value, strict)`; none: no
+/// upper bound), or none when there are none.
+fn udecimal_range(low: (u64, bool), high: Option<(u64, bool)>) -> Option<String> {
+    const ANY_FRACTION: &str = r"(?:\.[0-9]+)?";
+    const NONZERO_FRACTION: &str = r"\.[0-9]*[1-9][0-9]*";
+    const ZERO_FRACTION: &str = r"(?:\.0+)?";
+    let (l, l_strict) = low;
+    let mut alternatives = Vec::new();
+    match high {
+        Some((u, _)) if u < l => {}
+        Some((u, u_strict)) if u == l => {
+            if !l_strict && !u_strict {
+                alternatives.push(format!("{l}{ZERO_FRACTION}"));
+            }
+        }
+        _ => {
+            // The integer part is l: above l when strict.
+            let fraction = if l_strict {
+                NONZERO_FRACTION
+            } else {
+                ANY_FRACTION
+            };
+            alternatives.push(format!("{l}{fraction}"));
+            // Integer parts strictly between: any fraction.
+            let inner_high = high.map(|(u, _)| u - 1);
+            if inner_high.is_none_or(|h| h > l) {
+                alternatives.push(format!("{}{ANY_FRACTION}", uint_range(l + 1, inner_high)));
+            }
+            // The integer part is the upper bound: only its whole value.
+            if let Some((u, false)) = high {
+                alternatives.push(format!("{u}{ZERO_FRACTION}"));
+            }
+        }
+    }
+    (!alternatives.is_empty()).then(|| format!("(?:{})", alternatives.join("|")))
+}
+
+/// The integers from `lo` to `hi` (none: no bound) in decimal, without
+/// leading zeros: by number of digits, each length split at the first digit
+/// where its ends differ (the pattern `to-regex-range` makes).
+fn uint_range(lo: u64, hi: Option<u64>) -> String {
+    let digits = |n: u64| n.to_string().len();
+    let mut alternatives = Vec::new();
+    let longest = hi.map_or(digits(lo), digits);
+    for len in digits(lo)..=longest {
+        let first = if len == 1 {
+            0
+        } else {
+            10u128.pow(len as u32 - 1)
+        };
+        let last = 10u128.pow(len as u32) - 1;
+        let a = first.max(lo.into());
+        let b = hi.map_or(last, |h| last.min(h.into()));
+        if a <= b {
+            alternatives.push(same_length_range(
+                a.to_string().as_bytes(),
+                b.to_string().as_bytes(),
+            ));
+        }
+    }
+    if hi.is_none() {
+        // Every number with more digits.
+        alternatives.push(format!("[1-9][0-9]{{{},}}", digits(lo)));
+    }
+    format!("(?:{})", alternatives.join("|"))
+}
+
+/// The digit strings from `x` to `y`, both of one length.
+fn same_length_range(x: &[u8], y: &[u8]) -> String {
+    let Some((&x0, x_rest)) = x.split_first() else {
+        return String::new();
+    };
+    let (&y0, y_rest) = y.split_first().unwrap_or((&x0, &[]));
+    let n = x_rest.len();
+    let any = if n == 0 {
+        String::new()
+    } else {
+        format!("[0-9]{{{n}}}")
+    };
+    let class = |a: u8, b: u8| {
+        if a == b {
+            (a as char).to_string()
+        } else {
+            format!("[{}-{}]", a as char, b as char)
+        }
+    };
+    if x0 == y0 {
+        return format!("{}{}", x0 as char, same_length_range(x_rest, y_rest));
+    }
+    let mut alternatives = Vec::new();
+    let from_zero = x_rest.iter().all(|&d| d == b'0');
+    let to_nine = y_rest.iter().all(|&d| d == b'9');
+    let low = if from_zero {
+        x0
+    } else {
+        let nines = vec![b'9'; n];
+        alternatives.push(format!(
+            "{}{}",
+            x0 as char,
+            same_length_range(x_rest, &nines)
+        ));
+        x0 + 1
+    };
+    let high = if to_nine { y0 } else { y0 - 1 };
+    if low <= high {
+        alternatives.push(format!("{}{any}", class(low, high)));
+    }
+    if !to_nine {
+        let zeros = vec![b'0'; n];
+        alternatives.push(format!(
+            "{}{}",
+            y0 as char,
+            same_length_range(&zeros, y_rest)
+        ));
+    }
+    format!("(?:{})", alternatives.join("|"))
+}
+
+/// A string `format`'s text as a pattern (inside the quotes; none of these
+/// needs a JSON escape), so that strict parsers (Python's `fromisoformat`,
+/// `uuid.UUID`, `ipaddress`) read every output.
+fn string_format(format: &str) -> Option<String> {
+    // 0001-9999, and the leap years among them for February 29.
+    let year = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)";
+    let leap_year =
+        "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)";
+    let month_day = "(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))";
+    let date = format!("(?:{year}-{month_day}|{leap_year}-02-29)");
+    let time = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
+    let octet = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    let label = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+    let hex = |n: usize| format!("[0-9a-fA-F]{{{n}}}");
+    Some(match format {
+        "date" => date,
+        "time" => time.to_string(),
+        "date-time" => format!("{date}T{time}"),
+        "uuid" => format!("{}-{}-{}-{}-{}", hex(8), hex(4), hex(4), hex(4), hex(12)),
+        "ipv4" => format!("{octet}(?:\\.{octet}){{3}}"),
+        "hostname" => format!("{label}(?:\\.{label})*"),
+        "email" => {
+            let atom = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+";
+            format!("{atom}(?:\\.{atom})*@(?:{label}\\.)+[A-Za-z]{{2,63}}")
+        }
+        _ => return None,
+    })
+}
+
 fn unsupported(keyword: &str) -> ModelError {
     ModelError::Invalid(format!(
         "JSON schema keyword `{keyword}` is not supported by guided decoding here"
@@ -911,6 +1201,11 @@ impl JsonSchema<'_> {
                     | "oneOf"
                     | "$ref"
                     | "additionalProperties"
+                    | "minimum"
+                    | "maximum"
+                    | "exclusiveMinimum"
+                    | "exclusiveMaximum"
+                    | "format"
             ) || ANNOTATIONS.contains(&k.as_str());
             if !known {
                 return Err(unsupported(k));
@@ -990,6 +1285,26 @@ impl JsonSchema<'_> {
         let ws = self.ws;
         Ok(match t {
             "string" => {
+                if let Some(format) = obj.get("format") {
+                    let format = format.as_str().unwrap_or_default();
+                    let body = string_format(format).ok_or_else(|| {
+                        ModelError::Invalid(format!(
+                            "JSON schema: string format {format:?} is not supported by guided \
+                             decoding here (date, time, date-time, uuid, ipv4, email, hostname \
+                             are)"
+                        ))
+                    })?;
+                    if let Some(k) = ["pattern", "minLength", "maxLength"]
+                        .into_iter()
+                        .find(|k| obj.contains_key(*k))
+                    {
+                        return Err(ModelError::Invalid(format!(
+                            "JSON schema: a string with both format {format:?} and {k} is not \
+                             supported by guided decoding here"
+                        )));
+                    }
+                    return Ok(format!("\"{body}\""));
+                }
                 if let Some(p) = obj.get("pattern").and_then(Value::as_str) {
                     let p = p.strip_prefix('^').unwrap_or(p);
                     let p = p.strip_suffix('$').unwrap_or(p);
@@ -1002,8 +1317,26 @@ impl JsonSchema<'_> {
                     }
                 }
             }
-            "integer" => JSON_INTEGER.to_string(),
-            "number" => JSON_NUMBER.to_string(),
+            "integer" => {
+                let (lo, hi) = numeric_bounds(obj)?;
+                let int32 = obj.get("format").and_then(Value::as_str) == Some("int32");
+                let (lo, hi) = if int32 {
+                    (
+                        tighter(lo, Some(Bound::at(i32::MIN.into())), true),
+                        tighter(hi, Some(Bound::at(i32::MAX.into())), false),
+                    )
+                } else {
+                    (lo, hi)
+                };
+                match (lo, hi) {
+                    (None, None) => JSON_INTEGER.to_string(),
+                    (lo, hi) => integer_range(lo, hi)?,
+                }
+            }
+            "number" => match numeric_bounds(obj)? {
+                (None, None) => JSON_NUMBER.to_string(),
+                (lo, hi) => number_range(lo, hi)?,
+            },
             "boolean" => "(?:true|false)".to_string(),
             "null" => "null".to_string(),
             "array" => {
@@ -1224,11 +1557,218 @@ mod json_schema_tests {
         }
     }
 
+    /// Integer bounds, inclusive, exclusive, fractional or absent: every
+    /// integer from -1,200 to 1,200 matches exactly when it is within
+    /// them, and only in JSON's spelling (no leading zeros, no `-0`).
+    #[test]
+    fn integer_bounds_let_in_exactly_the_integers_within() {
+        let bounds: Vec<Value> = vec![
+            json!({}),
+            json!({"minimum": 0}),
+            json!({"minimum": 1, "maximum": 10}),
+            json!({"exclusiveMinimum": 0, "exclusiveMaximum": 100}),
+            json!({"minimum": -5, "maximum": 5}),
+            json!({"minimum": -1000, "maximum": -10}),
+            json!({"maximum": 7}),
+            json!({"exclusiveMaximum": -7}),
+            json!({"minimum": 99, "maximum": 1001}),
+            json!({"minimum": 120, "maximum": 999}),
+            json!({"minimum": 0.5, "maximum": 20.5}),
+            json!({"exclusiveMinimum": -3.5, "exclusiveMaximum": 3.0}),
+            json!({"minimum": 37, "maximum": 37}),
+            json!({"minimum": 5, "exclusiveMinimum": 5}),
+            json!({"minimum": -1e300}),
+        ];
+        for b in bounds {
+            let mut schema = json!({"type": "integer"});
+            for (k, v) in b.as_object().unwrap() {
+                schema[k] = v.clone();
+            }
+            let m = matcher(schema.clone());
+            let f = |k: &str| b.get(k).and_then(Value::as_f64);
+            for n in -1200i64..=1200 {
+                let x = n as f64;
+                let within = f("minimum").is_none_or(|v| x >= v)
+                    && f("maximum").is_none_or(|v| x <= v)
+                    && f("exclusiveMinimum").is_none_or(|v| x > v)
+                    && f("exclusiveMaximum").is_none_or(|v| x < v);
+                assert_eq!(m.is_match(&n.to_string()), within, "{schema}: {n}");
+            }
+            for odd in ["007", "+5", "1.0", "1e2", ""] {
+                assert!(!m.is_match(odd), "{schema}: {odd}");
+            }
+            // JSON's `-0` is an integer; a bounded range spells zero `0`.
+            assert_eq!(m.is_match("-0"), b == json!({}), "{schema}");
+        }
+        // Far from zero, and int32's own range.
+        let m = matcher(json!({"type": "integer", "minimum": 1_000_000_007i64}));
+        assert!(m.is_match("1000000007") && m.is_match("99999999999999999999"));
+        assert!(!m.is_match("1000000006") && !m.is_match("999999999"));
+        let m = matcher(json!({"type": "integer", "format": "int32"}));
+        assert!(m.is_match("2147483647") && m.is_match("-2147483648"));
+        assert!(!m.is_match("2147483648") && !m.is_match("-2147483649"));
+    }
+
+    /// Number bounds (whole numbers): plain decimals within them match,
+    /// nothing else (no exponent, no `-0`).
+    #[test]
+    fn number_bounds_let_in_exactly_the_decimals_within() {
+        let mut texts: Vec<String> = Vec::new();
+        for i in 0..=30 {
+            for fraction in ["", ".0", ".00", ".5", ".25", ".05", ".000001", ".999"] {
+                texts.push(format!("{i}{fraction}"));
+                texts.push(format!("-{i}{fraction}"));
+            }
+        }
+        let bounds: Vec<Value> = vec![
+            json!({"minimum": 0, "maximum": 1}),
+            json!({"exclusiveMinimum": 0}),
+            json!({"exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+            json!({"minimum": -3, "exclusiveMaximum": 2}),
+            json!({"minimum": -20, "maximum": -4}),
+            json!({"exclusiveMinimum": -20, "exclusiveMaximum": -4}),
+            json!({"maximum": 0}),
+            json!({"exclusiveMaximum": 0}),
+            json!({"minimum": 12}),
+            json!({"minimum": 7, "maximum": 7}),
+            json!({"minimum": 0, "maximum": 100}),
+        ];
+        for b in bounds {
+            let mut schema = json!({"type": "number"});
+            for (k, v) in b.as_object().unwrap() {
+                schema[k] = v.clone();
+            }
+            let m = matcher(schema.clone());
+            let f = |k: &str| b.get(k).and_then(Value::as_f64);
+            for t in &texts {
+                let x: f64 = t.parse().unwrap();
+                let negative_zero = t.starts_with('-') && x == 0.0;
+                let within = !negative_zero
+                    && f("minimum").is_none_or(|v| x >= v)
+                    && f("maximum").is_none_or(|v| x <= v)
+                    && f("exclusiveMinimum").is_none_or(|v| x > v)
+                    && f("exclusiveMaximum").is_none_or(|v| x < v);
+                assert_eq!(m.is_match(t), within, "{schema}: {t}");
+            }
+            for odd in ["1e0", "00.5", ".5", "1.", "+1"] {
+                assert!(!m.is_match(odd), "{schema}: {odd}");
+            }
+        }
+    }
+
+    /// String formats: each a date, time, ... that a strict parser reads.
+    #[test]
+    fn string_formats_take_only_valid_values() {
+        let quoted = |t: &str| format!("\"{t}\"");
+        let m = matcher(json!({"type": "string", "format": "date"}));
+        let leap =
+            |y: u32| y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400));
+        for year in [1, 4, 100, 400, 1900, 2000, 2023, 2024, 9999] {
+            for month in 0..=13u32 {
+                for day in 0..=32u32 {
+                    let days = match month {
+                        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+                        4 | 6 | 9 | 11 => 30,
+                        2 if leap(year) => 29,
+                        2 => 28,
+                        _ => 0,
+                    };
+                    let valid = day >= 1 && day <= days;
+                    let text = quoted(&format!("{year:04}-{month:02}-{day:02}"));
+                    assert_eq!(m.is_match(&text), valid, "{text}");
+                }
+            }
+        }
+        assert!(!m.is_match(&quoted("0000-01-01")));
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            (
+                "time",
+                &["00:00:00Z", "23:59:59.123456+05:30", "12:30:00-08:00"],
+                &[
+                    "24:00:00Z",
+                    "12:60:00Z",
+                    "12:00:00",
+                    "1:00:00Z",
+                    "12:00:00.Z",
+                ],
+            ),
+            (
+                "date-time",
+                &["2024-02-29T12:00:00Z", "1999-12-31T23:59:59.5+01:00"],
+                &[
+                    "2023-02-29T12:00:00Z",
+                    "2024-01-01 12:00:00Z",
+                    "2024-01-01T12:00Z",
+                ],
+            ),
+            (
+                "uuid",
+                &[
+                    "123e4567-e89b-12d3-a456-426614174000",
+                    "00000000-0000-0000-0000-000000000000",
+                ],
+                &[
+                    "123e4567e89b12d3a456426614174000",
+                    "123e4567-e89b-12d3-a456-42661417400g",
+                ],
+            ),
+            (
+                "ipv4",
+                &["0.0.0.0", "255.255.255.255", "10.1.20.199"],
+                &["256.0.0.1", "01.2.3.4", "1.2.3", "1.2.3.4.5"],
+            ),
+            (
+                "email",
+                &["a@b.co", "first.last+tag@mail.example.org"],
+                &[
+                    "a@b",
+                    ".a@b.co",
+                    "a..b@c.de",
+                    "a@-b.co",
+                    "a b@c.de",
+                    "@b.co",
+                ],
+            ),
+            (
+                "hostname",
+                &["localhost", "a-b.example.com", "x1"],
+                &["-a.com", "a-.com", "a..b", "a_b.com", ""],
+            ),
+        ];
+        for (format, good, bad) in cases {
+            let m = matcher(json!({"type": "string", "format": format}));
+            for t in *good {
+                assert!(m.is_match(&quoted(t)), "{format}: {t}");
+            }
+            for t in *bad {
+                assert!(!m.is_match(&quoted(t)), "{format}: {t}");
+            }
+        }
+    }
+
     #[test]
     fn what_would_be_ignored_is_an_error() {
         for (schema, says) in [
-            (json!({"type": "integer", "minimum": 0}), "minimum"),
-            (json!({"type": "string", "format": "date-time"}), "format"),
+            (json!({"type": "integer", "multipleOf": 3}), "multipleOf"),
+            (json!({"type": "string", "format": "uri"}), "\"uri\""),
+            (
+                json!({"type": "string", "format": "date", "maxLength": 10}),
+                "maxLength",
+            ),
+            (json!({"type": "number", "minimum": 0.5}), "0.5"),
+            (json!({"type": "integer", "format": "int8"}), "int8"),
+            (
+                json!({"type": "integer", "minimum": 3, "exclusiveMaximum": 3.5, "maximum": 2}),
+                "no integer",
+            ),
+            (
+                json!({"type": "number", "exclusiveMinimum": 2, "maximum": 2}),
+                "no number",
+            ),
+            (
+                json!({"type": "integer", "exclusiveMinimum": true}),
+                "finite number",
+            ),
             (
                 json!({"type": "object", "additionalProperties": {"type": "string"}}),
                 "additionalProperties",

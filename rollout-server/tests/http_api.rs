@@ -1380,11 +1380,12 @@ async fn json_schema_guided_decoding_gives_valid_json() {
     let schema = json!({
         "type": "object",
         "properties": {
-            "answer": {"type": "integer"},
+            "answer": {"type": "integer", "minimum": 0, "exclusiveMaximum": 100},
             "unit": {"enum": ["m", "s"]},
-            "ok": {"type": "boolean"}
+            "ok": {"type": "boolean"},
+            "day": {"type": "string", "format": "date"}
         },
-        "required": ["answer", "ok"]
+        "required": ["answer", "ok", "day"]
     });
     for guided in [
         json!({"guided_json": schema}),
@@ -1404,12 +1405,20 @@ async fn json_schema_guided_decoding_gives_valid_json() {
             assert_eq!(r["choices"][i]["finish_reason"], "stop", "{t:?}");
             let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
             assert!(v["answer"].is_i64() && v["ok"].is_boolean(), "{t}");
+            assert!((0..100).contains(&v["answer"].as_i64().unwrap()), "{t}");
             assert!(v.get("unit").is_none_or(|u| u == "m" || u == "s"), "{t}");
+            let day: Vec<u32> = v["day"]
+                .as_str()
+                .unwrap()
+                .split('-')
+                .map(|p| p.parse().unwrap())
+                .collect();
+            assert!(day[0] >= 1 && (1..=12).contains(&day[1]) && (1..=31).contains(&day[2]));
         }
     }
     for (extra, param) in [
         (
-            json!({"guided_json": {"type": "integer", "minimum": 0}}),
+            json!({"guided_json": {"type": "integer", "multipleOf": 2}}),
             "guided_json",
         ),
         (json!({"guided_json": "{not json"}), "guided_json"),
@@ -1418,7 +1427,7 @@ async fn json_schema_guided_decoding_gives_valid_json() {
             "response_format.json_schema.schema",
         ),
         (
-            json!({"structured_outputs": {"json": {"type": "string", "format": "email"}}}),
+            json!({"structured_outputs": {"json": {"type": "string", "format": "uri"}}}),
             "structured_outputs.json",
         ),
     ] {
@@ -1718,7 +1727,7 @@ async fn tool_calls_auto_named_and_required() {
         (
             json!({"messages": messages, "tool_choice": "required", "tools": [
             {"type": "function", "function": {"name": "f", "parameters": {
-                "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}]}),
+                "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}}]}),
             "tools",
         ),
     ] {
