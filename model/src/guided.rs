@@ -802,18 +802,21 @@ pub const ANY_JSON_DEPTH: usize = 4;
 /// A JSON schema (vLLM's `guided_json`, `response_format: json_schema`,
 /// `structured_outputs.json`) as a pattern that the JSON texts it accepts
 /// match: `type` (one or a list), `enum`, `const`, `properties` (in their
-/// order; those not in `required` may be left out), `items` with
-/// `minItems` / `maxItems`, strings' `minLength` / `maxLength` / `pattern`
-/// or `format` (date, time, date-time, uuid, ipv4, email, hostname),
-/// numbers' `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum`
-/// (any for integers; whole-number bounds for numbers, which are then
-/// written without an exponent), `anyOf` / `oneOf`, and local `$ref`s
-/// (`#/$defs/...`). A keyword that would constrain values beyond these
-/// (`multipleOf`, `additionalProperties: {schema}`, ...) is an error naming
-/// it, never ignored. A schema that leaves a value open (`{}`, `true`, an object
-/// without `properties`, an array without `items`) takes any JSON of that
-/// kind up to [`ANY_JSON_DEPTH`] containers deep. `compact`: no whitespace
-/// between tokens (vLLM's `disable_any_whitespace`).
+/// order; those not in `required` may be left out), maps
+/// (`additionalProperties` with a schema, no `properties`), `items` and
+/// tuples' `prefixItems` with `minItems` / `maxItems`, strings'
+/// `minLength` / `maxLength` / `pattern` or `format` (date, time,
+/// date-time, uuid, ipv4, email, hostname), numbers' `minimum` / `maximum`
+/// / `exclusiveMinimum` / `exclusiveMaximum` (any for integers;
+/// whole-number bounds for numbers, which are then written without an
+/// exponent), `anyOf` / `oneOf`, and local `$ref`s (`#/$defs/...`). A
+/// keyword that would constrain values beyond these (`multipleOf`,
+/// `uniqueItems`, `additionalProperties: {schema}` beside `properties`,
+/// ...) is an error naming it, never ignored. A schema that leaves a value
+/// open (`{}`, `true`, an object without `properties`, an array without
+/// `items`) takes any JSON of that kind up to [`ANY_JSON_DEPTH`] containers
+/// deep. `compact`: no whitespace between tokens (vLLM's
+/// `disable_any_whitespace`).
 pub fn json_schema_pattern(schema: &Value, compact: bool) -> Result<String> {
     let ws = if compact { "" } else { JSON_WS };
     JsonSchema { root: schema, ws }.pattern(schema, 0)
@@ -872,6 +875,53 @@ const ANNOTATIONS: &[&str] = &[
 struct JsonSchema<'a> {
     root: &'a Value,
     ws: &'a str,
+}
+
+/// An array's elements as a pattern: the `prefix` patterns in order, then
+/// `item`s (none: no more), from `min` to `max` elements in all.
+struct ArrayItems<'a> {
+    prefix: &'a [String],
+    item: Option<&'a str>,
+    min: usize,
+    max: Option<usize>,
+    sep: String,
+}
+
+impl ArrayItems<'_> {
+    /// Elements `i` and on, each after the first element of the array led
+    /// by the separator; those at or past `min` may be left out (with all
+    /// after them).
+    fn from(&self, i: usize) -> String {
+        let sep = if i == 0 { "" } else { self.sep.as_str() };
+        if let Some(p) = self.prefix.get(i) {
+            let element = format!("{sep}{p}{}", self.from(i + 1));
+            return if i >= self.min {
+                format!("(?:{element})?")
+            } else {
+                element
+            };
+        }
+        let Some(item) = self.item.filter(|_| self.max.is_none_or(|m| m > i)) else {
+            return String::new();
+        };
+        // Past the prefix: from `min - i` to `max - i` more items.
+        let least = self.min.saturating_sub(i);
+        let most = self.max.map(|m| m - i);
+        let bounds = |least: usize, most: Option<usize>| match most {
+            Some(most) => format!("{{{least},{most}}}"),
+            None => format!("{{{least},}}"),
+        };
+        if i > 0 {
+            return format!("(?:{}{item}){}", self.sep, bounds(least, most));
+        }
+        let more = bounds(least.saturating_sub(1), most.map(|m| m - 1));
+        let some = format!("{item}(?:{}{item}){more}", self.sep);
+        if least == 0 {
+            format!("(?:{some})?")
+        } else {
+            some
+        }
+    }
 }
 
 /// One end of a numeric range: `minimum` / `maximum` (`strict: false`) or
@@ -1206,16 +1256,27 @@ impl JsonSchema<'_> {
                     | "exclusiveMinimum"
                     | "exclusiveMaximum"
                     | "format"
+                    | "prefixItems"
             ) || ANNOTATIONS.contains(&k.as_str());
             if !known {
                 return Err(unsupported(k));
             }
         }
+        // A schema for the members past `properties`: a map's values (no
+        // properties), which a pattern can take; beside properties, where
+        // any member may come between them, it cannot.
         if let Some(extra) = obj.get("additionalProperties")
-            && extra != &Value::Bool(false)
-            && extra != &Value::Bool(true)
+            && !extra.is_boolean()
+            && obj
+                .get("properties")
+                .and_then(Value::as_object)
+                .is_some_and(|p| !p.is_empty())
         {
-            return Err(unsupported("additionalProperties"));
+            return Err(ModelError::Invalid(
+                "JSON schema keyword `additionalProperties` with a schema beside `properties` is \
+                 not supported by guided decoding here (a map, without properties, is)"
+                    .into(),
+            ));
         }
         if let Some(r) = obj.get("$ref") {
             if depth >= MAX_REF_DEPTH {
@@ -1340,38 +1401,65 @@ impl JsonSchema<'_> {
             "boolean" => "(?:true|false)".to_string(),
             "null" => "null".to_string(),
             "array" => {
-                let item = match obj.get("items") {
-                    Some(items) => self.pattern(items, depth)?,
-                    None => any_json(ANY_JSON_DEPTH - 1, self.ws),
-                };
-                let (lo, hi) = (count("minItems").unwrap_or(0), count("maxItems"));
-                let more = format!("{ws},{ws}{item}");
-                let tail = match hi {
-                    Some(hi) if hi < lo => {
+                // pydantic's tuples: `prefixItems`, then `items` (false: no
+                // more), within minItems / maxItems.
+                let prefix: Vec<String> = match obj.get("prefixItems") {
+                    None => Vec::new(),
+                    Some(Value::Array(p)) => p
+                        .iter()
+                        .map(|s| self.pattern(s, depth))
+                        .collect::<Result<_>>()?,
+                    Some(_) => {
                         return Err(ModelError::Invalid(
-                            "JSON schema: maxItems is below minItems".into(),
+                            "JSON schema: prefixItems is not a list".into(),
                         ));
                     }
-                    Some(hi) => format!(
-                        "(?:{more}){{{},{}}}",
-                        lo.saturating_sub(1),
-                        hi.saturating_sub(1)
-                    ),
-                    None => format!("(?:{more}){{{},}}", lo.saturating_sub(1)),
                 };
-                let some = format!("{item}{tail}");
-                let body = if lo == 0 {
-                    format!("(?:{some})?")
-                } else {
-                    some
+                let item = match obj.get("items") {
+                    Some(Value::Bool(false)) => None,
+                    Some(items) => Some(self.pattern(items, depth)?),
+                    None => Some(any_json(ANY_JSON_DEPTH - 1, self.ws)),
                 };
-                if hi == Some(0) {
-                    format!("\\[{ws}\\]")
-                } else {
-                    format!("\\[{ws}{body}{ws}\\]")
+                let lo = count("minItems").unwrap_or(0) as usize;
+                let mut hi = count("maxItems").map(|h| h as usize);
+                if item.is_none() {
+                    hi = Some(hi.map_or(prefix.len(), |h| h.min(prefix.len())));
                 }
+                if hi.is_some_and(|h| h < lo) {
+                    return Err(ModelError::Invalid(
+                        "JSON schema: maxItems (or the prefixItems an `items: false` array \
+                         holds) is below minItems"
+                            .into(),
+                    ));
+                }
+                let list = ArrayItems {
+                    prefix: &prefix[..prefix.len().min(hi.unwrap_or(usize::MAX))],
+                    item: item.as_deref(),
+                    min: lo,
+                    max: hi,
+                    sep: format!("{ws},{ws}"),
+                };
+                format!("\\[{ws}{}{ws}\\]", list.from(0))
             }
             "object" => {
+                let map_values = obj.get("additionalProperties").filter(|v| !v.is_boolean());
+                if let Some(values) = map_values
+                    && obj
+                        .get("properties")
+                        .and_then(Value::as_object)
+                        .is_none_or(|p| p.is_empty())
+                {
+                    // pydantic's `dict[str, X]`: any keys, values of X.
+                    if obj
+                        .get("required")
+                        .and_then(Value::as_array)
+                        .is_some_and(|r| !r.is_empty())
+                    {
+                        return Err(unsupported("required in a map (additionalProperties)"));
+                    }
+                    let value = self.pattern(values, depth)?;
+                    return Ok(any_object(&value, ws));
+                }
                 let props = match obj.get("properties") {
                     Some(Value::Object(p)) => p,
                     None if obj.get("additionalProperties") != Some(&Value::Bool(false))
@@ -1555,6 +1643,100 @@ mod json_schema_tests {
             assert!(m.is_match(good), "{schema}: {good}");
             assert!(!m.is_match(bad), "{schema}: {bad}");
         }
+    }
+
+    /// pydantic's tuples (`prefixItems`, then `items` or `items: false`)
+    /// and lists within minItems / maxItems: every array of up to 5 of
+    /// `1`, `"a"`, `true` matches exactly when each element is of its
+    /// place's type and the count is within bounds.
+    #[test]
+    fn arrays_take_their_prefix_items_then_items_within_the_counts() {
+        let int = json!({"type": "integer"});
+        let string = json!({"type": "string"});
+        let cases = [
+            json!({"prefixItems": [int, string], "items": false, "minItems": 2, "maxItems": 2}),
+            json!({"prefixItems": [int, string], "items": false}),
+            json!({"prefixItems": [int, string], "items": {"type": "boolean"}, "minItems": 1}),
+            json!({"prefixItems": [int, string, int], "maxItems": 2}),
+            json!({"prefixItems": [string], "items": int, "minItems": 3, "maxItems": 4}),
+            json!({"items": int, "minItems": 1, "maxItems": 3}),
+            json!({"items": string}),
+            json!({"items": false}),
+        ];
+        let values = [json!(1), json!("a"), json!(true)];
+        let type_of = |v: &Value| match v {
+            Value::Number(_) => "integer",
+            Value::String(_) => "string",
+            _ => "boolean",
+        };
+        for case in cases {
+            let mut schema = case.clone();
+            schema["type"] = json!("array");
+            let m = matcher(schema.clone());
+            let prefix = case["prefixItems"].as_array().cloned().unwrap_or_default();
+            let fits = |i: usize, v: &Value| -> bool {
+                let s = prefix.get(i).or(case.get("items"));
+                match s {
+                    None => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(s) => s["type"] == type_of(v),
+                }
+            };
+            let lo = case["minItems"].as_u64().unwrap_or(0) as usize;
+            let hi = case["maxItems"].as_u64().map_or(usize::MAX, |h| h as usize);
+            let mut arrays: Vec<Vec<Value>> = vec![vec![]];
+            for _ in 0..5 {
+                let longer: Vec<Vec<Value>> = arrays
+                    .iter()
+                    .filter(|a| a.len() == arrays.last().map_or(0, Vec::len))
+                    .flat_map(|a| {
+                        values.iter().map(move |v| {
+                            let mut b = a.clone();
+                            b.push(v.clone());
+                            b
+                        })
+                    })
+                    .collect();
+                arrays.extend(longer);
+            }
+            for a in &arrays {
+                let valid =
+                    (lo..=hi).contains(&a.len()) && a.iter().enumerate().all(|(i, v)| fits(i, v));
+                let text = serde_json::to_string(&Value::Array(a.clone())).unwrap();
+                let spaced = text.replace(',', ", ");
+                assert_eq!(m.is_match(&spaced), valid, "{schema}: {spaced}");
+            }
+        }
+        assert!(
+            json_schema_pattern(
+                &json!({"type": "array", "prefixItems": [int, int], "items": false,
+                        "minItems": 3}),
+                false
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("minItems")
+        );
+    }
+
+    /// pydantic's `dict[str, X]`: an object of any keys whose values are X.
+    #[test]
+    fn maps_take_any_keys_with_values_of_their_schema() {
+        let m = matcher(json!({"type": "object", "additionalProperties": {"type": "integer"}}));
+        for good in [r#"{}"#, r#"{"a": 1}"#, r#"{"a": 1, "b c": -2}"#] {
+            assert!(m.is_match(good), "{good}");
+        }
+        for bad in [r#"{"a": "x"}"#, r#"{"a": 1,}"#, r#"{a: 1}"#, r#"[1]"#] {
+            assert!(!m.is_match(bad), "{bad}");
+        }
+        let e = json_schema_pattern(
+            &json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                    "additionalProperties": {"type": "integer"}}),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("beside `properties`"), "{e}");
     }
 
     /// Integer bounds, inclusive, exclusive, fractional or absent: every
@@ -1770,9 +1952,11 @@ mod json_schema_tests {
                 "finite number",
             ),
             (
-                json!({"type": "object", "additionalProperties": {"type": "string"}}),
+                json!({"type": "object", "properties": {"a": true},
+                       "additionalProperties": {"type": "string"}}),
                 "additionalProperties",
             ),
+            (json!({"type": "array", "uniqueItems": true}), "uniqueItems"),
             (json!({"$ref": "#/$defs/missing"}), "not a local definition"),
             (
                 json!({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
