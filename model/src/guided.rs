@@ -268,6 +268,8 @@ pub struct RegexGuide {
     /// leads anywhere else is a dead end, never allowed.
     /// By state index (`id >> stride2`): a lookup per allowed token.
     live: Vec<bool>,
+    /// The most bytes a matching text has; none: no bound (a loop).
+    longest: Option<usize>,
 }
 
 impl std::fmt::Debug for RegexGuide {
@@ -313,6 +315,7 @@ impl RegexGuide {
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| invalid(e.to_string()))?;
         let live = live_states(&dfa, start);
+        let longest = longest_match(&dfa, start, &live);
         Ok(RegexGuide {
             pattern: pattern.to_string(),
             dfa,
@@ -322,6 +325,7 @@ impl RegexGuide {
             allowed: Mutex::new(AllowedCache::default()),
             cache_limit: MAX_CACHED_BYTES,
             live,
+            longest,
         })
     }
 
@@ -353,6 +357,13 @@ impl RegexGuide {
             .get(state.as_usize() >> self.dfa.stride2())
             .copied()
             .unwrap_or(false)
+    }
+
+    /// The most bytes a text that matches the pattern has (none: no bound).
+    /// Every token a guide allows writes a byte or more, so a guided output
+    /// has at most this many tokens before its end.
+    pub fn longest_match(&self) -> Option<usize> {
+        self.longest
     }
 
     /// Whether the text that led to `state` matches the whole pattern.
@@ -469,6 +480,58 @@ impl RegexGuide {
             _ => state,
         }
     }
+}
+
+/// The most bytes from `start` to a match through `live` states (indexed by
+/// `id >> stride2`), or none when a loop among them makes it unbounded: a
+/// depth-first walk that takes each state once.
+fn longest_match(dfa: &dense::DFA<Vec<u32>>, start: StateID, live: &[bool]) -> Option<usize> {
+    let bytes: Vec<u8> = dfa
+        .byte_classes()
+        .representatives(0..=255)
+        .filter_map(|u| u.as_u8())
+        .collect();
+    let index = |s: StateID| s.as_usize() >> dfa.stride2();
+    let is_live = |s: StateID| live.get(index(s)).copied().unwrap_or(false);
+    let own = |s: StateID| dfa.is_match_state(dfa.next_eoi_state(s)).then_some(0usize);
+    if !is_live(start) {
+        return own(start);
+    }
+    // Per state: the most bytes from it to a match, once known.
+    let mut done: HashMap<StateID, usize> = HashMap::new();
+    let mut on_path: HashSet<StateID> = HashSet::from([start]);
+    // (state, next byte class to try, the most found from it so far)
+    let mut path: Vec<(StateID, usize, Option<usize>)> = vec![(start, 0, own(start))];
+    while let Some(top) = path.last_mut() {
+        let (state, next, best) = *top;
+        if let Some(&b) = bytes.get(next) {
+            top.1 += 1;
+            let t = dfa.next_state(state, b);
+            if dfa.is_dead_state(t) || dfa.is_quit_state(t) || !is_live(t) {
+                continue;
+            }
+            if on_path.contains(&t) {
+                return None;
+            }
+            match done.get(&t) {
+                Some(&d) => top.2 = best.max(Some(d + 1)),
+                None => {
+                    on_path.insert(t);
+                    path.push((t, 0, own(t)));
+                }
+            }
+            continue;
+        }
+        path.pop();
+        on_path.remove(&state);
+        // A live state always reaches a match.
+        let best = best.unwrap_or(0);
+        done.insert(state, best);
+        if let Some(parent) = path.last_mut() {
+            parent.2 = parent.2.max(Some(best + 1));
+        }
+    }
+    done.get(&start).copied()
 }
 
 /// The states reachable from `start` from which some text reaches a match
@@ -750,6 +813,31 @@ mod tests {
 
     /// A branch that can never match is no way on: `c` would lead into
     /// `[a&&b]`, a class with nothing in it.
+    #[test]
+    fn the_longest_match_is_counted_in_bytes_or_unbounded() {
+        for (pattern, longest) in [
+            ("yes|no", Some(3)),
+            ("[0-9]{1,3}", Some(3)),
+            ("a(b|cd)?e", Some(4)),
+            ("é", Some(2)),
+            ("", Some(0)),
+            ("[0-9]+", None),
+            ("a(bc)*d", None),
+            ("x[a&&b]|yy", Some(2)),
+        ] {
+            let (_, g) = guide(pattern);
+            assert_eq!(g.longest_match(), longest, "{pattern}");
+        }
+        let schema = json_schema_pattern(
+            &serde_json::json!({"type": "object", "properties": {"a": {"type": "boolean"}},
+                                "required": ["a"]}),
+            true,
+        )
+        .unwrap();
+        let (_, g) = guide(&schema);
+        assert_eq!(g.longest_match(), Some(r#"{"a":false}"#.len()));
+    }
+
     #[test]
     fn dead_ends_are_not_allowed() {
         let (tok, g) = guide("a(?:b|c[a&&b])");

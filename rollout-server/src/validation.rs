@@ -181,6 +181,29 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
+    /// `min_tokens` that a guide cannot reach is a 400 up front, not a
+    /// failure mid-generation: each token a guide allows writes a byte or
+    /// more, so its longest match bounds the tokens before the end. (Under
+    /// a reasoning parser the thinking counts too: not checked.)
+    fn check_min_tokens_fit_the_guide(&self) -> Result<(), ApiError> {
+        let longest = self
+            .guide
+            .as_ref()
+            .filter(|_| self.guide_after.is_none())
+            .and_then(|g| g.longest_match());
+        match longest {
+            Some(most) if self.min_tokens > most => Err(bad(
+                format!(
+                    "min_tokens {} cannot be met: the guided decoding's longest output is {most} \
+                     bytes, so at most {most} tokens; lower min_tokens or widen the guide",
+                    self.min_tokens
+                ),
+                "min_tokens",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `usage` of a response whose choices hold `completion_tokens` in all.
     pub fn usage(&self, completion_tokens: usize) -> Usage {
         let prompt_tokens: usize = self.prompts.iter().map(|p| p.ids.len()).sum();
@@ -402,6 +425,7 @@ impl Validator {
         v.valid.prompts = prompts;
         v.valid.echo = echo;
         v.valid.echo_without_generation = echo_without_generation;
+        v.valid.check_min_tokens_fit_the_guide()?;
         Ok(v.valid)
     }
 
@@ -469,6 +493,7 @@ impl Validator {
                 v.valid.guide_after = Some(crate::reasoning::END.to_string());
             }
         }
+        v.valid.check_min_tokens_fit_the_guide()?;
         Ok(v.valid)
     }
 

@@ -1499,16 +1499,27 @@ async fn json_object_compact_json_and_guides_that_cannot_go_on() {
         "{b}"
     );
 
-    // "yes" is whole after a token or two; min_tokens 6 then bans its end.
+    // "yes" is 3 bytes, so 3 tokens at most: min_tokens 6 can never be
+    // met, which is said up front (chat too: "false" is 5).
     let body = json!({"prompt": "ab", "max_tokens": 8, "min_tokens": 6,
                       "guided_choice": ["yes"]});
     let (st, b) = s.post("/v1/completions", &body).await;
-    assert!(st >= 400, "{st}: {b}");
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "min_tokens", "{b}");
     let m = b["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        m.contains("guided decoding") && m.contains("min_tokens"),
-        "{st}: {b}"
-    );
+    assert!(m.contains("3 bytes"), "{b}");
+    let chat = json!({"messages": [{"role": "user", "content": "ab"}], "max_tokens": 8,
+                      "min_tokens": 6, "response_format": {"type": "json_schema",
+                      "json_schema": {"name": "b", "schema": {"type": "boolean"}}}});
+    let (st, b) = s.post("/v1/chat/completions", &chat).await;
+    assert_error(st, &b, 400);
+    assert_eq!(b["error"]["param"], "min_tokens", "{b}");
+    // Within reach, it holds: the guide's end waits for min_tokens.
+    let body = json!({"prompt": "ab", "max_tokens": 8, "min_tokens": 3,
+                      "guided_choice": ["yes"], "n": 2});
+    let (st, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(text(&r, 0), "yes");
 }
 
 /// vLLM's `--chat-template` (the template's text, or a file) renders chat
