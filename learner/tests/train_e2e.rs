@@ -17,6 +17,67 @@ fn f(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
+/// The rollout servers generated from the learner's policy: their log-probs
+/// agree with the learner's (IS ratio ~1).
+fn assert_servers_follow_the_policy(l: &Value) {
+    assert!(
+        (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
+        "{l}"
+    );
+}
+
+/// The run's `start` event.
+fn start_event(out: &std::path::Path) -> Value {
+    read_jsonl(&out.join("run_log.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .unwrap()
+}
+
+/// Max |a - b| over two f32 tensors of one shape.
+fn max_abs(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A 3-step run of the tiny model with `overrides` (a LoRA family): the
+/// servers follow the adapted policy at every step, and the start event
+/// counts `trainable(layers, hidden, q width, kv width)` parameters.
+/// Returns the run folder, the model folder and the temporary folder
+/// holding both.
+fn adapter_run(
+    overrides: &[&str],
+    trainable: impl Fn(usize, usize, usize, usize) -> usize,
+) -> (std::path::PathBuf, std::path::PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = rollout_server(&model);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+    train(&recipe, &overrides);
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 3);
+    lines.iter().for_each(assert_servers_follow_the_policy);
+    let cfg = model::ModelConfig::from_dir(&model).unwrap();
+    let (h, q, kv) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    assert_eq!(
+        start_event(&out)["trainable_parameters"],
+        trainable(cfg.num_hidden_layers, h, q, kv)
+    );
+    (out, model, tmp)
+}
+
 /// The first 10 rows of the shipped training file, as a file of their own.
 fn ten_prompts(dir: &std::path::Path) -> std::path::PathBuf {
     first_prompts(dir, 10)
@@ -73,11 +134,7 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         assert!(l["timings"]["generate"].is_number());
         assert!(l["timings"]["weight_sync"].is_number());
         assert_eq!(l["weight_version"], i as u64 + 1);
-        // The server's log-probs agree with the learner's (IS ratio ~ 1).
-        assert!(
-            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
-            "{l}"
-        );
+        assert_servers_follow_the_policy(l);
     }
     assert!(lines.iter().any(|l| f(l, "grad_norm") > 0.0));
     // Step 2's completions came from the weights of step 1.
@@ -545,42 +602,15 @@ fn resume_continues_exactly_with_lora_modules_to_save() {
 /// and the checkpoint's adapter holds them under PEFT's names.
 #[test]
 fn lora_modules_to_save_train_whole_and_reach_the_servers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model();
-    let server = rollout_server(&model);
-    let out = tmp.path().join("run");
-    let recipe = recipe(tmp.path(), &model, &server, &out);
-    train(
-        &recipe,
-        &[
-            "model.use_peft=true".into(),
-            "model.lora_r=4".into(),
-            "model.lora_modules_to_save=[model.norm, input_layernorm]".into(),
-            "train.learning_rate=5.0e-2".into(),
-        ],
-    );
-    let lines = read_jsonl(&out.join("train_log.jsonl"));
-    assert_eq!(lines.len(), 3);
-    for l in &lines {
-        assert!(
-            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
-            "{l}"
-        );
-    }
-    let cfg = model::ModelConfig::from_dir(&model).unwrap();
-    let (h, q, kv) = (
-        cfg.hidden_size,
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
-    let start = read_jsonl(&out.join("run_log.jsonl"))
-        .into_iter()
-        .find(|e| e["event"] == "start")
-        .unwrap();
     // q and v at rank 4, each layer's input norm and the final norm.
-    assert_eq!(
-        start["trainable_parameters"],
-        cfg.num_hidden_layers * (4 * (h + q + h + kv) + h) + h
+    let (out, model, _tmp) = adapter_run(
+        &[
+            "model.use_peft=true",
+            "model.lora_r=4",
+            "model.lora_modules_to_save=[model.norm, input_layernorm]",
+            "train.learning_rate=5.0e-2",
+        ],
+        |layers, h, q, kv| layers * (4 * (h + q + h + kv) + h) + h,
     );
     let adapter = out.join("checkpoints/step_000003/adapter");
     let config: Value =
@@ -591,42 +621,19 @@ fn lora_modules_to_save_train_whole_and_reach_the_servers() {
         serde_json::json!(["model.norm", "input_layernorm"])
     );
     let cpu = candle_core::Device::Cpu;
-    let saved = model::Weights::load_files(
-        &[adapter.join("adapter_model.safetensors")],
-        &adapter,
-        &cpu,
-        model::DType::F32,
-    )
-    .unwrap();
+    let load = |files: &[std::path::PathBuf], dir: &std::path::Path| {
+        model::Weights::load_files(files, dir, &cpu, model::DType::F32).unwrap()
+    };
+    let saved = load(&[adapter.join("adapter_model.safetensors")], &adapter);
     let base = model::Weights::load(&model, &cpu, model::DType::F32).unwrap();
-    let merged = model::Weights::load(
-        &out.join("checkpoints/step_000003"),
-        &cpu,
-        model::DType::F32,
-    )
-    .unwrap();
+    let step = out.join("checkpoints/step_000003");
+    let merged = model::Weights::load(&step, &cpu, model::DType::F32).unwrap();
     for name in ["model.norm.weight", "model.layers.1.input_layernorm.weight"] {
         let copy = saved.get(&format!("base_model.model.{name}")).unwrap();
-        let moved = (copy - base.get(name).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs(copy, base.get(name).unwrap());
         assert!(moved > 1e-4, "{name} did not train ({moved})");
         // The checkpoint's model folder is the policy: the copy in place.
-        let in_model = merged.get(name).unwrap();
-        let d = (copy - in_model)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{name}");
+        assert_eq!(max_abs(copy, merged.get(name).unwrap()), 0.0, "{name}");
     }
     assert!(
         saved
@@ -641,42 +648,15 @@ fn lora_modules_to_save_train_whole_and_reach_the_servers() {
 /// PEFT's DoRA folder.
 #[test]
 fn a_dora_run_trains_magnitudes_and_pushes_merged_weights() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model();
-    let server = rollout_server(&model);
-    let out = tmp.path().join("run");
-    let recipe = recipe(tmp.path(), &model, &server, &out);
-    train(
-        &recipe,
-        &[
-            "model.use_peft=true".into(),
-            "model.use_dora=true".into(),
-            "model.lora_r=4".into(),
-            "train.learning_rate=2.0e-2".into(),
-        ],
-    );
-    let lines = read_jsonl(&out.join("train_log.jsonl"));
-    assert_eq!(lines.len(), 3);
-    for l in &lines {
-        assert!(
-            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
-            "{l}"
-        );
-    }
-    let cfg = model::ModelConfig::from_dir(&model).unwrap();
-    let (h, q, kv) = (
-        cfg.hidden_size,
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
-    let start = read_jsonl(&out.join("run_log.jsonl"))
-        .into_iter()
-        .find(|e| e["event"] == "start")
-        .unwrap();
     // q and v adapted at rank 4, with a magnitude per output row.
-    assert_eq!(
-        start["trainable_parameters"],
-        cfg.num_hidden_layers * (4 * (h + q + h + kv) + q + kv)
+    let (out, model, _tmp) = adapter_run(
+        &[
+            "model.use_peft=true",
+            "model.use_dora=true",
+            "model.lora_r=4",
+            "train.learning_rate=2.0e-2",
+        ],
+        |layers, h, q, kv| layers * (4 * (h + q + h + kv) + q + kv),
     );
     let adapter = out.join("checkpoints/step_000003/adapter");
     let config: Value =
@@ -701,14 +681,7 @@ fn a_dora_run_trains_magnitudes_and_pushes_merged_weights() {
         .unwrap()
         .sqrt()
         .unwrap();
-    let moved = (m - norms)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs(m, &norms);
     assert!(moved > 1e-4, "the magnitudes did not train ({moved})");
 }
 
@@ -821,20 +794,12 @@ fn a_lora_run_trains_adapters_pushes_merged_weights_and_saves_a_peft_adapter() {
 
     let lines = read_jsonl(&out.join("train_log.jsonl"));
     assert_eq!(lines.len(), 3);
-    for l in &lines {
-        assert!(
-            (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
-            "{l}"
-        );
-    }
+    lines.iter().for_each(assert_servers_follow_the_policy);
     // The policy leaves the base: the KL term grows from zero.
     assert!(f(&lines[0], "kl").abs() < 1e-6, "{}", lines[0]);
     assert!(f(&lines[2], "kl") > 1e-7, "{}", lines[2]);
     assert_eq!(server.weight_version(), 3);
-    let start = read_jsonl(&out.join("run_log.jsonl"))
-        .into_iter()
-        .find(|e| e["event"] == "start")
-        .unwrap();
+    let start = start_event(&out);
     // q and v of each layer adapted at rank 4: r x (in + out) each.
     let h = cfg.hidden_size;
     let (q, kv) = (
@@ -958,10 +923,7 @@ fn a_lora_run_starts_from_a_peft_adapter() {
     let lines = read_jsonl(&out.join("train_log.jsonl"));
     assert_eq!(lines.len(), 1);
     let l = &lines[0];
-    assert!(
-        (f(l, "importance_sampling_ratio_mean") - 1.0).abs() < 1e-3,
-        "{l}"
-    );
+    assert_servers_follow_the_policy(l);
     assert!(f(l, "kl") > 1e-4, "{l}");
     assert!(
         read_jsonl(&out.join("run_log.jsonl"))
@@ -2280,10 +2242,7 @@ fn num_train_epochs_sets_the_run_length_from_the_training_prompts() {
     // TRL's epoch: 4 of the 10 prompts a step.
     let epochs: Vec<f64> = lines.iter().map(|l| f(l, "epoch")).collect();
     assert_eq!(epochs, [0.4, 0.8, 1.2]);
-    let start = read_jsonl(&out.join("run_log.jsonl"))
-        .into_iter()
-        .find(|e| e["event"] == "start")
-        .unwrap();
+    let start = start_event(&out);
     assert_eq!(start["max_steps"], 3);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
