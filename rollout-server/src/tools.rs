@@ -161,7 +161,7 @@ pub fn extract(tools: &ToolUse, text: &str) -> Option<(Option<String>, Vec<Value
                 .iter()
                 .map(|c| {
                     let args = c.arguments.unwrap_or("{}");
-                    let whole = c.closed && serde_json::from_str::<Value>(args).is_ok();
+                    let whole = c.closed && serde_json::from_str::<Value>(c.text).is_ok();
                     Some(tool_call(c.name.as_deref().filter(|_| whole)?, args))
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -188,6 +188,8 @@ pub struct PartialCall<'a> {
     pub arguments: Option<&'a str>,
     /// The object's closing brace has come.
     pub closed: bool,
+    /// The object's text so far, from its opening brace.
+    pub text: &'a str,
 }
 
 /// The calls an output has written so far.
@@ -348,6 +350,8 @@ fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>,
     let b = text.as_bytes();
     let mut call = PartialCall::default();
     let mut i = skip_ws(b, 0);
+    let open = i;
+    call.text = &text[open..];
     match b.get(i) {
         None => return Some((call, None)),
         Some(b'{') => i += 1,
@@ -359,6 +363,7 @@ fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>,
             None => return Some((call, None)),
             Some(b'}') => {
                 call.closed = true;
+                call.text = &text[open..i + 1];
                 return Some((call, Some(i + 1)));
             }
             Some(b'"') => {}
@@ -396,6 +401,7 @@ fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>,
             Some(b',') => i += 1,
             Some(b'}') => {
                 call.closed = true;
+                call.text = &text[open..i + 1];
                 return Some((call, Some(i + 1)));
             }
             Some(_) => return None,
@@ -526,6 +532,7 @@ mod tests {
             "<tool_call>{\"name\": \"t\", \"arguments\": {\"a\": 1}",
             "<tool_call>{\"arguments\": {}}</tool_call>",
             "<tool_call>[1]</tool_call>",
+            "<tool_call>{\"name\": \"t\", \"arguments\": {}, \"x\": tru}</tool_call>",
         ] {
             assert!(extract(&auto(), text).is_none(), "{text}");
         }
