@@ -1,8 +1,11 @@
 //! Guided decoding's costs on a Qwen2.5-sized byte-level vocabulary.
 //!
-//! `cargo run --release -p model --bin bench_guided [--vocab N] [--steps N]`
+//! `cargo run --release -p model --bin bench_guided [--vocab N | --tokenizer
+//! tokenizer.json] [--steps N]`
 //!
-//! No hub tokenizer is reachable here, so the vocabulary is made: N tokens
+//! `--tokenizer` takes a real vocabulary (a tokenizer.json whose last id is
+//! its end-of-text token, as GPT-2's). Otherwise, as no hub tokenizer is
+//! reachable here, the vocabulary is made: N tokens
 //! (151,643 by default, Qwen2.5's) of GPT-2's byte-level alphabet, the 256
 //! single bytes and then random words of 2 to 12 bytes drawn from English
 //! letter, digit, space and punctuation frequencies, so that a token's bytes
@@ -117,22 +120,33 @@ fn ms(t: Instant) -> f64 {
 fn main() -> model::Result<()> {
     let mut vocab = 151_643usize;
     let mut steps = 200usize;
+    let mut file: Option<String> = None;
     let mut args = std::env::args().skip(1);
+    let usage = || {
+        model::ModelError::Invalid(
+            "usage: bench_guided [--vocab N | --tokenizer tokenizer.json] [--steps N]".into(),
+        )
+    };
     while let Some(a) = args.next() {
-        let value = args.next().and_then(|v| v.parse().ok());
-        match (a.as_str(), value) {
-            ("--vocab", Some(v)) => vocab = v,
-            ("--steps", Some(v)) => steps = v,
-            _ => {
-                return Err(model::ModelError::Invalid(
-                    "usage: bench_guided [--vocab N] [--steps N]".into(),
-                ));
-            }
+        let value = args.next().ok_or_else(usage)?;
+        let number = || value.parse().map_err(|_| usage());
+        match a.as_str() {
+            "--vocab" => vocab = number()?,
+            "--steps" => steps = number()?,
+            "--tokenizer" => file = Some(value),
+            _ => return Err(usage()),
         }
     }
     let mut rng = StdRng::seed_from_u64(7);
     let t = Instant::now();
-    let tok = tokenizer(vocab, &mut rng)?;
+    let tok = match &file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| model::ModelError::Invalid(format!("{path}: {e}")))?;
+            Tokenizer::from_json(&text, None)?
+        }
+        None => tokenizer(vocab, &mut rng)?,
+    };
     let bytes = Arc::new(TokenBytes::from_tokenizer(&tok)?);
     let eos = (bytes.len() - 1) as u32;
     eprintln!(
