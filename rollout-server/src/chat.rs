@@ -79,6 +79,9 @@ struct Acc {
     held: String,
     /// The text so far reached a tool call: the rest is not content.
     in_calls: bool,
+    /// Some of the answer went out as content (a Llama 3 call can only
+    /// open the answer).
+    content_sent: bool,
     /// A named call's first delta (id, name) has gone out.
     call_started: bool,
     /// What of the calls (`auto`, `required`) has gone out.
@@ -184,15 +187,18 @@ impl Formatter {
                     tool_calls = Some(vec![json!({"index": 0, "function": {"arguments": piece}})]);
                 }
             }
-            ToolMode::Auto | ToolMode::Required => {
+            ToolMode::Auto(_) | ToolMode::Required => {
                 acc.held.push_str(&piece);
-                if *mode == ToolMode::Required {
-                    acc.in_calls = true;
-                } else if !acc.in_calls {
-                    let k = tools::streamable_prefix(&acc.held);
-                    let out: String = acc.held.drain(..k).collect();
-                    acc.in_calls = tools::starts_call(&acc.held);
-                    content = (!out.is_empty()).then_some(out);
+                match mode {
+                    ToolMode::Auto(parser) if !acc.in_calls => {
+                        let k = parser.streamable_prefix(&acc.held, !acc.content_sent);
+                        let out: String = acc.held.drain(..k).collect();
+                        acc.in_calls = parser.starts_call(&acc.held);
+                        acc.content_sent |= !out.is_empty();
+                        content = (!out.is_empty()).then_some(out);
+                    }
+                    ToolMode::Required => acc.in_calls = true,
+                    _ => {}
                 }
                 if acc.in_calls {
                     let deltas = acc.calls.advance(&self.valid.tools, &acc.answer);
@@ -200,7 +206,7 @@ impl Formatter {
                 }
                 if finish_reason.is_some() {
                     if acc.calls.opened() {
-                        if *mode == ToolMode::Auto {
+                        if matches!(mode, ToolMode::Auto(_)) {
                             finish_reason = Some("tool_calls".into());
                         }
                     } else {
@@ -296,7 +302,7 @@ async fn collect(
                 .and_then(|t| tools::extract(&fmt.valid.tools, t));
             let (content, tool_calls) = match found {
                 Some((content, calls)) => {
-                    if *mode == ToolMode::Auto {
+                    if matches!(mode, ToolMode::Auto(_)) {
                         finish_reason = Some("tool_calls".into());
                     }
                     (content, calls)

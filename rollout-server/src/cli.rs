@@ -95,7 +95,8 @@ pub struct Args {
     #[arg(long)]
     pub enable_auto_tool_choice: bool,
     /// How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`:
-    /// Qwen2.5, Qwen3, Hermes), as vLLM's flag.
+    /// Qwen2.5, Qwen3, Hermes) or `llama3_json` (`{"name": ..., "parameters":
+    /// ...}` as the whole output: Llama 3.1 / 3.2), as vLLM's flag.
     #[arg(long)]
     pub tool_call_parser: Option<String>,
     /// Send a reasoning model's thinking as `reasoning_content`, apart from
@@ -214,18 +215,21 @@ pub async fn bind(args: Args) -> anyhow::Result<BoundServer> {
         "--max-logprobs must be >= 0, or -1 for the whole vocabulary; got {}",
         args.max_logprobs
     );
-    if let Some(p) = &args.tool_call_parser {
-        anyhow::ensure!(
-            crate::tools::PARSERS.contains(&p.as_str()),
-            "--tool-call-parser {p} is not one this server has; it has {}",
-            crate::tools::PARSERS.join(", ")
-        );
-    }
+    let tool_parser = match &args.tool_call_parser {
+        None => None,
+        Some(p) => Some(crate::tools::ToolParser::from_name(p).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--tool-call-parser {p} is not one this server has; it has {}",
+                crate::tools::PARSERS.join(", ")
+            )
+        })?),
+    };
     anyhow::ensure!(
-        !args.enable_auto_tool_choice || args.tool_call_parser.is_some(),
-        "--enable-auto-tool-choice needs --tool-call-parser (hermes)"
+        !args.enable_auto_tool_choice || tool_parser.is_some(),
+        "--enable-auto-tool-choice needs --tool-call-parser ({})",
+        crate::tools::PARSERS.join(" or ")
     );
-    let auto_tools = args.enable_auto_tool_choice;
+    let auto_tools = tool_parser.filter(|_| args.enable_auto_tool_choice);
     let reasoning_parser = match &args.reasoning_parser {
         None => None,
         Some(name) => Some(

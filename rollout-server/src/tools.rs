@@ -1,10 +1,12 @@
 //! Tool calling in `/v1/chat/completions`, as vLLM does it: with
-//! `--enable-auto-tool-choice --tool-call-parser hermes`, `tool_choice:
-//! "auto"` finds the calls the model wrote (`<tool_call>{"name": ...,
-//! "arguments": {...}}</tool_call>`, the format of Qwen2.5, Qwen3 and Hermes
-//! models) and returns them as `tool_calls`; a named function or
-//! `"required"` needs no parser: guided decoding makes the output the
-//! arguments (or the list of calls) as JSON.
+//! `--enable-auto-tool-choice --tool-call-parser P`, `tool_choice: "auto"`
+//! finds the calls the model wrote and returns them as `tool_calls`:
+//! `hermes` reads `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+//! anywhere after the content (Qwen2.5, Qwen3, Hermes), `llama3_json` an
+//! output that is `{"name": ..., "parameters": {...}}` objects joined by
+//! `; ` (Llama 3.1 and 3.2's JSON tool calls, maybe after `<|python_tag|>`).
+//! A named function or `"required"` needs no parser: guided decoding makes
+//! the output the arguments (or the list of calls) as JSON.
 
 use serde_json::{Value, json};
 
@@ -12,9 +14,60 @@ use crate::error::ApiError;
 use crate::server::response_id;
 
 /// The tool-call parsers this server has (vLLM's `--tool-call-parser`).
-pub const PARSERS: &[&str] = &["hermes"];
+pub const PARSERS: &[&str] = &["hermes", "llama3_json"];
 
 const CALL_START: &str = "<tool_call>";
+/// What Llama 3 may write before its calls.
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+/// How the model writes the calls `tool_choice: "auto"` looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolParser {
+    /// `<tool_call>{...}</tool_call>` blocks after the content.
+    Hermes,
+    /// The whole output is calls: `{...}; {...}`, maybe after `<|python_tag|>`.
+    Llama3Json,
+}
+
+impl ToolParser {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "hermes" => Some(ToolParser::Hermes),
+            "llama3_json" => Some(ToolParser::Llama3Json),
+            _ => None,
+        }
+    }
+
+    /// How much of `held` (text not streamed yet) can be streamed as
+    /// content now; `at_start`: nothing of the answer has gone out yet.
+    /// Hermes: all but a tail that might start `<tool_call>`. Llama 3:
+    /// nothing while the answer might open with a call, then all.
+    pub fn streamable_prefix(self, held: &str, at_start: bool) -> usize {
+        match self {
+            ToolParser::Hermes => {
+                if let Some(i) = held.find(CALL_START) {
+                    return i;
+                }
+                (1..CALL_START.len())
+                    .rev()
+                    .find(|&k| held.ends_with(&CALL_START[..k]))
+                    .map_or(held.len(), |k| held.len() - k)
+            }
+            ToolParser::Llama3Json => {
+                let may_open = self.starts_call(held) || PYTHON_TAG.starts_with(held);
+                if at_start && may_open { 0 } else { held.len() }
+            }
+        }
+    }
+
+    /// Whether `held` (the text from the first not streamed) opens a call.
+    pub fn starts_call(self, held: &str) -> bool {
+        match self {
+            ToolParser::Hermes => held.starts_with(CALL_START),
+            ToolParser::Llama3Json => held.starts_with('{') || held.starts_with(PYTHON_TAG),
+        }
+    }
+}
 
 /// What a request's `tool_choice` asks of its output.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +75,7 @@ pub enum ToolMode {
     /// Text, as without tools (`tool_choice: "none"`, or no tools).
     Text,
     /// The model may call tools; the parser finds the calls.
-    Auto,
+    Auto(ToolParser),
     /// One call of this function: the output is its arguments.
     Named(String),
     /// One or more calls: the output is `[{"name", "parameters"}, ...]`.
@@ -71,12 +124,12 @@ fn functions(tools: Option<&Value>) -> Result<Vec<(String, Value)>, ApiError> {
 }
 
 /// The request's tool mode and, for a named function or `"required"`, the
-/// JSON schema its output is guided by. `auto_tools`: the server runs with
-/// `--enable-auto-tool-choice` and a parser.
+/// JSON schema its output is guided by. `auto_tools`: the server's parser,
+/// when it runs with `--enable-auto-tool-choice`.
 pub fn tool_mode(
     tools: Option<&Value>,
     tool_choice: Option<&Value>,
-    auto_tools: bool,
+    auto_tools: Option<ToolParser>,
 ) -> Result<(ToolMode, Option<Value>), ApiError> {
     let functions = functions(tools)?;
     let choice = match tool_choice {
@@ -108,7 +161,7 @@ pub fn tool_mode(
         _ if functions.is_empty() => Err(bad(format!(
             "tool_choice {choice:?} needs tools; give tools or drop tool_choice"
         ))),
-        "auto" if auto_tools => Ok((ToolMode::Auto, None)),
+        "auto" if let Some(parser) = auto_tools => Ok((ToolMode::Auto(parser), None)),
         "auto" => Err(bad(
             "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to \
              be set on the server (or use tool_choice \"none\", \"required\" or a named function)",
@@ -190,6 +243,9 @@ pub struct PartialCall<'a> {
     pub closed: bool,
     /// The object's text so far, from its opening brace.
     pub text: &'a str,
+    /// Which of the parser's argument keys `arguments` came from (Llama 3
+    /// writes `parameters` or `arguments`; the latter wins, as in vLLM).
+    arguments_rank: Option<usize>,
 }
 
 /// The calls an output has written so far.
@@ -203,10 +259,11 @@ pub struct WrittenCalls<'a> {
     pub malformed: bool,
 }
 
-/// The calls in `text` so far: hermes `<tool_call>` objects for `Auto`
-/// (None before the first), the guided `[{"name", "parameters"}, ...]`
-/// list for `Required`. Read without a JSON parser of the whole, so that a
-/// stream can send each call's name and arguments as they come.
+/// The calls in `text` so far: for `Auto`, hermes `<tool_call>` objects
+/// or Llama 3's `{...}; {...}` (None before the first, or when the text is
+/// not calls), the guided `[{"name", "parameters"}, ...]` list for
+/// `Required`. Read without a JSON parser of the whole, so that a stream
+/// can send each call's name and arguments as they come.
 pub fn calls_so_far<'a>(mode: &ToolMode, text: &'a str) -> Option<WrittenCalls<'a>> {
     let mut written = WrittenCalls {
         start: 0,
@@ -214,12 +271,39 @@ pub fn calls_so_far<'a>(mode: &ToolMode, text: &'a str) -> Option<WrittenCalls<'
         malformed: false,
     };
     match mode {
-        ToolMode::Auto => {
+        ToolMode::Auto(ToolParser::Llama3Json) => {
+            // vLLM's: the output opens with a call, or is no calls.
+            let mut rest = match text.strip_prefix(PYTHON_TAG) {
+                Some(after) => after,
+                None if text.starts_with('{') => text,
+                None => return None,
+            };
+            loop {
+                let Some((call, end)) = scan_call(rest, &["arguments", "parameters"]) else {
+                    written.malformed = true;
+                    break;
+                };
+                written.calls.push(call);
+                let Some(end) = end else { break };
+                // `; ` between calls; blanks (or a last `;`) may end them.
+                let after = rest[end..].trim_start();
+                match after.strip_prefix(';') {
+                    Some(next) if !next.trim().is_empty() => rest = next,
+                    Some(_) => break,
+                    None if after.is_empty() => break,
+                    None => {
+                        written.malformed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        ToolMode::Auto(ToolParser::Hermes) => {
             written.start = text.find(CALL_START)?;
             let mut rest = &text[written.start..];
             while let Some(s) = rest.find(CALL_START) {
                 let body = &rest[s + CALL_START.len()..];
-                let Some((call, end)) = scan_call(body, "arguments") else {
+                let Some((call, end)) = scan_call(body, &["arguments"]) else {
                     written.malformed = true;
                     break;
                 };
@@ -245,7 +329,7 @@ pub fn calls_so_far<'a>(mode: &ToolMode, text: &'a str) -> Option<WrittenCalls<'
                 if matches!(b.get(i), None | Some(b']')) {
                     break;
                 }
-                let Some((call, end)) = scan_call(&text[i..], "parameters") else {
+                let Some((call, end)) = scan_call(&text[i..], &["parameters"]) else {
                     written.malformed = true;
                     break;
                 };
@@ -345,8 +429,12 @@ fn scan_value(b: &[u8], i: usize) -> Scan {
 }
 
 /// The call object at the start of `text` (after blanks) so far, and its
-/// end once closed; None when the text is not a call object.
-fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>, Option<usize>)> {
+/// end once closed; None when the text is not a call object. Its arguments
+/// are under the first of `arguments_keys` it has.
+fn scan_call<'a>(
+    text: &'a str,
+    arguments_keys: &[&str],
+) -> Option<(PartialCall<'a>, Option<usize>)> {
     let b = text.as_bytes();
     let mut call = PartialCall::default();
     let mut i = skip_ws(b, 0);
@@ -389,8 +477,12 @@ fn scan_call<'a>(text: &'a str, arguments_key: &str) -> Option<(PartialCall<'a>,
             if let Some(e) = value_end {
                 call.name = Some(serde_json::from_str(&text[i..e]).ok()?);
             }
-        } else if key == arguments_key && i < b.len() {
+        } else if let Some(rank) = arguments_keys.iter().position(|k| *k == key)
+            && i < b.len()
+            && call.arguments_rank.is_none_or(|r| rank <= r)
+        {
             call.arguments = Some(&text[i..value_end.unwrap_or(b.len())]);
+            call.arguments_rank = Some(rank);
         }
         let Some(e) = value_end else {
             return Some((call, None));
@@ -455,11 +547,6 @@ impl CallStream {
     }
 }
 
-/// Whether `text` starts with a hermes call.
-pub fn starts_call(text: &str) -> bool {
-    text.starts_with(CALL_START)
-}
-
 /// `calls` as stream deltas: each with its `index`.
 pub fn indexed(calls: Vec<Value>) -> Vec<Value> {
     calls
@@ -470,18 +557,6 @@ pub fn indexed(calls: Vec<Value>) -> Vec<Value> {
             c
         })
         .collect()
-}
-
-/// How much of `pending` can be streamed as content now: all of it, but a
-/// tail that might start `<tool_call>` waits for the next text.
-pub fn streamable_prefix(pending: &str) -> usize {
-    if let Some(i) = pending.find(CALL_START) {
-        return i;
-    }
-    (1..CALL_START.len())
-        .rev()
-        .find(|&k| pending.ends_with(&CALL_START[..k]))
-        .map_or(pending.len(), |k| pending.len() - k)
 }
 
 #[cfg(test)]
@@ -496,7 +571,7 @@ mod tests {
 
     fn auto() -> ToolUse {
         ToolUse {
-            mode: ToolMode::Auto,
+            mode: ToolMode::Auto(ToolParser::Hermes),
             parallel: true,
         }
     }
@@ -603,10 +678,54 @@ mod tests {
         );
         // parallel_tool_calls: false streams the first call only.
         let one = ToolUse {
-            mode: ToolMode::Auto,
+            mode: ToolMode::Auto(ToolParser::Hermes),
             parallel: false,
         };
         assert_eq!(stream(&one, text, 1), whole[..1]);
+    }
+
+    /// vLLM's llama3_json: the output is calls joined by `; `, each
+    /// `{"name", "parameters"}` (or `"arguments"`), maybe after
+    /// `<|python_tag|>`; anything else is content.
+    #[test]
+    fn llama3_json_calls_whole_and_streamed() {
+        let llama = ToolUse {
+            mode: ToolMode::Auto(ToolParser::Llama3Json),
+            parallel: true,
+        };
+        let text = r#"{"name": "weather", "parameters": {"city": "Oslo"}}; {"name": "time", "arguments": {"tz": "CET"}}"#;
+        let (content, calls) = extract(&llama, text).unwrap();
+        assert_eq!(content, None);
+        assert_eq!(call_parts(&calls[0]), ("weather", json!({"city": "Oslo"})));
+        assert_eq!(call_parts(&calls[1]), ("time", json!({"tz": "CET"})));
+        let whole: Vec<(String, String)> = calls
+            .iter()
+            .map(|c| {
+                let f = &c["function"];
+                (
+                    f["name"].as_str().unwrap().into(),
+                    f["arguments"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        for step in [1, 4, 1000] {
+            assert_eq!(stream(&llama, text, step), whole, "step {step}");
+        }
+        let tagged = format!("<|python_tag|>{text};");
+        assert_eq!(extract(&llama, &tagged).unwrap().1.len(), 2);
+        let both = r#"{"name": "f", "parameters": {"a": 1}, "arguments": {"b": 2}}"#;
+        assert_eq!(
+            call_parts(&extract(&llama, both).unwrap().1[0]).1,
+            json!({"b": 2})
+        );
+        for not_calls in [
+            "The weather is fine.",
+            r#" {"name": "f", "parameters": {}}"#,
+            r#"{"name": "f", "parameters": {}} and more"#,
+            r#"{"name": "f", "parameters": {"#,
+        ] {
+            assert!(extract(&llama, not_calls).is_none(), "{not_calls}");
+        }
     }
 
     #[test]
@@ -615,10 +734,10 @@ mod tests {
                     <tool_call>{\"name\": 5}</tool_call><tool_call>{\"name\": \"c\"}";
         let got = stream(&auto(), text, 1);
         assert_eq!(got, vec![("a".to_string(), "{}".to_string())]);
-        let written = calls_so_far(&ToolMode::Auto, text).unwrap();
+        let written = calls_so_far(&ToolMode::Auto(ToolParser::Hermes), text).unwrap();
         assert!(written.malformed);
         assert!(extract(&auto(), text).is_none());
-        assert!(calls_so_far(&ToolMode::Auto, "no calls").is_none());
+        assert!(calls_so_far(&ToolMode::Auto(ToolParser::Hermes), "no calls").is_none());
     }
 
     #[test]
@@ -653,22 +772,25 @@ mod tests {
             {"type": "function", "function": {"name": "time"}}
         ]);
         let t = Some(&tools);
-        assert_eq!(tool_mode(None, None, false).unwrap().0, ToolMode::Text);
+        assert_eq!(tool_mode(None, None, None).unwrap().0, ToolMode::Text);
         assert_eq!(
-            tool_mode(t, Some(&json!("none")), false).unwrap().0,
+            tool_mode(t, Some(&json!("none")), None).unwrap().0,
             ToolMode::Text
         );
-        assert_eq!(tool_mode(t, None, true).unwrap().0, ToolMode::Auto);
-        let e = tool_mode(t, None, false).unwrap_err().to_string();
+        assert_eq!(
+            tool_mode(t, None, Some(ToolParser::Llama3Json)).unwrap().0,
+            ToolMode::Auto(ToolParser::Llama3Json)
+        );
+        let e = tool_mode(t, None, None).unwrap_err().to_string();
         assert!(e.contains("--enable-auto-tool-choice"), "{e}");
         let named = json!({"type": "function", "function": {"name": "weather"}});
-        let (mode, schema) = tool_mode(t, Some(&named), false).unwrap();
+        let (mode, schema) = tool_mode(t, Some(&named), None).unwrap();
         assert_eq!(mode, ToolMode::Named("weather".into()));
         assert_eq!(schema.unwrap()["properties"]["city"]["type"], "string");
         let missing = json!({"type": "function", "function": {"name": "nope"}});
-        assert!(tool_mode(t, Some(&missing), false).is_err());
-        assert!(tool_mode(None, Some(&json!("required")), false).is_err());
-        let (mode, schema) = tool_mode(t, Some(&json!("required")), false).unwrap();
+        assert!(tool_mode(t, Some(&missing), None).is_err());
+        assert!(tool_mode(None, Some(&json!("required")), None).is_err());
+        let (mode, schema) = tool_mode(t, Some(&json!("required")), None).unwrap();
         assert_eq!(mode, ToolMode::Required);
         let pattern = model::guided::json_schema_pattern(&schema.unwrap(), false).unwrap();
         let re = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
@@ -693,9 +815,18 @@ mod tests {
 
     #[test]
     fn a_possible_call_start_waits() {
-        assert_eq!(streamable_prefix("hello"), 5);
-        assert_eq!(streamable_prefix("hello <tool"), 6);
-        assert_eq!(streamable_prefix("hello <tool_call>{"), 6);
-        assert_eq!(streamable_prefix("a < b"), 5);
+        let hermes = ToolParser::Hermes;
+        assert_eq!(hermes.streamable_prefix("hello", true), 5);
+        assert_eq!(hermes.streamable_prefix("hello <tool", true), 6);
+        assert_eq!(hermes.streamable_prefix("hello <tool_call>{", false), 6);
+        assert_eq!(hermes.streamable_prefix("a < b", true), 5);
+        // Llama 3: a call opens the answer or never comes.
+        let llama = ToolParser::Llama3Json;
+        for held in ["", "{\"na", "<|pyth", "<|python_tag|>{"] {
+            assert_eq!(llama.streamable_prefix(held, true), 0, "{held}");
+        }
+        assert_eq!(llama.streamable_prefix("Sure {", true), 6);
+        assert_eq!(llama.streamable_prefix("{", false), 1);
+        assert!(llama.starts_call("<|python_tag|>") && !llama.starts_call(" {"));
     }
 }

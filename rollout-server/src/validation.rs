@@ -110,8 +110,8 @@ pub struct Validator {
     /// allowed from each state.
     pub guides: GuideCache,
     /// `--enable-auto-tool-choice` with a `--tool-call-parser`: `tool_choice:
-    /// "auto"` is served.
-    pub auto_tools: bool,
+    /// "auto"` is served, with this parser.
+    pub auto_tools: Option<crate::tools::ToolParser>,
     /// `--reasoning-parser`.
     pub reasoning_parser: Option<ReasoningParser>,
     /// Sampling for the fields a request leaves out (`--generation-config`).

@@ -1807,6 +1807,47 @@ async fn tool_calls_auto_named_and_required() {
         "{c}"
     );
 
+    // "auto" with Llama 3's JSON calls: the whole output is the call.
+    let s = Server::start(&[
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "llama3_json",
+    ])
+    .await;
+    let call = r#"\{"name": "get_weather", "parameters": \{"city": "[a-z]{1,6}"\}\}"#;
+    let body = chat(json!({"guided_regex": call}));
+    let (st, r) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let folded = fold_chat_stream(&s.post_stream("/v1/chat/completions", &streamed, &[]).await);
+    for (i, folded) in folded.iter().enumerate() {
+        let c = &r["choices"][i];
+        assert_eq!(c["finish_reason"], "tool_calls", "{c}");
+        assert!(c["message"]["content"].is_null(), "{c}");
+        let call = &c["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_weather");
+        assert!(args_of(&call["function"]["arguments"])["city"].is_string());
+        assert_eq!(folded["finish_reason"], "tool_calls");
+        assert_eq!(folded["tool_calls"][0]["name"], "get_weather");
+        assert_eq!(
+            folded["tool_calls"][0]["arguments"],
+            call["function"]["arguments"]
+        );
+        assert_eq!(folded["content"], "", "{folded}");
+    }
+    // An answer that does not open with a call is content, whole and streamed.
+    let body = chat(json!({"guided_regex": "[a-z]{3} \\{"}));
+    let (st, r) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let folded = fold_chat_stream(&s.post_stream("/v1/chat/completions", &streamed, &[]).await);
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{c}");
+    assert_eq!(c["message"]["tool_calls"], json!([]));
+    assert_eq!(folded[0]["content"], c["message"]["content"], "{folded:?}");
+
     for (flags, says) in [
         (&["--enable-auto-tool-choice"][..], "--tool-call-parser"),
         (&["--tool-call-parser", "mistral"][..], "hermes"),
