@@ -33,6 +33,11 @@ pub enum DataError {
     },
     #[error("{path}: unknown data format: expected a .jsonl or .parquet file")]
     Format { path: PathBuf },
+    #[error(
+        "{pattern}: {message} (a data path with * ? or [ is a pattern standing for the files \
+         it matches, e.g. data/train-*.parquet for a Hugging Face dataset's shards)"
+    )]
+    Pattern { pattern: String, message: String },
     #[error("{path}, {location}: {message}")]
     Parse {
         path: PathBuf,
@@ -208,6 +213,32 @@ pub fn read_rows(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         }
         Format::Parquet => read_parquet(path, mapping),
     }
+}
+
+/// The files a `train_files` / `eval_files` path stands for: the file
+/// itself, or for a pattern (`*`, `?`, `[...]`: `data/train-*.parquet`, a
+/// Hugging Face dataset's shards) every file it matches, in name order.
+pub fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
+    let text = path.to_string_lossy();
+    if !text.contains(['*', '?', '[']) {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let bad = |message: String| DataError::Pattern {
+        pattern: text.to_string(),
+        message,
+    };
+    let mut files = Vec::new();
+    for entry in glob::glob(&text).map_err(|e| bad(e.to_string()))? {
+        let file = entry.map_err(|e| bad(e.to_string()))?;
+        if file.is_file() {
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        return Err(bad("matches no file".into()));
+    }
+    files.sort();
+    Ok(files)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -747,6 +778,10 @@ pub struct Example {
     pub source_file: PathBuf,
     /// 0-based row in `source_file` (blank JSONL lines not counted).
     pub row: usize,
+    /// The recipe's path `source_file` came from, where that is a pattern
+    /// (one of its shards): what evaluations report by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<PathBuf>,
     /// The messages the chat template rendered into `prompt_text` (a
     /// conversational row, or the `chat` template); none for a text
     /// template.
@@ -806,13 +841,38 @@ impl Dataset {
         tokenizer: Option<&Tokenizer>,
         max_prompt_tokens: Option<usize>,
     ) -> Result<Dataset> {
+        // One file, or a pattern's files (shards) as one dataset, in order.
         let path = &file.path;
-        let kind = Format::of(path)?;
-        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let sha256 = sha256_hex(&bytes);
+        let files = files_of(path)?;
+        let mut shards: Vec<(PathBuf, Vec<RawRow>)> = Vec::with_capacity(files.len());
+        let (mut digests, mut total_bytes) = (Vec::new(), 0u64);
+        for shard in files {
+            let kind = Format::of(&shard)?;
+            let bytes = std::fs::read(&shard).map_err(|source| DataError::Io {
+                path: shard.clone(),
+                source,
+            })?;
+            digests.push(sha256_hex(&bytes));
+            total_bytes += bytes.len() as u64;
+            let rows = match kind {
+                Format::Jsonl => read_jsonl(&shard, &bytes, mapping)?,
+                Format::Parquet => read_parquet(&shard, mapping)?,
+            };
+            if rows.is_empty() {
+                return Err(DataError::Empty { path: shard });
+            }
+            shards.push((shard, rows));
+        }
+        // A pattern's hash: of its files' hashes, one a line, in order.
+        let sha256 = match digests.as_slice() {
+            [one] if shards[0].0 == *path => one.clone(),
+            many => sha256_hex(
+                many.iter()
+                    .map(|d| format!("{d}\n"))
+                    .collect::<String>()
+                    .as_bytes(),
+            ),
+        };
         if let Some(expected) = &file.expected_hash
             && !expected.eq_ignore_ascii_case(&sha256)
         {
@@ -822,16 +882,14 @@ impl Dataset {
                 found: sha256,
             });
         }
-        let rows = match kind {
-            Format::Jsonl => read_jsonl(path, &bytes, mapping)?,
-            Format::Parquet => read_parquet(path, mapping)?,
-        };
-        if rows.is_empty() {
-            return Err(DataError::Empty { path: path.clone() });
-        }
+        let rows: Vec<(&PathBuf, usize, &RawRow)> = shards
+            .iter()
+            .flat_map(|(shard, rows)| rows.iter().enumerate().map(move |(i, r)| (shard, i, r)))
+            .collect();
         let mut examples = Vec::with_capacity(rows.len());
         let mut overlong_prompts = 0;
-        for (i, row) in rows.iter().enumerate() {
+        for (shard, i, row) in rows {
+            let path = shard;
             let (prompt_text, messages) = format.build_with_messages(path, row, tokenizer)?;
             if let (Some(max), Some(tok)) = (max_prompt_tokens, tokenizer) {
                 let n = tok
@@ -856,10 +914,12 @@ impl Dataset {
                 answer: row.answer.clone(),
                 source_file: path.clone(),
                 row: i,
+                dataset: (path != &file.path).then(|| file.path.clone()),
                 messages,
                 data_source: row.data_source.clone(),
             });
         }
+        let path = &file.path;
         if examples.is_empty() {
             return Err(DataError::Invalid(format!(
                 "every prompt of {} is longer than rollout.max_prompt_length ({} tokens): \
@@ -873,7 +933,7 @@ impl Dataset {
             fingerprint: FileFingerprint {
                 path: path.clone(),
                 sha256,
-                bytes: bytes.len() as u64,
+                bytes: total_bytes,
                 rows: examples.len(),
                 weight: file.weight,
                 overlong_prompts,

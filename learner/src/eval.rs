@@ -180,13 +180,13 @@ pub async fn evaluate(
     let outcomes = client.generate(&prompts, &seeds).await?;
     let mut inputs = Vec::new();
     let mut dropped = 0;
-    // The file of each question that got completions, in order.
+    // The file (or pattern) of each question that got completions, in order.
     let mut files: Vec<&std::path::Path> = Vec::new();
     for (q, (example, outcome)) in examples.iter().zip(&outcomes).enumerate() {
         match outcome {
             GroupOutcome::Kept(group) => {
                 inputs.extend(group.reward_inputs(example, q));
-                files.push(&example.source_file);
+                files.push(example.dataset.as_ref().unwrap_or(&example.source_file));
             }
             GroupOutcome::Dropped { .. } => dropped += 1,
         }
@@ -291,9 +291,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub endpoint: String,
     /// Questions: JSONL or Parquet files with the recipe's column mapping
-    /// (default `prompt` and `answer`); several files (a space-separated
-    /// list, or the flag repeated) are reported each on its own too. None:
-    /// the `--config` recipe's `data.eval_files`.
+    /// (default `prompt` and `answer`), or a quoted pattern of a dataset's
+    /// shards (`'data/test-*.parquet'`: one task); several (a
+    /// space-separated list, or the flag repeated) are reported each on its
+    /// own too. None: the `--config` recipe's `data.eval_files`.
     #[arg(long, num_args = 1..)]
     pub tasks: Vec<PathBuf>,
     /// Samples per question (the k of pass@k).

@@ -299,11 +299,14 @@ impl ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataFile {
-    /// A `.jsonl` or `.parquet` file.
+    /// A `.jsonl` or `.parquet` file, or a pattern (`*`, `?`, `[...]`)
+    /// standing for the files it matches, read in name order as one dataset
+    /// (a Hugging Face dataset's shards: `data/train-*.parquet`).
     pub path: PathBuf,
     /// Relative sampling weight within the mixture.
     pub weight: f64,
-    /// SHA-256 (hex) the file must have; the run stops when it has drifted.
+    /// SHA-256 (hex) the file must have (a pattern: of its files' hashes,
+    /// one a line); the run stops when it has drifted.
     pub expected_hash: Option<String>,
 }
 
@@ -2208,7 +2211,8 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
         "reward_funcs" => "reward functions are reward.functions (name, weight, parameters)",
         "reward_weights" => "each reward.functions entry has its own weight",
         "dataset_name" => {
-            "nothing is downloaded: data.train_files names local JSONL or Parquet files"
+            "nothing is downloaded: data.train_files names local JSONL or Parquet files \
+             (a pattern such as DIR/data/train-*.parquet takes a downloaded dataset's shards)"
         }
         "dataset_config" | "dataset_train_split" | "dataset_test_split" => {
             "nothing is downloaded: name the split's local files in data.train_files \

@@ -571,20 +571,20 @@ fn convert_dataset(map: &mut Map<String, Value>, out: &mut Output) {
             );
         }
         Some(name) => {
-            let mut what = name.as_str().unwrap_or("the dataset").to_string();
+            let repo = name.as_str().unwrap_or("the dataset");
+            let mut what = repo.to_string();
             if let Some(c) = config.as_ref().and_then(Value::as_str) {
                 what.push_str(&format!(", config {c}"));
             }
-            what.push_str(&format!(
-                ", split {}",
-                split.as_ref().and_then(Value::as_str).unwrap_or("train")
-            ));
+            let split_name = split.as_ref().and_then(Value::as_str).unwrap_or("train");
+            what.push_str(&format!(", split {split_name}"));
             out.put(
                 "data.train_files",
                 json!([name]),
                 Some(format!(
-                    "dataset_name; TODO: the local JSONL or Parquet files of {what} \
-                     (nothing is downloaded)"
+                    "dataset_name; TODO: the local JSONL or Parquet files of {what}, e.g. \
+                     DIR/data/{split_name}-*.parquet after `huggingface-cli download \
+                     --repo-type dataset {repo} --local-dir DIR` (nothing is downloaded)"
                 )),
             );
         }

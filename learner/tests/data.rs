@@ -316,6 +316,111 @@ fn hash_drift_stops_with_both_hashes() {
     );
 }
 
+/// A Hugging Face dataset's shards (`data/train-*.parquet`): a pattern
+/// stands for the files it matches, in name order, as one dataset (one
+/// weight, one fingerprint: the hash of its files' hashes), each example
+/// keeping its shard and row; a pattern that matches nothing, or a file of
+/// another format among its matches, is an error naming the pattern.
+#[test]
+fn a_pattern_loads_a_datasets_shards_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_jsonl(dir.path(), "train-00000-of-00002.jsonl", 3, "a");
+    let b = write_jsonl(dir.path(), "train-00001-of-00002.jsonl", 2, "b");
+    write_jsonl(dir.path(), "test-00000-of-00001.jsonl", 4, "t");
+    let pattern = dir.path().join("train-*.jsonl");
+    let d = load(&pattern, 2.0);
+    assert_eq!(
+        keys(&d.examples),
+        [
+            (a.clone(), 0),
+            (a.clone(), 1),
+            (a.clone(), 2),
+            (b.clone(), 0),
+            (b.clone(), 1)
+        ]
+    );
+    assert!(
+        d.examples
+            .iter()
+            .all(|e| e.dataset.as_ref() == Some(&pattern))
+    );
+    let f = &d.fingerprint;
+    assert_eq!(
+        (f.path.as_path(), f.rows, f.weight),
+        (pattern.as_path(), 5, 2.0)
+    );
+    let both = format!(
+        "{}\n{}\n",
+        sha256_file(&a).unwrap(),
+        sha256_file(&b).unwrap()
+    );
+    assert_eq!(f.sha256, learner::data::sha256_hex(both.as_bytes()));
+    let sizes = std::fs::metadata(&a).unwrap().len() + std::fs::metadata(&b).unwrap().len();
+    assert_eq!(f.bytes, sizes);
+    // expected_hash pins the whole set: a changed shard is drift.
+    let pinned = DataFile {
+        expected_hash: Some(f.sha256.clone()),
+        ..DataFile::new(&pattern)
+    };
+    let fmt = PromptFormat::plain("{question}=");
+    Dataset::load(&pinned, &ColumnMapping::default(), &fmt, None).unwrap();
+    write_jsonl(dir.path(), "train-00001-of-00002.jsonl", 1, "b");
+    let e = Dataset::load(&pinned, &ColumnMapping::default(), &fmt, None).unwrap_err();
+    assert!(matches!(e, DataError::Drift { .. }), "{e}");
+    // One plain file is as before: its own hash, no dataset entry.
+    let plain = load(&a, 1.0);
+    assert_eq!(plain.fingerprint.sha256, sha256_file(&a).unwrap());
+    assert!(plain.examples[0].dataset.is_none());
+
+    for (bad, says) in [
+        (dir.path().join("valid-*.jsonl"), "matches no file"),
+        (dir.path().join("[.jsonl"), "Pattern"),
+    ] {
+        let file = DataFile::new(&bad);
+        let e = Dataset::load(&file, &ColumnMapping::default(), &fmt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&bad.display().to_string()) && e.contains(says),
+            "{e}"
+        );
+    }
+    std::fs::write(dir.path().join("train-notes.txt"), "x").unwrap();
+    let e = Dataset::load(
+        &DataFile::new(dir.path().join("train-*")),
+        &ColumnMapping::default(),
+        &fmt,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("train-notes.txt") && e.contains(".parquet"),
+        "{e}"
+    );
+
+    // Parquet shards too (the repo's file, twice).
+    let shards = tempfile::tempdir().unwrap();
+    for i in 0..2 {
+        std::fs::copy(
+            repo().join("configs/data/arith_tiny.parquet"),
+            shards
+                .path()
+                .join(format!("train-0000{i}-of-00002.parquet")),
+        )
+        .unwrap();
+    }
+    let mapped = DataFile::new(shards.path().join("train-*.parquet"));
+    let d = Dataset::load(
+        &mapped,
+        &ColumnMapping::new("question", "solution"),
+        &fmt,
+        None,
+    )
+    .unwrap();
+    assert_eq!(d.examples.len(), 24);
+}
+
 #[test]
 fn long_prompts_are_truncated_or_rejected() {
     let dir = tempfile::tempdir().unwrap();

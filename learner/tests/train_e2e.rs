@@ -184,13 +184,20 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         assert!(events.iter().any(|x| x == e), "{e} missing from {events:?}");
     }
 
-    // `learner eval` against the same server, by hand, on two files (the
-    // first 3 questions of each).
+    // `learner eval` against the same server, by hand, on two files and a
+    // pattern of two shards (the first 3 questions of each).
     let eval_out = tmp.path().join("eval");
+    let shards = tmp.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    for (name, n) in [("test-00000-of-00002", 2), ("test-00001-of-00002", 2)] {
+        let file = first_prompts(tmp.path(), n);
+        std::fs::rename(file, shards.join(format!("{name}.jsonl"))).unwrap();
+    }
     let out = std::process::Command::new(learner_bin())
         .args(["eval", "--endpoint", &server.url(""), "--tasks"])
         .arg(repo_root().join("configs/data/arith_eval.jsonl"))
         .arg(ten_prompts(tmp.path()))
+        .arg(shards.join("test-*.jsonl"))
         .args(["--samples", "2", "--max-examples", "3", "--max-tokens", "8"])
         .arg("--out")
         .arg(&eval_out)
@@ -202,9 +209,10 @@ fn single_rank_run_writes_the_run_folder_and_pushes_weights() {
         String::from_utf8_lossy(&out.stderr)
     );
     let line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line["num_questions"], 6);
+    assert_eq!(line["num_questions"], 9);
     assert_eq!(line["pass_rule"], "exact_match == 1");
-    for file in ["arith_eval", "first_10"] {
+    // The shards are one task, named by the pattern.
+    for file in ["arith_eval", "first_10", "test-*"] {
         let f = &line["per_file"][file];
         assert_eq!(f["num_questions"], 3, "{line}");
         assert!(f["pass_at_k"]["pass@2"].is_number(), "{line}");
