@@ -11,6 +11,7 @@ pub mod accumulation;
 pub mod advantages;
 pub mod batch;
 pub mod checkpoint;
+pub mod code_execution;
 pub mod collective;
 pub mod data;
 pub mod dynamic_sampling;

@@ -2204,6 +2204,17 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
              (on by default) keeps the logits out of memory as Liger's fused linear \
              cross-entropy does; remove the key"
         }
+        "code_provider"
+        | "e2b_router_url"
+        | "morph_router_url"
+        | "parallel_code_exec_per_proc"
+        | "code_eval_test_batch_size"
+        | "code_eval_scoring_mode"
+        | "enforce_same_language" => {
+            "the `code` reward function runs the programs: runner piston (a Piston server's \
+             url, as sandboxed as E2B / Morph) or runner local (python3 here), max_parallel \
+             cases at once; remove the key"
+        }
         "load_in_4bit" | "load_in_8bit" => {
             "LoRA is model.use_peft (LoRA or DoRA on a base in model.dtype: no quantized \
              base); remove the key"

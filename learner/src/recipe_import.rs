@@ -661,13 +661,14 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
         None => Vec::new(),
     };
     let code_language = map.remove("code_language");
+    let code_rewards = ["code_format", "code", "binary_code"];
     if let Some(v) = &code_language
-        && !names.iter().any(|n| n == "code_format")
+        && !names.iter().any(|n| code_rewards.contains(&n.as_str()))
     {
         out.leave_out(
             "code_language",
             v,
-            "read by open-r1's code_format reward, which reward_funcs does not name",
+            "read by open-r1's code rewards, which reward_funcs does not name",
         );
     }
     // The arguments, by the function that reads them.
@@ -733,6 +734,25 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                 f.insert("pattern".into(), json!(open_r1_code_format(language)));
                 Some(format!("open-r1's code_format ({language})"))
             }
+            "code" | "binary_code" => {
+                let language = code_language
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .unwrap_or("python");
+                f.insert("name".into(), json!("code"));
+                f.insert("runner".into(), json!("piston"));
+                f.insert("url".into(), json!("http://localhost:2000"));
+                f.insert("language".into(), json!(language));
+                if name == "binary_code" {
+                    f.insert("label".into(), json!("binary_code"));
+                    f.insert("mode".into(), json!("binary"));
+                }
+                Some(format!(
+                    "open-r1's {name} reward on the verification_info test cases; TODO: open-r1 \
+                     runs the programs in E2B / Morph sandboxes: start a Piston server at url, \
+                     or set runner: local to run them with python3 on this machine, unsandboxed"
+                ))
+            }
             "soft_overlong_punishment" => {
                 f.insert("name".into(), json!("length_penalty"));
                 f.insert("mode".into(), json!("overlong"));
@@ -790,6 +810,15 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                  \\boxed{} as the answer, as math_verify does"
                     .into(),
             ),
+        );
+    }
+    if names.iter().any(|n| n == "code" || n == "binary_code")
+        && !map.contains_key("dataset_solution_column")
+    {
+        out.put(
+            "data.answer_column",
+            json!("verification_info"),
+            Some("open-r1's code rewards read their test cases from verification_info".into()),
         );
     }
     if let Some(col) = map.remove("dataset_solution_column") {

@@ -17,6 +17,7 @@
 //! | `cosine`         | open-r1's cosine-scaled reward: correct answers gain, wrong ones lose less, the shorter they are |
 //! | `length`         | open-r1's `len_reward` (Kimi k1.5): in [-0.5, 0.5] by length among the batch; a wrong answer never gains |
 //! | `reward_model`   | a `*ForSequenceClassification` folder's score of prompt + completion (TRL's reward model in `reward_funcs`, OpenRLHF's `--reward_pretrain`) |
+//! | `code`           | open-r1's `code` / `binary_code`: the share of the answer's test cases the completion's program passes (or 1 if all), run by a Piston server or `python3` here ([`crate::code_execution`]) |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
 //! `gate` is the product of the `blocklist` gates (1 when there are none).
@@ -169,6 +170,7 @@ enum Kind {
     Cosine(Cosine),
     Length(Length),
     RewardModel(Box<RewardModel>),
+    Code(Box<crate::code_execution::Code>),
 }
 
 /// Names of the built-in functions.
@@ -185,6 +187,7 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "cosine",
     "length",
     "reward_model",
+    "code",
 ];
 
 impl RewardRegistry {
@@ -405,6 +408,10 @@ impl RewardFunction {
             "reward_model" => Kind::RewardModel(Box::new(
                 RewardModel::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             )),
+            "code" => Kind::Code(Box::new(
+                crate::code_execution::Code::new(params(index, &label, rest)?)
+                    .map_err(|m| cfg_err(&label, m))?,
+            )),
             other => {
                 return Err(cfg_err(
                     other,
@@ -458,6 +465,7 @@ impl RewardFunction {
             Kind::LengthPenalty(f) => self.each(batch, |x| f.score(x)),
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+            Kind::Code(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::ThinkFormat => Ok(batch
                 .iter()
                 .map(|x| think_format(&x.completion_text))

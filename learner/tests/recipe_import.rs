@@ -986,3 +986,43 @@ fn trls_reward_functions_convert_by_name() {
     assert_eq!(r.data.answer_column, "solution");
     assert!(c.left_out.is_empty(), "{:?}", c.left_out);
 }
+
+/// open-r1's code recipes: `code` and `binary_code` become the `code`
+/// function on the verification_info test cases, run by a Piston server
+/// (a TODO says so); the sandbox keys are left out with what to do.
+#[test]
+fn open_r1_code_rewards_convert_to_the_code_function() {
+    let trl = "model_name_or_path: /models/m\ndataset_name: /data/code.parquet\n\
+               reward_funcs: [code, binary_code, code_format]\nreward_weights: [1.0, 0.5, 0.1]\n\
+               code_language: python\ncode_provider: e2b\nparallel_code_exec_per_proc: 2\n";
+    let c = convert_trl_recipe(trl, "config_demo_code.yaml").unwrap();
+    let r = Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let f = &r.reward.functions;
+    let names: Vec<&str> = f.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["code", "code", "format"]);
+    assert_eq!(f[0].params["runner"], "piston");
+    assert_eq!(f[0].params["language"], "python");
+    assert_eq!(
+        (f[1].params["mode"].as_str(), f[1].weight),
+        (Some("binary"), 0.5)
+    );
+    assert_eq!(r.data.answer_column, "verification_info");
+    assert!(
+        c.yaml.contains("TODO: open-r1 runs the programs"),
+        "{}",
+        c.yaml
+    );
+    let left: Vec<&str> = c.left_out.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        left.iter().any(|k| k.starts_with("code_provider")),
+        "{left:?}"
+    );
+    assert!(
+        c.left_out
+            .iter()
+            .all(|(_, why)| why.contains("`code` reward")),
+        "{:?}",
+        c.left_out
+    );
+}

@@ -846,3 +846,164 @@ fn a_reward_model_without_weights_fails_up_front() {
         .prepare()
         .unwrap();
 }
+
+// ---- code
+
+/// open-r1's verification_info: a + b, two test cases.
+const SUM_CASES: &str = r#"{"language": "python", "test_cases": [
+    {"input": "2 3\n", "output": "5\n", "type": "stdin_stdout"},
+    {"input": "10 -4\n", "output": "6", "type": "stdin_stdout"}]}"#;
+
+/// Programs and the share of SUM_CASES each passes.
+fn programs() -> Vec<(RewardInput, f64)> {
+    let program =
+        |body: &str| format!("Here:\n```python\na, b = map(int, input().split())\n{body}\n```\n");
+    [
+        (program("print(a + b)"), 1.0),
+        (program("print(a + b if a < 5 else 0)"), 0.5),
+        (program("print(a * b)"), 0.0),
+        ("No program here.".to_string(), 0.0),
+        (program("while True:\n    pass"), 0.0),
+        (program("raise SystemExit(3)"), 0.0),
+        // An earlier block is not the program: the last one is.
+        (
+            format!("```python\nprint(0)\n```\n{}", program("print(a + b)")),
+            1.0,
+        ),
+    ]
+    .into_iter()
+    .map(|(c, v)| (input(&c, Some(SUM_CASES)), v))
+    .collect()
+}
+
+async fn code_values(config: Value) -> (Vec<f64>, Vec<f64>) {
+    let cases = programs();
+    let batch: Vec<RewardInput> = cases.iter().map(|(x, _)| x.clone()).collect();
+    let expected = cases.iter().map(|(_, v)| *v).collect();
+    (values(config, &batch).await, expected)
+}
+
+#[tokio::test]
+async fn code_runs_each_program_against_the_test_cases_here() {
+    let (got, expected) =
+        code_values(json!({"name": "code", "runner": "local", "timeout_s": 2})).await;
+    assert_eq!(got, expected);
+    let (got, expected) =
+        code_values(json!({"name": "code", "runner": "local", "timeout_s": 2, "mode": "binary"}))
+            .await;
+    let binary: Vec<f64> = expected
+        .iter()
+        .map(|v| if *v == 1.0 { 1.0 } else { 0.0 })
+        .collect();
+    assert_eq!(got, binary);
+}
+
+/// A Piston-compatible `POST /api/v2/execute`, run by python3 here.
+async fn piston_execute(Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if body["language"] != "python" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"message": "unknown language"})),
+        );
+    }
+    let program = body["files"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let stdin = body["stdin"].as_str().unwrap_or_default().to_string();
+    let timeout = Duration::from_millis(body["run_timeout"].as_u64().unwrap_or(3000));
+    let run = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &program])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                return json!({"stdout": String::from_utf8_lossy(&out.stdout),
+                              "stderr": String::from_utf8_lossy(&out.stderr),
+                              "code": status.code(), "signal": null});
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return json!({"stdout": "", "stderr": "", "code": null, "signal": "SIGKILL"});
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
+    (
+        StatusCode::OK,
+        Json(json!({"language": "python", "version": "3", "run": run})),
+    )
+}
+
+#[tokio::test]
+async fn code_runs_each_program_on_a_piston_server() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new().route("/api/v2/execute", post(piston_execute));
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    let (got, expected) = code_values(
+        json!({"name": "code", "runner": "piston", "url": format!("{url}/"), "timeout_s": 2}),
+    )
+    .await;
+    assert_eq!(got, expected);
+
+    // A language the server does not have, and no server at all, stop the
+    // scoring with the function named.
+    let cpp = input(
+        "```cpp\nint main(){}\n```",
+        Some(r#"{"language": "cpp", "test_cases": [{"input": "", "output": ""}]}"#),
+    );
+    let e = registry(json!({"name": "code", "runner": "piston", "url": url}))
+        .score(&[cpp])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`code`") && e.contains("400"), "{e}");
+    let down = format!("http://127.0.0.1:{}", e2e::free_port());
+    let e = registry(json!({"name": "code", "runner": "piston", "url": down}))
+        .score(&[programs().remove(0).0])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/api/v2/execute"), "{e}");
+}
+
+#[tokio::test]
+async fn code_says_what_is_wrong_with_its_configuration_and_answers() {
+    for (config, says) in [
+        (json!({"name": "code"}), "runner"),
+        (json!({"name": "code", "runner": "piston"}), "needs `url`"),
+        (
+            json!({"name": "code", "runner": "local", "url": "http://x:1"}),
+            "`url` is for `runner: piston`",
+        ),
+        (
+            json!({"name": "code", "runner": "local", "timeout_s": 0}),
+            "timeout_s",
+        ),
+        (json!({"name": "code", "runner": "sandbox"}), "runner"),
+    ] {
+        let e = config_error(config.clone());
+        assert!(e.contains(says) && e.contains("code"), "{config}: {e}");
+    }
+    let not_info = input("```python\nprint(1)\n```", Some("42"));
+    let e = registry(json!({"name": "code", "runner": "local"}))
+        .score(&[not_info])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("verification_info"), "{e}");
+}
