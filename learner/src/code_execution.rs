@@ -347,13 +347,20 @@ impl Code {
     }
 }
 
-/// The last ```` ```language ```` block of `completion` (open-r1's
-/// `extract_code`); none when it has none.
+/// The last whole ```` ```language ```` block of `completion` (open-r1's
+/// `extract_code`: the last of its pattern's matches, left to right); none
+/// when it has none.
 fn extract_code(completion: &str, language: &str) -> Option<String> {
     let fence = format!("```{language}\n");
-    let start = completion.rfind(&fence)? + fence.len();
-    let end = completion[start..].find("```")?;
-    Some(completion[start..start + end].to_string())
+    let mut last = None;
+    let mut rest = completion;
+    while let Some(open) = rest.find(&fence) {
+        let body = &rest[open + fence.len()..];
+        let Some(close) = body.find("```") else { break };
+        last = Some(body[..close].to_string());
+        rest = &body[close + 3..];
+    }
+    last
 }
 
 /// Whether `output` has `expected`'s lines, each compared without the
@@ -375,6 +382,9 @@ mod tests {
         assert_eq!(extract_code(c, "python").as_deref(), Some("print(2)\n"));
         assert_eq!(extract_code(c, "cpp"), None);
         assert_eq!(extract_code("```python\nprint(1)", "python"), None);
+        // An unclosed last block leaves the one before, as open-r1's findall.
+        let cut = "```python\nprint(1)\n```\n```python\nprint(2)";
+        assert_eq!(extract_code(cut, "python").as_deref(), Some("print(1)\n"));
         assert_eq!(extract_code("no code", "python"), None);
     }
 

@@ -688,6 +688,13 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
             }
         }
     }
+    // The functions that read the solution column (open-r1's math ones).
+    let reads_solution = names.iter().any(|n| {
+        matches!(
+            n.as_str(),
+            "accuracy" | "trl.rewards.accuracy_reward" | "length"
+        )
+    });
     let mut functions: Vec<(Value, Option<String>)> = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let weight = weights.get(i).copied().unwrap_or(1.0);
@@ -733,6 +740,19 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                 f.insert("label".into(), json!("code_format"));
                 f.insert("pattern".into(), json!(open_r1_code_format(language)));
                 Some(format!("open-r1's code_format ({language})"))
+            }
+            "code" | "binary_code" if reads_solution => {
+                out.leave_out(
+                    &format!("reward_funcs[{i}]"),
+                    &json!(name),
+                    format!(
+                        "open-r1's {name} reward reads its test cases from verification_info \
+                         and this recipe's accuracy / length read solution, but each row has one \
+                         answer (data.answer_column): train the code rewards in a recipe of their \
+                         own ({{name: code, runner: piston, url: ...}} on verification_info)"
+                    ),
+                );
+                continue;
             }
             "code" | "binary_code" => {
                 let language = code_language
@@ -812,7 +832,8 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
             ),
         );
     }
-    if names.iter().any(|n| n == "code" || n == "binary_code")
+    if !reads_solution
+        && names.iter().any(|n| n == "code" || n == "binary_code")
         && !map.contains_key("dataset_solution_column")
     {
         out.put(

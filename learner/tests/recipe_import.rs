@@ -164,7 +164,8 @@ fn an_open_r1_recipe_converts_to_one_that_loads() {
             .map(|(_, w)| w.as_str())
             .unwrap()
     };
-    assert!(why("reward_funcs[4]").contains("remote"));
+    // open-r1's code reward beside accuracy: one answer column per row.
+    assert!(why("reward_funcs[4]").contains("verification_info"));
     assert!(why("repetition_n_grams").contains("repetition_penalty"));
     assert!(why("report_to").contains("tensorboard or none"));
     for (kv, _) in &c.left_out {
