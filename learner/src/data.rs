@@ -217,10 +217,11 @@ pub fn read_rows(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
 
 /// The files a `train_files` / `eval_files` path stands for: the file
 /// itself, or for a pattern (`*`, `?`, `[...]`: `data/train-*.parquet`, a
-/// Hugging Face dataset's shards) every file it matches, in name order.
+/// Hugging Face dataset's shards) every file it matches, in name order. A
+/// file whose name holds those characters is itself.
 pub fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
     let text = path.to_string_lossy();
-    if !text.contains(['*', '?', '[']) {
+    if !text.contains(['*', '?', '[']) || path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let bad = |message: String| DataError::Pattern {

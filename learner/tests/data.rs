@@ -367,10 +367,16 @@ fn a_pattern_loads_a_datasets_shards_as_one() {
     write_jsonl(dir.path(), "train-00001-of-00002.jsonl", 1, "b");
     let e = Dataset::load(&pinned, &ColumnMapping::default(), &fmt, None).unwrap_err();
     assert!(matches!(e, DataError::Drift { .. }), "{e}");
-    // One plain file is as before: its own hash, no dataset entry.
+    // One plain file is as before: its own hash, no dataset entry; so is
+    // a file whose name looks like a pattern.
     let plain = load(&a, 1.0);
     assert_eq!(plain.fingerprint.sha256, sha256_file(&a).unwrap());
     assert!(plain.examples[0].dataset.is_none());
+    let odd = write_jsonl(dir.path(), "set[1].jsonl", 2, "o");
+    assert_eq!(
+        keys(&load(&odd, 1.0).examples),
+        [(odd.clone(), 0), (odd, 1)]
+    );
 
     for (bad, says) in [
         (dir.path().join("valid-*.jsonl"), "matches no file"),
