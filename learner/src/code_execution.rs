@@ -125,6 +125,13 @@ impl Code {
         if p.max_parallel == 0 {
             return Err("`max_parallel` must be at least 1".into());
         }
+        // Less and python3 cannot start: every case would fail, silently.
+        if p.memory_mb < 64 {
+            return Err(format!(
+                "`memory_mb` must be at least 64 (python3 needs that to start), got {}",
+                p.memory_mb
+            ));
+        }
         match (p.runner, &p.url) {
             (Runner::Piston, None) => {
                 return Err(
@@ -245,7 +252,10 @@ impl Code {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
-        let (memory, cpu) = (self.memory_mb << 20, self.timeout.as_secs().max(1) + 1);
+        let (memory, cpu) = (
+            self.memory_mb.saturating_mul(1 << 20),
+            self.timeout.as_secs().max(1) + 1,
+        );
         // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
         unsafe {
             command.pre_exec(move || {

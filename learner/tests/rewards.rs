@@ -995,6 +995,10 @@ async fn code_says_what_is_wrong_with_its_configuration_and_answers() {
             "timeout_s",
         ),
         (json!({"name": "code", "runner": "sandbox"}), "runner"),
+        (
+            json!({"name": "code", "runner": "local", "memory_mb": 8}),
+            "memory_mb",
+        ),
     ] {
         let e = config_error(config.clone());
         assert!(e.contains(says) && e.contains("code"), "{config}: {e}");
