@@ -613,6 +613,20 @@ mod tests {
         }
     }
 
+    /// Each whole call's (name, arguments text).
+    fn names_and_arguments(calls: &[Value]) -> Vec<(String, String)> {
+        calls
+            .iter()
+            .map(|c| {
+                let f = &c["function"];
+                (
+                    f["name"].as_str().unwrap().into(),
+                    f["arguments"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    }
+
     /// `text` streamed `step` bytes at a time (on char boundaries), the
     /// deltas folded as a client does: (name, arguments) per index.
     fn stream(tools: &ToolUse, text: &str, step: usize) -> Vec<(String, String)> {
@@ -648,17 +662,7 @@ mod tests {
                     \"Tromsø \\\"N\\\"\", \"days\": [1, 2], \"x\": -1.5e3}}\n</tool_call>\n\
                     <tool_call>{\"arguments\": {\"tz\": null}, \"name\": \"time\"}</tool_call>\
                     <tool_call>{\"name\": \"noargs\"}</tool_call>";
-        let (_, whole) = extract(&auto(), text).unwrap();
-        let whole: Vec<(String, String)> = whole
-            .iter()
-            .map(|c| {
-                let f = &c["function"];
-                (
-                    f["name"].as_str().unwrap().into(),
-                    f["arguments"].as_str().unwrap().into(),
-                )
-            })
-            .collect();
+        let whole = names_and_arguments(&extract(&auto(), text).unwrap().1);
         assert_eq!(whole.len(), 3);
         assert_eq!(whole[2], ("noargs".into(), "{}".into()));
         for step in [1, 2, 3, 7, 1000] {
@@ -698,16 +702,7 @@ mod tests {
         assert_eq!(content, None);
         assert_eq!(call_parts(&calls[0]), ("weather", json!({"city": "Oslo"})));
         assert_eq!(call_parts(&calls[1]), ("time", json!({"tz": "CET"})));
-        let whole: Vec<(String, String)> = calls
-            .iter()
-            .map(|c| {
-                let f = &c["function"];
-                (
-                    f["name"].as_str().unwrap().into(),
-                    f["arguments"].as_str().unwrap().into(),
-                )
-            })
-            .collect();
+        let whole = names_and_arguments(&calls);
         for step in [1, 4, 1000] {
             assert_eq!(stream(&llama, text, step), whole, "step {step}");
         }
