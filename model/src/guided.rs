@@ -268,8 +268,9 @@ pub struct RegexGuide {
     /// leads anywhere else is a dead end, never allowed.
     /// By state index (`id >> stride2`): a lookup per allowed token.
     live: Vec<bool>,
-    /// The most bytes a matching text has; none: no bound (a loop).
-    longest: Option<usize>,
+    /// Per reachable live state, the most bytes from it to a match; none:
+    /// no bound (a loop).
+    remaining: HashMap<StateID, Option<usize>>,
 }
 
 impl std::fmt::Debug for RegexGuide {
@@ -315,7 +316,7 @@ impl RegexGuide {
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| invalid(e.to_string()))?;
         let live = live_states(&dfa, start);
-        let longest = longest_match(&dfa, start, &live);
+        let remaining = remaining_lengths(&dfa, start, &live);
         Ok(RegexGuide {
             pattern: pattern.to_string(),
             dfa,
@@ -325,7 +326,7 @@ impl RegexGuide {
             allowed: Mutex::new(AllowedCache::default()),
             cache_limit: MAX_CACHED_BYTES,
             live,
-            longest,
+            remaining,
         })
     }
 
@@ -363,7 +364,23 @@ impl RegexGuide {
     /// Every token a guide allows writes a byte or more, so a guided output
     /// has at most this many tokens before its end.
     pub fn longest_match(&self) -> Option<usize> {
-        self.longest
+        self.remaining.get(&self.start).copied().flatten()
+    }
+
+    /// Whether `token` from `state` keeps room for `tokens_after` more
+    /// tokens before a match can end (each writes a byte or more): the
+    /// text after it still matches with that many bytes or more, or
+    /// without bound. What `min_tokens` asks of a guided output.
+    pub fn leaves_room(&self, state: StateID, token: u32, tokens_after: usize) -> bool {
+        let Some(next) = self.tokens.get(token).and_then(|b| self.walk(state, b)) else {
+            return false;
+        };
+        match self.remaining.get(&next) {
+            Some(Some(bytes)) => *bytes >= tokens_after,
+            Some(None) => true,
+            // Not reached from the start: no bound known, no reason to ban.
+            None => true,
+        }
     }
 
     /// Whether the text that led to `state` matches the whole pattern.
@@ -482,10 +499,16 @@ impl RegexGuide {
     }
 }
 
-/// The most bytes from `start` to a match through `live` states (indexed by
-/// `id >> stride2`), or none when a loop among them makes it unbounded: a
-/// depth-first walk that takes each state once.
-fn longest_match(dfa: &dense::DFA<Vec<u32>>, start: StateID, live: &[bool]) -> Option<usize> {
+/// For each live state reachable from `start` (`live` indexed by `id >>
+/// stride2`), the most bytes from it to a match: none where a loop makes
+/// that unbounded (the state is on one, or reaches one). A depth-first walk
+/// that takes each state once: a step back onto the walk's own path is a
+/// loop, and unboundedness flows back to every state that reaches it.
+fn remaining_lengths(
+    dfa: &dense::DFA<Vec<u32>>,
+    start: StateID,
+    live: &[bool],
+) -> HashMap<StateID, Option<usize>> {
     let bytes: Vec<u8> = dfa
         .byte_classes()
         .representatives(0..=255)
@@ -494,16 +517,25 @@ fn longest_match(dfa: &dense::DFA<Vec<u32>>, start: StateID, live: &[bool]) -> O
     let index = |s: StateID| s.as_usize() >> dfa.stride2();
     let is_live = |s: StateID| live.get(index(s)).copied().unwrap_or(false);
     let own = |s: StateID| dfa.is_match_state(dfa.next_eoi_state(s)).then_some(0usize);
+    let mut done: HashMap<StateID, Option<usize>> = HashMap::new();
     if !is_live(start) {
-        return own(start);
+        done.insert(start, own(start));
+        return done;
     }
-    // Per state: the most bytes from it to a match, once known.
-    let mut done: HashMap<StateID, usize> = HashMap::new();
+    // Bytes found so far from a state on the path, or unbounded.
+    #[derive(Clone, Copy)]
+    enum Most {
+        Bytes(Option<usize>),
+        Unbounded,
+    }
+    let more = |m: Most, from: Option<usize>| match (m, from) {
+        (Most::Unbounded, _) | (_, None) => Most::Unbounded,
+        (Most::Bytes(b), Some(d)) => Most::Bytes(b.max(Some(d + 1))),
+    };
     let mut on_path: HashSet<StateID> = HashSet::from([start]);
-    // (state, next byte class to try, the most found from it so far)
-    let mut path: Vec<(StateID, usize, Option<usize>)> = vec![(start, 0, own(start))];
+    let mut path: Vec<(StateID, usize, Most)> = vec![(start, 0, Most::Bytes(own(start)))];
     while let Some(top) = path.last_mut() {
-        let (state, next, best) = *top;
+        let (state, next, most) = *top;
         if let Some(&b) = bytes.get(next) {
             top.1 += 1;
             let t = dfa.next_state(state, b);
@@ -511,27 +543,28 @@ fn longest_match(dfa: &dense::DFA<Vec<u32>>, start: StateID, live: &[bool]) -> O
                 continue;
             }
             if on_path.contains(&t) {
-                return None;
-            }
-            match done.get(&t) {
-                Some(&d) => top.2 = best.max(Some(d + 1)),
-                None => {
-                    on_path.insert(t);
-                    path.push((t, 0, own(t)));
-                }
+                top.2 = Most::Unbounded;
+            } else if let Some(&d) = done.get(&t) {
+                top.2 = more(most, d);
+            } else {
+                on_path.insert(t);
+                path.push((t, 0, Most::Bytes(own(t))));
             }
             continue;
         }
         path.pop();
         on_path.remove(&state);
         // A live state always reaches a match.
-        let best = best.unwrap_or(0);
-        done.insert(state, best);
+        let value = match most {
+            Most::Unbounded => None,
+            Most::Bytes(b) => Some(b.unwrap_or(0)),
+        };
+        done.insert(state, value);
         if let Some(parent) = path.last_mut() {
-            parent.2 = parent.2.max(Some(best + 1));
+            parent.2 = more(parent.2, value);
         }
     }
-    done.get(&start).copied()
+    done
 }
 
 /// The states reachable from `start` from which some text reaches a match

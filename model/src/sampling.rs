@@ -362,6 +362,17 @@ impl Sampler {
                     *x = f32::NEG_INFINITY;
                 }
             }
+            // Short of min_tokens: no token into a part of the pattern too
+            // short to hold the tokens still owed (`["yes", "nooooo"]` with
+            // min_tokens 5 goes the long way), so that its end is not
+            // reached while min_tokens bans it.
+            if let Some(owed) = self.min_tokens.checked_sub(output_tokens.len() + 1) {
+                for (id, x) in s.work.iter_mut().enumerate() {
+                    if *x != f32::NEG_INFINITY && !guide.leaves_room(*state, id as u32, owed) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             penalized = true;
         }
         if !p.allowed_token_ids.is_empty() {

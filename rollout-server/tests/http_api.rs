@@ -1520,6 +1520,16 @@ async fn json_object_compact_json_and_guides_that_cannot_go_on() {
     let (st, r) = s.post("/v1/completions", &body).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(text(&r, 0), "yes");
+    // Where only some ways are long enough, the short ones are never taken
+    // (they would end before min_tokens lets them).
+    let body = json!({"prompt": "ab", "max_tokens": 12, "min_tokens": 5, "n": 8,
+                      "temperature": 1.5, "seed": 3,
+                      "guided_choice": ["yes", "no", "nooooooo"]});
+    let (st, r) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{r}");
+    for i in 0..8 {
+        assert_eq!(text(&r, i), "nooooooo", "{r}");
+    }
 }
 
 /// vLLM's `--chat-template` (the template's text, or a file) renders chat
