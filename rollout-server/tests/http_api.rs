@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, assert_error};
+use common::{Server, assert_error, merged};
 use serde_json::{Value, json};
 
 /// `field: value` added to a completions `body` is a 400 whose `param`
@@ -1220,11 +1220,11 @@ async fn guided_decoding_keeps_every_sample_in_the_pattern() {
         ),
     ];
     for (guided, expect) in cases {
-        let mut body = json!({"prompt": "12+7=", "n": 16, "max_tokens": 6,
-                              "temperature": 1.5, "seed": 3});
-        for (k, v) in guided.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(
+            json!({"prompt": "12+7=", "n": 16, "max_tokens": 6,
+                              "temperature": 1.5, "seed": 3}),
+            &guided,
+        );
         let (st, r) = s.post("/v1/completions", &body).await;
         assert_eq!(st, 200, "{guided}: {r}");
         let re = regex::Regex::new(expect).unwrap();
@@ -1272,10 +1272,7 @@ async fn guided_decoding_keeps_every_sample_in_the_pattern() {
             "ignore_eos",
         ),
     ] {
-        let mut body = json!({"prompt": "ab", "max_tokens": 2});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(json!({"prompt": "ab", "max_tokens": 2}), &extra);
         let (st, b) = s.post("/v1/completions", &body).await;
         assert_error(st, &b, 400);
         assert_eq!(b["error"]["param"], param, "{extra}: {b}");
@@ -1394,10 +1391,10 @@ async fn json_schema_guided_decoding_gives_valid_json() {
                                    "json_schema": {"name": "a", "schema": schema}}}),
         json!({"structured_outputs": {"json": schema}}),
     ] {
-        let mut body = json!({"prompt": "12+7=", "n": 8, "max_tokens": 120, "seed": 9});
-        for (k, v) in guided.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(
+            json!({"prompt": "12+7=", "n": 8, "max_tokens": 120, "seed": 9}),
+            &guided,
+        );
         let (st, r) = s.post("/v1/completions", &body).await;
         assert_eq!(st, 200, "{guided}: {r}");
         for i in 0..8 {
@@ -1431,10 +1428,7 @@ async fn json_schema_guided_decoding_gives_valid_json() {
             "structured_outputs.json",
         ),
     ] {
-        let mut body = json!({"prompt": "ab", "max_tokens": 2});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(json!({"prompt": "ab", "max_tokens": 2}), &extra);
         let (st, b) = s.post("/v1/completions", &body).await;
         assert_error(st, &b, 400);
         assert_eq!(b["error"]["param"], param, "{extra}: {b}");
@@ -1452,11 +1446,11 @@ async fn json_object_compact_json_and_guides_that_cannot_go_on() {
         json!({"response_format": {"type": "json_object"}}),
         json!({"structured_outputs": {"json_object": true}}),
     ] {
-        let mut body = json!({"messages": [{"role": "user", "content": "JSON please"}],
-                              "n": 8, "max_tokens": 220, "seed": 3});
-        for (k, v) in guided.as_object().unwrap() {
-            body[k] = v.clone();
-        }
+        let body = merged(
+            json!({"messages": [{"role": "user", "content": "JSON please"}],
+                              "n": 8, "max_tokens": 220, "seed": 3}),
+            &guided,
+        );
         let (st, r) = s.post("/v1/chat/completions", &body).await;
         assert_eq!(st, 200, "{guided}: {r}");
         let mut objects = 0;
@@ -1615,12 +1609,10 @@ async fn tool_calls_auto_named_and_required() {
     ]);
     let messages = json!([{"role": "user", "content": "weather?"}]);
     let chat = |extra: Value| {
-        let mut body = json!({"messages": messages, "tools": tools, "max_tokens": 150,
-                              "n": 3, "seed": 5});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        body
+        merged(
+            json!({"messages": messages, "tools": tools, "max_tokens": 150, "n": 3, "seed": 5}),
+            &extra,
+        )
     };
     let args_of = |arguments: &Value| -> Value {
         serde_json::from_str(arguments.as_str().unwrap())

@@ -150,3 +150,11 @@ pub fn assert_error(status: u16, body: &Value, want: u16) {
     assert!(e.get("param").is_some(), "{body}");
     assert_eq!(e["code"], want, "{body}");
 }
+
+/// A request body: `base` with each of `extra`'s members set on it.
+pub fn merged(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        base[k] = v.clone();
+    }
+    base
+}
