@@ -72,7 +72,7 @@ def tool_call_and_json_schema(client, model):
         "name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
                        "required": ["city"]}}}]
-    r = client.chat.completions.create(
+    named = dict(
         model=model,
         messages=[{"role": "user", "content": "weather?"}],
         tools=tools,
@@ -80,20 +80,13 @@ def tool_call_and_json_schema(client, model):
         max_tokens=150,
         seed=5,
     )
+    r = client.chat.completions.create(**named)
     calls = r.choices[0].message.tool_calls
     check(calls and calls[0].type == "function", "a named tool_choice returns a tool call")
     check(calls[0].function.name == "get_weather", "the call names the function")
     check("city" in json.loads(calls[0].function.arguments), "its arguments are JSON")
     # Streamed, the client's delta types parse every piece of the call.
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "weather?"}],
-        tools=tools,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=150,
-        seed=5,
-        stream=True,
-    )
+    stream = client.chat.completions.create(**named, stream=True)
     name, arguments = None, ""
     for chunk in stream:
         for ch in chunk.choices:
