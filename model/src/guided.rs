@@ -88,10 +88,11 @@ impl AllowedTokens {
 }
 
 /// The bytes each token id stands for in generated text (none for special
-/// tokens, which a guided completion never contains).
+/// tokens, which a guided completion never contains, and for empty ones).
 #[derive(Debug)]
 pub struct TokenBytes {
-    bytes: Vec<Option<Box<[u8]>>>,
+    /// Each id's place in `sorted` (`NO_BYTES`: none).
+    place: Vec<u32>,
     /// The ids of the tokens with text, in the order of their bytes, and
     /// how many leading bytes each shares with the one before (capped at
     /// u16::MAX): a trie laid flat, so that a walk of the vocabulary takes
@@ -104,6 +105,9 @@ pub struct TokenBytes {
     sorted_bytes: Vec<u8>,
     starts: Vec<u32>,
 }
+
+/// `TokenBytes::place` of an id without bytes.
+const NO_BYTES: u32 = u32::MAX;
 
 /// How a tokenizer's vocabulary spells bytes (its tokenizer.json decoder).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -210,8 +214,12 @@ impl TokenBytes {
             sorted_bytes.extend_from_slice(of(id));
         }
         starts.push(sorted_bytes.len() as u32);
+        let mut place = vec![NO_BYTES; bytes.len()];
+        for (i, &id) in sorted.iter().enumerate() {
+            place[id as usize] = i as u32;
+        }
         TokenBytes {
-            bytes,
+            place,
             sorted,
             shared,
             sorted_bytes,
@@ -224,17 +232,21 @@ impl TokenBytes {
         &self.sorted_bytes[self.starts[i] as usize..self.starts[i + 1] as usize]
     }
 
-    /// The bytes of `id` (none: a special token or an id outside the table).
+    /// The bytes of `id` (none: a special or empty token, or an id outside
+    /// the table).
     pub fn get(&self, id: u32) -> Option<&[u8]> {
-        self.bytes.get(id as usize).and_then(|b| b.as_deref())
+        match self.place.get(id as usize) {
+            Some(&i) if i != NO_BYTES => Some(self.sorted_token(i as usize)),
+            _ => None,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.place.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.place.is_empty()
     }
 }
 
@@ -714,7 +726,7 @@ mod tests {
                 let mut next = Vec::new();
                 for &s in &states {
                     for id in 0..eos {
-                        next.extend(g.walk(s, tokens.get(id).unwrap()));
+                        next.extend(g.walk(s, tokens.get(id).unwrap_or_default()));
                     }
                 }
                 states.extend(next);
@@ -724,7 +736,7 @@ mod tests {
             for &state in &states {
                 let one_by_one: Vec<u32> = (0..eos)
                     .filter(|&id| {
-                        let b = tokens.get(id).unwrap();
+                        let b = tokens.get(id).unwrap_or_default();
                         !b.is_empty() && g.walk(state, b).is_some()
                     })
                     .collect();
