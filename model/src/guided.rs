@@ -280,10 +280,14 @@ pub struct RegexGuide {
     /// leads anywhere else is a dead end, never allowed.
     /// By state index (`id >> stride2`): a lookup per allowed token.
     live: Vec<bool>,
-    /// Per reachable live state, the most bytes from it to a match; none:
-    /// no bound (a loop).
-    remaining: HashMap<StateID, Option<usize>>,
+    /// By state index, the most bytes from a state to a match
+    /// (`UNBOUNDED` past a loop, or for a state not reached from the
+    /// start): a lookup per token while `min_tokens` is not reached.
+    remaining: Vec<u32>,
 }
+
+/// `RegexGuide::remaining` of a state with no bound.
+const UNBOUNDED: u32 = u32::MAX;
 
 impl std::fmt::Debug for RegexGuide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -328,7 +332,13 @@ impl RegexGuide {
             .start_state(&start::Config::new().anchored(Anchored::Yes))
             .map_err(|e| invalid(e.to_string()))?;
         let live = live_states(&dfa, start);
-        let remaining = remaining_lengths(&dfa, start, &live);
+        let index = |s: StateID| s.as_usize() >> dfa.stride2();
+        let lengths = remaining_lengths(&dfa, start, &live);
+        let mut remaining =
+            vec![UNBOUNDED; lengths.keys().map(|s| index(*s) + 1).max().unwrap_or(0)];
+        for (s, most) in lengths {
+            remaining[index(s)] = most.map_or(UNBOUNDED, |m| m.min(UNBOUNDED as usize - 1) as u32);
+        }
         Ok(RegexGuide {
             pattern: pattern.to_string(),
             dfa,
@@ -376,7 +386,17 @@ impl RegexGuide {
     /// Every token a guide allows writes a byte or more, so a guided output
     /// has at most this many tokens before its end.
     pub fn longest_match(&self) -> Option<usize> {
-        self.remaining.get(&self.start).copied().flatten()
+        self.remaining_from(self.start)
+    }
+
+    /// The most bytes from `state` to a match (none: no bound, or a state
+    /// not reached from the start).
+    fn remaining_from(&self, state: StateID) -> Option<usize> {
+        let i = state.as_usize() >> self.dfa.stride2();
+        self.remaining
+            .get(i)
+            .filter(|&&m| m != UNBOUNDED)
+            .map(|&m| m as usize)
     }
 
     /// Whether `token` from `state` keeps room for `tokens_after` more
@@ -387,12 +407,8 @@ impl RegexGuide {
         let Some(next) = self.tokens.get(token).and_then(|b| self.walk(state, b)) else {
             return false;
         };
-        match self.remaining.get(&next) {
-            Some(Some(bytes)) => *bytes >= tokens_after,
-            Some(None) => true,
-            // Not reached from the start: no bound known, no reason to ban.
-            None => true,
-        }
+        self.remaining_from(next)
+            .is_none_or(|bytes| bytes >= tokens_after)
     }
 
     /// Whether the text that led to `state` matches the whole pattern.
