@@ -18,6 +18,7 @@
 //!   RMSNorm, SwiGLU and linears, and decode attention read from the KV cache;
 //! - [`sampling`]: temperature, top-p/k, min-p, penalties, seeded RNG;
 //! - [`tokenizer`]: `tokenizer.json` and chat templates (minijinja);
+//! - [`tool_calls`]: the tool calls a model wrote (vLLM's hermes / llama3_json);
 //! - [`pretrained`]: whole model folders in and out;
 //! - [`presets`]: the embedded tiny/small models with a character tokenizer;
 //! - [`device`]: `--device` / `--dtype` parsing, `auto` resolution, GPU memory;
@@ -42,6 +43,7 @@ pub mod pretrained;
 pub mod reward_model;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
