@@ -612,6 +612,9 @@ pub struct PromptFormat {
     pub on_long_prompt: OnLongPrompt,
     /// More chat-template variables (`data.chat_template_kwargs`).
     pub chat_template_kwargs: serde_json::Map<String, Value>,
+    /// The definitions of `rollout.tools`, which the chat template lists
+    /// (its `tools` variable); none without tools.
+    pub tools: Option<Value>,
 }
 
 impl PromptFormat {
@@ -623,7 +626,15 @@ impl PromptFormat {
             max_prompt_chars: None,
             on_long_prompt: OnLongPrompt::Reject,
             chat_template_kwargs: serde_json::Map::new(),
+            tools: None,
         }
+    }
+
+    /// The chat template lists `tools` (`rollout.tools`) in each prompt.
+    pub fn with_tools(mut self, tools: &[crate::recipe::Tool]) -> Self {
+        self.tools = (!tools.is_empty())
+            .then(|| Value::Array(tools.iter().map(crate::recipe::Tool::definition).collect()));
+        self
     }
 
     pub fn from_recipe(data: &DataSection) -> Result<Self> {
@@ -633,6 +644,7 @@ impl PromptFormat {
             max_prompt_chars: data.max_prompt_chars,
             on_long_prompt: data.on_long_prompt,
             chat_template_kwargs: data.chat_template_kwargs.clone(),
+            tools: None,
         })
     }
 
@@ -652,7 +664,12 @@ impl PromptFormat {
         };
         let messages = serde_json::to_value(messages).map_err(|e| prompt_error(e.to_string()))?;
         tokenizer
-            .apply_chat_template_json(&messages, true, None, Some(&self.chat_template_kwargs))
+            .apply_chat_template_json(
+                &messages,
+                true,
+                self.tools.as_ref(),
+                Some(&self.chat_template_kwargs),
+            )
             .map_err(|e| prompt_error(e.to_string()))
     }
 
@@ -960,15 +977,16 @@ impl Dataset {
 
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
 /// shuffle), the first `eval.max_examples` of each file if set, with their
-/// fingerprints.
+/// fingerprints. The prompts list `tools` (`rollout.tools`).
 pub fn load_eval_examples(
     data: &DataSection,
     max_examples: Option<usize>,
     tokenizer: Option<&Tokenizer>,
     max_prompt_tokens: Option<usize>,
+    tools: &[crate::recipe::Tool],
 ) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
     let mapping = ColumnMapping::from_recipe(data);
-    let format = PromptFormat::from_recipe(data)?;
+    let format = PromptFormat::from_recipe(data)?.with_tools(tools);
     let sets = Dataset::load_all(
         &data.eval_files,
         &mapping,
@@ -1089,6 +1107,7 @@ impl PromptSource {
     }
 
     /// Loads `data.train_files` and builds the source: order from `seed`.
+    /// The prompts list `tools` (`rollout.tools`).
     pub fn from_recipe(
         data: &DataSection,
         seed: u64,
@@ -1096,9 +1115,10 @@ impl PromptSource {
         world_size: usize,
         tokenizer: Option<&Tokenizer>,
         max_prompt_tokens: Option<usize>,
+        tools: &[crate::recipe::Tool],
     ) -> Result<PromptSource> {
         let mapping = ColumnMapping::from_recipe(data);
-        let format = PromptFormat::from_recipe(data)?;
+        let format = PromptFormat::from_recipe(data)?.with_tools(tools);
         let sets = Dataset::load_all(
             &data.train_files,
             &mapping,

@@ -175,9 +175,8 @@ pub async fn evaluate(
 ) -> anyhow::Result<EvalResult> {
     let started = std::time::Instant::now();
     let n = client.settings().num_generations;
-    let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
     let seeds: Vec<u64> = examples.iter().map(|e| eval_seed(seed, e)).collect();
-    let outcomes = client.generate(&prompts, &seeds).await?;
+    let outcomes = client.generate(examples, &seeds).await?;
     let mut inputs = Vec::new();
     let mut dropped = 0;
     // The file (or pattern) of each question that got completions, in order.
@@ -374,6 +373,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         max_examples,
         tokenizer.as_deref(),
         recipe.overlong_prompt_limit(),
+        &recipe.rollout.tools,
     )?;
     let settings = RolloutSettings {
         endpoints: vec![endpoint],
@@ -400,7 +400,8 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         max_retries: recipe.rollout.max_retries,
         generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
-    let client = RolloutClient::new(settings, tokenizer)?;
+    let client = RolloutClient::new(settings, tokenizer)?
+        .with_tools(crate::tools::ToolRunner::from_recipe(&recipe)?);
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

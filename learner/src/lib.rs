@@ -31,4 +31,5 @@ pub mod rewards;
 pub mod rollout;
 pub mod run_dir;
 pub mod tensorboard;
+pub mod tools;
 pub mod train;

@@ -470,6 +470,62 @@ pub struct RolloutSection {
     /// `max_tokens`...) are refused here: the learner scores tokens with the
     /// recipe's values.
     pub generation_kwargs: Map<String, Value>,
+    /// Tools the policy may call during a rollout (TRL's `tools`), each an
+    /// HTTP endpoint. The chat template lists them in the prompt; a
+    /// completion that calls them gets their results as tool messages and
+    /// goes on generating, and the tool messages' tokens are left out of
+    /// the loss. Needs chat prompts.
+    pub tools: Vec<Tool>,
+    /// How the model writes its calls (vLLM's `--tool-call-parser`):
+    /// `hermes` (`<tool_call>` blocks: Qwen2.5, Qwen3, Hermes) or
+    /// `llama3_json`.
+    pub tool_call_parser: String,
+    /// Tool rounds per completion at most (TRL's); none: until the
+    /// completion stops calling or reaches `max_completion_length`.
+    pub max_tool_calling_iterations: Option<usize>,
+    /// Deadline of one tool call; a call past it returns an error to the
+    /// model.
+    pub tool_timeout_s: f64,
+}
+
+/// One tool of `rollout.tools`: its function definition as the chat
+/// template shows it (OpenAI's `{"type": "function", "function": {name,
+/// description, parameters}}`), and where it runs: `POST url` with the
+/// call's arguments (a JSON object) as the body; the response body is the
+/// result the model reads (a JSON string is unquoted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    /// JSON schema of the arguments.
+    pub parameters: Value,
+    pub url: String,
+}
+
+impl Default for Tool {
+    fn default() -> Self {
+        Tool {
+            name: String::new(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+            url: String::new(),
+        }
+    }
+}
+
+impl Tool {
+    /// The definition the chat template renders.
+    pub fn definition(&self) -> Value {
+        serde_json::json!({
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            }
+        })
+    }
 }
 
 impl Default for RolloutSection {
@@ -497,6 +553,10 @@ impl Default for RolloutSection {
             weight_sync_timeout_s: 120.0,
             gpu_memory_utilization: None,
             generation_kwargs: Map::new(),
+            tools: Vec::new(),
+            tool_call_parser: "hermes".into(),
+            max_tool_calling_iterations: None,
+            tool_timeout_s: 30.0,
         }
     }
 }
@@ -1360,6 +1420,7 @@ impl Recipe {
             "rollout.client_tag",
             || "is empty (use null for rank-R)".into(),
         )?;
+        self.validate_tools()?;
 
         ensure(
             !self.reward.functions.is_empty(),
@@ -1749,6 +1810,99 @@ impl Recipe {
         )
     }
 
+    /// `rollout.tools` and the keys that go with them.
+    fn validate_tools(&self) -> Result<()> {
+        let r = &self.rollout;
+        let invalid = |key: String, message: String| RecipeError::Invalid { key, message };
+        if model::tool_calls::ToolParser::from_name(&r.tool_call_parser).is_none() {
+            return Err(invalid(
+                "rollout.tool_call_parser".into(),
+                format!(
+                    "unknown parser {:?}: expected one of {}",
+                    r.tool_call_parser,
+                    model::tool_calls::PARSERS.join(", ")
+                ),
+            ));
+        }
+        if !(r.tool_timeout_s.is_finite() && r.tool_timeout_s > 0.0) {
+            return Err(invalid(
+                "rollout.tool_timeout_s".into(),
+                format!("must be > 0, got {}", r.tool_timeout_s),
+            ));
+        }
+        if r.tools.is_empty() {
+            if r.max_tool_calling_iterations.is_some() {
+                return Err(invalid(
+                    "rollout.max_tool_calling_iterations".into(),
+                    "acts only with rollout.tools: list the tools, or remove the key".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.data.prompt_template != "chat" {
+            return Err(invalid(
+                "data.prompt_template".into(),
+                "rollout.tools needs chat prompts, whose template renders the tool turns: set \
+                 data.prompt_template: chat"
+                    .into(),
+            ));
+        }
+        if r.max_tool_calling_iterations == Some(0) {
+            return Err(invalid(
+                "rollout.max_tool_calling_iterations".into(),
+                "must be >= 1 (or null: until max_completion_length); remove rollout.tools \
+                 for no tool calls"
+                    .into(),
+            ));
+        }
+        for (i, tool) in r.tools.iter().enumerate() {
+            let key = |field: &str| format!("rollout.tools[{i}].{field}");
+            // OpenAI's rule for function names.
+            let name_ok = !tool.name.is_empty()
+                && tool.name.len() <= 64
+                && tool
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is not a function name: 1 to 64 letters, digits, _ or -",
+                        tool.name
+                    ),
+                ));
+            }
+            if r.tools[..i].iter().any(|t| t.name == tool.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} names two tools: a call could not tell them apart",
+                        tool.name
+                    ),
+                ));
+            }
+            if !(tool.url.starts_with("http://") || tool.url.starts_with("https://")) {
+                return Err(invalid(
+                    key("url"),
+                    format!(
+                        "expected the http(s) URL the call's arguments are POSTed to, got {:?}",
+                        tool.url
+                    ),
+                ));
+            }
+            if tool.parameters.get("type").and_then(Value::as_str) != Some("object") {
+                return Err(invalid(
+                    key("parameters"),
+                    "must be a JSON schema of an object (`{type: object, properties: {...}}`): \
+                     a call's arguments are an object"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// transformers' rules for `lr_scheduler_kwargs`, for the schedules
     /// Tandem has.
     fn validate_lr_scheduler_kwargs(&self) -> Result<()> {
@@ -2050,6 +2204,15 @@ impl Schema {
             *open = true;
         }
         s.replace(&["reward", "functions"], Schema::List(Box::new(reward)));
+        let mut tool = Schema::from_default(&default_json::<Tool>());
+        tool.replace(
+            &["parameters"],
+            Schema::Object {
+                fields: Vec::new(),
+                open: true,
+            },
+        );
+        s.replace(&["rollout", "tools"], Schema::List(Box::new(tool)));
         for free in [
             ["rollout", "generation_kwargs"],
             ["data", "chat_template_kwargs"],
@@ -2346,8 +2509,10 @@ pub(crate) fn trl_key_hint(name: &str) -> Option<&'static str> {
             "the rollout server's context is the model's max_position_embeddings, or the \
              rollout-server flag --max-model-len; prompts are cut to rollout.max_prompt_length"
         }
-        "max_tool_calling_iterations" | "tools" | "rollout_func" | "environment_factory" => {
-            "multi-turn tool calling is not supported yet: a completion is one assistant turn"
+        "rollout_func" | "environment_factory" => {
+            "Python rollout functions and environments have no Tandem counterpart; tools the \
+             policy calls are rollout.tools (HTTP endpoints) with \
+             rollout.max_tool_calling_iterations"
         }
         "log_unique_prompts" => {
             "completions.jsonl (log.log_completions) holds every prompt with its completions"

@@ -420,6 +420,20 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
                  (num_iterations x steps_per_generation / gradient_accumulation_steps)"
             ));
         }
+        if key == "max_tool_calling_iterations" {
+            // TRL's tools are Python functions handed to GRPOTrainer, not
+            // recipe keys: the rounds mean nothing until they are declared.
+            out.leave_out(
+                &key,
+                &value,
+                format!(
+                    "TRL's tools are Python functions given to GRPOTrainer; serve each over \
+                     HTTP and list it as rollout.tools [{{name, description, parameters, \
+                     url}}], then set rollout.max_tool_calling_iterations: {value}"
+                ),
+            );
+            continue;
+        }
         if let Some((_, path)) = RENAMES.iter().find(|(k, _)| *k == key) {
             let renamed = path.rsplit('.').next() != Some(key.as_str());
             out.put(path, value, renamed.then(|| key.clone()));

@@ -18,7 +18,9 @@ use model::tokenizer::Tokenizer;
 use proto::openai::{CompletionRequest, CompletionResponse, Prompt, SamplingFields};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Example;
 use crate::rewards::RewardInput;
+use crate::tools::ToolRunner;
 
 pub use crate::recipe::ClientTagEcho;
 
@@ -52,7 +54,23 @@ pub struct Completion {
     /// distribution (empty when the server returned none).
     pub logprobs: Vec<f32>,
     pub finish_reason: Option<String>,
+    /// The oldest weights any of its tokens were sampled with.
     pub weight_version: u64,
+    /// With `rollout.tools`: per completion token, true where the policy
+    /// wrote it and false on the tool turns inserted between its turns
+    /// (TRL's `tool_mask`: left out of the loss). Empty: every token is the
+    /// policy's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_mask: Vec<bool>,
+    /// Tool calls made for it, and how many of them failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tool_calls: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tool_failures: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The `n` completions of one prompt.
@@ -101,6 +119,8 @@ pub enum RolloutError {
     Malformed { endpoint: String, message: String },
     #[error("no rollout endpoints configured: set rollout.endpoints")]
     NoEndpoints,
+    #[error("rollout.tools: {0}")]
+    Tools(String),
 }
 
 struct Endpoint {
@@ -129,6 +149,8 @@ pub struct RolloutClient {
     warned_retokenize: Arc<AtomicBool>,
     warned_truncate: Arc<AtomicBool>,
     pub counters: Arc<RolloutCounters>,
+    /// `rollout.tools`: completions that call them go on after the results.
+    tools: Option<Arc<ToolRunner>>,
 }
 
 /// The outcome of one prompt's request.
@@ -177,7 +199,15 @@ impl RolloutClient {
             warned_retokenize: Arc::new(AtomicBool::new(false)),
             warned_truncate: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(RolloutCounters::default()),
+            tools: None,
         })
+    }
+
+    /// Runs the calls completions write and continues them (multi-turn
+    /// rollouts); needs the tokenizer and chat prompts.
+    pub fn with_tools(mut self, tools: Option<ToolRunner>) -> Self {
+        self.tools = tools.map(Arc::new);
+        self
     }
 
     /// Cuts prompts to their last `max` tokens, as TRL's `max_prompt_length`
@@ -223,7 +253,13 @@ impl RolloutClient {
     /// generation_config.json (its default `--generation-config auto`:
     /// top_k 20 for Qwen2.5-Instruct), which would sample another
     /// distribution than the recipe's without a word.
-    fn request_body(&self, prompt: Prompt, seed: u64) -> Result<serde_json::Value, RolloutError> {
+    fn request_body(
+        &self,
+        prompt: Prompt,
+        seed: u64,
+        n: usize,
+        max_tokens: usize,
+    ) -> Result<serde_json::Value, RolloutError> {
         let s = &self.settings;
         let request = CompletionRequest {
             model: s.model.clone(),
@@ -232,8 +268,8 @@ impl RolloutClient {
             echo: None,
             add_special_tokens: Some(false),
             sampling: SamplingFields {
-                n: Some(s.num_generations as i64),
-                max_tokens: Some(s.max_completion_length as i64),
+                n: Some(n as i64),
+                max_tokens: Some(max_tokens as i64),
                 temperature: Some(s.temperature),
                 top_p: Some(s.top_p),
                 top_k: Some(s.top_k.unwrap_or(-1)),
@@ -261,19 +297,20 @@ impl RolloutClient {
         &self.settings
     }
 
-    /// Generates one group per prompt, all requests in flight at once. Groups
-    /// come back in prompt order; dropped ones are `GroupOutcome::Dropped`.
-    /// `seeds[i]` seeds prompt i's request, so that the same prompt at the
-    /// same step gets the same completions whichever rank asks.
+    /// Generates one group per example's prompt, all requests in flight
+    /// at once. Groups come back in order; dropped ones are
+    /// `GroupOutcome::Dropped`. `seeds[i]` seeds prompt i's request, so that
+    /// the same prompt at the same step gets the same completions whichever
+    /// rank asks.
     pub async fn generate(
         &self,
-        prompts: &[String],
+        examples: &[Example],
         seeds: &[u64],
     ) -> Result<Vec<GroupOutcome>, RolloutError> {
-        let futures = prompts
+        let futures = examples
             .iter()
             .zip(seeds)
-            .map(|(p, &seed)| self.generate_group(p.clone(), seed));
+            .map(|(e, &seed)| self.generate_group(e, seed));
         futures::future::try_join_all(futures).await
     }
 
@@ -287,11 +324,60 @@ impl RolloutClient {
 
     async fn generate_group(
         &self,
-        prompt: String,
+        example: &Example,
         seed: u64,
     ) -> Result<GroupOutcome, RolloutError> {
+        let prompt = &example.prompt_text;
         let s = &self.settings;
-        let body = self.request_body(self.request_prompt(&prompt)?, seed)?;
+        let body = self.request_body(
+            self.request_prompt(prompt)?,
+            seed,
+            s.num_generations,
+            s.max_completion_length,
+        )?;
+        let (endpoint, resp) = self.request(&body).await?;
+        let outcome = self.to_group(&endpoint, prompt, resp)?;
+        match (&self.tools, outcome) {
+            (Some(tools), GroupOutcome::Kept(mut group)) => {
+                let messages =
+                    example
+                        .messages
+                        .as_deref()
+                        .ok_or_else(|| RolloutError::Malformed {
+                            endpoint: "tools".into(),
+                            message: "rollout.tools needs chat prompts (data.prompt_template: \
+                                  chat, or a conversational prompt column)"
+                                .into(),
+                        })?;
+                let messages = serde_json::to_value(messages)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default();
+                let prompt_ids = group.prompt_ids.clone();
+                let turns = group
+                    .completions
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, c)| self.call_tools(tools, &prompt_ids, &messages, c, seed, i));
+                let foreign = futures::future::try_join_all(turns).await?;
+                if let Some(echoed) = foreign.into_iter().flatten().next() {
+                    self.counters.dropped_groups.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(?echoed, ours = %s.client_tag, "dropping a group whose tool-call turn came back with a foreign client tag");
+                    return Ok(GroupOutcome::Dropped { echoed });
+                }
+                Ok(GroupOutcome::Kept(group))
+            }
+            (_, outcome) => Ok(outcome),
+        }
+    }
+
+    /// One request, to the endpoint with the fewest outstanding, retried
+    /// with backoff on connection errors and 5xx / 429 until the deadline.
+    async fn request(
+        &self,
+        body: &serde_json::Value,
+    ) -> Result<(String, CompletionResponse), RolloutError> {
+        let s = &self.settings;
         let started = Instant::now();
         let deadline = s.request_timeout;
         let mut attempt = 0u32;
@@ -299,10 +385,10 @@ impl RolloutClient {
             attempt += 1;
             let endpoint = self.pick_endpoint();
             endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
-            let result = self.post(&endpoint.base, &body).await;
+            let result = self.post(&endpoint.base, body).await;
             endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
             match result {
-                Ok(resp) => return self.to_group(&endpoint.base, &prompt, resp),
+                Ok(resp) => return Ok((endpoint.base.clone(), resp)),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(message)) => {
                     let backoff = Duration::from_millis(100u64 << attempt.min(6));
@@ -318,6 +404,131 @@ impl RolloutClient {
                     tokio::time::sleep(backoff).await;
                 }
             }
+        }
+    }
+
+    /// The tool rounds of completion `index` of a group: while its last
+    /// turn stopped on its own and wrote calls (and rounds and length are
+    /// left), the calls run, the rendered tool turns join its tokens
+    /// (masked out of the loss) and one more turn is generated from the
+    /// whole conversation. Some(echoed tag) when a continuation came back
+    /// with a foreign client tag: the group is dropped.
+    async fn call_tools(
+        &self,
+        tools: &ToolRunner,
+        prompt_ids: &[u32],
+        messages: &[serde_json::Value],
+        c: &mut Completion,
+        seed: u64,
+        index: usize,
+    ) -> Result<Option<Option<String>>, RolloutError> {
+        let malformed = RolloutError::Tools;
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| malformed("needs the model's tokenizer".into()))?;
+        let max_len = self.settings.max_completion_length;
+        let with_logprobs = c.logprobs.len() == c.completion_ids.len();
+        let mut conversation = messages.to_vec();
+        // Where the last assistant turn begins, in text and tokens.
+        let mut turn_text = 0;
+        let mut turn_ids = 0;
+        let mut rounds = 0;
+        loop {
+            if c.finish_reason.as_deref() != Some("stop")
+                || tools.max_iterations.is_some_and(|m| rounds >= m)
+            {
+                return Ok(None);
+            }
+            let turn = c.text[turn_text..].to_string();
+            let calls = tools.calls(&turn);
+            if calls.is_empty() {
+                return Ok(None);
+            }
+            rounds += 1;
+            // One after the other, in the order written: a call may depend
+            // on an earlier one's side effects.
+            let mut results = Vec::with_capacity(calls.len());
+            for (name, arguments) in calls {
+                let result = tools.call(&name, &arguments).await;
+                c.tool_calls += 1;
+                if let Err(e) = &result {
+                    c.tool_failures += 1;
+                    tracing::debug!(tool = %name, "tool call failed: {e}");
+                }
+                results.push((name, result));
+            }
+            conversation.push(serde_json::json!({"role": "assistant", "content": turn}));
+            let last_token = c.completion_ids[turn_ids..]
+                .last()
+                .map(|&id| tokenizer.decode(&[id], false))
+                .transpose()
+                .map_err(|e| malformed(e.to_string()))?;
+            let answers = ToolRunner::tool_messages(&results);
+            let inserted = tools
+                .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
+                .map_err(|e| malformed(e.to_string()))?;
+            conversation.extend(answers);
+            let mut ids = tokenizer
+                .encode(&inserted, false)
+                .map_err(|e| malformed(e.to_string()))?;
+            let room = max_len.saturating_sub(c.completion_ids.len());
+            let cut = ids.len() >= room;
+            ids.truncate(room);
+            let text = if cut {
+                tokenizer
+                    .decode(&ids, false)
+                    .map_err(|e| malformed(e.to_string()))?
+            } else {
+                inserted
+            };
+            if c.tool_mask.is_empty() {
+                c.tool_mask = vec![true; c.completion_ids.len()];
+            }
+            c.completion_ids.extend_from_slice(&ids);
+            c.tool_mask.resize(c.completion_ids.len(), false);
+            if with_logprobs {
+                c.logprobs.resize(c.completion_ids.len(), 0.0);
+            }
+            c.text.push_str(&text);
+            if cut {
+                // No room left for the policy to answer the results.
+                c.finish_reason = Some("length".into());
+                return Ok(None);
+            }
+            // The next turn, from the whole conversation's tokens.
+            let mut context = prompt_ids.to_vec();
+            context.extend_from_slice(&c.completion_ids);
+            let turn_seed = crate::train::hash_u64(format!("{seed}|{index}|{rounds}").as_bytes());
+            let body =
+                self.request_body(Prompt::Tokens(context), turn_seed, 1, room - ids.len())?;
+            let (endpoint, resp) = self.request(&body).await?;
+            if self.settings.client_tag_echo == ClientTagEcho::Require && !self.ours(&resp) {
+                return Ok(Some(resp.metadata.and_then(|m| m.client_tag)));
+            }
+            let version = resp.metadata.as_ref().map(|m| m.weight_version);
+            let [choice] =
+                <[_; 1]>::try_from(resp.choices).map_err(|choices| RolloutError::Malformed {
+                    endpoint: endpoint.clone(),
+                    message: format!("{} choices for n = 1", choices.len()),
+                })?;
+            let next = self.completion(&endpoint, choice, version.unwrap_or(0))?;
+            turn_text = c.text.len();
+            turn_ids = c.completion_ids.len();
+            c.completion_ids.extend_from_slice(&next.completion_ids);
+            c.tool_mask.resize(c.completion_ids.len(), true);
+            if with_logprobs {
+                if next.logprobs.len() != next.completion_ids.len() {
+                    return Err(RolloutError::Malformed {
+                        endpoint,
+                        message: "a continuation came back without log-probs".into(),
+                    });
+                }
+                c.logprobs.extend_from_slice(&next.logprobs);
+            }
+            c.text.push_str(&next.text);
+            c.finish_reason = next.finish_reason;
+            c.weight_version = c.weight_version.min(next.weight_version);
         }
     }
 
@@ -365,34 +576,37 @@ impl RolloutClient {
         })
     }
 
+    /// Whether the response and each of its choices echo this rank's tag.
+    fn ours(&self, resp: &CompletionResponse) -> bool {
+        let tag = self.settings.client_tag.as_str();
+        let ours = |m: &Option<proto::openai::Metadata>| {
+            m.as_ref().and_then(|m| m.client_tag.as_deref()) == Some(tag)
+        };
+        ours(&resp.metadata) && resp.choices.iter().all(|c| ours(&c.metadata))
+    }
+
     fn to_group(
         &self,
         endpoint: &str,
         prompt: &str,
         resp: CompletionResponse,
     ) -> Result<GroupOutcome, RolloutError> {
-        let malformed = |message: String| RolloutError::Malformed {
-            endpoint: endpoint.to_string(),
-            message,
-        };
         let s = &self.settings;
-        if s.client_tag_echo == ClientTagEcho::Require {
-            let ours = |m: &Option<proto::openai::Metadata>| {
-                m.as_ref().and_then(|m| m.client_tag.as_deref()) == Some(s.client_tag.as_str())
-            };
-            if !ours(&resp.metadata) || !resp.choices.iter().all(|c| ours(&c.metadata)) {
-                self.counters.dropped_groups.fetch_add(1, Ordering::Relaxed);
-                let echoed = resp.metadata.as_ref().and_then(|m| m.client_tag.clone());
-                tracing::warn!(?echoed, ours = %s.client_tag, "dropping a group with a foreign client tag");
-                return Ok(GroupOutcome::Dropped { echoed });
-            }
+        if s.client_tag_echo == ClientTagEcho::Require && !self.ours(&resp) {
+            self.counters.dropped_groups.fetch_add(1, Ordering::Relaxed);
+            let echoed = resp.metadata.as_ref().and_then(|m| m.client_tag.clone());
+            tracing::warn!(?echoed, ours = %s.client_tag, "dropping a group with a foreign client tag");
+            return Ok(GroupOutcome::Dropped { echoed });
         }
         if resp.choices.len() != s.num_generations {
-            return Err(malformed(format!(
-                "{} choices for n = {}",
-                resp.choices.len(),
-                s.num_generations
-            )));
+            return Err(RolloutError::Malformed {
+                endpoint: endpoint.to_string(),
+                message: format!(
+                    "{} choices for n = {}",
+                    resp.choices.len(),
+                    s.num_generations
+                ),
+            });
         }
         let mut choices = resp.choices;
         choices.sort_by_key(|c| c.index);
@@ -405,39 +619,56 @@ impl RolloutClient {
             .as_ref()
             .map(|m| m.weight_version)
             .unwrap_or(0);
-        let mut completions = Vec::with_capacity(choices.len());
-        for c in choices {
-            let completion_ids = match c.token_ids {
-                Some(ids) => ids,
-                None => self.retokenize(&c.text)?,
-            };
-            let logprobs: Vec<f32> = match &c.logprobs {
-                Some(lp) => lp.token_logprobs.iter().map(|l| l.unwrap_or(0.0)).collect(),
-                None => Vec::new(),
-            };
-            if !logprobs.is_empty() && logprobs.len() != completion_ids.len() {
-                return Err(malformed(format!(
-                    "{} log-probs for {} completion tokens",
-                    logprobs.len(),
-                    completion_ids.len()
-                )));
-            }
-            completions.push(Completion {
-                completion_ids,
-                text: c.text,
-                logprobs,
-                finish_reason: c.finish_reason,
-                weight_version: c
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.weight_version)
-                    .unwrap_or(response_version),
-            });
-        }
+        let completions = choices
+            .into_iter()
+            .map(|c| self.completion(endpoint, c, response_version))
+            .collect::<Result<_, _>>()?;
         Ok(GroupOutcome::Kept(Group {
             prompt_ids,
             completions,
         }))
+    }
+
+    /// One choice as a completion: its token ids (re-tokenized from a
+    /// server that gives none) and sampling log-probs.
+    fn completion(
+        &self,
+        endpoint: &str,
+        c: proto::openai::CompletionChoice,
+        response_version: u64,
+    ) -> Result<Completion, RolloutError> {
+        let completion_ids = match c.token_ids {
+            Some(ids) => ids,
+            None => self.retokenize(&c.text)?,
+        };
+        let logprobs: Vec<f32> = match &c.logprobs {
+            Some(lp) => lp.token_logprobs.iter().map(|l| l.unwrap_or(0.0)).collect(),
+            None => Vec::new(),
+        };
+        if !logprobs.is_empty() && logprobs.len() != completion_ids.len() {
+            return Err(RolloutError::Malformed {
+                endpoint: endpoint.to_string(),
+                message: format!(
+                    "{} log-probs for {} completion tokens",
+                    logprobs.len(),
+                    completion_ids.len()
+                ),
+            });
+        }
+        Ok(Completion {
+            completion_ids,
+            text: c.text,
+            logprobs,
+            finish_reason: c.finish_reason,
+            weight_version: c
+                .metadata
+                .as_ref()
+                .map(|m| m.weight_version)
+                .unwrap_or(response_version),
+            tool_mask: Vec::new(),
+            tool_calls: 0,
+            tool_failures: 0,
+        })
     }
 
     fn retokenize(&self, text: &str) -> Result<Vec<u32>, RolloutError> {
@@ -490,7 +721,9 @@ mod tests {
             generation_kwargs: serde_json::Map::new(),
         };
         let client = RolloutClient::new(settings.clone(), None).unwrap();
-        let body = client.request_body(Prompt::Text("1+1=".into()), 7).unwrap();
+        let body = client
+            .request_body(Prompt::Text("1+1=".into()), 7, 4, 32)
+            .unwrap();
         assert_eq!(body["top_k"], -1);
         assert_eq!(body["min_p"], 0.0);
         assert_eq!(body["temperature"], 1.0);
@@ -502,7 +735,7 @@ mod tests {
         };
         let body = RolloutClient::new(set, None)
             .unwrap()
-            .request_body(Prompt::Text("1+1=".into()), 7)
+            .request_body(Prompt::Text("1+1=".into()), 7, 4, 32)
             .unwrap();
         assert_eq!(body["top_k"], 20);
         assert!((body["min_p"].as_f64().unwrap() - 0.05).abs() < 1e-6);

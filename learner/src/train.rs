@@ -72,6 +72,7 @@ use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe, SFT_TARGET_LOSS_W
 use crate::rewards::RewardRegistry;
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
+use crate::tools::ToolRunner;
 
 /// First 8 bytes (little-endian) of SHA-256.
 pub fn hash_u64(bytes: &[u8]) -> u64 {
@@ -582,6 +583,8 @@ struct Row<'a> {
     prompt_ids: &'a [u32],
     completion_ids: &'a [u32],
     logprobs: &'a [f32],
+    /// False on the tool turns' tokens (left out of the loss); empty: none.
+    tool_mask: &'a [bool],
     advantage: f64,
     /// Left out of the loss (`train.mask_truncated_completions` and the
     /// completion was cut at `max_completion_length`).
@@ -608,13 +611,23 @@ fn build_micro_batch(rows: &[Row<'_>], pad_id: u32, device: &Device) -> anyhow::
         .collect();
     let padded = pad_batch(&seqs, pad_id, None, device)?;
     let k = padded.logits_to_keep;
-    let response_mask = if rows.iter().any(|r| r.masked) {
+    let mut response_mask = if rows.iter().any(|r| r.masked) {
         let keep: Vec<f32> = rows.iter().map(|r| f32::from(!r.masked)).collect();
         let keep = Tensor::from_vec(keep, (rows.len(), 1), device)?;
         padded.response_mask.broadcast_mul(&keep)?
     } else {
         padded.response_mask
     };
+    // Tool turns: read by the model, written by no policy.
+    if rows.iter().any(|r| r.tool_mask.contains(&false)) {
+        let mut keep = vec![1f32; rows.len() * k];
+        for (i, r) in rows.iter().enumerate() {
+            for (j, &policy) in r.tool_mask.iter().enumerate() {
+                keep[i * k + j] = f32::from(policy);
+            }
+        }
+        response_mask = (response_mask * Tensor::from_vec(keep, (rows.len(), k), device)?)?;
+    }
     let has_lp = rows
         .iter()
         .all(|r| r.logprobs.len() == r.completion_ids.len());
@@ -1102,6 +1115,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         world,
         Some(&tokenizer),
         recipe.overlong_prompt_limit(),
+        &recipe.rollout.tools,
     )?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
@@ -1122,7 +1136,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
-        .with_max_prompt_length(recipe.rollout.max_prompt_length);
+        .with_max_prompt_length(recipe.rollout.max_prompt_length)
+        .with_tools(ToolRunner::from_recipe(&recipe)?);
     // Every rank loads every file, so every rank counts the same steps.
     let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
     let epoch_prompts = source.epoch_prompts().max(1) as f64;
@@ -1414,6 +1429,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 recipe.eval.max_examples,
                 Some(&tokenizer),
                 recipe.overlong_prompt_limit(),
+                &recipe.rollout.tools,
             )?
             .0,
         )
@@ -1426,7 +1442,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         s.temperature = recipe.eval.temperature as f32;
         Some(
             RolloutClient::new(s, Some(tokenizer.clone()))?
-                .with_max_prompt_length(recipe.rollout.max_prompt_length),
+                .with_max_prompt_length(recipe.rollout.max_prompt_length)
+                .with_tools(ToolRunner::from_recipe(&recipe)?),
         )
     } else {
         None
@@ -1492,19 +1509,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // (The same draw, spawned, prefetches the next step with async_lag 1.)
     let draw_round = |source: &mut PromptSource, step: u64, round: usize| {
         let examples = source.next_batch(round_prompts);
-        let prompts: Vec<String> = examples.iter().map(|e| e.prompt_text.clone()).collect();
         let seeds: Vec<u64> = examples
             .iter()
             .map(|e| request_seed_in_round(t.seed, step, round, e))
             .collect();
-        (examples, prompts, seeds)
+        (examples, seeds)
     };
     let generate_round = |source: &mut PromptSource,
                           step: u64,
                           round: usize|
      -> anyhow::Result<(Vec<Example>, Vec<GroupOutcome>)> {
-        let (examples, prompts, seeds) = draw_round(source, step, round);
-        let outcomes = rt.block_on(client.generate(&prompts, &seeds))?;
+        let (examples, seeds) = draw_round(source, step, round);
+        let outcomes = rt.block_on(client.generate(&examples, &seeds))?;
         Ok((examples, outcomes))
     };
     // A round's rewards as this rank's share of the gather.
@@ -1555,9 +1571,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // Also after the last step: the final checkpoint then holds the next
         // batch, and a run extended with --resume-from stays exact.
         let pending = if recipe.rollout.async_lag == 1 {
-            let (next, prompts, seeds) = draw_round(&mut source, step + 1, 0);
+            let (next, seeds) = draw_round(&mut source, step + 1, 0);
             let cl = client.clone();
-            let handle = rt.spawn(async move { cl.generate(&prompts, &seeds).await });
+            let examples = next.clone();
+            let handle = rt.spawn(async move { cl.generate(&examples, &seeds).await });
             Some((next, handle))
         } else {
             None
@@ -1678,6 +1695,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         "finish_reason": comp.finish_reason,
                         "completion_tokens": comp.completion_ids.len(),
                         "weight_version": comp.weight_version,
+                        "tool_calls": comp.tool_calls,
                     }));
                 }
             }
@@ -1690,6 +1708,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let t_fb = Instant::now();
         let mut rows = Vec::new();
         let mut lengths = CompletionLengths::default();
+        // Completions, tool calls, failed calls (with rollout.tools).
+        let mut local_tools = [0.0; 3];
         for &(round, i, off) in &my_offsets {
             let GroupOutcome::Kept(group) = &rounds[round].1[i] else {
                 continue;
@@ -1697,10 +1717,14 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             for (j, comp) in group.completions.iter().enumerate() {
                 let truncated = is_truncated(comp, max_completion);
                 lengths.add(comp.completion_ids.len(), truncated);
+                local_tools[0] += 1.0;
+                local_tools[1] += comp.tool_calls as f64;
+                local_tools[2] += comp.tool_failures as f64;
                 rows.push(Row {
                     prompt_ids: &group.prompt_ids,
                     completion_ids: &comp.completion_ids,
                     logprobs: &comp.logprobs,
+                    tool_mask: &comp.tool_mask,
                     advantage: adv.advantages[off + j],
                     masked: truncated && t.mask_truncated_completions,
                 });
@@ -2033,6 +2057,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let mut tokens = local_tokens;
         all_sum(c, &mut tokens)?;
+        let tool_use = if recipe.rollout.tools.is_empty() {
+            None
+        } else {
+            let mut t = local_tools;
+            all_sum(c, &mut t)?;
+            // TRL's tools/*: calls per completion, and the share that failed.
+            Some(json!({
+                "call_frequency": t[1] / t[0].max(1.0),
+                "failure_frequency": if t[1] > 0.0 { t[2] / t[1] } else { 0.0 },
+            }))
+        };
         tokens_seen += tokens[0] + tokens[1];
         // Every rank takes part on the same (logged) steps.
         let completions = if log_step {
@@ -2139,6 +2174,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             }
             if let Some((key, d)) = &digest {
                 line[*key] = json!(d);
+            }
+            if let Some(tools) = &tool_use {
+                line["tools"] = tools.clone();
             }
             if group_filter.is_some() {
                 // verl's num_gen_batches; the reward above is the trained
@@ -2252,6 +2290,9 @@ mod tests {
             logprobs: vec![-0.5; len],
             finish_reason: finish_reason.map(str::to_string),
             weight_version: 0,
+            tool_mask: Vec::new(),
+            tool_calls: 0,
+            tool_failures: 0,
         }
     }
 
@@ -2270,6 +2311,7 @@ mod tests {
                 prompt_ids: prompt,
                 completion_ids: completion,
                 logprobs: &[],
+                tool_mask: &[],
                 advantage: 1.0,
                 masked,
             }
@@ -2281,6 +2323,19 @@ mod tests {
             let mask: Vec<Vec<f32>> = mb.response_mask.to_vec2()?;
             assert_eq!(mask, vec![vec![1.0, 1.0, 0.0], want.to_vec()]);
         }
+        // Tool turns' tokens leave it too; padding stays out.
+        let tool_mask = [true, false, true];
+        let rows = [
+            row(&prompt, &short, false),
+            Row {
+                tool_mask: &tool_mask,
+                ..row(&prompt, &long, false)
+            },
+        ];
+        let mask: Vec<Vec<f32>> = build_micro_batch(&rows, 0, &Device::Cpu)?
+            .response_mask
+            .to_vec2()?;
+        assert_eq!(mask, vec![vec![1.0, 1.0, 0.0], vec![1.0, 0.0, 1.0]]);
         Ok(())
     }
 

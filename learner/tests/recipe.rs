@@ -277,6 +277,70 @@ fn other_versions_are_refused() {
     );
 }
 
+/// `rollout.tools`: each entry's fields are checked by key, and the keys
+/// that go with tools act only with them.
+#[test]
+fn tools_are_checked_by_key() {
+    let add = "rollout.tools=[{name: add, description: Adds., url: \"http://127.0.0.1:9/add\", \
+               parameters: {type: object, properties: {a: {type: number}}}}]";
+    let r = Recipe::from_yaml_str(BASE, "x", &[add.to_string()]).unwrap();
+    assert_eq!(r.rollout.tools[0].name, "add");
+    assert_eq!(
+        r.rollout.tools[0].parameters["properties"]["a"]["type"],
+        "number"
+    );
+    assert_eq!(r.rollout.tool_call_parser, "hermes");
+    for (bad, key, says) in [
+        (
+            "rollout.tools[0].name=a b",
+            "rollout.tools[0].name",
+            "not a function name",
+        ),
+        (
+            "rollout.tools[0].url=/add",
+            "rollout.tools[0].url",
+            "http(s) URL",
+        ),
+        (
+            "rollout.tools[0].parameters={type: array}",
+            "rollout.tools[0].parameters",
+            "object",
+        ),
+        (
+            "rollout.tool_call_parser=mistral",
+            "rollout.tool_call_parser",
+            "hermes, llama3_json",
+        ),
+        (
+            "rollout.max_tool_calling_iterations=0",
+            "rollout.max_tool_calling_iterations",
+            ">= 1",
+        ),
+        ("rollout.tool_timeout_s=0", "rollout.tool_timeout_s", "> 0"),
+        (
+            "data.prompt_template={question}=",
+            "data.prompt_template",
+            "chat",
+        ),
+    ] {
+        let e = err(BASE, &[add, bad]);
+        assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
+    }
+    let e = err(BASE, &[add, "rollout.tools[0].argh=1"]);
+    assert!(e.contains("rollout.tools[0].argh"), "{e}");
+    let twice = add.replace("}]", "}, {name: add, url: \"http://127.0.0.1:9/x\"}]");
+    let e = err(BASE, &[&twice]);
+    assert!(
+        e.contains("rollout.tools[1].name") && e.contains("two tools"),
+        "{e}"
+    );
+    let e = err(BASE, &["rollout.max_tool_calling_iterations=2"]);
+    assert!(
+        e.contains("rollout.max_tool_calling_iterations") && e.contains("rollout.tools"),
+        "{e}"
+    );
+}
+
 #[test]
 fn validation_names_the_key() {
     let e = err(BASE, &["train.per_device_train_batch_size=12"]);

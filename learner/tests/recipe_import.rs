@@ -236,6 +236,25 @@ fn training_arguments_left_out_say_what_to_do() {
     assert!(why("deepspeed").contains("no ZeRO"));
 }
 
+/// TRL's tool rounds come without the tools (Python functions): the key is
+/// left out with how to declare them, and the recipe still loads.
+#[test]
+fn tool_calling_iterations_wait_for_the_tools() {
+    let trl = format!("{OPEN_R1}max_tool_calling_iterations: 3\n");
+    let c = convert_trl_recipe(&trl, "t.yaml").unwrap();
+    Recipe::from_yaml_str(&c.yaml, "converted", &[] as &[&str])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.yaml));
+    let (_, why) = c
+        .left_out
+        .iter()
+        .find(|(kv, _)| kv.starts_with("max_tool_calling_iterations:"))
+        .unwrap();
+    assert!(
+        why.contains("rollout.tools") && why.contains("rollout.max_tool_calling_iterations: 3"),
+        "{why}"
+    );
+}
+
 #[test]
 fn what_is_not_a_trl_recipe_is_refused() {
     let e = convert_trl_recipe("version: 1\ntrain: {learning_rate: 1.0e-3}\n", "r.yaml")

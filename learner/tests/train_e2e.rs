@@ -723,6 +723,109 @@ fn a_guided_decoding_regex_shapes_every_completion() {
     assert!(lines.iter().all(|l| f(l, "loss").is_finite()), "{lines:?}");
 }
 
+/// A tool server on loopback: `POST /add` with `{"a", "b"}` answers the sum
+/// (a JSON string). Runs until the test process ends.
+fn start_add_tool() -> String {
+    use axum::{Json, Router, routing::post};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = Router::new().route(
+                "/add",
+                post(|Json(v): Json<Value>| async move {
+                    let sum = v["a"].as_i64().unwrap_or(0) + v["b"].as_i64().unwrap_or(0);
+                    Json(json!(sum.to_string()))
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    format!("http://{addr}/add")
+}
+
+/// Multi-turn rollouts with tools (TRL's `tools`): guided decoding makes
+/// every turn a hermes call of `add` (served over HTTP) or of `mul` (no
+/// such tool: a failed call). Each completion makes its two rounds of
+/// calls, reads the results in the tool turns, and the loss leaves those
+/// turns out: the learner's log-probs of the policy's tokens, read in the
+/// whole conversation, agree with the server's (IS ratio ~1).
+#[test]
+fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    // Room for three turns and two tool turns. The log-probs of the raw
+    // logits: guided decoding masks the processed ones, which the learner
+    // does not.
+    let server = RolloutServer::start(
+        &model,
+        &[
+            "--logprobs-mode",
+            "raw_logprobs",
+            "--max-num-seqs",
+            "32",
+            "--max-model-len",
+            "512",
+        ],
+    );
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let add = start_add_tool();
+    let call = r#"<tool_call>\\{\"name\": \"(add|mul)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
+    train(
+        &recipe,
+        &[
+            "data.prompt_template=chat".into(),
+            format!("rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}]"),
+            "rollout.max_tool_calling_iterations=2".into(),
+            "rollout.max_completion_length=400".into(),
+            format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
+            "log.log_completions=true".into(),
+            "train.max_steps=2".into(),
+        ],
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_servers_follow_the_policy(l);
+        assert!(f(l, "loss").is_finite(), "{l}");
+        assert_eq!(l["tools"]["call_frequency"], 2.0, "{l}");
+        let failed = l["tools"]["failure_frequency"].as_f64().unwrap();
+        assert!(failed > 0.0 && failed < 1.0, "{l}");
+    }
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 2 * 16);
+    let turn = regex::Regex::new(
+        r#"<tool_call>\{"name": "(add|mul)", "arguments": \{"a": ([1-4]), "b": ([5-9])\}\}</tool_call>"#,
+    )
+    .unwrap();
+    for c in &completions {
+        let text = c["completion"].as_str().unwrap();
+        assert_eq!(c["tool_calls"], 2, "{c}");
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+        // Three turns; the two tool turns hold each call's result.
+        let calls: Vec<_> = turn.captures_iter(text).collect();
+        assert_eq!(calls.len(), 3, "{text}");
+        let answers: Vec<&str> = text.split("<|im_start|>tool\n").skip(1).collect();
+        assert_eq!(answers.len(), 2, "{text}");
+        for (call, answer) in calls.iter().zip(answers) {
+            let result = answer.split("<|im_end|>").next().unwrap();
+            if &call[1] == "add" {
+                let sum: i64 = call[2].parse::<i64>().unwrap() + call[3].parse::<i64>().unwrap();
+                assert_eq!(result, sum.to_string(), "{text}");
+            } else {
+                assert!(result.contains("unknown tool"), "{text}");
+            }
+        }
+    }
+}
+
 /// PEFT's lora_dropout acts in the training forwards: step 1 (B is zero, the
 /// adapters add nothing yet) is the same with and without it, the adapters
 /// it trains are not.
