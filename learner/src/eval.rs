@@ -46,6 +46,10 @@ pub struct EvalResult {
     /// name without its extension (the whole path where two names clash).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub per_file: BTreeMap<String, FileScores>,
+    /// With `rollout.tools`: TRL's `tools/call_frequency` (calls per
+    /// completion) and `tools/failure_frequency` (the share that failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<serde_json::Value>,
     pub seconds: f64,
 }
 
@@ -179,11 +183,18 @@ pub async fn evaluate(
     let outcomes = client.generate(examples, &seeds).await?;
     let mut inputs = Vec::new();
     let mut dropped = 0;
+    // Completions, tool calls, failed calls.
+    let mut tool_counts = [0usize; 3];
     // The file (or pattern) of each question that got completions, in order.
     let mut files: Vec<&std::path::Path> = Vec::new();
     for (q, (example, outcome)) in examples.iter().zip(&outcomes).enumerate() {
         match outcome {
             GroupOutcome::Kept(group) => {
+                for c in &group.completions {
+                    tool_counts[0] += 1;
+                    tool_counts[1] += c.tool_calls;
+                    tool_counts[2] += c.tool_failures;
+                }
                 inputs.extend(group.reward_inputs(example, q));
                 files.push(example.dataset.as_ref().unwrap_or(&example.source_file));
             }
@@ -229,6 +240,13 @@ pub async fn evaluate(
         reward_per_function,
         pass_rule: pass_rule.into(),
         per_file,
+        tools: client.uses_tools().then(|| {
+            let [completions, calls, failed] = tool_counts.map(|n| n as f64);
+            serde_json::json!({
+                "call_frequency": calls / completions.max(1.0),
+                "failure_frequency": if calls > 0.0 { failed / calls } else { 0.0 },
+            })
+        }),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

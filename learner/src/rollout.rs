@@ -293,6 +293,11 @@ impl RolloutClient {
         Ok(body)
     }
 
+    /// Whether completions that call `rollout.tools` go on after the results.
+    pub fn uses_tools(&self) -> bool {
+        self.tools.is_some()
+    }
+
     pub fn settings(&self) -> &RolloutSettings {
         &self.settings
     }

@@ -788,7 +788,15 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
             format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
             "log.log_completions=true".into(),
             "train.max_steps=2".into(),
+            "eval.eval_steps=2".into(),
         ],
+    );
+    // Evaluation runs the tools too.
+    let evals = read_jsonl(&out.join("eval_log.jsonl"));
+    assert_eq!(
+        evals.last().unwrap()["tools"]["call_frequency"],
+        2.0,
+        "{evals:?}"
     );
     let lines = read_jsonl(&out.join("train_log.jsonl"));
     assert_eq!(lines.len(), 2);
