@@ -109,6 +109,8 @@ impl ToolRunner {
             .await
             .map_err(|e| format!("tool {name}'s answer broke off: {e}"))?;
         if !status.is_success() {
+            // An error page can be long; the model reads the start.
+            let body: String = body.chars().take(300).collect();
             return Err(format!("tool {name} failed ({status}): {body}"));
         }
         // A JSON string is the text it holds; anything else is read as is.
