@@ -269,6 +269,7 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "rollout.client_tag_echo",
     "rollout.request_timeout_s",
     "rollout.max_retries",
+    "rollout.tool_timeout_s",
     "rollout.weight_sync_endpoints",
     "rollout.weight_sync_token",
     "rollout.weight_sync_timeout_s",
@@ -319,6 +320,10 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
         }
         // A resume takes the checkpoint's adapters, whatever it names.
         "model.lora_adapter_path" => false,
+        // Where a tool runs (a restarted tool server's new port), as the
+        // endpoints; what it is (name, description, schema) is shown to
+        // the policy.
+        _ if key.starts_with("rollout.tools[") && key.ends_with("].url") => false,
         _ => true,
     }
 }
@@ -356,6 +361,16 @@ mod tests {
             c[0].to_string(),
             format!("train.learning_rate: {} -> 0.001", c[0].before)
         );
+    }
+
+    #[test]
+    fn where_a_tool_runs_does_not_change_training_what_it_is_does() {
+        let r = demo(&[]);
+        assert!(!changes_training("rollout.tools[0].url", &r));
+        assert!(!changes_training("rollout.tool_timeout_s", &r));
+        assert!(changes_training("rollout.tools[0].description", &r));
+        assert!(changes_training("rollout.tools", &r));
+        assert!(changes_training("rollout.max_tool_calling_iterations", &r));
     }
 
     #[test]
