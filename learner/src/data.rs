@@ -630,13 +630,6 @@ impl PromptFormat {
         }
     }
 
-    /// The chat template lists `tools` (`rollout.tools`) in each prompt.
-    pub fn with_tools(mut self, tools: &[crate::recipe::Tool]) -> Self {
-        self.tools = (!tools.is_empty())
-            .then(|| Value::Array(tools.iter().map(crate::recipe::Tool::definition).collect()));
-        self
-    }
-
     pub fn from_recipe(data: &DataSection) -> Result<Self> {
         Ok(PromptFormat {
             template: PromptTemplate::from_spec(&data.prompt_template)?,
@@ -977,16 +970,20 @@ impl Dataset {
 
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
 /// shuffle), the first `eval.max_examples` of each file if set, with their
-/// fingerprints. The prompts list `tools` (`rollout.tools`).
+/// fingerprints. The prompts list `tools`
+/// ([`crate::recipe::RolloutSection::tool_definitions`]).
 pub fn load_eval_examples(
     data: &DataSection,
     max_examples: Option<usize>,
     tokenizer: Option<&Tokenizer>,
     max_prompt_tokens: Option<usize>,
-    tools: &[crate::recipe::Tool],
+    tools: Option<Value>,
 ) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
     let mapping = ColumnMapping::from_recipe(data);
-    let format = PromptFormat::from_recipe(data)?.with_tools(tools);
+    let format = PromptFormat {
+        tools,
+        ..PromptFormat::from_recipe(data)?
+    };
     let sets = Dataset::load_all(
         &data.eval_files,
         &mapping,
@@ -1107,7 +1104,8 @@ impl PromptSource {
     }
 
     /// Loads `data.train_files` and builds the source: order from `seed`.
-    /// The prompts list `tools` (`rollout.tools`).
+    /// The prompts list `tools`
+    /// ([`crate::recipe::RolloutSection::tool_definitions`]).
     pub fn from_recipe(
         data: &DataSection,
         seed: u64,
@@ -1115,10 +1113,13 @@ impl PromptSource {
         world_size: usize,
         tokenizer: Option<&Tokenizer>,
         max_prompt_tokens: Option<usize>,
-        tools: &[crate::recipe::Tool],
+        tools: Option<Value>,
     ) -> Result<PromptSource> {
         let mapping = ColumnMapping::from_recipe(data);
-        let format = PromptFormat::from_recipe(data)?.with_tools(tools);
+        let format = PromptFormat {
+            tools,
+            ..PromptFormat::from_recipe(data)?
+        };
         let sets = Dataset::load_all(
             &data.train_files,
             &mapping,

@@ -241,11 +241,8 @@ pub async fn evaluate(
         pass_rule: pass_rule.into(),
         per_file,
         tools: client.uses_tools().then(|| {
-            let [completions, calls, failed] = tool_counts.map(|n| n as f64);
-            serde_json::json!({
-                "call_frequency": calls / completions.max(1.0),
-                "failure_frequency": if calls > 0.0 { failed / calls } else { 0.0 },
-            })
+            let [completions, calls, failed] = tool_counts;
+            crate::tools::call_metrics(completions, calls, failed)
         }),
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -391,7 +388,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         max_examples,
         tokenizer.as_deref(),
         recipe.overlong_prompt_limit(),
-        &recipe.rollout.tools,
+        recipe.rollout.tool_definitions(),
     )?;
     let settings = RolloutSettings {
         endpoints: vec![endpoint],

@@ -528,6 +528,15 @@ impl Tool {
     }
 }
 
+impl RolloutSection {
+    /// The definitions of `tools` as the chat template's `tools` variable
+    /// takes them; none without tools.
+    pub fn tool_definitions(&self) -> Option<Value> {
+        (!self.tools.is_empty())
+            .then(|| Value::Array(self.tools.iter().map(Tool::definition).collect()))
+    }
+}
+
 impl Default for RolloutSection {
     fn default() -> Self {
         RolloutSection {

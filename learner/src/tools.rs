@@ -19,6 +19,15 @@ use crate::recipe::{Recipe, Tool};
 /// is found.
 const PROBE: &str = "TANDEM-TOOL-TURN-PROBE";
 
+/// TRL's `tools/*` metrics of `completions` that made `calls` tool calls,
+/// `failed` of which failed: calls per completion, and the share failed.
+pub fn call_metrics(completions: usize, calls: usize, failed: usize) -> Value {
+    json!({
+        "call_frequency": calls as f64 / completions.max(1) as f64,
+        "failure_frequency": if calls > 0 { failed as f64 / calls as f64 } else { 0.0 },
+    })
+}
+
 /// The recipe's tools, how calls are read, and how they run.
 #[derive(Debug, Clone)]
 pub struct ToolRunner {
@@ -53,7 +62,7 @@ impl ToolRunner {
             .timeout(Duration::from_secs_f64(r.tool_timeout_s))
             .build()?;
         Ok(Some(ToolRunner {
-            definitions: Value::Array(r.tools.iter().map(Tool::definition).collect()),
+            definitions: r.tool_definitions().unwrap_or_default(),
             tools: r.tools.clone(),
             parser,
             max_iterations: r.max_tool_calling_iterations,

@@ -1115,7 +1115,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         world,
         Some(&tokenizer),
         recipe.overlong_prompt_limit(),
-        &recipe.rollout.tools,
+        recipe.rollout.tool_definitions(),
     )?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
@@ -1429,7 +1429,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 recipe.eval.max_examples,
                 Some(&tokenizer),
                 recipe.overlong_prompt_limit(),
-                &recipe.rollout.tools,
+                recipe.rollout.tool_definitions(),
             )?
             .0,
         )
@@ -2057,16 +2057,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         let mut tokens = local_tokens;
         all_sum(c, &mut tokens)?;
-        let tool_use = if recipe.rollout.tools.is_empty() {
-            None
-        } else {
+        let tool_use = if client.uses_tools() {
             let mut t = local_tools;
             all_sum(c, &mut t)?;
-            // TRL's tools/*: calls per completion, and the share that failed.
-            Some(json!({
-                "call_frequency": t[1] / t[0].max(1.0),
-                "failure_frequency": if t[1] > 0.0 { t[2] / t[1] } else { 0.0 },
-            }))
+            let [completions, calls, failed] = t.map(|n| n as usize);
+            Some(crate::tools::call_metrics(completions, calls, failed))
+        } else {
+            None
         };
         tokens_seen += tokens[0] + tokens[1];
         // Every rank takes part on the same (logged) steps.

@@ -566,7 +566,7 @@ fn the_demo_recipe_data_loads() {
         f.path = repo().join(&f.path);
     }
     let mut src =
-        PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None, None, &[]).unwrap();
+        PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None, None, None).unwrap();
     let fp = src.fingerprints();
     assert_eq!(fp[0].rows, 6000);
     assert_eq!(
@@ -578,7 +578,7 @@ fn the_demo_recipe_data_loads() {
     assert!(batch.iter().all(|e| e.prompt_text.ends_with('=')));
 
     let (eval, efp) =
-        load_eval_examples(&recipe.data, recipe.eval.max_examples, None, None, &[]).unwrap();
+        load_eval_examples(&recipe.data, recipe.eval.max_examples, None, None, None).unwrap();
     assert_eq!(eval.len(), 500);
     assert_eq!(efp[0].rows, 500);
     // Held out: no training question is an eval question.

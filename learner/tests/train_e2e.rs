@@ -760,20 +760,10 @@ fn start_add_tool() -> String {
 fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
-    // Room for three turns and two tool turns. The log-probs of the raw
-    // logits: guided decoding masks the processed ones, which the learner
-    // does not.
-    let server = RolloutServer::start(
-        &model,
-        &[
-            "--logprobs-mode",
-            "raw_logprobs",
-            "--max-num-seqs",
-            "32",
-            "--max-model-len",
-            "512",
-        ],
-    );
+    // Room for three turns and two tool turns. The server's default
+    // log-probs, of the raw logits: guided decoding masks the processed
+    // ones, which the learner does not.
+    let server = RolloutServer::start(&model, &["--max-model-len", "512"]);
     let out = tmp.path().join("run");
     let recipe = recipe(tmp.path(), &model, &server, &out);
     let add = start_add_tool();
