@@ -61,26 +61,20 @@ impl DefaultSampling {
     pub fn from_generation_config(config: &Value) -> (Self, Vec<String>) {
         let mut d = DefaultSampling::default();
         let mut set = Vec::new();
-        let num = |k: &str| config.get(k).and_then(Value::as_f64);
-        if let Some(t) = num("temperature") {
-            d.temperature = t as f32;
-            set.push(format!("temperature={t}"));
-        }
-        if let Some(p) = num("top_p") {
-            d.top_p = p as f32;
-            set.push(format!("top_p={p}"));
+        for (key, field) in [
+            ("temperature", &mut d.temperature),
+            ("top_p", &mut d.top_p),
+            ("min_p", &mut d.min_p),
+            ("repetition_penalty", &mut d.repetition_penalty),
+        ] {
+            if let Some(v) = config.get(key).and_then(Value::as_f64) {
+                *field = v as f32;
+                set.push(format!("{key}={v}"));
+            }
         }
         if let Some(k) = config.get("top_k").and_then(Value::as_i64) {
             d.top_k = i32::try_from(k).unwrap_or(0);
             set.push(format!("top_k={k}"));
-        }
-        if let Some(p) = num("min_p") {
-            d.min_p = p as f32;
-            set.push(format!("min_p={p}"));
-        }
-        if let Some(r) = num("repetition_penalty") {
-            d.repetition_penalty = r as f32;
-            set.push(format!("repetition_penalty={r}"));
         }
         if let Some(m) = config.get("max_new_tokens").and_then(Value::as_u64) {
             d.max_tokens = Some(m as usize);
