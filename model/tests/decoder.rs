@@ -824,12 +824,6 @@ fn lora_gradients_match_finite_differences_and_skip_the_frozen_base() {
         let grads = objective(&lm).backward().unwrap();
         // The frozen base gets no gradient at all (not a zero one: none is
         // made), nor does anything else but the adapters.
-        for (name, t) in w.iter() {
-            assert!(
-                grads.get(t).is_none(),
-                "{arch}: frozen {name} got a gradient"
-            );
-        }
         assert_only_parameter_gradients(arch, &vars, &grads);
         let checked: Vec<(String, candle_core::Var)> = vars
             .iter()
@@ -941,12 +935,8 @@ fn lora_modules_to_save_train_whole_copies() {
         let lm = CausalLM::with_lora(&cfg, &w, &trained).unwrap();
         let objective = |lm: &CausalLM| logprob_entropy_objective(lm, &x, &m);
         let grads = objective(&lm).backward().unwrap();
-        for (name, t) in w.iter() {
-            assert!(
-                grads.get(t).is_none(),
-                "{arch}: frozen {name} got a gradient"
-            );
-        }
+        // Nothing but the adapters and the saved copies: the frozen base
+        // gets none.
         assert_only_parameter_gradients(arch, &vars, &grads);
         check_against_finite_differences(arch, &vars, &grads, || {
             objective(&lm).to_scalar::<f64>().unwrap()
