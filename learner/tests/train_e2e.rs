@@ -397,6 +397,7 @@ fn two_ranks_vs_one(extra: &[&str]) -> (Vec<Value>, Vec<Value>) {
             "pg_loss",
             "grad_norm",
             "entropy",
+            "tools",
         ] {
             let (u, v) = (f(x, key), f(y, key));
             assert!(
@@ -468,14 +469,23 @@ fn two_ranks_vs_one(extra: &[&str]) -> (Vec<Value>, Vec<Value>) {
 }
 
 fn resume_case(extra: &[&str]) {
+    resume_case_on(&["--logprobs-mode", "processed_logprobs"], extra);
+}
+
+/// `resume_case` with rollout servers started with `server_args`; the
+/// resumed run's train log.
+fn resume_case_on<S: AsRef<str>>(server_args: &[&str], extra: &[S]) -> Vec<Value> {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
     // The server's log-probs may differ in their last bits with its batch
     // composition (continuous batching); without the importance-sampling
     // correction the learner's numbers depend only on token ids, so resume
     // must be bit-exact.
-    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut extra: Vec<String> = extra.iter().map(|s| s.as_ref().to_string()).collect();
     extra.push("train.vllm_importance_sampling_correction=false".into());
+    let mut server_args = server_args.to_vec();
+    server_args.extend(["--max-num-seqs", "32"]);
+    let rollout_server = |model: &std::path::Path| RolloutServer::start(model, &server_args);
     let with = |more: &[&str]| -> Vec<String> {
         let mut v = extra.clone();
         v.extend(more.iter().map(|s| s.to_string()));
@@ -544,6 +554,7 @@ fn resume_case(extra: &[&str]) {
         &load_weights(&part.join("checkpoints/step_000004")),
     );
     assert_eq!(d, 0.0, "final weights differ by {d}");
+    b
 }
 
 #[test]
@@ -821,6 +832,28 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
                 assert!(result.contains("unknown tool"), "{text}");
             }
         }
+    }
+}
+
+/// Tool turns come back alike after a resume: each turn's seed derives from
+/// its request's, and the tool answers the same calls the same way.
+#[test]
+fn resume_continues_exactly_with_tools() {
+    let add = start_add_tool();
+    let call = r#"<tool_call>\\{\"name\": \"add\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
+    let lines = resume_case_on(
+        &["--max-model-len", "512"],
+        &[
+            "data.prompt_template=chat".into(),
+            format!("rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}]"),
+            "rollout.max_tool_calling_iterations=1".into(),
+            "rollout.max_completion_length=200".into(),
+            format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
+            "train.per_device_train_batch_size=8".into(),
+        ],
+    );
+    for l in &lines {
+        assert_eq!(l["tools"]["call_frequency"], 1.0, "{l}");
     }
 }
 
