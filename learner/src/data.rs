@@ -971,7 +971,7 @@ impl Dataset {
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
 /// shuffle), the first `eval.max_examples` of each file if set, with their
 /// fingerprints. The prompts list `tools`
-/// ([`crate::recipe::RolloutSection::tool_definitions`]).
+/// ([`crate::tools::ToolRunner::definitions`]).
 pub fn load_eval_examples(
     data: &DataSection,
     max_examples: Option<usize>,
@@ -1105,7 +1105,7 @@ impl PromptSource {
 
     /// Loads `data.train_files` and builds the source: order from `seed`.
     /// The prompts list `tools`
-    /// ([`crate::recipe::RolloutSection::tool_definitions`]).
+    /// ([`crate::tools::ToolRunner::definitions`]).
     pub fn from_recipe(
         data: &DataSection,
         seed: u64,

@@ -383,12 +383,13 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         Some(p) => Some(Arc::new(crate::data::policy_tokenizer(p, &recipe.data)?)),
         None => None,
     };
+    let tools = crate::tools::ToolRunner::from_recipe(&recipe)?;
     let (examples, _) = crate::data::load_eval_examples(
         &recipe.data,
         max_examples,
         tokenizer.as_deref(),
         recipe.overlong_prompt_limit(),
-        recipe.rollout.tool_definitions(),
+        tools.as_ref().map(|t| t.definitions().clone()),
     )?;
     let settings = RolloutSettings {
         endpoints: vec![endpoint],
@@ -415,8 +416,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         max_retries: recipe.rollout.max_retries,
         generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
-    let client = RolloutClient::new(settings, tokenizer)?
-        .with_tools(crate::tools::ToolRunner::from_recipe(&recipe)?);
+    let client = RolloutClient::new(settings, tokenizer)?.with_tools(tools);
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

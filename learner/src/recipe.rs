@@ -471,7 +471,7 @@ pub struct RolloutSection {
     /// recipe's values.
     pub generation_kwargs: Map<String, Value>,
     /// Tools the policy may call during a rollout (TRL's `tools`), each an
-    /// HTTP endpoint. The chat template lists them in the prompt; a
+    /// HTTP endpoint or a Python function. The chat template lists them in the prompt; a
     /// completion that calls them gets their results as tool messages and
     /// goes on generating, and the tool messages' tokens are left out of
     /// the loss. Needs chat prompts.
@@ -492,7 +492,9 @@ pub struct RolloutSection {
 /// template shows it (OpenAI's `{"type": "function", "function": {name,
 /// description, parameters}}`), and where it runs: `POST url` with the
 /// call's arguments (a JSON object) as the body; the response body is the
-/// result the model reads (a JSON string is unquoted).
+/// result the model reads (a JSON string is unquoted). Or `python`, a
+/// Python function (`FILE.py:NAME` or `MODULE:NAME`) run by the learner, its
+/// definition read from its signature and docstring as TRL reads its tools.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tool {
@@ -501,6 +503,9 @@ pub struct Tool {
     /// JSON schema of the arguments.
     pub parameters: Value,
     pub url: String,
+    /// A Python function instead of an endpoint: `path/to/tools.py:add`
+    /// (relative to the working directory) or `package.module:add`.
+    pub python: Option<String>,
 }
 
 impl Default for Tool {
@@ -508,14 +513,20 @@ impl Default for Tool {
         Tool {
             name: String::new(),
             description: String::new(),
-            parameters: serde_json::json!({"type": "object", "properties": {}}),
+            parameters: Tool::no_parameters(),
             url: String::new(),
+            python: None,
         }
     }
 }
 
 impl Tool {
-    /// The definition the chat template renders.
+    fn no_parameters() -> Value {
+        serde_json::json!({"type": "object", "properties": {}})
+    }
+
+    /// The definition the chat template renders (of an HTTP tool: a Python
+    /// function's comes from the function, [`crate::tools::ToolRunner`]).
     pub fn definition(&self) -> Value {
         serde_json::json!({
             "type": "function",
@@ -525,15 +536,6 @@ impl Tool {
                 "parameters": self.parameters,
             }
         })
-    }
-}
-
-impl RolloutSection {
-    /// The definitions of `tools` as the chat template's `tools` variable
-    /// takes them; none without tools.
-    pub fn tool_definitions(&self) -> Option<Value> {
-        (!self.tools.is_empty())
-            .then(|| Value::Array(self.tools.iter().map(Tool::definition).collect()))
     }
 }
 
@@ -1866,6 +1868,43 @@ impl Recipe {
         }
         for (i, tool) in r.tools.iter().enumerate() {
             let key = |field: &str| format!("rollout.tools[{i}].{field}");
+            if let Some(spec) = &tool.python {
+                // Name, description and schema come from the function.
+                let given = [
+                    ("name", !tool.name.is_empty()),
+                    ("description", !tool.description.is_empty()),
+                    ("parameters", tool.parameters != Tool::no_parameters()),
+                    ("url", !tool.url.is_empty()),
+                ];
+                if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        key(field),
+                        "a `python` tool's definition is its function's (its name, the \
+                         docstring's description and Args:, the type hints), as TRL reads \
+                         its tools, and it runs in the learner: remove the key, or the \
+                         `python` key for an HTTP tool"
+                            .into(),
+                    ));
+                }
+                let function = spec.rsplit_once(':').map(|(target, f)| (target.trim(), f));
+                let ok = function.is_some_and(|(target, f)| {
+                    !target.is_empty()
+                        && f.chars()
+                            .next()
+                            .is_some_and(|c| c.is_alphabetic() || c == '_')
+                        && f.chars().all(|c| c.is_alphanumeric() || c == '_')
+                });
+                if !ok {
+                    return Err(invalid(
+                        key("python"),
+                        format!(
+                            "expected path/to/tools.py:FUNCTION or package.module:FUNCTION, \
+                             got {spec:?}"
+                        ),
+                    ));
+                }
+                continue;
+            }
             // OpenAI's rule for function names.
             let name_ok = !tool.name.is_empty()
                 && tool.name.len() <= 64

@@ -427,9 +427,10 @@ pub fn convert_trl_recipe(text: &str, source_name: &str) -> Result<Converted, St
                 &key,
                 &value,
                 format!(
-                    "TRL's tools are Python functions given to GRPOTrainer; serve each over \
-                     HTTP and list it as rollout.tools [{{name, description, parameters, \
-                     url}}], then set rollout.max_tool_calling_iterations: {value}"
+                    "TRL's tools are Python functions given to GRPOTrainer; list each as \
+                     rollout.tools [{{python: \"my_tools.py:FUNCTION\"}}] (or an HTTP endpoint: \
+                     {{name, description, parameters, url}}), then set \
+                     rollout.max_tool_calling_iterations: {value}"
                 ),
             );
             continue;

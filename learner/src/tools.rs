@@ -1,23 +1,35 @@
 //! Tools the policy calls during a rollout (TRL's `tools` with
 //! `max_tool_calling_iterations`): each `rollout.tools` entry is an HTTP
-//! endpoint. After a completion stops, the calls it wrote (read by vLLM's
-//! tool-call parser, [`model::tool_calls`]) are POSTed to their tools; the
+//! endpoint or a Python function. After a completion stops, the calls it
+//! wrote (read by vLLM's tool-call parser, [`model::tool_calls`]) run: POSTed
+//! to their endpoints, or called in a Python process the learner keeps; the
 //! results become tool messages, the chat template renders them as the next
 //! turns, and the completion goes on from there. Those rendered turns are
 //! part of the completion's tokens (the model reads them) but not of its
 //! loss: they carry no log-probs of the policy (TRL's `tool_mask`).
 
-use std::time::Duration;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use model::tokenizer::Tokenizer;
 use model::tool_calls::ToolParser;
 use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::recipe::{Recipe, Tool};
+use crate::recipe::Recipe;
 
 /// Stands for an assistant turn's content when the template's end of turn
 /// is found.
 const PROBE: &str = "TANDEM-TOOL-TURN-PROBE";
+
+/// The Python side of `python` tools: reads their definitions, runs calls.
+const PYTHON_RUNNER: &str = include_str!("python_tools.py");
+
+/// How long reading the Python tools' definitions may take: importing a
+/// module (transformers, for `get_json_schema`) can take a while.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// TRL's `tools/*` metrics of `completions` that made `calls` tool calls,
 /// `failed` of which failed: calls per completion, and the share failed.
@@ -28,10 +40,21 @@ pub fn call_metrics(completions: usize, calls: usize, failed: usize) -> Value {
     })
 }
 
-/// The recipe's tools, how calls are read, and how they run.
+/// Where a tool runs.
+#[derive(Debug, Clone)]
+enum Runs {
+    /// `POST url` with the arguments object as the body.
+    Http(String),
+    /// A function of the [`PythonTools`] process.
+    Python,
+}
+
+/// The recipe's tools, how calls are read, and how they run. Clones share
+/// the Python process.
 #[derive(Debug, Clone)]
 pub struct ToolRunner {
-    tools: Vec<Tool>,
+    /// Each tool's name and where it runs, in the recipe's order.
+    tools: Vec<(String, Runs)>,
     /// The definitions the chat template shows (`tools=`).
     definitions: Value,
     parser: ToolParser,
@@ -39,6 +62,7 @@ pub struct ToolRunner {
     pub max_iterations: Option<usize>,
     chat_template_kwargs: Map<String, Value>,
     http: reqwest::Client,
+    python: Option<Arc<PythonTools>>,
 }
 
 /// The outcome of one call: the result text, or why it failed (sent to the
@@ -46,7 +70,8 @@ pub struct ToolRunner {
 pub type CallResult = Result<String, String>;
 
 impl ToolRunner {
-    /// None when the recipe lists no tools.
+    /// None when the recipe lists no tools. Reads the `python` tools'
+    /// definitions from their functions (a short `python3` run).
     pub fn from_recipe(recipe: &Recipe) -> anyhow::Result<Option<ToolRunner>> {
         let r = &recipe.rollout;
         if r.tools.is_empty() {
@@ -58,16 +83,57 @@ impl ToolRunner {
                 r.tool_call_parser
             )
         })?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs_f64(r.tool_timeout_s))
-            .build()?;
+        let timeout = Duration::from_secs_f64(r.tool_timeout_s);
+        let http = reqwest::Client::builder().timeout(timeout).build()?;
+        let specs: Vec<String> = r.tools.iter().filter_map(|t| t.python.clone()).collect();
+        let mut described = if specs.is_empty() {
+            Vec::new()
+        } else {
+            describe_python_tools(&specs)?
+        }
+        .into_iter();
+        let mut tools = Vec::new();
+        let mut definitions = Vec::new();
+        for (i, tool) in r.tools.iter().enumerate() {
+            let (definition, runs) = match &tool.python {
+                Some(spec) => {
+                    let d = described.next().unwrap_or(Value::Null);
+                    if let Some(e) = d.get("error") {
+                        anyhow::bail!(
+                            "rollout.tools[{i}].python: {spec}: {}",
+                            e.as_str().unwrap_or_default()
+                        );
+                    }
+                    (d, Runs::Python)
+                }
+                None => (tool.definition(), Runs::Http(tool.url.clone())),
+            };
+            let Some(name) = definition["function"]["name"].as_str() else {
+                anyhow::bail!("rollout.tools[{i}]: a definition without a function name");
+            };
+            if let Some(j) = tools.iter().position(|(n, _)| n == name) {
+                anyhow::bail!(
+                    "rollout.tools[{i}]: {name:?} also names rollout.tools[{j}]; a call could \
+                     not tell them apart"
+                );
+            }
+            tools.push((name.to_string(), runs));
+            definitions.push(definition);
+        }
         Ok(Some(ToolRunner {
-            definitions: r.tool_definitions().unwrap_or_default(),
-            tools: r.tools.clone(),
+            tools,
+            definitions: Value::Array(definitions),
             parser,
             max_iterations: r.max_tool_calling_iterations,
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
             http,
+            python: (!specs.is_empty()).then(|| {
+                Arc::new(PythonTools {
+                    specs,
+                    timeout,
+                    worker: tokio::sync::Mutex::new(None),
+                })
+            }),
         }))
     }
 
@@ -91,10 +157,11 @@ impl ToolRunner {
             .unwrap_or_default()
     }
 
-    /// Runs one call: `POST url` with the arguments object as the body.
+    /// Runs one call: `POST url` with the arguments object as the body, or
+    /// the Python function with the arguments as keywords.
     pub async fn call(&self, name: &str, arguments: &str) -> CallResult {
-        let Some(tool) = self.tools.iter().find(|t| t.name == name) else {
-            let names: Vec<&str> = self.tools.iter().map(|t| t.name.as_str()).collect();
+        let Some((_, runs)) = self.tools.iter().find(|(n, _)| n == name) else {
+            let names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
             return Err(format!(
                 "unknown tool {name:?}; the tools are {}",
                 names.join(", ")
@@ -105,10 +172,20 @@ impl ToolRunner {
         if !args.is_object() {
             return Err("the arguments must be a JSON object".into());
         }
+        match runs {
+            Runs::Http(url) => self.call_http(name, url, &args).await,
+            Runs::Python => match &self.python {
+                Some(python) => python.call(name, &args).await,
+                None => Err(format!("tool {name} has no Python process")),
+            },
+        }
+    }
+
+    async fn call_http(&self, name: &str, url: &str, args: &Value) -> CallResult {
         let resp = self
             .http
-            .post(&tool.url)
-            .json(&args)
+            .post(url)
+            .json(args)
             .send()
             .await
             .map_err(|e| format!("tool {name} did not answer: {e}"))?;
@@ -195,9 +272,165 @@ impl ToolRunner {
     }
 }
 
+/// The `python` tools' definitions, in `specs` order: each as
+/// `get_json_schema` writes it, or `{"error": ...}`.
+fn describe_python_tools(specs: &[String]) -> anyhow::Result<Vec<Value>> {
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(PYTHON_RUNNER)
+        .arg("describe")
+        .args(specs)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context(
+            "starting python3 for rollout.tools' python functions (python3 on PATH, in the \
+             environment the tools import from)",
+        )?;
+    // Drained while it runs, so that a full pipe cannot stall it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > DESCRIBE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "rollout.tools: reading the python tools' definitions took more than {} s \
+                 (a module that does not finish importing?)",
+                DESCRIBE_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    if !status.success() {
+        anyhow::bail!(
+            "rollout.tools: python3 could not read the python tools' definitions ({status}): {}",
+            stderr.trim()
+        );
+    }
+    let definitions: Vec<Value> = serde_json::from_slice(&stdout)
+        .context("rollout.tools: python3 answered no list of definitions")?;
+    anyhow::ensure!(
+        definitions.len() == specs.len(),
+        "rollout.tools: {} definitions for {} python tools",
+        definitions.len(),
+        specs.len()
+    );
+    Ok(definitions)
+}
+
+/// A `python3` process that imports the `python` tools and runs their
+/// calls one at a time (a JSON line in, one out); started on the first
+/// call, and again after one that passed the deadline or killed it.
+#[derive(Debug)]
+struct PythonTools {
+    specs: Vec<String>,
+    timeout: Duration,
+    worker: tokio::sync::Mutex<Option<PythonWorker>>,
+}
+
+#[derive(Debug)]
+struct PythonWorker {
+    /// Killed when dropped.
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl PythonTools {
+    fn start(&self) -> Result<PythonWorker, String> {
+        let mut child = tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(PYTHON_RUNNER)
+            .arg("serve")
+            .args(&self.specs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting python3 for the python tools: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("python3 started without pipes".into());
+        };
+        Ok(PythonWorker {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout),
+        })
+    }
+
+    async fn call(&self, name: &str, args: &Value) -> CallResult {
+        let mut guard = self.worker.lock().await;
+        let worker = match guard.as_mut() {
+            Some(w) => w,
+            None => guard.insert(self.start()?),
+        };
+        let request = format!("{}\n", json!({"name": name, "arguments": args}));
+        let exchange = async {
+            worker.stdin.write_all(request.as_bytes()).await?;
+            worker.stdin.flush().await?;
+            let mut answer = String::new();
+            worker.stdout.read_line(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        let answer = match outcome {
+            Ok(Ok(answer)) if !answer.is_empty() => answer,
+            Err(_) => {
+                // Killed; the next call starts a fresh process.
+                *guard = None;
+                return Err(format!(
+                    "tool {name} took more than rollout.tool_timeout_s ({} s)",
+                    self.timeout.as_secs_f64()
+                ));
+            }
+            Ok(_) => {
+                let status = worker
+                    .child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map_or("still running".to_string(), |s| s.to_string());
+                *guard = None;
+                return Err(format!(
+                    "tool {name}'s Python process ended ({status}; its error is in the \
+                     learner's log)"
+                ));
+            }
+        };
+        let answer: Value = serde_json::from_str(&answer)
+            .map_err(|e| format!("tool {name} answered no JSON line: {e}"))?;
+        match (answer.get("result"), answer.get("error")) {
+            (Some(Value::String(result)), _) => Ok(result.clone()),
+            (_, Some(e)) => Err(e.as_str().map_or_else(|| e.to_string(), str::to_string)),
+            _ => Err(format!(
+                "tool {name} answered neither a result nor an error"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recipe::Tool;
 
     fn runner(tools: Vec<Tool>) -> ToolRunner {
         let mut recipe = Recipe::default();
@@ -215,6 +448,7 @@ mod tests {
                 "required": ["a", "b"],
             }),
             url: url.into(),
+            python: None,
         }
     }
 
@@ -326,5 +560,217 @@ mod tests {
             let err = r.call("add", "{\"a\": ").await.unwrap_err();
             assert!(err.contains("not JSON"), "{err}");
         });
+    }
+
+    /// Tools as TRL users write them: Google-style docstrings, type hints.
+    const PYTHON_TOOLS: &str = r#"
+import os
+from typing import Literal, Optional
+
+calls = 0
+
+
+def add(a: int, b: int) -> int:
+    """
+    Adds two integers.
+
+    Args:
+        a: The first number.
+        b: The second
+            number, on two lines.
+
+    Returns:
+        The sum.
+    """
+    print("this goes to the log, not to the model")
+    return a + b
+
+
+def weather(city: str, unit: str = "celsius", days: Optional[int] = None, mode: Literal["fast", "slow"] = "fast"):
+    """Gets the weather of a city.
+    Args:
+        city: The city's name.
+        unit: The unit (choices: ["celsius", "fahrenheit"])
+        days: How many days.
+        mode: How.
+    """
+    return {"city": city, "unit": unit}
+
+
+async def wait(seconds: float):
+    """Waits.
+
+    Args:
+        seconds: How long.
+    """
+    import asyncio
+    await asyncio.sleep(seconds)
+    return "waited"
+
+
+def count():
+    """Counts its calls in this process."""
+    global calls
+    calls += 1
+    return calls
+
+
+def fail(message: str):
+    """Raises.
+
+    Args:
+        message: The message.
+    """
+    raise ValueError(message)
+
+
+def crash():
+    """Ends the process."""
+    os._exit(3)
+
+
+def undocumented(x: int):
+    return x
+"#;
+
+    fn python_runner(dir: &std::path::Path, functions: &[&str], timeout_s: f64) -> ToolRunner {
+        let file = dir.join("my_tools.py");
+        std::fs::write(&file, PYTHON_TOOLS).unwrap();
+        let mut recipe = Recipe::default();
+        recipe.rollout.tool_timeout_s = timeout_s;
+        recipe.rollout.tools = functions
+            .iter()
+            .map(|f| Tool {
+                python: Some(format!("{}:{f}", file.display())),
+                ..Tool::default()
+            })
+            .collect();
+        ToolRunner::from_recipe(&recipe).unwrap().unwrap()
+    }
+
+    /// The definitions are those transformers' `get_json_schema` writes
+    /// (checked against transformers 5.25 for these functions), which TRL
+    /// shows the model.
+    #[test]
+    fn python_tools_are_defined_by_their_docstrings_and_type_hints() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = python_runner(dir.path(), &["add", "weather"], 30.0);
+        assert_eq!(
+            r.definitions()[0],
+            json!({"type": "function", "function": {
+                "name": "add",
+                "description": "Adds two integers.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "a": {"type": "integer", "description": "The first number."},
+                        "b": {"type": "integer", "description": "The second number, on two lines."},
+                    },
+                    "required": ["a", "b"],
+                },
+                "return": {"type": "integer", "description": "The sum."},
+            }})
+        );
+        assert_eq!(
+            r.definitions()[1]["function"]["parameters"],
+            json!({
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "The city's name."},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "The unit"},
+                    "days": {"type": "integer", "nullable": true, "description": "How many days."},
+                    "mode": {"type": "string", "enum": ["fast", "slow"], "description": "How."},
+                },
+                "required": ["city"],
+            })
+        );
+    }
+
+    /// Calls run in one Python process the learner keeps (module state
+    /// lives on); an exception, a call past the deadline or a process that
+    /// dies is an error for the model, and the next call gets a fresh
+    /// process.
+    #[test]
+    fn python_tool_calls_run_in_one_process_and_failures_are_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = python_runner(
+            dir.path(),
+            &["add", "weather", "wait", "count", "fail", "crash"],
+            2.0,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // What the function prints stays out of the answer; the result
+            // is `str(result)`, as in TRL's tool messages.
+            assert_eq!(r.call("add", r#"{"a": 1, "b": 2}"#).await, Ok("3".into()));
+            assert_eq!(
+                r.call("weather", r#"{"city": "Oslo"}"#).await,
+                Ok("{'city': 'Oslo', 'unit': 'celsius'}".into())
+            );
+            assert_eq!(
+                r.call("wait", r#"{"seconds": 0.01}"#).await,
+                Ok("waited".into())
+            );
+            assert_eq!(r.call("count", "{}").await, Ok("1".into()));
+            assert_eq!(r.call("count", "{}").await, Ok("2".into()));
+            assert_eq!(
+                r.call("fail", r#"{"message": "no"}"#).await,
+                Err("no".into())
+            );
+            let e = r.call("add", r#"{"a": 1}"#).await.unwrap_err();
+            assert!(e.contains("missing 1 required positional argument"), "{e}");
+            let e = r.call("wait", r#"{"seconds": 30}"#).await.unwrap_err();
+            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            // A fresh process: the count starts again.
+            assert_eq!(r.call("count", "{}").await, Ok("1".into()));
+            let e = r.call("crash", "{}").await.unwrap_err();
+            assert!(e.contains("Python process ended"), "{e}");
+            assert_eq!(r.call("add", r#"{"a": 2, "b": 2}"#).await, Ok("4".into()));
+            // Clones share the process (the third one so far).
+            let clone = r.clone();
+            assert_eq!(clone.call("count", "{}").await, Ok("1".into()));
+            assert_eq!(r.call("count", "{}").await, Ok("2".into()));
+        });
+    }
+
+    /// A function the definitions cannot be read from stops the start,
+    /// naming the tool.
+    #[test]
+    fn python_tools_that_cannot_be_defined_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("my_tools.py");
+        std::fs::write(&file, PYTHON_TOOLS).unwrap();
+        let refused = |tools: Vec<Tool>| {
+            let mut recipe = Recipe::default();
+            recipe.rollout.tools = tools;
+            ToolRunner::from_recipe(&recipe).unwrap_err().to_string()
+        };
+        let python = |spec: String| Tool {
+            python: Some(spec),
+            ..Tool::default()
+        };
+        let e = refused(vec![
+            python(format!("{}:add", file.display())),
+            python(format!("{}:undocumented", file.display())),
+        ]);
+        assert!(
+            e.contains("rollout.tools[1].python") && e.contains("no docstring"),
+            "{e}"
+        );
+        let e = refused(vec![python(format!("{}:nothing", file.display()))]);
+        assert!(e.contains("has no function 'nothing'"), "{e}");
+        let e = refused(vec![python("no/such/file.py:add".into())]);
+        assert!(e.contains("no file 'no/such/file.py'"), "{e}");
+        let e = refused(vec![
+            add_tool("http://127.0.0.1:1/add"),
+            python(format!("{}:add", file.display())),
+        ]);
+        assert!(
+            e.contains("rollout.tools[1]") && e.contains("also names rollout.tools[0]"),
+            "{e}"
+        );
     }
 }

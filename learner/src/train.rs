@@ -1108,6 +1108,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         };
 
     // ---- data, rewards, rollouts, optimizer
+    // One runner for training and evaluation: they share the Python tools'
+    // process.
+    let tools = ToolRunner::from_recipe(&recipe)?;
+    let tool_definitions = tools.as_ref().map(|t| t.definitions().clone());
     let mut source = PromptSource::from_recipe(
         &recipe.data,
         t.seed,
@@ -1115,7 +1119,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         world,
         Some(&tokenizer),
         recipe.overlong_prompt_limit(),
-        recipe.rollout.tool_definitions(),
+        tool_definitions.clone(),
     )?;
     let rewards = RewardRegistry::from_section(&recipe.reward)?;
     rewards.prepare()?;
@@ -1137,7 +1141,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let tokenizer = Arc::new(tokenizer);
     let client = RolloutClient::new(rollout_settings(&recipe, rank), Some(tokenizer.clone()))?
         .with_max_prompt_length(recipe.rollout.max_prompt_length)
-        .with_tools(ToolRunner::from_recipe(&recipe)?);
+        .with_tools(tools.clone());
     // Every rank loads every file, so every rank counts the same steps.
     let max_steps = recipe.total_steps(source.epoch_prompts(), world)?;
     let epoch_prompts = source.epoch_prompts().max(1) as f64;
@@ -1429,7 +1433,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 recipe.eval.max_examples,
                 Some(&tokenizer),
                 recipe.overlong_prompt_limit(),
-                recipe.rollout.tool_definitions(),
+                tool_definitions,
             )?
             .0,
         )
@@ -1443,7 +1447,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(
             RolloutClient::new(s, Some(tokenizer.clone()))?
                 .with_max_prompt_length(recipe.rollout.max_prompt_length)
-                .with_tools(ToolRunner::from_recipe(&recipe)?),
+                .with_tools(tools),
         )
     } else {
         None

@@ -339,6 +339,39 @@ fn tools_are_checked_by_key() {
         e.contains("rollout.max_tool_calling_iterations") && e.contains("rollout.tools"),
         "{e}"
     );
+    // A Python function's definition is its own: no name or schema beside
+    // it, and a spec that names a function.
+    let python = "rollout.tools=[{python: \"tools/my_tools.py:add\"}]";
+    let r = Recipe::from_yaml_str(BASE, "x", &[python.to_string()]).unwrap();
+    assert_eq!(
+        r.rollout.tools[0].python.as_deref(),
+        Some("tools/my_tools.py:add")
+    );
+    for (bad, key, says) in [
+        (
+            "rollout.tools[0].name=add",
+            "rollout.tools[0].name",
+            "docstring",
+        ),
+        (
+            "rollout.tools[0].parameters={type: object, properties: {a: {type: number}}}",
+            "rollout.tools[0].parameters",
+            "type hints",
+        ),
+        (
+            "rollout.tools[0].python=my_tools.py",
+            "rollout.tools[0].python",
+            "path/to/tools.py:FUNCTION",
+        ),
+        (
+            "rollout.tools[0].python=my_tools.py:2x",
+            "rollout.tools[0].python",
+            "package.module:FUNCTION",
+        ),
+    ] {
+        let e = err(BASE, &[python, bad]);
+        assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
+    }
 }
 
 #[test]

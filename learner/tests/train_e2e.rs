@@ -762,8 +762,8 @@ fn start_add_tool() -> String {
 }
 
 /// Multi-turn rollouts with tools (TRL's `tools`): guided decoding makes
-/// every turn a hermes call of `add` (served over HTTP) or of `mul` (no
-/// such tool: a failed call). Each completion makes its two rounds of
+/// every turn a hermes call of `add` (served over HTTP), `mul` (a Python
+/// function the learner runs) or `div` (no such tool: a failed call). Each completion makes its two rounds of
 /// calls, reads the results in the tool turns, and the loss leaves those
 /// turns out: the learner's log-probs of the policy's tokens, read in the
 /// whole conversation, agree with the server's (IS ratio ~1).
@@ -778,12 +778,23 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let out = tmp.path().join("run");
     let recipe = recipe(tmp.path(), &model, &server, &out);
     let add = start_add_tool();
-    let call = r#"<tool_call>\\{\"name\": \"(add|mul)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
+    let mul = tmp.path().join("my_tools.py");
+    std::fs::write(
+        &mul,
+        "def mul(a: int, b: int):\n    \"\"\"Multiplies.\n\n    Args:\n        a: A factor.\n        \
+         b: The other.\n    \"\"\"\n    return a * b\n",
+    )
+    .unwrap();
+    let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
     train(
         &recipe,
         &[
             "data.prompt_template=chat".into(),
-            format!("rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}]"),
+            format!(
+                "rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}, \
+                 {{python: \"{}:mul\"}}]",
+                mul.display()
+            ),
             "rollout.max_tool_calling_iterations=2".into(),
             "rollout.max_completion_length=400".into(),
             format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
@@ -811,9 +822,10 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let completions = read_jsonl(&out.join("completions.jsonl"));
     assert_eq!(completions.len(), 2 * 16);
     let turn = regex::Regex::new(
-        r#"<tool_call>\{"name": "(add|mul)", "arguments": \{"a": ([1-4]), "b": ([5-9])\}\}</tool_call>"#,
+        r#"<tool_call>\{"name": "(add|mul|div)", "arguments": \{"a": ([1-4]), "b": ([5-9])\}\}</tool_call>"#,
     )
     .unwrap();
+    let mut tools_called = std::collections::BTreeSet::new();
     for c in &completions {
         let text = c["completion"].as_str().unwrap();
         assert_eq!(c["tool_calls"], 2, "{c}");
@@ -825,14 +837,16 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
         assert_eq!(answers.len(), 2, "{text}");
         for (call, answer) in calls.iter().zip(answers) {
             let result = answer.split("<|im_end|>").next().unwrap();
-            if &call[1] == "add" {
-                let sum: i64 = call[2].parse::<i64>().unwrap() + call[3].parse::<i64>().unwrap();
-                assert_eq!(result, sum.to_string(), "{text}");
-            } else {
-                assert!(result.contains("unknown tool"), "{text}");
+            let (a, b): (i64, i64) = (call[2].parse().unwrap(), call[3].parse().unwrap());
+            tools_called.insert(call[1].to_string());
+            match &call[1] {
+                "add" => assert_eq!(result, (a + b).to_string(), "{text}"),
+                "mul" => assert_eq!(result, (a * b).to_string(), "{text}"),
+                _ => assert!(result.contains("unknown tool"), "{text}"),
             }
         }
     }
+    assert_eq!(tools_called.len(), 3, "{tools_called:?}");
 }
 
 /// Tool turns come back alike after a resume: each turn's seed derives from

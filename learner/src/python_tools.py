@@ -1,0 +1,193 @@
+"""Tandem's runner of Python function tools (`rollout.tools: [{python: ...}]`).
+
+The learner runs this file with `python3 -c`:
+
+    describe SPEC...  prints the functions' definitions, one JSON list
+    serve SPEC...     answers calls: a JSON line {"name", "arguments"} in, a
+                      JSON line {"result": str(result)} or {"error": str(e)} out
+
+A SPEC is `path/to/file.py:function` or `package.module:function`. The
+definitions are TRL's: `transformers.utils.get_json_schema` when transformers
+is installed, else `json_schema` below, which follows its rules (the
+docstring's text before `Args:` describes the function, `Args:` each
+parameter, the type hints give the types, parameters without a default are
+required). A result is `str(result)`, as TRL's tool messages hold it.
+"""
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+import types
+import typing
+
+_modules = {}
+
+
+def load(spec):
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise ValueError(f"expected FILE.py:FUNCTION or MODULE:FUNCTION, got {spec!r}")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ValueError(f"no file {target!r} (from {os.getcwd()})")
+        module = _modules.get(path)
+        if module is None:
+            # Its own folder first, so that it imports its neighbours.
+            sys.path.insert(0, os.path.dirname(path))
+            stem = os.path.splitext(os.path.basename(path))[0]
+            module_spec = importlib.util.spec_from_file_location(stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules.setdefault(stem, module)
+            module_spec.loader.exec_module(module)
+            _modules[path] = module
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(target)
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{target} has no function {name!r}")
+    return function
+
+
+_BASIC = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def type_schema(hint):
+    """A type hint as JSON schema, as transformers' `_parse_type_hint`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is typing.Any:
+        return {}
+    if origin is None:
+        if hint is type(None):
+            return {"type": "null"}
+        # transformers reads any other class as an object.
+        return {"type": _BASIC.get(hint, "object")}
+    if origin is typing.Union or origin is types.UnionType:
+        subtypes = [type_schema(t) for t in args if t is not type(None)]
+        if len(subtypes) == 1:
+            out = subtypes[0]
+        elif all(isinstance(s.get("type"), str) for s in subtypes):
+            out = {"type": sorted(s["type"] for s in subtypes)}
+        else:
+            out = {"anyOf": subtypes}
+        if type(None) in args:
+            out["nullable"] = True
+        return out
+    if origin is typing.Literal:
+        kinds = sorted({_BASIC.get(type(a), "object") for a in args})
+        return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
+    if origin is list:
+        return {"type": "array", "items": type_schema(args[0])} if args else {"type": "array"}
+    if origin is tuple:
+        if not args:
+            return {"type": "array"}
+        if len(args) == 1 or ... in args:
+            raise TypeError(f"{hint}: a tuple of one element or of any length; use list[...]")
+        return {"type": "array", "prefixItems": [type_schema(t) for t in args]}
+    if origin is dict:
+        out = {"type": "object"}
+        if len(args) == 2:
+            out["additionalProperties"] = type_schema(args[1])
+        return out
+    raise TypeError(f"cannot read the type hint {hint} as JSON schema")
+
+
+_SECTION_END = r"[\n\s]*(?:Returns:|Raises:|\Z)"
+
+
+def json_schema(function):
+    """The function's definition as `transformers.utils.get_json_schema`
+    writes it."""
+    name = function.__name__
+    doc = (inspect.getdoc(function) or "").strip()
+    if not doc:
+        raise ValueError(f"{name} has no docstring: it describes the tool to the model")
+    description = re.search(r"^(.*?)[\n\s]*(?:Args:|Returns:|Raises:|\Z)", doc, re.DOTALL)
+    args_block = re.search(r"\n\s*Args:\n\s*(.*?)" + _SECTION_END, doc, re.DOTALL)
+    returns = re.search(r"\n\s*Returns:\n\s*(.*?)[\n\s]*(?:Raises:|\Z)", doc, re.DOTALL)
+    described = {}
+    if args_block:
+        lines = "\n".join(line for line in args_block.group(1).strip().split("\n") if line.strip())
+        pattern = r"(?:^|\n)\s*(\w+)(?:\s*\([^)]*\))?:\s*(.*?)\s*(?=\n\s*\w+(?:\s*\([^)]*\))?:|\Z)"
+        for arg, text in re.findall(pattern, lines, re.DOTALL):
+            described[arg] = re.sub(r"\s*\n+\s*", " ", text.strip())
+    hints = typing.get_type_hints(function)
+    properties = {}
+    required = []
+    for param in inspect.signature(function).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.name not in hints:
+            raise ValueError(f"{name}: argument {param.name} has no type hint")
+        if param.name not in described:
+            raise ValueError(f"{name}: the docstring's Args: does not describe {param.name}")
+        schema = type_schema(hints[param.name])
+        text = described[param.name]
+        choices = re.search(r"\(choices:\s*(.*?)\)\s*$", text, re.IGNORECASE)
+        if choices:
+            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
+            text = text[: choices.start()].strip()
+        schema["description"] = text
+        properties[param.name] = schema
+        if param.default is inspect.Parameter.empty:
+            required.append(param.name)
+    parameters = {"type": "object", "properties": properties}
+    if required:
+        parameters["required"] = required
+    out = {"name": name, "description": description.group(1).strip(), "parameters": parameters}
+    if "return" in hints:
+        out["return"] = type_schema(hints["return"])
+        if returns:
+            out["return"]["description"] = returns.group(1).strip()
+    return {"type": "function", "function": out}
+
+
+def describe(specs):
+    try:
+        from transformers.utils import get_json_schema
+    except Exception:
+        get_json_schema = json_schema
+    definitions = []
+    for spec in specs:
+        try:
+            definitions.append(get_json_schema(load(spec)))
+        except Exception as e:
+            definitions.append({"error": f"{type(e).__name__}: {e}"})
+    print(json.dumps(definitions))
+
+
+def serve(specs):
+    functions = {}
+    for spec in specs:
+        function = load(spec)
+        functions[function.__name__] = function
+    # The answers go out on a copy of stdout; what the tools print goes to
+    # stderr, the learner's log.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    loop = asyncio.new_event_loop()
+    for line in sys.stdin:
+        try:
+            call = json.loads(line)
+            function = functions[call["name"]]
+            result = function(**call["arguments"])
+            if inspect.isawaitable(result):
+                result = loop.run_until_complete(result)
+            answer = {"result": str(result)}
+        except Exception as e:
+            answer = {"error": str(e) or type(e).__name__}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    {"describe": describe, "serve": serve}[sys.argv[1]](sys.argv[2:])
