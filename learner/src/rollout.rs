@@ -474,19 +474,16 @@ impl RolloutClient {
                 .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
                 .map_err(|e| malformed(e.to_string()))?;
             conversation.extend(answers);
-            let mut ids = tokenizer
+            let ids = tokenizer
                 .encode(&inserted, false)
                 .map_err(|e| malformed(e.to_string()))?;
             let room = max_len.saturating_sub(c.completion_ids.len());
-            let cut = ids.len() >= room;
-            ids.truncate(room);
-            let text = if cut {
-                tokenizer
-                    .decode(&ids, false)
-                    .map_err(|e| malformed(e.to_string()))?
-            } else {
-                inserted
-            };
+            if ids.len() >= room {
+                // No room for the results and an answer: as TRL does, they
+                // are left out and the completion ends with its calls (which
+                // ran, and count).
+                return Ok(None);
+            }
             if c.tool_mask.is_empty() {
                 c.tool_mask = vec![true; c.completion_ids.len()];
             }
@@ -495,12 +492,7 @@ impl RolloutClient {
             if with_logprobs {
                 c.logprobs.resize(c.completion_ids.len(), 0.0);
             }
-            c.text.push_str(&text);
-            if cut {
-                // No room left for the policy to answer the results.
-                c.finish_reason = Some("length".into());
-                return Ok(None);
-            }
+            c.text.push_str(&inserted);
             // The next turn, from the whole conversation's tokens.
             let mut context = prompt_ids.to_vec();
             context.extend_from_slice(&c.completion_ids);

@@ -849,6 +849,63 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     assert_eq!(tools_called.len(), 3, "{tools_called:?}");
 }
 
+/// A tool turn that leaves no room for an answer is left out, as TRL
+/// leaves it: the completion ends with its call, which ran and counts.
+/// (`learner eval` runs the tools as training does.)
+#[test]
+fn tool_results_that_do_not_fit_are_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = RolloutServer::start(&model, &["--max-model-len", "512"]);
+    // A result of several hundred tokens, however they are cut; the call
+    // takes at most one token a character.
+    let tools = tmp.path().join("my_tools.py");
+    std::fs::write(
+        &tools,
+        "def add(a: int, b: int):\n    \"\"\"Adds.\n\n    Args:\n        a: A term.\n        \
+         b: The other.\n    \"\"\"\n    return ' '.join(str(i) for i in range(a + b, 400))\n",
+    )
+    .unwrap();
+    let call = r#"<tool_call>{"name": "add", "arguments": {"a": 1, "b": 5}}</tool_call>"#;
+    let recipe = tmp.path().join("eval.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model: {{path: \"{model}\"}}\n\
+             data: {{train_files: [unused.jsonl], prompt_template: chat}}\n\
+             rollout:\n\
+             \x20 endpoints: [\"{url}\"]\n\
+             \x20 tools: [{{python: \"{tools}:add\"}}]\n\
+             \x20 generation_kwargs: {{structured_outputs: {{regex: '{regex}'}}}}\n\
+             reward: {{functions: [{{name: format, pattern: '</tool_call>$'}}]}}\n",
+            model = model.display(),
+            url = server.url(""),
+            tools = tools.display(),
+            regex = regex::escape(call),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(learner_bin())
+        .args(["eval", "--endpoint", &server.url(""), "--tasks"])
+        .arg(repo_root().join("configs/data/arith_eval.jsonl"))
+        .arg("--config")
+        .arg(&recipe)
+        .args(["--samples", "2", "--max-examples", "2"])
+        .args(["--max-tokens", &(call.len() + 16).to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["tools"]["call_frequency"], 1.0, "{line}");
+    assert_eq!(line["tools"]["failure_frequency"], 0.0, "{line}");
+    // Every completion ends with its call.
+    assert_eq!(line["reward_mean"], 1.0, "{line}");
+}
+
 /// Tool turns come back alike after a resume: each turn's seed derives from
 /// its request's, and the tool answers the same calls the same way.
 #[test]
