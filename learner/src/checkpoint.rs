@@ -56,6 +56,11 @@ pub struct TrainerState {
     /// `recipe_fingerprint`, now ignored).
     #[serde(default)]
     pub recipe: Option<Value>,
+    /// `rollout.tools`' Python functions as the run read them
+    /// ([`crate::tools::ToolRunner::python_functions`]); absent without
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_tools: Option<Value>,
 }
 
 /// The training loop's counters at a checkpoint: what [`TrainerState`]
@@ -89,7 +94,14 @@ impl TrainerState {
             counters,
             world_size,
             recipe: Some(recipe.to_json_redacted()),
+            python_tools: None,
         }
+    }
+
+    /// With the run's Python tools recorded.
+    pub fn with_python_tools(mut self, functions: Option<Value>) -> Self {
+        self.python_tools = functions;
+        self
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<TrainerState> {

@@ -2,7 +2,8 @@
 
 The learner runs this file with `python3 -c`:
 
-    describe SPEC...  prints the functions' definitions, one JSON list
+    describe SPEC...  prints, as one JSON list, each function's definition
+                      and the SHA-256 of the file that holds it
     serve SPEC...     answers calls: a JSON line {"name", "arguments"} in, a
                       JSON line {"result": str(result)} or {"error": str(e)} out
 
@@ -15,6 +16,7 @@ required). A result is `str(result)`, as TRL's tool messages hold it.
 """
 
 import asyncio
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -155,13 +157,19 @@ def describe(specs):
         from transformers.utils import get_json_schema
     except Exception:
         get_json_schema = json_schema
-    definitions = []
+    described = []
     for spec in specs:
         try:
-            definitions.append(get_json_schema(load(spec)))
+            function = load(spec)
+            definition = get_json_schema(function)
+            # What the function does is its source's: a resume compares it.
+            source = inspect.getsourcefile(function)
+            with open(source, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            described.append({"definition": definition, "source_sha256": digest})
         except Exception as e:
-            definitions.append({"error": f"{type(e).__name__}: {e}"})
-    print(json.dumps(definitions))
+            described.append({"error": f"{type(e).__name__}: {e}"})
+    print(json.dumps(described))
 
 
 def serve(specs):

@@ -62,6 +62,9 @@ pub struct ToolRunner {
     pub max_iterations: Option<usize>,
     chat_template_kwargs: Map<String, Value>,
     http: reqwest::Client,
+    /// Each `python` tool's index, spec, definition and the SHA-256 of its
+    /// source file: what a checkpoint records of them.
+    python_functions: Vec<Value>,
     python: Option<Arc<PythonTools>>,
 }
 
@@ -94,6 +97,7 @@ impl ToolRunner {
         .into_iter();
         let mut tools = Vec::new();
         let mut definitions = Vec::new();
+        let mut python_functions = Vec::new();
         for (i, tool) in r.tools.iter().enumerate() {
             let (definition, runs) = match &tool.python {
                 Some(spec) => {
@@ -104,7 +108,13 @@ impl ToolRunner {
                             e.as_str().unwrap_or_default()
                         );
                     }
-                    (d, Runs::Python)
+                    python_functions.push(json!({
+                        "tool": i,
+                        "python": spec,
+                        "definition": d["definition"],
+                        "source_sha256": d["source_sha256"],
+                    }));
+                    (d["definition"].clone(), Runs::Python)
                 }
                 None => (tool.definition(), Runs::Http(tool.url.clone())),
             };
@@ -127,6 +137,7 @@ impl ToolRunner {
             max_iterations: r.max_tool_calling_iterations,
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
             http,
+            python_functions,
             python: (!specs.is_empty()).then(|| {
                 Arc::new(PythonTools {
                     specs,
@@ -140,6 +151,13 @@ impl ToolRunner {
     /// The definitions the chat template lists in the prompt.
     pub fn definitions(&self) -> &Value {
         &self.definitions
+    }
+
+    /// What the `python` tools are (index, spec, definition, source file's
+    /// SHA-256), for the checkpoint: the recipe names them by path only, so
+    /// a resume compares this to see an edited function. None without them.
+    pub fn python_functions(&self) -> Option<Value> {
+        (!self.python_functions.is_empty()).then(|| Value::Array(self.python_functions.clone()))
     }
 
     /// The calls an assistant turn wrote, as (name, arguments text); none
@@ -272,8 +290,9 @@ impl ToolRunner {
     }
 }
 
-/// The `python` tools' definitions, in `specs` order: each as
-/// `get_json_schema` writes it, or `{"error": ...}`.
+/// The `python` tools' definitions, in `specs` order: each `{definition,
+/// source_sha256}` (the definition as `get_json_schema` writes it), or
+/// `{"error": ...}`.
 fn describe_python_tools(specs: &[String]) -> anyhow::Result<Vec<Value>> {
     let mut child = std::process::Command::new("python3")
         .arg("-c")

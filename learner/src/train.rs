@@ -661,6 +661,7 @@ fn check_resumed_recipe(
     dir: &Path,
     state: &TrainerState,
     recipe: &Recipe,
+    tools: Option<&ToolRunner>,
     allow: bool,
 ) -> anyhow::Result<Vec<crate::checkpoint::RecipeChange>> {
     let Some(saved) = &state.recipe else {
@@ -677,6 +678,12 @@ fn check_resumed_recipe(
     if !changes.iter().any(|c| c.key == "data.chat_template") {
         changes.extend(chat_template_file_change(dir, recipe)?);
     }
+    let named = changes.clone();
+    changes.extend(
+        python_tool_changes(state, tools)
+            .into_iter()
+            .filter(|c| !named.iter().any(|n| c.key.starts_with(n.key.as_str()))),
+    );
     if !changes.is_empty() && !allow {
         let list: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
         bail!(
@@ -725,6 +732,46 @@ fn chat_template_file_change(
         after: digest(&now),
         changes_training: true,
     }))
+}
+
+/// `rollout.tools`' Python functions: the recipe names them by path, so a
+/// function edited between the runs goes unseen by [`recipe_changes`];
+/// their definitions and source files are compared with those the
+/// checkpoint recorded instead (nothing to compare in a checkpoint written
+/// without them).
+///
+/// [`recipe_changes`]: crate::checkpoint::recipe_changes
+fn python_tool_changes(
+    state: &TrainerState,
+    tools: Option<&ToolRunner>,
+) -> Vec<crate::checkpoint::RecipeChange> {
+    let saved = state.python_tools.as_ref().and_then(Value::as_array);
+    let now = tools.and_then(ToolRunner::python_functions);
+    let (Some(saved), Some(Value::Array(now))) = (saved, now) else {
+        return Vec::new();
+    };
+    let digest = |v: &Value| {
+        Value::from(format!(
+            "sha256:{}",
+            &crate::data::sha256_hex(v.to_string().as_bytes())[..16]
+        ))
+    };
+    now.iter()
+        .filter_map(|function| {
+            // A tool that was not a Python function: the recipe's keys say so.
+            let before = saved.iter().find(|s| s["tool"] == function["tool"])?;
+            (before != function).then(|| crate::checkpoint::RecipeChange {
+                key: format!(
+                    "rollout.tools[{}].python (the definition or source file of {})",
+                    function["tool"],
+                    function["python"].as_str().unwrap_or_default()
+                ),
+                before: digest(before),
+                after: digest(function),
+                changes_training: true,
+            })
+        })
+        .collect()
 }
 
 /// The parsed `learner train` request.
@@ -1032,9 +1079,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // One runner for training and evaluation (they share the Python tools'
+    // process), read before a resume is checked: the checkpoint records
+    // what its Python tools were.
+    let tools = ToolRunner::from_recipe(&recipe)?;
     let recipe_changes = match &resume {
         Some((_, dir, state)) => {
-            check_resumed_recipe(dir, state, &given, args.allow_recipe_change)?
+            check_resumed_recipe(dir, state, &given, tools.as_ref(), args.allow_recipe_change)?
         }
         None => Vec::new(),
     };
@@ -1108,10 +1159,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         };
 
     // ---- data, rewards, rollouts, optimizer
-    // One runner for training and evaluation: they share the Python tools'
-    // process.
-    let tools = ToolRunner::from_recipe(&recipe)?;
     let tool_definitions = tools.as_ref().map(|t| t.definitions().clone());
+    let tools_recorded = tools.as_ref().and_then(ToolRunner::python_functions);
     let mut source = PromptSource::from_recipe(
         &recipe.data,
         t.seed,
@@ -2234,7 +2283,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     },
                     &given,
                     world,
-                );
+                )
+                .with_python_tools(tools_recorded.clone());
                 let dir = save_checkpoint(
                     run.path(),
                     &Checkpoint {

@@ -1290,11 +1290,12 @@ fn a_resume_that_changes_training_is_refused_unless_allowed() {
     assert_eq!(changes[0]["after"], 0.5);
 }
 
-/// `data.chat_template` naming a file: the recipe is unchanged when the
-/// file is edited, but the prompts are not, so the resume compares the
-/// file's text with the template the checkpoint saved.
+/// `data.chat_template` as a file path and a `python` tool: the recipe
+/// keeps the same paths when the files are edited, so the resume compares
+/// the template's text with the one the checkpoint saved, and the tool's
+/// definition and source with what the checkpoint recorded.
 #[test]
-fn a_resume_whose_chat_template_file_changed_is_refused() {
+fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model();
     let s = rollout_server(&model);
@@ -1303,21 +1304,32 @@ fn a_resume_whose_chat_template_file_changed_is_refused() {
     let file = tmp.path().join("template.jinja");
     let template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}";
     std::fs::write(&file, template).unwrap();
-    let with_file = format!("data.chat_template={}", file.display());
-    train(&r, &[with_file.clone(), "train.max_steps=1".into()]);
+    let tool = tmp.path().join("my_tools.py");
+    let add = "def add(a: int, b: int):\n    \"\"\"Adds.\n\n    Args:\n        a: A term.\n        \
+               b: The other.\n    \"\"\"\n    return a + b\n";
+    std::fs::write(&tool, add).unwrap();
+    let with_files = vec![
+        format!("data.chat_template={}", file.display()),
+        "data.prompt_template=chat".into(),
+        format!("rollout.tools=[{{python: \"{}:add\"}}]", tool.display()),
+    ];
+    let mut first = with_files.clone();
+    first.push("train.max_steps=1".into());
+    train(&r, &first);
     assert_eq!(
         std::fs::read_to_string(out.join("checkpoints/step_000001/chat_template.jinja")).unwrap(),
         template
     );
 
     std::fs::write(&file, format!("SYSTEM\n{template}")).unwrap();
+    std::fs::write(&tool, add.replace("a + b", "a - b")).unwrap();
     let args = |allow: bool| {
-        let mut v = vec![
-            with_file.clone(),
+        let mut v = with_files.clone();
+        v.extend([
             "train.max_steps=2".into(),
             "--resume-from".into(),
             out.display().to_string(),
-        ];
+        ]);
         if allow {
             v.push("--allow-recipe-change".into());
         }
@@ -1333,6 +1345,13 @@ fn a_resume_whose_chat_template_file_changed_is_refused() {
         )),
         "{err}"
     );
+    assert!(
+        err.contains(&format!(
+            "rollout.tools[0].python (the definition or source file of {}:add)",
+            tool.display()
+        )),
+        "{err}"
+    );
     assert!(!out.join("checkpoints/step_000002").exists());
 
     train(&r, &args(true));
@@ -1341,17 +1360,23 @@ fn a_resume_whose_chat_template_file_changed_is_refused() {
         .iter()
         .find(|e| e["event"] == "recipe_changed")
         .unwrap_or_else(|| panic!("no recipe_changed event: {events:?}"));
-    assert!(
-        e["changes"][0]["key"]
-            .as_str()
-            .unwrap()
-            .starts_with("data.chat_template"),
-        "{e}"
-    );
+    let keys: Vec<&str> = e["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2, "{e}");
+    assert!(keys[0].starts_with("data.chat_template"), "{e}");
+    assert!(keys[1].starts_with("rollout.tools[0].python"), "{e}");
     assert_eq!(
         std::fs::read_to_string(out.join("checkpoints/step_000002/chat_template.jinja")).unwrap(),
         format!("SYSTEM\n{template}")
     );
+    // The new checkpoint records the edited function: resuming from it
+    // with the same files changes nothing.
+    let o = Learner::spawn(&r, &args(false), &[]).wait(120);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
