@@ -282,6 +282,7 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "rollout.request_timeout_s",
     "rollout.max_retries",
     "rollout.tool_timeout_s",
+    "rollout.python_tool_processes",
     "rollout.weight_sync_endpoints",
     "rollout.weight_sync_token",
     "rollout.weight_sync_timeout_s",

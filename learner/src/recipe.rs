@@ -486,6 +486,10 @@ pub struct RolloutSection {
     /// Deadline of one tool call; a call past it returns an error to the
     /// model.
     pub tool_timeout_s: f64,
+    /// Python processes that run the `python` tools' calls, one call each
+    /// at a time (each imports the tools: module state is per process).
+    /// 1, TRL's one process, keeps one state for all calls.
+    pub python_tool_processes: usize,
 }
 
 /// One tool of `rollout.tools`: its function definition as the chat
@@ -568,6 +572,7 @@ impl Default for RolloutSection {
             tool_call_parser: "hermes".into(),
             max_tool_calling_iterations: None,
             tool_timeout_s: 30.0,
+            python_tool_processes: 1,
         }
     }
 }
@@ -1839,6 +1844,12 @@ impl Recipe {
             return Err(invalid(
                 "rollout.tool_timeout_s".into(),
                 format!("must be > 0, got {}", r.tool_timeout_s),
+            ));
+        }
+        if r.python_tool_processes == 0 {
+            return Err(invalid(
+                "rollout.python_tool_processes".into(),
+                "must be >= 1".into(),
             ));
         }
         if r.tools.is_empty() {

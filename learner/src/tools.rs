@@ -138,13 +138,8 @@ impl ToolRunner {
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
             http,
             python_functions,
-            python: (!specs.is_empty()).then(|| {
-                Arc::new(PythonTools {
-                    specs,
-                    timeout,
-                    worker: tokio::sync::Mutex::new(None),
-                })
-            }),
+            python: (!specs.is_empty())
+                .then(|| Arc::new(PythonTools::new(specs, timeout, r.python_tool_processes))),
         }))
     }
 
@@ -354,14 +349,20 @@ fn describe_python_tools(specs: &[String]) -> anyhow::Result<Vec<Value>> {
     Ok(definitions)
 }
 
-/// A `python3` process that imports the `python` tools and runs their
-/// calls one at a time (a JSON line in, one out); started on the first
-/// call, and again after one that passed the deadline or killed it.
+/// `python3` processes that import the `python` tools and run their calls
+/// (a JSON line in, one out), each one call at a time: up to
+/// `rollout.python_tool_processes` at once. A process starts when a call
+/// finds none idle, and is replaced after a call that passed the deadline
+/// or ended it.
 #[derive(Debug)]
 struct PythonTools {
     specs: Vec<String>,
     timeout: Duration,
-    worker: tokio::sync::Mutex<Option<PythonWorker>>,
+    /// One slot per process allowed: an idle process, or none (not started,
+    /// or ended). A call holds a permit of `free` while it has a slot's
+    /// process out.
+    idle: std::sync::Mutex<Vec<Option<PythonWorker>>>,
+    free: tokio::sync::Semaphore,
 }
 
 #[derive(Debug)]
@@ -373,6 +374,16 @@ struct PythonWorker {
 }
 
 impl PythonTools {
+    fn new(specs: Vec<String>, timeout: Duration, processes: usize) -> PythonTools {
+        let processes = processes.max(1);
+        PythonTools {
+            specs,
+            timeout,
+            idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
+            free: tokio::sync::Semaphore::new(processes),
+        }
+    }
+
     fn start(&self) -> Result<PythonWorker, String> {
         let mut child = tokio::process::Command::new("python3")
             .arg("-c")
@@ -395,12 +406,39 @@ impl PythonTools {
         })
     }
 
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<PythonWorker>>> {
+        // A panic elsewhere cannot leave the list half-changed.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn call(&self, name: &str, args: &Value) -> CallResult {
-        let mut guard = self.worker.lock().await;
-        let worker = match guard.as_mut() {
-            Some(w) => w,
-            None => guard.insert(self.start()?),
+        let _permit = self
+            .free
+            .acquire()
+            .await
+            .map_err(|e| format!("the python tools are closed: {e}"))?;
+        // A permit guarantees a slot.
+        let slot = self.slots().pop().flatten();
+        let worker = match slot {
+            Some(w) => Ok(w),
+            None => self.start(),
         };
+        let (result, worker) = match worker {
+            Ok(w) => self.exchange(w, name, args).await,
+            Err(e) => (Err(e), None),
+        };
+        self.slots().push(worker);
+        result
+    }
+
+    /// One call on `worker`; gives it back unless it passed the deadline
+    /// (then it is killed) or ended.
+    async fn exchange(
+        &self,
+        mut worker: PythonWorker,
+        name: &str,
+        args: &Value,
+    ) -> (CallResult, Option<PythonWorker>) {
         let request = format!("{}\n", json!({"name": name, "arguments": args}));
         let exchange = async {
             worker.stdin.write_all(request.as_bytes()).await?;
@@ -409,16 +447,14 @@ impl PythonTools {
             worker.stdout.read_line(&mut answer).await?;
             Ok::<_, std::io::Error>(answer)
         };
-        let outcome = tokio::time::timeout(self.timeout, exchange).await;
-        let answer = match outcome {
+        let answer = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(answer)) if !answer.is_empty() => answer,
             Err(_) => {
-                // Killed; the next call starts a fresh process.
-                *guard = None;
-                return Err(format!(
+                let e = format!(
                     "tool {name} took more than rollout.tool_timeout_s ({} s)",
                     self.timeout.as_secs_f64()
-                ));
+                );
+                return (Err(e), None);
             }
             Ok(_) => {
                 let status = worker
@@ -427,22 +463,24 @@ impl PythonTools {
                     .ok()
                     .flatten()
                     .map_or("still running".to_string(), |s| s.to_string());
-                *guard = None;
-                return Err(format!(
+                let e = format!(
                     "tool {name}'s Python process ended ({status}; its error is in the \
                      learner's log)"
-                ));
+                );
+                return (Err(e), None);
             }
         };
-        let answer: Value = serde_json::from_str(&answer)
-            .map_err(|e| format!("tool {name} answered no JSON line: {e}"))?;
-        match (answer.get("result"), answer.get("error")) {
-            (Some(Value::String(result)), _) => Ok(result.clone()),
-            (_, Some(e)) => Err(e.as_str().map_or_else(|| e.to_string(), str::to_string)),
-            _ => Err(format!(
-                "tool {name} answered neither a result nor an error"
-            )),
-        }
+        let result = match serde_json::from_str::<Value>(&answer) {
+            Err(e) => Err(format!("tool {name} answered no JSON line: {e}")),
+            Ok(answer) => match (answer.get("result"), answer.get("error")) {
+                (Some(Value::String(result)), _) => Ok(result.clone()),
+                (_, Some(e)) => Err(e.as_str().map_or_else(|| e.to_string(), str::to_string)),
+                _ => Err(format!(
+                    "tool {name} answered neither a result nor an error"
+                )),
+            },
+        };
+        (result, Some(worker))
     }
 }
 
@@ -627,6 +665,17 @@ async def wait(seconds: float):
     return "waited"
 
 
+def pid(seconds: float):
+    """The process's id, after a while.
+
+    Args:
+        seconds: How long to wait first.
+    """
+    import time
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def count():
     """Counts its calls in this process."""
     global calls
@@ -653,10 +702,20 @@ def undocumented(x: int):
 "#;
 
     fn python_runner(dir: &std::path::Path, functions: &[&str], timeout_s: f64) -> ToolRunner {
+        python_runner_with(dir, functions, timeout_s, 1)
+    }
+
+    fn python_runner_with(
+        dir: &std::path::Path,
+        functions: &[&str],
+        timeout_s: f64,
+        processes: usize,
+    ) -> ToolRunner {
         let file = dir.join("my_tools.py");
         std::fs::write(&file, PYTHON_TOOLS).unwrap();
         let mut recipe = Recipe::default();
         recipe.rollout.tool_timeout_s = timeout_s;
+        recipe.rollout.python_tool_processes = processes;
         recipe.rollout.tools = functions
             .iter()
             .map(|f| Tool {
@@ -753,6 +812,29 @@ def undocumented(x: int):
             assert_eq!(clone.call("count", "{}").await, Ok("1".into()));
             assert_eq!(r.call("count", "{}").await, Ok("2".into()));
         });
+    }
+
+    /// `python_tool_processes` calls run at once, each in its own process:
+    /// a call that comes while the others are busy gets a process of its
+    /// own, up to the limit; beyond it, it waits for one.
+    #[test]
+    fn python_tool_calls_run_in_as_many_processes_as_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for processes in [1, 2] {
+            let r = python_runner_with(dir.path(), &["pid"], 30.0, processes);
+            let pids = rt.block_on(async {
+                let calls = (0..2).map(|_| r.call("pid", r#"{"seconds": 0.5}"#));
+                futures::future::join_all(calls).await
+            });
+            let pids: std::collections::BTreeSet<String> =
+                pids.into_iter().map(|p| p.unwrap()).collect();
+            assert_eq!(pids.len(), processes, "{pids:?}");
+        }
     }
 
     /// A function the definitions cannot be read from stops the start,

@@ -318,6 +318,11 @@ fn tools_are_checked_by_key() {
         ),
         ("rollout.tool_timeout_s=0", "rollout.tool_timeout_s", "> 0"),
         (
+            "rollout.python_tool_processes=0",
+            "rollout.python_tool_processes",
+            ">= 1",
+        ),
+        (
             "data.prompt_template={question}=",
             "data.prompt_template",
             "chat",
