@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod nccl;
 pub mod optim;
 pub mod parameters;
+pub mod python;
 pub mod recipe;
 pub mod recipe_import;
 pub mod rewards;

@@ -8,28 +8,19 @@
 //! part of the completion's tokens (the model reads them) but not of its
 //! loss: they carry no log-probs of the policy (TRL's `tool_mask`).
 
-use std::io::Read;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use model::tokenizer::Tokenizer;
 use model::tool_calls::ToolParser;
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+use crate::python::PythonProcesses;
 use crate::recipe::Recipe;
 
 /// Stands for an assistant turn's content when the template's end of turn
 /// is found.
 const PROBE: &str = "TANDEM-TOOL-TURN-PROBE";
-
-/// The Python side of `python` tools: reads their definitions, runs calls.
-const PYTHON_RUNNER: &str = include_str!("python_tools.py");
-
-/// How long reading the Python tools' definitions may take: importing a
-/// module (transformers, for `get_json_schema`) can take a while.
-const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// TRL's `tools/*` metrics of `completions` that made `calls` tool calls,
 /// `failed` of which failed: calls per completion, and the share failed.
@@ -45,7 +36,7 @@ pub fn call_metrics(completions: usize, calls: usize, failed: usize) -> Value {
 enum Runs {
     /// `POST url` with the arguments object as the body.
     Http(String),
-    /// A function of the [`PythonTools`] process.
+    /// A function of the [`PythonProcesses`].
     Python,
 }
 
@@ -65,7 +56,7 @@ pub struct ToolRunner {
     /// Each `python` tool's index, spec, definition and the SHA-256 of its
     /// source file: what a checkpoint records of them.
     python_functions: Vec<Value>,
-    python: Option<Arc<PythonTools>>,
+    python: Option<Arc<PythonProcesses>>,
 }
 
 /// The outcome of one call: the result text, or why it failed (sent to the
@@ -92,7 +83,7 @@ impl ToolRunner {
         let mut described = if specs.is_empty() {
             Vec::new()
         } else {
-            describe_python_tools(&specs)?
+            crate::python::inspect("describe", &specs)?
         }
         .into_iter();
         let mut tools = Vec::new();
@@ -138,8 +129,14 @@ impl ToolRunner {
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
             http,
             python_functions,
-            python: (!specs.is_empty())
-                .then(|| Arc::new(PythonTools::new(specs, timeout, r.python_tool_processes))),
+            python: (!specs.is_empty()).then(|| {
+                Arc::new(PythonProcesses::new(
+                    specs,
+                    timeout,
+                    "rollout.tool_timeout_s",
+                    r.python_tool_processes,
+                ))
+            }),
         }))
     }
 
@@ -188,7 +185,11 @@ impl ToolRunner {
         match runs {
             Runs::Http(url) => self.call_http(name, url, &args).await,
             Runs::Python => match &self.python {
-                Some(python) => python.call(name, &args).await,
+                Some(python) => match python.call(name, &args, true).await {
+                    Ok(Value::String(result)) => Ok(result),
+                    Ok(other) => Ok(other.to_string()),
+                    Err(e) => Err(e),
+                },
                 None => Err(format!("tool {name} has no Python process")),
             },
         }
@@ -282,205 +283,6 @@ impl ToolRunner {
             _ => turn_end,
         };
         Ok(format!("{owed}{tool_part}"))
-    }
-}
-
-/// The `python` tools' definitions, in `specs` order: each `{definition,
-/// source_sha256}` (the definition as `get_json_schema` writes it), or
-/// `{"error": ...}`.
-fn describe_python_tools(specs: &[String]) -> anyhow::Result<Vec<Value>> {
-    let mut child = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(PYTHON_RUNNER)
-        .arg("describe")
-        .args(specs)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context(
-            "starting python3 for rollout.tools' python functions (python3 on PATH, in the \
-             environment the tools import from)",
-        )?;
-    // Drained while it runs, so that a full pipe cannot stall it.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut text);
-            }
-            text
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > DESCRIBE_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!(
-                "rollout.tools: reading the python tools' definitions took more than {} s \
-                 (a module that does not finish importing?)",
-                DESCRIBE_TIMEOUT.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
-    if !status.success() {
-        anyhow::bail!(
-            "rollout.tools: python3 could not read the python tools' definitions ({status}): {}",
-            stderr.trim()
-        );
-    }
-    let definitions: Vec<Value> = serde_json::from_slice(&stdout)
-        .context("rollout.tools: python3 answered no list of definitions")?;
-    anyhow::ensure!(
-        definitions.len() == specs.len(),
-        "rollout.tools: {} definitions for {} python tools",
-        definitions.len(),
-        specs.len()
-    );
-    Ok(definitions)
-}
-
-/// `python3` processes that import the `python` tools and run their calls
-/// (a JSON line in, one out), each one call at a time: up to
-/// `rollout.python_tool_processes` at once. A process starts when a call
-/// finds none idle, and is replaced after a call that passed the deadline
-/// or ended it.
-#[derive(Debug)]
-struct PythonTools {
-    specs: Vec<String>,
-    timeout: Duration,
-    /// One slot per process allowed: an idle process, or none (not started,
-    /// or ended). A call holds a permit of `free` while it has a slot's
-    /// process out.
-    idle: std::sync::Mutex<Vec<Option<PythonWorker>>>,
-    free: tokio::sync::Semaphore,
-}
-
-#[derive(Debug)]
-struct PythonWorker {
-    /// Killed when dropped.
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
-}
-
-impl PythonTools {
-    fn new(specs: Vec<String>, timeout: Duration, processes: usize) -> PythonTools {
-        let processes = processes.max(1);
-        PythonTools {
-            specs,
-            timeout,
-            idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
-            free: tokio::sync::Semaphore::new(processes),
-        }
-    }
-
-    fn start(&self) -> Result<PythonWorker, String> {
-        let mut child = tokio::process::Command::new("python3")
-            .arg("-c")
-            .arg(PYTHON_RUNNER)
-            .arg("serve")
-            .args(&self.specs)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting python3 for the python tools: {e}"))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err("python3 started without pipes".into());
-        };
-        Ok(PythonWorker {
-            child,
-            stdin,
-            stdout: tokio::io::BufReader::new(stdout),
-        })
-    }
-
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<PythonWorker>>> {
-        // A panic elsewhere cannot leave the list half-changed.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn call(&self, name: &str, args: &Value) -> CallResult {
-        let _permit = self
-            .free
-            .acquire()
-            .await
-            .map_err(|e| format!("the python tools are closed: {e}"))?;
-        // A permit guarantees a slot.
-        let slot = self.slots().pop().flatten();
-        let worker = match slot {
-            Some(w) => Ok(w),
-            None => self.start(),
-        };
-        let (result, worker) = match worker {
-            Ok(w) => self.exchange(w, name, args).await,
-            Err(e) => (Err(e), None),
-        };
-        self.slots().push(worker);
-        result
-    }
-
-    /// One call on `worker`; gives it back unless it passed the deadline
-    /// (then it is killed) or ended.
-    async fn exchange(
-        &self,
-        mut worker: PythonWorker,
-        name: &str,
-        args: &Value,
-    ) -> (CallResult, Option<PythonWorker>) {
-        let request = format!("{}\n", json!({"name": name, "arguments": args}));
-        let exchange = async {
-            worker.stdin.write_all(request.as_bytes()).await?;
-            worker.stdin.flush().await?;
-            let mut answer = String::new();
-            worker.stdout.read_line(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer)
-        };
-        let answer = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(answer)) if !answer.is_empty() => answer,
-            Err(_) => {
-                let e = format!(
-                    "tool {name} took more than rollout.tool_timeout_s ({} s)",
-                    self.timeout.as_secs_f64()
-                );
-                return (Err(e), None);
-            }
-            Ok(_) => {
-                let status = worker
-                    .child
-                    .try_wait()
-                    .ok()
-                    .flatten()
-                    .map_or("still running".to_string(), |s| s.to_string());
-                let e = format!(
-                    "tool {name}'s Python process ended ({status}; its error is in the \
-                     learner's log)"
-                );
-                return (Err(e), None);
-            }
-        };
-        let result = match serde_json::from_str::<Value>(&answer) {
-            Err(e) => Err(format!("tool {name} answered no JSON line: {e}")),
-            Ok(answer) => match (answer.get("result"), answer.get("error")) {
-                (Some(Value::String(result)), _) => Ok(result.clone()),
-                (_, Some(e)) => Err(e.as_str().map_or_else(|| e.to_string(), str::to_string)),
-                _ => Err(format!(
-                    "tool {name} answered neither a result nor an error"
-                )),
-            },
-        };
-        (result, Some(worker))
     }
 }
 

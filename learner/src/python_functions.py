@@ -1,18 +1,25 @@
-"""Tandem's runner of Python function tools (`rollout.tools: [{python: ...}]`).
+"""Tandem's runner of Python functions: `rollout.tools: [{python: ...}]` and
+`reward.functions: [{name: python, function: ...}]`, TRL's callables.
 
 The learner runs this file with `python3 -c`:
 
-    describe SPEC...  prints, as one JSON list, each function's definition
-                      and the SHA-256 of the file that holds it
-    serve SPEC...     answers calls: a JSON line {"name", "arguments"} in, a
-                      JSON line {"result": str(result)} or {"error": str(e)} out
+    describe SPEC...  prints, as one JSON list, each function's tool
+                      definition and the SHA-256 of the file that holds it
+    load SPEC...      imports each function; prints one JSON list of
+                      {"ok": true} or {"error": ...}
+    serve SPEC...     answers calls: a JSON line {"name", "arguments", "text"}
+                      in (the function called with the arguments as
+                      keywords), a JSON line out: {"result": str(result)}
+                      with "text" (a tool's result, as TRL's tool messages
+                      hold it), {"result": result} without (a reward
+                      function's list), or {"error", "type"}
 
-A SPEC is `path/to/file.py:function` or `package.module:function`. The
+A SPEC is `path/to/file.py:function` or `package.module:function`. Tool
 definitions are TRL's: `transformers.utils.get_json_schema` when transformers
 is installed, else `json_schema` below, which follows its rules (the
 docstring's text before `Args:` describes the function, `Args:` each
 parameter, the type hints give the types, parameters without a default are
-required). A result is `str(result)`, as TRL's tool messages hold it.
+required).
 """
 
 import asyncio
@@ -24,6 +31,7 @@ import json
 import os
 import re
 import sys
+import traceback
 import types
 import typing
 
@@ -172,30 +180,58 @@ def describe(specs):
     print(json.dumps(described))
 
 
+def load_all(specs):
+    loaded = []
+    for spec in specs:
+        try:
+            load(spec)
+            loaded.append({"ok": True})
+        except Exception as e:
+            loaded.append({"error": f"{type(e).__name__}: {e}"})
+    print(json.dumps(loaded))
+
+
+def plain(value):
+    """numpy and torch values as JSON: reward functions return them."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "__float__"):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not a number")
+
+
 def serve(specs):
     functions = {}
     for spec in specs:
         function = load(spec)
+        # By the name the spec gives and by its own (a tool's definition).
+        functions[spec.rpartition(":")[2]] = function
         functions[function.__name__] = function
-    # The answers go out on a copy of stdout; what the tools print goes to
-    # stderr, the learner's log.
+    # The answers go out on a copy of stdout; what the functions print goes
+    # to stderr, the learner's log.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     loop = asyncio.new_event_loop()
     for line in sys.stdin:
+        text = True
         try:
             call = json.loads(line)
+            text = call.get("text", True)
             function = functions[call["name"]]
             result = function(**call["arguments"])
             if inspect.isawaitable(result):
                 result = loop.run_until_complete(result)
-            answer = {"result": str(result)}
+            answer = json.dumps({"result": str(result) if text else result}, default=plain, allow_nan=False)
         except Exception as e:
-            answer = {"error": str(e) or type(e).__name__}
-        answers.write(json.dumps(answer) + "\n")
+            if not text:
+                # A reward function's failure stops the run: its traceback
+                # goes to the log.
+                traceback.print_exc()
+            answer = json.dumps({"error": str(e) or type(e).__name__, "type": type(e).__name__})
+        answers.write(answer + "\n")
         answers.flush()
 
 
 if __name__ == "__main__":
-    {"describe": describe, "serve": serve}[sys.argv[1]](sys.argv[2:])
+    {"describe": describe, "load": load_all, "serve": serve}[sys.argv[1]](sys.argv[2:])

@@ -1,0 +1,245 @@
+//! Python functions the learner runs, as TRL runs its callables:
+//! `rollout.tools`' `python` tools and `python` reward functions. A small
+//! runner ([`RUNNER`], `python_functions.py`) imports them in `python3`
+//! processes of the learner's own: once to check them (and read the tools'
+//! definitions), then to serve calls, a JSON line in and one out.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+/// The Python side: checks, describes and calls the functions.
+pub const RUNNER: &str = include_str!("python_functions.py");
+
+/// How long importing the functions may take (transformers, for
+/// `get_json_schema`, can take a while).
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the runner's `mode` (`describe`: tool definitions, `load`: an
+/// import check) over `specs`: one JSON value per spec, in order, each
+/// `{"error": ...}` where that spec failed. An error when python3 cannot
+/// run, or takes more than [`INSPECT_TIMEOUT`].
+pub fn inspect(mode: &str, specs: &[String]) -> anyhow::Result<Vec<Value>> {
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(RUNNER)
+        .arg(mode)
+        .args(specs)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context(
+            "starting python3 for the Python functions (python3 on PATH, in the environment \
+             they import from)",
+        )?;
+    // Drained while it runs, so that a full pipe cannot stall it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > INSPECT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "python3 took more than {} s to import {} (a module that does not finish \
+                 importing?)",
+                INSPECT_TIMEOUT.as_secs(),
+                specs.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    if !status.success() {
+        anyhow::bail!(
+            "python3 could not import {} ({status}): {}",
+            specs.join(", "),
+            stderr.trim()
+        );
+    }
+    let answers: Vec<Value> =
+        serde_json::from_slice(&stdout).context("python3 answered no JSON list")?;
+    anyhow::ensure!(
+        answers.len() == specs.len(),
+        "python3 answered {} values for {} functions",
+        answers.len(),
+        specs.len()
+    );
+    Ok(answers)
+}
+
+/// `python3` processes that import Python functions and run their calls (a
+/// JSON line in, one out), each one call at a time: up to `processes` at
+/// once (`rollout.python_tool_processes` for the tools). A process starts when a call
+/// finds none idle, and is replaced after a call that passed the deadline
+/// or ended it.
+#[derive(Debug)]
+pub struct PythonProcesses {
+    specs: Vec<String>,
+    timeout: Duration,
+    /// The recipe key of `timeout`, for the error a late call gets.
+    timeout_key: String,
+    /// One slot per process allowed: an idle process, or none (not started,
+    /// or ended). A call holds a permit of `free` while it has a slot's
+    /// process out.
+    idle: std::sync::Mutex<Vec<Option<PythonWorker>>>,
+    free: tokio::sync::Semaphore,
+}
+
+#[derive(Debug)]
+struct PythonWorker {
+    /// Killed when dropped.
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl PythonProcesses {
+    pub fn new(
+        specs: Vec<String>,
+        timeout: Duration,
+        timeout_key: impl Into<String>,
+        processes: usize,
+    ) -> PythonProcesses {
+        let processes = processes.max(1);
+        PythonProcesses {
+            specs,
+            timeout,
+            timeout_key: timeout_key.into(),
+            idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
+            free: tokio::sync::Semaphore::new(processes),
+        }
+    }
+
+    fn start(&self) -> Result<PythonWorker, String> {
+        let mut child = tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(RUNNER)
+            .arg("serve")
+            .args(&self.specs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting python3 for the Python functions: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("python3 started without pipes".into());
+        };
+        Ok(PythonWorker {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout),
+        })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<PythonWorker>>> {
+        // A panic elsewhere cannot leave the list half-changed.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `name` with `args` (an object) as keywords: its result as
+    /// `str(result)` when `text` (a tool's), else as JSON (a reward
+    /// function's list). A Python exception is `Err("Type: message")`
+    /// without `text`, `Err("message")` with it (as TRL shows a tool's).
+    pub async fn call(&self, name: &str, args: &Value, text: bool) -> Result<Value, String> {
+        let _permit = self
+            .free
+            .acquire()
+            .await
+            .map_err(|e| format!("the python tools are closed: {e}"))?;
+        // A permit guarantees a slot.
+        let slot = self.slots().pop().flatten();
+        let worker = match slot {
+            Some(w) => Ok(w),
+            None => self.start(),
+        };
+        let (result, worker) = match worker {
+            Ok(w) => self.exchange(w, name, args, text).await,
+            Err(e) => (Err(e), None),
+        };
+        self.slots().push(worker);
+        result
+    }
+
+    /// One call on `worker`; gives it back unless it passed the deadline
+    /// (then it is killed) or ended.
+    async fn exchange(
+        &self,
+        mut worker: PythonWorker,
+        name: &str,
+        args: &Value,
+        text: bool,
+    ) -> (Result<Value, String>, Option<PythonWorker>) {
+        let request = format!(
+            "{}\n",
+            json!({"name": name, "arguments": args, "text": text})
+        );
+        let exchange = async {
+            worker.stdin.write_all(request.as_bytes()).await?;
+            worker.stdin.flush().await?;
+            let mut answer = String::new();
+            worker.stdout.read_line(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(answer)) if !answer.is_empty() => answer,
+            Err(_) => {
+                let e = format!(
+                    "{name} took more than {} ({} s)",
+                    self.timeout_key,
+                    self.timeout.as_secs_f64()
+                );
+                return (Err(e), None);
+            }
+            Ok(_) => {
+                let status = worker
+                    .child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map_or("still running".to_string(), |s| s.to_string());
+                let e = format!(
+                    "{name}'s Python process ended ({status}; its error is in the learner's \
+                     log)"
+                );
+                return (Err(e), None);
+            }
+        };
+        let result = match serde_json::from_str::<Value>(&answer) {
+            Err(e) => Err(format!("{name} answered no JSON line: {e}")),
+            Ok(mut answer) => match (
+                answer.get_mut("result").map(Value::take),
+                answer.get("error"),
+            ) {
+                (Some(result), _) => Ok(result),
+                (_, Some(e)) => {
+                    let message = e.as_str().map_or_else(|| e.to_string(), str::to_string);
+                    Err(match answer["type"].as_str() {
+                        Some(kind) if !text => format!("{kind}: {message}"),
+                        _ => message,
+                    })
+                }
+                _ => Err(format!("{name} answered neither a result nor an error")),
+            },
+        };
+        (result, Some(worker))
+    }
+}
