@@ -417,7 +417,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
     let client = RolloutClient::new(settings, tokenizer)?.with_tools(tools);
-    let rewards = RewardRegistry::from_section(&recipe.reward)?;
+    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     rewards.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

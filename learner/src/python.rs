@@ -18,6 +18,24 @@ pub const RUNNER: &str = include_str!("python_functions.py");
 /// `get_json_schema`, can take a while).
 const INSPECT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The function name of a spec (`path/to/file.py:NAME` or
+/// `package.module:NAME`), or why it is not one.
+pub fn function_name(spec: &str) -> Result<&str, String> {
+    let name = spec
+        .rsplit_once(':')
+        .filter(|(target, _)| !target.trim().is_empty())
+        .map(|(_, f)| f)
+        .filter(|f| {
+            f.chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                && f.chars().all(|c| c.is_alphanumeric() || c == '_')
+        });
+    name.ok_or_else(|| {
+        format!("expected path/to/file.py:FUNCTION or package.module:FUNCTION, got {spec:?}")
+    })
+}
+
 /// Runs the runner's `mode` (`describe`: tool definitions, `load`: an
 /// import check) over `specs`: one JSON value per spec, in order, each
 /// `{"error": ...}` where that spec failed. An error when python3 cannot

@@ -1897,22 +1897,8 @@ impl Recipe {
                             .into(),
                     ));
                 }
-                let function = spec.rsplit_once(':').map(|(target, f)| (target.trim(), f));
-                let ok = function.is_some_and(|(target, f)| {
-                    !target.is_empty()
-                        && f.chars()
-                            .next()
-                            .is_some_and(|c| c.is_alphabetic() || c == '_')
-                        && f.chars().all(|c| c.is_alphanumeric() || c == '_')
-                });
-                if !ok {
-                    return Err(invalid(
-                        key("python"),
-                        format!(
-                            "expected path/to/tools.py:FUNCTION or package.module:FUNCTION, \
-                             got {spec:?}"
-                        ),
-                    ));
+                if let Err(message) = crate::python::function_name(spec) {
+                    return Err(invalid(key("python"), message));
                 }
                 continue;
             }

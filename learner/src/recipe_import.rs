@@ -815,8 +815,10 @@ fn convert_rewards(map: &mut Map<String, Value>, out: &mut Output) {
                 out.leave_out(
                     &format!("reward_funcs[{i}]"),
                     &json!(name),
-                    "no built-in counterpart: serve it from a `remote` reward function \
-                     (learner/src/rewards.rs documents the built-in ones)",
+                    "no built-in counterpart: run your Python function as it is, `{name: \
+                     python, function: \"my_rewards.py:FUNCTION\"}`, or serve it from a \
+                     `remote` reward function (learner/src/rewards.rs documents the built-in \
+                     ones)",
                 );
                 continue;
             }

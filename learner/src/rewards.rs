@@ -18,6 +18,7 @@
 //! | `length`         | open-r1's `len_reward` (Kimi k1.5): in [-0.5, 0.5] by length among the batch; a wrong answer never gains |
 //! | `reward_model`   | a `*ForSequenceClassification` folder's score of prompt + completion (TRL's reward model in `reward_funcs`, OpenRLHF's `--reward_pretrain`) |
 //! | `code`           | open-r1's `code` / `binary_code`: the share of the answer's test cases the completion's program passes (or 1 if all), run by a Piston server or `python3` here ([`crate::code_execution`]) |
+//! | `python`         | a TRL reward function (a Python callable, `function: my_rewards.py:accuracy_reward`), called as TRL calls it ([`crate::python`]) |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
 //! `gate` is the product of the `blocklist` gates (1 when there are none).
@@ -171,6 +172,7 @@ enum Kind {
     Length(Length),
     RewardModel(Box<RewardModel>),
     Code(Box<crate::code_execution::Code>),
+    Python(Box<PythonReward>),
 }
 
 /// Names of the built-in functions.
@@ -188,6 +190,7 @@ pub const FUNCTION_NAMES: &[&str] = &[
     "length",
     "reward_model",
     "code",
+    "python",
 ];
 
 impl RewardRegistry {
@@ -248,11 +251,28 @@ impl RewardRegistry {
     /// so that a broken one stops the run before its first generation.
     pub fn prepare(&self) -> Result<()> {
         for f in &self.functions {
-            if let Kind::RewardModel(rm) = &f.kind {
-                rm.classifier().map_err(|m| f.fail(m))?;
+            match &f.kind {
+                Kind::RewardModel(rm) => {
+                    rm.classifier().map_err(|m| f.fail(m))?;
+                }
+                Kind::Python(p) => p.check().map_err(|m| f.fail(m))?,
+                _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Names the dataset columns the `python` functions receive, as TRL
+    /// passes them: the answer under `data.answer_column`, the source
+    /// under `data.data_source_column`.
+    pub fn with_data_columns(mut self, data: &crate::recipe::DataSection) -> Self {
+        for f in &mut self.functions {
+            if let Kind::Python(p) = &mut f.kind {
+                p.answer_column = data.answer_column.clone();
+                p.data_source_column = data.data_source_column.clone();
+            }
+        }
+        self
     }
 
     /// The logged names, in recipe order.
@@ -362,6 +382,13 @@ impl RewardFunction {
             return Err(cfg_err(&name, "`weight` must be finite".into()));
         }
         let label = match rest.remove("label") {
+            // A Python function is logged by its name, as TRL logs it.
+            None if name == "python" => rest
+                .get("function")
+                .and_then(Value::as_str)
+                .and_then(|spec| crate::python::function_name(spec).ok())
+                .unwrap_or("python")
+                .to_string(),
             None => name.clone(),
             Some(Value::String(s)) if !s.is_empty() => s,
             Some(other) => {
@@ -411,6 +438,9 @@ impl RewardFunction {
             "code" => Kind::Code(Box::new(
                 crate::code_execution::Code::new(params(index, &label, rest)?)
                     .map_err(|m| cfg_err(&label, m))?,
+            )),
+            "python" => Kind::Python(Box::new(
+                PythonReward::new(params(index, &label, rest)?).map_err(|m| cfg_err(&label, m))?,
             )),
             other => {
                 return Err(cfg_err(
@@ -466,6 +496,7 @@ impl RewardFunction {
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::Code(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+            Kind::Python(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::ThinkFormat => Ok(batch
                 .iter()
                 .map(|x| think_format(&x.completion_text))
@@ -1487,6 +1518,138 @@ impl RewardModel {
             }
         }
         Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- python
+
+fn default_python_timeout_s() -> f64 {
+    300.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PythonParams {
+    /// `path/to/rewards.py:accuracy_reward` (relative to the working
+    /// directory) or `package.module:accuracy_reward`.
+    function: String,
+    /// Deadline of one batch's call.
+    #[serde(default = "default_python_timeout_s")]
+    timeout_s: f64,
+}
+
+/// A TRL reward function, called as GRPOTrainer calls it: once per scored
+/// batch, with keyword arguments `prompts` and `completions` (each prompt's
+/// messages and `[{"role": "assistant", "content": ...}]` when the chat
+/// template made the prompt, TRL's conversational format; the texts
+/// otherwise) and the dataset's columns Tandem reads (the answer under
+/// `data.answer_column`'s name, the source under `data_source_column`'s),
+/// returning one number per completion. Each function runs in a `python3`
+/// process of its own ([`crate::python::PythonProcesses`]), which keeps its
+/// module state from call to call (in TRL, one process holds them all).
+#[derive(Debug)]
+pub struct PythonReward {
+    spec: String,
+    name: String,
+    processes: crate::python::PythonProcesses,
+    answer_column: String,
+    data_source_column: Option<String>,
+}
+
+impl PythonReward {
+    fn new(p: PythonParams) -> Result<Self, String> {
+        let name = crate::python::function_name(&p.function)
+            .map_err(|m| format!("`function`: {m}"))?
+            .to_string();
+        if !(p.timeout_s.is_finite() && p.timeout_s > 0.0) {
+            return Err(format!("`timeout_s` must be positive, got {}", p.timeout_s));
+        }
+        Ok(PythonReward {
+            processes: crate::python::PythonProcesses::new(
+                vec![p.function.clone()],
+                Duration::from_secs_f64(p.timeout_s),
+                "its timeout_s",
+                1,
+            ),
+            spec: p.function,
+            name,
+            answer_column: "answer".into(),
+            data_source_column: None,
+        })
+    }
+
+    /// Imports the function, so that a broken one stops the run before its
+    /// first generation.
+    fn check(&self) -> Result<(), String> {
+        let checked = crate::python::inspect("load", std::slice::from_ref(&self.spec))
+            .map_err(|e| format!("{e:#}"))?;
+        match checked.first().and_then(|c| c.get("error")) {
+            Some(e) => Err(format!("{}: {}", self.spec, e.as_str().unwrap_or_default())),
+            None => Ok(()),
+        }
+    }
+
+    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+        let mut prompts = Vec::with_capacity(batch.len());
+        let mut completions = Vec::with_capacity(batch.len());
+        for x in batch {
+            match &x.messages {
+                Some(messages) => {
+                    prompts.push(serde_json::to_value(messages).map_err(|e| e.to_string())?);
+                    completions.push(serde_json::json!([
+                        {"role": "assistant", "content": x.completion_text}
+                    ]));
+                }
+                None => {
+                    prompts.push(Value::from(x.prompt.as_str()));
+                    completions.push(Value::from(x.completion_text.as_str()));
+                }
+            }
+        }
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("prompts".into(), Value::Array(prompts));
+        kwargs.insert("completions".into(), Value::Array(completions));
+        kwargs.insert(
+            self.answer_column.clone(),
+            batch.iter().map(|x| x.answer.clone()).collect(),
+        );
+        if let Some(column) = &self.data_source_column {
+            kwargs.insert(
+                column.clone(),
+                batch.iter().map(|x| x.data_source.clone()).collect(),
+            );
+        }
+        let result = self
+            .processes
+            .call(&self.name, &Value::Object(kwargs), false)
+            .await?;
+        let Value::Array(values) = result else {
+            let shown: String = result.to_string().chars().take(200).collect();
+            return Err(format!("returned {shown}, not a list of numbers"));
+        };
+        if values.len() != batch.len() {
+            return Err(format!(
+                "returned {} values for {} completions",
+                values.len(),
+                batch.len()
+            ));
+        }
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Number(n) => n
+                    .as_f64()
+                    .ok_or_else(|| format!("completion {i}: {n} is not a number")),
+                Value::Bool(b) => Ok(f64::from(u8::from(*b))),
+                Value::Null => Err(format!(
+                    "completion {i}: returned None; Tandem needs a number for every \
+                     completion (TRL's None, for a function that does not apply to a row, \
+                     is not taken: return 0.0 there)"
+                )),
+                other => Err(format!("completion {i}: {other} is not a number")),
+            })
+            .collect()
     }
 }
 

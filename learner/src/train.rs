@@ -1170,7 +1170,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         recipe.overlong_prompt_limit(),
         tool_definitions.clone(),
     )?;
-    let rewards = RewardRegistry::from_section(&recipe.reward)?;
+    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     rewards.prepare()?;
     let reward_weights = rewards.weights();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();

@@ -366,7 +366,7 @@ fn tools_are_checked_by_key() {
         (
             "rollout.tools[0].python=my_tools.py",
             "rollout.tools[0].python",
-            "path/to/tools.py:FUNCTION",
+            "path/to/file.py:FUNCTION",
         ),
         (
             "rollout.tools[0].python=my_tools.py:2x",

@@ -1011,3 +1011,136 @@ async fn code_says_what_is_wrong_with_its_configuration_and_answers() {
         .to_string();
     assert!(e.contains("verification_info"), "{e}");
 }
+
+/// Reward functions as TRL users write them.
+const TRL_REWARDS: &str = r#"
+calls = 0
+
+
+def accuracy_reward(completions, solution, **kwargs):
+    """open-r1's shape: the completion's content against the solution column."""
+    contents = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if c.strip() == s else 0.0 for c, s in zip(contents, solution)]
+
+
+def conversational(prompts, completions, **kwargs):
+    return [
+        float(isinstance(p, list) and p[-1]["role"] == "user" and c[0]["role"] == "assistant")
+        for p, c in zip(prompts, completions)
+    ]
+
+
+def calls_so_far(completions, **kwargs):
+    global calls
+    calls += 1
+    return [calls] * len(completions)
+
+
+class Half:
+    def __float__(self):
+        return 0.5
+
+
+def halves(completions, **kwargs):
+    return [Half() for _ in completions]
+
+
+def longer_than_two(completions, **kwargs):
+    return [len(c) > 2 for c in completions]
+
+
+def not_applicable(completions, **kwargs):
+    return [None for _ in completions]
+
+
+def one_value(completions, **kwargs):
+    return [1.0]
+
+
+def verifier_down(completions, **kwargs):
+    raise RuntimeError("verifier down")
+"#;
+
+/// TRL's reward functions run as they are (`name: python`): called once per
+/// batch with TRL's keyword arguments, the answer under the recipe's
+/// answer column, logged under their own names; each function's module
+/// state lives on from call to call.
+#[tokio::test]
+async fn python_reward_functions_are_called_as_trl_calls_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("my_rewards.py");
+    std::fs::write(&file, TRL_REWARDS).unwrap();
+    let f =
+        |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+    let data: learner::recipe::DataSection =
+        serde_json::from_value(json!({"answer_column": "solution"})).unwrap();
+    let rewards = RewardRegistry::from_configs(&[
+        f("accuracy_reward"),
+        f("conversational"),
+        f("halves"),
+        f("longer_than_two"),
+        f("calls_so_far"),
+    ])
+    .unwrap()
+    .with_data_columns(&data);
+    rewards.prepare().unwrap();
+    assert_eq!(
+        rewards.labels(),
+        [
+            "accuracy_reward",
+            "conversational",
+            "halves",
+            "longer_than_two",
+            "calls_so_far"
+        ]
+    );
+    let chat = |completion: &str| {
+        input(completion, Some("4")).with_messages(Some(vec![
+            model::tokenizer::ChatMessage::system("Answer."),
+            model::tokenizer::ChatMessage::user("2+2?"),
+        ]))
+    };
+    let batch = [input(" 4 ", Some("4")), input("5", Some("4")), chat("4")];
+    let scores = rewards.score(&batch).await.unwrap();
+    let values: Vec<&[f64]> = scores
+        .per_function
+        .iter()
+        .map(|f| f.values.as_slice())
+        .collect();
+    assert_eq!(values[0], [1.0, 0.0, 1.0]);
+    assert_eq!(values[1], [0.0, 0.0, 1.0]);
+    assert_eq!(values[2], [0.5, 0.5, 0.5]);
+    assert_eq!(values[3], [1.0, 0.0, 0.0]);
+    assert_eq!(values[4], [1.0, 1.0, 1.0]);
+    let again = rewards.score(&batch).await.unwrap();
+    assert_eq!(again.per_function[4].values, [2.0, 2.0, 2.0]);
+}
+
+/// What a Python reward function cannot give is an error naming it, never
+/// a silent zero; a function that is not there stops the start.
+#[tokio::test]
+async fn python_reward_functions_that_fail_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("my_rewards.py");
+    std::fs::write(&file, TRL_REWARDS).unwrap();
+    let f =
+        |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+    for (name, says) in [
+        ("not_applicable", "returned None"),
+        ("one_value", "returned 1 values for 2 completions"),
+        ("verifier_down", "RuntimeError: verifier down"),
+    ] {
+        let e = registry(f(name))
+            .score(&[input("a", None), input("b", None)])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("`{name}`")) && e.contains(says), "{e}");
+    }
+    let e = registry(f("nothing")).prepare().unwrap_err().to_string();
+    assert!(e.contains("has no function 'nothing'"), "{e}");
+    let e = config_error(json!({"name": "python", "function": "my_rewards.py"}));
+    assert!(e.contains("path/to/file.py:FUNCTION"), "{e}");
+    let e = config_error(json!({"name": "python", "function": "a.py:f", "timeout_s": 0}));
+    assert!(e.contains("timeout_s"), "{e}");
+}

@@ -778,11 +778,16 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let out = tmp.path().join("run");
     let recipe = recipe(tmp.path(), &model, &server, &out);
     let add = start_add_tool();
+    // A Python tool, and a TRL reward function beside it that reads the
+    // conversational completions TRL hands it.
     let mul = tmp.path().join("my_tools.py");
     std::fs::write(
         &mul,
         "def mul(a: int, b: int):\n    \"\"\"Multiplies.\n\n    Args:\n        a: A factor.\n        \
-         b: The other.\n    \"\"\"\n    return a * b\n",
+         b: The other.\n    \"\"\"\n    return a * b\n\n\
+         def calls_mul(prompts, completions, answer, **kwargs):\n    \
+         assert len(answer) == len(prompts) and prompts[0][-1]['role'] == 'user'\n    \
+         return [float('\"mul\"' in c[0]['content']) for c in completions]\n",
     )
     .unwrap();
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
@@ -797,6 +802,10 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
             ),
             "rollout.max_tool_calling_iterations=2".into(),
             "rollout.max_completion_length=400".into(),
+            format!(
+                "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:calls_mul\"}}]",
+                mul.display()
+            ),
             format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
             "log.log_completions=true".into(),
             "train.max_steps=2".into(),
@@ -830,6 +839,12 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
         let text = c["completion"].as_str().unwrap();
         assert_eq!(c["tool_calls"], 2, "{c}");
         assert_eq!(c["finish_reason"], "stop", "{c}");
+        let mul_called = text.contains("\"name\": \"mul\"");
+        assert_eq!(
+            c["rewards"]["calls_mul"],
+            f64::from(u8::from(mul_called)),
+            "{c}"
+        );
         // Three turns; the two tool turns hold each call's result.
         let calls: Vec<_> = turn.captures_iter(text).collect();
         assert_eq!(calls.len(), 3, "{text}");
