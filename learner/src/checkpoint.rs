@@ -56,11 +56,13 @@ pub struct TrainerState {
     /// `recipe_fingerprint`, now ignored).
     #[serde(default)]
     pub recipe: Option<Value>,
-    /// `rollout.tools`' Python functions as the run read them
-    /// ([`crate::tools::ToolRunner::python_functions`]); absent without
-    /// them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub python_tools: Option<Value>,
+    /// The run's Python functions (`rollout.tools`' and `reward.functions`')
+    /// as it read them, each `{key, function, source_sha256, ...}`
+    /// ([`crate::tools::ToolRunner::python_functions`],
+    /// [`crate::rewards::RewardRegistry::python_functions`]); absent
+    /// without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub python_functions: Vec<Value>,
 }
 
 /// The training loop's counters at a checkpoint: what [`TrainerState`]
@@ -94,13 +96,13 @@ impl TrainerState {
             counters,
             world_size,
             recipe: Some(recipe.to_json_redacted()),
-            python_tools: None,
+            python_functions: Vec::new(),
         }
     }
 
-    /// With the run's Python tools recorded.
-    pub fn with_python_tools(mut self, functions: Option<Value>) -> Self {
-        self.python_tools = functions;
+    /// With the run's Python functions recorded.
+    pub fn with_python_functions(mut self, functions: Vec<Value>) -> Self {
+        self.python_functions = functions;
         self
     }
 

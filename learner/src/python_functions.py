@@ -6,7 +6,7 @@ The learner runs this file with `python3 -c`:
     describe SPEC...  prints, as one JSON list, each function's tool
                       definition and the SHA-256 of the file that holds it
     load SPEC...      imports each function; prints one JSON list of
-                      {"ok": true} or {"error": ...}
+                      {"source_sha256"} or {"error": ...}
     serve SPEC...     answers calls: a JSON line {"name", "arguments", "text"}
                       in (the function called with the arguments as
                       keywords), a JSON line out: {"result": str(result)}
@@ -170,22 +170,23 @@ def describe(specs):
         try:
             function = load(spec)
             definition = get_json_schema(function)
-            # What the function does is its source's: a resume compares it.
-            source = inspect.getsourcefile(function)
-            with open(source, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            described.append({"definition": definition, "source_sha256": digest})
+            described.append({"definition": definition, "source_sha256": source_sha256(function)})
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
     print(json.dumps(described))
+
+
+def source_sha256(function):
+    """What the function does is its source's: a resume compares it."""
+    with open(inspect.getsourcefile(function), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_all(specs):
     loaded = []
     for spec in specs:
         try:
-            load(spec)
-            loaded.append({"ok": True})
+            loaded.append({"source_sha256": source_sha256(load(spec))})
         except Exception as e:
             loaded.append({"error": f"{type(e).__name__}: {e}"})
     print(json.dumps(loaded))

@@ -262,6 +262,25 @@ impl RewardRegistry {
         Ok(())
     }
 
+    /// What the `python` functions are (recipe key, spec, source file's
+    /// SHA-256, read by [`Self::prepare`]), for the checkpoint: the recipe
+    /// names them by path only, so a resume compares this to see an edited
+    /// function.
+    pub fn python_functions(&self) -> Vec<Value> {
+        self.functions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| match &f.kind {
+                Kind::Python(p) => Some(serde_json::json!({
+                    "key": format!("reward.functions[{i}].function"),
+                    "function": p.spec,
+                    "source_sha256": p.source_sha256.get(),
+                })),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Names the dataset columns the `python` functions receive, as TRL
     /// passes them: the answer under `data.answer_column`, the source
     /// under `data.data_source_column`.
@@ -1551,6 +1570,9 @@ struct PythonParams {
 pub struct PythonReward {
     spec: String,
     name: String,
+    /// The SHA-256 of the function's source file, once [`Self::check`]
+    /// imported it.
+    source_sha256: std::sync::OnceLock<String>,
     processes: crate::python::PythonProcesses,
     answer_column: String,
     data_source_column: Option<String>,
@@ -1573,6 +1595,7 @@ impl PythonReward {
             ),
             spec: p.function,
             name,
+            source_sha256: std::sync::OnceLock::new(),
             answer_column: "answer".into(),
             data_source_column: None,
         })
@@ -1583,10 +1606,13 @@ impl PythonReward {
     fn check(&self) -> Result<(), String> {
         let checked = crate::python::inspect("load", std::slice::from_ref(&self.spec))
             .map_err(|e| format!("{e:#}"))?;
-        match checked.first().and_then(|c| c.get("error")) {
-            Some(e) => Err(format!("{}: {}", self.spec, e.as_str().unwrap_or_default())),
-            None => Ok(()),
+        let checked = checked.first().cloned().unwrap_or_default();
+        if let Some(e) = checked.get("error") {
+            return Err(format!("{}: {}", self.spec, e.as_str().unwrap_or_default()));
         }
+        let digest = checked["source_sha256"].as_str().unwrap_or_default();
+        let _ = self.source_sha256.set(digest.to_string());
+        Ok(())
     }
 
     async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {

@@ -53,8 +53,8 @@ pub struct ToolRunner {
     pub max_iterations: Option<usize>,
     chat_template_kwargs: Map<String, Value>,
     http: reqwest::Client,
-    /// Each `python` tool's index, spec, definition and the SHA-256 of its
-    /// source file: what a checkpoint records of them.
+    /// Each `python` tool's recipe key, spec, definition and the SHA-256 of
+    /// its source file: what a checkpoint records of them.
     python_functions: Vec<Value>,
     python: Option<Arc<PythonProcesses>>,
 }
@@ -100,8 +100,8 @@ impl ToolRunner {
                         );
                     }
                     python_functions.push(json!({
-                        "tool": i,
-                        "python": spec,
+                        "key": format!("rollout.tools[{i}].python"),
+                        "function": spec,
                         "definition": d["definition"],
                         "source_sha256": d["source_sha256"],
                     }));
@@ -145,11 +145,11 @@ impl ToolRunner {
         &self.definitions
     }
 
-    /// What the `python` tools are (index, spec, definition, source file's
-    /// SHA-256), for the checkpoint: the recipe names them by path only, so
-    /// a resume compares this to see an edited function. None without them.
-    pub fn python_functions(&self) -> Option<Value> {
-        (!self.python_functions.is_empty()).then(|| Value::Array(self.python_functions.clone()))
+    /// What the `python` tools are (recipe key, spec, definition, source
+    /// file's SHA-256), for the checkpoint: the recipe names them by path
+    /// only, so a resume compares this to see an edited function.
+    pub fn python_functions(&self) -> &[Value] {
+        &self.python_functions
     }
 
     /// The calls an assistant turn wrote, as (name, arguments text); none

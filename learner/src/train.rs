@@ -661,7 +661,7 @@ fn check_resumed_recipe(
     dir: &Path,
     state: &TrainerState,
     recipe: &Recipe,
-    tools: Option<&ToolRunner>,
+    python_functions: &[Value],
     allow: bool,
 ) -> anyhow::Result<Vec<crate::checkpoint::RecipeChange>> {
     let Some(saved) = &state.recipe else {
@@ -680,7 +680,7 @@ fn check_resumed_recipe(
     }
     let named = changes.clone();
     changes.extend(
-        python_tool_changes(state, tools)
+        python_function_changes(state, python_functions)
             .into_iter()
             .filter(|c| !named.iter().any(|n| c.key.starts_with(n.key.as_str()))),
     );
@@ -734,22 +734,18 @@ fn chat_template_file_change(
     }))
 }
 
-/// `rollout.tools`' Python functions: the recipe names them by path, so a
-/// function edited between the runs goes unseen by [`recipe_changes`];
-/// their definitions and source files are compared with those the
-/// checkpoint recorded instead (nothing to compare in a checkpoint written
-/// without them).
+/// The Python functions (`rollout.tools`' and `reward.functions`'): the
+/// recipe names them by path, so a function edited between the runs goes
+/// unseen by [`recipe_changes`]; what `now` reads of them (their source
+/// files, a tool's definition) is compared with what the checkpoint
+/// recorded instead, by recipe key (nothing to compare where it recorded
+/// none).
 ///
 /// [`recipe_changes`]: crate::checkpoint::recipe_changes
-fn python_tool_changes(
+fn python_function_changes(
     state: &TrainerState,
-    tools: Option<&ToolRunner>,
+    now: &[Value],
 ) -> Vec<crate::checkpoint::RecipeChange> {
-    let saved = state.python_tools.as_ref().and_then(Value::as_array);
-    let now = tools.and_then(ToolRunner::python_functions);
-    let (Some(saved), Some(Value::Array(now))) = (saved, now) else {
-        return Vec::new();
-    };
     let digest = |v: &Value| {
         Value::from(format!(
             "sha256:{}",
@@ -758,13 +754,16 @@ fn python_tool_changes(
     };
     now.iter()
         .filter_map(|function| {
-            // A tool that was not a Python function: the recipe's keys say so.
-            let before = saved.iter().find(|s| s["tool"] == function["tool"])?;
+            // One that was not a Python function: the recipe's keys say so.
+            let before = state
+                .python_functions
+                .iter()
+                .find(|s| s["key"] == function["key"])?;
             (before != function).then(|| crate::checkpoint::RecipeChange {
                 key: format!(
-                    "rollout.tools[{}].python (the definition or source file of {})",
-                    function["tool"],
-                    function["python"].as_str().unwrap_or_default()
+                    "{} (the source file or definition of {})",
+                    function["key"].as_str().unwrap_or_default(),
+                    function["function"].as_str().unwrap_or_default()
                 ),
                 before: digest(before),
                 after: digest(function),
@@ -1079,14 +1078,25 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // One runner for training and evaluation (they share the Python tools'
-    // process), read before a resume is checked: the checkpoint records
-    // what its Python tools were.
+    // The tools (one runner for training and evaluation: they share the
+    // Python tools' processes) and the rewards, read before a resume is
+    // checked: the checkpoint records what their Python functions were.
     let tools = ToolRunner::from_recipe(&recipe)?;
+    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
+    rewards.prepare()?;
+    let python_functions: Vec<Value> = tools
+        .iter()
+        .flat_map(|t| t.python_functions().iter().cloned())
+        .chain(rewards.python_functions())
+        .collect();
     let recipe_changes = match &resume {
-        Some((_, dir, state)) => {
-            check_resumed_recipe(dir, state, &given, tools.as_ref(), args.allow_recipe_change)?
-        }
+        Some((_, dir, state)) => check_resumed_recipe(
+            dir,
+            state,
+            &given,
+            &python_functions,
+            args.allow_recipe_change,
+        )?,
         None => Vec::new(),
     };
 
@@ -1160,7 +1170,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
     // ---- data, rewards, rollouts, optimizer
     let tool_definitions = tools.as_ref().map(|t| t.definitions().clone());
-    let tools_recorded = tools.as_ref().and_then(ToolRunner::python_functions);
     let mut source = PromptSource::from_recipe(
         &recipe.data,
         t.seed,
@@ -1170,8 +1179,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         recipe.overlong_prompt_limit(),
         tool_definitions.clone(),
     )?;
-    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
-    rewards.prepare()?;
     let reward_weights = rewards.weights();
     let labels: Vec<String> = rewards.labels().iter().map(|s| s.to_string()).collect();
     let group_filter = GroupFilter::from_recipe(t, &labels)?;
@@ -2284,7 +2291,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                     &given,
                     world,
                 )
-                .with_python_tools(tools_recorded.clone());
+                .with_python_functions(python_functions.clone());
                 let dir = save_checkpoint(
                     run.path(),
                     &Checkpoint {

@@ -1305,10 +1305,11 @@ fn a_resume_that_changes_training_is_refused_unless_allowed() {
     assert_eq!(changes[0]["after"], 0.5);
 }
 
-/// `data.chat_template` as a file path and a `python` tool: the recipe
-/// keeps the same paths when the files are edited, so the resume compares
-/// the template's text with the one the checkpoint saved, and the tool's
-/// definition and source with what the checkpoint recorded.
+/// `data.chat_template` as a file path, a `python` tool and a `python`
+/// reward function: the recipe keeps the same paths when the files are
+/// edited, so the resume compares the template's text with the one the
+/// checkpoint saved, and the functions' source files (and the tool's
+/// definition) with what the checkpoint recorded.
 #[test]
 fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1321,12 +1322,17 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     std::fs::write(&file, template).unwrap();
     let tool = tmp.path().join("my_tools.py");
     let add = "def add(a: int, b: int):\n    \"\"\"Adds.\n\n    Args:\n        a: A term.\n        \
-               b: The other.\n    \"\"\"\n    return a + b\n";
+               b: The other.\n    \"\"\"\n    return a + b\n\n\
+               def zero(completions, **kwargs):\n    return [0.0] * len(completions)\n";
     std::fs::write(&tool, add).unwrap();
     let with_files = vec![
         format!("data.chat_template={}", file.display()),
         "data.prompt_template=chat".into(),
         format!("rollout.tools=[{{python: \"{}:add\"}}]", tool.display()),
+        format!(
+            "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:zero\"}}]",
+            tool.display()
+        ),
     ];
     let mut first = with_files.clone();
     first.push("train.max_steps=1".into());
@@ -1360,13 +1366,18 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
         )),
         "{err}"
     );
-    assert!(
-        err.contains(&format!(
-            "rollout.tools[0].python (the definition or source file of {}:add)",
-            tool.display()
-        )),
-        "{err}"
-    );
+    for (key, function) in [
+        ("rollout.tools[0].python", "add"),
+        ("reward.functions[1].function", "zero"),
+    ] {
+        assert!(
+            err.contains(&format!(
+                "{key} (the source file or definition of {}:{function})",
+                tool.display()
+            )),
+            "{err}"
+        );
+    }
     assert!(!out.join("checkpoints/step_000002").exists());
 
     train(&r, &args(true));
@@ -1381,9 +1392,10 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
         .iter()
         .map(|c| c["key"].as_str().unwrap())
         .collect();
-    assert_eq!(keys.len(), 2, "{e}");
+    assert_eq!(keys.len(), 3, "{e}");
     assert!(keys[0].starts_with("data.chat_template"), "{e}");
     assert!(keys[1].starts_with("rollout.tools[0].python"), "{e}");
+    assert!(keys[2].starts_with("reward.functions[1].function"), "{e}");
     assert_eq!(
         std::fs::read_to_string(out.join("checkpoints/step_000002/chat_template.jinja")).unwrap(),
         format!("SYSTEM\n{template}")
