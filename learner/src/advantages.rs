@@ -141,7 +141,9 @@ pub fn compute_gdpo_advantages(
     for (v, w) in values.iter().zip(weights) {
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(GrpoError::Invalid(format!(
-                "advantages: a reward function's value {i} is {} (rewards must be finite)",
+                "advantages: a reward function's value {i} is {} (rewards must be finite; \
+                 multi_objective_aggregation: normalize_then_sum needs every function's value \
+                 for every completion, and a python function's None is none)",
                 v[i]
             )));
         }

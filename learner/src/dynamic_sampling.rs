@@ -165,6 +165,8 @@ impl GroupFilter {
             Metric::Total => &group.totals,
             Metric::Function(f) => &group.per_function[f],
         };
+        // A Python function's None (NaN) carries no signal.
+        let values: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
         if values.is_empty() {
             return false;
         }
@@ -345,6 +347,19 @@ mod tests {
             rule: KeepRule::MeanInside(0.5, 1.0),
         };
         assert!(by_fn.keeps(&varied)); // mean 2/3
+        // A Python function's None (NaN) is no value: a group where it
+        // applies to one completion only, or to none, has no signal by it.
+        let mut partial = varied.clone();
+        partial.per_function[1] = vec![1.0, f64::NAN, f64::NAN];
+        let by_none = GroupFilter {
+            metric: Metric::Function(1),
+            rule: KeepRule::NotTied,
+        };
+        assert!(!by_none.keeps(&partial));
+        partial.per_function[1] = vec![1.0, f64::NAN, 0.0];
+        assert!(by_none.keeps(&partial));
+        partial.per_function[1] = vec![f64::NAN; 3];
+        assert!(!by_none.keeps(&partial));
     }
 
     #[test]

@@ -21,7 +21,10 @@
 //! | `python`         | a TRL reward function (a Python callable, `function: my_rewards.py:accuracy_reward`), called as TRL calls it ([`crate::python`]) |
 //!
 //! `total = gate x sum(weight_i x value_i)` over the non-gate functions, where
-//! `gate` is the product of the `blocklist` gates (1 when there are none).
+//! `gate` is the product of the `blocklist` gates (1 when there are none). A
+//! `python` function may return None for a completion it does not apply to
+//! (TRL's rule): its value is NaN, left out of the sum and of its logged
+//! mean and std.
 //!
 //! Parameters are checked strictly: an unknown or mistyped parameter is an
 //! error naming the function and the parameter. A function that fails while
@@ -130,18 +133,35 @@ pub struct RewardScores {
 }
 
 impl RewardScores {
-    /// `(label, mean, population std)` per function, for the train log.
+    /// `(label, mean, population std)` per function, for the train log;
+    /// over the completions a function applies to (NaN where it applies to
+    /// none).
     pub fn summary(&self) -> Vec<(String, f64, f64)> {
         self.per_function
             .iter()
             .map(|f| {
-                let n = f.values.len().max(1) as f64;
-                let mean = f.values.iter().sum::<f64>() / n;
-                let var = f.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-                (f.label.clone(), mean, var.sqrt())
+                let (mean, std) = nan_mean_std(&f.values);
+                (f.label.clone(), mean, std)
             })
             .collect()
     }
+}
+
+/// Mean and population std of the values that are not NaN (a Python
+/// function's None), as TRL's `nanmean` / `nanstd` log them: 0 for none
+/// at all, NaN when every value is NaN.
+pub fn nan_mean_std(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let kept: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    if kept.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = kept.len() as f64;
+    let mean = kept.iter().sum::<f64>() / n;
+    let var = kept.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
 }
 
 /// The recipe's reward functions, ready to score.
@@ -307,7 +327,12 @@ impl RewardRegistry {
         let mut gate = vec![1.0; batch.len()];
         for f in &self.functions {
             let values = f.score(batch).await?;
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            // NaN: a Python function's None (it does not apply).
+            let none_allowed = matches!(f.kind, Kind::Python(_));
+            if let Some(i) = values
+                .iter()
+                .position(|v| v.is_infinite() || (v.is_nan() && !none_allowed))
+            {
                 return Err(f.fail(format!(
                     "value {} for completion {i} is not finite",
                     values[i]
@@ -319,7 +344,9 @@ impl RewardRegistry {
                 }
             } else {
                 for (t, v) in weighted.iter_mut().zip(&values) {
-                    *t += f.weight * v;
+                    if !v.is_nan() {
+                        *t += f.weight * v;
+                    }
                 }
             }
             per_function.push(FunctionScores {
@@ -329,6 +356,22 @@ impl RewardRegistry {
             });
         }
         let total = weighted.iter().zip(&gate).map(|(w, g)| w * g).collect();
+        let unscored = (0..batch.len())
+            .filter(|&i| {
+                per_function
+                    .iter()
+                    .zip(&self.functions)
+                    .filter(|(_, f)| !f.is_gate())
+                    .all(|(s, _)| s.values[i].is_nan())
+            })
+            .count();
+        if unscored > 0 {
+            // As TRL warns: such a completion's reward is 0.
+            tracing::warn!(
+                "{unscored} completion(s) got None from every reward function; their reward \
+                 is 0: check that the functions cover every kind of row"
+            );
+        }
         Ok(RewardScores {
             per_function,
             total,
@@ -1668,11 +1711,8 @@ impl PythonReward {
                     .as_f64()
                     .ok_or_else(|| format!("completion {i}: {n} is not a number")),
                 Value::Bool(b) => Ok(f64::from(u8::from(*b))),
-                Value::Null => Err(format!(
-                    "completion {i}: returned None; Tandem needs a number for every \
-                     completion (TRL's None, for a function that does not apply to a row, \
-                     is not taken: return 0.0 there)"
-                )),
+                // TRL's None: the function does not apply to this row.
+                Value::Null => Ok(f64::NAN),
                 other => Err(format!("completion {i}: {other} is not a number")),
             })
             .collect()

@@ -534,13 +534,8 @@ fn reduce_metrics(c: &dyn Collective, m: &LossMetrics) -> anyhow::Result<LossMet
 }
 
 fn mean_std(x: &[f64]) -> (f64, f64) {
-    if x.is_empty() {
-        return (0.0, 0.0);
-    }
-    let n = x.len() as f64;
-    let m = x.iter().sum::<f64>() / n;
-    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / n;
-    (m, var.sqrt())
+    // A reward function's NaN is a Python function's None: left out.
+    crate::rewards::nan_mean_std(x)
 }
 
 /// One micro-batch, ready for the loss.

@@ -1049,8 +1049,9 @@ def longer_than_two(completions, **kwargs):
     return [len(c) > 2 for c in completions]
 
 
-def not_applicable(completions, **kwargs):
-    return [None for _ in completions]
+def chat_only(prompts, completions, **kwargs):
+    """TRL's multi-task rule: None where the function does not apply."""
+    return [1.0 if isinstance(p, list) else None for p in prompts]
 
 
 def one_value(completions, **kwargs):
@@ -1080,6 +1081,7 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
         f("halves"),
         f("longer_than_two"),
         f("calls_so_far"),
+        f("chat_only"),
     ])
     .unwrap()
     .with_data_columns(&data);
@@ -1091,7 +1093,8 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
             "conversational",
             "halves",
             "longer_than_two",
-            "calls_so_far"
+            "calls_so_far",
+            "chat_only"
         ]
     );
     let chat = |completion: &str| {
@@ -1112,6 +1115,21 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
     assert_eq!(values[2], [0.5, 0.5, 0.5]);
     assert_eq!(values[3], [1.0, 0.0, 0.0]);
     assert_eq!(values[4], [1.0, 1.0, 1.0]);
+    // None: left out of the total and of the function's mean.
+    assert!(values[5][0].is_nan() && values[5][1].is_nan());
+    assert_eq!(values[5][2], 1.0);
+    // accuracy, conversational, halves, longer_than_two, calls_so_far,
+    // chat_only (None on the text prompts).
+    assert_eq!(
+        scores.total,
+        [
+            1.0 + 0.0 + 0.5 + 1.0 + 1.0,
+            0.0 + 0.0 + 0.5 + 0.0 + 1.0,
+            1.0 + 1.0 + 0.5 + 0.0 + 1.0 + 1.0
+        ]
+    );
+    let summary = scores.summary();
+    assert_eq!((summary[5].1, summary[5].2), (1.0, 0.0));
     let again = rewards.score(&batch).await.unwrap();
     assert_eq!(again.per_function[4].values, [2.0, 2.0, 2.0]);
 }
@@ -1126,7 +1144,6 @@ async fn python_reward_functions_that_fail_are_errors() {
     let f =
         |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
     for (name, says) in [
-        ("not_applicable", "returned None"),
         ("one_value", "returned 1 values for 2 completions"),
         ("verifier_down", "RuntimeError: verifier down"),
     ] {
