@@ -104,6 +104,8 @@ pub struct ColumnMapping {
     /// The column naming each row's source (verl's `data_source`), read
     /// when set.
     pub source_column: Option<String>,
+    /// Keep every column but the prompt's ([`RawRow::columns`]).
+    pub keep_columns: bool,
 }
 
 impl Default for ColumnMapping {
@@ -118,12 +120,14 @@ impl ColumnMapping {
             prompt_column: prompt_column.into(),
             answer_column: answer_column.into(),
             source_column: None,
+            keep_columns: false,
         }
     }
 
     pub fn from_recipe(data: &DataSection) -> Self {
         let mut m = ColumnMapping::new(&data.prompt_column, &data.answer_column);
         m.source_column = data.data_source_column.clone();
+        m.keep_columns = data.keep_columns;
         m
     }
 }
@@ -142,6 +146,10 @@ pub struct RawRow {
     pub messages: Option<Vec<ChatMessage>>,
     /// The source column's text, when the mapping names one.
     pub data_source: Option<String>,
+    /// With [`ColumnMapping::keep_columns`]: the row's other columns (all
+    /// but the prompt's), as a JSON object's text, their values as read
+    /// (a Parquet struct as an object).
+    pub columns: Option<String>,
 }
 
 /// A conversational prompt: `[{"role": ..., "content": ...}, ...]`, where
@@ -344,12 +352,18 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
             Some(column) => Some(get(column, true)?),
             None => None,
         };
+        let columns = mapping.keep_columns.then(|| {
+            let mut others = obj.clone();
+            others.remove(&mapping.prompt_column);
+            Value::Object(others).to_string()
+        });
         rows.push(RawRow {
             question,
             answer: get(&mapping.answer_column, true)?,
             location: location.clone(),
             messages,
             data_source,
+            columns,
         });
     }
     Ok(rows)
@@ -420,7 +434,11 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         let mut answer = None;
         let mut messages = None;
         let mut data_source = None;
+        let mut others = serde_json::Map::new();
         for (name, field) in row.get_column_iter() {
+            if mapping.keep_columns && *name != mapping.prompt_column {
+                others.insert(name.clone(), field.to_json_value());
+            }
             // Inside a struct column: its JSON, walked, read as JSONL reads it.
             for (at, is_answer) in [(&prompt_at, false), (&answer_at, true)] {
                 let (head, Some(rest)) = at else { continue };
@@ -521,6 +539,9 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
             location,
             messages,
             data_source,
+            columns: mapping
+                .keep_columns
+                .then(|| Value::Object(others).to_string()),
         });
     }
     Ok(rows)
@@ -802,6 +823,10 @@ pub struct Example {
     /// for rewards that score by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_source: Option<String>,
+    /// The row's other columns, a JSON object's text, when `python` reward
+    /// functions take them ([`RawRow::columns`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<String>,
 }
 
 /// What the manifest records of each data file.
@@ -928,6 +953,7 @@ impl Dataset {
                 dataset: (path != &file.path).then(|| file.path.clone()),
                 messages,
                 data_source: row.data_source.clone(),
+                columns: row.columns.clone(),
             });
         }
         let path = &file.path;

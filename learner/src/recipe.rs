@@ -387,6 +387,11 @@ pub struct DataSection {
     pub filter_overlong_prompts: bool,
     /// Reshuffle each file every epoch (from `train.seed`); file order otherwise.
     pub shuffle: bool,
+    /// Whether rows keep their other columns: `python` reward functions
+    /// take them, as TRL passes every column to its reward functions. Not
+    /// a key: set from `reward.functions` when the recipe loads.
+    #[serde(skip)]
+    pub keep_columns: bool,
 }
 
 impl Default for DataSection {
@@ -405,6 +410,7 @@ impl Default for DataSection {
             on_long_prompt: OnLongPrompt::Reject,
             filter_overlong_prompts: false,
             shuffle: true,
+            keep_columns: false,
         }
     }
 }
@@ -1231,8 +1237,9 @@ impl Recipe {
         })?;
 
         epochs_without_max_steps(&mut raw);
-        let recipe = deserialize(&raw, &schema, source_name, &overridden)?;
+        let mut recipe = deserialize(&raw, &schema, source_name, &overridden)?;
         recipe.validate()?;
+        recipe.data.keep_columns = recipe.reward.functions.iter().any(|f| f.name == "python");
         Ok(recipe)
     }
 

@@ -76,6 +76,10 @@ pub struct RewardInput {
     /// `extract: data_source`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_source: Option<String>,
+    /// The row's other columns (a JSON object's text), for `python`
+    /// functions ([`crate::data::Example::columns`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<String>,
 }
 
 impl RewardInput {
@@ -92,7 +96,13 @@ impl RewardInput {
             group: None,
             messages: None,
             data_source: None,
+            columns: None,
         }
+    }
+
+    pub fn with_columns(mut self, columns: Option<String>) -> Self {
+        self.columns = columns;
+        self
     }
 
     pub fn with_data_source(mut self, data_source: Option<String>) -> Self {
@@ -301,9 +311,10 @@ impl RewardRegistry {
             .collect()
     }
 
-    /// Names the dataset columns the `python` functions receive, as TRL
-    /// passes them: the answer under `data.answer_column`, the source
-    /// under `data.data_source_column`.
+    /// Names the columns the `python` functions receive the answers and
+    /// sources under (`data.answer_column`, `data.data_source_column`)
+    /// where the rows come without their columns
+    /// ([`crate::data::Example::columns`]; a dotted answer column).
     pub fn with_data_columns(mut self, data: &crate::recipe::DataSection) -> Self {
         for f in &mut self.functions {
             if let Kind::Python(p) = &mut f.kind {
@@ -1604,9 +1615,9 @@ struct PythonParams {
 /// batch, with keyword arguments `prompts` and `completions` (each prompt's
 /// messages and `[{"role": "assistant", "content": ...}]` when the chat
 /// template made the prompt, TRL's conversational format; the texts
-/// otherwise) and the dataset's columns Tandem reads (the answer under
-/// `data.answer_column`'s name, the source under `data_source_column`'s),
-/// returning one number per completion. Each function runs in a `python3`
+/// otherwise) and every other column of the rows, each a list of the rows'
+/// values as read (JSON: a Parquet struct is a dict), returning one number
+/// per completion (or None where it does not apply). Each function runs in a `python3`
 /// process of its own ([`crate::python::PythonProcesses`]), which keeps its
 /// module state from call to call (in TRL, one process holds them all).
 #[derive(Debug)]
@@ -1676,18 +1687,43 @@ impl PythonReward {
             }
         }
         let mut kwargs = serde_json::Map::new();
-        kwargs.insert("prompts".into(), Value::Array(prompts));
-        kwargs.insert("completions".into(), Value::Array(completions));
-        kwargs.insert(
-            self.answer_column.clone(),
-            batch.iter().map(|x| x.answer.clone()).collect(),
-        );
-        if let Some(column) = &self.data_source_column {
+        // Every column of the rows (but the prompt's), as read, one list
+        // each (None where a row lacks it), as TRL passes them.
+        let rows: Vec<serde_json::Map<String, Value>> = batch
+            .iter()
+            .map(|x| match x.columns.as_deref().map(serde_json::from_str) {
+                Some(Ok(Value::Object(columns))) => columns,
+                _ => serde_json::Map::new(),
+            })
+            .collect();
+        for row in &rows {
+            for name in row.keys() {
+                if !kwargs.contains_key(name) {
+                    let column = rows
+                        .iter()
+                        .map(|r| r.get(name).cloned().unwrap_or_default());
+                    kwargs.insert(name.clone(), column.collect());
+                }
+            }
+        }
+        // Rows read without their columns (or a dotted answer column): the
+        // answers and sources as text.
+        if !kwargs.contains_key(&self.answer_column) {
+            kwargs.insert(
+                self.answer_column.clone(),
+                batch.iter().map(|x| x.answer.clone()).collect(),
+            );
+        }
+        if let Some(column) = &self.data_source_column
+            && !kwargs.contains_key(column)
+        {
             kwargs.insert(
                 column.clone(),
                 batch.iter().map(|x| x.data_source.clone()).collect(),
             );
         }
+        kwargs.insert("prompts".into(), Value::Array(prompts));
+        kwargs.insert("completions".into(), Value::Array(completions));
         let result = self
             .processes
             .call(&self.name, &Value::Object(kwargs), false)

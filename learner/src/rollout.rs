@@ -96,6 +96,7 @@ impl Group {
                 .in_group(index)
                 .with_messages(example.messages.clone())
                 .with_data_source(example.data_source.clone())
+                .with_columns(example.columns.clone())
             })
             .collect()
     }

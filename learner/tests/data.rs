@@ -856,3 +856,54 @@ fn dotted_columns_read_inside_struct_columns() {
         "{e}"
     );
 }
+
+/// `python` reward functions take every column of a row, as TRL passes
+/// them: a recipe with one keeps the rows' other columns (all but the
+/// prompt's), with their values as read, a Parquet struct as an object.
+#[test]
+fn rows_keep_their_other_columns_for_python_reward_functions() {
+    let r = learner::recipe::Recipe::demo(&[] as &[&str]).unwrap();
+    assert!(!r.data.keep_columns);
+    let r = learner::recipe::Recipe::demo(&[
+        "reward.functions=[{name: python, function: \"my_rewards.py:f\"}]",
+    ])
+    .unwrap();
+    assert!(r.data.keep_columns);
+
+    let mut verl = ColumnMapping::new("prompt", "reward_model.ground_truth");
+    assert!(
+        read_rows(&repo().join("configs/data/arith_verl_tiny.parquet"), &verl).unwrap()[3]
+            .columns
+            .is_none()
+    );
+    verl.keep_columns = true;
+    let rows = read_rows(&repo().join("configs/data/arith_verl_tiny.parquet"), &verl).unwrap();
+    let columns: serde_json::Value =
+        serde_json::from_str(rows[3].columns.as_ref().unwrap()).unwrap();
+    assert_eq!(columns["extra_info"]["index"], 3, "{columns}");
+    assert_eq!(
+        columns["reward_model"]["ground_truth"], rows[3].answer,
+        "{columns}"
+    );
+    assert_eq!(columns["data_source"], "arith", "{columns}");
+    assert!(columns.get("prompt").is_none(), "{columns}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("code.jsonl");
+    std::fs::write(
+        &path,
+        "{\"prompt\": \"Add.\", \"solution\": \"x\", \"level\": 3, \
+         \"verification_info\": {\"test_cases\": [{\"input\": \"1 2\", \"output\": \"3\"}]}}\n",
+    )
+    .unwrap();
+    let mut mapping = ColumnMapping::new("prompt", "solution");
+    mapping.keep_columns = true;
+    let rows = read_rows(&path, &mapping).unwrap();
+    let columns: serde_json::Value =
+        serde_json::from_str(rows[0].columns.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        columns,
+        serde_json::json!({"solution": "x", "level": 3, "verification_info":
+            {"test_cases": [{"input": "1 2", "output": "3"}]}})
+    );
+}

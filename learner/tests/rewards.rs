@@ -1060,6 +1060,11 @@ def one_value(completions, **kwargs):
 
 def verifier_down(completions, **kwargs):
     raise RuntimeError("verifier down")
+
+
+def cases_and_level(completions, verification_info, level, solution, **kwargs):
+    """open-r1's code rows: a dict column, an int column, the answer."""
+    return [len(v["test_cases"]) + l + len(s) for v, l, s in zip(verification_info, level, solution)]
 "#;
 
 /// TRL's reward functions run as they are (`name: python`): called once per
@@ -1160,4 +1165,29 @@ async fn python_reward_functions_that_fail_are_errors() {
     assert!(e.contains("path/to/file.py:FUNCTION"), "{e}");
     let e = config_error(json!({"name": "python", "function": "a.py:f", "timeout_s": 0}));
     assert!(e.contains("timeout_s"), "{e}");
+}
+
+/// The rows' other columns reach a Python function as TRL passes them: one
+/// keyword each, the values as read (a dict stays a dict, a number a
+/// number); the answer column is one of them.
+#[tokio::test]
+async fn python_reward_functions_take_every_column_of_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("my_rewards.py");
+    std::fs::write(&file, TRL_REWARDS).unwrap();
+    let rewards = registry(json!({
+        "name": "python",
+        "function": format!("{}:cases_and_level", file.display()),
+    }));
+    let row = |cases: usize, level: u32| {
+        let cases: Vec<Value> = (0..cases)
+            .map(|i| json!({"input": i.to_string(), "output": i.to_string()}))
+            .collect();
+        input("```python\nprint(1)\n```", Some("ignored")).with_columns(Some(
+            json!({"solution": "abc", "level": level, "verification_info": {"test_cases": cases}})
+                .to_string(),
+        ))
+    };
+    let scores = rewards.score(&[row(2, 1), row(0, 5)]).await.unwrap();
+    assert_eq!(scores.per_function[0].values, [2.0 + 1.0 + 3.0, 5.0 + 3.0]);
 }

@@ -787,6 +787,7 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          b: The other.\n    \"\"\"\n    return a * b\n\n\
          def calls_mul(prompts, completions, answer, **kwargs):\n    \
          assert len(answer) == len(prompts) and prompts[0][-1]['role'] == 'user'\n    \
+         assert 'prompt' not in kwargs and answer[0].isdigit()\n    \
          return [float('\"mul\"' in c[0]['content']) for c in completions]\n",
     )
     .unwrap();
