@@ -416,6 +416,11 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         max_retries: recipe.rollout.max_retries,
         generation_kwargs: recipe.rollout.generation_kwargs.clone(),
     };
+    if let (Some(t), Some(tok)) = (&tools, &tokenizer)
+        && let Some(warning) = t.unlisted_tools_warning(tok)?
+    {
+        eprintln!("warning: {warning}");
+    }
     let client = RolloutClient::new(settings, tokenizer)?.with_tools(tools);
     let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     rewards.prepare()?;

@@ -234,6 +234,34 @@ impl ToolRunner {
             .collect()
     }
 
+    /// A warning when the chat template leaves the tools out of the prompt
+    /// (it renders a conversation alike with and without them, as
+    /// Tandem's tiny ChatML template does): the model is then never told
+    /// what it may call. None when it shows them.
+    pub fn unlisted_tools_warning(&self, tokenizer: &Tokenizer) -> anyhow::Result<Option<String>> {
+        let conversation = Value::Array(vec![json!({"role": "user", "content": "?"})]);
+        let render = |tools: Option<&Value>| {
+            tokenizer.apply_chat_template_json(
+                &conversation,
+                true,
+                tools,
+                Some(&self.chat_template_kwargs),
+            )
+        };
+        let names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
+        Ok(
+            (render(Some(&self.definitions))? == render(None)?).then(|| {
+                format!(
+                    "the chat template does not render its `tools` variable: the prompts do not \
+                 list the tools ({}), so the model is not told it may call them; use a \
+                 template that does (data.chat_template), or describe them in \
+                 data.system_prompt",
+                    names.join(", ")
+                )
+            }),
+        )
+    }
+
     /// The text that follows an assistant turn whose calls were answered:
     /// the end of that turn as the template writes it (less what the model
     /// wrote itself: `last_token`, its end-of-turn token, when it wrote
@@ -361,6 +389,14 @@ mod tests {
             .unwrap();
         assert!(prompt.contains("\"name\": \"add\""), "{prompt}");
         assert!(prompt.contains("<tools>"), "{prompt}");
+        assert_eq!(r.unlisted_tools_warning(&tok).unwrap(), None);
+        // The tiny models' ChatML template renders no tools: a warning.
+        let chatml = model::presets::tokenizer().unwrap();
+        let warning = r.unlisted_tools_warning(&chatml).unwrap().unwrap();
+        assert!(
+            warning.contains("does not render its `tools`") && warning.contains("(add)"),
+            "{warning}"
+        );
     }
 
     #[test]

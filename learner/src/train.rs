@@ -1277,6 +1277,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let (Some(run), Some(tools)) = (&run, &tools)
+        && let Some(warning) = tools.unlisted_tools_warning(&tokenizer)?
+    {
+        eprintln!("warning: {warning}");
+        run.warn(&warning)?;
+    }
     let rank_log = if rank > 0 {
         let dir = out.join("ranks");
         std::fs::create_dir_all(&dir)?;

@@ -563,6 +563,42 @@ fn the_shipped_recipes_load_and_validate() {
             .is_some()
     );
 
+    // A TRL script's Python pieces as they are: the tool's definition read
+    // from its docstring, listed by the recipe's template; the reward
+    // functions import. (Their paths are from the repository root.)
+    let root = configs().join("..");
+    let from_root = |spec: &str| root.join(spec).display().to_string();
+    let template_file = format!(
+        "data.chat_template={}",
+        from_root("configs/trl_callables.jinja")
+    );
+    let mut trl = Recipe::load(&configs().join("trl_callables.yaml"), &[template_file]).unwrap();
+    assert!(trl.data.keep_columns);
+    for t in &mut trl.rollout.tools {
+        t.python = t.python.as_deref().map(from_root);
+    }
+    for f in &mut trl.reward.functions {
+        let spec = f.params["function"].as_str().unwrap().to_string();
+        f.params.insert("function".into(), from_root(&spec).into());
+    }
+    let tools = learner::tools::ToolRunner::from_recipe(&trl)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tools.definitions()[0]["function"]["parameters"]["required"],
+        serde_json::json!(["expression"])
+    );
+    let template =
+        model::tokenizer::chat_template_text(trl.data.chat_template.as_ref().unwrap()).unwrap();
+    let tok = model::presets::tokenizer()
+        .unwrap()
+        .with_chat_template(&template)
+        .unwrap();
+    assert_eq!(tools.unlisted_tools_warning(&tok).unwrap(), None);
+    let rewards = learner::rewards::RewardRegistry::from_section(&trl.reward).unwrap();
+    rewards.prepare().unwrap();
+    assert_eq!(rewards.labels(), ["accuracy_reward", "tool_use_reward"]);
+
     let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(ext.rollout.client_tag_echo, ClientTagEcho::Ignore);
     assert_eq!(ext.reward.functions.len(), 2);

@@ -1,0 +1,40 @@
+"""The Python pieces of a TRL GRPO script, as such a script writes them, for
+configs/trl_callables.yaml: a tool (a function with type hints and a
+Google-style docstring, from which its definition is read, as TRL reads
+the functions given to GRPOTrainer(tools=...)) and reward functions (TRL's
+shape: lists in, one float per completion out). Tandem runs them as they
+are, in python3 processes of the learner's own.
+"""
+
+import re
+
+
+def calculator(expression: str) -> str:
+    """Adds and subtracts whole numbers.
+
+    Args:
+        expression: Whole numbers joined by + and -, e.g. "12+7-3".
+    """
+    if not re.fullmatch(r"\s*-?\d+(\s*[+-]\s*\d+)*\s*", expression):
+        raise ValueError(f"not a sum of whole numbers: {expression!r}")
+    terms = re.findall(r"[+-]?\s*\d+", expression)
+    return str(sum(int(t.replace(" ", "")) for t in terms))
+
+
+def _text(completion):
+    # Conversational (the chat template made the prompt): a list of messages.
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def accuracy_reward(completions, answer, **kwargs):
+    """1.0 when the completion's last number is the answer."""
+    rewards = []
+    for completion, expected in zip(completions, answer):
+        numbers = re.findall(r"-?\d+", _text(completion))
+        rewards.append(1.0 if numbers and numbers[-1] == str(expected) else 0.0)
+    return rewards
+
+
+def tool_use_reward(completions, **kwargs):
+    """0.1 for a completion that called the calculator."""
+    return [0.1 if "<tool_call>" in _text(c) else 0.0 for c in completions]
