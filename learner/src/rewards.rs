@@ -80,6 +80,14 @@ pub struct RewardInput {
     /// functions ([`crate::data::Example::columns`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<String>,
+    /// The completion's token ids, for `python` functions (TRL's
+    /// `completion_ids`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completion_ids: Vec<u32>,
+    /// With tool calls, the completion as chat messages
+    /// ([`crate::rollout::Completion::messages`]), for `python` functions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completion_messages: Vec<Value>,
 }
 
 impl RewardInput {
@@ -97,7 +105,16 @@ impl RewardInput {
             messages: None,
             data_source: None,
             columns: None,
+            completion_ids: Vec::new(),
+            completion_messages: Vec::new(),
         }
+    }
+
+    /// The completion's token ids and, with tool calls, its messages.
+    pub fn with_completion(mut self, ids: Vec<u32>, messages: Vec<Value>) -> Self {
+        self.completion_ids = ids;
+        self.completion_messages = messages;
+        self
     }
 
     pub fn with_columns(mut self, columns: Option<String>) -> Self {
@@ -1676,9 +1693,11 @@ impl PythonReward {
             match &x.messages {
                 Some(messages) => {
                     prompts.push(serde_json::to_value(messages).map_err(|e| e.to_string())?);
-                    completions.push(serde_json::json!([
-                        {"role": "assistant", "content": x.completion_text}
-                    ]));
+                    completions.push(if x.completion_messages.is_empty() {
+                        serde_json::json!([{"role": "assistant", "content": x.completion_text}])
+                    } else {
+                        Value::Array(x.completion_messages.clone())
+                    });
                 }
                 None => {
                     prompts.push(Value::from(x.prompt.as_str()));
@@ -1724,6 +1743,10 @@ impl PythonReward {
         }
         kwargs.insert("prompts".into(), Value::Array(prompts));
         kwargs.insert("completions".into(), Value::Array(completions));
+        kwargs.insert(
+            "completion_ids".into(),
+            batch.iter().map(|x| x.completion_ids.clone()).collect(),
+        );
         let result = self
             .processes
             .call(&self.name, &Value::Object(kwargs), false)

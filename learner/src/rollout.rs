@@ -67,6 +67,12 @@ pub struct Completion {
     pub tool_calls: usize,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tool_failures: usize,
+    /// With tool calls: the completion as chat messages, as TRL hands a
+    /// conversational completion to its reward functions: each assistant
+    /// turn (its text, and `tool_calls` as read) and each tool message.
+    /// Empty otherwise (one assistant turn: the text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<serde_json::Value>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -93,6 +99,7 @@ impl Group {
                     Some(example.answer.clone()),
                 )
                 .with_completion_tokens(c.completion_ids.len())
+                .with_completion(c.completion_ids.clone(), c.messages.clone())
                 .in_group(index)
                 .with_messages(example.messages.clone())
                 .with_data_source(example.data_source.clone())
@@ -436,22 +443,44 @@ impl RolloutClient {
         let max_len = self.settings.max_completion_length;
         let with_logprobs = c.logprobs.len() == c.completion_ids.len();
         let mut conversation = messages.to_vec();
+        // The completion as messages, for the reward functions: the
+        // conversation's turns after the prompt, the calls read.
+        let mut turns = Vec::new();
         // Where the last assistant turn begins, in text and tokens.
         let mut turn_text = 0;
         let mut turn_ids = 0;
         let mut rounds = 0;
+        // Ends the loop with the last turn as the completion's last message.
+        let last_turn = |c: &mut Completion, mut turns: Vec<serde_json::Value>, from: usize| {
+            if !turns.is_empty() {
+                let text = &c.text[from..];
+                turns.push(serde_json::json!({"role": "assistant", "content": text}));
+                c.messages = turns;
+            }
+        };
         loop {
             if c.finish_reason.as_deref() != Some("stop")
                 || tools.max_iterations.is_some_and(|m| rounds >= m)
             {
+                last_turn(c, turns, turn_text);
                 return Ok(None);
             }
             let turn = c.text[turn_text..].to_string();
             let calls = tools.calls(&turn);
             if calls.is_empty() {
+                last_turn(c, turns, turn_text);
                 return Ok(None);
             }
             rounds += 1;
+            let read: Vec<serde_json::Value> = calls
+                .iter()
+                .map(|(name, arguments)| {
+                    let arguments = serde_json::from_str::<serde_json::Value>(arguments)
+                        .unwrap_or_else(|_| serde_json::Value::String(arguments.clone()));
+                    serde_json::json!({"type": "function",
+                                       "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
             // One after the other, in the order written: a call may depend
             // on an earlier one's side effects.
             let mut results = Vec::with_capacity(calls.len());
@@ -474,7 +503,9 @@ impl RolloutClient {
             let inserted = tools
                 .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
                 .map_err(|e| malformed(e.to_string()))?;
-            conversation.extend(answers);
+            let with_calls = serde_json::json!({"role": "assistant", "content": turn,
+                                                "tool_calls": read});
+            conversation.extend(answers.iter().cloned());
             let ids = tokenizer
                 .encode(&inserted, false)
                 .map_err(|e| malformed(e.to_string()))?;
@@ -483,8 +514,12 @@ impl RolloutClient {
                 // No room for the results and an answer: as TRL does, they
                 // are left out and the completion ends with its calls (which
                 // ran, and count).
+                turns.push(with_calls);
+                c.messages = turns;
                 return Ok(None);
             }
+            turns.push(with_calls);
+            turns.extend(answers);
             if c.tool_mask.is_empty() {
                 c.tool_mask = vec![true; c.completion_ids.len()];
             }
@@ -666,6 +701,7 @@ impl RolloutClient {
             tool_mask: Vec::new(),
             tool_calls: 0,
             tool_failures: 0,
+            messages: Vec::new(),
         })
     }
 

@@ -2352,6 +2352,7 @@ mod tests {
             tool_mask: Vec::new(),
             tool_calls: 0,
             tool_failures: 0,
+            messages: Vec::new(),
         }
     }
 

@@ -1062,6 +1062,11 @@ def verifier_down(completions, **kwargs):
     raise RuntimeError("verifier down")
 
 
+def shapes(completions, completion_ids, **kwargs):
+    """Token ids, and a tool conversation's messages."""
+    return [len(ids) + 10 * len(c) for c, ids in zip(completions, completion_ids)]
+
+
 def cases_and_level(completions, verification_info, level, solution, **kwargs):
     """open-r1's code rows: a dict column, an int column, the answer."""
     return [len(v["test_cases"]) + l + len(s) for v, l, s in zip(verification_info, level, solution)]
@@ -1190,4 +1195,26 @@ async fn python_reward_functions_take_every_column_of_the_rows() {
     };
     let scores = rewards.score(&[row(2, 1), row(0, 5)]).await.unwrap();
     assert_eq!(scores.per_function[0].values, [2.0 + 1.0 + 3.0, 5.0 + 3.0]);
+
+    // TRL's completion_ids; a completion that called tools is its turns.
+    let rewards = registry(json!({
+        "name": "python",
+        "function": format!("{}:shapes", file.display()),
+    }));
+    let chat = |ids: Vec<u32>, turns: Vec<Value>| {
+        input("x", None)
+            .with_messages(Some(vec![model::tokenizer::ChatMessage::user("?")]))
+            .with_completion(ids, turns)
+    };
+    let turns = vec![
+        json!({"role": "assistant", "content": "<tool_call>..</tool_call>",
+               "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}),
+        json!({"role": "tool", "name": "f", "content": "1"}),
+        json!({"role": "assistant", "content": "1"}),
+    ];
+    let scores = rewards
+        .score(&[chat(vec![1, 2, 3], Vec::new()), chat(vec![4; 7], turns)])
+        .await
+        .unwrap();
+    assert_eq!(scores.per_function[0].values, [3.0 + 10.0, 7.0 + 30.0]);
 }

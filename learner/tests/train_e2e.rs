@@ -785,10 +785,15 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
         &mul,
         "def mul(a: int, b: int):\n    \"\"\"Multiplies.\n\n    Args:\n        a: A factor.\n        \
          b: The other.\n    \"\"\"\n    return a * b\n\n\
-         def calls_mul(prompts, completions, answer, **kwargs):\n    \
-         assert len(answer) == len(prompts) and prompts[0][-1]['role'] == 'user'\n    \
-         assert 'prompt' not in kwargs and answer[0].isdigit()\n    \
-         return [float('\"mul\"' in c[0]['content']) for c in completions]\n",
+         def mul_answers(prompts, completions, answer, completion_ids, **kwargs):\n    \
+         assert len(answer) == len(prompts) == len(completion_ids)\n    \
+         assert prompts[0][-1]['role'] == 'user' and answer[0].isdigit()\n    \
+         assert 'prompt' not in kwargs\n    \
+         for c in completions:\n        \
+         assert [m['role'] for m in c] == ['assistant', 'tool'] * 2 + ['assistant']\n        \
+         assert [m['name'] for m in c[1::2]] == \
+         [m['tool_calls'][0]['function']['name'] for m in c[0:4:2]]\n    \
+         return [float(sum(m['name'] == 'mul' for m in c[1::2])) for c in completions]\n",
     )
     .unwrap();
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
@@ -804,7 +809,7 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
             "rollout.max_tool_calling_iterations=2".into(),
             "rollout.max_completion_length=400".into(),
             format!(
-                "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:calls_mul\"}}]",
+                "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:mul_answers\"}}]",
                 mul.display()
             ),
             format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
@@ -840,12 +845,14 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
         let text = c["completion"].as_str().unwrap();
         assert_eq!(c["tool_calls"], 2, "{c}");
         assert_eq!(c["finish_reason"], "stop", "{c}");
-        let mul_called = text.contains("\"name\": \"mul\"");
-        assert_eq!(
-            c["rewards"]["calls_mul"],
-            f64::from(u8::from(mul_called)),
-            "{c}"
-        );
+        // The reward function saw the turns as TRL's messages: the two
+        // calls that ran, each answered by a tool message.
+        let runs_of_mul = turn
+            .captures_iter(text)
+            .take(2)
+            .filter(|call| &call[1] == "mul")
+            .count();
+        assert_eq!(c["rewards"]["mul_answers"], runs_of_mul as f64, "{c}");
         // Three turns; the two tool turns hold each call's result.
         let calls: Vec<_> = turn.captures_iter(text).collect();
         assert_eq!(calls.len(), 3, "{text}");
