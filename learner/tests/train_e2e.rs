@@ -734,6 +734,17 @@ fn a_guided_decoding_regex_shapes_every_completion() {
     assert!(lines.iter().all(|l| f(l, "loss").is_finite()), "{lines:?}");
 }
 
+/// A TRL-style Python tool of two integers `a` and `b` (type hints and a
+/// Google-style docstring, its definition's source) that returns `returns`,
+/// a Python expression; `more` is appended to the file's text.
+fn python_two_int_tool(path: &std::path::Path, name: &str, returns: &str, more: &str) {
+    let text = format!(
+        "def {name}(a: int, b: int):\n    \"\"\"Takes two integers.\n\n    Args:\n        \
+         a: The first.\n        b: The second.\n    \"\"\"\n    return {returns}\n\n{more}"
+    );
+    std::fs::write(path, text).unwrap();
+}
+
 /// A tool server on loopback: `POST /add` with `{"a", "b"}` answers the sum
 /// (a JSON string). Runs until the test process ends.
 fn start_add_tool() -> String {
@@ -763,9 +774,9 @@ fn start_add_tool() -> String {
 
 /// Multi-turn rollouts with tools (TRL's `tools`): guided decoding makes
 /// every turn a hermes call of `add` (served over HTTP), `mul` (a Python
-/// function the learner runs) or `div` (no such tool: a failed call). Each completion makes its two rounds of
-/// calls, reads the results in the tool turns, and the loss leaves those
-/// turns out: the learner's log-probs of the policy's tokens, read in the
+/// function the learner runs) or `div` (no such tool: a failed call). Each
+/// completion makes its two rounds of calls, reads the results in the tool
+/// turns, and the loss leaves those turns out: the learner's log-probs of the policy's tokens, read in the
 /// whole conversation, agree with the server's (IS ratio ~1).
 #[test]
 fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
@@ -781,11 +792,11 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     // A Python tool, and a TRL reward function beside it that reads the
     // conversational completions TRL hands it.
     let mul = tmp.path().join("my_tools.py");
-    std::fs::write(
+    python_two_int_tool(
         &mul,
-        "def mul(a: int, b: int):\n    \"\"\"Multiplies.\n\n    Args:\n        a: A factor.\n        \
-         b: The other.\n    \"\"\"\n    return a * b\n\n\
-         def mul_answers(prompts, completions, answer, completion_ids, **kwargs):\n    \
+        "mul",
+        "a * b",
+        "def mul_answers(prompts, completions, answer, completion_ids, **kwargs):\n    \
          assert len(answer) == len(prompts) == len(completion_ids)\n    \
          assert prompts[0][-1]['role'] == 'user' and answer[0].isdigit()\n    \
          assert 'prompt' not in kwargs\n    \
@@ -794,8 +805,7 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          assert [m['name'] for m in c[1::2]] == \
          [m['tool_calls'][0]['function']['name'] for m in c[0:4:2]]\n    \
          return [float(sum(m['name'] == 'mul' for m in c[1::2])) for c in completions]\n",
-    )
-    .unwrap();
+    );
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
     train(
         &recipe,
@@ -883,12 +893,12 @@ fn tool_results_that_do_not_fit_are_left_out() {
     // A result of several hundred tokens, however they are cut; the call
     // takes at most one token a character.
     let tools = tmp.path().join("my_tools.py");
-    std::fs::write(
+    python_two_int_tool(
         &tools,
-        "def add(a: int, b: int):\n    \"\"\"Adds.\n\n    Args:\n        a: A term.\n        \
-         b: The other.\n    \"\"\"\n    return ' '.join(str(i) for i in range(a + b, 400))\n",
-    )
-    .unwrap();
+        "add",
+        "' '.join(str(i) for i in range(a + b, 400))",
+        "",
+    );
     let call = r#"<tool_call>{"name": "add", "arguments": {"a": 1, "b": 5}}</tool_call>"#;
     let recipe = tmp.path().join("eval.yaml");
     std::fs::write(
@@ -1329,10 +1339,8 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     let template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}";
     std::fs::write(&file, template).unwrap();
     let tool = tmp.path().join("my_tools.py");
-    let add = "def add(a: int, b: int):\n    \"\"\"Adds.\n\n    Args:\n        a: A term.\n        \
-               b: The other.\n    \"\"\"\n    return a + b\n\n\
-               def zero(completions, **kwargs):\n    return [0.0] * len(completions)\n";
-    std::fs::write(&tool, add).unwrap();
+    let zero = "def zero(completions, **kwargs):\n    return [0.0] * len(completions)\n";
+    python_two_int_tool(&tool, "add", "a + b", zero);
     let with_files = vec![
         format!("data.chat_template={}", file.display()),
         "data.prompt_template=chat".into(),
@@ -1351,7 +1359,7 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     );
 
     std::fs::write(&file, format!("SYSTEM\n{template}")).unwrap();
-    std::fs::write(&tool, add.replace("a + b", "a - b")).unwrap();
+    python_two_int_tool(&tool, "add", "a - b", zero);
     let args = |allow: bool| {
         let mut v = with_files.clone();
         v.extend([
