@@ -776,8 +776,9 @@ fn start_add_tool() -> String {
 /// every turn a hermes call of `add` (served over HTTP), `mul` (a Python
 /// function the learner runs) or `div` (no such tool: a failed call). Each
 /// completion makes its two rounds of calls, reads the results in the tool
-/// turns, and the loss leaves those turns out: the learner's log-probs of the policy's tokens, read in the
-/// whole conversation, agree with the server's (IS ratio ~1).
+/// turns, and the loss leaves those turns out: the learner's log-probs of
+/// the policy's tokens, read in the whole conversation, agree with the
+/// server's (IS ratio ~1).
 #[test]
 fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let tmp = tempfile::tempdir().unwrap();
