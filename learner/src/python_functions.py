@@ -160,7 +160,17 @@ def json_schema(function):
     return {"type": "function", "function": out}
 
 
+def answers_channel():
+    """The learner reads this process's answers on stdout; what the
+    functions print (at import too) goes to stderr, the learner's log."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return answers
+
+
 def describe(specs):
+    answers = answers_channel()
     try:
         from transformers.utils import get_json_schema
     except Exception:
@@ -173,7 +183,8 @@ def describe(specs):
             described.append({"definition": definition, "source_sha256": source_sha256(function)})
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
-    print(json.dumps(described))
+    answers.write(json.dumps(described))
+    answers.flush()
 
 
 def source_sha256(function):
@@ -183,13 +194,15 @@ def source_sha256(function):
 
 
 def load_all(specs):
+    answers = answers_channel()
     loaded = []
     for spec in specs:
         try:
             loaded.append({"source_sha256": source_sha256(load(spec))})
         except Exception as e:
             loaded.append({"error": f"{type(e).__name__}: {e}"})
-    print(json.dumps(loaded))
+    answers.write(json.dumps(loaded))
+    answers.flush()
 
 
 def plain(value):
@@ -202,17 +215,13 @@ def plain(value):
 
 
 def serve(specs):
+    answers = answers_channel()
     functions = {}
     for spec in specs:
         function = load(spec)
         # By the name the spec gives and by its own (a tool's definition).
         functions[spec.rpartition(":")[2]] = function
         functions[function.__name__] = function
-    # The answers go out on a copy of stdout; what the functions print goes
-    # to stderr, the learner's log.
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
     loop = asyncio.new_event_loop()
     for line in sys.stdin:
         text = True

@@ -462,6 +462,8 @@ mod tests {
 import os
 from typing import Literal, Optional
 
+print("a print at import goes to the log, not into the answers")
+
 calls = 0
 
 
