@@ -386,11 +386,13 @@ impl RewardRegistry {
         let total = weighted.iter().zip(&gate).map(|(w, g)| w * g).collect();
         let unscored = (0..batch.len())
             .filter(|&i| {
-                per_function
+                let mut summed = per_function
                     .iter()
                     .zip(&self.functions)
                     .filter(|(_, f)| !f.is_gate())
-                    .all(|(s, _)| s.values[i].is_nan())
+                    .map(|(s, _)| s.values[i]);
+                // None from every function that would count.
+                summed.next().is_some_and(f64::is_nan) && summed.all(f64::is_nan)
             })
             .count();
         if unscored > 0 {
@@ -1632,9 +1634,10 @@ struct PythonParams {
 /// batch, with keyword arguments `prompts` and `completions` (each prompt's
 /// messages and `[{"role": "assistant", "content": ...}]` when the chat
 /// template made the prompt, TRL's conversational format; the texts
-/// otherwise) and every other column of the rows, each a list of the rows'
-/// values as read (JSON: a Parquet struct is a dict), returning one number
-/// per completion (or None where it does not apply). Each function runs in a `python3`
+/// otherwise; with tool calls, the turns as messages), `completion_ids` and
+/// every other column of the rows, each a list of the rows' values as read
+/// (JSON: a Parquet struct is a dict), returning one number per completion
+/// (or None where it does not apply). Each function runs in a `python3`
 /// process of its own ([`crate::python::PythonProcesses`]), which keeps its
 /// module state from call to call (in TRL, one process holds them all).
 #[derive(Debug)]
