@@ -423,6 +423,8 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
     }
     let client = RolloutClient::new(settings, tokenizer)?.with_tools(tools);
     let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
+    // No training here: python functions' trainer_state is the run's start.
+    rewards.set_trainer_state(0, recipe.train.max_steps, 0.0);
     rewards.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

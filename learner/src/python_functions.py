@@ -229,7 +229,11 @@ def serve(specs):
             call = json.loads(line)
             text = call.get("text", True)
             function = functions[call["name"]]
-            result = function(**call["arguments"])
+            arguments = call["arguments"]
+            if not text and isinstance(arguments.get("trainer_state"), dict):
+                # TRL's TrainerState is read by attribute: state.global_step.
+                arguments["trainer_state"] = types.SimpleNamespace(**arguments["trainer_state"])
+            result = function(**arguments)
             if inspect.isawaitable(result):
                 result = loop.run_until_complete(result)
             answer = json.dumps({"result": str(result) if text else result}, default=plain, allow_nan=False)

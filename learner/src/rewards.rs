@@ -195,6 +195,9 @@ pub fn nan_mean_std(values: &[f64]) -> (f64, f64) {
 #[derive(Debug)]
 pub struct RewardRegistry {
     functions: Vec<RewardFunction>,
+    /// TRL's `trainer_state` for `python` functions
+    /// ([`Self::set_trainer_state`]).
+    trainer_state: std::sync::Mutex<Value>,
 }
 
 #[derive(Debug)]
@@ -269,7 +272,12 @@ impl RewardRegistry {
             }
             functions.push(f);
         }
-        Ok(RewardRegistry { functions })
+        Ok(RewardRegistry {
+            functions,
+            trainer_state: std::sync::Mutex::new(serde_json::json!({
+                "global_step": 0, "max_steps": 0, "epoch": 0.0
+            })),
+        })
     }
 
     /// The registry of a recipe's `reward` section.
@@ -342,6 +350,16 @@ impl RewardRegistry {
         self
     }
 
+    /// Where training stands, for the `python` functions' `trainer_state`
+    /// (TRL's: `global_step`, the optimizer updates done, `max_steps`, all
+    /// the run's updates, and `epoch`, the passes over the prompts done).
+    pub fn set_trainer_state(&self, global_step: u64, max_steps: u64, epoch: f64) {
+        let state = serde_json::json!({
+            "global_step": global_step, "max_steps": max_steps, "epoch": epoch
+        });
+        *self.trainer_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
     /// The logged names, in recipe order.
     pub fn labels(&self) -> Vec<&str> {
         self.functions.iter().map(|f| f.label.as_str()).collect()
@@ -350,11 +368,16 @@ impl RewardRegistry {
     /// Scores a batch with every function (in recipe order; a remote function
     /// is awaited before the next one starts).
     pub async fn score(&self, batch: &[RewardInput]) -> Result<RewardScores> {
+        let trainer_state = self
+            .trainer_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut per_function = Vec::with_capacity(self.functions.len());
         let mut weighted = vec![0.0; batch.len()];
         let mut gate = vec![1.0; batch.len()];
         for f in &self.functions {
-            let values = f.score(batch).await?;
+            let values = f.score(batch, &trainer_state).await?;
             // NaN: a Python function's None (it does not apply).
             let none_allowed = matches!(f.kind, Kind::Python(_));
             if let Some(i) = values
@@ -580,7 +603,8 @@ impl RewardFunction {
             .collect()
     }
 
-    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>> {
+    /// `trainer_state`: where training stands, for `python` functions.
+    async fn score(&self, batch: &[RewardInput], trainer_state: &Value) -> Result<Vec<f64>> {
         match &self.kind {
             Kind::ExactMatch(f) => self.each(batch, |x| f.score(x)),
             Kind::Format(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
@@ -588,7 +612,10 @@ impl RewardFunction {
             Kind::Blocklist(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::Code(f) => f.score(batch).await.map_err(|m| self.fail(m)),
-            Kind::Python(f) => f.score(batch).await.map_err(|m| self.fail(m)),
+            Kind::Python(f) => f
+                .score(batch, trainer_state)
+                .await
+                .map_err(|m| self.fail(m)),
             Kind::ThinkFormat => Ok(batch
                 .iter()
                 .map(|x| think_format(&x.completion_text))
@@ -1634,8 +1661,9 @@ struct PythonParams {
 /// batch, with keyword arguments `prompts` and `completions` (each prompt's
 /// messages and `[{"role": "assistant", "content": ...}]` when the chat
 /// template made the prompt, TRL's conversational format; the texts
-/// otherwise; with tool calls, the turns as messages), `completion_ids` and
-/// every other column of the rows, each a list of the rows' values as read
+/// otherwise; with tool calls, the turns as messages), `completion_ids`,
+/// `trainer_state` (its `global_step`, `max_steps` and `epoch`) and every
+/// other column of the rows, each a list of the rows' values as read
 /// (JSON: a Parquet struct is a dict), returning one number per completion
 /// (or None where it does not apply). Each function runs in a `python3`
 /// process of its own ([`crate::python::PythonProcesses`]), which keeps its
@@ -1689,7 +1717,11 @@ impl PythonReward {
         Ok(())
     }
 
-    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+    async fn score(
+        &self,
+        batch: &[RewardInput],
+        trainer_state: &Value,
+    ) -> Result<Vec<f64>, String> {
         let mut prompts = Vec::with_capacity(batch.len());
         let mut completions = Vec::with_capacity(batch.len());
         for x in batch {
@@ -1750,6 +1782,7 @@ impl PythonReward {
             "completion_ids".into(),
             batch.iter().map(|x| x.completion_ids.clone()).collect(),
         );
+        kwargs.insert("trainer_state".into(), trainer_state.clone());
         let result = self
             .processes
             .call(&self.name, &Value::Object(kwargs), false)

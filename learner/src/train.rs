@@ -1544,6 +1544,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
         Ok(())
     };
+    // TRL's trainer_state for python reward functions: the optimizer
+    // updates of the steps done, and the passes over the prompts.
+    let set_trainer_state = |steps_done: u64| {
+        let prompts_per_step = (recipe.prompts_per_rank_per_step() * world) as u64;
+        rewards.set_trainer_state(
+            steps_done * updates_per_step as u64,
+            max_steps * updates_per_step as u64,
+            (steps_done * prompts_per_step) as f64 / epoch_prompts,
+        )
+    };
+    set_trainer_state(start_step);
     if resume.is_none() {
         run_eval(0, weight_version)?;
     }
@@ -1621,6 +1632,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let run_started = Instant::now();
     for step in start_step + 1..=max_steps {
         let step_started = Instant::now();
+        set_trainer_state(step - 1);
         // 1-2. prompts and completions: the first round (prefetched, or
         // generated now); dynamic sampling asks for more below.
         let t_gen = Instant::now();

@@ -1062,6 +1062,11 @@ def verifier_down(completions, **kwargs):
     raise RuntimeError("verifier down")
 
 
+def progress(completions, trainer_state, **kwargs):
+    """A curriculum reads TRL's trainer_state by attribute."""
+    return [trainer_state.global_step / trainer_state.max_steps + trainer_state.epoch] * len(completions)
+
+
 def shapes(completions, completion_ids, **kwargs):
     """Token ids, and a tool conversation's messages."""
     return [len(ids) + 10 * len(c) for c, ids in zip(completions, completion_ids)]
@@ -1195,6 +1200,15 @@ async fn python_reward_functions_take_every_column_of_the_rows() {
     };
     let scores = rewards.score(&[row(2, 1), row(0, 5)]).await.unwrap();
     assert_eq!(scores.per_function[0].values, [2.0 + 1.0 + 3.0, 5.0 + 3.0]);
+
+    // TRL's trainer_state, as the training loop sets it.
+    let rewards = registry(json!({
+        "name": "python",
+        "function": format!("{}:progress", file.display()),
+    }));
+    rewards.set_trainer_state(6, 10, 2.0);
+    let scores = rewards.score(&[input("x", None)]).await.unwrap();
+    assert_eq!(scores.per_function[0].values, [0.6 + 2.0]);
 
     // TRL's completion_ids; a completion that called tools is its turns.
     let rewards = registry(json!({

@@ -801,6 +801,8 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          assert len(answer) == len(prompts) == len(completion_ids)\n    \
          assert prompts[0][-1]['role'] == 'user' and answer[0].isdigit()\n    \
          assert 'prompt' not in kwargs\n    \
+         state = kwargs['trainer_state']\n    \
+         assert state.max_steps == 2 and state.global_step in (0, 1)\n    \
          for c in completions:\n        \
          assert [m['role'] for m in c] == ['assistant', 'tool'] * 2 + ['assistant']\n        \
          assert [m['name'] for m in c[1::2]] == \
