@@ -450,11 +450,29 @@ impl RolloutClient {
         let mut turn_text = 0;
         let mut turn_ids = 0;
         let mut rounds = 0;
-        // Ends the loop with the last turn as the completion's last message.
+        // An assistant message: its text and the calls read from it.
+        let assistant = |text: &str| {
+            let read: Vec<serde_json::Value> = tools
+                .calls(text)
+                .into_iter()
+                .map(|(name, arguments)| {
+                    let arguments = serde_json::from_str::<serde_json::Value>(&arguments)
+                        .unwrap_or(serde_json::Value::String(arguments));
+                    serde_json::json!({"type": "function",
+                                       "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+            let mut message = serde_json::json!({"role": "assistant", "content": text});
+            if !read.is_empty() {
+                message["tool_calls"] = serde_json::Value::Array(read);
+            }
+            message
+        };
+        // Ends the loop with the last turn as the completion's last message
+        // (with the calls it wrote past max_tool_calling_iterations, unrun).
         let last_turn = |c: &mut Completion, mut turns: Vec<serde_json::Value>, from: usize| {
             if !turns.is_empty() {
-                let text = &c.text[from..];
-                turns.push(serde_json::json!({"role": "assistant", "content": text}));
+                turns.push(assistant(&c.text[from..]));
                 c.messages = turns;
             }
         };
@@ -472,15 +490,6 @@ impl RolloutClient {
                 return Ok(None);
             }
             rounds += 1;
-            let read: Vec<serde_json::Value> = calls
-                .iter()
-                .map(|(name, arguments)| {
-                    let arguments = serde_json::from_str::<serde_json::Value>(arguments)
-                        .unwrap_or_else(|_| serde_json::Value::String(arguments.clone()));
-                    serde_json::json!({"type": "function",
-                                       "function": {"name": name, "arguments": arguments}})
-                })
-                .collect();
             // One after the other, in the order written: a call may depend
             // on an earlier one's side effects.
             let mut results = Vec::with_capacity(calls.len());
@@ -503,8 +512,7 @@ impl RolloutClient {
             let inserted = tools
                 .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
                 .map_err(|e| malformed(e.to_string()))?;
-            let with_calls = serde_json::json!({"role": "assistant", "content": turn,
-                                                "tool_calls": read});
+            let with_calls = assistant(&turn);
             conversation.extend(answers.iter().cloned());
             let ids = tokenizer
                 .encode(&inserted, false)

@@ -805,6 +805,7 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          assert state.max_steps == 2 and state.global_step in (0, 1)\n    \
          for c in completions:\n        \
          assert [m['role'] for m in c] == ['assistant', 'tool'] * 2 + ['assistant']\n        \
+         assert all('tool_calls' in m for m in c[0::2])\n        \
          assert [m['name'] for m in c[1::2]] == \
          [m['tool_calls'][0]['function']['name'] for m in c[0:4:2]]\n    \
          return [float(sum(m['name'] == 'mul' for m in c[1::2])) for c in completions]\n",
