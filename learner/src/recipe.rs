@@ -477,10 +477,10 @@ pub struct RolloutSection {
     /// recipe's values.
     pub generation_kwargs: Map<String, Value>,
     /// Tools the policy may call during a rollout (TRL's `tools`), each an
-    /// HTTP endpoint or a Python function. The chat template lists them in the prompt; a
-    /// completion that calls them gets their results as tool messages and
-    /// goes on generating, and the tool messages' tokens are left out of
-    /// the loss. Needs chat prompts.
+    /// HTTP endpoint or a Python function. The chat template lists them in
+    /// the prompt; a completion that calls them gets their results as tool
+    /// messages and goes on generating, and the tool messages' tokens are
+    /// left out of the loss. Needs chat prompts.
     pub tools: Vec<Tool>,
     /// How the model writes its calls (vLLM's `--tool-call-parser`):
     /// `hermes` (`<tool_call>` blocks: Qwen2.5, Qwen3, Hermes) or
