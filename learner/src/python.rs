@@ -178,6 +178,19 @@ impl PythonProcesses {
     /// function's list). A Python exception is `Err("Type: message")`
     /// without `text`, `Err("message")` with it (as TRL shows a tool's).
     pub async fn call(&self, name: &str, args: &Value, text: bool) -> Result<Value, String> {
+        self.call_within(name, args, text, self.timeout, &self.timeout_key)
+            .await
+    }
+
+    /// [`Self::call`] with its own deadline (and the key that sets it).
+    pub async fn call_within(
+        &self,
+        name: &str,
+        args: &Value,
+        text: bool,
+        timeout: Duration,
+        timeout_key: &str,
+    ) -> Result<Value, String> {
         let _permit = self
             .free
             .acquire()
@@ -190,7 +203,10 @@ impl PythonProcesses {
             None => self.start(),
         };
         let (result, worker) = match worker {
-            Ok(w) => self.exchange(w, name, args, text).await,
+            Ok(w) => {
+                self.exchange(w, name, args, text, timeout, timeout_key)
+                    .await
+            }
             Err(e) => (Err(e), None),
         };
         self.slots().push(worker);
@@ -205,6 +221,8 @@ impl PythonProcesses {
         name: &str,
         args: &Value,
         text: bool,
+        timeout: Duration,
+        timeout_key: &str,
     ) -> (Result<Value, String>, Option<PythonWorker>) {
         let request = format!(
             "{}\n",
@@ -217,13 +235,12 @@ impl PythonProcesses {
             worker.stdout.read_line(&mut answer).await?;
             Ok::<_, std::io::Error>(answer)
         };
-        let answer = match tokio::time::timeout(self.timeout, exchange).await {
+        let answer = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(answer)) if !answer.is_empty() => answer,
             Err(_) => {
                 let e = format!(
-                    "{name} took more than {} ({} s)",
-                    self.timeout_key,
-                    self.timeout.as_secs_f64()
+                    "{name} took more than {timeout_key} ({} s)",
+                    timeout.as_secs_f64()
                 );
                 return (Err(e), None);
             }

@@ -219,7 +219,9 @@ def serve(specs):
     functions = {}
     for spec in specs:
         function = load(spec)
-        # By the name the spec gives and by its own (a tool's definition).
+        # By its spec (a reward function), by the name the spec gives and by
+        # its own (a tool's definition).
+        functions[spec] = function
         functions[spec.rpartition(":")[2]] = function
         functions[function.__name__] = function
     loop = asyncio.new_event_loop()

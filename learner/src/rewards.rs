@@ -31,7 +31,7 @@
 //! scoring is an error naming it, never a silent zero.
 
 use std::collections::HashSet;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use model::tokenizer::ChatMessage;
@@ -272,6 +272,28 @@ impl RewardRegistry {
             }
             functions.push(f);
         }
+        // The Python functions share one process, as TRL's reward
+        // functions share its: module state is common to them.
+        let specs: Vec<String> = functions
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Kind::Python(p) => Some(p.spec.clone()),
+                _ => None,
+            })
+            .collect();
+        if !specs.is_empty() {
+            let shared = Arc::new(crate::python::PythonProcesses::new(
+                specs,
+                Duration::from_secs_f64(default_python_timeout_s()),
+                "timeout_s",
+                1,
+            ));
+            for f in &mut functions {
+                if let Kind::Python(p) = &mut f.kind {
+                    p.processes = Some(shared.clone());
+                }
+            }
+        }
         Ok(RewardRegistry {
             functions,
             trainer_state: std::sync::Mutex::new(serde_json::json!({
@@ -306,12 +328,25 @@ impl RewardRegistry {
     /// so that a broken one stops the run before its first generation.
     pub fn prepare(&self) -> Result<()> {
         for f in &self.functions {
-            match &f.kind {
-                Kind::RewardModel(rm) => {
-                    rm.classifier().map_err(|m| f.fail(m))?;
-                }
-                Kind::Python(p) => p.check().map_err(|m| f.fail(m))?,
-                _ => {}
+            if let Kind::RewardModel(rm) = &f.kind {
+                rm.classifier().map_err(|m| f.fail(m))?;
+            }
+        }
+        // One import of every Python function.
+        let python: Vec<(&RewardFunction, &PythonReward)> = self
+            .functions
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Kind::Python(p) => Some((f, p.as_ref())),
+                _ => None,
+            })
+            .collect();
+        if let Some((first, _)) = python.first() {
+            let specs: Vec<String> = python.iter().map(|(_, p)| p.spec.clone()).collect();
+            let checked =
+                crate::python::inspect("load", &specs).map_err(|e| first.fail(format!("{e:#}")))?;
+            for ((f, p), checked) in python.iter().zip(checked) {
+                p.imported(&checked).map_err(|m| f.fail(m))?;
             }
         }
         Ok(())
@@ -1665,50 +1700,42 @@ struct PythonParams {
 /// `trainer_state` (its `global_step`, `max_steps` and `epoch`) and every
 /// other column of the rows, each a list of the rows' values as read
 /// (JSON: a Parquet struct is a dict), returning one number per completion
-/// (or None where it does not apply). Each function runs in a `python3`
-/// process of its own ([`crate::python::PythonProcesses`]), which keeps its
-/// module state from call to call (in TRL, one process holds them all).
+/// (or None where it does not apply). The registry's Python functions run
+/// in one `python3` process of the learner's
+/// ([`crate::python::PythonProcesses`]), which keeps their module state
+/// from call to call, as TRL's process does.
 #[derive(Debug)]
 pub struct PythonReward {
     spec: String,
-    name: String,
-    /// The SHA-256 of the function's source file, once [`Self::check`]
-    /// imported it.
+    /// The SHA-256 of the function's source file, once
+    /// [`RewardRegistry::prepare`] imported it.
     source_sha256: std::sync::OnceLock<String>,
-    processes: crate::python::PythonProcesses,
+    timeout: Duration,
+    /// The registry's process, shared by its Python functions.
+    processes: Option<Arc<crate::python::PythonProcesses>>,
     answer_column: String,
     data_source_column: Option<String>,
 }
 
 impl PythonReward {
     fn new(p: PythonParams) -> Result<Self, String> {
-        let name = crate::python::function_name(&p.function)
-            .map_err(|m| format!("`function`: {m}"))?
-            .to_string();
+        crate::python::function_name(&p.function).map_err(|m| format!("`function`: {m}"))?;
         if !(p.timeout_s.is_finite() && p.timeout_s > 0.0) {
             return Err(format!("`timeout_s` must be positive, got {}", p.timeout_s));
         }
         Ok(PythonReward {
-            processes: crate::python::PythonProcesses::new(
-                vec![p.function.clone()],
-                Duration::from_secs_f64(p.timeout_s),
-                "its timeout_s",
-                1,
-            ),
+            timeout: Duration::from_secs_f64(p.timeout_s),
+            processes: None,
             spec: p.function,
-            name,
             source_sha256: std::sync::OnceLock::new(),
             answer_column: "answer".into(),
             data_source_column: None,
         })
     }
 
-    /// Imports the function, so that a broken one stops the run before its
-    /// first generation.
-    fn check(&self) -> Result<(), String> {
-        let checked = crate::python::inspect("load", std::slice::from_ref(&self.spec))
-            .map_err(|e| format!("{e:#}"))?;
-        let checked = checked.first().cloned().unwrap_or_default();
+    /// Takes what importing the function gave (`load`'s answer), so that a
+    /// broken one stops the run before its first generation.
+    fn imported(&self, checked: &Value) -> Result<(), String> {
         if let Some(e) = checked.get("error") {
             return Err(format!("{}: {}", self.spec, e.as_str().unwrap_or_default()));
         }
@@ -1783,9 +1810,17 @@ impl PythonReward {
             batch.iter().map(|x| x.completion_ids.clone()).collect(),
         );
         kwargs.insert("trainer_state".into(), trainer_state.clone());
-        let result = self
-            .processes
-            .call(&self.name, &Value::Object(kwargs), false)
+        let Some(processes) = &self.processes else {
+            return Err("no Python process (the function was built outside a registry)".into());
+        };
+        let result = processes
+            .call_within(
+                &self.spec,
+                &Value::Object(kwargs),
+                false,
+                self.timeout,
+                "its timeout_s",
+            )
             .await?;
         let Value::Array(values) = result else {
             let shown: String = result.to_string().chars().take(200).collect();

@@ -1036,6 +1036,11 @@ def calls_so_far(completions, **kwargs):
     return [calls] * len(completions)
 
 
+def calls_seen(completions, **kwargs):
+    """Another function of the same module reads the same state."""
+    return [calls] * len(completions)
+
+
 class Half:
     def __float__(self):
         return 0.5
@@ -1097,6 +1102,7 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
         f("longer_than_two"),
         f("calls_so_far"),
         f("chat_only"),
+        f("calls_seen"),
     ])
     .unwrap()
     .with_data_columns(&data);
@@ -1109,7 +1115,8 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
             "halves",
             "longer_than_two",
             "calls_so_far",
-            "chat_only"
+            "chat_only",
+            "calls_seen"
         ]
     );
     let chat = |completion: &str| {
@@ -1134,19 +1141,22 @@ async fn python_reward_functions_are_called_as_trl_calls_them() {
     assert!(values[5][0].is_nan() && values[5][1].is_nan());
     assert_eq!(values[5][2], 1.0);
     // accuracy, conversational, halves, longer_than_two, calls_so_far,
-    // chat_only (None on the text prompts).
+    // chat_only (None on the text prompts), calls_seen.
     assert_eq!(
         scores.total,
         [
-            1.0 + 0.0 + 0.5 + 1.0 + 1.0,
-            0.0 + 0.0 + 0.5 + 0.0 + 1.0,
-            1.0 + 1.0 + 0.5 + 0.0 + 1.0 + 1.0
+            1.0 + 0.0 + 0.5 + 1.0 + 1.0 + 1.0,
+            0.0 + 0.0 + 0.5 + 0.0 + 1.0 + 1.0,
+            1.0 + 1.0 + 0.5 + 0.0 + 1.0 + 1.0 + 1.0
         ]
     );
     let summary = scores.summary();
     assert_eq!((summary[5].1, summary[5].2), (1.0, 0.0));
     let again = rewards.score(&batch).await.unwrap();
     assert_eq!(again.per_function[4].values, [2.0, 2.0, 2.0]);
+    // The functions share one process, as in TRL: calls_seen reads the
+    // count calls_so_far keeps.
+    assert_eq!(again.per_function[6].values, [2.0, 2.0, 2.0]);
 }
 
 /// What a Python reward function cannot give is an error naming it, never
