@@ -105,15 +105,12 @@ pub fn inspect(mode: &str, specs: &[String]) -> anyhow::Result<Vec<Value>> {
 
 /// `python3` processes that import Python functions and run their calls (a
 /// JSON line in, one out), each one call at a time: up to `processes` at
-/// once (`rollout.python_tool_processes` for the tools). A process starts when a call
-/// finds none idle, and is replaced after a call that passed the deadline
-/// or ended it.
+/// once (`rollout.python_tool_processes` for the tools). A process starts
+/// when a call finds none idle, and is replaced after a call that passed its
+/// deadline or ended it.
 #[derive(Debug)]
 pub struct PythonProcesses {
     specs: Vec<String>,
-    timeout: Duration,
-    /// The recipe key of `timeout`, for the error a late call gets.
-    timeout_key: String,
     /// One slot per process allowed: an idle process, or none (not started,
     /// or ended). A call holds a permit of `free` while it has a slot's
     /// process out.
@@ -130,17 +127,10 @@ struct PythonWorker {
 }
 
 impl PythonProcesses {
-    pub fn new(
-        specs: Vec<String>,
-        timeout: Duration,
-        timeout_key: impl Into<String>,
-        processes: usize,
-    ) -> PythonProcesses {
+    pub fn new(specs: Vec<String>, processes: usize) -> PythonProcesses {
         let processes = processes.max(1);
         PythonProcesses {
             specs,
-            timeout,
-            timeout_key: timeout_key.into(),
             idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
             free: tokio::sync::Semaphore::new(processes),
         }
@@ -176,14 +166,10 @@ impl PythonProcesses {
     /// Calls `name` with `args` (an object) as keywords: its result as
     /// `str(result)` when `text` (a tool's), else as JSON (a reward
     /// function's list). A Python exception is `Err("Type: message")`
-    /// without `text`, `Err("message")` with it (as TRL shows a tool's).
-    pub async fn call(&self, name: &str, args: &Value, text: bool) -> Result<Value, String> {
-        self.call_within(name, args, text, self.timeout, &self.timeout_key)
-            .await
-    }
-
-    /// [`Self::call`] with its own deadline (and the key that sets it).
-    pub async fn call_within(
+    /// without `text`, `Err("message")` with it (as TRL shows a tool's). A
+    /// call past `timeout` fails naming `timeout_key`, the recipe key that
+    /// sets it.
+    pub async fn call(
         &self,
         name: &str,
         args: &Value,

@@ -282,12 +282,7 @@ impl RewardRegistry {
             })
             .collect();
         if !specs.is_empty() {
-            let shared = Arc::new(crate::python::PythonProcesses::new(
-                specs,
-                Duration::from_secs_f64(default_python_timeout_s()),
-                "timeout_s",
-                1,
-            ));
+            let shared = Arc::new(crate::python::PythonProcesses::new(specs, 1));
             for f in &mut functions {
                 if let Kind::Python(p) = &mut f.kind {
                     p.processes = Some(shared.clone());
@@ -1814,7 +1809,7 @@ impl PythonReward {
             return Err("no Python process (the function was built outside a registry)".into());
         };
         let result = processes
-            .call_within(
+            .call(
                 &self.spec,
                 &Value::Object(kwargs),
                 false,

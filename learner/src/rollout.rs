@@ -352,20 +352,17 @@ impl RolloutClient {
         let outcome = self.to_group(&endpoint, prompt, resp)?;
         match (&self.tools, outcome) {
             (Some(tools), GroupOutcome::Kept(mut group)) => {
-                let messages =
-                    example
-                        .messages
-                        .as_deref()
-                        .ok_or_else(|| RolloutError::Malformed {
-                            endpoint: "tools".into(),
-                            message: "rollout.tools needs chat prompts (data.prompt_template: \
-                                  chat, or a conversational prompt column)"
-                                .into(),
-                        })?;
-                let messages = serde_json::to_value(messages)
-                    .ok()
-                    .and_then(|v| v.as_array().cloned())
-                    .unwrap_or_default();
+                let messages = example.messages.as_deref().ok_or_else(|| {
+                    RolloutError::Tools(
+                        "needs chat prompts (data.prompt_template: chat, or a conversational \
+                         prompt column)"
+                            .into(),
+                    )
+                })?;
+                let messages: Vec<serde_json::Value> = messages
+                    .iter()
+                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                    .collect();
                 let prompt_ids = group.prompt_ids.clone();
                 let turns = group
                     .completions
@@ -451,13 +448,12 @@ impl RolloutClient {
         let mut turn_ids = 0;
         let mut rounds = 0;
         // An assistant message: its text and the calls read from it.
-        let assistant = |text: &str| {
-            let read: Vec<serde_json::Value> = tools
-                .calls(text)
-                .into_iter()
+        let assistant = |text: &str, calls: &[(String, String)]| {
+            let read: Vec<serde_json::Value> = calls
+                .iter()
                 .map(|(name, arguments)| {
-                    let arguments = serde_json::from_str::<serde_json::Value>(&arguments)
-                        .unwrap_or(serde_json::Value::String(arguments));
+                    let arguments = serde_json::from_str::<serde_json::Value>(arguments)
+                        .unwrap_or_else(|_| serde_json::Value::String(arguments.clone()));
                     serde_json::json!({"type": "function",
                                        "function": {"name": name, "arguments": arguments}})
                 })
@@ -472,7 +468,8 @@ impl RolloutClient {
         // (with the calls it wrote past max_tool_calling_iterations, unrun).
         let last_turn = |c: &mut Completion, mut turns: Vec<serde_json::Value>, from: usize| {
             if !turns.is_empty() {
-                turns.push(assistant(&c.text[from..]));
+                let text = &c.text[from..];
+                turns.push(assistant(text, &tools.calls(text)));
                 c.messages = turns;
             }
         };
@@ -493,14 +490,14 @@ impl RolloutClient {
             // One after the other, in the order written: a call may depend
             // on an earlier one's side effects.
             let mut results = Vec::with_capacity(calls.len());
-            for (name, arguments) in calls {
-                let result = tools.call(&name, &arguments).await;
+            for (name, arguments) in &calls {
+                let result = tools.call(name, arguments).await;
                 c.tool_calls += 1;
                 if let Err(e) = &result {
                     c.tool_failures += 1;
                     tracing::debug!(tool = %name, "tool call failed: {e}");
                 }
-                results.push((name, result));
+                results.push((name.clone(), result));
             }
             conversation.push(serde_json::json!({"role": "assistant", "content": turn}));
             let last_token = c.completion_ids[turn_ids..]
@@ -512,7 +509,7 @@ impl RolloutClient {
             let inserted = tools
                 .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
                 .map_err(|e| malformed(e.to_string()))?;
-            let with_calls = assistant(&turn);
+            let with_calls = assistant(&turn, &calls);
             conversation.extend(answers.iter().cloned());
             let ids = tokenizer
                 .encode(&inserted, false)

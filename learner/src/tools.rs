@@ -53,6 +53,8 @@ pub struct ToolRunner {
     pub max_iterations: Option<usize>,
     chat_template_kwargs: Map<String, Value>,
     http: reqwest::Client,
+    /// A call's deadline (`rollout.tool_timeout_s`).
+    timeout: Duration,
     /// Each `python` tool's recipe key, spec, definition and the SHA-256 of
     /// its source file: what a checkpoint records of them.
     python_functions: Vec<Value>,
@@ -128,15 +130,10 @@ impl ToolRunner {
             max_iterations: r.max_tool_calling_iterations,
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
             http,
+            timeout,
             python_functions,
-            python: (!specs.is_empty()).then(|| {
-                Arc::new(PythonProcesses::new(
-                    specs,
-                    timeout,
-                    "rollout.tool_timeout_s",
-                    r.python_tool_processes,
-                ))
-            }),
+            python: (!specs.is_empty())
+                .then(|| Arc::new(PythonProcesses::new(specs, r.python_tool_processes))),
         }))
     }
 
@@ -185,7 +182,10 @@ impl ToolRunner {
         match runs {
             Runs::Http(url) => self.call_http(name, url, &args).await,
             Runs::Python => match &self.python {
-                Some(python) => match python.call(name, &args, true).await {
+                Some(python) => match python
+                    .call(name, &args, true, self.timeout, "rollout.tool_timeout_s")
+                    .await
+                {
                     Ok(Value::String(result)) => Ok(result),
                     Ok(other) => Ok(other.to_string()),
                     Err(e) => Err(e),
