@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::recipe::{DataFile, DataSection, OnLongPrompt};
+use crate::recipe::{DataFile, DataSection, OnLongPrompt, Recipe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -110,7 +110,7 @@ pub struct ColumnMapping {
 
 impl Default for ColumnMapping {
     fn default() -> Self {
-        ColumnMapping::from_recipe(&DataSection::default())
+        ColumnMapping::from_data(&DataSection::default())
     }
 }
 
@@ -124,11 +124,20 @@ impl ColumnMapping {
         }
     }
 
-    pub fn from_recipe(data: &DataSection) -> Self {
+    /// The data section's columns; the others are not kept.
+    pub fn from_data(data: &DataSection) -> Self {
         let mut m = ColumnMapping::new(&data.prompt_column, &data.answer_column);
         m.source_column = data.data_source_column.clone();
-        m.keep_columns = data.keep_columns;
         m
+    }
+
+    /// The recipe's columns, the others kept when its reward functions
+    /// take them ([`crate::recipe::RewardSection::takes_row_columns`]).
+    pub fn from_recipe(recipe: &Recipe) -> Self {
+        ColumnMapping {
+            keep_columns: recipe.reward.takes_row_columns(),
+            ..ColumnMapping::from_data(&recipe.data)
+        }
     }
 }
 
@@ -995,27 +1004,26 @@ impl Dataset {
 }
 
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
-/// shuffle), the first `eval.max_examples` of each file if set, with their
+/// shuffle), the first `max_examples` of each file if set, with their
 /// fingerprints. The prompts list `tools`
 /// ([`crate::tools::ToolRunner::definitions`]).
 pub fn load_eval_examples(
-    data: &DataSection,
+    recipe: &Recipe,
     max_examples: Option<usize>,
     tokenizer: Option<&Tokenizer>,
-    max_prompt_tokens: Option<usize>,
     tools: Option<Value>,
 ) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
-    let mapping = ColumnMapping::from_recipe(data);
+    let data = &recipe.data;
     let format = PromptFormat {
         tools,
         ..PromptFormat::from_recipe(data)?
     };
     let sets = Dataset::load_all(
         &data.eval_files,
-        &mapping,
+        &ColumnMapping::from_recipe(recipe),
         &format,
         tokenizer,
-        max_prompt_tokens,
+        recipe.overlong_prompt_limit(),
     )?;
     let fingerprints = sets.iter().map(|d| d.fingerprint.clone()).collect();
     // The first `max_examples` of each file: each benchmark keeps its share.
@@ -1129,31 +1137,29 @@ impl PromptSource {
         })
     }
 
-    /// Loads `data.train_files` and builds the source: order from `seed`.
-    /// The prompts list `tools`
+    /// Loads `data.train_files` and builds the source: order from
+    /// `train.seed`. The prompts list `tools`
     /// ([`crate::tools::ToolRunner::definitions`]).
     pub fn from_recipe(
-        data: &DataSection,
-        seed: u64,
+        recipe: &Recipe,
         rank: usize,
         world_size: usize,
         tokenizer: Option<&Tokenizer>,
-        max_prompt_tokens: Option<usize>,
         tools: Option<Value>,
     ) -> Result<PromptSource> {
-        let mapping = ColumnMapping::from_recipe(data);
+        let data = &recipe.data;
         let format = PromptFormat {
             tools,
             ..PromptFormat::from_recipe(data)?
         };
         let sets = Dataset::load_all(
             &data.train_files,
-            &mapping,
+            &ColumnMapping::from_recipe(recipe),
             &format,
             tokenizer,
-            max_prompt_tokens,
+            recipe.overlong_prompt_limit(),
         )?;
-        PromptSource::new(sets, seed, data.shuffle, rank, world_size)
+        PromptSource::new(sets, recipe.train.seed, data.shuffle, rank, world_size)
     }
 
     pub fn datasets(&self) -> &[Dataset] {

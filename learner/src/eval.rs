@@ -385,10 +385,9 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
     };
     let tools = crate::tools::ToolRunner::from_recipe(&recipe)?;
     let (examples, _) = crate::data::load_eval_examples(
-        &recipe.data,
+        &recipe,
         max_examples,
         tokenizer.as_deref(),
-        recipe.overlong_prompt_limit(),
         tools.as_ref().map(|t| t.definitions().clone()),
     )?;
     let settings = RolloutSettings {

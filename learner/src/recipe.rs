@@ -387,11 +387,6 @@ pub struct DataSection {
     pub filter_overlong_prompts: bool,
     /// Reshuffle each file every epoch (from `train.seed`); file order otherwise.
     pub shuffle: bool,
-    /// Whether rows keep their other columns: `python` reward functions
-    /// take them, as TRL passes every column to its reward functions. Not
-    /// a key: set from `reward.functions` when the recipe loads.
-    #[serde(skip)]
-    pub keep_columns: bool,
 }
 
 impl Default for DataSection {
@@ -410,7 +405,6 @@ impl Default for DataSection {
             on_long_prompt: OnLongPrompt::Reject,
             filter_overlong_prompts: false,
             shuffle: true,
-            keep_columns: false,
         }
     }
 }
@@ -610,6 +604,14 @@ impl Default for RewardFunction {
 pub struct RewardSection {
     /// The total reward is the weighted sum; each is logged on its own.
     pub functions: Vec<RewardFunction>,
+}
+
+impl RewardSection {
+    /// Whether rows keep their other columns: `python` reward functions
+    /// take them, as TRL passes every column to its reward functions.
+    pub fn takes_row_columns(&self) -> bool {
+        self.functions.iter().any(|f| f.name == "python")
+    }
 }
 
 /// TRL / transformers `lr_scheduler_type`; warmup applies to each
@@ -1237,9 +1239,8 @@ impl Recipe {
         })?;
 
         epochs_without_max_steps(&mut raw);
-        let mut recipe = deserialize(&raw, &schema, source_name, &overridden)?;
+        let recipe = deserialize(&raw, &schema, source_name, &overridden)?;
         recipe.validate()?;
-        recipe.data.keep_columns = recipe.reward.functions.iter().any(|f| f.name == "python");
         Ok(recipe)
     }
 

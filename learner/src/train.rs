@@ -1166,12 +1166,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // ---- data, rewards, rollouts, optimizer
     let tool_definitions = tools.as_ref().map(|t| t.definitions().clone());
     let mut source = PromptSource::from_recipe(
-        &recipe.data,
-        t.seed,
+        &recipe,
         rank,
         world,
         Some(&tokenizer),
-        recipe.overlong_prompt_limit(),
         tool_definitions.clone(),
     )?;
     let reward_weights = rewards.weights();
@@ -1486,10 +1484,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     {
         Some(
             load_eval_examples(
-                &recipe.data,
+                &recipe,
                 recipe.eval.max_examples,
                 Some(&tokenizer),
-                recipe.overlong_prompt_limit(),
                 tool_definitions,
             )?
             .0,

@@ -565,8 +565,7 @@ fn the_demo_recipe_data_loads() {
     {
         f.path = repo().join(&f.path);
     }
-    let mut src =
-        PromptSource::from_recipe(&recipe.data, recipe.train.seed, 0, 2, None, None, None).unwrap();
+    let mut src = PromptSource::from_recipe(&recipe, 0, 2, None, None).unwrap();
     let fp = src.fingerprints();
     assert_eq!(fp[0].rows, 6000);
     assert_eq!(
@@ -577,8 +576,7 @@ fn the_demo_recipe_data_loads() {
     assert_eq!(batch.len(), 8);
     assert!(batch.iter().all(|e| e.prompt_text.ends_with('=')));
 
-    let (eval, efp) =
-        load_eval_examples(&recipe.data, recipe.eval.max_examples, None, None, None).unwrap();
+    let (eval, efp) = load_eval_examples(&recipe, recipe.eval.max_examples, None, None).unwrap();
     assert_eq!(eval.len(), 500);
     assert_eq!(efp[0].rows, 500);
     // Held out: no training question is an eval question.
@@ -862,13 +860,17 @@ fn dotted_columns_read_inside_struct_columns() {
 /// prompt's), with their values as read, a Parquet struct as an object.
 #[test]
 fn rows_keep_their_other_columns_for_python_reward_functions() {
-    let r = learner::recipe::Recipe::demo(&[] as &[&str]).unwrap();
-    assert!(!r.data.keep_columns);
-    let r = learner::recipe::Recipe::demo(&[
-        "reward.functions=[{name: python, function: \"my_rewards.py:f\"}]",
-    ])
-    .unwrap();
-    assert!(r.data.keep_columns);
+    let mut r = learner::recipe::Recipe::demo(&[] as &[&str]).unwrap();
+    assert!(!ColumnMapping::from_recipe(&r).keep_columns);
+    // Read from the recipe where its rows are read, so a reward added in
+    // code counts as one from the YAML.
+    r.reward.functions.push(
+        serde_json::from_value(
+            serde_json::json!({"name": "python", "function": "my_rewards.py:f"}),
+        )
+        .unwrap(),
+    );
+    assert!(ColumnMapping::from_recipe(&r).keep_columns);
 
     let mut verl = ColumnMapping::new("prompt", "reward_model.ground_truth");
     assert!(

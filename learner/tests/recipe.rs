@@ -573,7 +573,7 @@ fn the_shipped_recipes_load_and_validate() {
         from_root("configs/trl_callables.jinja")
     );
     let mut trl = Recipe::load(&configs().join("trl_callables.yaml"), &[template_file]).unwrap();
-    assert!(trl.data.keep_columns);
+    assert!(trl.reward.takes_row_columns());
     for t in &mut trl.rollout.tools {
         t.python = t.python.as_deref().map(from_root);
     }
