@@ -383,7 +383,11 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         Some(p) => Some(Arc::new(crate::data::policy_tokenizer(p, &recipe.data)?)),
         None => None,
     };
-    let tools = crate::tools::ToolRunner::from_recipe(&recipe)?;
+    let mut tools = crate::tools::ToolRunner::from_recipe(&recipe)?;
+    let mut rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
+    if let Some(t) = &mut tools {
+        t.share_python_process(&mut rewards);
+    }
     let (examples, _) = crate::data::load_eval_examples(
         &recipe,
         max_examples,
@@ -421,7 +425,6 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         eprintln!("warning: {warning}");
     }
     let client = RolloutClient::new(settings, tokenizer)?.with_tools(tools);
-    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     // No training here: python functions' trainer_state is the run's start.
     rewards.set_trainer_state(0, recipe.train.max_steps, 0.0);
     rewards.prepare()?;

@@ -111,6 +111,8 @@ pub fn inspect(mode: &str, specs: &[String]) -> anyhow::Result<Vec<Value>> {
 #[derive(Debug)]
 pub struct PythonProcesses {
     specs: Vec<String>,
+    /// How many may run at once.
+    processes: usize,
     /// One slot per process allowed: an idle process, or none (not started,
     /// or ended). A call holds a permit of `free` while it has a slot's
     /// process out.
@@ -131,9 +133,30 @@ impl PythonProcesses {
         let processes = processes.max(1);
         PythonProcesses {
             specs,
+            processes,
             idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
             free: tokio::sync::Semaphore::new(processes),
         }
+    }
+
+    /// One process for the functions of both, as TRL calls its tools and
+    /// its reward functions in its one process (a tool can leave state that
+    /// a reward function reads); none unless each runs one process (with
+    /// more, which one would a reward function see?). Neither has started
+    /// its process yet when this is built.
+    pub fn shared_with(&self, other: &PythonProcesses) -> Option<PythonProcesses> {
+        if self.processes != 1 || other.processes != 1 {
+            return None;
+        }
+        let mut specs = self.specs.clone();
+        specs.extend(
+            other
+                .specs
+                .iter()
+                .filter(|s| !self.specs.contains(s))
+                .cloned(),
+        );
+        Some(PythonProcesses::new(specs, 1))
     }
 
     fn start(&self) -> Result<PythonWorker, String> {
@@ -163,15 +186,16 @@ impl PythonProcesses {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Calls `name` with `args` (an object) as keywords: its result as
-    /// `str(result)` when `text` (a tool's), else as JSON (a reward
-    /// function's list). A Python exception is `Err("Type: message")`
-    /// without `text`, `Err("message")` with it (as TRL shows a tool's). A
-    /// call past `timeout` fails naming `timeout_key`, the recipe key that
-    /// sets it.
+    /// Calls the function of `spec` (one of those given to [`Self::new`])
+    /// with `args` (an object) as keywords: its result as `str(result)` when
+    /// `text` (a tool's), else as JSON (a reward function's list). A Python
+    /// exception is `Err("Type: message")` without `text`, `Err("message")`
+    /// with it (as TRL shows a tool's). A call past `timeout` fails naming
+    /// `timeout_key`, the recipe key that sets it. Messages name the
+    /// function, not its file.
     pub async fn call(
         &self,
-        name: &str,
+        spec: &str,
         args: &Value,
         text: bool,
         timeout: Duration,
@@ -181,7 +205,7 @@ impl PythonProcesses {
             .free
             .acquire()
             .await
-            .map_err(|e| format!("the python tools are closed: {e}"))?;
+            .map_err(|e| format!("the Python functions' processes are closed: {e}"))?;
         // A permit guarantees a slot.
         let slot = self.slots().pop().flatten();
         let worker = match slot {
@@ -190,7 +214,7 @@ impl PythonProcesses {
         };
         let (result, worker) = match worker {
             Ok(w) => {
-                self.exchange(w, name, args, text, timeout, timeout_key)
+                self.exchange(w, spec, args, text, timeout, timeout_key)
                     .await
             }
             Err(e) => (Err(e), None),
@@ -204,7 +228,7 @@ impl PythonProcesses {
     async fn exchange(
         &self,
         mut worker: PythonWorker,
-        name: &str,
+        spec: &str,
         args: &Value,
         text: bool,
         timeout: Duration,
@@ -212,8 +236,9 @@ impl PythonProcesses {
     ) -> (Result<Value, String>, Option<PythonWorker>) {
         let request = format!(
             "{}\n",
-            json!({"name": name, "arguments": args, "text": text})
+            json!({"function": spec, "arguments": args, "text": text})
         );
+        let name = function_name(spec).unwrap_or(spec);
         let exchange = async {
             worker.stdin.write_all(request.as_bytes()).await?;
             worker.stdin.flush().await?;

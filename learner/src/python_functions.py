@@ -7,9 +7,9 @@ The learner runs this file with `python3 -c`:
                       definition and the SHA-256 of the file that holds it
     load SPEC...      imports each function; prints one JSON list of
                       {"source_sha256"} or {"error": ...}
-    serve SPEC...     answers calls: a JSON line {"name", "arguments", "text"}
-                      in (the function called with the arguments as
-                      keywords), a JSON line out: {"result": str(result)}
+    serve SPEC...     answers calls: a JSON line {"function": SPEC,
+                      "arguments", "text"} in (the function called with
+                      the arguments as keywords), a JSON line out: {"result": str(result)}
                       with "text" (a tool's result, as TRL's tool messages
                       hold it), {"result": result} without (a reward
                       function's list), or {"error", "type"}
@@ -216,21 +216,16 @@ def plain(value):
 
 def serve(specs):
     answers = answers_channel()
-    functions = {}
-    for spec in specs:
-        function = load(spec)
-        # By its spec (a reward function), by the name the spec gives and by
-        # its own (a tool's definition).
-        functions[spec] = function
-        functions[spec.rpartition(":")[2]] = function
-        functions[function.__name__] = function
+    # By spec: a tool and a reward function of the same name from two files
+    # stay apart.
+    functions = {spec: load(spec) for spec in specs}
     loop = asyncio.new_event_loop()
     for line in sys.stdin:
         text = True
         try:
             call = json.loads(line)
             text = call.get("text", True)
-            function = functions[call["name"]]
+            function = functions[call["function"]]
             arguments = call["arguments"]
             if not text and isinstance(arguments.get("trainer_state"), dict):
                 # TRL's TrainerState is read by attribute: state.global_step.

@@ -281,20 +281,16 @@ impl RewardRegistry {
                 _ => None,
             })
             .collect();
-        if !specs.is_empty() {
-            let shared = Arc::new(crate::python::PythonProcesses::new(specs, 1));
-            for f in &mut functions {
-                if let Kind::Python(p) = &mut f.kind {
-                    p.processes = Some(shared.clone());
-                }
-            }
-        }
-        Ok(RewardRegistry {
+        let mut registry = RewardRegistry {
             functions,
             trainer_state: std::sync::Mutex::new(serde_json::json!({
                 "global_step": 0, "max_steps": 0, "epoch": 0.0
             })),
-        })
+        };
+        if !specs.is_empty() {
+            registry.set_python_processes(Arc::new(crate::python::PythonProcesses::new(specs, 1)));
+        }
+        Ok(registry)
     }
 
     /// The registry of a recipe's `reward` section.
@@ -345,6 +341,24 @@ impl RewardRegistry {
             }
         }
         Ok(())
+    }
+
+    /// The process the Python functions share, if any.
+    pub fn python_processes(&self) -> Option<Arc<crate::python::PythonProcesses>> {
+        self.functions.iter().find_map(|f| match &f.kind {
+            Kind::Python(p) => p.processes.clone(),
+            _ => None,
+        })
+    }
+
+    /// Runs the Python functions in `processes` (which serves them all:
+    /// [`crate::tools::ToolRunner::share_python_process`]).
+    pub fn set_python_processes(&mut self, processes: Arc<crate::python::PythonProcesses>) {
+        for f in &mut self.functions {
+            if let Kind::Python(p) = &mut f.kind {
+                p.processes = Some(processes.clone());
+            }
+        }
     }
 
     /// What the `python` functions are (recipe key, spec, source file's
@@ -1697,8 +1711,9 @@ struct PythonParams {
 /// (JSON: a Parquet struct is a dict), returning one number per completion
 /// (or None where it does not apply). The registry's Python functions run
 /// in one `python3` process of the learner's
-/// ([`crate::python::PythonProcesses`]), which keeps their module state
-/// from call to call, as TRL's process does.
+/// ([`crate::python::PythonProcesses`], the `python` tools' too when they
+/// run in one), which keeps their module state from call to call, as TRL's
+/// process does.
 #[derive(Debug)]
 pub struct PythonReward {
     spec: String,

@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::python::PythonProcesses;
 use crate::recipe::Recipe;
+use crate::rewards::RewardRegistry;
 
 /// Stands for an assistant turn's content when the template's end of turn
 /// is found.
@@ -36,8 +37,8 @@ pub fn call_metrics(completions: usize, calls: usize, failed: usize) -> Value {
 enum Runs {
     /// `POST url` with the arguments object as the body.
     Http(String),
-    /// A function of the [`PythonProcesses`].
-    Python,
+    /// The function of this spec, in the [`PythonProcesses`].
+    Python(String),
 }
 
 /// The recipe's tools, how calls are read, and how they run. Clones share
@@ -107,7 +108,7 @@ impl ToolRunner {
                         "definition": d["definition"],
                         "source_sha256": d["source_sha256"],
                     }));
-                    (d["definition"].clone(), Runs::Python)
+                    (d["definition"].clone(), Runs::Python(spec.clone()))
                 }
                 None => (tool.definition(), Runs::Http(tool.url.clone())),
             };
@@ -135,6 +136,22 @@ impl ToolRunner {
             python: (!specs.is_empty())
                 .then(|| Arc::new(PythonProcesses::new(specs, r.python_tool_processes))),
         }))
+    }
+
+    /// Runs the `python` tools and `rewards`' Python functions in one
+    /// process, as TRL runs its tools and reward functions in its own: a
+    /// tool can leave state (a module's) that a reward function reads. Only
+    /// with one tool process (`rollout.python_tool_processes: 1`, the
+    /// default); with more, each keeps its own.
+    pub fn share_python_process(&mut self, rewards: &mut RewardRegistry) {
+        let (Some(tools), Some(theirs)) = (&self.python, rewards.python_processes()) else {
+            return;
+        };
+        if let Some(shared) = tools.shared_with(&theirs) {
+            let shared = Arc::new(shared);
+            self.python = Some(shared.clone());
+            rewards.set_python_processes(shared);
+        }
     }
 
     /// The definitions the chat template lists in the prompt.
@@ -181,9 +198,9 @@ impl ToolRunner {
         }
         match runs {
             Runs::Http(url) => self.call_http(name, url, &args).await,
-            Runs::Python => match &self.python {
+            Runs::Python(spec) => match &self.python {
                 Some(python) => match python
-                    .call(name, &args, true, self.timeout, "rollout.tool_timeout_s")
+                    .call(spec, &args, true, self.timeout, "rollout.tool_timeout_s")
                     .await
                 {
                     Ok(Value::String(result)) => Ok(result),
@@ -652,6 +669,48 @@ def undocumented(x: int):
             assert_eq!(clone.call("count", "{}").await, Ok("1".into()));
             assert_eq!(r.call("count", "{}").await, Ok("2".into()));
         });
+    }
+
+    /// With one tool process, the tools and the reward functions share it,
+    /// as in TRL: a reward function reads what a tool left in its module
+    /// (here a reward function of the tool's name in another file, which
+    /// stays apart from it). With more, the reward functions keep their own.
+    #[test]
+    fn python_tools_share_the_reward_functions_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let rewards_file = dir.path().join("my_rewards.py");
+        std::fs::write(
+            &rewards_file,
+            "import my_tools\n\ndef count(completions, **kwargs):\n    \
+             return [my_tools.calls] * len(completions)\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (processes, seen) in [(1, 2.0), (2, 0.0)] {
+            let mut tools = python_runner_with(dir.path(), &["count"], 30.0, processes);
+            let mut rewards = RewardRegistry::from_configs(&[json!({
+                "name": "python",
+                "function": format!("{}:count", rewards_file.display()),
+            })])
+            .unwrap();
+            tools.share_python_process(&mut rewards);
+            rewards.prepare().unwrap();
+            rt.block_on(async {
+                assert_eq!(tools.call("count", "{}").await, Ok("1".into()));
+                assert_eq!(tools.call("count", "{}").await, Ok("2".into()));
+                let input = crate::rewards::RewardInput::new("2+2?", "4", None);
+                let scores = rewards.score(&[input]).await.unwrap();
+                assert_eq!(
+                    scores.per_function[0].values,
+                    [seen],
+                    "{processes} processes"
+                );
+                assert_eq!(tools.call("count", "{}").await, Ok("3".into()));
+            });
+        }
     }
 
     /// `python_tool_processes` calls run at once, each in its own process:

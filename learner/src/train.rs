@@ -1076,8 +1076,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // The tools (one runner for training and evaluation: they share the
     // Python tools' processes) and the rewards, read before a resume is
     // checked: the checkpoint records what their Python functions were.
-    let tools = ToolRunner::from_recipe(&recipe)?;
-    let rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
+    let mut tools = ToolRunner::from_recipe(&recipe)?;
+    let mut rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
+    if let Some(t) = &mut tools {
+        t.share_python_process(&mut rewards);
+    }
     rewards.prepare()?;
     let python_functions: Vec<Value> = tools
         .iter()

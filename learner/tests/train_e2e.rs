@@ -791,13 +791,18 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     let recipe = recipe(tmp.path(), &model, &server, &out);
     let add = start_add_tool();
     // A Python tool, and a TRL reward function beside it that reads the
-    // conversational completions TRL hands it.
+    // conversational completions TRL hands it, and the calls the tool
+    // recorded: they share the process, as in TRL.
     let mul = tmp.path().join("my_tools.py");
     python_two_int_tool(
         &mul,
         "mul",
-        "a * b",
-        "def mul_answers(prompts, completions, answer, completion_ids, **kwargs):\n    \
+        "record(a, b)",
+        "MUL_CALLS = set()\n\n\
+         def record(a, b):\n    \
+         MUL_CALLS.add((a, b))\n    \
+         return a * b\n\n\
+         def mul_answers(prompts, completions, answer, completion_ids, **kwargs):\n    \
          assert len(answer) == len(prompts) == len(completion_ids)\n    \
          assert prompts[0][-1]['role'] == 'user' and answer[0].isdigit()\n    \
          assert 'prompt' not in kwargs\n    \
@@ -808,7 +813,9 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          assert all('tool_calls' in m for m in c[0::2])\n        \
          assert [m['name'] for m in c[1::2]] == \
          [m['tool_calls'][0]['function']['name'] for m in c[0:4:2]]\n    \
-         return [float(sum(m['name'] == 'mul' for m in c[1::2])) for c in completions]\n",
+         calls = [[t['function'] for m in c[0:4:2] for t in m['tool_calls']] for c in completions]\n    \
+         return [float(sum(f['name'] == 'mul' and (f['arguments']['a'], f['arguments']['b']) \
+         in MUL_CALLS for f in fs)) for fs in calls]\n",
     );
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
     train(
@@ -860,7 +867,8 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
         assert_eq!(c["tool_calls"], 2, "{c}");
         assert_eq!(c["finish_reason"], "stop", "{c}");
         // The reward function saw the turns as TRL's messages: the two
-        // calls that ran, each answered by a tool message.
+        // calls that ran, each answered by a tool message, and the tool's
+        // record of its calls.
         let runs_of_mul = turn
             .captures_iter(text)
             .take(2)
