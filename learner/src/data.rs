@@ -132,10 +132,12 @@ impl ColumnMapping {
     }
 
     /// The recipe's columns, the others kept when its reward functions
-    /// take them ([`crate::recipe::RewardSection::takes_row_columns`]).
+    /// take them ([`crate::recipe::RewardSection::takes_row_columns`]) or
+    /// its environments are reset with them.
     pub fn from_recipe(recipe: &Recipe) -> Self {
         ColumnMapping {
-            keep_columns: recipe.reward.takes_row_columns(),
+            keep_columns: recipe.reward.takes_row_columns()
+                || recipe.rollout.environment_factory.is_some(),
             ..ColumnMapping::from_data(&recipe.data)
         }
     }

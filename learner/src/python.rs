@@ -1,10 +1,14 @@
 //! Python functions the learner runs, as TRL runs its callables:
-//! `rollout.tools`' `python` tools and `python` reward functions. A small
+//! `rollout.tools`' `python` tools, `rollout.environment_factory`'s
+//! environments (an instance per completion, leased: [`EnvironmentLease`])
+//! and `python` reward functions. A small
 //! runner ([`RUNNER`], `python_functions.py`) imports them in `python3`
 //! processes of the learner's own: once to check them (and read the tools'
 //! definitions), then to serve calls, a JSON line in and one out.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -113,6 +117,10 @@ pub struct PythonProcesses {
     specs: Vec<String>,
     /// How many may run at once.
     processes: usize,
+    /// The next environment's ID ([`Self::reset_environments`]).
+    next_environment: AtomicU64,
+    /// Environments whose leases ended, given back with the next call.
+    released: Arc<Mutex<Vec<u64>>>,
     /// One slot per process allowed: an idle process, or none (not started,
     /// or ended). A call holds a permit of `free` while it has a slot's
     /// process out.
@@ -134,6 +142,8 @@ impl PythonProcesses {
         PythonProcesses {
             specs,
             processes,
+            next_environment: AtomicU64::new(0),
+            released: Arc::new(Mutex::new(Vec::new())),
             idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
             free: tokio::sync::Semaphore::new(processes),
         }
@@ -181,23 +191,57 @@ impl PythonProcesses {
         })
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<PythonWorker>>> {
-        // A panic elsewhere cannot leave the list half-changed.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn slots(&self) -> MutexGuard<'_, Vec<Option<PythonWorker>>> {
+        lock(&self.idle)
     }
 
-    /// Calls the function of `spec` (one of those given to [`Self::new`])
-    /// with `args` (an object) as keywords: its result as `str(result)` when
-    /// `text` (a tool's), else as JSON (a reward function's list). A Python
-    /// exception is `Err("Type: message")` without `text`, `Err("message")`
-    /// with it (as TRL shows a tool's). A call past `timeout` fails naming
+    /// Resets one environment of `factory` (TRL's `environment_factory`,
+    /// one of the specs given to [`Self::new`]) per row (`reset(**row)`):
+    /// an instance reset before and given back, or a new one. Each comes
+    /// with its lease (its instance goes back to the idle ones when the last
+    /// clone of it is dropped) and the observation `reset` returned.
+    pub async fn reset_environments(
+        &self,
+        factory: &str,
+        rows: Vec<Value>,
+        timeout: Duration,
+        timeout_key: &str,
+    ) -> Result<Vec<(EnvironmentLease, Option<String>)>, String> {
+        let leases: Vec<EnvironmentLease> = rows
+            .iter()
+            .map(|_| EnvironmentLease::new(&self.next_environment, &self.released))
+            .collect();
+        let items: Vec<Value> = leases
+            .iter()
+            .zip(rows)
+            .map(|(lease, row)| json!({"environment": lease.id(), "row": row}))
+            .collect();
+        let call = PythonCall {
+            request: json!({"reset": items, "factory": factory, "text": false}),
+            shown: format!("{}.reset", function_name(factory).unwrap_or(factory)),
+            text: false,
+        };
+        let observations = match self.call(call, timeout, timeout_key).await? {
+            Value::Array(observations) if observations.len() == leases.len() => observations,
+            other => return Err(format!("reset answered {other}, not one observation each")),
+        };
+        Ok(leases
+            .into_iter()
+            .zip(observations)
+            .map(|(lease, o)| (lease, o.as_str().map(str::to_string)))
+            .collect())
+    }
+
+    /// Makes `call`: its result as `str(result)` for a tool's
+    /// ([`PythonCall::function`] with `text`, [`PythonCall::method`]), else
+    /// as JSON (a reward function's list). A Python exception is
+    /// `Err("Type: message")` without `text`, `Err("message")` with it (as
+    /// TRL shows a tool's). A call past `timeout` fails naming
     /// `timeout_key`, the recipe key that sets it. Messages name the
     /// function, not its file.
     pub async fn call(
         &self,
-        spec: &str,
-        args: &Value,
-        text: bool,
+        call: PythonCall,
         timeout: Duration,
         timeout_key: &str,
     ) -> Result<Value, String> {
@@ -213,10 +257,7 @@ impl PythonProcesses {
             None => self.start(),
         };
         let (result, worker) = match worker {
-            Ok(w) => {
-                self.exchange(w, spec, args, text, timeout, timeout_key)
-                    .await
-            }
+            Ok(w) => self.exchange(w, call, timeout, timeout_key).await,
             Err(e) => (Err(e), None),
         };
         self.slots().push(worker);
@@ -228,17 +269,20 @@ impl PythonProcesses {
     async fn exchange(
         &self,
         mut worker: PythonWorker,
-        spec: &str,
-        args: &Value,
-        text: bool,
+        call: PythonCall,
         timeout: Duration,
         timeout_key: &str,
     ) -> (Result<Value, String>, Option<PythonWorker>) {
-        let request = format!(
-            "{}\n",
-            json!({"function": spec, "arguments": args, "text": text})
-        );
-        let name = function_name(spec).unwrap_or(spec);
+        let PythonCall {
+            mut request,
+            shown: name,
+            text,
+        } = call;
+        let released = std::mem::take(&mut *lock(&self.released));
+        if !released.is_empty() {
+            request["release"] = json!(released);
+        }
+        let request = format!("{request}\n");
         let exchange = async {
             worker.stdin.write_all(request.as_bytes()).await?;
             worker.stdin.flush().await?;
@@ -287,5 +331,89 @@ impl PythonProcesses {
             },
         };
         (result, Some(worker))
+    }
+}
+
+/// A lock that a panic elsewhere cannot leave poisoned: these lists are
+/// never left half-changed.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One call to make in a [`PythonProcesses`] process.
+#[derive(Debug, Clone)]
+pub struct PythonCall {
+    request: Value,
+    /// What messages call it.
+    shown: String,
+    text: bool,
+}
+
+impl PythonCall {
+    /// The function of `spec` (one of those given to
+    /// [`PythonProcesses::new`]) with `args` (an object) as keywords; its
+    /// result as text when `text` (a tool's), else JSON.
+    pub fn function(spec: &str, args: &Value, text: bool) -> PythonCall {
+        PythonCall {
+            request: json!({"function": spec, "arguments": args, "text": text}),
+            shown: function_name(spec).unwrap_or(spec).to_string(),
+            text,
+        }
+    }
+
+    /// Method `name` of an environment's instance, as a tool: its result as
+    /// text.
+    pub fn method(environment: &EnvironmentLease, name: &str, args: &Value) -> PythonCall {
+        PythonCall {
+            request: json!({"method": name, "environment": environment.id(),
+                            "arguments": args, "text": true}),
+            shown: name.to_string(),
+            text: true,
+        }
+    }
+
+    /// The instances of `environments` (none: `None`) as the call's
+    /// `environments` argument, as TRL hands them to reward functions.
+    pub fn with_environments(mut self, environments: &[Option<u64>]) -> PythonCall {
+        self.request["environments"] = json!(environments);
+        self
+    }
+}
+
+/// An environment instance in use by a completion, from
+/// [`PythonProcesses::reset_environments`]; clones share it, and the last
+/// one dropped gives the instance back (with the process's next call).
+#[derive(Debug, Clone)]
+pub struct EnvironmentLease(Arc<Lease>);
+
+#[derive(Debug)]
+struct Lease {
+    id: u64,
+    released: Arc<Mutex<Vec<u64>>>,
+}
+
+impl EnvironmentLease {
+    fn new(next: &AtomicU64, released: &Arc<Mutex<Vec<u64>>>) -> EnvironmentLease {
+        EnvironmentLease(Arc::new(Lease {
+            id: next.fetch_add(1, Ordering::Relaxed),
+            released: released.clone(),
+        }))
+    }
+
+    /// The instance's ID in its process.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+}
+
+impl PartialEq for EnvironmentLease {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        lock(&self.released).push(self.id);
     }
 }

@@ -1,5 +1,6 @@
-"""Tandem's runner of Python functions: `rollout.tools: [{python: ...}]` and
-`reward.functions: [{name: python, function: ...}]`, TRL's callables.
+"""Tandem's runner of Python functions: `rollout.tools: [{python: ...}]`,
+`rollout.environment_factory` and `reward.functions: [{name: python, function:
+...}]`, TRL's callables.
 
 The learner runs this file with `python3 -c`:
 
@@ -7,12 +8,25 @@ The learner runs this file with `python3 -c`:
                       definition and the SHA-256 of the file that holds it
     load SPEC...      imports each function; prints one JSON list of
                       {"source_sha256"} or {"error": ...}
+    environment SPEC  prints, as a one-element JSON list, the tool
+                      definitions of TRL's environment_factory SPEC (an
+                      instance's public methods but `reset`) and the SHA-256
+                      of its file
     serve SPEC...     answers calls: a JSON line {"function": SPEC,
                       "arguments", "text"} in (the function called with
-                      the arguments as keywords), a JSON line out: {"result": str(result)}
-                      with "text" (a tool's result, as TRL's tool messages
-                      hold it), {"result": result} without (a reward
-                      function's list), or {"error", "type"}
+                      the arguments as keywords), a JSON line out:
+                      {"result": str(result)} with "text" (a tool's result,
+                      as TRL's tool messages hold it), {"result": result}
+                      without (a reward function's list), or {"error",
+                      "type"}. Environments (one per completion, as TRL
+                      makes one per rollout): {"reset": [{"environment": ID,
+                      "row"}], "factory": SPEC} resets an idle instance (or
+                      a new one) for each ID with the row's columns and
+                      answers their observations; {"method", "environment":
+                      ID, ...} calls a method of ID's instance; a reward
+                      call's "environments": [ID or null] become its
+                      `environments` argument; any line's "release": [ID]
+                      first gives those instances back to the idle ones
 
 A SPEC is `path/to/file.py:function` or `package.module:function`. Tool
 definitions are TRL's: `transformers.utils.get_json_schema` when transformers
@@ -205,6 +219,43 @@ def load_all(specs):
     answers.flush()
 
 
+def environment_methods(environment):
+    """The tools of an environment, as TRL finds them: its public methods
+    but `reset`, which it must have."""
+    methods = []
+    has_reset = False
+    for name, member in inspect.getmembers(environment, predicate=inspect.ismethod):
+        if name == "reset":
+            has_reset = True
+        elif not name.startswith("_"):
+            methods.append(member)
+    if not has_reset:
+        raise ValueError("its instances have no reset method (TRL's environment_factory needs one)")
+    return methods
+
+
+def describe_environment(specs):
+    answers = answers_channel()
+    try:
+        from transformers.utils import get_json_schema
+    except Exception:
+        get_json_schema = json_schema
+    try:
+        (spec,) = specs
+        factory = load(spec)
+        methods = environment_methods(factory())
+        if not methods:
+            raise ValueError("its instances have no public method to call as a tool")
+        described = {
+            "definitions": [get_json_schema(m) for m in methods],
+            "source_sha256": source_sha256(factory),
+        }
+    except Exception as e:
+        described = {"error": f"{type(e).__name__}: {e}"}
+    answers.write(json.dumps([described]))
+    answers.flush()
+
+
 def plain(value):
     """numpy and torch values as JSON: reward functions return them."""
     if hasattr(value, "tolist"):
@@ -219,20 +270,58 @@ def serve(specs):
     # By spec: a tool and a reward function of the same name from two files
     # stay apart.
     functions = {spec: load(spec) for spec in specs}
+    # Environments in use by ID, and those reset before and given back:
+    # instances live on, as TRL's do, and are reset for each completion.
+    environments = {}
+    idle = []
+
+    def environment(id):
+        if id not in environments:
+            raise LookupError(
+                f"environment {id} is gone: its Python process was replaced after a call "
+                "failed (rollout.tool_timeout_s, or the process ended)"
+            )
+        return environments[id]
+
+    def awaited(result):
+        return loop.run_until_complete(result) if inspect.isawaitable(result) else result
+
+    def reset(factory, items):
+        observations = []
+        for item in items:
+            instance = idle.pop() if idle else factory()
+            environments[item["environment"]] = instance
+            observation = awaited(instance.reset(**item["row"]))
+            if observation is not None and not isinstance(observation, str):
+                raise TypeError(f"reset returned {type(observation).__name__}, not a str or None")
+            observations.append(observation)
+        return observations
+
     loop = asyncio.new_event_loop()
     for line in sys.stdin:
         text = True
         try:
             call = json.loads(line)
+            for id in call.get("release", []):
+                if id in environments:
+                    idle.append(environments.pop(id))
             text = call.get("text", True)
-            function = functions[call["function"]]
-            arguments = call["arguments"]
-            if not text and isinstance(arguments.get("trainer_state"), dict):
-                # TRL's TrainerState is read by attribute: state.global_step.
-                arguments["trainer_state"] = types.SimpleNamespace(**arguments["trainer_state"])
-            result = function(**arguments)
-            if inspect.isawaitable(result):
-                result = loop.run_until_complete(result)
+            arguments = call.get("arguments", {})
+            if "reset" in call:
+                result = reset(functions[call["factory"]], call["reset"])
+            else:
+                if "method" in call:
+                    function = getattr(environment(call["environment"]), call["method"])
+                else:
+                    function = functions[call["function"]]
+                if not text and isinstance(arguments.get("trainer_state"), dict):
+                    # TRL's TrainerState is read by attribute: state.global_step.
+                    arguments["trainer_state"] = types.SimpleNamespace(**arguments["trainer_state"])
+                if "environments" in call:
+                    arguments["environments"] = [
+                        None if id is None else environment(id) for id in call["environments"]
+                    ]
+                result = awaited(function(**arguments))
             answer = json.dumps({"result": str(result) if text else result}, default=plain, allow_nan=False)
         except Exception as e:
             if not text:
@@ -245,4 +334,5 @@ def serve(specs):
 
 
 if __name__ == "__main__":
-    {"describe": describe, "load": load_all, "serve": serve}[sys.argv[1]](sys.argv[2:])
+    modes = {"describe": describe, "environment": describe_environment, "load": load_all, "serve": serve}
+    modes[sys.argv[1]](sys.argv[2:])

@@ -490,6 +490,16 @@ pub struct RolloutSection {
     /// at a time (each imports the tools: module state is per process).
     /// 1, TRL's one process, keeps one state for all calls.
     pub python_tool_processes: usize,
+    /// TRL's `environment_factory` (`FILE.py:CLASS` or `MODULE:CLASS`, a
+    /// class or function of no arguments): one instance per completion,
+    /// `reset(**row)` with the row's columns (and its `prompt` messages)
+    /// before it is generated, a string it returns appended to the prompt's
+    /// last message; the instance's public methods (but `reset`) are tools
+    /// of that completion, beside `tools`; `python` reward functions get
+    /// the instances as `environments`. Instances live in the tools' Python
+    /// process, with the reward functions, and are reset again for later
+    /// completions. Needs chat prompts.
+    pub environment_factory: Option<String>,
 }
 
 /// One tool of `rollout.tools`: its function definition as the chat
@@ -573,6 +583,7 @@ impl Default for RolloutSection {
             max_tool_calling_iterations: None,
             tool_timeout_s: 30.0,
             python_tool_processes: 1,
+            environment_factory: None,
         }
     }
 }
@@ -1860,11 +1871,34 @@ impl Recipe {
                 "must be >= 1".into(),
             ));
         }
-        if r.tools.is_empty() {
+        if let Some(spec) = &r.environment_factory {
+            let key = "rollout.environment_factory".to_string();
+            crate::python::function_name(spec).map_err(|m| invalid(key.clone(), m))?;
+            if r.python_tool_processes > 1 {
+                return Err(invalid(
+                    key,
+                    "runs with rollout.python_tool_processes: 1 only: the environments live in \
+                     the one process the reward functions read them in"
+                        .into(),
+                ));
+            }
+            if r.async_lag > 0 {
+                return Err(invalid(
+                    key,
+                    "runs with rollout.async_lag: 0 only: an environment holds its \
+                     completion's state until the completion is scored, and a checkpoint \
+                     cannot hold the state of the next step's, generated ahead"
+                        .into(),
+                ));
+            }
+        }
+        if r.tools.is_empty() && r.environment_factory.is_none() {
             if r.max_tool_calling_iterations.is_some() {
                 return Err(invalid(
                     "rollout.max_tool_calling_iterations".into(),
-                    "acts only with rollout.tools: list the tools, or remove the key".into(),
+                    "acts only with rollout.tools or rollout.environment_factory: list the \
+                     tools, or remove the key"
+                        .into(),
                 ));
             }
             return Ok(());
@@ -1872,8 +1906,8 @@ impl Recipe {
         if self.data.prompt_template != "chat" {
             return Err(invalid(
                 "data.prompt_template".into(),
-                "rollout.tools needs chat prompts, whose template renders the tool turns: set \
-                 data.prompt_template: chat"
+                "rollout.tools and rollout.environment_factory need chat prompts, whose \
+                 template renders the tool turns: set data.prompt_template: chat"
                     .into(),
             ));
         }

@@ -88,6 +88,10 @@ pub struct RewardInput {
     /// ([`crate::rollout::Completion::messages`]), for `python` functions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub completion_messages: Vec<Value>,
+    /// With `rollout.environment_factory`: the ID of the completion's
+    /// environment, for `python` functions' `environments`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<u64>,
 }
 
 impl RewardInput {
@@ -107,6 +111,7 @@ impl RewardInput {
             columns: None,
             completion_ids: Vec::new(),
             completion_messages: Vec::new(),
+            environment: None,
         }
     }
 
@@ -1823,15 +1828,14 @@ impl PythonReward {
         let Some(processes) = &self.processes else {
             return Err("no Python process (the function was built outside a registry)".into());
         };
-        let result = processes
-            .call(
-                &self.spec,
-                &Value::Object(kwargs),
-                false,
-                self.timeout,
-                "its timeout_s",
-            )
-            .await?;
+        let mut call =
+            crate::python::PythonCall::function(&self.spec, &Value::Object(kwargs), false);
+        // TRL's `environments`: each completion's instance.
+        if batch.iter().any(|x| x.environment.is_some()) {
+            let ids: Vec<Option<u64>> = batch.iter().map(|x| x.environment).collect();
+            call = call.with_environments(&ids);
+        }
+        let result = processes.call(call, self.timeout, "its timeout_s").await?;
         let Value::Array(values) = result else {
             let shown: String = result.to_string().chars().take(200).collect();
             return Err(format!("returned {shown}, not a list of numbers"));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use model::tokenizer::Tokenizer;
+use model::tokenizer::{ChatMessage, Tokenizer};
 use proto::openai::{CompletionRequest, CompletionResponse, Prompt, SamplingFields};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +73,32 @@ pub struct Completion {
     /// Empty otherwise (one assistant turn: the text).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<serde_json::Value>,
+    /// With `rollout.environment_factory` when a `reset` returned an
+    /// observation: the completion's own prompt (the observation appended
+    /// to the last message, as TRL appends it), which the group's
+    /// `prompt_ids` are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<OwnPrompt>,
+    /// With `rollout.environment_factory`: the environment its tool calls
+    /// ran in, which its reward functions read; the instance is reset for
+    /// another completion once this one (and every clone) is dropped.
+    #[serde(skip)]
+    pub environment: Option<crate::python::EnvironmentLease>,
+}
+
+/// A completion's prompt of its own ([`Completion::prompt`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnPrompt {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub messages: Vec<ChatMessage>,
+}
+
+impl Completion {
+    /// The prompt it was generated from: its own, or its group's.
+    pub fn prompt_ids<'a>(&'a self, group: &'a Group) -> &'a [u32] {
+        self.prompt.as_ref().map_or(&group.prompt_ids, |p| &p.ids)
+    }
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -93,17 +119,20 @@ impl Group {
         self.completions
             .iter()
             .map(|c| {
-                RewardInput::new(
-                    example.prompt_text.clone(),
-                    c.text.clone(),
-                    Some(example.answer.clone()),
-                )
-                .with_completion_tokens(c.completion_ids.len())
-                .with_completion(c.completion_ids.clone(), c.messages.clone())
-                .in_group(index)
-                .with_messages(example.messages.clone())
-                .with_data_source(example.data_source.clone())
-                .with_columns(example.columns.clone())
+                let (prompt, messages) = match &c.prompt {
+                    Some(p) => (p.text.clone(), Some(p.messages.clone())),
+                    None => (example.prompt_text.clone(), example.messages.clone()),
+                };
+                let mut input =
+                    RewardInput::new(prompt, c.text.clone(), Some(example.answer.clone()))
+                        .with_completion_tokens(c.completion_ids.len())
+                        .with_completion(c.completion_ids.clone(), c.messages.clone())
+                        .in_group(index)
+                        .with_messages(messages)
+                        .with_data_source(example.data_source.clone())
+                        .with_columns(example.columns.clone());
+                input.environment = c.environment.as_ref().map(|e| e.id());
+                input
             })
             .collect()
     }
@@ -129,6 +158,8 @@ pub enum RolloutError {
     NoEndpoints,
     #[error("rollout.tools: {0}")]
     Tools(String),
+    #[error("rollout.environment_factory: {0}")]
+    Environment(String),
 }
 
 struct Endpoint {
@@ -340,35 +371,68 @@ impl RolloutClient {
         example: &Example,
         seed: u64,
     ) -> Result<GroupOutcome, RolloutError> {
-        let prompt = &example.prompt_text;
         let s = &self.settings;
-        let body = self.request_body(
-            self.request_prompt(prompt)?,
-            seed,
-            s.num_generations,
-            s.max_completion_length,
-        )?;
-        let (endpoint, resp) = self.request(&body).await?;
-        let outcome = self.to_group(&endpoint, prompt, resp)?;
+        let needs_chat = || {
+            RolloutError::Tools(
+                "needs chat prompts (data.prompt_template: chat, or a conversational prompt \
+                 column)"
+                    .into(),
+            )
+        };
+        // TRL's environments: one per completion, reset before it is
+        // generated; an observation joins its prompt.
+        let environments = match &self.tools {
+            Some(tools) if tools.has_environments() => {
+                let messages = example.messages.as_deref().ok_or_else(needs_chat)?;
+                Some(reset_environments(tools, example, messages, s.num_generations).await?)
+            }
+            _ => None,
+        };
+        let outcome = match &environments {
+            Some(environments) if environments.iter().any(|(_, o)| o.is_some()) => {
+                let observations: Vec<Option<&str>> =
+                    environments.iter().map(|(_, o)| o.as_deref()).collect();
+                self.generate_observed(example, seed, &observations).await?
+            }
+            _ => {
+                let prompt = &example.prompt_text;
+                let body = self.request_body(
+                    self.request_prompt(prompt)?,
+                    seed,
+                    s.num_generations,
+                    s.max_completion_length,
+                )?;
+                let (endpoint, resp) = self.request(&body).await?;
+                self.to_group(&endpoint, prompt, resp, s.num_generations)?
+            }
+        };
         match (&self.tools, outcome) {
             (Some(tools), GroupOutcome::Kept(mut group)) => {
-                let messages = example.messages.as_deref().ok_or_else(|| {
-                    RolloutError::Tools(
-                        "needs chat prompts (data.prompt_template: chat, or a conversational \
-                         prompt column)"
-                            .into(),
-                    )
-                })?;
-                let messages: Vec<serde_json::Value> = messages
-                    .iter()
-                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-                    .collect();
-                let prompt_ids = group.prompt_ids.clone();
-                let turns = group
+                for (c, (lease, _)) in group
                     .completions
                     .iter_mut()
-                    .enumerate()
-                    .map(|(i, c)| self.call_tools(tools, &prompt_ids, &messages, c, seed, i));
+                    .zip(environments.into_iter().flatten())
+                {
+                    c.environment = Some(lease);
+                }
+                let as_json = |messages: &[ChatMessage]| -> Vec<serde_json::Value> {
+                    messages
+                        .iter()
+                        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                        .collect()
+                };
+                let messages = as_json(example.messages.as_deref().ok_or_else(needs_chat)?);
+                let prompt_ids = group.prompt_ids.clone();
+                let turns = group.completions.iter_mut().enumerate().map(|(i, c)| {
+                    let (prompt_ids, messages) = match &c.prompt {
+                        Some(p) => (p.ids.clone(), as_json(&p.messages)),
+                        None => (prompt_ids.clone(), messages.clone()),
+                    };
+                    async move {
+                        self.call_tools(tools, &prompt_ids, &messages, c, seed, i)
+                            .await
+                    }
+                });
                 let foreign = futures::future::try_join_all(turns).await?;
                 if let Some(echoed) = foreign.into_iter().flatten().next() {
                     self.counters.dropped_groups.fetch_add(1, Ordering::Relaxed);
@@ -379,6 +443,91 @@ impl RolloutClient {
             }
             (_, outcome) => Ok(outcome),
         }
+    }
+
+    /// A group whose environments' observations made its prompts: one
+    /// request per distinct prompt, for as many completions as have it,
+    /// each completion with its own prompt ([`Completion::prompt`]), in the
+    /// order of `observations`.
+    async fn generate_observed(
+        &self,
+        example: &Example,
+        seed: u64,
+        observations: &[Option<&str>],
+    ) -> Result<GroupOutcome, RolloutError> {
+        let s = &self.settings;
+        let (Some(tools), Some(tokenizer), Some(messages)) =
+            (&self.tools, &self.tokenizer, &example.messages)
+        else {
+            return Err(RolloutError::Environment(
+                "observations need the tokenizer and chat prompts".into(),
+            ));
+        };
+        let mut distinct: Vec<Option<&str>> = Vec::new();
+        for o in observations {
+            if !distinct.contains(o) {
+                distinct.push(*o);
+            }
+        }
+        let mut slots: Vec<Option<Completion>> = vec![None; observations.len()];
+        for (k, observation) in distinct.iter().enumerate() {
+            let mut messages = messages.clone();
+            if let (Some(last), Some(o)) = (messages.last_mut(), observation) {
+                last.content.push_str(o);
+            }
+            let text = serde_json::to_value(&messages)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    tokenizer
+                        .apply_chat_template_json(
+                            &m,
+                            true,
+                            Some(tools.definitions()),
+                            Some(tools.chat_template_kwargs()),
+                        )
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(RolloutError::Environment)?;
+            let slots_of_it: Vec<usize> = (0..observations.len())
+                .filter(|&i| observations[i] == *observation)
+                .collect();
+            let n = slots_of_it.len();
+            let seed = if distinct.len() == 1 {
+                seed
+            } else {
+                crate::train::hash_u64(format!("{seed}|observation {k}").as_bytes())
+            };
+            let body = self.request_body(
+                self.request_prompt(&text)?,
+                seed,
+                n,
+                s.max_completion_length,
+            )?;
+            let (endpoint, resp) = self.request(&body).await?;
+            let group = match self.to_group(&endpoint, &text, resp, n)? {
+                GroupOutcome::Kept(group) => group,
+                dropped => return Ok(dropped),
+            };
+            let prompt = OwnPrompt {
+                ids: group.prompt_ids,
+                text,
+                messages,
+            };
+            for (slot, mut c) in slots_of_it.into_iter().zip(group.completions) {
+                c.prompt = Some(prompt.clone());
+                slots[slot] = Some(c);
+            }
+        }
+        let completions: Vec<Completion> = slots.into_iter().flatten().collect();
+        let prompt_ids = completions
+            .first()
+            .and_then(|c| c.prompt.as_ref())
+            .map(|p| p.ids.clone())
+            .unwrap_or_default();
+        Ok(GroupOutcome::Kept(Group {
+            prompt_ids,
+            completions,
+        }))
     }
 
     /// One request, to the endpoint with the fewest outstanding, retried
@@ -491,7 +640,7 @@ impl RolloutClient {
             // on an earlier one's side effects.
             let mut results = Vec::with_capacity(calls.len());
             for (name, arguments) in &calls {
-                let result = tools.call(name, arguments).await;
+                let result = tools.call(name, arguments, c.environment.as_ref()).await;
                 c.tool_calls += 1;
                 if let Err(e) = &result {
                     c.tool_failures += 1;
@@ -623,11 +772,13 @@ impl RolloutClient {
         ours(&resp.metadata) && resp.choices.iter().all(|c| ours(&c.metadata))
     }
 
+    /// The `n` choices of `resp` as a group.
     fn to_group(
         &self,
         endpoint: &str,
         prompt: &str,
         resp: CompletionResponse,
+        n: usize,
     ) -> Result<GroupOutcome, RolloutError> {
         let s = &self.settings;
         if s.client_tag_echo == ClientTagEcho::Require && !self.ours(&resp) {
@@ -636,14 +787,10 @@ impl RolloutClient {
             tracing::warn!(?echoed, ours = %s.client_tag, "dropping a group with a foreign client tag");
             return Ok(GroupOutcome::Dropped { echoed });
         }
-        if resp.choices.len() != s.num_generations {
+        if resp.choices.len() != n {
             return Err(RolloutError::Malformed {
                 endpoint: endpoint.to_string(),
-                message: format!(
-                    "{} choices for n = {}",
-                    resp.choices.len(),
-                    s.num_generations
-                ),
+                message: format!("{} choices for n = {n}", resp.choices.len()),
             });
         }
         let mut choices = resp.choices;
@@ -707,6 +854,8 @@ impl RolloutClient {
             tool_calls: 0,
             tool_failures: 0,
             messages: Vec::new(),
+            prompt: None,
+            environment: None,
         })
     }
 
@@ -732,6 +881,29 @@ impl RolloutClient {
 enum Attempt {
     Retry(String),
     Fatal(RolloutError),
+}
+
+/// Resets `n` environments for `example`'s completions with its row, as
+/// TRL resets each with its input: every column, and `prompt` (the
+/// messages).
+async fn reset_environments(
+    tools: &ToolRunner,
+    example: &Example,
+    messages: &[ChatMessage],
+    n: usize,
+) -> Result<Vec<(crate::python::EnvironmentLease, Option<String>)>, RolloutError> {
+    let mut row = match example.columns.as_deref().map(serde_json::from_str) {
+        Some(Ok(serde_json::Value::Object(columns))) => columns,
+        _ => serde_json::Map::new(),
+    };
+    let messages =
+        serde_json::to_value(messages).map_err(|e| RolloutError::Environment(e.to_string()))?;
+    row.insert("prompt".into(), messages);
+    let rows = vec![serde_json::Value::Object(row); n];
+    tools
+        .reset_environments(rows)
+        .await
+        .map_err(RolloutError::Environment)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use model::tokenizer::Tokenizer;
 use model::tool_calls::ToolParser;
 use serde_json::{Map, Value, json};
 
-use crate::python::PythonProcesses;
+use crate::python::{EnvironmentLease, PythonCall, PythonProcesses};
 use crate::recipe::Recipe;
 use crate::rewards::RewardRegistry;
 
@@ -39,6 +39,8 @@ enum Runs {
     Http(String),
     /// The function of this spec, in the [`PythonProcesses`].
     Python(String),
+    /// A method of the completion's environment (`rollout.environment_factory`).
+    Method,
 }
 
 /// The recipe's tools, how calls are read, and how they run. Clones share
@@ -60,6 +62,8 @@ pub struct ToolRunner {
     /// its source file: what a checkpoint records of them.
     python_functions: Vec<Value>,
     python: Option<Arc<PythonProcesses>>,
+    /// `rollout.environment_factory`'s spec, served by `python`.
+    environment_factory: Option<String>,
 }
 
 /// The outcome of one call: the result text, or why it failed (sent to the
@@ -67,11 +71,12 @@ pub struct ToolRunner {
 pub type CallResult = Result<String, String>;
 
 impl ToolRunner {
-    /// None when the recipe lists no tools. Reads the `python` tools'
-    /// definitions from their functions (a short `python3` run).
+    /// None when the recipe lists no tools and no environment. Reads the
+    /// `python` tools' and the environment's definitions from their
+    /// functions (short `python3` runs).
     pub fn from_recipe(recipe: &Recipe) -> anyhow::Result<Option<ToolRunner>> {
         let r = &recipe.rollout;
-        if r.tools.is_empty() {
+        if r.tools.is_empty() && r.environment_factory.is_none() {
             return Ok(None);
         }
         let parser = ToolParser::from_name(&r.tool_call_parser).ok_or_else(|| {
@@ -82,7 +87,7 @@ impl ToolRunner {
         })?;
         let timeout = Duration::from_secs_f64(r.tool_timeout_s);
         let http = reqwest::Client::builder().timeout(timeout).build()?;
-        let specs: Vec<String> = r.tools.iter().filter_map(|t| t.python.clone()).collect();
+        let mut specs: Vec<String> = r.tools.iter().filter_map(|t| t.python.clone()).collect();
         let mut described = if specs.is_empty() {
             Vec::new()
         } else {
@@ -92,6 +97,34 @@ impl ToolRunner {
         let mut tools = Vec::new();
         let mut definitions = Vec::new();
         let mut python_functions = Vec::new();
+        // The environment's methods first (TRL lists them after its tools;
+        // the order only changes the prompt's list).
+        if let Some(spec) = &r.environment_factory {
+            let key = "rollout.environment_factory";
+            let d = crate::python::inspect("environment", std::slice::from_ref(spec))?
+                .pop()
+                .unwrap_or(Value::Null);
+            if let Some(e) = d.get("error") {
+                anyhow::bail!("{key}: {spec}: {}", e.as_str().unwrap_or_default());
+            }
+            let Some(methods) = d["definitions"].as_array() else {
+                anyhow::bail!("{key}: {spec}: no definitions came back");
+            };
+            for definition in methods {
+                let Some(name) = definition["function"]["name"].as_str() else {
+                    anyhow::bail!("{key}: {spec}: a method's definition has no name");
+                };
+                tools.push((name.to_string(), Runs::Method));
+                definitions.push(definition.clone());
+            }
+            python_functions.push(json!({
+                "key": key,
+                "function": spec,
+                "definition": d["definitions"],
+                "source_sha256": d["source_sha256"],
+            }));
+            specs.push(spec.clone());
+        }
         for (i, tool) in r.tools.iter().enumerate() {
             let (definition, runs) = match &tool.python {
                 Some(spec) => {
@@ -116,9 +149,18 @@ impl ToolRunner {
                 anyhow::bail!("rollout.tools[{i}]: a definition without a function name");
             };
             if let Some(j) = tools.iter().position(|(n, _)| n == name) {
+                // The environment's methods come first.
+                let methods = tools
+                    .iter()
+                    .filter(|(_, r)| matches!(r, Runs::Method))
+                    .count();
+                let other = match j.checked_sub(methods) {
+                    None => "a method of rollout.environment_factory".to_string(),
+                    Some(j) => format!("rollout.tools[{j}]"),
+                };
                 anyhow::bail!(
-                    "rollout.tools[{i}]: {name:?} also names rollout.tools[{j}]; a call could \
-                     not tell them apart"
+                    "rollout.tools[{i}]: {name:?} also names {other}; a call could not tell \
+                     them apart"
                 );
             }
             tools.push((name.to_string(), runs));
@@ -135,7 +177,36 @@ impl ToolRunner {
             python_functions,
             python: (!specs.is_empty())
                 .then(|| Arc::new(PythonProcesses::new(specs, r.python_tool_processes))),
+            environment_factory: r.environment_factory.clone(),
         }))
+    }
+
+    /// Whether each completion gets an environment
+    /// (`rollout.environment_factory`).
+    pub fn has_environments(&self) -> bool {
+        self.environment_factory.is_some()
+    }
+
+    /// Resets one environment per row (`reset(**row)`, TRL's): each
+    /// completion's lease, and the observation to append to its prompt.
+    pub async fn reset_environments(
+        &self,
+        rows: Vec<Value>,
+    ) -> Result<Vec<(EnvironmentLease, Option<String>)>, String> {
+        match (&self.environment_factory, &self.python) {
+            (Some(factory), Some(python)) => {
+                python
+                    .reset_environments(factory, rows, self.timeout, "rollout.tool_timeout_s")
+                    .await
+            }
+            _ => Err("no rollout.environment_factory".into()),
+        }
+    }
+
+    /// The chat-template variables of the recipe
+    /// (`data.chat_template_kwargs`).
+    pub fn chat_template_kwargs(&self) -> &Map<String, Value> {
+        &self.chat_template_kwargs
     }
 
     /// Runs the `python` tools and `rewards`' Python functions in one
@@ -182,8 +253,14 @@ impl ToolRunner {
     }
 
     /// Runs one call: `POST url` with the arguments object as the body, or
-    /// the Python function with the arguments as keywords.
-    pub async fn call(&self, name: &str, arguments: &str) -> CallResult {
+    /// the Python function (or the method of the completion's
+    /// `environment`) with the arguments as keywords.
+    pub async fn call(
+        &self,
+        name: &str,
+        arguments: &str,
+        environment: Option<&EnvironmentLease>,
+    ) -> CallResult {
         let Some((_, runs)) = self.tools.iter().find(|(n, _)| n == name) else {
             let names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
             return Err(format!(
@@ -198,17 +275,32 @@ impl ToolRunner {
         }
         match runs {
             Runs::Http(url) => self.call_http(name, url, &args).await,
-            Runs::Python(spec) => match &self.python {
-                Some(python) => match python
-                    .call(spec, &args, true, self.timeout, "rollout.tool_timeout_s")
+            Runs::Python(spec) => {
+                self.call_python(name, PythonCall::function(spec, &args, true))
                     .await
-                {
-                    Ok(Value::String(result)) => Ok(result),
-                    Ok(other) => Ok(other.to_string()),
-                    Err(e) => Err(e),
-                },
-                None => Err(format!("tool {name} has no Python process")),
+            }
+            Runs::Method => match environment {
+                Some(environment) => {
+                    self.call_python(name, PythonCall::method(environment, name, &args))
+                        .await
+                }
+                None => Err(format!(
+                    "tool {name} is a method of the environment, and this completion has none"
+                )),
             },
+        }
+    }
+
+    async fn call_python(&self, name: &str, call: PythonCall) -> CallResult {
+        let Some(python) = &self.python else {
+            return Err(format!("tool {name} has no Python process"));
+        };
+        match python
+            .call(call, self.timeout, "rollout.tool_timeout_s")
+            .await?
+        {
+            Value::String(result) => Ok(result),
+            other => Ok(other.to_string()),
         }
     }
 
@@ -459,17 +551,20 @@ mod tests {
             let mut broken = add_tool(&format!("http://{addr}/broken"));
             broken.name = "broken".into();
             let r = runner(vec![add_tool(&format!("http://{addr}/add")), broken]);
-            assert_eq!(r.call("add", "{\"a\": 1, \"b\": 2}").await, Ok("3".into()));
-            let err = r.call("broken", "{}").await.unwrap_err();
+            assert_eq!(
+                r.call("add", "{\"a\": 1, \"b\": 2}", None).await,
+                Ok("3".into())
+            );
+            let err = r.call("broken", "{}", None).await.unwrap_err();
             assert!(err.contains("500") && err.contains("boom"), "{err}");
-            let err = r.call("mul", "{}").await.unwrap_err();
+            let err = r.call("mul", "{}", None).await.unwrap_err();
             assert!(
                 err.contains("unknown tool \"mul\"") && err.contains("add, broken"),
                 "{err}"
             );
-            let err = r.call("add", "[1]").await.unwrap_err();
+            let err = r.call("add", "[1]", None).await.unwrap_err();
             assert!(err.contains("JSON object"), "{err}");
-            let err = r.call("add", "{\"a\": ").await.unwrap_err();
+            let err = r.call("add", "{\"a\": ", None).await.unwrap_err();
             assert!(err.contains("not JSON"), "{err}");
         });
     }
@@ -640,35 +735,237 @@ def undocumented(x: int):
         rt.block_on(async {
             // What the function prints stays out of the answer; the result
             // is `str(result)`, as in TRL's tool messages.
-            assert_eq!(r.call("add", r#"{"a": 1, "b": 2}"#).await, Ok("3".into()));
             assert_eq!(
-                r.call("weather", r#"{"city": "Oslo"}"#).await,
+                r.call("add", r#"{"a": 1, "b": 2}"#, None).await,
+                Ok("3".into())
+            );
+            assert_eq!(
+                r.call("weather", r#"{"city": "Oslo"}"#, None).await,
                 Ok("{'city': 'Oslo', 'unit': 'celsius'}".into())
             );
             assert_eq!(
-                r.call("wait", r#"{"seconds": 0.01}"#).await,
+                r.call("wait", r#"{"seconds": 0.01}"#, None).await,
                 Ok("waited".into())
             );
-            assert_eq!(r.call("count", "{}").await, Ok("1".into()));
-            assert_eq!(r.call("count", "{}").await, Ok("2".into()));
+            assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
+            assert_eq!(r.call("count", "{}", None).await, Ok("2".into()));
             assert_eq!(
-                r.call("fail", r#"{"message": "no"}"#).await,
+                r.call("fail", r#"{"message": "no"}"#, None).await,
                 Err("no".into())
             );
-            let e = r.call("add", r#"{"a": 1}"#).await.unwrap_err();
+            let e = r.call("add", r#"{"a": 1}"#, None).await.unwrap_err();
             assert!(e.contains("missing 1 required positional argument"), "{e}");
-            let e = r.call("wait", r#"{"seconds": 30}"#).await.unwrap_err();
+            let e = r
+                .call("wait", r#"{"seconds": 30}"#, None)
+                .await
+                .unwrap_err();
             assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
             // A fresh process: the count starts again.
-            assert_eq!(r.call("count", "{}").await, Ok("1".into()));
-            let e = r.call("crash", "{}").await.unwrap_err();
+            assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
+            let e = r.call("crash", "{}", None).await.unwrap_err();
             assert!(e.contains("Python process ended"), "{e}");
-            assert_eq!(r.call("add", r#"{"a": 2, "b": 2}"#).await, Ok("4".into()));
+            assert_eq!(
+                r.call("add", r#"{"a": 2, "b": 2}"#, None).await,
+                Ok("4".into())
+            );
             // Clones share the process (the third one so far).
             let clone = r.clone();
-            assert_eq!(clone.call("count", "{}").await, Ok("1".into()));
-            assert_eq!(r.call("count", "{}").await, Ok("2".into()));
+            assert_eq!(clone.call("count", "{}", None).await, Ok("1".into()));
+            assert_eq!(r.call("count", "{}", None).await, Ok("2".into()));
         });
+    }
+
+    /// TRL's `environment_factory`, a class with `reset` and its tool
+    /// methods, and reward functions that read the instances.
+    const ENVIRONMENT: &str = r#"
+class Counter:
+    """A running total per completion."""
+
+    made = 0
+
+    def __init__(self):
+        Counter.made += 1
+        self.total = 0
+
+    def reset(self, prompt, answer, **kwargs):
+        self.total = 0
+        assert prompt[-1]["role"] == "user", prompt
+        return None if answer == "-" else f" Reach {answer}."
+
+    def add(self, n: int) -> int:
+        """Adds to the total.
+
+        Args:
+            n: How much to add.
+        """
+        self.total += n
+        return self.total
+
+    def stop(self):
+        """Ends the process."""
+        import os
+        os._exit(3)
+
+    def _helper(self):
+        pass
+
+
+def totals(completions, environments, **kwargs):
+    return [float(e.total) for e in environments]
+
+
+def made(completions, **kwargs):
+    return [float(Counter.made)] * len(completions)
+"#;
+
+    fn environment_runner(dir: &std::path::Path) -> (ToolRunner, RewardRegistry) {
+        let file = dir.join("counter_env.py");
+        std::fs::write(&file, ENVIRONMENT).unwrap();
+        let mut recipe = Recipe::default();
+        recipe.rollout.environment_factory = Some(format!("{}:Counter", file.display()));
+        let mut tools = ToolRunner::from_recipe(&recipe).unwrap().unwrap();
+        let f = |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+        let mut rewards = RewardRegistry::from_configs(&[f("totals"), f("made")]).unwrap();
+        tools.share_python_process(&mut rewards);
+        rewards.prepare().unwrap();
+        (tools, rewards)
+    }
+
+    /// One environment per completion, as TRL makes one per rollout: reset
+    /// with the row (an observation for the prompt), its public methods
+    /// (but `reset`) the completion's tools, each instance its own state,
+    /// which the reward functions read as `environments`; an instance is
+    /// reset again, not made anew, once its completion is dropped.
+    #[test]
+    fn environments_are_reset_per_completion_and_read_by_the_rewards() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tools, rewards) = environment_runner(dir.path());
+        assert_eq!(tools.definitions().as_array().unwrap().len(), 2);
+        assert_eq!(tools.definitions()[1]["function"]["name"], "stop");
+        assert_eq!(
+            tools.definitions()[0],
+            json!({"type": "function", "function": {
+                "name": "add",
+                "description": "Adds to the total.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"n": {"type": "integer", "description": "How much to add."}},
+                    "required": ["n"],
+                },
+                "return": {"type": "integer"},
+            }})
+        );
+        assert_eq!(
+            tools.python_functions()[0]["key"],
+            "rollout.environment_factory"
+        );
+        let row = |answer: &str| json!({"prompt": [{"role": "user", "content": "Count."}], "answer": answer});
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let envs = tools
+                .reset_environments(vec![row("7"), row("-")])
+                .await
+                .unwrap();
+            let observations: Vec<Option<&str>> = envs.iter().map(|(_, o)| o.as_deref()).collect();
+            assert_eq!(observations, [Some(" Reach 7."), None]);
+            let (a, b) = (&envs[0].0, &envs[1].0);
+            assert_eq!(
+                tools.call("add", r#"{"n": 2}"#, Some(a)).await,
+                Ok("2".into())
+            );
+            assert_eq!(
+                tools.call("add", r#"{"n": 5}"#, Some(b)).await,
+                Ok("5".into())
+            );
+            assert_eq!(
+                tools.call("add", r#"{"n": 1}"#, Some(a)).await,
+                Ok("3".into())
+            );
+            let e = tools.call("add", r#"{"n": 1}"#, None).await.unwrap_err();
+            assert!(e.contains("this completion has none"), "{e}");
+            let inputs: Vec<crate::rewards::RewardInput> = envs
+                .iter()
+                .map(|(lease, _)| {
+                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                    x.environment = Some(lease.id());
+                    x
+                })
+                .collect();
+            let scores = rewards.score(&inputs).await.unwrap();
+            assert_eq!(scores.per_function[0].values, [3.0, 5.0]);
+            assert_eq!(scores.per_function[1].values, [2.0, 2.0]);
+            // A process that ends takes the instances in use with it: their
+            // calls fail, and so does a reward function that reads them.
+            let e = tools.call("stop", "{}", Some(a)).await.unwrap_err();
+            assert!(e.contains("Python process ended"), "{e}");
+            let e = tools.call("add", r#"{"n": 1}"#, Some(b)).await.unwrap_err();
+            assert!(
+                e.contains(&format!("environment {} is gone", b.id())),
+                "{e}"
+            );
+            let e = rewards.score(&inputs).await.unwrap_err().to_string();
+            assert!(e.contains("totals") && e.contains("is gone"), "{e}");
+            drop(envs);
+            // In the new process: instances are reset for the next
+            // completions, and made only when none is idle.
+            let envs = tools.reset_environments(vec![row("1"); 2]).await.unwrap();
+            drop(envs);
+            let envs = tools.reset_environments(vec![row("1"); 3]).await.unwrap();
+            let inputs: Vec<crate::rewards::RewardInput> = envs
+                .iter()
+                .map(|(lease, _)| {
+                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                    x.environment = Some(lease.id());
+                    x
+                })
+                .collect();
+            let scores = rewards.score(&inputs).await.unwrap();
+            assert_eq!(scores.per_function[0].values, [0.0, 0.0, 0.0]);
+            assert_eq!(scores.per_function[1].values, [3.0, 3.0, 3.0]);
+        });
+    }
+
+    /// An environment class TRL would refuse, or whose method names a tool
+    /// already listed, stops the start naming the key.
+    #[test]
+    fn environments_without_reset_or_with_a_tool_of_their_name_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad_env.py");
+        std::fs::write(
+            &file,
+            format!("{ENVIRONMENT}\n\nclass NoReset:\n    def add(self, n: int):\n        \"\"\"Adds.\n\n        Args:\n            n: How much.\n        \"\"\"\n        return n\n"),
+        )
+        .unwrap();
+        let refused = |factory: &str, tools: Vec<Tool>| {
+            let mut recipe = Recipe::default();
+            recipe.rollout.environment_factory = Some(format!("{}:{factory}", file.display()));
+            recipe.rollout.tools = tools;
+            ToolRunner::from_recipe(&recipe).unwrap_err().to_string()
+        };
+        let e = refused("NoReset", Vec::new());
+        assert!(
+            e.contains("rollout.environment_factory") && e.contains("no reset method"),
+            "{e}"
+        );
+        let e = refused("Missing", Vec::new());
+        assert!(
+            e.contains("rollout.environment_factory") && e.contains("Missing"),
+            "{e}"
+        );
+        let add = Tool {
+            name: "add".into(),
+            description: "Adds.".into(),
+            url: "http://127.0.0.1:1/add".into(),
+            ..Tool::default()
+        };
+        let e = refused("Counter", vec![add]);
+        assert!(
+            e.contains("rollout.tools[0]") && e.contains("a method of rollout.environment_factory"),
+            "{e}"
+        );
     }
 
     /// With one tool process, the tools and the reward functions share it,
@@ -699,8 +996,8 @@ def undocumented(x: int):
             tools.share_python_process(&mut rewards);
             rewards.prepare().unwrap();
             rt.block_on(async {
-                assert_eq!(tools.call("count", "{}").await, Ok("1".into()));
-                assert_eq!(tools.call("count", "{}").await, Ok("2".into()));
+                assert_eq!(tools.call("count", "{}", None).await, Ok("1".into()));
+                assert_eq!(tools.call("count", "{}", None).await, Ok("2".into()));
                 let input = crate::rewards::RewardInput::new("2+2?", "4", None);
                 let scores = rewards.score(&[input]).await.unwrap();
                 assert_eq!(
@@ -708,7 +1005,7 @@ def undocumented(x: int):
                     [seen],
                     "{processes} processes"
                 );
-                assert_eq!(tools.call("count", "{}").await, Ok("3".into()));
+                assert_eq!(tools.call("count", "{}", None).await, Ok("3".into()));
             });
         }
     }
@@ -727,7 +1024,7 @@ def undocumented(x: int):
         for processes in [1, 2] {
             let r = python_runner_with(dir.path(), &["pid"], 30.0, processes);
             let pids = rt.block_on(async {
-                let calls = (0..2).map(|_| r.call("pid", r#"{"seconds": 0.5}"#));
+                let calls = (0..2).map(|_| r.call("pid", r#"{"seconds": 0.5}"#, None));
                 futures::future::join_all(calls).await
             });
             let pids: std::collections::BTreeSet<String> =

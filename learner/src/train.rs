@@ -1759,7 +1759,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         "step": step,
                         "index": k,
                         "rank": rank,
-                        "prompt": examples[i].prompt_text,
+                        "prompt": comp.prompt.as_ref().map_or(&examples[i].prompt_text, |p| &p.text),
                         "answer": examples[i].answer,
                         "completion": comp.text,
                         "reward": totals[k],
@@ -1794,7 +1794,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 local_tools[1] += comp.tool_calls as f64;
                 local_tools[2] += comp.tool_failures as f64;
                 rows.push(Row {
-                    prompt_ids: &group.prompt_ids,
+                    prompt_ids: comp.prompt_ids(group),
                     completion_ids: &comp.completion_ids,
                     logprobs: &comp.logprobs,
                     tool_mask: &comp.tool_mask,
@@ -2365,6 +2365,8 @@ mod tests {
             tool_calls: 0,
             tool_failures: 0,
             messages: Vec::new(),
+            prompt: None,
+            environment: None,
         }
     }
 

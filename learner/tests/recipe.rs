@@ -377,6 +377,43 @@ fn tools_are_checked_by_key() {
         let e = err(BASE, &[python, bad]);
         assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
     }
+    // TRL's environment_factory: tools of its own (max_tool_calling_iterations
+    // acts with it), rows reset with their columns; its instances live in
+    // the one process the reward functions read them in, and only until
+    // their completions are scored (no step generated ahead).
+    let env = "rollout.environment_factory=\"my_env.py:Counter\"";
+    let r =
+        Recipe::from_yaml_str(BASE, "x", &[env, "rollout.max_tool_calling_iterations=2"]).unwrap();
+    assert_eq!(
+        r.rollout.environment_factory.as_deref(),
+        Some("my_env.py:Counter")
+    );
+    assert!(learner::data::ColumnMapping::from_recipe(&r).keep_columns);
+    for (bad, key, says) in [
+        (
+            "rollout.environment_factory=my_env.py",
+            "rollout.environment_factory",
+            "path/to/file.py:FUNCTION",
+        ),
+        (
+            "rollout.python_tool_processes=2",
+            "rollout.environment_factory",
+            "python_tool_processes: 1",
+        ),
+        (
+            "rollout.async_lag=1",
+            "rollout.environment_factory",
+            "async_lag: 0",
+        ),
+        (
+            "data.prompt_template={question}=",
+            "data.prompt_template",
+            "environment_factory need chat prompts",
+        ),
+    ] {
+        let e = err(BASE, &[env, bad]);
+        assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
+    }
 }
 
 #[test]

@@ -894,6 +894,108 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
     assert_eq!(tools_called.len(), 3, "{tools_called:?}");
 }
 
+/// TRL's `environment_factory`: each completion gets its own instance,
+/// reset with its row; every other reset's observation joins the prompt
+/// (so a group's completions have two prompts, each sent on its own and
+/// trained on as sent: the log-probs agree); the completion's calls run the
+/// methods of its own instance (the results are its running total), and
+/// the reward function reads the instances, each beside its completion's
+/// prompt.
+#[test]
+fn environments_hold_each_completions_state_as_trl_runs_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let server = RolloutServer::start(&model, &["--max-model-len", "512"]);
+    let out = tmp.path().join("run");
+    let recipe = recipe(tmp.path(), &model, &server, &out);
+    let env = tmp.path().join("counter_env.py");
+    std::fs::write(
+        &env,
+        r#"
+class Counter:
+    resets = 0
+
+    def reset(self, prompt, answer, **kwargs):
+        assert answer.lstrip("-").isdigit() and prompt[-1]["role"] == "user"
+        Counter.resets += 1
+        self.total = 0
+        self.observed = Counter.resets % 2 == 0
+        return " Go." if self.observed else None
+
+    def add(self, n: int) -> int:
+        """Adds to the running total.
+
+        Args:
+            n: How much to add.
+        """
+        self.total += n
+        return self.total
+
+
+def total(prompts, completions, environments, **kwargs):
+    for p, e in zip(prompts, environments):
+        assert p[-1]["content"].endswith(" Go.") == e.observed, (p, e.observed)
+    return [float(e.total) for e in environments]
+"#,
+    )
+    .unwrap();
+    let call =
+        r#"<tool_call>\\{\"name\": \"add\", \"arguments\": \\{\"n\": [1-4]\\}\\}</tool_call>"#;
+    train(
+        &recipe,
+        &[
+            "data.prompt_template=chat".into(),
+            format!("rollout.environment_factory=\"{}:Counter\"", env.display()),
+            "rollout.max_tool_calling_iterations=2".into(),
+            "rollout.max_completion_length=300".into(),
+            format!(
+                "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:total\"}}]",
+                env.display()
+            ),
+            format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
+            "log.log_completions=true".into(),
+            "train.max_steps=2".into(),
+            "eval.eval_steps=2".into(),
+        ],
+    );
+    let evals = read_jsonl(&out.join("eval_log.jsonl"));
+    assert_eq!(
+        evals.last().unwrap()["tools"]["call_frequency"],
+        2.0,
+        "{evals:?}"
+    );
+    for l in &read_jsonl(&out.join("train_log.jsonl")) {
+        assert_servers_follow_the_policy(l);
+        assert_eq!(l["tools"]["call_frequency"], 2.0, "{l}");
+        assert_eq!(l["tools"]["failure_frequency"], 0.0, "{l}");
+    }
+    let completions = read_jsonl(&out.join("completions.jsonl"));
+    assert_eq!(completions.len(), 2 * 16);
+    let turn = regex::Regex::new(r#"\{"n": ([1-4])\}"#).unwrap();
+    let mut observed = 0;
+    for c in &completions {
+        let text = c["completion"].as_str().unwrap();
+        let prompt = c["prompt"].as_str().unwrap();
+        observed += prompt.contains(" Go.<|im_end|>") as usize;
+        let ns: Vec<i64> = turn
+            .captures_iter(text)
+            .map(|m| m[1].parse().unwrap())
+            .collect();
+        assert_eq!(ns.len(), 3, "{text}");
+        let results: Vec<&str> = text
+            .split("<|im_start|>tool\n")
+            .skip(1)
+            .map(|t| t.split("<|im_end|>").next().unwrap())
+            .collect();
+        // The instance's running total: the calls ran in one instance.
+        let totals = [ns[0], ns[0] + ns[1]].map(|t| t.to_string());
+        assert_eq!(results, totals, "{text}");
+        assert_eq!(c["rewards"]["total"], (ns[0] + ns[1]) as f64, "{c}");
+    }
+    // Every other reset sent an observation: half the prompts have it.
+    assert_eq!(observed, completions.len() / 2, "{completions:?}");
+}
+
 /// A tool turn that leaves no room for an answer is left out, as TRL
 /// leaves it: the completion ends with its call, which ran and counts.
 /// (`learner eval` runs the tools as training does.)
