@@ -1,9 +1,10 @@
 """The Python pieces of a TRL GRPO script, as such a script writes them, for
 configs/trl_callables.yaml: a tool (a function with type hints and a
 Google-style docstring, from which its definition is read, as TRL reads
-the functions given to GRPOTrainer(tools=...)) and reward functions (TRL's
-shape: lists in, one float per completion out). Tandem runs them as they
-are, in python3 processes of the learner's own.
+the functions given to GRPOTrainer(tools=...)), an environment class
+(GRPOTrainer(environment_factory=...)) and reward functions (TRL's shape:
+lists in, one float per completion out). Tandem runs them as they are, in
+a python3 process of the learner's own.
 """
 
 import re
@@ -38,3 +39,33 @@ def accuracy_reward(completions, answer, **kwargs):
 def tool_use_reward(completions, **kwargs):
     """0.1 for a completion that called the calculator."""
     return [0.1 if "<tool_call>" in _text(c) else 0.0 for c in completions]
+
+
+class AnswerChecker:
+    """An environment as GRPOTrainer(environment_factory=AnswerChecker)
+    takes one: an instance per completion, reset with the row's columns
+    before it is generated; its public methods are that completion's tools,
+    and reward functions read its state."""
+
+    def reset(self, answer, **kwargs):
+        self.answer = str(answer)
+        self.solved = False
+        self.tries = 0
+        return None
+
+    def submit(self, answer: int) -> str:
+        """Checks a final answer; three tries at most.
+
+        Args:
+            answer: The whole number you believe is the result.
+        """
+        if self.solved or self.tries >= 3:
+            raise ValueError("No more tries.")
+        self.tries += 1
+        self.solved = str(answer) == self.answer
+        return "correct" if self.solved else "wrong"
+
+
+def solved_reward(environments, **kwargs):
+    """1.0 for a completion whose environment saw the right answer."""
+    return [1.0 if env.solved else 0.0 for env in environments]

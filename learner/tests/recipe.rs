@@ -614,6 +614,7 @@ fn the_shipped_recipes_load_and_validate() {
     for t in &mut trl.rollout.tools {
         t.python = t.python.as_deref().map(from_root);
     }
+    trl.rollout.environment_factory = trl.rollout.environment_factory.as_deref().map(from_root);
     for f in &mut trl.reward.functions {
         let spec = f.params["function"].as_str().unwrap().to_string();
         f.params.insert("function".into(), from_root(&spec).into());
@@ -621,8 +622,10 @@ fn the_shipped_recipes_load_and_validate() {
     let tools = learner::tools::ToolRunner::from_recipe(&trl)
         .unwrap()
         .unwrap();
+    // The environment's method, then the tool.
+    assert_eq!(tools.definitions()[0]["function"]["name"], "submit");
     assert_eq!(
-        tools.definitions()[0]["function"]["parameters"]["required"],
+        tools.definitions()[1]["function"]["parameters"]["required"],
         serde_json::json!(["expression"])
     );
     let template =
@@ -634,7 +637,10 @@ fn the_shipped_recipes_load_and_validate() {
     assert_eq!(tools.unlisted_tools_warning(&tok).unwrap(), None);
     let rewards = learner::rewards::RewardRegistry::from_section(&trl.reward).unwrap();
     rewards.prepare().unwrap();
-    assert_eq!(rewards.labels(), ["accuracy_reward", "tool_use_reward"]);
+    assert_eq!(
+        rewards.labels(),
+        ["accuracy_reward", "tool_use_reward", "solved_reward"]
+    );
 
     let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();
     assert_eq!(ext.rollout.client_tag_echo, ClientTagEcho::Ignore);
