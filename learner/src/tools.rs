@@ -189,14 +189,18 @@ impl ToolRunner {
 
     /// Resets one environment per row (`reset(**row)`, TRL's): each
     /// completion's lease, and the observation to append to its prompt.
+    /// Each reset has `rollout.tool_timeout_s` (they run one after the
+    /// other in one call).
     pub async fn reset_environments(
         &self,
         rows: Vec<Value>,
     ) -> Result<Vec<(EnvironmentLease, Option<String>)>, String> {
         match (&self.environment_factory, &self.python) {
             (Some(factory), Some(python)) => {
+                let timeout = self.timeout * rows.len().max(1) as u32;
+                let key = format!("rollout.tool_timeout_s for each of {} resets", rows.len());
                 python
-                    .reset_environments(factory, rows, self.timeout, "rollout.tool_timeout_s")
+                    .reset_environments(factory, rows, timeout, &key)
                     .await
             }
             _ => Err("no rollout.environment_factory".into()),
@@ -871,6 +875,11 @@ def made(completions, **kwargs):
                 .unwrap();
             let observations: Vec<Option<&str>> = envs.iter().map(|(_, o)| o.as_deref()).collect();
             assert_eq!(observations, [Some(" Reach 7."), None]);
+            // A reset that raises is an error naming it (its instance, a
+            // third, is given back).
+            let bad = json!({"prompt": [{"role": "system", "content": "x"}], "answer": "1"});
+            let e = tools.reset_environments(vec![bad]).await.unwrap_err();
+            assert!(e.contains("AssertionError"), "{e}");
             let (a, b) = (&envs[0].0, &envs[1].0);
             assert_eq!(
                 tools.call("add", r#"{"n": 2}"#, Some(a)).await,
@@ -896,7 +905,7 @@ def made(completions, **kwargs):
                 .collect();
             let scores = rewards.score(&inputs).await.unwrap();
             assert_eq!(scores.per_function[0].values, [3.0, 5.0]);
-            assert_eq!(scores.per_function[1].values, [2.0, 2.0]);
+            assert_eq!(scores.per_function[1].values, [3.0, 3.0]);
             // A process that ends takes the instances in use with it: their
             // calls fail, and so does a reward function that reads them.
             let e = tools.call("stop", "{}", Some(a)).await.unwrap_err();
