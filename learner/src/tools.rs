@@ -97,34 +97,6 @@ impl ToolRunner {
         let mut tools = Vec::new();
         let mut definitions = Vec::new();
         let mut python_functions = Vec::new();
-        // The environment's methods first (TRL lists them after its tools;
-        // the order only changes the prompt's list).
-        if let Some(spec) = &r.environment_factory {
-            let key = "rollout.environment_factory";
-            let d = crate::python::inspect("environment", std::slice::from_ref(spec))?
-                .pop()
-                .unwrap_or(Value::Null);
-            if let Some(e) = d.get("error") {
-                anyhow::bail!("{key}: {spec}: {}", e.as_str().unwrap_or_default());
-            }
-            let Some(methods) = d["definitions"].as_array() else {
-                anyhow::bail!("{key}: {spec}: no definitions came back");
-            };
-            for definition in methods {
-                let Some(name) = definition["function"]["name"].as_str() else {
-                    anyhow::bail!("{key}: {spec}: a method's definition has no name");
-                };
-                tools.push((name.to_string(), Runs::Method));
-                definitions.push(definition.clone());
-            }
-            python_functions.push(json!({
-                "key": key,
-                "function": spec,
-                "definition": d["definitions"],
-                "source_sha256": d["source_sha256"],
-            }));
-            specs.push(spec.clone());
-        }
         for (i, tool) in r.tools.iter().enumerate() {
             let (definition, runs) = match &tool.python {
                 Some(spec) => {
@@ -149,22 +121,46 @@ impl ToolRunner {
                 anyhow::bail!("rollout.tools[{i}]: a definition without a function name");
             };
             if let Some(j) = tools.iter().position(|(n, _)| n == name) {
-                // The environment's methods come first.
-                let methods = tools
-                    .iter()
-                    .filter(|(_, r)| matches!(r, Runs::Method))
-                    .count();
-                let other = match j.checked_sub(methods) {
-                    None => "a method of rollout.environment_factory".to_string(),
-                    Some(j) => format!("rollout.tools[{j}]"),
-                };
                 anyhow::bail!(
-                    "rollout.tools[{i}]: {name:?} also names {other}; a call could not tell \
-                     them apart"
+                    "rollout.tools[{i}]: {name:?} also names rollout.tools[{j}]; a call could \
+                     not tell them apart"
                 );
             }
             tools.push((name.to_string(), runs));
             definitions.push(definition);
+        }
+        // The environment's methods, after the tools, as TRL lists them.
+        if let Some(spec) = &r.environment_factory {
+            let key = "rollout.environment_factory";
+            let d = crate::python::inspect("environment", std::slice::from_ref(spec))?
+                .pop()
+                .unwrap_or(Value::Null);
+            if let Some(e) = d.get("error") {
+                anyhow::bail!("{key}: {spec}: {}", e.as_str().unwrap_or_default());
+            }
+            let Some(methods) = d["definitions"].as_array() else {
+                anyhow::bail!("{key}: {spec}: no definitions came back");
+            };
+            for definition in methods {
+                let Some(name) = definition["function"]["name"].as_str() else {
+                    anyhow::bail!("{key}: {spec}: a method's definition has no name");
+                };
+                if let Some(j) = tools.iter().position(|(n, _)| n == name) {
+                    anyhow::bail!(
+                        "{key}: the method {name:?} has the name of rollout.tools[{j}]; a call \
+                         could not tell them apart"
+                    );
+                }
+                tools.push((name.to_string(), Runs::Method));
+                definitions.push(definition.clone());
+            }
+            python_functions.push(json!({
+                "key": key,
+                "function": spec,
+                "definition": d["definitions"],
+                "source_sha256": d["source_sha256"],
+            }));
+            specs.push(spec.clone());
         }
         Ok(Some(ToolRunner {
             tools,
@@ -972,7 +968,8 @@ def made(completions, **kwargs):
         };
         let e = refused("Counter", vec![add]);
         assert!(
-            e.contains("rollout.tools[0]") && e.contains("a method of rollout.environment_factory"),
+            e.contains("rollout.environment_factory")
+                && e.contains("the method \"add\" has the name of rollout.tools[0]"),
             "{e}"
         );
     }

@@ -622,12 +622,12 @@ fn the_shipped_recipes_load_and_validate() {
     let tools = learner::tools::ToolRunner::from_recipe(&trl)
         .unwrap()
         .unwrap();
-    // The environment's method, then the tool.
-    assert_eq!(tools.definitions()[0]["function"]["name"], "submit");
+    // The tool, then the environment's method, as TRL lists them.
     assert_eq!(
-        tools.definitions()[1]["function"]["parameters"]["required"],
+        tools.definitions()[0]["function"]["parameters"]["required"],
         serde_json::json!(["expression"])
     );
+    assert_eq!(tools.definitions()[1]["function"]["name"], "submit");
     let template =
         model::tokenizer::chat_template_text(trl.data.chat_template.as_ref().unwrap()).unwrap();
     let tok = model::presets::tokenizer()
