@@ -824,7 +824,10 @@ def made(completions, **kwargs):
         let mut recipe = Recipe::default();
         recipe.rollout.environment_factory = Some(format!("{}:Counter", file.display()));
         let mut tools = ToolRunner::from_recipe(&recipe).unwrap().unwrap();
-        let f = |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+        let f = |name: &str| {
+            let spec = format!("{}:{name}", file.display());
+            json!({"name": "python", "function": spec})
+        };
         let mut rewards = RewardRegistry::from_configs(&[f("totals"), f("made")]).unwrap();
         tools.share_python_process(&mut rewards);
         rewards.prepare().unwrap();
@@ -859,7 +862,20 @@ def made(completions, **kwargs):
             tools.python_functions()[0]["key"],
             "rollout.environment_factory"
         );
-        let row = |answer: &str| json!({"prompt": [{"role": "user", "content": "Count."}], "answer": answer});
+        let row = |answer: &str| {
+            let prompt = json!([{"role": "user", "content": "Count."}]);
+            json!({"prompt": prompt, "answer": answer})
+        };
+        // What the reward functions score: a completion in each environment.
+        let inputs_of = |envs: &[(EnvironmentLease, Option<String>)]| {
+            envs.iter()
+                .map(|(lease, _)| {
+                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                    x.environment = Some(lease.id());
+                    x
+                })
+                .collect::<Vec<_>>()
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -891,14 +907,7 @@ def made(completions, **kwargs):
             );
             let e = tools.call("add", r#"{"n": 1}"#, None).await.unwrap_err();
             assert!(e.contains("this completion has none"), "{e}");
-            let inputs: Vec<crate::rewards::RewardInput> = envs
-                .iter()
-                .map(|(lease, _)| {
-                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
-                    x.environment = Some(lease.id());
-                    x
-                })
-                .collect();
+            let inputs = inputs_of(&envs);
             let scores = rewards.score(&inputs).await.unwrap();
             assert_eq!(scores.per_function[0].values, [3.0, 5.0]);
             assert_eq!(scores.per_function[1].values, [3.0, 3.0]);
@@ -919,14 +928,7 @@ def made(completions, **kwargs):
             let envs = tools.reset_environments(vec![row("1"); 2]).await.unwrap();
             drop(envs);
             let envs = tools.reset_environments(vec![row("1"); 3]).await.unwrap();
-            let inputs: Vec<crate::rewards::RewardInput> = envs
-                .iter()
-                .map(|(lease, _)| {
-                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
-                    x.environment = Some(lease.id());
-                    x
-                })
-                .collect();
+            let inputs = inputs_of(&envs);
             let scores = rewards.score(&inputs).await.unwrap();
             assert_eq!(scores.per_function[0].values, [0.0, 0.0, 0.0]);
             assert_eq!(scores.per_function[1].values, [3.0, 3.0, 3.0]);
@@ -941,7 +943,11 @@ def made(completions, **kwargs):
         let file = dir.path().join("bad_env.py");
         std::fs::write(
             &file,
-            format!("{ENVIRONMENT}\n\nclass NoReset:\n    def add(self, n: int):\n        \"\"\"Adds.\n\n        Args:\n            n: How much.\n        \"\"\"\n        return n\n"),
+            format!(
+                "{ENVIRONMENT}\n\nclass NoReset:\n    def add(self, n: int):\n        \
+                 \"\"\"Adds.\n\n        Args:\n            n: How much.\n        \"\"\"\n        \
+                 return n\n"
+            ),
         )
         .unwrap();
         let refused = |factory: &str, tools: Vec<Tool>| {

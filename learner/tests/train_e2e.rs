@@ -813,9 +813,11 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          assert all('tool_calls' in m for m in c[0::2])\n        \
          assert [m['name'] for m in c[1::2]] == \
          [m['tool_calls'][0]['function']['name'] for m in c[0:4:2]]\n    \
-         calls = [[t['function'] for m in c[0:4:2] for t in m['tool_calls']] for c in completions]\n    \
-         return [float(sum(f['name'] == 'mul' and (f['arguments']['a'], f['arguments']['b']) \
-         in MUL_CALLS for f in fs)) for fs in calls]\n",
+         calls = [[t['function'] for m in c[0:4:2] for t in m['tool_calls']] \
+         for c in completions]\n    \
+         return [float(sum(f['name'] == 'mul' and \
+         (f['arguments']['a'], f['arguments']['b']) in MUL_CALLS for f in fs)) \
+         for fs in calls]\n",
     );
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
     train(
