@@ -716,6 +716,40 @@ fn the_command_converts_a_verl_script() {
 /// flags become a Tandem recipe with the same step (128 prompts x 8
 /// samples, 8 updates of 128) and its reward server spoken to as OpenRLHF
 /// does.
+/// verl's multi-turn keys and OpenRLHF's agent functions point to the
+/// tools and environments Tandem runs.
+#[test]
+fn multi_turn_agent_keys_point_to_the_tools() {
+    let verl = include_str!("reference/verl_run_qwen2-7b.sh").replace(
+        "trainer.total_epochs=15 $@",
+        "trainer.total_epochs=15 \\\n    actor_rollout_ref.rollout.multi_turn.enable=True \\\n    \
+         actor_rollout_ref.rollout.multi_turn.tool_config_path=tools.yaml $@",
+    );
+    let openrlhf = include_str!("reference/openrlhf_train_grpo_ray.sh").replace(
+        "--use_wandb {wandb_token}",
+        "--agent_func_path agent_func.py \\\n   --use_wandb {wandb_token}",
+    );
+    for (script, name, key) in [
+        (
+            verl,
+            "run_qwen2-7b.sh",
+            "actor_rollout_ref.rollout.multi_turn.tool_config_path",
+        ),
+        (openrlhf, "train_grpo_ray.sh", "--agent_func_path"),
+    ] {
+        let c = convert_recipe(&script, name).unwrap();
+        let (_, why) = c
+            .left_out
+            .iter()
+            .find(|(kv, _)| kv.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} not listed: {:?}", c.left_out));
+        assert!(
+            why.contains("rollout.tools") && why.contains("rollout.environment_factory"),
+            "{why}"
+        );
+    }
+}
+
 #[test]
 fn an_openrlhf_launch_script_converts_to_the_same_steps() {
     let script = include_str!("reference/openrlhf_train_grpo_ray.sh");

@@ -802,9 +802,14 @@ fn left_out_reason(key: &str) -> &'static str {
         "load_in_4bit" => {
             "no quantized base: LoRA (model.use_peft) trains on a base in model.dtype"
         }
-        "agent_func_path" | "async_train" | "async_queue_size" => {
-            "multi-turn agents are not supported; rollout.async_lag: 1 overlaps generation \
-             with training"
+        "agent_func_path" => {
+            "OpenRLHF's agent functions are not run: give the environment as a TRL environment \
+             class (rollout.environment_factory: its methods are the tools, reward functions \
+             read its state) or its tools as rollout.tools; rollout.max_tool_calling_iterations \
+             bounds the turns"
+        }
+        "async_train" | "async_queue_size" => {
+            "rollout.async_lag: 1 overlaps the next step's generation with training"
         }
         _ => "no Tandem counterpart",
     }

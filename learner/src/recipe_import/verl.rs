@@ -1088,6 +1088,12 @@ fn left_out_reason(key: &str) -> &'static str {
     {
         "an engine or memory setting of verl's (FSDP, vLLM, Ray); Tandem's learners and \
          rollout servers manage their own"
+    } else if key.contains(".multi_turn.") {
+        "verl's multi-turn tools (tool_config_path's BaseTool classes, interactions) are not \
+         read: list each tool in rollout.tools (a Python function, {python: file.py:fn}, or an \
+         HTTP endpoint) or give a TRL environment class as rollout.environment_factory; \
+         rollout.max_tool_calling_iterations bounds the tool rounds, rollout.tool_call_parser \
+         reads the calls (hermes by default)"
     } else if last == "exclude_modules" {
         "PEFT's exclude_modules is not read: list the adapted modules in \
          model.lora_target_modules"
