@@ -28,5 +28,6 @@ for b in rollout-server learner launcher bench bench_weight_sync; do
   strip -o "$out/release/$b" "$CARGO_TARGET_DIR/release/$b"
 done
 for t in $tests; do strip -o "$out/release/deps/$(basename "$t")" "$t"; done
-xz -T2 -6 "$out"/release/* "$out"/release/deps/* 2>/dev/null || true
+# -9: the bundle and the working tree must fit in the 64 MiB that travels.
+xz -T2 -9 "$out"/release/* "$out"/release/deps/* 2>/dev/null || true
 du -sh "$out"
