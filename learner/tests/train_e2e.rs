@@ -1455,12 +1455,17 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     let template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}";
     std::fs::write(&file, template).unwrap();
     let tool = tmp.path().join("my_tools.py");
-    let zero = "def zero(completions, **kwargs):\n    return [0.0] * len(completions)\n";
+    // A reward function and an environment class beside the tool.
+    let zero = "def zero(completions, **kwargs):\n    return [0.0] * len(completions)\n\n\
+                class Counter:\n    def reset(self, **kwargs):\n        self.n = 0\n\n    \
+                def bump(self) -> int:\n        \"\"\"Counts.\"\"\"\n        \
+                self.n += 1\n        return self.n\n";
     python_two_int_tool(&tool, "add", "a + b", zero);
     let with_files = vec![
         format!("data.chat_template={}", file.display()),
         "data.prompt_template=chat".into(),
         format!("rollout.tools=[{{python: \"{}:add\"}}]", tool.display()),
+        format!("rollout.environment_factory=\"{}:Counter\"", tool.display()),
         format!(
             "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:zero\"}}]",
             tool.display()
@@ -1500,6 +1505,7 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
     );
     for (key, function) in [
         ("rollout.tools[0].python", "add"),
+        ("rollout.environment_factory", "Counter"),
         ("reward.functions[1].function", "zero"),
     ] {
         assert!(
@@ -1524,10 +1530,11 @@ fn a_resume_whose_chat_template_or_tool_file_changed_is_refused() {
         .iter()
         .map(|c| c["key"].as_str().unwrap())
         .collect();
-    assert_eq!(keys.len(), 3, "{e}");
+    assert_eq!(keys.len(), 4, "{e}");
     assert!(keys[0].starts_with("data.chat_template"), "{e}");
     assert!(keys[1].starts_with("rollout.tools[0].python"), "{e}");
-    assert!(keys[2].starts_with("reward.functions[1].function"), "{e}");
+    assert!(keys[2].starts_with("rollout.environment_factory"), "{e}");
+    assert!(keys[3].starts_with("reward.functions[1].function"), "{e}");
     assert_eq!(
         std::fs::read_to_string(out.join("checkpoints/step_000002/chat_template.jinja")).unwrap(),
         format!("SYSTEM\n{template}")
