@@ -772,6 +772,43 @@ fn start_add_tool() -> String {
     format!("http://{addr}/add")
 }
 
+/// Two steps (and an eval after the second) of chat rollouts in which
+/// guided decoding makes every turn a tool call matching `call`, two tool
+/// rounds each, with `extra` overrides; checks that every completion made
+/// its two rounds, in training and evaluation, and that the learner's
+/// log-probs agree with the server's. The train log lines and the logged
+/// completions of the run folder `out`.
+fn two_tool_rounds(
+    recipe: &std::path::Path,
+    out: &std::path::Path,
+    call: &str,
+    extra: &[String],
+) -> [Vec<Value>; 2] {
+    let mut overrides = vec![
+        "data.prompt_template=chat".to_string(),
+        "rollout.max_tool_calling_iterations=2".into(),
+        format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
+        "log.log_completions=true".into(),
+        "train.max_steps=2".into(),
+        "eval.eval_steps=2".into(),
+    ];
+    overrides.extend_from_slice(extra);
+    train(recipe, &overrides);
+    let evals = read_jsonl(&out.join("eval_log.jsonl"));
+    assert_eq!(
+        evals.last().unwrap()["tools"]["call_frequency"],
+        2.0,
+        "{evals:?}"
+    );
+    let lines = read_jsonl(&out.join("train_log.jsonl"));
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_servers_follow_the_policy(l);
+        assert_eq!(l["tools"]["call_frequency"], 2.0, "{l}");
+    }
+    [lines, read_jsonl(&out.join("completions.jsonl"))]
+}
+
 /// Multi-turn rollouts with tools (TRL's `tools`): guided decoding makes
 /// every turn a hermes call of `add` (served over HTTP), `mul` (a Python
 /// function the learner runs) or `div` (no such tool: a failed call). Each
@@ -820,44 +857,29 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
          for fs in calls]\n",
     );
     let call = r#"<tool_call>\\{\"name\": \"(add|mul|div)\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
-    train(
+    // Evaluation runs the tools too.
+    let [lines, completions] = two_tool_rounds(
         &recipe,
+        &out,
+        call,
         &[
-            "data.prompt_template=chat".into(),
             format!(
                 "rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}, \
                  {{python: \"{}:mul\"}}]",
                 mul.display()
             ),
-            "rollout.max_tool_calling_iterations=2".into(),
             "rollout.max_completion_length=400".into(),
             format!(
                 "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:mul_answers\"}}]",
                 mul.display()
             ),
-            format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
-            "log.log_completions=true".into(),
-            "train.max_steps=2".into(),
-            "eval.eval_steps=2".into(),
         ],
     );
-    // Evaluation runs the tools too.
-    let evals = read_jsonl(&out.join("eval_log.jsonl"));
-    assert_eq!(
-        evals.last().unwrap()["tools"]["call_frequency"],
-        2.0,
-        "{evals:?}"
-    );
-    let lines = read_jsonl(&out.join("train_log.jsonl"));
-    assert_eq!(lines.len(), 2);
     for l in &lines {
-        assert_servers_follow_the_policy(l);
         assert!(f(l, "loss").is_finite(), "{l}");
-        assert_eq!(l["tools"]["call_frequency"], 2.0, "{l}");
         let failed = l["tools"]["failure_frequency"].as_f64().unwrap();
         assert!(failed > 0.0 && failed < 1.0, "{l}");
     }
-    let completions = read_jsonl(&out.join("completions.jsonl"));
     assert_eq!(completions.len(), 2 * 16);
     let turn = regex::Regex::new(
         r#"<tool_call>\{"name": "(add|mul|div)", "arguments": \{"a": ([1-4]), "b": ([5-9])\}\}</tool_call>"#,
@@ -943,35 +965,22 @@ def total(prompts, completions, environments, **kwargs):
     .unwrap();
     let call =
         r#"<tool_call>\\{\"name\": \"add\", \"arguments\": \\{\"n\": [1-4]\\}\\}</tool_call>"#;
-    train(
+    let [lines, completions] = two_tool_rounds(
         &recipe,
+        &out,
+        call,
         &[
-            "data.prompt_template=chat".into(),
             format!("rollout.environment_factory=\"{}:Counter\"", env.display()),
-            "rollout.max_tool_calling_iterations=2".into(),
             "rollout.max_completion_length=300".into(),
             format!(
                 "reward.functions=[{{name: exact_match}}, {{name: python, function: \"{}:total\"}}]",
                 env.display()
             ),
-            format!("rollout.generation_kwargs={{structured_outputs: {{regex: \"{call}\"}}}}"),
-            "log.log_completions=true".into(),
-            "train.max_steps=2".into(),
-            "eval.eval_steps=2".into(),
         ],
     );
-    let evals = read_jsonl(&out.join("eval_log.jsonl"));
-    assert_eq!(
-        evals.last().unwrap()["tools"]["call_frequency"],
-        2.0,
-        "{evals:?}"
-    );
-    for l in &read_jsonl(&out.join("train_log.jsonl")) {
-        assert_servers_follow_the_policy(l);
-        assert_eq!(l["tools"]["call_frequency"], 2.0, "{l}");
+    for l in &lines {
         assert_eq!(l["tools"]["failure_frequency"], 0.0, "{l}");
     }
-    let completions = read_jsonl(&out.join("completions.jsonl"));
     assert_eq!(completions.len(), 2 * 16);
     let turn = regex::Regex::new(r#"\{"n": ([1-4])\}"#).unwrap();
     let mut observed = 0;
