@@ -284,7 +284,6 @@ const NO_TRAINING_EFFECT: &[&str] = &[
     "rollout.request_timeout_s",
     "rollout.max_retries",
     "rollout.tool_timeout_s",
-    "rollout.python_tool_processes",
     "rollout.weight_sync_endpoints",
     "rollout.weight_sync_token",
     "rollout.weight_sync_timeout_s",
@@ -335,6 +334,13 @@ pub fn changes_training(key: &str, recipe: &Recipe) -> bool {
         }
         // A resume takes the checkpoint's adapters, whatever it names.
         "model.lora_adapter_path" => false,
+        // How many processes run the Python tools is a matter of speed, but
+        // for one thing: with one, the reward functions run in it too and
+        // read what the tools (or environments) left in their modules.
+        "rollout.python_tool_processes" => {
+            recipe.reward.takes_row_columns()
+                && recipe.rollout.tools.iter().any(|t| t.python.is_some())
+        }
         // Where a tool runs (a restarted tool server's new port), as the
         // endpoints; what it is (name, description, schema) is shown to
         // the policy.
@@ -386,6 +392,23 @@ mod tests {
         assert!(changes_training("rollout.tools[0].description", &r));
         assert!(changes_training("rollout.tools", &r));
         assert!(changes_training("rollout.max_tool_calling_iterations", &r));
+    }
+
+    #[test]
+    fn python_tool_processes_change_training_where_the_rewards_could_share_the_tools_process() {
+        let mut r = demo(&[]);
+        assert!(!changes_training("rollout.python_tool_processes", &r));
+        r.rollout.tools.push(crate::recipe::Tool {
+            name: "add".into(),
+            python: Some("tools.py:add".into()),
+            ..Default::default()
+        });
+        assert!(!changes_training("rollout.python_tool_processes", &r));
+        r.reward.functions.push(crate::recipe::RewardFunction {
+            name: "python".into(),
+            ..Default::default()
+        });
+        assert!(changes_training("rollout.python_tool_processes", &r));
     }
 
     #[test]
