@@ -44,8 +44,9 @@ def tool_use_reward(completions, **kwargs):
 class AnswerChecker:
     """An environment as GRPOTrainer(environment_factory=AnswerChecker)
     takes one: an instance per completion, reset with the row's columns
-    before it is generated; its public methods are that completion's tools,
-    and reward functions read its state."""
+    before it is generated; its public methods are that completion's tools
+    (but `get_reward`, its own reward, called once the completion is done),
+    and reward functions may read its state (`environments`)."""
 
     def reset(self, answer, **kwargs):
         self.answer = str(answer)
@@ -65,7 +66,7 @@ class AnswerChecker:
         self.solved = str(answer) == self.answer
         return "correct" if self.solved else "wrong"
 
-
-def solved_reward(environments, **kwargs):
-    """1.0 for a completion whose environment saw the right answer."""
-    return [1.0 if env.solved else 0.0 for env in environments]
+    def get_reward(self):
+        """1.0 for a completion that submitted the right answer: TRL's
+        environment-owned reward, logged as `AnswerChecker`."""
+        return 1.0 if self.solved else 0.0

@@ -386,7 +386,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
     let mut tools = crate::tools::ToolRunner::from_recipe(&recipe)?;
     let mut rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     if let Some(t) = &mut tools {
-        t.share_python_process(&mut rewards);
+        t.attach_rewards(&mut rewards)?;
     }
     let (examples, _) = crate::data::load_eval_examples(
         &recipe,

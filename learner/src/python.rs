@@ -372,6 +372,16 @@ impl PythonCall {
         }
     }
 
+    /// Each instance's `get_reward()` (TRL's environment-owned reward; none
+    /// for `None`), as JSON; `class` names them in messages.
+    pub fn environment_rewards(class: &str, environments: &[Option<u64>]) -> PythonCall {
+        PythonCall {
+            request: json!({"environment_rewards": environments, "text": false}),
+            shown: format!("{class}.get_reward"),
+            text: false,
+        }
+    }
+
     /// The instances of `environments` (none: `None`) as the call's
     /// `environments` argument, as TRL hands them to reward functions.
     pub fn with_environments(mut self, environments: &[Option<u64>]) -> PythonCall {

@@ -10,8 +10,10 @@ The learner runs this file with `python3 -c`:
                       {"source_sha256"} or {"error": ...}
     environment SPEC  prints, as a one-element JSON list, the tool
                       definitions of TRL's environment_factory SPEC (an
-                      instance's public methods but `reset`) and the SHA-256
-                      of its file
+                      instance's public methods but `reset` and
+                      `get_reward`), the SHA-256 of its file and, where its
+                      instances have TRL's `get_reward()`, their class's
+                      name ("reward")
     serve SPEC...     answers calls: a JSON line {"function": SPEC,
                       "arguments", "text"} in (the function called with
                       the arguments as keywords), a JSON line out:
@@ -25,8 +27,10 @@ The learner runs this file with `python3 -c`:
                       answers their observations; {"method", "environment":
                       ID, ...} calls a method of ID's instance; a reward
                       call's "environments": [ID or null] become its
-                      `environments` argument; any line's "release": [ID]
-                      first gives those instances back to the idle ones
+                      `environments` argument; {"environment_rewards": [ID
+                      or null]} answers each instance's get_reward() (null
+                      for null); any line's "release": [ID] first gives
+                      those instances back to the idle ones
 
 A SPEC is `path/to/file.py:function` or `package.module:function`. Tool
 definitions are TRL's: `transformers.utils.get_json_schema` when transformers
@@ -221,17 +225,40 @@ def load_all(specs):
 
 def environment_methods(environment):
     """The tools of an environment, as TRL finds them: its public methods
-    but `reset`, which it must have."""
+    but the reserved `reset`, which it must have, and `get_reward`, the
+    environment's own reward."""
     methods = []
     has_reset = False
     for name, member in inspect.getmembers(environment, predicate=inspect.ismethod):
         if name == "reset":
             has_reset = True
-        elif not name.startswith("_"):
+        elif name != "get_reward" and not name.startswith("_"):
             methods.append(member)
     if not has_reset:
         raise ValueError("its instances have no reset method (TRL's environment_factory needs one)")
     return methods
+
+
+def environment_reward(environment):
+    """The name TRL logs an environment's own reward under (its class's),
+    where it has one: a `get_reward()` of no arguments, called once a
+    completion is done."""
+    get_reward = getattr(environment, "get_reward", None)
+    if get_reward is None:
+        return None
+    if not callable(get_reward):
+        raise TypeError("its get_reward is not a method (TRL calls get_reward() for the reward)")
+    required = [
+        p.name
+        for p in inspect.signature(get_reward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise TypeError(
+            f"its get_reward takes {', '.join(required)}: TRL calls get_reward() with no "
+            "arguments once a completion is done (read what it needs from the instance)"
+        )
+    return type(environment).__name__
 
 
 def describe_environment(specs):
@@ -243,12 +270,14 @@ def describe_environment(specs):
     try:
         (spec,) = specs
         factory = load(spec)
-        methods = environment_methods(factory())
+        instance = factory()
+        methods = environment_methods(instance)
         if not methods:
             raise ValueError("its instances have no public method to call as a tool")
         described = {
             "definitions": [get_json_schema(m) for m in methods],
             "source_sha256": source_sha256(factory),
+            "reward": environment_reward(instance),
         }
     except Exception as e:
         described = {"error": f"{type(e).__name__}: {e}"}
@@ -309,6 +338,11 @@ def serve(specs):
             arguments = call.get("arguments", {})
             if "reset" in call:
                 result = reset(functions[call["factory"]], call["reset"])
+            elif "environment_rewards" in call:
+                result = [
+                    None if id is None else awaited(environment(id).get_reward())
+                    for id in call["environment_rewards"]
+                ]
             else:
                 if "method" in call:
                     function = getattr(environment(call["environment"]), call["method"])

@@ -1457,8 +1457,10 @@ impl Recipe {
         )?;
         self.validate_tools()?;
 
+        // An environment may own the reward (TRL's `get_reward()`); whether
+        // its class has one is read when the learner starts.
         ensure(
-            !self.reward.functions.is_empty(),
+            !self.reward.functions.is_empty() || r.environment_factory.is_some(),
             "reward.functions",
             || "no reward function: list at least one, e.g. [{name: exact_match}]".into(),
         )?;

@@ -26,6 +26,10 @@
 //! (TRL's rule): its value is NaN, left out of the sum and of its logged
 //! mean and std.
 //!
+//! Beside the recipe's entries, an environment (`rollout.environment_factory`)
+//! whose class has TRL's `get_reward()` scores its completion too, weight 1,
+//! logged under the class's name ([`RewardRegistry::add_environment_reward`]).
+//!
 //! Parameters are checked strictly: an unknown or mistyped parameter is an
 //! error naming the function and the parameter. A function that fails while
 //! scoring is an error naming it, never a silent zero.
@@ -228,6 +232,10 @@ enum Kind {
     RewardModel(Box<RewardModel>),
     Code(Box<crate::code_execution::Code>),
     Python(Box<PythonReward>),
+    /// TRL's environment-owned reward: each completion's environment's
+    /// `get_reward()` (not a recipe entry: added for an environment class
+    /// that has it, [`RewardRegistry::add_environment_reward`]).
+    Environment(EnvironmentReward),
 }
 
 /// Names of the built-in functions.
@@ -254,7 +262,14 @@ impl RewardRegistry {
     /// name, default `name`; needed when one function is used twice), and
     /// the function's parameters).
     pub fn from_configs(configs: &[Value]) -> Result<Self> {
-        if configs.is_empty() {
+        RewardRegistry::build(configs, false)
+    }
+
+    /// `from_configs`, or an empty registry where `may_be_empty` (the recipe
+    /// allows no entry beside an environment, whose own reward comes
+    /// later: [`Self::add_environment_reward`]).
+    fn build(configs: &[Value], may_be_empty: bool) -> Result<Self> {
+        if configs.is_empty() && !may_be_empty {
             return Err(RewardError::Config {
                 index: 0,
                 function: String::new(),
@@ -298,7 +313,9 @@ impl RewardRegistry {
         Ok(registry)
     }
 
-    /// The registry of a recipe's `reward` section.
+    /// The registry of a recipe's `reward` section; an empty section (which
+    /// the recipe allows only with `rollout.environment_factory`) gives an
+    /// empty registry, for the environment's own reward.
     pub fn from_section(section: &crate::recipe::RewardSection) -> Result<Self> {
         let configs = section
             .functions
@@ -312,7 +329,48 @@ impl RewardRegistry {
                 })
             })
             .collect::<Result<Vec<Value>>>()?;
-        RewardRegistry::from_configs(&configs)
+        RewardRegistry::build(&configs, true)
+    }
+
+    /// Adds TRL's environment-owned reward: `get_reward()` of each
+    /// completion's environment (`rollout.environment_factory`), weight 1,
+    /// logged under `class`, its class's name, as TRL logs it; its instances
+    /// live in `processes`. Each call has `per_call` (a batch: that times
+    /// its completions), named by `timeout_key`.
+    pub fn add_environment_reward(
+        &mut self,
+        class: &str,
+        processes: Arc<crate::python::PythonProcesses>,
+        per_call: Duration,
+        timeout_key: &str,
+    ) -> Result<()> {
+        if let Some(index) = self.functions.iter().position(|f| f.label == class) {
+            return Err(RewardError::Config {
+                index,
+                function: class.to_string(),
+                message: format!(
+                    "is logged as `{class}`, the name of rollout.environment_factory's class, \
+                     whose get_reward() is a reward too (logged under its class's name, as TRL \
+                     logs it); give reward.functions[{index}] another `label`"
+                ),
+            });
+        }
+        self.functions.push(RewardFunction {
+            label: class.to_string(),
+            weight: 1.0,
+            kind: Kind::Environment(EnvironmentReward {
+                class: class.to_string(),
+                processes,
+                per_call,
+                timeout_key: timeout_key.to_string(),
+            }),
+        });
+        Ok(())
+    }
+
+    /// Whether there is nothing to score with.
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
     }
 
     /// The weights, in recipe order (a gate's is 1).
@@ -357,11 +415,13 @@ impl RewardRegistry {
     }
 
     /// Runs the Python functions in `processes` (which serves them all:
-    /// [`crate::tools::ToolRunner::share_python_process`]).
+    /// [`crate::tools::ToolRunner::attach_rewards`]).
     pub fn set_python_processes(&mut self, processes: Arc<crate::python::PythonProcesses>) {
         for f in &mut self.functions {
-            if let Kind::Python(p) = &mut f.kind {
-                p.processes = Some(processes.clone());
+            match &mut f.kind {
+                Kind::Python(p) => p.processes = Some(processes.clone()),
+                Kind::Environment(e) => e.processes = processes.clone(),
+                _ => {}
             }
         }
     }
@@ -428,7 +488,7 @@ impl RewardRegistry {
         for f in &self.functions {
             let values = f.score(batch, &trainer_state).await?;
             // NaN: a Python function's None (it does not apply).
-            let none_allowed = matches!(f.kind, Kind::Python(_));
+            let none_allowed = matches!(f.kind, Kind::Python(_) | Kind::Environment(_));
             if let Some(i) = values
                 .iter()
                 .position(|v| v.is_infinite() || (v.is_nan() && !none_allowed))
@@ -665,6 +725,7 @@ impl RewardFunction {
                 .score(batch, trainer_state)
                 .await
                 .map_err(|m| self.fail(m)),
+            Kind::Environment(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::ThinkFormat => Ok(batch
                 .iter()
                 .map(|x| think_format(&x.completion_text))
@@ -1836,30 +1897,62 @@ impl PythonReward {
             call = call.with_environments(&ids);
         }
         let result = processes.call(call, self.timeout, "its timeout_s").await?;
-        let Value::Array(values) = result else {
-            let shown: String = result.to_string().chars().take(200).collect();
-            return Err(format!("returned {shown}, not a list of numbers"));
-        };
-        if values.len() != batch.len() {
-            return Err(format!(
-                "returned {} values for {} completions",
-                values.len(),
-                batch.len()
-            ));
-        }
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::Number(n) => n
-                    .as_f64()
-                    .ok_or_else(|| format!("completion {i}: {n} is not a number")),
-                Value::Bool(b) => Ok(f64::from(u8::from(*b))),
-                // TRL's None: the function does not apply to this row.
-                Value::Null => Ok(f64::NAN),
-                other => Err(format!("completion {i}: {other} is not a number")),
-            })
-            .collect()
+        python_values(result, batch.len())
+    }
+}
+
+/// A Python function's list of rewards, one per completion of `n`, as
+/// numbers (a bool as 0 or 1, TRL's None as NaN: it does not apply).
+fn python_values(result: Value, n: usize) -> Result<Vec<f64>, String> {
+    let Value::Array(values) = result else {
+        let shown: String = result.to_string().chars().take(200).collect();
+        return Err(format!("returned {shown}, not a list of numbers"));
+    };
+    if values.len() != n {
+        return Err(format!(
+            "returned {} values for {n} completions",
+            values.len()
+        ));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Number(n) => n
+                .as_f64()
+                .ok_or_else(|| format!("completion {i}: {n} is not a number")),
+            Value::Bool(b) => Ok(f64::from(u8::from(*b))),
+            // TRL's None: the function does not apply to this row.
+            Value::Null => Ok(f64::NAN),
+            other => Err(format!("completion {i}: {other} is not a number")),
+        })
+        .collect()
+}
+
+/// TRL's environment-owned reward (its PR #6238): each completion's
+/// environment instance's `get_reward()`, called once the completion is
+/// done, while the instance still holds its state; None (or a completion
+/// without an environment) does not apply.
+#[derive(Debug)]
+pub struct EnvironmentReward {
+    class: String,
+    processes: Arc<crate::python::PythonProcesses>,
+    per_call: Duration,
+    timeout_key: String,
+}
+
+impl EnvironmentReward {
+    async fn score(&self, batch: &[RewardInput]) -> Result<Vec<f64>, String> {
+        let ids: Vec<Option<u64>> = batch.iter().map(|x| x.environment).collect();
+        let call = crate::python::PythonCall::environment_rewards(&self.class, &ids);
+        let timeout = self.per_call * batch.len().max(1) as u32;
+        let key = format!(
+            "{} for each of {} completions",
+            self.timeout_key,
+            batch.len()
+        );
+        let result = self.processes.call(call, timeout, &key).await?;
+        python_values(result, batch.len())
     }
 }
 

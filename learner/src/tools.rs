@@ -64,6 +64,9 @@ pub struct ToolRunner {
     python: Option<Arc<PythonProcesses>>,
     /// `rollout.environment_factory`'s spec, served by `python`.
     environment_factory: Option<String>,
+    /// The name of the environments' class where it has TRL's
+    /// `get_reward()`: a reward of its own.
+    environment_reward: Option<String>,
 }
 
 /// The outcome of one call: the result text, or why it failed (sent to the
@@ -130,6 +133,7 @@ impl ToolRunner {
             definitions.push(definition);
         }
         // The environment's methods, after the tools, as TRL lists them.
+        let mut environment_reward = None;
         if let Some(spec) = &r.environment_factory {
             let key = "rollout.environment_factory";
             let d = crate::python::inspect("environment", std::slice::from_ref(spec))?
@@ -161,6 +165,7 @@ impl ToolRunner {
                 "source_sha256": d["source_sha256"],
             }));
             specs.push(spec.clone());
+            environment_reward = d["reward"].as_str().map(str::to_string);
         }
         Ok(Some(ToolRunner {
             tools,
@@ -174,6 +179,7 @@ impl ToolRunner {
             python: (!specs.is_empty())
                 .then(|| Arc::new(PythonProcesses::new(specs, r.python_tool_processes))),
             environment_factory: r.environment_factory.clone(),
+            environment_reward,
         }))
     }
 
@@ -209,20 +215,38 @@ impl ToolRunner {
         &self.chat_template_kwargs
     }
 
-    /// Runs the `python` tools and `rewards`' Python functions in one
-    /// process, as TRL runs its tools and reward functions in its own: a
-    /// tool can leave state (a module's) that a reward function reads. Only
-    /// with one tool process (`rollout.python_tool_processes: 1`, the
-    /// default); with more, each keeps its own.
-    pub fn share_python_process(&mut self, rewards: &mut RewardRegistry) {
-        let (Some(tools), Some(theirs)) = (&self.python, rewards.python_processes()) else {
-            return;
-        };
-        if let Some(shared) = tools.shared_with(&theirs) {
+    /// Joins `rewards` as TRL's trainer joins its tools and reward
+    /// functions. The `python` tools and the Python reward functions run in
+    /// one process, as TRL runs both in its own: a tool can leave state (a
+    /// module's) that a reward function reads; only with one tool process
+    /// (`rollout.python_tool_processes: 1`, the default), with more each
+    /// keeps its own. An environment class with `get_reward()` adds its
+    /// reward (TRL's environment-owned reward); without it, the recipe's
+    /// reward functions must not be empty.
+    pub fn attach_rewards(&mut self, rewards: &mut RewardRegistry) -> anyhow::Result<()> {
+        if let (Some(tools), Some(theirs)) = (&self.python, rewards.python_processes())
+            && let Some(shared) = tools.shared_with(&theirs)
+        {
             let shared = Arc::new(shared);
             self.python = Some(shared.clone());
             rewards.set_python_processes(shared);
         }
+        if let (Some(class), Some(python)) = (&self.environment_reward, &self.python) {
+            rewards.add_environment_reward(
+                class,
+                python.clone(),
+                self.timeout,
+                "rollout.tool_timeout_s",
+            )?;
+        }
+        if rewards.is_empty() {
+            anyhow::bail!(
+                "reward.functions is empty and rollout.environment_factory's class has no \
+                 get_reward() method: list a reward function, or give the class a get_reward() \
+                 that scores its completion (TRL's environment-owned reward)"
+            );
+        }
+        Ok(())
     }
 
     /// The definitions the chat template lists in the prompt.
@@ -806,12 +830,15 @@ class Counter:
         import os
         os._exit(3)
 
+    def get_reward(self):
+        return None if self.total == 0 else 10.0 * self.total
+
     def _helper(self):
         pass
 
 
 def totals(completions, environments, **kwargs):
-    return [float(e.total) for e in environments]
+    return [None if e is None else float(e.total) for e in environments]
 
 
 def made(completions, **kwargs):
@@ -829,16 +856,18 @@ def made(completions, **kwargs):
             json!({"name": "python", "function": spec})
         };
         let mut rewards = RewardRegistry::from_configs(&[f("totals"), f("made")]).unwrap();
-        tools.share_python_process(&mut rewards);
+        tools.attach_rewards(&mut rewards).unwrap();
         rewards.prepare().unwrap();
         (tools, rewards)
     }
 
     /// One environment per completion, as TRL makes one per rollout: reset
     /// with the row (an observation for the prompt), its public methods
-    /// (but `reset`) the completion's tools, each instance its own state,
-    /// which the reward functions read as `environments`; an instance is
-    /// reset again, not made anew, once its completion is dropped.
+    /// (but `reset` and `get_reward`) the completion's tools, each instance
+    /// its own state, which the reward functions read as `environments`
+    /// and `get_reward()` scores (a reward logged as the class); an
+    /// instance is reset again, not made anew, once its completion is
+    /// dropped.
     #[test]
     fn environments_are_reset_per_completion_and_read_by_the_rewards() {
         let dir = tempfile::tempdir().unwrap();
@@ -911,6 +940,9 @@ def made(completions, **kwargs):
             let scores = rewards.score(&inputs).await.unwrap();
             assert_eq!(scores.per_function[0].values, [3.0, 5.0]);
             assert_eq!(scores.per_function[1].values, [3.0, 3.0]);
+            assert_eq!(scores.per_function[2].label, "Counter");
+            assert_eq!(scores.per_function[2].values, [30.0, 50.0]);
+            assert_eq!(scores.total, [36.0, 58.0]);
             // A process that ends takes the instances in use with it: their
             // calls fail, and so does a reward function that reads them.
             let e = tools.call("stop", "{}", Some(a)).await.unwrap_err();
@@ -928,10 +960,15 @@ def made(completions, **kwargs):
             let envs = tools.reset_environments(vec![row("1"); 2]).await.unwrap();
             drop(envs);
             let envs = tools.reset_environments(vec![row("1"); 3]).await.unwrap();
-            let inputs = inputs_of(&envs);
+            let mut inputs = inputs_of(&envs);
+            // get_reward's None, and a completion without an environment:
+            // the reward does not apply (NaN, out of the total).
+            inputs[2].environment = None;
             let scores = rewards.score(&inputs).await.unwrap();
-            assert_eq!(scores.per_function[0].values, [0.0, 0.0, 0.0]);
+            assert_eq!(scores.per_function[0].values[..2], [0.0, 0.0]);
             assert_eq!(scores.per_function[1].values, [3.0, 3.0, 3.0]);
+            assert!(scores.per_function[2].values.iter().all(|v| v.is_nan()));
+            assert_eq!(scores.total, [3.0, 3.0, 3.0]);
         });
     }
 
@@ -946,7 +983,8 @@ def made(completions, **kwargs):
             format!(
                 "{ENVIRONMENT}\n\nclass NoReset:\n    def add(self, n: int):\n        \
                  \"\"\"Adds.\n\n        Args:\n            n: How much.\n        \"\"\"\n        \
-                 return n\n"
+                 return n\n\n\nclass ScoredBy(Counter):\n    def get_reward(self, answer):\n        \
+                 return 1.0\n"
             ),
         )
         .unwrap();
@@ -959,6 +997,14 @@ def made(completions, **kwargs):
         let e = refused("NoReset", Vec::new());
         assert!(
             e.contains("rollout.environment_factory") && e.contains("no reset method"),
+            "{e}"
+        );
+        let e = refused("ScoredBy", Vec::new());
+        assert!(
+            e.contains("rollout.environment_factory")
+                && e.contains(
+                    "its get_reward takes answer: TRL calls get_reward() with no arguments"
+                ),
             "{e}"
         );
         let e = refused("Missing", Vec::new());
@@ -978,6 +1024,69 @@ def made(completions, **kwargs):
                 && e.contains("the method \"add\" has the name of rollout.tools[0]"),
             "{e}"
         );
+    }
+
+    /// An environment whose class has `get_reward()` owns a reward, so the
+    /// recipe may list none (TRL's `reward_funcs` is optional then); one
+    /// without needs a reward function; a function logged under the class's
+    /// name is refused, as the two could not be told apart in the logs.
+    #[test]
+    fn an_environment_with_get_reward_scores_its_completions_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("owned_env.py");
+        let no_reward = "\n\nclass Unscored(Counter):\n    get_reward = None\n";
+        std::fs::write(&file, format!("{ENVIRONMENT}{no_reward}")).unwrap();
+        let attach = |class: &str, functions: &[Value]| {
+            let mut recipe = Recipe::default();
+            recipe.rollout.environment_factory = Some(format!("{}:{class}", file.display()));
+            recipe.reward.functions = functions
+                .iter()
+                .map(|f| serde_json::from_value(f.clone()).unwrap())
+                .collect();
+            let mut tools = ToolRunner::from_recipe(&recipe).unwrap().unwrap();
+            let mut rewards = RewardRegistry::from_section(&recipe.reward).unwrap();
+            tools
+                .attach_rewards(&mut rewards)
+                .map(|()| (tools, rewards))
+        };
+        let e = attach("Unscored", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("reward.functions is empty") && e.contains("get_reward()"),
+            "{e}"
+        );
+        let clash = json!({"name": "think_format", "label": "Counter"});
+        let e = attach("Counter", &[clash]).unwrap_err().to_string();
+        assert!(
+            e.contains("reward.functions[0]") && e.contains("another `label`"),
+            "{e}"
+        );
+        let (tools, rewards) = attach("Counter", &[]).unwrap();
+        assert_eq!(rewards.labels(), ["Counter"]);
+        assert_eq!(rewards.weights(), [1.0]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let prompt = json!([{"role": "user", "content": "Count."}]);
+            let envs = tools
+                .reset_environments(vec![json!({"prompt": prompt, "answer": "2"}); 2])
+                .await
+                .unwrap();
+            let (a, b) = (&envs[0].0, &envs[1].0);
+            tools.call("add", r#"{"n": 2}"#, Some(a)).await.unwrap();
+            tools.call("add", r#"{"n": 4}"#, Some(b)).await.unwrap();
+            let inputs: Vec<_> = [b, a]
+                .iter()
+                .map(|lease| {
+                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                    x.environment = Some(lease.id());
+                    x
+                })
+                .collect();
+            let scores = rewards.score(&inputs).await.unwrap();
+            assert_eq!(scores.total, [40.0, 20.0]);
+        });
     }
 
     /// With one tool process, the tools and the reward functions share it,
@@ -1005,7 +1114,7 @@ def made(completions, **kwargs):
                 "function": format!("{}:count", rewards_file.display()),
             })])
             .unwrap();
-            tools.share_python_process(&mut rewards);
+            tools.attach_rewards(&mut rewards).unwrap();
             rewards.prepare().unwrap();
             rt.block_on(async {
                 assert_eq!(tools.call("count", "{}", None).await, Ok("1".into()));

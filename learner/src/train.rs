@@ -1079,7 +1079,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut tools = ToolRunner::from_recipe(&recipe)?;
     let mut rewards = RewardRegistry::from_section(&recipe.reward)?.with_data_columns(&recipe.data);
     if let Some(t) = &mut tools {
-        t.share_python_process(&mut rewards);
+        t.attach_rewards(&mut rewards)?;
     }
     rewards.prepare()?;
     let python_functions: Vec<Value> = tools

@@ -389,6 +389,15 @@ fn tools_are_checked_by_key() {
         Some("my_env.py:Counter")
     );
     assert!(learner::data::ColumnMapping::from_recipe(&r).keep_columns);
+    // An environment may own the reward (TRL's get_reward()): whether its
+    // class has one is read when the learner starts, so no reward function
+    // is needed here; without an environment, one is.
+    Recipe::from_yaml_str(BASE, "x", &[env, "reward.functions=[]"]).unwrap();
+    let e = err(BASE, &["reward.functions=[]"]);
+    assert!(
+        e.contains("reward.functions") && e.contains("no reward function"),
+        "{e}"
+    );
     for (bad, key, says) in [
         (
             "rollout.environment_factory=my_env.py",
@@ -619,7 +628,7 @@ fn the_shipped_recipes_load_and_validate() {
         let spec = f.params["function"].as_str().unwrap().to_string();
         f.params.insert("function".into(), from_root(&spec).into());
     }
-    let tools = learner::tools::ToolRunner::from_recipe(&trl)
+    let mut tools = learner::tools::ToolRunner::from_recipe(&trl)
         .unwrap()
         .unwrap();
     // The tool, then the environment's method, as TRL lists them.
@@ -635,11 +644,12 @@ fn the_shipped_recipes_load_and_validate() {
         .with_chat_template(&template)
         .unwrap();
     assert_eq!(tools.unlisted_tools_warning(&tok).unwrap(), None);
-    let rewards = learner::rewards::RewardRegistry::from_section(&trl.reward).unwrap();
+    let mut rewards = learner::rewards::RewardRegistry::from_section(&trl.reward).unwrap();
+    tools.attach_rewards(&mut rewards).unwrap();
     rewards.prepare().unwrap();
     assert_eq!(
         rewards.labels(),
-        ["accuracy_reward", "tool_use_reward", "solved_reward"]
+        ["accuracy_reward", "tool_use_reward", "AnswerChecker"]
     );
 
     let ext = Recipe::load(&configs().join("external_vllm.yaml"), NO_OVERRIDES).unwrap();

@@ -924,7 +924,8 @@ fn tool_calls_run_between_turns_and_tool_turns_leave_the_loss() {
 /// trained on as sent: the log-probs agree); the completion's calls run the
 /// methods of its own instance (the results are its running total), and
 /// the reward function reads the instances, each beside its completion's
-/// prompt.
+/// prompt, and the class's `get_reward()` scores each completion as a reward
+/// of its own (TRL's environment-owned reward, logged as the class).
 #[test]
 fn environments_hold_each_completions_state_as_trl_runs_them() {
     let tmp = tempfile::tempdir().unwrap();
@@ -955,6 +956,9 @@ class Counter:
         self.total += n
         return self.total
 
+    def get_reward(self):
+        return 10.0 * self.total
+
 
 def total(prompts, completions, environments, **kwargs):
     for p, e in zip(prompts, environments):
@@ -980,6 +984,9 @@ def total(prompts, completions, environments, **kwargs):
     );
     for l in &lines {
         assert_eq!(l["tools"]["failure_frequency"], 0.0, "{l}");
+        let [total, owned] =
+            ["total", "Counter"].map(|f| l["rewards"][f]["mean"].as_f64().unwrap());
+        assert!((owned - 10.0 * total).abs() < 1e-9, "{l}");
     }
     assert_eq!(completions.len(), 2 * 16);
     let turn = regex::Regex::new(r#"\{"n": ([1-4])\}"#).unwrap();
@@ -1001,7 +1008,11 @@ def total(prompts, completions, environments, **kwargs):
         // The instance's running total: the calls ran in one instance.
         let totals = [ns[0], ns[0] + ns[1]].map(|t| t.to_string());
         assert_eq!(results, totals, "{text}");
-        assert_eq!(c["rewards"]["total"], (ns[0] + ns[1]) as f64, "{c}");
+        let total = (ns[0] + ns[1]) as f64;
+        assert_eq!(c["rewards"]["total"], total, "{c}");
+        assert_eq!(c["rewards"]["Counter"], 10.0 * total, "{c}");
+        let exact_match = c["rewards"]["exact_match"].as_f64().unwrap();
+        assert_eq!(c["reward"], exact_match + 11.0 * total, "{c}");
     }
     // Every other reset sent an observation: half the prompts have it.
     assert_eq!(observed, completions.len() / 2, "{completions:?}");
