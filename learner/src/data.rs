@@ -644,9 +644,54 @@ pub struct PromptFormat {
     pub on_long_prompt: OnLongPrompt,
     /// More chat-template variables (`data.chat_template_kwargs`).
     pub chat_template_kwargs: serde_json::Map<String, Value>,
-    /// The definitions of `rollout.tools`, which the chat template lists
-    /// (its `tools` variable); none without tools.
-    pub tools: Option<Value>,
+    /// The definitions of `rollout.tools` (and the environments' methods),
+    /// which the chat template lists (its `tools` variable); none without
+    /// tools.
+    pub tools: Option<PromptTools>,
+}
+
+/// The tool definitions a prompt lists ([`crate::tools::ToolRunner::prompt_tools`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptTools {
+    /// The same for every row.
+    Same(Value),
+    /// Each row's environment's (its `environment` column names one of
+    /// `rollout.environment_factory`'s map, as TRL's dict of factories).
+    ByEnvironment(std::collections::BTreeMap<String, Value>),
+}
+
+impl PromptTools {
+    /// The definitions of a row whose other columns are `columns` (a JSON
+    /// object's text), or why it has none.
+    fn of_row(&self, columns: Option<&str>) -> std::result::Result<&Value, String> {
+        match self {
+            PromptTools::Same(definitions) => Ok(definitions),
+            PromptTools::ByEnvironment(by_name) => {
+                let row: Option<Value> = columns.and_then(|c| serde_json::from_str(c).ok());
+                let chosen = row.as_ref().and_then(|r| r.get("environment"));
+                chosen
+                    .and_then(Value::as_str)
+                    .and_then(|name| by_name.get(name))
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = by_name.keys().map(String::as_str).collect();
+                        PromptTools::unknown_environment(chosen, &names)
+                    })
+            }
+        }
+    }
+
+    /// Why a row's `environment` column (`chosen`) names none of `names`.
+    pub fn unknown_environment(chosen: Option<&Value>, names: &[&str]) -> String {
+        let what = match chosen {
+            None => "has no `environment` column".to_string(),
+            Some(v) => format!("has `environment` {v}"),
+        };
+        format!(
+            "{what}, while rollout.environment_factory maps names to classes: each row names \
+             its environment, one of {}",
+            names.join(", ")
+        )
+    }
 }
 
 impl PromptFormat {
@@ -688,13 +733,12 @@ impl PromptFormat {
             message,
         };
         let messages = serde_json::to_value(messages).map_err(|e| prompt_error(e.to_string()))?;
+        let tools = match &self.tools {
+            Some(tools) => Some(tools.of_row(row.columns.as_deref()).map_err(prompt_error)?),
+            None => None,
+        };
         tokenizer
-            .apply_chat_template_json(
-                &messages,
-                true,
-                self.tools.as_ref(),
-                Some(&self.chat_template_kwargs),
-            )
+            .apply_chat_template_json(&messages, true, tools, Some(&self.chat_template_kwargs))
             .map_err(|e| prompt_error(e.to_string()))
     }
 
@@ -1008,12 +1052,12 @@ impl Dataset {
 /// The evaluation set of a recipe: `data.eval_files` in file order (no
 /// shuffle), the first `max_examples` of each file if set, with their
 /// fingerprints. The prompts list `tools`
-/// ([`crate::tools::ToolRunner::definitions`]).
+/// ([`crate::tools::ToolRunner::prompt_tools`]).
 pub fn load_eval_examples(
     recipe: &Recipe,
     max_examples: Option<usize>,
     tokenizer: Option<&Tokenizer>,
-    tools: Option<Value>,
+    tools: Option<PromptTools>,
 ) -> Result<(Vec<Example>, Vec<FileFingerprint>)> {
     let data = &recipe.data;
     let format = PromptFormat {
@@ -1141,13 +1185,13 @@ impl PromptSource {
 
     /// Loads `data.train_files` and builds the source: order from
     /// `train.seed`. The prompts list `tools`
-    /// ([`crate::tools::ToolRunner::definitions`]).
+    /// ([`crate::tools::ToolRunner::prompt_tools`]).
     pub fn from_recipe(
         recipe: &Recipe,
         rank: usize,
         world_size: usize,
         tokenizer: Option<&Tokenizer>,
-        tools: Option<Value>,
+        tools: Option<PromptTools>,
     ) -> Result<PromptSource> {
         let data = &recipe.data;
         let format = PromptFormat {

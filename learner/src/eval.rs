@@ -392,7 +392,7 @@ pub fn run_command(args: EvalArgs) -> anyhow::Result<String> {
         &recipe,
         max_examples,
         tokenizer.as_deref(),
-        tools.as_ref().map(|t| t.definitions().clone()),
+        tools.as_ref().map(|t| t.prompt_tools()),
     )?;
     let settings = RolloutSettings {
         endpoints: vec![endpoint],

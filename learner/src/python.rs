@@ -209,7 +209,7 @@ impl PythonProcesses {
     ) -> Result<Vec<(EnvironmentLease, Option<String>)>, String> {
         let leases: Vec<EnvironmentLease> = rows
             .iter()
-            .map(|_| EnvironmentLease::new(&self.next_environment, &self.released))
+            .map(|_| EnvironmentLease::new(&self.next_environment, &self.released, factory))
             .collect();
         let items: Vec<Value> = leases
             .iter()
@@ -372,11 +372,12 @@ impl PythonCall {
         }
     }
 
-    /// Each instance's `get_reward()` (TRL's environment-owned reward; none
-    /// for `None`), as JSON; `class` names them in messages.
+    /// Each instance's `get_reward()` (TRL's environment-owned reward), as
+    /// JSON, for the instances of class `class` (none for the others, and
+    /// for `None`).
     pub fn environment_rewards(class: &str, environments: &[Option<u64>]) -> PythonCall {
         PythonCall {
-            request: json!({"environment_rewards": environments, "text": false}),
+            request: json!({"environment_rewards": environments, "class": class, "text": false}),
             shown: format!("{class}.get_reward"),
             text: false,
         }
@@ -400,19 +401,26 @@ pub struct EnvironmentLease(Arc<Lease>);
 struct Lease {
     id: u64,
     released: Arc<Mutex<Vec<u64>>>,
+    factory: String,
 }
 
 impl EnvironmentLease {
-    fn new(next: &AtomicU64, released: &Arc<Mutex<Vec<u64>>>) -> EnvironmentLease {
+    fn new(next: &AtomicU64, released: &Arc<Mutex<Vec<u64>>>, factory: &str) -> EnvironmentLease {
         EnvironmentLease(Arc::new(Lease {
             id: next.fetch_add(1, Ordering::Relaxed),
             released: released.clone(),
+            factory: factory.to_string(),
         }))
     }
 
     /// The instance's ID in its process.
     pub fn id(&self) -> u64 {
         self.0.id
+    }
+
+    /// The spec of the factory that made it.
+    pub fn factory(&self) -> &str {
+        &self.0.factory
     }
 }
 

@@ -8,7 +8,8 @@ The learner runs this file with `python3 -c`:
                       definition and the SHA-256 of the file that holds it
     load SPEC...      imports each function; prints one JSON list of
                       {"source_sha256"} or {"error": ...}
-    environment SPEC  prints, as a one-element JSON list, the tool
+    environment SPEC...
+                      prints, as one JSON list, for each SPEC the tool
                       definitions of TRL's environment_factory SPEC (an
                       instance's public methods but `reset` and
                       `get_reward`), the SHA-256 of its file and, where its
@@ -28,8 +29,9 @@ The learner runs this file with `python3 -c`:
                       ID, ...} calls a method of ID's instance; a reward
                       call's "environments": [ID or null] become its
                       `environments` argument; {"environment_rewards": [ID
-                      or null]} answers each instance's get_reward() (null
-                      for null); any line's "release": [ID] first gives
+                      or null], "class"} answers each instance's
+                      get_reward() (null for null, or an instance of
+                      another class); any line's "release": [ID] first gives
                       those instances back to the idle ones
 
 A SPEC is `path/to/file.py:function` or `package.module:function`. Tool
@@ -267,21 +269,22 @@ def describe_environment(specs):
         from transformers.utils import get_json_schema
     except Exception:
         get_json_schema = json_schema
-    try:
-        (spec,) = specs
-        factory = load(spec)
-        instance = factory()
-        methods = environment_methods(instance)
-        if not methods:
-            raise ValueError("its instances have no public method to call as a tool")
-        described = {
-            "definitions": [get_json_schema(m) for m in methods],
-            "source_sha256": source_sha256(factory),
-            "reward": environment_reward(instance),
-        }
-    except Exception as e:
-        described = {"error": f"{type(e).__name__}: {e}"}
-    answers.write(json.dumps([described]))
+    described = []
+    for spec in specs:
+        try:
+            factory = load(spec)
+            instance = factory()
+            methods = environment_methods(instance)
+            if not methods:
+                raise ValueError("its instances have no public method to call as a tool")
+            described.append({
+                "definitions": [get_json_schema(m) for m in methods],
+                "source_sha256": source_sha256(factory),
+                "reward": environment_reward(instance),
+            })
+        except Exception as e:
+            described.append({"error": f"{type(e).__name__}: {e}"})
+    answers.write(json.dumps(described))
     answers.flush()
 
 
@@ -339,9 +342,10 @@ def serve(specs):
             if "reset" in call:
                 result = reset(functions[call["factory"]], call["reset"])
             elif "environment_rewards" in call:
+                instances = [None if id is None else environment(id) for id in call["environment_rewards"]]
                 result = [
-                    None if id is None else awaited(environment(id).get_reward())
-                    for id in call["environment_rewards"]
+                    awaited(e.get_reward()) if type(e).__name__ == call["class"] else None
+                    for e in instances
                 ]
             else:
                 if "method" in call:

@@ -491,15 +491,53 @@ pub struct RolloutSection {
     /// 1, TRL's one process, keeps one state for all calls.
     pub python_tool_processes: usize,
     /// TRL's `environment_factory` (`FILE.py:CLASS` or `MODULE:CLASS`, a
-    /// class or function of no arguments): one instance per completion,
-    /// `reset(**row)` with the row's columns (and its `prompt` messages)
-    /// before it is generated, a string it returns appended to the prompt's
-    /// last message; the instance's public methods (but `reset`) are tools
-    /// of that completion, beside `tools`; `python` reward functions get
-    /// the instances as `environments`. Instances live in the tools' Python
-    /// process, with the reward functions, and are reset again for later
-    /// completions. Needs chat prompts.
-    pub environment_factory: Option<String>,
+    /// class or function of no arguments; or a map of names to such, each
+    /// row choosing by its `environment` column): one instance per
+    /// completion, `reset(**row)` with the row's columns (and its `prompt`
+    /// messages) before it is generated, a string it returns appended to
+    /// the prompt's last message; the instance's public methods (but
+    /// `reset` and `get_reward`) are tools of that completion, beside
+    /// `tools`; `get_reward()`, where the class has it, is a reward;
+    /// `python` reward functions get the instances as `environments`.
+    /// Instances live in the tools' Python process, with the reward
+    /// functions, and are reset again for later completions. Needs chat
+    /// prompts.
+    pub environment_factory: Option<EnvironmentFactory>,
+}
+
+/// `rollout.environment_factory`: one class for every row, or, as TRL's
+/// dict, one per name, each row naming its own in its `environment`
+/// column (its tools are the standalone ones and that class's methods).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a FILE.py:CLASS (or MODULE:CLASS) spec, or a map of environment names to such \
+                 specs"
+)]
+pub enum EnvironmentFactory {
+    One(String),
+    Named(std::collections::BTreeMap<String, String>),
+}
+
+impl EnvironmentFactory {
+    /// Each factory: its name (none for the one of every row) and spec.
+    pub fn entries(&self) -> Vec<(Option<&str>, &str)> {
+        match self {
+            EnvironmentFactory::One(spec) => vec![(None, spec.as_str())],
+            EnvironmentFactory::Named(named) => named
+                .iter()
+                .map(|(name, spec)| (Some(name.as_str()), spec.as_str()))
+                .collect(),
+        }
+    }
+
+    /// The recipe key of a factory of [`Self::entries`].
+    pub fn key(name: Option<&str>) -> String {
+        match name {
+            None => "rollout.environment_factory".into(),
+            Some(name) => format!("rollout.environment_factory.{name}"),
+        }
+    }
 }
 
 /// One tool of `rollout.tools`: its function definition as the chat
@@ -1873,9 +1911,21 @@ impl Recipe {
                 "must be >= 1".into(),
             ));
         }
-        if let Some(spec) = &r.environment_factory {
+        if let Some(factory) = &r.environment_factory {
             let key = "rollout.environment_factory".to_string();
-            crate::python::function_name(spec).map_err(|m| invalid(key.clone(), m))?;
+            if factory.entries().is_empty() {
+                return Err(invalid(
+                    key,
+                    "names no environment: give a FILE.py:CLASS, or map names to them".into(),
+                ));
+            }
+            for (name, spec) in factory.entries() {
+                let key = EnvironmentFactory::key(name);
+                if name == Some("") {
+                    return Err(invalid(key, "an empty environment name".into()));
+                }
+                crate::python::function_name(spec).map_err(|m| invalid(key, m))?;
+            }
             if r.python_tool_processes > 1 {
                 return Err(invalid(
                     key,

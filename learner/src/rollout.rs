@@ -392,7 +392,10 @@ impl RolloutClient {
             Some(environments) if environments.iter().any(|(_, o)| o.is_some()) => {
                 let observations: Vec<Option<&str>> =
                     environments.iter().map(|(_, o)| o.as_deref()).collect();
-                self.generate_observed(example, seed, &observations).await?
+                // A group's environments are of one class, the row's.
+                let lease = environments.first().map(|(lease, _)| lease);
+                self.generate_observed(example, seed, &observations, lease)
+                    .await?
             }
             _ => {
                 let prompt = &example.prompt_text;
@@ -448,12 +451,13 @@ impl RolloutClient {
     /// A group whose environments' observations made its prompts: one
     /// request per distinct prompt, for as many completions as have it,
     /// each completion with its own prompt ([`Completion::prompt`]), in the
-    /// order of `observations`.
+    /// order of `observations`; the prompts list `environment`'s tools.
     async fn generate_observed(
         &self,
         example: &Example,
         seed: u64,
         observations: &[Option<&str>],
+        environment: Option<&crate::python::EnvironmentLease>,
     ) -> Result<GroupOutcome, RolloutError> {
         let s = &self.settings;
         let (Some(tools), Some(tokenizer), Some(messages)) =
@@ -482,7 +486,7 @@ impl RolloutClient {
                         .apply_chat_template_json(
                             &m,
                             true,
-                            Some(tools.definitions()),
+                            Some(tools.definitions_for(environment)),
                             Some(tools.chat_template_kwargs()),
                         )
                         .map_err(|e| e.to_string())
@@ -656,7 +660,13 @@ impl RolloutClient {
                 .map_err(|e| malformed(e.to_string()))?;
             let answers = ToolRunner::tool_messages(&results);
             let inserted = tools
-                .tool_turns(tokenizer, &conversation, &answers, last_token.as_deref())
+                .tool_turns(
+                    tokenizer,
+                    &conversation,
+                    &answers,
+                    last_token.as_deref(),
+                    c.environment.as_ref(),
+                )
                 .map_err(|e| malformed(e.to_string()))?;
             let with_calls = assistant(&turn, &calls);
             conversation.extend(answers.iter().cloned());

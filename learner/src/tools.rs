@@ -15,8 +15,9 @@ use model::tokenizer::Tokenizer;
 use model::tool_calls::ToolParser;
 use serde_json::{Map, Value, json};
 
+use crate::data::PromptTools;
 use crate::python::{EnvironmentLease, PythonCall, PythonProcesses};
-use crate::recipe::Recipe;
+use crate::recipe::{EnvironmentFactory, Recipe};
 use crate::rewards::RewardRegistry;
 
 /// Stands for an assistant turn's content when the template's end of turn
@@ -39,17 +40,31 @@ enum Runs {
     Http(String),
     /// The function of this spec, in the [`PythonProcesses`].
     Python(String),
-    /// A method of the completion's environment (`rollout.environment_factory`).
-    Method,
+}
+
+/// One class of `rollout.environment_factory`.
+#[derive(Debug, Clone)]
+struct EnvironmentClass {
+    /// Its name in the recipe's map; none for the one of every row.
+    name: Option<String>,
+    spec: String,
+    /// Its methods: the tools of its completions, beside the recipe's.
+    methods: Vec<String>,
+    /// What its completions' prompts list: the recipe's tools, then its
+    /// methods, as TRL lists them.
+    definitions: Value,
+    /// The class's name, where it has TRL's `get_reward()`.
+    reward: Option<String>,
 }
 
 /// The recipe's tools, how calls are read, and how they run. Clones share
 /// the Python process.
 #[derive(Debug, Clone)]
 pub struct ToolRunner {
-    /// Each tool's name and where it runs, in the recipe's order.
+    /// Each `rollout.tools` tool's name and where it runs, in order.
     tools: Vec<(String, Runs)>,
-    /// The definitions the chat template shows (`tools=`).
+    /// The definitions the chat template shows (`tools=`) where every row
+    /// has the same (an environment's methods after the tools').
     definitions: Value,
     parser: ToolParser,
     /// Tool rounds per completion at most; none: no limit but the length.
@@ -62,11 +77,11 @@ pub struct ToolRunner {
     /// its source file: what a checkpoint records of them.
     python_functions: Vec<Value>,
     python: Option<Arc<PythonProcesses>>,
-    /// `rollout.environment_factory`'s spec, served by `python`.
-    environment_factory: Option<String>,
-    /// The name of the environments' class where it has TRL's
-    /// `get_reward()`: a reward of its own.
-    environment_reward: Option<String>,
+    /// `rollout.environment_factory`'s classes, served by `python`.
+    environments: Vec<EnvironmentClass>,
+    /// Whether rows choose their environment (`rollout.environment_factory`
+    /// a map).
+    named_environments: bool,
 }
 
 /// The outcome of one call: the result text, or why it failed (sent to the
@@ -132,31 +147,39 @@ impl ToolRunner {
             tools.push((name.to_string(), runs));
             definitions.push(definition);
         }
-        // The environment's methods, after the tools, as TRL lists them.
-        let mut environment_reward = None;
-        if let Some(spec) = &r.environment_factory {
-            let key = "rollout.environment_factory";
-            let d = crate::python::inspect("environment", std::slice::from_ref(spec))?
-                .pop()
-                .unwrap_or(Value::Null);
+        // Each environment's methods, after the tools, as TRL lists them.
+        let factories = r
+            .environment_factory
+            .as_ref()
+            .map(EnvironmentFactory::entries)
+            .unwrap_or_default();
+        let factory_specs: Vec<String> = factories.iter().map(|(_, s)| s.to_string()).collect();
+        let described = if factory_specs.is_empty() {
+            Vec::new()
+        } else {
+            crate::python::inspect("environment", &factory_specs)?
+        };
+        let mut environments = Vec::new();
+        for ((name, spec), d) in factories.into_iter().zip(described) {
+            let key = EnvironmentFactory::key(name);
             if let Some(e) = d.get("error") {
                 anyhow::bail!("{key}: {spec}: {}", e.as_str().unwrap_or_default());
             }
             let Some(methods) = d["definitions"].as_array() else {
                 anyhow::bail!("{key}: {spec}: no definitions came back");
             };
+            let mut names = Vec::new();
             for definition in methods {
-                let Some(name) = definition["function"]["name"].as_str() else {
+                let Some(method) = definition["function"]["name"].as_str() else {
                     anyhow::bail!("{key}: {spec}: a method's definition has no name");
                 };
-                if let Some(j) = tools.iter().position(|(n, _)| n == name) {
+                if let Some(j) = tools.iter().position(|(n, _)| n == method) {
                     anyhow::bail!(
-                        "{key}: the method {name:?} has the name of rollout.tools[{j}]; a call \
-                         could not tell them apart"
+                        "{key}: the method {method:?} has the name of rollout.tools[{j}]; a \
+                         call could not tell them apart"
                     );
                 }
-                tools.push((name.to_string(), Runs::Method));
-                definitions.push(definition.clone());
+                names.push(method.to_string());
             }
             python_functions.push(json!({
                 "key": key,
@@ -164,12 +187,26 @@ impl ToolRunner {
                 "definition": d["definitions"],
                 "source_sha256": d["source_sha256"],
             }));
-            specs.push(spec.clone());
-            environment_reward = d["reward"].as_str().map(str::to_string);
+            if !specs.iter().any(|s| s == spec) {
+                specs.push(spec.to_string());
+            }
+            environments.push(EnvironmentClass {
+                name: name.map(str::to_string),
+                spec: spec.to_string(),
+                methods: names,
+                definitions: Value::Array(definitions.iter().chain(methods).cloned().collect()),
+                reward: d["reward"].as_str().map(str::to_string),
+            });
         }
+        let named_environments =
+            matches!(r.environment_factory, Some(EnvironmentFactory::Named(_)));
+        let definitions = match environments.as_slice() {
+            [one] if !named_environments => one.definitions.clone(),
+            _ => Value::Array(definitions),
+        };
         Ok(Some(ToolRunner {
             tools,
-            definitions: Value::Array(definitions),
+            definitions,
             parser,
             max_iterations: r.max_tool_calling_iterations,
             chat_template_kwargs: recipe.data.chat_template_kwargs.clone(),
@@ -178,34 +215,99 @@ impl ToolRunner {
             python_functions,
             python: (!specs.is_empty())
                 .then(|| Arc::new(PythonProcesses::new(specs, r.python_tool_processes))),
-            environment_factory: r.environment_factory.clone(),
-            environment_reward,
+            environments,
+            named_environments,
         }))
     }
 
     /// Whether each completion gets an environment
     /// (`rollout.environment_factory`).
     pub fn has_environments(&self) -> bool {
-        self.environment_factory.is_some()
+        !self.environments.is_empty()
     }
 
-    /// Resets one environment per row (`reset(**row)`, TRL's): each
-    /// completion's lease, and the observation to append to its prompt.
-    /// Each reset has `rollout.tool_timeout_s` (they run one after the
-    /// other in one call).
+    /// The class of `row` (its `environment` column names it where the
+    /// recipe maps names to classes, as TRL's dict: that column is then not
+    /// passed to `reset`), or why it has none.
+    fn environment_of(&self, row: &mut Value) -> Result<&EnvironmentClass, String> {
+        if !self.named_environments {
+            return self
+                .environments
+                .first()
+                .ok_or_else(|| "no rollout.environment_factory".to_string());
+        }
+        let chosen = row.as_object_mut().and_then(|r| r.remove("environment"));
+        let name = chosen.as_ref().and_then(Value::as_str);
+        self.environments
+            .iter()
+            .find(|e| e.name.as_deref() == name && name.is_some())
+            .ok_or_else(|| PromptTools::unknown_environment(chosen.as_ref(), &self.names()))
+    }
+
+    /// The environments' names in the recipe's map.
+    fn names(&self) -> Vec<&str> {
+        self.environments
+            .iter()
+            .filter_map(|e| e.name.as_deref())
+            .collect()
+    }
+
+    /// Resets one environment per row (`reset(**row)`, TRL's), of the class
+    /// the row chooses: each completion's lease, and the observation to
+    /// append to its prompt. Each reset has `rollout.tool_timeout_s` (they
+    /// run one after the other).
     pub async fn reset_environments(
         &self,
-        rows: Vec<Value>,
+        mut rows: Vec<Value>,
     ) -> Result<Vec<(EnvironmentLease, Option<String>)>, String> {
-        match (&self.environment_factory, &self.python) {
-            (Some(factory), Some(python)) => {
-                let timeout = self.timeout * rows.len().max(1) as u32;
-                let key = format!("rollout.tool_timeout_s for each of {} resets", rows.len());
-                python
-                    .reset_environments(factory, rows, timeout, &key)
-                    .await
+        let Some(python) = &self.python else {
+            return Err("no rollout.environment_factory".into());
+        };
+        let mut specs = Vec::with_capacity(rows.len());
+        for row in &mut rows {
+            specs.push(self.environment_of(row)?.spec.clone());
+        }
+        // One call per class, in the rows' order.
+        let mut reset = vec![None; rows.len()];
+        for i in 0..rows.len() {
+            if reset[i].is_some() {
+                continue;
             }
-            _ => Err("no rollout.environment_factory".into()),
+            let same: Vec<usize> = (i..rows.len()).filter(|&j| specs[j] == specs[i]).collect();
+            let these: Vec<Value> = same.iter().map(|&j| rows[j].take()).collect();
+            let timeout = self.timeout * these.len() as u32;
+            let key = format!("rollout.tool_timeout_s for each of {} resets", these.len());
+            let answers = python
+                .reset_environments(&specs[i], these, timeout, &key)
+                .await?;
+            for (j, answer) in same.into_iter().zip(answers) {
+                reset[j] = Some(answer);
+            }
+        }
+        Ok(reset.into_iter().flatten().collect())
+    }
+
+    /// The definitions the chat template lists in the prompts of the
+    /// completions in `environment` (the recipe's tools and its class's
+    /// methods), or in every prompt where there is none.
+    pub fn definitions_for(&self, environment: Option<&EnvironmentLease>) -> &Value {
+        environment
+            .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()))
+            .map_or(&self.definitions, |e| &e.definitions)
+    }
+
+    /// What the prompts list, for the data: the same definitions for every
+    /// row, or each row's environment's.
+    pub fn prompt_tools(&self) -> PromptTools {
+        if self.named_environments {
+            PromptTools::ByEnvironment(
+                self.environments
+                    .iter()
+                    .filter_map(|e| Some((e.name.clone()?, e.definitions.clone())))
+                    .collect(),
+            )
+        } else {
+            PromptTools::Same(self.definitions.clone())
         }
     }
 
@@ -231,13 +333,20 @@ impl ToolRunner {
             self.python = Some(shared.clone());
             rewards.set_python_processes(shared);
         }
-        if let (Some(class), Some(python)) = (&self.environment_reward, &self.python) {
-            rewards.add_environment_reward(
-                class,
-                python.clone(),
-                self.timeout,
-                "rollout.tool_timeout_s",
-            )?;
+        if let Some(python) = &self.python {
+            // One reward per class, however many names it has.
+            let mut classes: Vec<&str> = Vec::new();
+            for class in self.environments.iter().filter_map(|e| e.reward.as_deref()) {
+                if !classes.contains(&class) {
+                    classes.push(class);
+                    rewards.add_environment_reward(
+                        class,
+                        python.clone(),
+                        self.timeout,
+                        "rollout.tool_timeout_s",
+                    )?;
+                }
+            }
         }
         if rewards.is_empty() {
             anyhow::bail!(
@@ -285,33 +394,48 @@ impl ToolRunner {
         arguments: &str,
         environment: Option<&EnvironmentLease>,
     ) -> CallResult {
-        let Some((_, runs)) = self.tools.iter().find(|(n, _)| n == name) else {
-            let names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
+        let class = environment
+            .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()));
+        let runs = self.tools.iter().find(|(n, _)| n == name).map(|(_, r)| r);
+        let method = class.is_some_and(|c| c.methods.iter().any(|m| m == name));
+        if runs.is_none() && !method {
+            let mut names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
+            names.extend(
+                class
+                    .iter()
+                    .flat_map(|c| c.methods.iter().map(String::as_str)),
+            );
+            if environment.is_none()
+                && self
+                    .environments
+                    .iter()
+                    .any(|e| e.methods.iter().any(|m| m == name))
+            {
+                return Err(format!(
+                    "tool {name} is a method of the environment, and this completion has none"
+                ));
+            }
             return Err(format!(
                 "unknown tool {name:?}; the tools are {}",
                 names.join(", ")
             ));
-        };
+        }
         let args: Value = serde_json::from_str(arguments)
             .map_err(|e| format!("the arguments are not JSON: {e}"))?;
         if !args.is_object() {
             return Err("the arguments must be a JSON object".into());
         }
-        match runs {
-            Runs::Http(url) => self.call_http(name, url, &args).await,
-            Runs::Python(spec) => {
+        match (runs, environment) {
+            (Some(Runs::Http(url)), _) => self.call_http(name, url, &args).await,
+            (Some(Runs::Python(spec)), _) => {
                 self.call_python(name, PythonCall::function(spec, &args, true))
                     .await
             }
-            Runs::Method => match environment {
-                Some(environment) => {
-                    self.call_python(name, PythonCall::method(environment, name, &args))
-                        .await
-                }
-                None => Err(format!(
-                    "tool {name} is a method of the environment, and this completion has none"
-                )),
-            },
+            (None, Some(environment)) => {
+                self.call_python(name, PythonCall::method(environment, name, &args))
+                    .await
+            }
+            (None, None) => Err(format!("unknown tool {name:?}")),
         }
     }
 
@@ -381,18 +505,25 @@ impl ToolRunner {
                 Some(&self.chat_template_kwargs),
             )
         };
-        let names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
-        Ok(
-            (render(Some(&self.definitions))? == render(None)?).then(|| {
-                format!(
-                    "the chat template does not render its `tools` variable: the prompts do not \
+        let mut names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
+        for m in self.environments.iter().flat_map(|e| &e.methods) {
+            if !names.contains(&m.as_str()) {
+                names.push(m);
+            }
+        }
+        let listed = self
+            .environments
+            .first()
+            .map_or(&self.definitions, |e| &e.definitions);
+        Ok((render(Some(listed))? == render(None)?).then(|| {
+            format!(
+                "the chat template does not render its `tools` variable: the prompts do not \
                  list the tools ({}), so the model is not told it may call them; use a \
                  template that does (data.chat_template), or describe them in \
                  data.system_prompt",
-                    names.join(", ")
-                )
-            }),
-        )
+                names.join(", ")
+            )
+        }))
     }
 
     /// The text that follows an assistant turn whose calls were answered:
@@ -407,12 +538,14 @@ impl ToolRunner {
         conversation: &[Value],
         tool_messages: &[Value],
         last_token: Option<&str>,
+        environment: Option<&EnvironmentLease>,
     ) -> anyhow::Result<String> {
+        let definitions = self.definitions_for(environment);
         let render = |messages: &[Value], generation_prompt: bool| {
             tokenizer.apply_chat_template_json(
                 &Value::Array(messages.to_vec()),
                 generation_prompt,
-                Some(&self.definitions),
+                Some(definitions),
                 Some(&self.chat_template_kwargs),
             )
         };
@@ -496,7 +629,7 @@ mod tests {
         ];
         let results = ToolRunner::tool_messages(&[("add".to_string(), Ok("3".to_string()))]);
         let text = r
-            .tool_turns(&tok, &conversation, &results, Some("<|im_end|>"))
+            .tool_turns(&tok, &conversation, &results, Some("<|im_end|>"), None)
             .unwrap();
         assert_eq!(
             text,
@@ -506,7 +639,9 @@ mod tests {
         // A turn cut by a stop string owes the template's whole end of turn;
         // a failed call reads as an error object.
         let failed = ToolRunner::tool_messages(&[("add".to_string(), Err("no".to_string()))]);
-        let text = r.tool_turns(&tok, &conversation, &failed, None).unwrap();
+        let text = r
+            .tool_turns(&tok, &conversation, &failed, None, None)
+            .unwrap();
         assert!(
             text.starts_with("<|im_end|>\n<|im_start|>user\n<tool_response>\n{\"error\":\"no\"}"),
             "{text}"
@@ -849,7 +984,10 @@ def made(completions, **kwargs):
         let file = dir.join("counter_env.py");
         std::fs::write(&file, ENVIRONMENT).unwrap();
         let mut recipe = Recipe::default();
-        recipe.rollout.environment_factory = Some(format!("{}:Counter", file.display()));
+        recipe.rollout.environment_factory = Some(EnvironmentFactory::One(format!(
+            "{}:Counter",
+            file.display()
+        )));
         let mut tools = ToolRunner::from_recipe(&recipe).unwrap().unwrap();
         let f = |name: &str| {
             let spec = format!("{}:{name}", file.display());
@@ -990,7 +1128,10 @@ def made(completions, **kwargs):
         .unwrap();
         let refused = |factory: &str, tools: Vec<Tool>| {
             let mut recipe = Recipe::default();
-            recipe.rollout.environment_factory = Some(format!("{}:{factory}", file.display()));
+            recipe.rollout.environment_factory = Some(EnvironmentFactory::One(format!(
+                "{}:{factory}",
+                file.display()
+            )));
             recipe.rollout.tools = tools;
             ToolRunner::from_recipe(&recipe).unwrap_err().to_string()
         };
@@ -1038,7 +1179,10 @@ def made(completions, **kwargs):
         std::fs::write(&file, format!("{ENVIRONMENT}{no_reward}")).unwrap();
         let attach = |class: &str, functions: &[Value]| {
             let mut recipe = Recipe::default();
-            recipe.rollout.environment_factory = Some(format!("{}:{class}", file.display()));
+            recipe.rollout.environment_factory = Some(EnvironmentFactory::One(format!(
+                "{}:{class}",
+                file.display()
+            )));
             recipe.reward.functions = functions
                 .iter()
                 .map(|f| serde_json::from_value(f.clone()).unwrap())
@@ -1086,6 +1230,118 @@ def made(completions, **kwargs):
                 .collect();
             let scores = rewards.score(&inputs).await.unwrap();
             assert_eq!(scores.total, [40.0, 20.0]);
+        });
+    }
+
+    /// TRL's dict of environment factories: each row names its
+    /// environment (`environment`, a column not passed to `reset`); its
+    /// completions call that class's methods only, its prompt lists them,
+    /// and a class with `get_reward()` scores its own completions (once,
+    /// however many names it has; None for the others').
+    #[test]
+    fn rows_choose_their_environment_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("named_envs.py");
+        let doubler = r#"
+
+class Doubler:
+    def reset(self, **kwargs):
+        assert "environment" not in kwargs, kwargs
+        self.total = 1
+
+    def double(self) -> int:
+        """Doubles the total."""
+        self.total *= 2
+        return self.total
+"#;
+        std::fs::write(&file, format!("{ENVIRONMENT}{doubler}")).unwrap();
+        let spec = |class: &str| format!("{}:{class}", file.display());
+        let mut recipe = Recipe::default();
+        recipe.rollout.environment_factory = Some(EnvironmentFactory::Named(
+            [
+                ("count".to_string(), spec("Counter")),
+                ("double".into(), spec("Doubler")),
+                ("tally".into(), spec("Counter")),
+            ]
+            .into(),
+        ));
+        let mut tools = ToolRunner::from_recipe(&recipe).unwrap().unwrap();
+        let mut rewards = RewardRegistry::from_section(&recipe.reward).unwrap();
+        tools.attach_rewards(&mut rewards).unwrap();
+        assert_eq!(rewards.labels(), ["Counter"]);
+        let keys: Vec<&Value> = tools.python_functions().iter().map(|f| &f["key"]).collect();
+        assert_eq!(
+            keys,
+            [
+                "rollout.environment_factory.count",
+                "rollout.environment_factory.double",
+                "rollout.environment_factory.tally"
+            ]
+        );
+        let PromptTools::ByEnvironment(listed) = tools.prompt_tools() else {
+            panic!("one list for every row");
+        };
+        let names = |definitions: &Value| -> Vec<String> {
+            definitions
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["function"]["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names(&listed["count"]), ["add", "stop"]);
+        assert_eq!(names(&listed["double"]), ["double"]);
+        let row = |environment: &str| {
+            let prompt = json!([{"role": "user", "content": "Count."}]);
+            json!({"prompt": prompt, "answer": "1", "environment": environment})
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let envs = tools
+                .reset_environments(vec![row("count"), row("double"), row("tally")])
+                .await
+                .unwrap();
+            let [a, b, c] = [&envs[0].0, &envs[1].0, &envs[2].0];
+            assert_eq!(b.factory(), spec("Doubler"));
+            assert_eq!(names(tools.definitions_for(Some(b))), ["double"]);
+            assert_eq!(tools.call("double", "{}", Some(b)).await, Ok("2".into()));
+            let e = tools.call("add", r#"{"n": 1}"#, Some(b)).await.unwrap_err();
+            assert!(
+                e.contains("unknown tool \"add\"; the tools are double"),
+                "{e}"
+            );
+            assert!(tools.call("double", "{}", Some(a)).await.is_err());
+            assert_eq!(
+                tools.call("add", r#"{"n": 3}"#, Some(a)).await,
+                Ok("3".into())
+            );
+            assert_eq!(
+                tools.call("add", r#"{"n": 4}"#, Some(c)).await,
+                Ok("4".into())
+            );
+            let inputs: Vec<_> = [a, b, c]
+                .iter()
+                .map(|lease| {
+                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                    x.environment = Some(lease.id());
+                    x
+                })
+                .collect();
+            let scores = rewards.score(&inputs).await.unwrap();
+            let values = &scores.per_function[0].values;
+            assert_eq!([values[0], values[2]], [30.0, 40.0]);
+            assert!(values[1].is_nan(), "{values:?}");
+            let e = tools
+                .reset_environments(vec![row("chess")])
+                .await
+                .unwrap_err();
+            assert!(
+                e.contains("has `environment` \"chess\"") && e.contains("count, double, tally"),
+                "{e}"
+            );
         });
     }
 

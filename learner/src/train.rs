@@ -1167,7 +1167,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         };
 
     // ---- data, rewards, rollouts, optimizer
-    let tool_definitions = tools.as_ref().map(|t| t.definitions().clone());
+    let tool_definitions = tools.as_ref().map(|t| t.prompt_tools());
     let mut source = PromptSource::from_recipe(
         &recipe,
         rank,

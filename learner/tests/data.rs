@@ -909,3 +909,69 @@ fn rows_keep_their_other_columns_for_python_reward_functions() {
             {"test_cases": [{"input": "1 2", "output": "3"}]}})
     );
 }
+
+/// TRL's dict of environment factories: each row's `environment` column
+/// chooses its environment, and its prompt lists that environment's tools;
+/// a row that names none of them stops the load, naming the row and the
+/// names there are.
+#[test]
+fn rows_list_the_tools_of_the_environment_they_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("envs.jsonl");
+    std::fs::write(
+        &rows,
+        "{\"prompt\": \"2+2\", \"answer\": \"4\", \"environment\": \"count\"}\n\
+         {\"prompt\": \"3+3\", \"answer\": \"6\", \"environment\": \"guess\"}\n\
+         {\"prompt\": \"4+4\", \"answer\": \"8\"}\n\
+         {\"prompt\": \"5+5\", \"answer\": \"10\", \"environment\": \"chess\"}\n",
+    )
+    .unwrap();
+    let tiny = model::presets::tokenizer().unwrap();
+    let template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}\
+        {% for m in messages %}{{ m.content }}|{% endfor %}A:";
+    let tok = model::tokenizer::Tokenizer::from_json(
+        tiny.tokenizer_json(),
+        Some(serde_json::json!({"chat_template": template})),
+    )
+    .unwrap();
+    let tool = |name: &str| serde_json::json!([{"type": "function", "function": {"name": name}}]);
+    let chat = PromptFormat {
+        template: PromptTemplate::Chat,
+        tools: Some(learner::data::PromptTools::ByEnvironment(
+            [
+                ("count".to_string(), tool("add")),
+                ("guess".into(), tool("submit")),
+            ]
+            .into(),
+        )),
+        ..PromptFormat::plain("")
+    };
+    let mapping = ColumnMapping {
+        keep_columns: true,
+        ..ColumnMapping::default()
+    };
+    let read = read_rows(&rows, &mapping).unwrap();
+    assert_eq!(
+        chat.build(&rows, &read[0], Some(&tok)).unwrap(),
+        "[add]2+2|A:"
+    );
+    assert_eq!(
+        chat.build(&rows, &read[1], Some(&tok)).unwrap(),
+        "[submit]3+3|A:"
+    );
+    let e = chat
+        .build(&rows, &read[2], Some(&tok))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("row 2")
+            && e.contains("has no `environment` column")
+            && e.contains("count, guess"),
+        "{e}"
+    );
+    let e = chat
+        .build(&rows, &read[3], Some(&tok))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 3") && e.contains("\"chess\""), "{e}");
+}

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use learner::grpo_config::LossType;
 use learner::recipe::{
-    ClientTagEcho, DataFile, LrSchedulerType, ModelPreset, OnLongPrompt, Recipe, RecipeError,
-    StepInterval,
+    ClientTagEcho, DataFile, EnvironmentFactory, LrSchedulerType, ModelPreset, OnLongPrompt,
+    Recipe, RecipeError, StepInterval,
 };
 
 const NO_OVERRIDES: &[&str] = &[];
@@ -385,8 +385,23 @@ fn tools_are_checked_by_key() {
     let r =
         Recipe::from_yaml_str(BASE, "x", &[env, "rollout.max_tool_calling_iterations=2"]).unwrap();
     assert_eq!(
-        r.rollout.environment_factory.as_deref(),
-        Some("my_env.py:Counter")
+        r.rollout.environment_factory,
+        Some(EnvironmentFactory::One("my_env.py:Counter".into()))
+    );
+    // TRL's dict: each row names its environment (column `environment`).
+    let named =
+        "rollout.environment_factory={count: \"my_env.py:Counter\", guess: \"games:Wordle\"}";
+    let factory = Recipe::from_yaml_str(BASE, "x", &[named])
+        .unwrap()
+        .rollout
+        .environment_factory
+        .unwrap();
+    assert_eq!(
+        factory.entries(),
+        [
+            (Some("count"), "my_env.py:Counter"),
+            (Some("guess"), "games:Wordle")
+        ]
     );
     assert!(learner::data::ColumnMapping::from_recipe(&r).keep_columns);
     // An environment may own the reward (TRL's get_reward()): whether its
@@ -403,6 +418,21 @@ fn tools_are_checked_by_key() {
             "rollout.environment_factory=my_env.py",
             "rollout.environment_factory",
             "path/to/file.py:FUNCTION",
+        ),
+        (
+            "rollout.environment_factory={count: my_env.py, guess: \"games:Wordle\"}",
+            "rollout.environment_factory.count",
+            "path/to/file.py:FUNCTION",
+        ),
+        (
+            "rollout.environment_factory={}",
+            "rollout.environment_factory",
+            "names no environment",
+        ),
+        (
+            "rollout.environment_factory=[my_env.py:Counter]",
+            "rollout.environment_factory",
+            "a map of environment names",
         ),
         (
             "rollout.python_tool_processes=2",
@@ -623,7 +653,10 @@ fn the_shipped_recipes_load_and_validate() {
     for t in &mut trl.rollout.tools {
         t.python = t.python.as_deref().map(from_root);
     }
-    trl.rollout.environment_factory = trl.rollout.environment_factory.as_deref().map(from_root);
+    trl.rollout.environment_factory = match trl.rollout.environment_factory {
+        Some(EnvironmentFactory::One(spec)) => Some(EnvironmentFactory::One(from_root(&spec))),
+        other => other,
+    };
     for f in &mut trl.reward.functions {
         let spec = f.params["function"].as_str().unwrap().to_string();
         f.params.insert("function".into(), from_root(&spec).into());
