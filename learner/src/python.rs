@@ -6,14 +6,16 @@
 //! processes of the learner's own: once to check them (and read the tools'
 //! definitions), then to serve calls, a JSON line in and one out.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 /// The Python side: checks, describes and calls the functions.
 pub const RUNNER: &str = include_str!("python_functions.py");
@@ -108,10 +110,14 @@ pub fn inspect(mode: &str, specs: &[String]) -> anyhow::Result<Vec<Value>> {
 }
 
 /// `python3` processes that import Python functions and run their calls (a
-/// JSON line in, one out), each one call at a time: up to `processes` at
-/// once (`rollout.python_tool_processes` for the tools). A process starts
-/// when a call finds none idle, and is replaced after a call that passed its
-/// deadline or ended it.
+/// JSON line in, one out, matched by request ID): up to `processes` of
+/// them (`rollout.python_tool_processes` for the tools). A process runs one
+/// call at a time but its `async def` ones ([`PythonCall::concurrent`]),
+/// which run at once as tasks of its event loop; a call that is not async
+/// takes a process no other such call has, starting one when none is idle.
+/// A process is replaced after a call that passed its deadline (an async
+/// one is cancelled instead, unless its event loop does not answer) or
+/// ended it.
 #[derive(Debug)]
 pub struct PythonProcesses {
     specs: Vec<String>,
@@ -121,20 +127,60 @@ pub struct PythonProcesses {
     next_environment: AtomicU64,
     /// Environments whose leases ended, given back with the next call.
     released: Arc<Mutex<Vec<u64>>>,
-    /// One slot per process allowed: an idle process, or none (not started,
-    /// or ended). A call holds a permit of `free` while it has a slot's
-    /// process out.
-    idle: std::sync::Mutex<Vec<Option<PythonWorker>>>,
+    /// The next call's request ID.
+    next_request: AtomicU64,
+    /// One slot per process allowed. A call that is not async holds a
+    /// permit of `free` while it has a slot (`busy`).
+    slots: Mutex<Vec<Slot>>,
     free: tokio::sync::Semaphore,
+    /// Spreads async calls over the processes running.
+    next_async: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// None: not started, or replaced.
+    worker: Option<Arc<PythonWorker>>,
+    /// A call that is not async has it.
+    busy: bool,
 }
 
 #[derive(Debug)]
 struct PythonWorker {
     /// Killed when dropped.
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+    child: Mutex<tokio::process::Child>,
+    stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
+    /// The calls waiting for their answers, by request ID; dropped (which
+    /// wakes them) when the process's output ends.
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<String>>>>,
+    /// Its output ended: the process is gone, or going.
+    ended: Arc<AtomicBool>,
 }
+
+impl PythonWorker {
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Ends the process (a call found it stuck); its calls in flight fail.
+    fn kill(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        let _ = lock(&self.child).start_kill();
+    }
+
+    /// How the process ended, for messages.
+    fn status(&self) -> String {
+        lock(&self.child)
+            .try_wait()
+            .ok()
+            .flatten()
+            .map_or("still running".to_string(), |s| s.to_string())
+    }
+}
+
+/// How long a cancelled `async def` call has to answer before its process
+/// is taken for stuck (a task that blocks the event loop) and replaced.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 impl PythonProcesses {
     pub fn new(specs: Vec<String>, processes: usize) -> PythonProcesses {
@@ -144,8 +190,10 @@ impl PythonProcesses {
             processes,
             next_environment: AtomicU64::new(0),
             released: Arc::new(Mutex::new(Vec::new())),
-            idle: std::sync::Mutex::new((0..processes).map(|_| None).collect()),
+            next_request: AtomicU64::new(0),
+            slots: Mutex::new((0..processes).map(|_| Slot::default()).collect()),
             free: tokio::sync::Semaphore::new(processes),
+            next_async: AtomicUsize::new(0),
         }
     }
 
@@ -169,7 +217,9 @@ impl PythonProcesses {
         Some(PythonProcesses::new(specs, 1))
     }
 
-    fn start(&self) -> Result<PythonWorker, String> {
+    /// Starts a process, and the task that hands its answers to their
+    /// calls.
+    fn start(&self) -> Result<Arc<PythonWorker>, String> {
         let mut child = tokio::process::Command::new("python3")
             .arg("-c")
             .arg(RUNNER)
@@ -184,15 +234,72 @@ impl PythonProcesses {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err("python3 started without pipes".into());
         };
-        Ok(PythonWorker {
-            child,
-            stdin,
-            stdout: tokio::io::BufReader::new(stdout),
-        })
+        let worker = Arc::new(PythonWorker {
+            child: Mutex::new(child),
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            ended: Arc::new(AtomicBool::new(false)),
+        });
+        let (pending, ended) = (worker.pending.clone(), worker.ended.clone());
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let id = serde_json::from_str::<Value>(&line)
+                    .ok()
+                    .and_then(|answer| answer["id"].as_u64());
+                // A late answer (its call gave up) has nobody waiting.
+                if let Some(waiting) = id.and_then(|id| lock(&pending).remove(&id)) {
+                    let _ = waiting.send(line);
+                }
+            }
+            ended.store(true, Ordering::SeqCst);
+            lock(&pending).clear();
+        });
+        Ok(worker)
     }
 
-    fn slots(&self) -> MutexGuard<'_, Vec<Option<PythonWorker>>> {
-        lock(&self.idle)
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        lock(&self.slots)
+    }
+
+    /// A slot for a call that is not async (the caller holds a permit, so
+    /// one is free): one whose process runs, else a new process.
+    fn take_slot(&self) -> Result<(usize, Arc<PythonWorker>), String> {
+        let mut slots = self.slots();
+        let running = |s: &Slot| s.worker.as_ref().is_some_and(|w| !w.ended());
+        let index = slots
+            .iter()
+            .position(|s| !s.busy && running(s))
+            .or_else(|| slots.iter().position(|s| !s.busy))
+            .ok_or("no free Python process (a permit without a slot)")?;
+        let slot = &mut slots[index];
+        let worker = match slot.worker.as_ref().filter(|w| !w.ended()) {
+            Some(w) => w.clone(),
+            None => self.start()?,
+        };
+        slot.worker = Some(worker.clone());
+        slot.busy = true;
+        Ok((index, worker))
+    }
+
+    /// A process for an async call: one that runs (in turn), else a new one.
+    fn async_worker(&self) -> Result<Arc<PythonWorker>, String> {
+        let mut slots = self.slots();
+        let running: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].worker.as_ref().is_some_and(|w| !w.ended()))
+            .collect();
+        if !running.is_empty() {
+            let k = self.next_async.fetch_add(1, Ordering::Relaxed) % running.len();
+            if let Some(w) = &slots[running[k]].worker {
+                return Ok(w.clone());
+            }
+        }
+        // None runs: a busy slot's process has ended, its call about to
+        // give it up; a free slot takes the new one.
+        let index = slots.iter().position(|s| !s.busy).unwrap_or(0);
+        let worker = self.start()?;
+        slots[index].worker = Some(worker.clone());
+        Ok(worker)
     }
 
     /// Resets one environment of `factory` (TRL's `environment_factory`,
@@ -220,6 +327,7 @@ impl PythonProcesses {
             request: json!({"reset": items, "factory": factory, "text": false}),
             shown: format!("{}.reset", function_name(factory).unwrap_or(factory)),
             text: false,
+            concurrent: false,
         };
         let observations = match self.call(call, timeout, timeout_key).await? {
             Value::Array(observations) if observations.len() == leases.len() => observations,
@@ -245,75 +353,94 @@ impl PythonProcesses {
         timeout: Duration,
         timeout_key: &str,
     ) -> Result<Value, String> {
+        if call.concurrent {
+            let worker = self.async_worker()?;
+            return self.exchange(&worker, call, timeout, timeout_key).await;
+        }
         let _permit = self
             .free
             .acquire()
             .await
             .map_err(|e| format!("the Python functions' processes are closed: {e}"))?;
-        // A permit guarantees a slot.
-        let slot = self.slots().pop().flatten();
-        let worker = match slot {
-            Some(w) => Ok(w),
-            None => self.start(),
-        };
-        let (result, worker) = match worker {
-            Ok(w) => self.exchange(w, call, timeout, timeout_key).await,
-            Err(e) => (Err(e), None),
-        };
-        self.slots().push(worker);
+        let (index, worker) = self.take_slot()?;
+        let result = self.exchange(&worker, call, timeout, timeout_key).await;
+        let mut slots = self.slots();
+        let slot = &mut slots[index];
+        slot.busy = false;
+        // (Unless an async call has started another there meanwhile.)
+        if worker.ended()
+            && slot
+                .worker
+                .as_ref()
+                .is_some_and(|w| Arc::ptr_eq(w, &worker))
+        {
+            slot.worker = None;
+        }
         result
     }
 
-    /// One call on `worker`; gives it back unless it passed the deadline
-    /// (then it is killed) or ended.
+    /// One call on `worker`, which is killed when the call passed its
+    /// deadline (an async call is cancelled instead, if its process still
+    /// answers) and is found ended when the call ended it.
     async fn exchange(
         &self,
-        mut worker: PythonWorker,
+        worker: &PythonWorker,
         call: PythonCall,
         timeout: Duration,
         timeout_key: &str,
-    ) -> (Result<Value, String>, Option<PythonWorker>) {
+    ) -> Result<Value, String> {
         let PythonCall {
             mut request,
             shown: name,
             text,
+            concurrent,
         } = call;
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        request["id"] = json!(id);
         let released = std::mem::take(&mut *lock(&self.released));
         if !released.is_empty() {
             request["release"] = json!(released);
         }
-        let request = format!("{request}\n");
+        let (answered, mut reply) = oneshot::channel();
+        lock(&worker.pending).insert(id, answered);
+        let ended = || {
+            format!(
+                "{name}'s Python process ended ({}; its error is in the learner's log)",
+                worker.status()
+            )
+        };
+        // Its output ended before the call was listed: nobody would answer.
+        if worker.ended() {
+            lock(&worker.pending).remove(&id);
+            return Err(ended());
+        }
+        let line = format!("{request}\n");
         let exchange = async {
-            worker.stdin.write_all(request.as_bytes()).await?;
-            worker.stdin.flush().await?;
-            let mut answer = String::new();
-            worker.stdout.read_line(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer)
+            let mut stdin = worker.stdin.lock().await;
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await?;
+            drop(stdin);
+            Ok::<_, std::io::Error>((&mut reply).await.ok())
         };
         let answer = match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(answer)) if !answer.is_empty() => answer,
+            Ok(Ok(Some(answer))) => answer,
+            Ok(_) => {
+                lock(&worker.pending).remove(&id);
+                worker.kill();
+                return Err(ended());
+            }
             Err(_) => {
-                let e = format!(
+                if !(concurrent && cancelled(worker, id, &mut reply).await) {
+                    worker.kill();
+                }
+                lock(&worker.pending).remove(&id);
+                return Err(format!(
                     "{name} took more than {timeout_key} ({} s)",
                     timeout.as_secs_f64()
-                );
-                return (Err(e), None);
-            }
-            Ok(_) => {
-                let status = worker
-                    .child
-                    .try_wait()
-                    .ok()
-                    .flatten()
-                    .map_or("still running".to_string(), |s| s.to_string());
-                let e = format!(
-                    "{name}'s Python process ended ({status}; its error is in the learner's \
-                     log)"
-                );
-                return (Err(e), None);
+                ));
             }
         };
-        let result = match serde_json::from_str::<Value>(&answer) {
+        match serde_json::from_str::<Value>(&answer) {
             Err(e) => Err(format!("{name} answered no JSON line: {e}")),
             Ok(mut answer) => match (
                 answer.get_mut("result").map(Value::take),
@@ -329,9 +456,28 @@ impl PythonProcesses {
                 }
                 _ => Err(format!("{name} answered neither a result nor an error")),
             },
-        };
-        (result, Some(worker))
+        }
     }
+}
+
+/// Cancels async call `id` on `worker`, whose answer comes to `reply`:
+/// whether its process answered (the task was cancelled, or had just
+/// finished) within [`CANCEL_GRACE`]; not, when a task blocks its event
+/// loop.
+async fn cancelled(worker: &PythonWorker, id: u64, reply: &mut oneshot::Receiver<String>) -> bool {
+    let cancel = async {
+        let mut stdin = worker.stdin.lock().await;
+        stdin
+            .write_all(format!("{}\n", json!({"cancel": id})).as_bytes())
+            .await?;
+        stdin.flush().await?;
+        drop(stdin);
+        Ok::<_, std::io::Error>(reply.await.is_ok())
+    };
+    matches!(
+        tokio::time::timeout(CANCEL_GRACE, cancel).await,
+        Ok(Ok(true))
+    )
 }
 
 /// A lock that a panic elsewhere cannot leave poisoned: these lists are
@@ -347,6 +493,8 @@ pub struct PythonCall {
     /// What messages call it.
     shown: String,
     text: bool,
+    /// An `async def` function's: it runs beside the process's other calls.
+    concurrent: bool,
 }
 
 impl PythonCall {
@@ -358,6 +506,7 @@ impl PythonCall {
             request: json!({"function": spec, "arguments": args, "text": text}),
             shown: function_name(spec).unwrap_or(spec).to_string(),
             text,
+            concurrent: false,
         }
     }
 
@@ -369,6 +518,7 @@ impl PythonCall {
                             "arguments": args, "text": true}),
             shown: name.to_string(),
             text: true,
+            concurrent: false,
         }
     }
 
@@ -380,7 +530,15 @@ impl PythonCall {
             request: json!({"environment_rewards": environments, "class": class, "text": false}),
             shown: format!("{class}.get_reward"),
             text: false,
+            concurrent: false,
         }
+    }
+
+    /// Marks an `async def` function's call (`async_def`): it runs beside
+    /// its process's other calls, as a task of its event loop.
+    pub fn concurrent(mut self, async_def: bool) -> PythonCall {
+        self.concurrent = async_def;
+        self
     }
 
     /// The instances of `environments` (none: `None`) as the call's

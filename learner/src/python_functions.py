@@ -5,19 +5,23 @@
 The learner runs this file with `python3 -c`:
 
     describe SPEC...  prints, as one JSON list, each function's tool
-                      definition and the SHA-256 of the file that holds it
+                      definition, the SHA-256 of the file that holds it and
+                      whether it is `async def`
     load SPEC...      imports each function; prints one JSON list of
                       {"source_sha256"} or {"error": ...}
     environment SPEC...
                       prints, as one JSON list, for each SPEC the tool
                       definitions of TRL's environment_factory SPEC (an
                       instance's public methods but `reset` and
-                      `get_reward`), the SHA-256 of its file and, where its
-                      instances have TRL's `get_reward()`, their class's
-                      name ("reward")
-    serve SPEC...     answers calls: a JSON line {"function": SPEC,
+                      `get_reward`), the SHA-256 of its file, the methods
+                      that are `async def` and, where its instances have
+                      TRL's `get_reward()`, their class's name ("reward")
+    serve SPEC...     answers calls: a JSON line {"id", "function": SPEC,
                       "arguments", "text"} in (the function called with
-                      the arguments as keywords), a JSON line out:
+                      the arguments as keywords), a JSON line out with
+                      the same "id" (an `async def` function's answer
+                      comes when it is done, the others' in order; a
+                      line {"cancel": ID} cancels one in flight):
                       {"result": str(result)} with "text" (a tool's result,
                       as TRL's tool messages hold it), {"result": result}
                       without (a reward function's list), or {"error",
@@ -49,8 +53,10 @@ import importlib.util
 import inspect
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -200,7 +206,11 @@ def describe(specs):
         try:
             function = load(spec)
             definition = get_json_schema(function)
-            described.append({"definition": definition, "source_sha256": source_sha256(function)})
+            described.append({
+                "definition": definition,
+                "source_sha256": source_sha256(function),
+                "async": inspect.iscoroutinefunction(function),
+            })
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
     answers.write(json.dumps(described))
@@ -281,6 +291,7 @@ def describe_environment(specs):
                 "definitions": [get_json_schema(m) for m in methods],
                 "source_sha256": source_sha256(factory),
                 "reward": environment_reward(instance),
+                "async_methods": [m.__name__ for m in methods if inspect.iscoroutinefunction(m)],
             })
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
@@ -306,6 +317,39 @@ def serve(specs):
     # instances live on, as TRL's do, and are reset for each completion.
     environments = {}
     idle = []
+    # `async def` calls run as tasks of one event loop in a thread of its
+    # own, at once (as TRL gathers its async tools); the others one after
+    # the other in the main thread, as TRL calls them. Each answer carries
+    # its request's "id".
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    in_flight = {}
+    writing = threading.Lock()
+
+    def answer(id, text, result=None, error=None):
+        if error is None:
+            try:
+                line = json.dumps({"id": id, "result": str(result) if text else result}, default=plain, allow_nan=False)
+            except Exception as e:
+                error = e
+        if error is not None:
+            if not text:
+                # A reward function's failure stops the run: its traceback
+                # goes to the log.
+                traceback.print_exception(type(error), error, error.__traceback__)
+            line = json.dumps({"id": id, "error": str(error) or type(error).__name__, "type": type(error).__name__})
+        with writing:
+            answers.write(line + "\n")
+            answers.flush()
+
+    def finished(id, text, future):
+        in_flight.pop(id, None)
+        if future.cancelled():
+            answer(id, text, error=TimeoutError("cancelled: past its deadline"))
+        elif future.exception() is not None:
+            answer(id, text, error=future.exception())
+        else:
+            answer(id, text, future.result())
 
     def environment(id):
         if id not in environments:
@@ -315,8 +359,13 @@ def serve(specs):
             )
         return environments[id]
 
+    async def wait_for(awaitable):
+        return await awaitable
+
     def awaited(result):
-        return loop.run_until_complete(result) if inspect.isawaitable(result) else result
+        if inspect.isawaitable(result):
+            return asyncio.run_coroutine_threadsafe(wait_for(result), loop).result()
+        return result
 
     def reset(factory, items):
         observations = []
@@ -329,25 +378,40 @@ def serve(specs):
             observations.append(observation)
         return observations
 
-    loop = asyncio.new_event_loop()
-    for line in sys.stdin:
-        text = True
-        try:
-            call = json.loads(line)
-            for id in call.get("release", []):
-                if id in environments:
-                    idle.append(environments.pop(id))
-            text = call.get("text", True)
-            arguments = call.get("arguments", {})
-            if "reset" in call:
-                result = reset(functions[call["factory"]], call["reset"])
-            elif "environment_rewards" in call:
-                instances = [None if id is None else environment(id) for id in call["environment_rewards"]]
-                result = [
-                    awaited(e.get_reward()) if type(e).__name__ == call["class"] else None
-                    for e in instances
-                ]
-            else:
+    # This thread reads the calls: an `async def` one starts at once; the
+    # others wait for the main thread, which runs them in order.
+    work = queue.Queue()
+
+    def read_calls():
+        for line in sys.stdin:
+            id = None
+            text = True
+            try:
+                call = json.loads(line)
+                id = call.get("id")
+                for released in call.get("release", []):
+                    if released in environments:
+                        idle.append(environments.pop(released))
+                if "cancel" in call:
+                    # Its task answers as cancelled; nothing to answer here.
+                    future = in_flight.get(call["cancel"])
+                    if future is not None:
+                        loop.call_soon_threadsafe(future.cancel)
+                    continue
+                text = call.get("text", True)
+                arguments = call.get("arguments", {})
+                if "reset" in call:
+                    factory = functions[call["factory"]]
+                    work.put((id, text, lambda factory=factory, items=call["reset"]: reset(factory, items)))
+                    continue
+                if "environment_rewards" in call:
+                    ids, cls = call["environment_rewards"], call["class"]
+                    instances = [None if id is None else environment(id) for id in ids]
+                    rewards = lambda instances=instances, cls=cls: [
+                        awaited(e.get_reward()) if type(e).__name__ == cls else None for e in instances
+                    ]
+                    work.put((id, text, rewards))
+                    continue
                 if "method" in call:
                     function = getattr(environment(call["environment"]), call["method"])
                 else:
@@ -359,16 +423,25 @@ def serve(specs):
                     arguments["environments"] = [
                         None if id is None else environment(id) for id in call["environments"]
                     ]
-                result = awaited(function(**arguments))
-            answer = json.dumps({"result": str(result) if text else result}, default=plain, allow_nan=False)
+                if inspect.iscoroutinefunction(function):
+                    task = asyncio.run_coroutine_threadsafe(function(**arguments), loop)
+                    in_flight[id] = task
+                    task.add_done_callback(lambda f, id=id, text=text: finished(id, text, f))
+                else:
+                    work.put((id, text, lambda f=function, a=arguments: awaited(f(**a))))
+            except Exception as e:
+                answer(id, text, error=e)
+        work.put(None)
+
+    threading.Thread(target=read_calls, daemon=True).start()
+    while (item := work.get()) is not None:
+        id, text, run = item
+        try:
+            result = run()
         except Exception as e:
-            if not text:
-                # A reward function's failure stops the run: its traceback
-                # goes to the log.
-                traceback.print_exc()
-            answer = json.dumps({"error": str(e) or type(e).__name__, "type": type(e).__name__})
-        answers.write(answer + "\n")
-        answers.flush()
+            answer(id, text, error=e)
+        else:
+            answer(id, text, result)
 
 
 if __name__ == "__main__":

@@ -487,8 +487,9 @@ pub struct RolloutSection {
     /// model.
     pub tool_timeout_s: f64,
     /// Python processes that run the `python` tools' calls, one call each
-    /// at a time (each imports the tools: module state is per process).
-    /// 1, TRL's one process, keeps one state for all calls.
+    /// at a time but `async def` ones, which run at once (each imports the
+    /// tools: module state is per process). 1, TRL's one process, keeps one
+    /// state for all calls.
     pub python_tool_processes: usize,
     /// TRL's `environment_factory` (`FILE.py:CLASS` or `MODULE:CLASS`, a
     /// class or function of no arguments; or a map of names to such, each

@@ -38,8 +38,9 @@ pub fn call_metrics(completions: usize, calls: usize, failed: usize) -> Value {
 enum Runs {
     /// `POST url` with the arguments object as the body.
     Http(String),
-    /// The function of this spec, in the [`PythonProcesses`].
-    Python(String),
+    /// The function of this spec, in the [`PythonProcesses`]; whether it
+    /// is `async def` (its calls run at once).
+    Python(String, bool),
 }
 
 /// One class of `rollout.environment_factory`.
@@ -50,6 +51,8 @@ struct EnvironmentClass {
     spec: String,
     /// Its methods: the tools of its completions, beside the recipe's.
     methods: Vec<String>,
+    /// Those that are `async def` (their calls run at once).
+    async_methods: Vec<String>,
     /// What its completions' prompts list: the recipe's tools, then its
     /// methods, as TRL lists them.
     definitions: Value,
@@ -131,7 +134,11 @@ impl ToolRunner {
                         "definition": d["definition"],
                         "source_sha256": d["source_sha256"],
                     }));
-                    (d["definition"].clone(), Runs::Python(spec.clone()))
+                    let async_def = d["async"].as_bool().unwrap_or(false);
+                    (
+                        d["definition"].clone(),
+                        Runs::Python(spec.clone(), async_def),
+                    )
                 }
                 None => (tool.definition(), Runs::Http(tool.url.clone())),
             };
@@ -194,6 +201,12 @@ impl ToolRunner {
                 name: name.map(str::to_string),
                 spec: spec.to_string(),
                 methods: names,
+                async_methods: d["async_methods"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| Some(m.as_str()?.to_string()))
+                    .collect(),
                 definitions: Value::Array(definitions.iter().chain(methods).cloned().collect()),
                 reward: d["reward"].as_str().map(str::to_string),
             });
@@ -427,13 +440,14 @@ impl ToolRunner {
         }
         match (runs, environment) {
             (Some(Runs::Http(url)), _) => self.call_http(name, url, &args).await,
-            (Some(Runs::Python(spec)), _) => {
-                self.call_python(name, PythonCall::function(spec, &args, true))
-                    .await
+            (Some(Runs::Python(spec, async_def)), _) => {
+                let call = PythonCall::function(spec, &args, true).concurrent(*async_def);
+                self.call_python(name, call).await
             }
             (None, Some(environment)) => {
-                self.call_python(name, PythonCall::method(environment, name, &args))
-                    .await
+                let async_def = class.is_some_and(|c| c.async_methods.iter().any(|m| m == name));
+                let call = PythonCall::method(environment, name, &args).concurrent(async_def);
+                self.call_python(name, call).await
             }
             (None, None) => Err(format!("unknown tool {name:?}")),
         }
@@ -808,6 +822,35 @@ def crash():
     os._exit(3)
 
 
+async def stall(seconds: float):
+    """Blocks its event loop (a sync sleep in an async function).
+
+    Args:
+        seconds: How long.
+    """
+    import time
+    time.sleep(seconds)
+
+
+meeting = 0
+
+
+async def meet(n: int) -> int:
+    """Waits until n calls of it are in flight at once.
+
+    Args:
+        n: How many.
+    """
+    import asyncio
+    global meeting
+    meeting += 1
+    for _ in range(1000):
+        if meeting >= n:
+            return n
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"only {meeting} calls at once")
+
+
 def undocumented(x: int):
     return x
 "#;
@@ -877,14 +920,18 @@ def undocumented(x: int):
 
     /// Calls run in one Python process the learner keeps (module state
     /// lives on); an exception, a call past the deadline or a process that
-    /// dies is an error for the model, and the next call gets a fresh
-    /// process.
+    /// dies is an error for the model. An `async def` call past the
+    /// deadline is cancelled and the process lives on; after any other (or
+    /// one that blocks the event loop) and after a process that dies, the
+    /// next call gets a fresh process.
     #[test]
     fn python_tool_calls_run_in_one_process_and_failures_are_results() {
         let dir = tempfile::tempdir().unwrap();
         let r = python_runner(
             dir.path(),
-            &["add", "weather", "wait", "count", "fail", "crash"],
+            &[
+                "add", "weather", "wait", "count", "fail", "crash", "pid", "stall",
+            ],
             2.0,
         );
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -919,7 +966,18 @@ def undocumented(x: int):
                 .await
                 .unwrap_err();
             assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            // Cancelled: the same process, the count goes on.
+            assert_eq!(r.call("count", "{}", None).await, Ok("3".into()));
+            let e = r.call("pid", r#"{"seconds": 30}"#, None).await.unwrap_err();
+            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
             // A fresh process: the count starts again.
+            assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
+            let e = r
+                .call("stall", r#"{"seconds": 30}"#, None)
+                .await
+                .unwrap_err();
+            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            // Its event loop did not answer the cancel: a fresh process.
             assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
             let e = r.call("crash", "{}", None).await.unwrap_err();
             assert!(e.contains("Python process ended"), "{e}");
@@ -1237,7 +1295,8 @@ def made(completions, **kwargs):
     /// environment (`environment`, a column not passed to `reset`); its
     /// completions call that class's methods only, its prompt lists them,
     /// and a class with `get_reward()` scores its own completions (once,
-    /// however many names it has; None for the others').
+    /// however many names it has; None for the others'). (An `async def`
+    /// method runs as a task of the process's event loop.)
     #[test]
     fn rows_choose_their_environment_by_name() {
         let dir = tempfile::tempdir().unwrap();
@@ -1249,7 +1308,7 @@ class Doubler:
         assert "environment" not in kwargs, kwargs
         self.total = 1
 
-    def double(self) -> int:
+    async def double(self) -> int:
         """Doubles the total."""
         self.total *= 2
         return self.total
@@ -1385,6 +1444,26 @@ class Doubler:
                 assert_eq!(tools.call("count", "{}", None).await, Ok("3".into()));
             });
         }
+    }
+
+    /// `async def` calls run at once in one process (as TRL gathers its
+    /// async tools), beside one that is not async: four calls that each
+    /// wait for the four to be in flight all return.
+    #[test]
+    fn async_python_tool_calls_run_at_once_in_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = python_runner(dir.path(), &["meet", "count"], 30.0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (met, counted) = rt.block_on(async {
+            let meet = (0..4).map(|_| r.call("meet", r#"{"n": 4}"#, None));
+            futures::future::join(futures::future::join_all(meet), r.call("count", "{}", None))
+                .await
+        });
+        assert!(met.iter().all(|m| m.as_deref() == Ok("4")), "{met:?}");
+        assert_eq!(counted, Ok("1".into()));
     }
 
     /// `python_tool_processes` calls run at once, each in its own process:
