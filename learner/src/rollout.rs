@@ -640,17 +640,13 @@ impl RolloutClient {
                 return Ok(None);
             }
             rounds += 1;
-            // One after the other, in the order written: a call may depend
-            // on an earlier one's side effects.
-            let mut results = Vec::with_capacity(calls.len());
-            for (name, arguments) in &calls {
-                let result = tools.call(name, arguments, c.environment.as_ref()).await;
+            let results = tools.run_turn(&calls, c.environment.as_ref()).await;
+            for (name, result) in &results {
                 c.tool_calls += 1;
-                if let Err(e) = &result {
+                if let Err(e) = result {
                     c.tool_failures += 1;
                     tracing::debug!(tool = %name, "tool call failed: {e}");
                 }
-                results.push((name.clone(), result));
             }
             conversation.push(serde_json::json!({"role": "assistant", "content": turn}));
             let last_token = c.completion_ids[turn_ids..]

@@ -398,6 +398,56 @@ impl ToolRunner {
             .unwrap_or_default()
     }
 
+    /// Whether tool `name` (of the completion's `environment`, for a method)
+    /// is an `async def` function: its calls run beside others.
+    pub fn is_async(&self, name: &str, environment: Option<&EnvironmentLease>) -> bool {
+        match self.tools.iter().find(|(n, _)| n == name) {
+            Some((_, Runs::Python(_, async_def))) => *async_def,
+            Some(_) => false,
+            None => environment
+                .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()))
+                .is_some_and(|e| e.async_methods.iter().any(|m| m == name)),
+        }
+    }
+
+    /// Runs the calls of one turn (name, arguments text) for a completion
+    /// in `environment`: one after the other, in the order written (a call
+    /// may depend on an earlier one's side effects), but the `async def`
+    /// ones, which run together once the others are done, as TRL gathers
+    /// them. The results are in the order written.
+    pub async fn run_turn(
+        &self,
+        calls: &[(String, String)],
+        environment: Option<&EnvironmentLease>,
+    ) -> Vec<(String, CallResult)> {
+        let mut results: Vec<Option<CallResult>> = vec![None; calls.len()];
+        for (i, (name, arguments)) in calls.iter().enumerate() {
+            if !self.is_async(name, environment) {
+                results[i] = Some(self.call(name, arguments, environment).await);
+            }
+        }
+        let gathered = calls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .map(|(i, (name, arguments))| async move {
+                (i, self.call(name, arguments, environment).await)
+            });
+        for (i, result) in futures::future::join_all(gathered).await {
+            results[i] = Some(result);
+        }
+        calls
+            .iter()
+            .zip(results)
+            .map(|((name, _), result)| {
+                (
+                    name.clone(),
+                    result.unwrap_or_else(|| Err("not run".into())),
+                )
+            })
+            .collect()
+    }
+
     /// Runs one call: `POST url` with the arguments object as the body, or
     /// the Python function (or the method of the completion's
     /// `environment`) with the arguments as keywords.
@@ -1464,6 +1514,29 @@ class Doubler:
         });
         assert!(met.iter().all(|m| m.as_deref() == Ok("4")), "{met:?}");
         assert_eq!(counted, Ok("1".into()));
+        // One turn's async calls run together (after its other calls), and
+        // the results come in the order written: three more meet, the
+        // count goes first.
+        let (meet, count) = (("meet", r#"{"n": 7}"#), ("count", "{}"));
+        let turn: Vec<(String, String)> = [meet, count, meet, count, meet]
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+        let results = rt.block_on(r.run_turn(&turn, None));
+        let shown: Vec<(&str, Result<&str, &str>)> = results
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_deref().map_err(String::as_str)))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("meet", Ok("7")),
+                ("count", Ok("2")),
+                ("meet", Ok("7")),
+                ("count", Ok("3")),
+                ("meet", Ok("7"))
+            ]
+        );
     }
 
     /// `python_tool_processes` calls run at once, each in its own process:
