@@ -106,6 +106,11 @@ pub struct ColumnMapping {
     pub source_column: Option<String>,
     /// Keep every column but the prompt's ([`RawRow::columns`]).
     pub keep_columns: bool,
+    /// Rows an environment completes (`rollout.environment_factory`, TRL's
+    /// environment-owned data): a row without a prompt gets an empty user
+    /// message, which the environment's `reset()` fills, and one without
+    /// an answer an empty one.
+    pub environment_rows: bool,
 }
 
 impl Default for ColumnMapping {
@@ -121,6 +126,7 @@ impl ColumnMapping {
             answer_column: answer_column.into(),
             source_column: None,
             keep_columns: false,
+            environment_rows: false,
         }
     }
 
@@ -135,9 +141,10 @@ impl ColumnMapping {
     /// take them ([`crate::recipe::RewardSection::takes_row_columns`]) or
     /// its environments are reset with them.
     pub fn from_recipe(recipe: &Recipe) -> Self {
+        let environment = recipe.rollout.environment_factory.is_some();
         ColumnMapping {
-            keep_columns: recipe.reward.takes_row_columns()
-                || recipe.rollout.environment_factory.is_some(),
+            keep_columns: recipe.reward.takes_row_columns() || environment,
+            environment_rows: environment,
             ..ColumnMapping::from_data(&recipe.data)
         }
     }
@@ -357,7 +364,12 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
                 let messages = parse_messages(&mapping.prompt_column, v).map_err(parse_err)?;
                 (last_user_text(&messages), Some(messages))
             }
+            None | Some(Value::Null) if mapping.environment_rows => environment_prompt(),
             _ => (get(&mapping.prompt_column, false)?, None),
+        };
+        let answer = match lookup(&obj, &mapping.answer_column) {
+            None | Some(Value::Null) if mapping.environment_rows => String::new(),
+            _ => get(&mapping.answer_column, true)?,
         };
         let data_source = match &mapping.source_column {
             Some(column) => Some(get(column, true)?),
@@ -370,7 +382,7 @@ fn read_jsonl(path: &Path, bytes: &[u8], mapping: &ColumnMapping) -> Result<Vec<
         });
         rows.push(RawRow {
             question,
-            answer: get(&mapping.answer_column, true)?,
+            answer,
             location: location.clone(),
             messages,
             data_source,
@@ -406,14 +418,16 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         .collect();
     // A column, or a dotted path into a struct column (`reward_model.ground_truth`):
     // the top-level column and the path below it.
-    let resolve = |column: &String| -> Result<(String, Option<String>)> {
+    // (None: an environment row's column that the file lacks.)
+    let resolve = |column: &String| -> Result<Option<(String, Option<String>)>> {
         if columns.contains(column) {
-            return Ok((column.clone(), None));
+            return Ok(Some((column.clone(), None)));
         }
         match column.split_once('.') {
             Some((head, rest)) if columns.iter().any(|c| c == head) => {
-                Ok((head.to_string(), Some(rest.to_string())))
+                Ok(Some((head.to_string(), Some(rest.to_string()))))
             }
+            _ if mapping.environment_rows => Ok(None),
             _ => Err(DataError::MissingColumn {
                 path: path.to_path_buf(),
                 location: "schema".into(),
@@ -452,7 +466,9 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
             }
             // Inside a struct column: its JSON, walked, read as JSONL reads it.
             for (at, is_answer) in [(&prompt_at, false), (&answer_at, true)] {
-                let (head, Some(rest)) = at else { continue };
+                let Some((head, Some(rest))) = at else {
+                    continue;
+                };
                 if name != head {
                     continue;
                 }
@@ -544,6 +560,13 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
             Some(column) => Some(data_source.ok_or_else(|| missing(column))?),
             None => None,
         };
+        if mapping.environment_rows {
+            if question.is_none() && messages.is_none() {
+                let (empty, prompt) = environment_prompt();
+                (question, messages) = (Some(empty), prompt);
+            }
+            answer.get_or_insert_default();
+        }
         rows.push(RawRow {
             question: question.ok_or_else(|| missing(&mapping.prompt_column))?,
             answer: answer.ok_or_else(|| missing(&mapping.answer_column))?,
@@ -556,6 +579,16 @@ fn read_parquet(path: &Path, mapping: &ColumnMapping) -> Result<Vec<RawRow>> {
         });
     }
     Ok(rows)
+}
+
+/// The path that names the placeholder rows of
+/// [`Dataset::environment_placeholder`] (in the manifest, in messages).
+pub const PLACEHOLDER: &str = "(rollout.environment_factory's prompts)";
+
+/// The prompt of a row without one that an environment completes: an
+/// empty user message, which its `reset()` fills (TRL's default).
+fn environment_prompt() -> (String, Option<Vec<ChatMessage>>) {
+    (String::new(), Some(vec![ChatMessage::user("")]))
 }
 
 /// SHA-256 of a file, in lowercase hex.
@@ -1034,6 +1067,53 @@ impl Dataset {
         })
     }
 
+    /// What stands for the data when the environment writes the prompts
+    /// (`rollout.environment_factory` and no `data.train_files`, TRL's
+    /// environment-owned data): `rows` rows of an empty user message, which
+    /// each completion's `reset()` fills (one pass over them: one step's
+    /// prompts).
+    pub fn environment_placeholder(
+        rows: usize,
+        format: &PromptFormat,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Dataset> {
+        let path = PathBuf::from(PLACEHOLDER);
+        let (question, messages) = environment_prompt();
+        let row = RawRow {
+            question,
+            answer: String::new(),
+            location: "its empty prompt".into(),
+            messages,
+            data_source: None,
+            columns: Some("{}".into()),
+        };
+        let (prompt_text, messages) = format.build_with_messages(&path, &row, tokenizer)?;
+        let examples = (0..rows.max(1))
+            .map(|i| Example {
+                prompt_text: prompt_text.clone(),
+                question: String::new(),
+                answer: String::new(),
+                source_file: path.clone(),
+                row: i,
+                dataset: None,
+                messages: messages.clone(),
+                data_source: None,
+                columns: row.columns.clone(),
+            })
+            .collect::<Vec<_>>();
+        Ok(Dataset {
+            fingerprint: FileFingerprint {
+                path,
+                sha256: sha256_hex(b""),
+                bytes: 0,
+                rows: examples.len(),
+                weight: 1.0,
+                overlong_prompts: 0,
+            },
+            examples,
+        })
+    }
+
     /// Loads each file of a list ([`Self::load_within`]).
     pub fn load_all(
         files: &[DataFile],
@@ -1198,13 +1278,20 @@ impl PromptSource {
             tools,
             ..PromptFormat::from_recipe(data)?
         };
-        let sets = Dataset::load_all(
-            &data.train_files,
-            &ColumnMapping::from_recipe(recipe),
-            &format,
-            tokenizer,
-            recipe.overlong_prompt_limit(),
-        )?;
+        let sets = if data.train_files.is_empty() {
+            // The environment writes the prompts (the recipe allows no files
+            // only then).
+            let rows = recipe.prompts_per_rank_per_step() * world_size.max(1);
+            vec![Dataset::environment_placeholder(rows, &format, tokenizer)?]
+        } else {
+            Dataset::load_all(
+                &data.train_files,
+                &ColumnMapping::from_recipe(recipe),
+                &format,
+                tokenizer,
+                recipe.overlong_prompt_limit(),
+            )?
+        };
         PromptSource::new(sets, recipe.train.seed, data.shuffle, rank, world_size)
     }
 

@@ -344,7 +344,8 @@ pub enum OnLongPrompt {
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
     /// Training mixture. In YAML a file is `{path, weight, expected_hash}` or
-    /// just its path.
+    /// just its path. May be empty with a `rollout.environment_factory`
+    /// class, whose `reset()` writes the prompts.
     pub train_files: Vec<DataFile>,
     /// Held-out files for evaluation.
     pub eval_files: Vec<DataFile>,
@@ -1373,9 +1374,22 @@ impl Recipe {
         }
 
         let d = &self.data;
-        ensure(!d.train_files.is_empty(), "data.train_files", || {
-            "no training data: list at least one .jsonl or .parquet file".into()
-        })?;
+        // An environment may write the prompts (TRL's environment-owned
+        // data: its `reset()` returns them), with no files at all.
+        let environment = &self.rollout.environment_factory;
+        ensure(
+            !d.train_files.is_empty() || matches!(environment, Some(EnvironmentFactory::One(_))),
+            "data.train_files",
+            || match environment {
+                Some(EnvironmentFactory::Named(_)) => "no training data: with \
+                    rollout.environment_factory a map, each row names its environment (an \
+                    `environment` column): list the files"
+                    .into(),
+                _ => "no training data: list at least one .jsonl or .parquet file (or give \
+                      rollout.environment_factory a class whose reset() writes the prompts)"
+                    .into(),
+            },
+        )?;
         for (list, files) in [
             ("train_files", &d.train_files),
             ("eval_files", &d.eval_files),
@@ -1693,6 +1707,15 @@ impl Recipe {
             ensure(e.is_finite() && e > 0.0, "train.num_train_epochs", || {
                 format!("must be > 0, got {e}")
             })?;
+            ensure(
+                t.max_steps >= 1 || !self.data.train_files.is_empty(),
+                "train.num_train_epochs",
+                || {
+                    "counts passes over data.train_files, and there are none (the \
+                     environment writes the prompts): set train.max_steps"
+                        .into()
+                },
+            )?;
         }
         ensure(
             t.per_device_train_batch_size > 0

@@ -975,3 +975,83 @@ fn rows_list_the_tools_of_the_environment_they_name() {
         .to_string();
     assert!(e.contains("row 3") && e.contains("\"chess\""), "{e}");
 }
+
+/// TRL's environment-owned data: with an environment, a row without a
+/// prompt gets an empty user message (its `reset()` writes the prompt) and
+/// one without an answer an empty answer, in JSONL and Parquet; with no
+/// training files at all, placeholder rows of that empty prompt stand for
+/// the data, one step's prompts to a pass.
+#[test]
+fn environment_rows_may_leave_the_prompt_to_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &rows,
+        "{\"task\": \"wordle\"}\n{\"prompt\": \"2+2\", \"answer\": \"4\", \"task\": \"sum\"}\n",
+    )
+    .unwrap();
+    let environment = ColumnMapping {
+        keep_columns: true,
+        environment_rows: true,
+        ..ColumnMapping::default()
+    };
+    let read = read_rows(&rows, &environment).unwrap();
+    assert_eq!(
+        read[0].messages,
+        Some(vec![model::tokenizer::ChatMessage::user("")])
+    );
+    assert_eq!(
+        (read[0].question.as_str(), read[0].answer.as_str()),
+        ("", "")
+    );
+    assert_eq!(read[0].columns.as_deref(), Some(r#"{"task":"wordle"}"#));
+    assert_eq!(
+        (read[1].question.as_str(), read[1].answer.as_str()),
+        ("2+2", "4")
+    );
+    // Without an environment, a missing prompt is an error naming it.
+    let e = read_rows(&rows, &ColumnMapping::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"prompt\"") && e.contains("row 0"), "{e}");
+    let parquet = read_rows(
+        &repo().join("configs/data/arith_tiny.parquet"),
+        &environment,
+    )
+    .unwrap();
+    assert_eq!(parquet.len(), 12);
+    assert!(
+        parquet
+            .iter()
+            .all(|r| r.question.is_empty() && r.answer.is_empty())
+    );
+    assert!(
+        parquet[0]
+            .columns
+            .as_deref()
+            .unwrap()
+            .contains("\"solution\"")
+    );
+
+    let base = "version: 1\nmodel: {preset: tiny}\ndata: {train_files: [], prompt_template: chat}\n\
+                rollout: {environment_factory: \"env.py:Wordle\", num_generations: 4}\n\
+                train: {per_device_train_batch_size: 8, max_steps: 3}\n";
+    let recipe = Recipe::from_yaml_str(base, "r.yaml", &[] as &[&str]).unwrap();
+    let tok = model::presets::tokenizer().unwrap();
+    let source = PromptSource::from_recipe(&recipe, 0, 2, Some(&tok), None).unwrap();
+    // Two prompts a rank a step, two ranks: four rows.
+    assert_eq!(source.epoch_prompts(), 4);
+    let example = &source.datasets()[0].examples[0];
+    assert_eq!(
+        example.messages,
+        Some(vec![model::tokenizer::ChatMessage::user("")])
+    );
+    assert_eq!(
+        example.prompt_text,
+        "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        source.fingerprints()[0].path,
+        Path::new(learner::data::PLACEHOLDER)
+    );
+}

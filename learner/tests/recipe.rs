@@ -408,6 +408,39 @@ fn tools_are_checked_by_key() {
     // class has one is read when the learner starts, so no reward function
     // is needed here; without an environment, one is.
     Recipe::from_yaml_str(BASE, "x", &[env, "reward.functions=[]"]).unwrap();
+    // ... and write the prompts (TRL's environment-owned data): no files,
+    // but not with epochs to count over them, nor with a map of
+    // environments, which rows choose among.
+    Recipe::from_yaml_str(BASE, "x", &[env, "data.train_files=[]"]).unwrap();
+    let e = err(
+        BASE,
+        &[
+            env,
+            "data.train_files=[]",
+            "train.max_steps=-1",
+            "train.num_train_epochs=2",
+        ],
+    );
+    assert!(
+        e.contains("train.num_train_epochs") && e.contains("set train.max_steps"),
+        "{e}"
+    );
+    let e = err(
+        BASE,
+        &[
+            "rollout.environment_factory={a: \"env.py:A\"}",
+            "data.train_files=[]",
+        ],
+    );
+    assert!(
+        e.contains("data.train_files") && e.contains("each row names its environment"),
+        "{e}"
+    );
+    let e = err(BASE, &["data.train_files=[]"]);
+    assert!(
+        e.contains("data.train_files") && e.contains("no training data"),
+        "{e}"
+    );
     let e = err(BASE, &["reward.functions=[]"]);
     assert!(
         e.contains("reward.functions") && e.contains("no reward function"),
