@@ -38,6 +38,14 @@ pub struct PrefetchedBatch {
     pub step: u64,
     pub examples: Vec<Example>,
     pub outcomes: Vec<GroupOutcome>,
+    /// This rank's share of the batch's rewards, scored as soon as it was
+    /// generated (while its environments held their completions' state);
+    /// none in checkpoints written before this field, scored at its step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<Vec<f64>>,
+    /// How long scoring it took, added to its step's score time.
+    #[serde(default)]
+    pub score_s: f64,
 }
 
 /// Everything beyond weights and optimizer that a resumed run needs to

@@ -1958,15 +1958,6 @@ impl Recipe {
                         .into(),
                 ));
             }
-            if r.async_lag > 0 {
-                return Err(invalid(
-                    key,
-                    "runs with rollout.async_lag: 0 only: an environment holds its \
-                     completion's state until the completion is scored, and a checkpoint \
-                     cannot hold the state of the next step's, generated ahead"
-                        .into(),
-                ));
-            }
         }
         if r.tools.is_empty() && r.environment_factory.is_none() {
             if r.max_tool_calling_iterations.is_some() {

@@ -35,7 +35,8 @@
 //! with `async_lag: 1`, the next step's generation in the background while
 //! this step trains). The prefetched batch is awaited before the weight push,
 //! so it is generated entirely by the previous weights (exactly one step
-//! off-policy, and reproducible).
+//! off-policy, and reproducible), and scored then, while its environments
+//! hold their completions' state (a checkpoint holds its rewards).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1636,9 +1637,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // 1-2. prompts and completions: the first round (prefetched, or
         // generated now); dynamic sampling asks for more below.
         let t_gen = Instant::now();
-        let first_round = match prefetched.take() {
-            Some(b) if b.step == step => (b.examples, b.outcomes),
-            _ => generate_round(&mut source, step, 0)?,
+        let (first_round, mut first_rewards, prefetched_score_s) = match prefetched.take() {
+            Some(b) if b.step == step => ((b.examples, b.outcomes), b.rewards, b.score_s),
+            _ => (generate_round(&mut source, step, 0)?, None, 0.0),
         };
         let mut generate_s = t_gen.elapsed();
         // Also after the last step: the final checkpoint then holds the next
@@ -1662,7 +1663,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         loop {
             let round = rounds.len() - 1;
             let (examples, outcomes) = &rounds[round];
-            let local = score_round(examples, outcomes)?;
+            let local = match first_rewards.take() {
+                Some(scored) if round == 0 => scored,
+                _ => score_round(examples, outcomes)?,
+            };
             let gathered = all_gather_f64(c, &local)?;
             selection.add_round(decode_round(
                 &gathered,
@@ -1736,7 +1740,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 compute_gdpo_advantages(&totals, &per_fn, &reward_weights, g, &loss_cfg)?
             }
         };
-        let score_s = t_score.elapsed().saturating_sub(more_rounds_s);
+        let score_s = t_score.elapsed().saturating_sub(more_rounds_s)
+            + Duration::from_secs_f64(prefetched_score_s);
         generate_s += more_rounds_s;
         let log_step = step % logging_steps == 0
             || step == max_steps
@@ -2051,12 +2056,28 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
 
         // 5b. the prefetched batch is complete before the weights change
+        // and scored now, as the next step would score it (its trainer
+        // state), while its environments still hold their completions'
+        // state: a checkpoint holds the rewards, not the environments.
         if let Some((next, handle)) = pending {
-            let outcomes = rt.block_on(handle)??;
+            let mut outcomes = rt.block_on(handle)??;
+            let t_prefetch_score = Instant::now();
+            set_trainer_state(step);
+            let rewards = score_round(&next, &outcomes)?;
+            set_trainer_state(step - 1);
+            for o in &mut outcomes {
+                if let GroupOutcome::Kept(group) = o {
+                    for c in &mut group.completions {
+                        c.environment = None;
+                    }
+                }
+            }
             prefetched = Some(PrefetchedBatch {
                 step: step + 1,
                 examples: next,
                 outcomes,
+                rewards: Some(rewards),
+                score_s: t_prefetch_score.elapsed().as_secs_f64(),
             });
         }
 

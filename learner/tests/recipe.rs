@@ -408,6 +408,9 @@ fn tools_are_checked_by_key() {
     // class has one is read when the learner starts, so no reward function
     // is needed here; without an environment, one is.
     Recipe::from_yaml_str(BASE, "x", &[env, "reward.functions=[]"]).unwrap();
+    // A step generated ahead is scored at once, its environments then given
+    // back: a checkpoint holds its rewards.
+    Recipe::from_yaml_str(BASE, "x", &[env, "rollout.async_lag=1"]).unwrap();
     // ... and write the prompts (TRL's environment-owned data): no files,
     // but not with epochs to count over them, nor with a map of
     // environments, which rows choose among.
@@ -471,11 +474,6 @@ fn tools_are_checked_by_key() {
             "rollout.python_tool_processes=2",
             "rollout.environment_factory",
             "python_tool_processes: 1",
-        ),
-        (
-            "rollout.async_lag=1",
-            "rollout.environment_factory",
-            "async_lag: 0",
         ),
         (
             "data.prompt_template={question}=",

@@ -1081,9 +1081,31 @@ fn tool_results_that_do_not_fit_are_left_out() {
 fn resume_continues_exactly_with_tools() {
     let add = start_add_tool();
     let call = r#"<tool_call>\\{\"name\": \"add\", \"arguments\": \\{\"a\": [1-4], \"b\": [5-9]\\}\\}</tool_call>"#;
+    let env_dir = tempfile::tempdir().unwrap();
+    let env = env_dir.path().join("graded_env.py");
+    std::fs::write(
+        &env,
+        r#"
+class Graded:
+    def reset(self, answer, **kwargs):
+        self.answer = int(answer)
+
+    def hint(self) -> str:
+        """A hint."""
+        return "none"
+
+    def get_reward(self):
+        return float(self.answer % 7)
+"#,
+    )
+    .unwrap();
     let lines = resume_case_on(
         &["--max-model-len", "512"],
         &[
+            // The step generated ahead is scored at once: the checkpoint
+            // holds its environments' rewards.
+            format!("rollout.environment_factory=\"{}:Graded\"", env.display()),
+            "rollout.async_lag=1".into(),
             "data.prompt_template=chat".into(),
             format!("rollout.tools=[{{name: add, description: Adds., url: \"{add}\"}}]"),
             "rollout.max_tool_calling_iterations=1".into(),
@@ -1094,6 +1116,8 @@ fn resume_continues_exactly_with_tools() {
     );
     for l in &lines {
         assert_eq!(l["tools"]["call_frequency"], 1.0, "{l}");
+        let graded = l["rewards"]["Graded"]["mean"].as_f64();
+        assert!(graded.is_some_and(|m| m > 0.0), "{l}");
     }
 }
 
