@@ -23,6 +23,7 @@ use crate::data::{DataCursor, Example};
 use crate::kl::KlController;
 use crate::optim::AdamW;
 use crate::recipe::Recipe;
+use crate::rewards::RewardLogs;
 use crate::rollout::GroupOutcome;
 use crate::run_dir::CheckpointDir;
 
@@ -46,6 +47,9 @@ pub struct PrefetchedBatch {
     /// How long scoring it took, added to its step's score time.
     #[serde(default)]
     pub score_s: f64,
+    /// What its reward functions logged (TRL's `log_extra`, `log_metric`).
+    #[serde(default, skip_serializing_if = "RewardLogs::is_empty")]
+    pub logged: RewardLogs,
 }
 
 /// Everything beyond weights and optimizer that a resumed run needs to

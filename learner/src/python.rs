@@ -534,6 +534,14 @@ impl PythonCall {
         }
     }
 
+    /// A reward function's call with TRL's `log_extra` and `log_metric`:
+    /// its result is `{"rewards", "extra": {column: values}, "metrics":
+    /// {name: [values]}}`.
+    pub fn with_logs(mut self) -> PythonCall {
+        self.request["logs"] = json!(true);
+        self
+    }
+
     /// Marks an `async def` function's call (`async_def`): it runs beside
     /// its process's other calls, as a task of its event loop.
     pub fn concurrent(mut self, async_def: bool) -> PythonCall {

@@ -32,7 +32,9 @@ The learner runs this file with `python3 -c`:
                       answers their observations; {"method", "environment":
                       ID, ...} calls a method of ID's instance; a reward
                       call's "environments": [ID or null] become its
-                      `environments` argument; {"environment_rewards": [ID
+                      `environments` argument, and with "logs" it gets
+                      TRL's `log_extra` and `log_metric` and answers
+                      {"rewards", "extra", "metrics"}; {"environment_rewards": [ID
                       or null], "class"} answers each instance's
                       get_reward() (null for null, or an instance of
                       another class); any line's "release": [ID] first gives
@@ -52,6 +54,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import queue
 import re
@@ -378,6 +381,35 @@ def serve(specs):
             observations.append(observation)
         return observations
 
+    def logging_call(function, arguments):
+        """A reward function's call with TRL's `log_extra(column, values)`
+        and `log_metric(name, value)`: its answer is {"rewards", "extra":
+        {column: values}, "metrics": {name: [values]}}."""
+        extra, metrics = {}, {}
+
+        def cell(value):
+            try:
+                json.dumps(value, default=plain, allow_nan=False)
+                return value
+            except (TypeError, ValueError):
+                return str(value)
+
+        def log_extra(column, values):
+            extra[str(column)] = [cell(v) for v in values]
+
+        def log_metric(name, value):
+            value = float(value)
+            # (JSON has no NaN: null, left out of the mean.)
+            metrics.setdefault(str(name), []).append(value if math.isfinite(value) else None)
+
+        arguments["log_extra"], arguments["log_metric"] = log_extra, log_metric
+
+        def run():
+            rewards = awaited(function(**arguments))
+            return {"rewards": rewards, "extra": extra, "metrics": metrics}
+
+        return run
+
     # This thread reads the calls: an `async def` one starts at once; the
     # others wait for the main thread, which runs them in order.
     work = queue.Queue()
@@ -423,6 +455,9 @@ def serve(specs):
                     arguments["environments"] = [
                         None if id is None else environment(id) for id in call["environments"]
                     ]
+                if call.get("logs"):
+                    work.put((id, text, logging_call(function, arguments)))
+                    continue
                 if inspect.iscoroutinefunction(function):
                     task = asyncio.run_coroutine_threadsafe(function(**arguments), loop)
                     in_flight[id] = task

@@ -34,7 +34,7 @@
 //! error naming the function and the parameter. A function that fails while
 //! scoring is an error naming it, never a silent zero.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -166,6 +166,49 @@ pub struct FunctionScores {
 pub struct RewardScores {
     pub per_function: Vec<FunctionScores>,
     pub total: Vec<f64>,
+    /// What the `python` functions logged while scoring it.
+    pub logged: RewardLogs,
+}
+
+/// What `python` reward functions log through TRL's `log_extra(column,
+/// values)` and `log_metric(name, value)` while they score a batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewardLogs {
+    /// Columns for the completions' log: one value per completion.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<Value>>,
+    /// Each metric's finite values, in the order logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, Vec<f64>>,
+}
+
+impl RewardLogs {
+    /// The metrics as logged: each one's mean.
+    pub fn metric_means(&self) -> BTreeMap<String, f64> {
+        self.metrics
+            .iter()
+            .filter(|(_, values)| !values.is_empty())
+            .map(|(name, values)| {
+                (
+                    name.clone(),
+                    values.iter().sum::<f64>() / values.len() as f64,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether nothing was logged.
+    pub fn is_empty(&self) -> bool {
+        self.extra.is_empty() && self.metrics.is_empty()
+    }
+
+    /// Completion `k`'s extra columns.
+    pub fn extra_of(&self, k: usize) -> serde_json::Map<String, Value> {
+        self.extra
+            .iter()
+            .filter_map(|(column, values)| Some((column.clone(), values.get(k)?.clone())))
+            .collect()
+    }
 }
 
 impl RewardScores {
@@ -485,8 +528,9 @@ impl RewardRegistry {
         let mut per_function = Vec::with_capacity(self.functions.len());
         let mut weighted = vec![0.0; batch.len()];
         let mut gate = vec![1.0; batch.len()];
+        let mut logged = RewardLogs::default();
         for f in &self.functions {
-            let values = f.score(batch, &trainer_state).await?;
+            let values = f.score(batch, &trainer_state, &mut logged).await?;
             // NaN: a Python function's None (it does not apply).
             let none_allowed = matches!(f.kind, Kind::Python(_) | Kind::Environment(_));
             if let Some(i) = values
@@ -537,6 +581,7 @@ impl RewardRegistry {
         Ok(RewardScores {
             per_function,
             total,
+            logged,
         })
     }
 }
@@ -712,8 +757,14 @@ impl RewardFunction {
             .collect()
     }
 
-    /// `trainer_state`: where training stands, for `python` functions.
-    async fn score(&self, batch: &[RewardInput], trainer_state: &Value) -> Result<Vec<f64>> {
+    /// `trainer_state`: where training stands, for `python` functions,
+    /// which log into `logged`.
+    async fn score(
+        &self,
+        batch: &[RewardInput],
+        trainer_state: &Value,
+        logged: &mut RewardLogs,
+    ) -> Result<Vec<f64>> {
         match &self.kind {
             Kind::ExactMatch(f) => self.each(batch, |x| f.score(x)),
             Kind::Format(f) => Ok(batch.iter().map(|x| f.score(&x.completion_text)).collect()),
@@ -722,7 +773,7 @@ impl RewardFunction {
             Kind::Remote(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::Code(f) => f.score(batch).await.map_err(|m| self.fail(m)),
             Kind::Python(f) => f
-                .score(batch, trainer_state)
+                .score(batch, trainer_state, logged)
                 .await
                 .map_err(|m| self.fail(m)),
             Kind::Environment(f) => f.score(batch).await.map_err(|m| self.fail(m)),
@@ -1824,6 +1875,7 @@ impl PythonReward {
         &self,
         batch: &[RewardInput],
         trainer_state: &Value,
+        logged: &mut RewardLogs,
     ) -> Result<Vec<f64>, String> {
         let mut prompts = Vec::with_capacity(batch.len());
         let mut completions = Vec::with_capacity(batch.len());
@@ -1890,14 +1942,43 @@ impl PythonReward {
             return Err("no Python process (the function was built outside a registry)".into());
         };
         let mut call =
-            crate::python::PythonCall::function(&self.spec, &Value::Object(kwargs), false);
+            crate::python::PythonCall::function(&self.spec, &Value::Object(kwargs), false)
+                .with_logs();
         // TRL's `environments`: each completion's instance.
         if batch.iter().any(|x| x.environment.is_some()) {
             let ids: Vec<Option<u64>> = batch.iter().map(|x| x.environment).collect();
             call = call.with_environments(&ids);
         }
-        let result = processes.call(call, self.timeout, "its timeout_s").await?;
-        python_values(result, batch.len())
+        let mut answer = processes.call(call, self.timeout, "its timeout_s").await?;
+        let values = python_values(answer["rewards"].take(), batch.len())?;
+        if let Value::Object(extra) = answer["extra"].take() {
+            for (column, values) in extra {
+                match values {
+                    Value::Array(values) if values.len() == batch.len() => {
+                        logged.extra.insert(column, values);
+                    }
+                    other => {
+                        let n = other.as_array().map_or(0, Vec::len);
+                        return Err(format!(
+                            "log_extra({column:?}, ...) logged {n} values for {} completions",
+                            batch.len()
+                        ));
+                    }
+                }
+            }
+        }
+        if let Value::Object(metrics) = answer["metrics"].take() {
+            for (name, values) in metrics {
+                let values = values.as_array().map(Vec::as_slice).unwrap_or_default();
+                // (null: a value that was not finite, left out.)
+                logged
+                    .metrics
+                    .entry(name)
+                    .or_default()
+                    .extend(values.iter().filter_map(Value::as_f64));
+            }
+        }
+        Ok(values)
     }
 }
 

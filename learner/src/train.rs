@@ -70,7 +70,7 @@ use crate::metrics::{CompletionLengths, LossMetrics};
 use crate::optim::{AdamW, LrSchedule, OptimizerConfig, clip_grad_norm};
 use crate::parameters::PolicyParameters;
 use crate::recipe::{IntervalStrategy, LrSchedulerType, Recipe, SFT_TARGET_LOSS_WINDOW};
-use crate::rewards::RewardRegistry;
+use crate::rewards::{RewardLogs, RewardRegistry};
 use crate::rollout::{GroupOutcome, RolloutClient, RolloutSettings};
 use crate::run_dir::{Manifest, RunDir, RunTopology, resolve_resume};
 use crate::tools::ToolRunner;
@@ -1596,40 +1596,51 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let outcomes = rt.block_on(client.generate(&examples, &seeds))?;
         Ok((examples, outcomes))
     };
-    // A round's rewards as this rank's share of the gather.
-    let score_round =
-        |examples: &[Example], outcomes: &[GroupOutcome]| -> anyhow::Result<Vec<f64>> {
-            let mut inputs = Vec::new();
-            let mut kept = Vec::new();
-            for (i, (ex, o)) in examples.iter().zip(outcomes).enumerate() {
-                if let GroupOutcome::Kept(group) = o {
-                    if group.completions.len() != g {
-                        bail!(
-                            "a group has {} completions, expected {g}",
-                            group.completions.len()
-                        );
-                    }
-                    kept.push(i);
-                    inputs.extend(group.reward_inputs(ex, i));
+    // A round's rewards as this rank's share of the gather, and what the
+    // reward functions logged (extra columns by prompt slot x completion).
+    let score_round = |examples: &[Example],
+                       outcomes: &[GroupOutcome]|
+     -> anyhow::Result<(Vec<f64>, RewardLogs)> {
+        let mut inputs = Vec::new();
+        let mut kept = Vec::new();
+        for (i, (ex, o)) in examples.iter().zip(outcomes).enumerate() {
+            if let GroupOutcome::Kept(group) = o {
+                if group.completions.len() != g {
+                    bail!(
+                        "a group has {} completions, expected {g}",
+                        group.completions.len()
+                    );
                 }
+                kept.push(i);
+                inputs.extend(group.reward_inputs(ex, i));
             }
-            let mut slots = vec![None; examples.len()];
-            if !inputs.is_empty() {
-                let scores = rt.block_on(rewards.score(&inputs))?;
+        }
+        let mut slots = vec![None; examples.len()];
+        let mut logged = RewardLogs::default();
+        if !inputs.is_empty() {
+            let scores = rt.block_on(rewards.score(&inputs))?;
+            for (n, &i) in kept.iter().enumerate() {
+                let part = n * g..(n + 1) * g;
+                slots[i] = Some((
+                    scores.total[part.clone()].to_vec(),
+                    scores
+                        .per_function
+                        .iter()
+                        .map(|f| f.values[part.clone()].to_vec())
+                        .collect::<Vec<_>>(),
+                ));
+            }
+            logged.metrics = scores.logged.metrics;
+            for (column, values) in scores.logged.extra {
+                let mut by_slot = vec![Value::Null; examples.len() * g];
                 for (n, &i) in kept.iter().enumerate() {
-                    let part = n * g..(n + 1) * g;
-                    slots[i] = Some((
-                        scores.total[part.clone()].to_vec(),
-                        scores
-                            .per_function
-                            .iter()
-                            .map(|f| f.values[part.clone()].to_vec())
-                            .collect::<Vec<_>>(),
-                    ));
+                    by_slot[i * g..(i + 1) * g].clone_from_slice(&values[n * g..(n + 1) * g]);
                 }
+                logged.extra.insert(column, by_slot);
             }
-            Ok(encode_slots(&slots, g, num_functions))
-        };
+        }
+        Ok((encode_slots(&slots, g, num_functions), logged))
+    };
     let run_started = Instant::now();
     for step in start_step + 1..=max_steps {
         let step_started = Instant::now();
@@ -1638,7 +1649,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // generated now); dynamic sampling asks for more below.
         let t_gen = Instant::now();
         let (first_round, mut first_rewards, prefetched_score_s) = match prefetched.take() {
-            Some(b) if b.step == step => ((b.examples, b.outcomes), b.rewards, b.score_s),
+            Some(b) if b.step == step => (
+                (b.examples, b.outcomes),
+                b.rewards.map(|r| (r, b.logged)),
+                b.score_s,
+            ),
             _ => (generate_round(&mut source, step, 0)?, None, 0.0),
         };
         let mut generate_s = t_gen.elapsed();
@@ -1659,14 +1674,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         let t_score = Instant::now();
         let mut more_rounds_s = Duration::ZERO;
         let mut rounds = vec![first_round];
+        let mut round_logs: Vec<RewardLogs> = Vec::new();
         let mut selection = GroupSelection::new(group_filter.clone(), prompts_per_rank * world);
         loop {
             let round = rounds.len() - 1;
             let (examples, outcomes) = &rounds[round];
-            let local = match first_rewards.take() {
+            let (local, logged) = match first_rewards.take() {
                 Some(scored) if round == 0 => scored,
                 _ => score_round(examples, outcomes)?,
             };
+            round_logs.push(logged);
             let gathered = all_gather_f64(c, &local)?;
             selection.add_round(decode_round(
                 &gathered,
@@ -1760,7 +1777,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         .zip(&per_fn)
                         .map(|(label, v)| (label.clone(), json!(v[k])))
                         .collect();
-                    records.push(json!({
+                    let extra = round_logs
+                        .get(round)
+                        .map(|l| l.extra_of(i * g + j))
+                        .unwrap_or_default();
+                    let mut record = json!({
                         "step": step,
                         "index": k,
                         "rank": rank,
@@ -1774,7 +1795,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         "completion_tokens": comp.completion_ids.len(),
                         "weight_version": comp.weight_version,
                         "tool_calls": comp.tool_calls,
-                    }));
+                    });
+                    // TRL's log_extra columns.
+                    if !extra.is_empty() {
+                        record["extra"] = Value::Object(extra);
+                    }
+                    records.push(record);
                 }
             }
             records
@@ -2063,7 +2089,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             let mut outcomes = rt.block_on(handle)??;
             let t_prefetch_score = Instant::now();
             set_trainer_state(step);
-            let rewards = score_round(&next, &outcomes)?;
+            let (rewards, logged) = score_round(&next, &outcomes)?;
             set_trainer_state(step - 1);
             for o in &mut outcomes {
                 if let GroupOutcome::Kept(group) = o {
@@ -2078,6 +2104,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 outcomes,
                 rewards: Some(rewards),
                 score_s: t_prefetch_score.elapsed().as_secs_f64(),
+                logged,
             });
         }
 
@@ -2268,6 +2295,21 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             }
             if let Some(tools) = &tool_use {
                 line["tools"] = tools.clone();
+            }
+            // TRL's log_metric values (this rank's, as TRL logs its main
+            // process's), each one's mean over the step.
+            let mut metrics = RewardLogs::default();
+            for logged in &round_logs {
+                for (name, values) in &logged.metrics {
+                    metrics
+                        .metrics
+                        .entry(name.clone())
+                        .or_default()
+                        .extend(values);
+                }
+            }
+            if !metrics.metrics.is_empty() {
+                line["reward_metrics"] = json!(metrics.metric_means());
             }
             if group_filter.is_some() {
                 // verl's num_gen_batches; the reward above is the trained

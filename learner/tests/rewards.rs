@@ -1187,6 +1187,66 @@ async fn python_reward_functions_that_fail_are_errors() {
     assert!(e.contains("timeout_s"), "{e}");
 }
 
+/// TRL's `log_extra(column, values)` and `log_metric(name, value)` reach a
+/// Python function as keywords (here required ones): the columns come back
+/// one value per completion (what JSON cannot hold as its text), the
+/// metrics each value logged (a NaN left out); a column of the wrong length
+/// is an error naming it.
+#[tokio::test]
+async fn python_reward_functions_log_extra_columns_and_metrics_as_in_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("logging_rewards.py");
+    std::fs::write(
+        &file,
+        r#"
+def graded(completions, log_extra, log_metric, **kwargs):
+    lengths = [len(c) for c in completions]
+    log_extra("length", lengths)
+    log_extra("parsed", [{1, 2} for _ in completions])
+    log_metric("mean_length", sum(lengths) / len(lengths))
+    log_metric("mean_length", 0.0)
+    log_metric("nothing", float("nan"))
+    return [float(n) for n in lengths]
+
+
+def short_column(completions, log_extra, **kwargs):
+    log_extra("first", [1])
+    return [0.0] * len(completions)
+"#,
+    )
+    .unwrap();
+    let spec =
+        |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+    let rewards = registry(spec("graded"));
+    rewards.prepare().unwrap();
+    let scores = rewards
+        .score(&[input("abc", None), input("a", None)])
+        .await
+        .unwrap();
+    assert_eq!(scores.total, [3.0, 1.0]);
+    assert_eq!(scores.logged.extra["length"], [json!(3), json!(1)]);
+    assert_eq!(scores.logged.extra["parsed"][0], json!("{1, 2}"));
+    assert_eq!(scores.logged.metrics["mean_length"], [2.0, 0.0]);
+    assert_eq!(scores.logged.metric_means()["mean_length"], 1.0);
+    assert!(!scores.logged.metric_means().contains_key("nothing"));
+    assert_eq!(
+        scores.logged.extra_of(1),
+        json!({"length": 1, "parsed": "{1, 2}"})
+            .as_object()
+            .unwrap()
+            .clone()
+    );
+    let e = registry(spec("short_column"))
+        .score(&[input("a", None), input("b", None)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("log_extra(\"first\", ...) logged 1 values for 2 completions"),
+        "{e}"
+    );
+}
+
 /// The rows' other columns reach a Python function as TRL passes them: one
 /// keyword each, the values as read (a dict stays a dict, a number a
 /// number); the answer column is one of them.

@@ -960,9 +960,11 @@ class Counter:
         return 10.0 * self.total
 
 
-def total(prompts, completions, environments, **kwargs):
+def total(prompts, completions, environments, log_extra, log_metric, **kwargs):
     for p, e in zip(prompts, environments):
         assert p[-1]["content"].endswith(" Go.") == e.observed, (p, e.observed)
+    log_extra("observed", [e.observed for e in environments])
+    log_metric("observed_share", sum(e.observed for e in environments) / len(environments))
     return [float(e.total) for e in environments]
 "#,
     )
@@ -987,6 +989,8 @@ def total(prompts, completions, environments, **kwargs):
         let [total, owned] =
             ["total", "Counter"].map(|f| l["rewards"][f]["mean"].as_f64().unwrap());
         assert!((owned - 10.0 * total).abs() < 1e-9, "{l}");
+        // TRL's log_metric: every other reset observes.
+        assert_eq!(l["reward_metrics"]["observed_share"], 0.5, "{l}");
     }
     assert_eq!(completions.len(), 2 * 16);
     let turn = regex::Regex::new(r#"\{"n": ([1-4])\}"#).unwrap();
@@ -995,6 +999,12 @@ def total(prompts, completions, environments, **kwargs):
         let text = c["completion"].as_str().unwrap();
         let prompt = c["prompt"].as_str().unwrap();
         observed += prompt.contains(" Go.<|im_end|>") as usize;
+        // TRL's log_extra: a column of the completions' log.
+        assert_eq!(
+            c["extra"]["observed"],
+            prompt.contains(" Go.<|im_end|>"),
+            "{c}"
+        );
         let ns: Vec<i64> = turn
             .captures_iter(text)
             .map(|m| m[1].parse().unwrap())
