@@ -1088,6 +1088,18 @@ def made(completions, **kwargs):
     return [float(Counter.made)] * len(completions)
 "#;
 
+    /// What the reward functions score: a completion in each environment.
+    fn scored_in(environments: &[&EnvironmentLease]) -> Vec<crate::rewards::RewardInput> {
+        environments
+            .iter()
+            .map(|lease| {
+                let mut x = crate::rewards::RewardInput::new("Count.", "", None);
+                x.environment = Some(lease.id());
+                x
+            })
+            .collect()
+    }
+
     fn environment_runner(dir: &std::path::Path) -> (ToolRunner, RewardRegistry) {
         let file = dir.join("counter_env.py");
         std::fs::write(&file, ENVIRONMENT).unwrap();
@@ -1141,15 +1153,8 @@ def made(completions, **kwargs):
             let prompt = json!([{"role": "user", "content": "Count."}]);
             json!({"prompt": prompt, "answer": answer})
         };
-        // What the reward functions score: a completion in each environment.
         let inputs_of = |envs: &[(EnvironmentLease, Option<String>)]| {
-            envs.iter()
-                .map(|(lease, _)| {
-                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
-                    x.environment = Some(lease.id());
-                    x
-                })
-                .collect::<Vec<_>>()
+            scored_in(&envs.iter().map(|(lease, _)| lease).collect::<Vec<_>>())
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1328,15 +1333,7 @@ def made(completions, **kwargs):
             let (a, b) = (&envs[0].0, &envs[1].0);
             tools.call("add", r#"{"n": 2}"#, Some(a)).await.unwrap();
             tools.call("add", r#"{"n": 4}"#, Some(b)).await.unwrap();
-            let inputs: Vec<_> = [b, a]
-                .iter()
-                .map(|lease| {
-                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
-                    x.environment = Some(lease.id());
-                    x
-                })
-                .collect();
-            let scores = rewards.score(&inputs).await.unwrap();
+            let scores = rewards.score(&scored_in(&[b, a])).await.unwrap();
             assert_eq!(scores.total, [40.0, 20.0]);
         });
     }
@@ -1431,15 +1428,7 @@ class Doubler:
                 tools.call("add", r#"{"n": 4}"#, Some(c)).await,
                 Ok("4".into())
             );
-            let inputs: Vec<_> = [a, b, c]
-                .iter()
-                .map(|lease| {
-                    let mut x = crate::rewards::RewardInput::new("Count.", "", None);
-                    x.environment = Some(lease.id());
-                    x
-                })
-                .collect();
-            let scores = rewards.score(&inputs).await.unwrap();
+            let scores = rewards.score(&scored_in(&[a, b, c])).await.unwrap();
             let values = &scores.per_function[0].values;
             assert_eq!([values[0], values[2]], [30.0, 40.0]);
             assert!(values[1].is_nan(), "{values:?}");
