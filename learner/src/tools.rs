@@ -968,6 +968,12 @@ def undocumented(x: int):
         );
     }
 
+    /// A 30 s call of `tool` fails at the runner's 2 s deadline.
+    async fn past_the_deadline(r: &ToolRunner, tool: &str) {
+        let e = r.call(tool, r#"{"seconds": 30}"#, None).await.unwrap_err();
+        assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{tool}: {e}");
+    }
+
     /// Calls run in one Python process the learner keeps (module state
     /// lives on); an exception, a call past the deadline or a process that
     /// dies is an error for the model. An `async def` call past the
@@ -1011,22 +1017,13 @@ def undocumented(x: int):
             );
             let e = r.call("add", r#"{"a": 1}"#, None).await.unwrap_err();
             assert!(e.contains("missing 1 required positional argument"), "{e}");
-            let e = r
-                .call("wait", r#"{"seconds": 30}"#, None)
-                .await
-                .unwrap_err();
-            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            past_the_deadline(&r, "wait").await;
             // Cancelled: the same process, the count goes on.
             assert_eq!(r.call("count", "{}", None).await, Ok("3".into()));
-            let e = r.call("pid", r#"{"seconds": 30}"#, None).await.unwrap_err();
-            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            past_the_deadline(&r, "pid").await;
             // A fresh process: the count starts again.
             assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
-            let e = r
-                .call("stall", r#"{"seconds": 30}"#, None)
-                .await
-                .unwrap_err();
-            assert!(e.contains("rollout.tool_timeout_s (2 s)"), "{e}");
+            past_the_deadline(&r, "stall").await;
             // Its event loop did not answer the cancel: a fresh process.
             assert_eq!(r.call("count", "{}", None).await, Ok("1".into()));
             let e = r.call("crash", "{}", None).await.unwrap_err();
