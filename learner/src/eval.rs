@@ -40,6 +40,10 @@ pub struct EvalResult {
     pub mean_at_k: f64,
     pub reward_mean: f64,
     pub reward_per_function: BTreeMap<String, f64>,
+    /// TRL's `log_metric` values of the `python` reward functions, each
+    /// one's mean.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reward_metrics: BTreeMap<String, f64>,
     /// How a pass was decided: `exact_match == 1` or `total_reward > 0`.
     pub pass_rule: String,
     /// With several eval files (benchmarks), each one's numbers, by file
@@ -238,6 +242,7 @@ pub async fn evaluate(
         mean_at_k: all.mean_at_k,
         reward_mean: all.reward_mean,
         reward_per_function,
+        reward_metrics: scores.logged.metric_means(),
         pass_rule: pass_rule.into(),
         per_file,
         tools: client.uses_tools().then(|| {

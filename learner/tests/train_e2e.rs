@@ -1026,6 +1026,10 @@ def total(prompts, completions, environments, log_extra, log_metric, **kwargs):
     }
     // Every other reset sent an observation: half the prompts have it.
     assert_eq!(observed, completions.len() / 2, "{completions:?}");
+    // And in evaluation, whose log has the log_metric values too.
+    for e in read_jsonl(&out.join("eval_log.jsonl")) {
+        assert_eq!(e["reward_metrics"]["observed_share"], 0.5, "{e}");
+    }
 }
 
 /// A tool turn that leaves no room for an answer is left out, as TRL
