@@ -8,7 +8,7 @@ The learner runs this file with `python3 -c`:
                       definition, the SHA-256 of the file that holds it and
                       whether it is `async def`
     load SPEC...      imports each function; prints one JSON list of
-                      {"source_sha256"} or {"error": ...}
+                      {"source_sha256", "async"} or {"error": ...}
     environment SPEC...
                       prints, as one JSON list, for each SPEC the tool
                       definitions of TRL's environment_factory SPEC (an
@@ -49,6 +49,7 @@ required).
 """
 
 import asyncio
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -212,7 +213,7 @@ def describe(specs):
             described.append({
                 "definition": definition,
                 "source_sha256": source_sha256(function),
-                "async": inspect.iscoroutinefunction(function),
+                "async": is_async(function),
             })
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
@@ -221,9 +222,26 @@ def describe(specs):
 
 
 def source_sha256(function):
-    """What the function does is its source's: a resume compares it."""
+    """What the function does is its source's: a resume compares it (of a
+    `functools.partial`, its function's; of a callable instance, its
+    class's)."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    if not (inspect.isroutine(function) or inspect.isclass(function)):
+        function = type(function)
     with open(inspect.getsourcefile(function), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def is_async(function):
+    """Whether calling `function` gives a coroutine: an `async def`
+    function or method, a `functools.partial` of one, or an instance whose
+    `__call__` is one (TRL's is_async_callable)."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)
+    )
 
 
 def load_all(specs):
@@ -231,7 +249,8 @@ def load_all(specs):
     loaded = []
     for spec in specs:
         try:
-            loaded.append({"source_sha256": source_sha256(load(spec))})
+            function = load(spec)
+            loaded.append({"source_sha256": source_sha256(function), "async": is_async(function)})
         except Exception as e:
             loaded.append({"error": f"{type(e).__name__}: {e}"})
     answers.write(json.dumps(loaded))
@@ -294,7 +313,7 @@ def describe_environment(specs):
                 "definitions": [get_json_schema(m) for m in methods],
                 "source_sha256": source_sha256(factory),
                 "reward": environment_reward(instance),
-                "async_methods": [m.__name__ for m in methods if inspect.iscoroutinefunction(m)],
+                "async_methods": [m.__name__ for m in methods if is_async(m)],
             })
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
@@ -381,10 +400,11 @@ def serve(specs):
             observations.append(observation)
         return observations
 
-    def logging_call(function, arguments):
-        """A reward function's call with TRL's `log_extra(column, values)`
-        and `log_metric(name, value)`: its answer is {"rewards", "extra":
-        {column: values}, "metrics": {name: [values]}}."""
+    def with_logs(arguments):
+        """A reward function's arguments with TRL's `log_extra(column,
+        values)` and `log_metric(name, value)`, and what makes its answer
+        {"rewards", "extra": {column: values}, "metrics": {name: [values]}}
+        of the rewards it returns."""
         extra, metrics = {}, {}
 
         def cell(value):
@@ -403,12 +423,7 @@ def serve(specs):
             metrics.setdefault(str(name), []).append(value if math.isfinite(value) else None)
 
         arguments["log_extra"], arguments["log_metric"] = log_extra, log_metric
-
-        def run():
-            rewards = awaited(function(**arguments))
-            return {"rewards": rewards, "extra": extra, "metrics": metrics}
-
-        return run
+        return lambda rewards: {"rewards": rewards, "extra": extra, "metrics": metrics}
 
     # This thread reads the calls: an `async def` one starts at once; the
     # others wait for the main thread, which runs them in order.
@@ -455,15 +470,17 @@ def serve(specs):
                     arguments["environments"] = [
                         None if id is None else environment(id) for id in call["environments"]
                     ]
-                if call.get("logs"):
-                    work.put((id, text, logging_call(function, arguments)))
-                    continue
-                if inspect.iscoroutinefunction(function):
-                    task = asyncio.run_coroutine_threadsafe(function(**arguments), loop)
+                done = with_logs(arguments) if call.get("logs") else (lambda result: result)
+                if is_async(function):
+
+                    async def run(function=function, arguments=arguments, done=done):
+                        return done(await function(**arguments))
+
+                    task = asyncio.run_coroutine_threadsafe(run(), loop)
                     in_flight[id] = task
                     task.add_done_callback(lambda f, id=id, text=text: finished(id, text, f))
                 else:
-                    work.put((id, text, lambda f=function, a=arguments: awaited(f(**a))))
+                    work.put((id, text, lambda f=function, a=arguments, d=done: d(awaited(f(**a)))))
             except Exception as e:
                 answer(id, text, error=e)
         work.put(None)

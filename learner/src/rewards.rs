@@ -517,8 +517,9 @@ impl RewardRegistry {
         self.functions.iter().map(|f| f.label.as_str()).collect()
     }
 
-    /// Scores a batch with every function (in recipe order; a remote function
-    /// is awaited before the next one starts).
+    /// Scores a batch with every function (in recipe order, each awaited
+    /// before the next starts, but the `async def` Python functions, which
+    /// run together after the others, as TRL gathers them).
     pub async fn score(&self, batch: &[RewardInput]) -> Result<RewardScores> {
         let trainer_state = self
             .trainer_state
@@ -528,9 +529,40 @@ impl RewardRegistry {
         let mut per_function = Vec::with_capacity(self.functions.len());
         let mut weighted = vec![0.0; batch.len()];
         let mut gate = vec![1.0; batch.len()];
+        // In recipe order, but the `async def` Python functions, which run
+        // together once the others are done, as TRL gathers them.
+        let mut scored: Vec<Option<(Vec<f64>, RewardLogs)>> = vec![None; self.functions.len()];
+        for (i, f) in self.functions.iter().enumerate() {
+            if !f.is_async() {
+                let mut logs = RewardLogs::default();
+                scored[i] = Some((f.score(batch, &trainer_state, &mut logs).await?, logs));
+            }
+        }
+        let gathered = self
+            .functions
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_async())
+            .map(|(i, f)| {
+                let trainer_state = &trainer_state;
+                async move {
+                    let mut logs = RewardLogs::default();
+                    let values = f.score(batch, trainer_state, &mut logs).await;
+                    (i, values.map(|v| (v, logs)))
+                }
+            });
+        for (i, result) in futures::future::join_all(gathered).await {
+            scored[i] = Some(result?);
+        }
         let mut logged = RewardLogs::default();
-        for f in &self.functions {
-            let values = f.score(batch, &trainer_state, &mut logged).await?;
+        for (f, scored) in self.functions.iter().zip(scored) {
+            let Some((values, logs)) = scored else {
+                return Err(f.fail("not scored".into()));
+            };
+            logged.extra.extend(logs.extra);
+            for (name, values) in logs.metrics {
+                logged.metrics.entry(name).or_default().extend(values);
+            }
             // NaN: a Python function's None (it does not apply).
             let none_allowed = matches!(f.kind, Kind::Python(_) | Kind::Environment(_));
             if let Some(i) = values
@@ -731,6 +763,11 @@ impl RewardFunction {
             weight,
             kind,
         })
+    }
+
+    /// An `async def` Python function: it runs beside the others.
+    fn is_async(&self) -> bool {
+        matches!(&self.kind, Kind::Python(p) if p.async_def.get() == Some(&true))
     }
 
     fn is_gate(&self) -> bool {
@@ -1837,6 +1874,9 @@ pub struct PythonReward {
     /// The SHA-256 of the function's source file, once
     /// [`RewardRegistry::prepare`] imported it.
     source_sha256: std::sync::OnceLock<String>,
+    /// Whether it is `async def` (its calls run beside others), once
+    /// imported.
+    async_def: std::sync::OnceLock<bool>,
     timeout: Duration,
     /// The registry's process, shared by its Python functions.
     processes: Option<Arc<crate::python::PythonProcesses>>,
@@ -1855,6 +1895,7 @@ impl PythonReward {
             processes: None,
             spec: p.function,
             source_sha256: std::sync::OnceLock::new(),
+            async_def: std::sync::OnceLock::new(),
             answer_column: "answer".into(),
             data_source_column: None,
         })
@@ -1868,6 +1909,9 @@ impl PythonReward {
         }
         let digest = checked["source_sha256"].as_str().unwrap_or_default();
         let _ = self.source_sha256.set(digest.to_string());
+        let _ = self
+            .async_def
+            .set(checked["async"].as_bool().unwrap_or(false));
         Ok(())
     }
 
@@ -1943,7 +1987,8 @@ impl PythonReward {
         };
         let mut call =
             crate::python::PythonCall::function(&self.spec, &Value::Object(kwargs), false)
-                .with_logs();
+                .with_logs()
+                .concurrent(self.async_def.get() == Some(&true));
         // TRL's `environments`: each completion's instance.
         if batch.iter().any(|x| x.environment.is_some()) {
             let ids: Vec<Option<u64>> = batch.iter().map(|x| x.environment).collect();

@@ -1187,6 +1187,77 @@ async fn python_reward_functions_that_fail_are_errors() {
     assert!(e.contains("timeout_s"), "{e}");
 }
 
+/// `async def` reward functions run together, as TRL gathers them (an LLM
+/// judge's requests overlap): two that each wait for the other to be in
+/// flight both return, beside a plain one that runs first; a callable
+/// instance whose `__call__` is async counts too (TRL's is_async_callable),
+/// and its class's file is what a resume compares.
+#[tokio::test]
+async fn async_python_reward_functions_run_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("judges.py");
+    std::fs::write(
+        &file,
+        r#"
+import asyncio
+
+in_flight = 0
+order = []
+
+
+async def meet():
+    global in_flight
+    in_flight += 1
+    for _ in range(1000):
+        if in_flight >= 2:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the other judge never came")
+
+
+async def first_judge(completions, **kwargs):
+    await meet()
+    order.append("first")
+    return [1.0] * len(completions)
+
+
+class SecondJudge:
+    async def __call__(self, completions, log_metric, **kwargs):
+        await meet()
+        log_metric("seen_before_me", len(order))
+        return [2.0] * len(completions)
+
+
+second_judge = SecondJudge()
+
+
+def plain(completions, **kwargs):
+    order.append("plain")
+    return [0.5] * len(completions)
+"#,
+    )
+    .unwrap();
+    let f =
+        |name: &str| json!({"name": "python", "function": format!("{}:{name}", file.display())});
+    let rewards = registry(json!([f("first_judge"), f("plain"), f("second_judge")]));
+    rewards.prepare().unwrap();
+    let functions = rewards.python_functions();
+    assert!(
+        functions[2]["source_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64),
+        "{functions:?}"
+    );
+    let scores = rewards
+        .score(&[input("a", None), input("b", None)])
+        .await
+        .unwrap();
+    assert_eq!(scores.total, [3.5, 3.5]);
+    // The plain function ran before the judges.
+    let seen = scores.logged.metrics["seen_before_me"][0];
+    assert!((1.0..=2.0).contains(&seen), "{seen}");
+}
+
 /// TRL's `log_extra(column, values)` and `log_metric(name, value)` reach a
 /// Python function as keywords (here required ones): the columns come back
 /// one value per completion (what JSON cannot hold as its text), the
