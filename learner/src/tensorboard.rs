@@ -149,21 +149,33 @@ const TRL_TAGS: &[(&str, &str)] = &[
     ("vespo_phi_seq_mean", "vespo/phi_seq_mean"),
 ];
 
+/// The train-log key whose entries TRL logs at the top (`train/<name>`):
+/// the reward functions' `log_metric` values.
+const TOP_LEVEL: &str = "reward_metrics";
+
 /// Every number in `v`, flattened to `prefix/key/subkey` tags (booleans as
 /// 0/1; strings, nulls and arrays left out); top-level keys with a TRL name
-/// of their own ([`TRL_TAGS`]) take it.
+/// of their own ([`TRL_TAGS`]) take it, and [`TOP_LEVEL`]'s entries are
+/// tagged `prefix/name`, as TRL tags them.
 pub fn scalars(prefix: &str, v: &Value) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     let mut walk: Vec<(String, &Value)> = match v {
         Value::Object(m) => m
             .iter()
             .rev()
-            .map(|(k, x)| {
-                let name = TRL_TAGS
+            .flat_map(|(k, x)| match x {
+                Value::Object(entries) if k == TOP_LEVEL => entries
                     .iter()
-                    .find(|(ours, _)| ours == k)
-                    .map_or(k.as_str(), |(_, trl)| trl);
-                (format!("{prefix}/{name}"), x)
+                    .rev()
+                    .map(|(name, x)| (format!("{prefix}/{name}"), x))
+                    .collect::<Vec<_>>(),
+                _ => {
+                    let name = TRL_TAGS
+                        .iter()
+                        .find(|(ours, _)| ours == k)
+                        .map_or(k.as_str(), |(_, trl)| trl);
+                    vec![(format!("{prefix}/{name}"), x)]
+                }
             })
             .collect(),
         other => vec![(prefix.to_string(), other)],
@@ -298,7 +310,8 @@ mod tests {
                                    "skipped": false, "note": "x", "kl": null, "lr": 1e-3,
                                    "clip_ratio_low": 0.25,
                                    "importance_sampling_ratio_max": 1.5,
-                                   "advantages": {"lr": 2.0}});
+                                   "advantages": {"lr": 2.0},
+                                   "reward_metrics": {"judge/agreement": 0.75}});
         let mut s = scalars("train", &v);
         s.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
@@ -306,6 +319,7 @@ mod tests {
             vec![
                 ("train/advantages/lr".to_string(), 2.0),
                 ("train/clip_ratio/low_mean".to_string(), 0.25),
+                ("train/judge/agreement".to_string(), 0.75),
                 ("train/learning_rate".to_string(), 1e-3),
                 ("train/reward".to_string(), 0.5),
                 (
