@@ -330,6 +330,23 @@ def plain(value):
     raise TypeError(f"{type(value).__name__} is not a number")
 
 
+def text_observation(observation):
+    """What `reset` returned, as the text appended to the prompt: a str, None
+    (nothing), or TRL's list of content parts, whose text parts are joined
+    (an image part is refused: the models here read text)."""
+    if observation is None or isinstance(observation, str):
+        return observation
+    if isinstance(observation, list) and all(isinstance(p, dict) for p in observation):
+        kinds = {p.get("type") for p in observation}
+        if kinds <= {"text"}:
+            return "".join(str(p.get("text", "")) for p in observation)
+        raise TypeError(
+            f"reset returned content parts of type {sorted(map(str, kinds - {'text'}))}: "
+            "the models here read text only"
+        )
+    raise TypeError(f"reset returned {type(observation).__name__}, not a str, None or content parts")
+
+
 def serve(specs):
     answers = answers_channel()
     # By spec: a tool and a reward function of the same name from two files
@@ -394,10 +411,7 @@ def serve(specs):
         for item in items:
             instance = idle.pop() if idle else factory()
             environments[item["environment"]] = instance
-            observation = awaited(instance.reset(**item["row"]))
-            if observation is not None and not isinstance(observation, str):
-                raise TypeError(f"reset returned {type(observation).__name__}, not a str or None")
-            observations.append(observation)
+            observations.append(text_observation(awaited(instance.reset(**item["row"]))))
         return observations
 
     def with_logs(arguments):

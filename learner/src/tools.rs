@@ -1054,6 +1054,10 @@ class Counter:
     def reset(self, prompt, answer, **kwargs):
         self.total = 0
         assert prompt[-1]["role"] == "user", prompt
+        if answer in ("parts", "image"):
+            # TRL's content parts (a VLM's observation).
+            second = "text" if answer == "parts" else "image"
+            return [{"type": "text", "text": " Reach"}, {"type": second, "text": " 9."}]
         return None if answer == "-" else f" Reach {answer}."
 
     def add(self, n: int) -> int:
@@ -1217,6 +1221,14 @@ def made(completions, **kwargs):
             assert_eq!(scores.per_function[1].values, [3.0, 3.0, 3.0]);
             assert!(scores.per_function[2].values.iter().all(|v| v.is_nan()));
             assert_eq!(scores.total, [3.0, 3.0, 3.0]);
+            // Content parts: their text, joined; an image is refused.
+            let parts = tools.reset_environments(vec![row("parts")]).await.unwrap();
+            assert_eq!(parts[0].1.as_deref(), Some(" Reach 9."));
+            let e = tools
+                .reset_environments(vec![row("image")])
+                .await
+                .unwrap_err();
+            assert!(e.contains("content parts of type ['image']"), "{e}");
         });
     }
 
