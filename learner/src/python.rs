@@ -150,9 +150,10 @@ struct PythonWorker {
     /// Killed when dropped.
     child: Mutex<tokio::process::Child>,
     stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
-    /// The calls waiting for their answers, by request ID; dropped (which
-    /// wakes them) when the process's output ends.
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<String>>>>,
+    /// The calls waiting for their answers (read once, as JSON), by
+    /// request ID; dropped (which wakes them) when the process's output
+    /// ends.
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>,
     /// Its output ended: the process is gone, or going.
     ended: Arc<AtomicBool>,
 }
@@ -166,6 +167,13 @@ impl PythonWorker {
     fn kill(&self) {
         self.ended.store(true, Ordering::SeqCst);
         let _ = lock(&self.child).start_kill();
+    }
+
+    /// Writes one request line (whole: one writer at a time).
+    async fn send(&self, request: &Value) -> std::io::Result<()> {
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(format!("{request}\n").as_bytes()).await?;
+        stdin.flush().await
     }
 
     /// How the process ended, for messages.
@@ -244,12 +252,15 @@ impl PythonProcesses {
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let id = serde_json::from_str::<Value>(&line)
-                    .ok()
-                    .and_then(|answer| answer["id"].as_u64());
+                // (What is not an answer with an ID reaches no call: the
+                // runner writes nothing else here.)
+                let Ok(answer) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 // A late answer (its call gave up) has nobody waiting.
+                let id = answer["id"].as_u64();
                 if let Some(waiting) = id.and_then(|id| lock(&pending).remove(&id)) {
-                    let _ = waiting.send(line);
+                    let _ = waiting.send(answer);
                 }
             }
             ended.store(true, Ordering::SeqCst);
@@ -414,15 +425,11 @@ impl PythonProcesses {
             lock(&worker.pending).remove(&id);
             return Err(ended());
         }
-        let line = format!("{request}\n");
         let exchange = async {
-            let mut stdin = worker.stdin.lock().await;
-            stdin.write_all(line.as_bytes()).await?;
-            stdin.flush().await?;
-            drop(stdin);
+            worker.send(&request).await?;
             Ok::<_, std::io::Error>((&mut reply).await.ok())
         };
-        let answer = match tokio::time::timeout(timeout, exchange).await {
+        let mut answer = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(Some(answer))) => answer,
             Ok(_) => {
                 lock(&worker.pending).remove(&id);
@@ -440,22 +447,19 @@ impl PythonProcesses {
                 ));
             }
         };
-        match serde_json::from_str::<Value>(&answer) {
-            Err(e) => Err(format!("{name} answered no JSON line: {e}")),
-            Ok(mut answer) => match (
-                answer.get_mut("result").map(Value::take),
-                answer.get("error"),
-            ) {
-                (Some(result), _) => Ok(result),
-                (_, Some(e)) => {
-                    let message = e.as_str().map_or_else(|| e.to_string(), str::to_string);
-                    Err(match answer["type"].as_str() {
-                        Some(kind) if !text => format!("{kind}: {message}"),
-                        _ => message,
-                    })
-                }
-                _ => Err(format!("{name} answered neither a result nor an error")),
-            },
+        match (
+            answer.get_mut("result").map(Value::take),
+            answer.get("error"),
+        ) {
+            (Some(result), _) => Ok(result),
+            (_, Some(e)) => {
+                let message = e.as_str().map_or_else(|| e.to_string(), str::to_string);
+                Err(match answer["type"].as_str() {
+                    Some(kind) if !text => format!("{kind}: {message}"),
+                    _ => message,
+                })
+            }
+            _ => Err(format!("{name} answered neither a result nor an error")),
         }
     }
 }
@@ -464,14 +468,9 @@ impl PythonProcesses {
 /// whether its process answered (the task was cancelled, or had just
 /// finished) within [`CANCEL_GRACE`]; not, when a task blocks its event
 /// loop.
-async fn cancelled(worker: &PythonWorker, id: u64, reply: &mut oneshot::Receiver<String>) -> bool {
+async fn cancelled(worker: &PythonWorker, id: u64, reply: &mut oneshot::Receiver<Value>) -> bool {
     let cancel = async {
-        let mut stdin = worker.stdin.lock().await;
-        stdin
-            .write_all(format!("{}\n", json!({"cancel": id})).as_bytes())
-            .await?;
-        stdin.flush().await?;
-        drop(stdin);
+        worker.send(&json!({"cancel": id})).await?;
         Ok::<_, std::io::Error>(reply.await.is_ok())
     };
     matches!(

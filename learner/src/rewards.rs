@@ -1995,8 +1995,14 @@ impl PythonReward {
             call = call.with_environments(&ids);
         }
         let mut answer = processes.call(call, self.timeout, "its timeout_s").await?;
-        let values = python_values(answer["rewards"].take(), batch.len())?;
-        if let Value::Object(extra) = answer["extra"].take() {
+        let values = python_values(
+            answer
+                .get_mut("rewards")
+                .map(Value::take)
+                .unwrap_or_default(),
+            batch.len(),
+        )?;
+        if let Value::Object(extra) = answer.get_mut("extra").map(Value::take).unwrap_or_default() {
             for (column, values) in extra {
                 match values {
                     Value::Array(values) if values.len() == batch.len() => {
@@ -2012,7 +2018,11 @@ impl PythonReward {
                 }
             }
         }
-        if let Value::Object(metrics) = answer["metrics"].take() {
+        if let Value::Object(metrics) = answer
+            .get_mut("metrics")
+            .map(Value::take)
+            .unwrap_or_default()
+        {
             for (name, values) in metrics {
                 let values = values.as_array().map(Vec::as_slice).unwrap_or_default();
                 // (null: a value that was not finite, left out.)
