@@ -304,9 +304,14 @@ impl ToolRunner {
     /// completions in `environment` (the recipe's tools and its class's
     /// methods), or in every prompt where there is none.
     pub fn definitions_for(&self, environment: Option<&EnvironmentLease>) -> &Value {
-        environment
-            .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()))
+        self.class_of(environment)
             .map_or(&self.definitions, |e| &e.definitions)
+    }
+
+    /// The class of the completion's environment.
+    fn class_of(&self, environment: Option<&EnvironmentLease>) -> Option<&EnvironmentClass> {
+        let lease = environment?;
+        self.environments.iter().find(|e| e.spec == lease.factory())
     }
 
     /// What the prompts list, for the data: the same definitions for every
@@ -404,8 +409,8 @@ impl ToolRunner {
         match self.tools.iter().find(|(n, _)| n == name) {
             Some((_, Runs::Python(_, async_def))) => *async_def,
             Some(_) => false,
-            None => environment
-                .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()))
+            None => self
+                .class_of(environment)
                 .is_some_and(|e| e.async_methods.iter().any(|m| m == name)),
         }
     }
@@ -457,50 +462,57 @@ impl ToolRunner {
         arguments: &str,
         environment: Option<&EnvironmentLease>,
     ) -> CallResult {
-        let class = environment
-            .and_then(|lease| self.environments.iter().find(|e| e.spec == lease.factory()));
+        let class = self.class_of(environment);
         let runs = self.tools.iter().find(|(n, _)| n == name).map(|(_, r)| r);
-        let method = class.is_some_and(|c| c.methods.iter().any(|m| m == name));
-        if runs.is_none() && !method {
-            let mut names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
-            names.extend(
-                class
-                    .iter()
-                    .flat_map(|c| c.methods.iter().map(String::as_str)),
-            );
-            if environment.is_none()
-                && self
-                    .environments
-                    .iter()
-                    .any(|e| e.methods.iter().any(|m| m == name))
-            {
-                return Err(format!(
-                    "tool {name} is a method of the environment, and this completion has none"
-                ));
+        let method =
+            environment.filter(|_| class.is_some_and(|c| c.methods.iter().any(|m| m == name)));
+        let args = || -> Result<Value, String> {
+            let args: Value = serde_json::from_str(arguments)
+                .map_err(|e| format!("the arguments are not JSON: {e}"))?;
+            if !args.is_object() {
+                return Err("the arguments must be a JSON object".into());
             }
-            return Err(format!(
-                "unknown tool {name:?}; the tools are {}",
-                names.join(", ")
-            ));
-        }
-        let args: Value = serde_json::from_str(arguments)
-            .map_err(|e| format!("the arguments are not JSON: {e}"))?;
-        if !args.is_object() {
-            return Err("the arguments must be a JSON object".into());
-        }
-        match (runs, environment) {
-            (Some(Runs::Http(url)), _) => self.call_http(name, url, &args).await,
+            Ok(args)
+        };
+        match (runs, method) {
+            (Some(Runs::Http(url)), _) => self.call_http(name, url, &args()?).await,
             (Some(Runs::Python(spec, async_def)), _) => {
-                let call = PythonCall::function(spec, &args, true).concurrent(*async_def);
+                let call = PythonCall::function(spec, &args()?, true).concurrent(*async_def);
                 self.call_python(name, call).await
             }
             (None, Some(environment)) => {
-                let async_def = class.is_some_and(|c| c.async_methods.iter().any(|m| m == name));
-                let call = PythonCall::method(environment, name, &args).concurrent(async_def);
+                let call = PythonCall::method(environment, name, &args()?)
+                    .concurrent(self.is_async(name, Some(environment)));
                 self.call_python(name, call).await
             }
-            (None, None) => Err(format!("unknown tool {name:?}")),
+            (None, None) => Err(self.unknown_tool(name, environment.is_some(), class)),
         }
+    }
+
+    /// Why a call of `name` has no tool: a method of an environment the
+    /// completion does not have, or a name no tool has (the tools listed).
+    fn unknown_tool(
+        &self,
+        name: &str,
+        has_environment: bool,
+        class: Option<&EnvironmentClass>,
+    ) -> String {
+        let a_method = self
+            .environments
+            .iter()
+            .any(|e| e.methods.iter().any(|m| m == name));
+        if a_method && !has_environment {
+            return format!(
+                "tool {name} is a method of the environment, and this completion has none"
+            );
+        }
+        let mut names: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
+        names.extend(
+            class
+                .iter()
+                .flat_map(|c| c.methods.iter().map(String::as_str)),
+        );
+        format!("unknown tool {name:?}; the tools are {}", names.join(", "))
     }
 
     async fn call_python(&self, name: &str, call: PythonCall) -> CallResult {
@@ -990,10 +1002,7 @@ def undocumented(x: int):
             ],
             2.0,
         );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             // What the function prints stays out of the answer; the result
             // is `str(result)`, as in TRL's tool messages.
@@ -1089,6 +1098,13 @@ def made(completions, **kwargs):
     return [float(Counter.made)] * len(completions)
 "#;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// What the reward functions score: a completion in each environment.
     fn scored_in(environments: &[&EnvironmentLease]) -> Vec<crate::rewards::RewardInput> {
         environments
@@ -1157,10 +1173,7 @@ def made(completions, **kwargs):
         let inputs_of = |envs: &[(EnvironmentLease, Option<String>)]| {
             scored_in(&envs.iter().map(|(lease, _)| lease).collect::<Vec<_>>())
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let envs = tools
                 .reset_environments(vec![row("7"), row("-")])
@@ -1329,10 +1342,7 @@ def made(completions, **kwargs):
         let (tools, rewards) = attach("Counter", &[]).unwrap();
         assert_eq!(rewards.labels(), ["Counter"]);
         assert_eq!(rewards.weights(), [1.0]);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let prompt = json!([{"role": "user", "content": "Count."}]);
             let envs = tools
@@ -1410,10 +1420,7 @@ class Doubler:
             let prompt = json!([{"role": "user", "content": "Count."}]);
             json!({"prompt": prompt, "answer": "1", "environment": environment})
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let envs = tools
                 .reset_environments(vec![row("count"), row("double"), row("tally")])
@@ -1466,10 +1473,7 @@ class Doubler:
              return [my_tools.calls] * len(completions)\n",
         )
         .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         for (processes, seen) in [(1, 2.0), (2, 0.0)] {
             let mut tools = python_runner_with(dir.path(), &["count"], 30.0, processes);
             let mut rewards = RewardRegistry::from_configs(&[json!({
@@ -1501,10 +1505,7 @@ class Doubler:
     fn async_python_tool_calls_run_at_once_in_one_process() {
         let dir = tempfile::tempdir().unwrap();
         let r = python_runner(dir.path(), &["meet", "count"], 30.0);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let (met, counted) = rt.block_on(async {
             let meet = (0..4).map(|_| r.call("meet", r#"{"n": 4}"#, None));
             futures::future::join(futures::future::join_all(meet), r.call("count", "{}", None))
