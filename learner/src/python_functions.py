@@ -199,26 +199,43 @@ def answers_channel():
     return answers
 
 
-def describe(specs):
-    answers = answers_channel()
-    try:
-        from transformers.utils import get_json_schema
-    except Exception:
-        get_json_schema = json_schema
+def inspect_each(answers, specs, read):
+    """Writes to `answers` (the answers channel, opened before anything is
+    imported), as one JSON list, `read(spec)` of each spec, or {"error"}
+    where it raised."""
     described = []
     for spec in specs:
         try:
-            function = load(spec)
-            definition = get_json_schema(function)
-            described.append({
-                "definition": definition,
-                "source_sha256": source_sha256(function),
-                "async": is_async(function),
-            })
+            described.append(read(spec))
         except Exception as e:
             described.append({"error": f"{type(e).__name__}: {e}"})
     answers.write(json.dumps(described))
     answers.flush()
+
+
+def schema_writer():
+    """TRL's tool definitions: transformers' `get_json_schema`, or
+    `json_schema` below without transformers."""
+    try:
+        from transformers.utils import get_json_schema
+    except Exception:
+        return json_schema
+    return get_json_schema
+
+
+def describe(specs):
+    answers = answers_channel()
+    get_json_schema = schema_writer()
+
+    def read(spec):
+        function = load(spec)
+        return {
+            "definition": get_json_schema(function),
+            "source_sha256": source_sha256(function),
+            "async": is_async(function),
+        }
+
+    inspect_each(answers, specs, read)
 
 
 def source_sha256(function):
@@ -246,15 +263,12 @@ def is_async(function):
 
 def load_all(specs):
     answers = answers_channel()
-    loaded = []
-    for spec in specs:
-        try:
-            function = load(spec)
-            loaded.append({"source_sha256": source_sha256(function), "async": is_async(function)})
-        except Exception as e:
-            loaded.append({"error": f"{type(e).__name__}: {e}"})
-    answers.write(json.dumps(loaded))
-    answers.flush()
+
+    def read(spec):
+        function = load(spec)
+        return {"source_sha256": source_sha256(function), "async": is_async(function)}
+
+    inspect_each(answers, specs, read)
 
 
 def environment_methods(environment):
@@ -297,28 +311,22 @@ def environment_reward(environment):
 
 def describe_environment(specs):
     answers = answers_channel()
-    try:
-        from transformers.utils import get_json_schema
-    except Exception:
-        get_json_schema = json_schema
-    described = []
-    for spec in specs:
-        try:
-            factory = load(spec)
-            instance = factory()
-            methods = environment_methods(instance)
-            if not methods:
-                raise ValueError("its instances have no public method to call as a tool")
-            described.append({
-                "definitions": [get_json_schema(m) for m in methods],
-                "source_sha256": source_sha256(factory),
-                "reward": environment_reward(instance),
-                "async_methods": [m.__name__ for m in methods if is_async(m)],
-            })
-        except Exception as e:
-            described.append({"error": f"{type(e).__name__}: {e}"})
-    answers.write(json.dumps(described))
-    answers.flush()
+    get_json_schema = schema_writer()
+
+    def read(spec):
+        factory = load(spec)
+        instance = factory()
+        methods = environment_methods(instance)
+        if not methods:
+            raise ValueError("its instances have no public method to call as a tool")
+        return {
+            "definitions": [get_json_schema(m) for m in methods],
+            "source_sha256": source_sha256(factory),
+            "reward": environment_reward(instance),
+            "async_methods": [m.__name__ for m in methods if is_async(m)],
+        }
+
+    inspect_each(answers, specs, read)
 
 
 def plain(value):
